@@ -1,0 +1,236 @@
+//! Numeric building blocks of the CPU reference: strided matrix products through the `gemm`
+//! crate, im2col/col2im for convolutions, and a batch reduction whose summation order does not
+//! depend on the number of threads (so CPU runs are bit-for-bit repeatable).
+//!
+//! Ops' `eval` functions call these; nothing here knows about graphs.
+
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use crate::tensor::Real;
+
+/// A read-only matrix view with arbitrary strides (so transposes are free).
+#[derive(Clone, Copy)]
+pub struct Mat<'a, T> {
+    pub data: &'a [T],
+    pub rows: usize,
+    pub cols: usize,
+    pub row_stride: usize,
+    pub col_stride: usize,
+}
+
+impl<'a, T> Mat<'a, T> {
+    /// A row-major `rows × cols` matrix.
+    pub fn new(data: &'a [T], rows: usize, cols: usize) -> Self {
+        Mat {
+            data,
+            rows,
+            cols,
+            row_stride: cols,
+            col_stride: 1,
+        }
+    }
+
+    /// The transposed view.
+    pub fn t(self) -> Self {
+        Mat {
+            data: self.data,
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+        }
+    }
+
+    fn last_index(&self) -> usize {
+        (self.rows.max(1) - 1) * self.row_stride + (self.cols.max(1) - 1) * self.col_stride
+    }
+}
+
+/// `c = a·b` (or `c += a·b` when `accumulate`), with `c` row-major `a.rows × b.cols`.
+/// `parallel` lets the GEMM use all threads; leave it off inside already-parallel loops.
+pub fn matmul<T: Real>(a: Mat<T>, b: Mat<T>, c: &mut [T], accumulate: bool, parallel: bool) {
+    assert_eq!(a.cols, b.rows, "matmul: inner dimensions differ");
+    assert_eq!(c.len(), a.rows * b.cols, "matmul: output size");
+    if a.rows == 0 || b.cols == 0 {
+        return;
+    }
+    if a.cols == 0 {
+        if !accumulate {
+            c.fill(T::zero());
+        }
+        return;
+    }
+    assert!(a.last_index() < a.data.len() && b.last_index() < b.data.len());
+    let parallelism = if parallel {
+        Parallelism::Rayon(0)
+    } else {
+        Parallelism::None
+    };
+    // SAFETY: the asserts above keep every index the GEMM touches inside the three slices,
+    // and `c` is borrowed mutably, so it does not alias `a` or `b`.
+    unsafe {
+        gemm::gemm(
+            a.rows,
+            b.cols,
+            a.cols,
+            c.as_mut_ptr(),
+            1,
+            b.cols as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.col_stride as isize,
+            a.row_stride as isize,
+            b.data.as_ptr(),
+            b.col_stride as isize,
+            b.row_stride as isize,
+            T::one(),
+            T::one(),
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+/// Geometry of a 2-D convolution over one example.
+#[derive(Clone, Copy, Debug)]
+pub struct ConvGeom {
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+    pub kernel_h: usize,
+    pub kernel_w: usize,
+    pub stride: usize,
+    pub padding: usize,
+    pub out_h: usize,
+    pub out_w: usize,
+}
+
+impl ConvGeom {
+    /// Rows of the im2col matrix: one per (channel, kernel row, kernel column).
+    pub fn patch_len(&self) -> usize {
+        self.channels * self.kernel_h * self.kernel_w
+    }
+
+    /// Columns of the im2col matrix: one per output position.
+    pub fn positions(&self) -> usize {
+        self.out_h * self.out_w
+    }
+
+    pub fn input_len(&self) -> usize {
+        self.channels * self.height * self.width
+    }
+
+    /// A 1×1, stride-1, unpadded convolution reads its input as the im2col matrix directly.
+    pub fn is_pointwise(&self) -> bool {
+        self.kernel_h == 1 && self.kernel_w == 1 && self.stride == 1 && self.padding == 0
+    }
+
+    /// Input coordinate read by output coordinate `o` at kernel offset `k`, if inside the image.
+    fn source(&self, o: usize, k: usize, size: usize) -> Option<usize> {
+        let i = (o * self.stride + k) as isize - self.padding as isize;
+        (0..size as isize).contains(&i).then_some(i as usize)
+    }
+
+    /// Expands one example `[C, H, W]` into the `[C·kh·kw, Ho·Wo]` patch matrix.
+    pub fn im2col<T: Real>(&self, x: &[T], col: &mut [T]) {
+        let positions = self.positions();
+        for c in 0..self.channels {
+            for ki in 0..self.kernel_h {
+                for kj in 0..self.kernel_w {
+                    let row = (c * self.kernel_h + ki) * self.kernel_w + kj;
+                    let dst = &mut col[row * positions..(row + 1) * positions];
+                    for oy in 0..self.out_h {
+                        let dst = &mut dst[oy * self.out_w..(oy + 1) * self.out_w];
+                        let Some(iy) = self.source(oy, ki, self.height) else {
+                            dst.fill(T::zero());
+                            continue;
+                        };
+                        let src = &x[(c * self.height + iy) * self.width..][..self.width];
+                        for (ox, d) in dst.iter_mut().enumerate() {
+                            *d = match self.source(ox, kj, self.width) {
+                                Some(ix) => src[ix],
+                                None => T::zero(),
+                            };
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Adds the patch matrix back onto one example `[C, H, W]` (the adjoint of `im2col`).
+    pub fn col2im<T: Real>(&self, col: &[T], dx: &mut [T]) {
+        let positions = self.positions();
+        for c in 0..self.channels {
+            for ki in 0..self.kernel_h {
+                for kj in 0..self.kernel_w {
+                    let row = (c * self.kernel_h + ki) * self.kernel_w + kj;
+                    let src = &col[row * positions..(row + 1) * positions];
+                    for oy in 0..self.out_h {
+                        let Some(iy) = self.source(oy, ki, self.height) else {
+                            continue;
+                        };
+                        let dst = &mut dx[(c * self.height + iy) * self.width..][..self.width];
+                        for ox in 0..self.out_w {
+                            if let Some(ix) = self.source(ox, kj, self.width) {
+                                dst[ix] = dst[ix] + src[oy * self.out_w + ox];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Number of partial sums a batch reduction is split into. Fixed (not the thread count), so the
+/// summation order, and therefore every bit of the result, is the same on every machine.
+const REDUCTION_PARTS: usize = 16;
+
+/// `Σ_n f(n)` over a batch of `n` examples, where `f(n, acc, scratch)` adds example `n`'s term
+/// into the accumulator of length `len` (with a scratch buffer of `scratch` elements). Runs in
+/// parallel; the result does not depend on the number of threads.
+pub fn sum_over_batch<T, F>(n: usize, len: usize, scratch: usize, f: F) -> Vec<T>
+where
+    T: Real,
+    F: Fn(usize, &mut [T], &mut [T]) + Sync,
+{
+    let chunk = n.div_ceil(REDUCTION_PARTS).max(1);
+    let partials: Vec<Vec<T>> = (0..n.div_ceil(chunk))
+        .into_par_iter()
+        .map(|part| {
+            let mut acc = vec![T::zero(); len];
+            let mut buf = vec![T::zero(); scratch];
+            for example in part * chunk..((part + 1) * chunk).min(n) {
+                f(example, &mut acc, &mut buf);
+            }
+            acc
+        })
+        .collect();
+    let mut total = vec![T::zero(); len];
+    for partial in partials {
+        for (t, p) in total.iter_mut().zip(partial) {
+            *t = *t + p;
+        }
+    }
+    total
+}
+
+/// Runs `f(n, out_n)` for each example's slice of `out` (`per_example` elements each), in
+/// parallel, with a per-thread scratch buffer of `scratch` elements.
+pub fn for_each_example<T, F>(out: &mut [T], per_example: usize, scratch: usize, f: F)
+where
+    T: Real,
+    F: Fn(usize, &mut [T], &mut Vec<T>) + Sync,
+{
+    if per_example == 0 {
+        return;
+    }
+    out.par_chunks_mut(per_example).enumerate().for_each_init(
+        || vec![T::zero(); scratch],
+        |buf, (n, out_n)| f(n, out_n, buf),
+    );
+}

@@ -1,0 +1,33 @@
+//! Error types of the IR layer. Each names where the problem is, in the user's words.
+
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+/// A node whose inputs do not fit its op: raised while the graph is built.
+#[derive(Debug, Clone, Error, PartialEq)]
+#[error("layer '{layer}' ({op}): {message}")]
+pub struct ShapeError {
+    pub layer: String,
+    pub op: &'static str,
+    pub message: String,
+}
+
+/// A failure while the reference interpreter runs a graph (bad input values, not bad types).
+#[derive(Debug, Clone, Error, PartialEq)]
+#[error("layer '{layer}' ({op}): {message}")]
+pub struct EvalError {
+    pub layer: String,
+    pub op: &'static str,
+    pub message: String,
+}
+
+/// A model file that cannot be turned into a graph: where, and what is wrong.
+#[derive(Debug, Clone, Error, PartialEq)]
+#[error("{}:{line}: {message}", file.display())]
+pub struct ModelError {
+    pub file: PathBuf,
+    /// 1-based line of the offending entry (0 when the file could not be read at all).
+    pub line: usize,
+    pub message: String,
+}

@@ -1,0 +1,33 @@
+//! fisherc's intermediate representation and everything that works on it without a GPU.
+//!
+//! The pipeline, each stage a function from one type to the next:
+//!
+//! ```text
+//! model file ──spec::parse──▶ ModelSpec ──model::build──▶ Network (forward graph)
+//!   ──step::build_training_step──▶ TrainingStep (forward, loss, backward, Fisher, update)
+//!   ──interp::evaluate──▶ values (the CPU reference)
+//! ```
+//!
+//! * [`graph`]: the typed petgraph DAG; [`ops`]: every op's shape rule, CPU reference, gradient
+//!   rule and Fisher rule, one definition each; [`cpu`]: the numeric kernels those use.
+//! * [`autodiff`]: reverse mode over the graph; [`step`]: the training step; [`philox`]: the
+//!   bit-reproducible noise stream.
+//! * [`model`]: model files; [`interp`]: the reference interpreter; [`state`]: training state.
+
+pub mod autodiff;
+pub mod cpu;
+pub mod error;
+pub mod graph;
+pub mod interp;
+pub mod model;
+pub mod ops;
+pub mod philox;
+pub mod state;
+pub mod step;
+pub mod synthetic;
+pub mod tensor;
+
+pub use error::{EvalError, ModelError, ShapeError};
+pub use graph::{Graph, Output, Phase, PortRef};
+pub use step::{FisherMode, StepOptions, TrainingStep, build_training_step};
+pub use tensor::{DType, Real, Tensor, TensorType, Value};

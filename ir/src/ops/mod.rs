@@ -1,0 +1,305 @@
+//! Every op of the IR, one definition each.
+//!
+//! An op is a struct implementing [`OpDef`]: its shape rule (`infer`), its CPU reference (`eval`,
+//! the correctness oracle), its FLOP count, its autodiff rule (`vjp`) and, for ops that consume
+//! parameters, its Fisher rule (`fisher`). Backward ops are ops too, defined in the same file as
+//! the forward op they differentiate. Adding an op means writing its struct in the file of its
+//! family and listing it once in [`define_ops!`] below; the kernel lowering lives in `codegen/`.
+
+mod activation;
+mod batchnorm;
+mod conv;
+mod elementwise;
+mod fisher;
+mod input;
+mod linear;
+mod loss;
+mod pool;
+mod reduce;
+mod shape;
+mod update;
+
+use std::fmt;
+use std::hash::{Hash, Hasher};
+
+pub use activation::{Relu, ReluBackward};
+pub use batchnorm::{
+    BatchNorm, BnApply, BnBackwardData, BnBackwardReduce, BnParamGradsPerExample, BnParamGradsSq,
+    BnRunningUpdate,
+};
+pub use conv::{Conv2d, ConvDgrad, ConvWgrad, ConvWgradPerExample, conv_out_size};
+pub use elementwise::{Add, Constant, Scale, Square};
+pub use input::{Hyper, Input, Role};
+pub use linear::{Linear, LinearDgrad, LinearWgrad, LinearWgradPerExample};
+pub use loss::{SoftmaxCrossEntropy, SoftmaxCrossEntropyBackward};
+pub use pool::{GlobalAvgPool, GlobalAvgPoolBackward, MaxPool, MaxPoolBackward};
+pub use reduce::{BatchMean, ChannelSum, ChannelSumPerExample};
+pub use shape::{Reshape, ShortcutA, ShortcutABackward};
+pub use update::NoisySgdUpdate;
+
+use crate::error::ShapeError;
+use crate::graph::{Graph, PortRef};
+use crate::step::FisherMode;
+use crate::tensor::{DType, Real, ShapeDisplay, TensorType, Value};
+
+/// The definition of one op. See the module docs for what belongs here.
+pub trait OpDef {
+    /// Name used in reports, errors and node counts.
+    const NAME: &'static str;
+
+    /// Output types from input types, or a message saying which input is wrong and how.
+    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String>;
+
+    /// CPU reference: computes the outputs (whose types `infer` gave) from the inputs.
+    fn eval<T: Real>(
+        &self,
+        inputs: &[&Value<T>],
+        outputs: &[TensorType],
+    ) -> Result<Vec<Value<T>>, String>;
+
+    /// Floating-point operations of one evaluation (a multiply-add counts two).
+    fn flops(&self, _inputs: &[&TensorType], _outputs: &[TensorType]) -> u64 {
+        0
+    }
+
+    /// Reverse-mode rule: gradients of the inputs from the gradients of the outputs.
+    fn vjp(&self, cx: &mut VjpCtx<'_>) -> Result<Vec<Option<PortRef>>, ShapeError> {
+        Err(cx.error(Self::NAME, "this op has no gradient rule".to_string()))
+    }
+
+    /// Fisher rule: the diagonal Fisher estimate F̂ of each parameter input (`None` elsewhere).
+    /// Only ops that consume parameters define it.
+    fn fisher(&self, cx: &mut FisherCtx<'_>) -> Result<Vec<Option<PortRef>>, ShapeError> {
+        Err(cx.vjp.error(
+            Self::NAME,
+            "this op takes no parameters, so it has no Fisher rule".to_string(),
+        ))
+    }
+}
+
+macro_rules! define_ops {
+    ($($op:ident),* $(,)?) => {
+        /// Any op of the IR, with its attributes.
+        #[derive(Clone, Debug, PartialEq, Eq, Hash)]
+        pub enum Op {
+            $($op($op)),*
+        }
+
+        impl Op {
+            /// Names of every op, in definition order.
+            pub const NAMES: &'static [&'static str] = &[$(<$op as OpDef>::NAME),*];
+
+            pub fn name(&self) -> &'static str {
+                match self { $(Op::$op(_) => <$op as OpDef>::NAME),* }
+            }
+
+            pub fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+                match self { $(Op::$op(o) => o.infer(inputs)),* }
+            }
+
+            pub fn eval<T: Real>(
+                &self,
+                inputs: &[&Value<T>],
+                outputs: &[TensorType],
+            ) -> Result<Vec<Value<T>>, String> {
+                match self { $(Op::$op(o) => o.eval(inputs, outputs)),* }
+            }
+
+            pub fn flops(&self, inputs: &[&TensorType], outputs: &[TensorType]) -> u64 {
+                match self { $(Op::$op(o) => o.flops(inputs, outputs)),* }
+            }
+
+            pub fn vjp(&self, cx: &mut VjpCtx<'_>) -> Result<Vec<Option<PortRef>>, ShapeError> {
+                match self { $(Op::$op(o) => o.vjp(cx)),* }
+            }
+
+            pub fn fisher(
+                &self,
+                cx: &mut FisherCtx<'_>,
+            ) -> Result<Vec<Option<PortRef>>, ShapeError> {
+                match self { $(Op::$op(o) => o.fisher(cx)),* }
+            }
+        }
+
+        $(impl From<$op> for Op {
+            fn from(o: $op) -> Op { Op::$op(o) }
+        })*
+    };
+}
+
+define_ops!(
+    // sources
+    Input,
+    Constant,
+    // forward
+    Conv2d,
+    Linear,
+    BatchNorm,
+    BnApply,
+    BnRunningUpdate,
+    Relu,
+    MaxPool,
+    GlobalAvgPool,
+    Add,
+    Reshape,
+    ShortcutA,
+    SoftmaxCrossEntropy,
+    // backward
+    ConvDgrad,
+    ConvWgrad,
+    LinearDgrad,
+    LinearWgrad,
+    ChannelSum,
+    BnBackwardReduce,
+    BnBackwardData,
+    ReluBackward,
+    MaxPoolBackward,
+    GlobalAvgPoolBackward,
+    ShortcutABackward,
+    SoftmaxCrossEntropyBackward,
+    // Fisher
+    ConvWgradPerExample,
+    LinearWgradPerExample,
+    ChannelSumPerExample,
+    BnParamGradsPerExample,
+    BnParamGradsSq,
+    Square,
+    Scale,
+    BatchMean,
+    // update
+    NoisySgdUpdate,
+);
+
+/// A float attribute (epsilon, momentum, scale factor) that can be compared and hashed by bits,
+/// so ops stay `Eq + Hash` for the optimizer.
+#[derive(Clone, Copy, Debug, PartialEq, PartialOrd)]
+pub struct FloatAttr(pub f64);
+
+impl Eq for FloatAttr {}
+
+impl Hash for FloatAttr {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.0.to_bits().hash(state)
+    }
+}
+
+impl fmt::Display for FloatAttr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// What an op's gradient rule sees: its inputs and outputs, the gradients arriving at its
+/// outputs, and which input gradients are wanted. New nodes get the op's layer name.
+pub struct VjpCtx<'a> {
+    pub graph: &'a mut Graph,
+    pub layer: String,
+    pub inputs: Vec<PortRef>,
+    pub outputs: Vec<PortRef>,
+    pub douts: Vec<Option<PortRef>>,
+    pub wants: Vec<bool>,
+}
+
+impl VjpCtx<'_> {
+    /// Adds a single-output node for this layer.
+    pub fn add(&mut self, op: impl Into<Op>, inputs: &[PortRef]) -> Result<PortRef, ShapeError> {
+        self.graph.add1(op, &self.layer, inputs)
+    }
+
+    /// Adds a node for this layer and returns all its outputs.
+    pub fn add_multi(
+        &mut self,
+        op: impl Into<Op>,
+        inputs: &[PortRef],
+    ) -> Result<Vec<PortRef>, ShapeError> {
+        let node = self.graph.add(op, &self.layer, inputs)?;
+        let count = self.graph.node(node).outputs.len();
+        Ok((0..count).map(|port| PortRef::new(node, port)).collect())
+    }
+
+    pub fn ty(&self, p: PortRef) -> &TensorType {
+        self.graph.ty(p)
+    }
+
+    /// The gradient of output `i`, which a rule with a single differentiable output requires.
+    pub fn dout(&self, op: &'static str, i: usize) -> Result<PortRef, ShapeError> {
+        self.douts[i].ok_or_else(|| self.error(op, format!("no gradient reached output {i}")))
+    }
+
+    pub fn error(&self, op: &'static str, message: String) -> ShapeError {
+        ShapeError {
+            layer: self.layer.clone(),
+            op,
+            message,
+        }
+    }
+}
+
+/// What an op's Fisher rule sees: everything its gradient rule saw (with the gradients that
+/// reached its outputs), the Fisher mode and the batch size M.
+pub struct FisherCtx<'a> {
+    pub vjp: VjpCtx<'a>,
+    pub mode: FisherMode,
+    pub batch: usize,
+}
+
+// ---- shape-rule helpers shared by the op files ----
+
+/// `what` must be a float tensor of rank `rank`.
+pub(crate) fn expect_rank(t: &TensorType, rank: usize, what: &str) -> Result<(), String> {
+    if t.dtype != DType::F32 {
+        return Err(format!("{what}: expected an f32 tensor, found {t}"));
+    }
+    if t.rank() != rank {
+        return Err(format!(
+            "{what}: expected a rank-{rank} tensor{}, found {t}",
+            match rank {
+                4 => " [N, C, H, W]",
+                2 => " [N, features]",
+                1 => " [C]",
+                _ => "",
+            }
+        ));
+    }
+    Ok(())
+}
+
+/// `what` must have exactly the type `expected`.
+pub(crate) fn expect_type(t: &TensorType, expected: &TensorType, what: &str) -> Result<(), String> {
+    if t != expected {
+        return Err(format!("{what}: expected {expected}, found {t}"));
+    }
+    Ok(())
+}
+
+/// The op takes exactly `n` inputs.
+pub(crate) fn expect_arity(inputs: &[&TensorType], n: usize) -> Result<(), String> {
+    if inputs.len() != n {
+        return Err(format!("expected {n} inputs, found {}", inputs.len()));
+    }
+    Ok(())
+}
+
+/// The op takes `lo` or `hi` inputs (an optional last input).
+pub(crate) fn expect_arity_between(
+    inputs: &[&TensorType],
+    lo: usize,
+    hi: usize,
+) -> Result<(), String> {
+    if inputs.len() < lo || inputs.len() > hi {
+        return Err(format!(
+            "expected {lo} to {hi} inputs, found {}",
+            inputs.len()
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) fn shape_str(shape: &[usize]) -> String {
+    ShapeDisplay(shape).to_string()
+}
+
+/// Wraps float tensors as the single output of an eval.
+pub(crate) fn float_out<T: Real>(t: crate::tensor::Tensor<T>) -> Vec<Value<T>> {
+    vec![Value::Float(t)]
+}

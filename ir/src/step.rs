@@ -1,0 +1,311 @@
+//! The training-step builder: from a forward [`Network`], the whole step as one graph.
+//!
+//! ```text
+//! forward ─ logits ─ softmax cross-entropy ─ loss
+//!    backward (autodiff, seeded with dL = 1) ─ gradient of every parameter
+//!    Fisher (each parameter-consuming op's Fisher rule) ─ F̂ of every parameter
+//!    update: noisy SGD per parameter; running statistics of every batch norm
+//! ```
+//!
+//! The step's inputs have [`Role`]s (images, labels, parameters, momenta, running statistics,
+//! hyper-parameters); its outputs are named by [`Output`], so a runtime can bind buffers and a
+//! later pass can rewrite the inside and still be checked output for output.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::str::FromStr;
+
+use petgraph::graph::NodeIndex;
+use serde::{Deserialize, Serialize};
+
+use crate::autodiff::{self, Gradients};
+use crate::error::ShapeError;
+use crate::graph::{Graph, Output, Phase, PortRef};
+use crate::model::{Mode, Network};
+use crate::ops::{
+    BnRunningUpdate, Constant, FisherCtx, FloatAttr, Hyper, Input, NoisySgdUpdate, Op, Role,
+    SoftmaxCrossEntropy, VjpCtx,
+};
+use crate::tensor::{DType, TensorType};
+
+/// Which diagonal Fisher estimate the step computes for its noise.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FisherMode {
+    /// No Fisher, no noise: plain momentum SGD.
+    None,
+    /// `(1/M) Σₙ (∇ℓₙ)²` from per-example gradients.
+    Exact,
+    /// The supplement's `Σₜ a²·g²` approximation for convolutions (exact for linear layers).
+    A2g2,
+}
+
+impl FisherMode {
+    pub const ALL: [FisherMode; 3] = [FisherMode::None, FisherMode::Exact, FisherMode::A2g2];
+}
+
+impl fmt::Display for FisherMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            FisherMode::None => "none",
+            FisherMode::Exact => "exact",
+            FisherMode::A2g2 => "a2g2",
+        })
+    }
+}
+
+impl FromStr for FisherMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(FisherMode::None),
+            "exact" => Ok(FisherMode::Exact),
+            "a2g2" => Ok(FisherMode::A2g2),
+            _ => Err(format!(
+                "unknown Fisher mode '{s}' (expected none, exact or a2g2)"
+            )),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct StepOptions {
+    pub fisher: FisherMode,
+    /// Apply weight decay to batch-norm γ and β too (off by default, as is usual).
+    pub decay_bn: bool,
+}
+
+impl StepOptions {
+    pub fn new(fisher: FisherMode) -> Self {
+        StepOptions {
+            fisher,
+            decay_bn: false,
+        }
+    }
+}
+
+/// One training step as a graph, with the network it trains.
+#[derive(Clone, Debug)]
+pub struct TrainingStep {
+    pub network: Network,
+    pub graph: Graph,
+    pub fisher: FisherMode,
+    /// Every input node of the step, by role.
+    pub inputs: BTreeMap<Role, NodeIndex>,
+}
+
+impl TrainingStep {
+    pub fn batch(&self) -> usize {
+        self.network.batch
+    }
+}
+
+/// Builds forward, loss, backward, Fisher and update of a training-mode network.
+pub fn build_training_step(
+    network: Network,
+    options: &StepOptions,
+) -> Result<TrainingStep, ShapeError> {
+    if network.mode != Mode::Train {
+        return Err(ShapeError {
+            layer: network.name.clone(),
+            op: "training_step",
+            message: "a training step needs the network built in training mode".to_string(),
+        });
+    }
+    let mut graph = network.graph.clone();
+    let batch = network.batch;
+
+    graph.set_phase(Phase::Forward);
+    let labels = input(&mut graph, Role::Labels, TensorType::i32(&[batch]), "loss");
+    let loss = graph.add1(SoftmaxCrossEntropy, "loss", &[network.logits, labels])?;
+    graph.set_output(Output::Loss, loss);
+
+    graph.set_phase(Phase::Backward);
+    let one = graph.add1(
+        Constant {
+            value: FloatAttr(1.0),
+        },
+        "loss",
+        &[],
+    )?;
+    let params: Vec<PortRef> = network
+        .params
+        .iter()
+        .map(|p| PortRef::new(p.node, 0))
+        .collect();
+    let grads = autodiff::backward(&mut graph, &[(loss, one)], &params)?;
+    let mut param_grads = Vec::with_capacity(params.len());
+    for (i, (&p, param)) in params.iter().zip(&network.params).enumerate() {
+        let g = grads.of(p).ok_or_else(|| ShapeError {
+            layer: param.layer.clone(),
+            op: "training_step",
+            message: format!("parameter '{}' does not affect the loss", param.name),
+        })?;
+        graph.set_output(Output::Grad(i), g);
+        param_grads.push(g);
+    }
+
+    let fisher = match options.fisher {
+        FisherMode::None => vec![None; params.len()],
+        mode => {
+            graph.set_phase(Phase::Fisher);
+            fisher_estimates(&mut graph, &network, &grads, mode)?
+                .into_iter()
+                .map(Some)
+                .collect()
+        }
+    };
+
+    graph.set_phase(Phase::Update);
+    let hyper = hyper_inputs(&mut graph);
+    for (i, param) in network.params.iter().enumerate() {
+        let momentum = input(
+            &mut graph,
+            Role::Momentum(i),
+            TensorType::f32(&param.shape),
+            &param.name,
+        );
+        let update = NoisySgdUpdate {
+            param: i as u32,
+            decay: options.decay_bn || !param.kind.is_batch_norm(),
+            noisy: fisher[i].is_some(),
+        };
+        let mut inputs = vec![params[i], momentum, param_grads[i]];
+        inputs.extend(Hyper::ALL.iter().map(|h| hyper[h]));
+        inputs.extend(fisher[i]);
+        let node = graph.add(update, &param.name, &inputs)?;
+        graph.set_output(Output::NewParam(i), PortRef::new(node, 0));
+        graph.set_output(Output::NewMomentum(i), PortRef::new(node, 1));
+        if let Some(f) = fisher[i] {
+            graph.set_output(Output::Fisher(i), f);
+        }
+    }
+    for (i, bn) in network.bn_layers.iter().enumerate() {
+        let stats = TensorType::f32(&[bn.channels]);
+        let mean = input(&mut graph, Role::RunningMean(i), stats.clone(), &bn.name);
+        let var = input(&mut graph, Role::RunningVar(i), stats, &bn.name);
+        let update = BnRunningUpdate {
+            momentum: FloatAttr(bn.momentum),
+            count: bn.count,
+        };
+        let batch_mean = PortRef::new(bn.node, 1);
+        let batch_var = PortRef::new(bn.node, 2);
+        let node = graph.add(update, &bn.name, &[mean, var, batch_mean, batch_var])?;
+        graph.set_output(Output::NewRunningMean(i), PortRef::new(node, 0));
+        graph.set_output(Output::NewRunningVar(i), PortRef::new(node, 1));
+    }
+
+    let inputs = input_nodes(&graph);
+    Ok(TrainingStep {
+        network,
+        graph,
+        fisher: options.fisher,
+        inputs,
+    })
+}
+
+fn input(graph: &mut Graph, role: Role, ty: TensorType, layer: &str) -> PortRef {
+    let node = graph
+        .add(Input { role, ty }, layer, &[])
+        .expect("inputs take no inputs, so they always type-check");
+    PortRef::new(node, 0)
+}
+
+fn hyper_inputs(graph: &mut Graph) -> HashMap<Hyper, PortRef> {
+    Hyper::ALL
+        .iter()
+        .map(|&h| {
+            let dtype = match h {
+                Hyper::Seed | Hyper::Step => DType::U64,
+                _ => DType::F32,
+            };
+            (
+                h,
+                input(graph, Role::Hyper(h), TensorType::scalar(dtype), "hyper"),
+            )
+        })
+        .collect()
+}
+
+/// F̂ of every parameter, from the Fisher rule of the forward op that consumes it.
+fn fisher_estimates(
+    graph: &mut Graph,
+    network: &Network,
+    grads: &Gradients,
+    mode: FisherMode,
+) -> Result<Vec<PortRef>, ShapeError> {
+    let mut by_consumer: HashMap<NodeIndex, Vec<Option<PortRef>>> = HashMap::new();
+    let mut estimates = Vec::with_capacity(network.params.len());
+    for param in &network.params {
+        let value = PortRef::new(param.node, 0);
+        let forward_uses: Vec<(NodeIndex, usize)> = graph
+            .consumers(value)
+            .into_iter()
+            .filter(|(n, _)| graph.node(*n).phase == Phase::Forward)
+            .collect();
+        let [(consumer, port)] = forward_uses[..] else {
+            return Err(ShapeError {
+                layer: param.layer.clone(),
+                op: "fisher",
+                message: format!(
+                    "parameter '{}' is read by {} layers; per-example Fisher needs exactly one",
+                    param.name,
+                    forward_uses.len()
+                ),
+            });
+        };
+        if !by_consumer.contains_key(&consumer) {
+            let rule = apply_fisher_rule(graph, consumer, network.batch, grads, mode)?;
+            by_consumer.insert(consumer, rule);
+        }
+        let estimate = by_consumer[&consumer][port].ok_or_else(|| ShapeError {
+            layer: param.layer.clone(),
+            op: graph.node(consumer).op.name(),
+            message: format!("the Fisher rule gave no estimate for '{}'", param.name),
+        })?;
+        estimates.push(estimate);
+    }
+    Ok(estimates)
+}
+
+fn apply_fisher_rule(
+    graph: &mut Graph,
+    consumer: NodeIndex,
+    batch: usize,
+    grads: &Gradients,
+    mode: FisherMode,
+) -> Result<Vec<Option<PortRef>>, ShapeError> {
+    let node = graph.node(consumer);
+    let op: Op = node.op.clone();
+    let layer = node.layer.clone();
+    let outputs: Vec<PortRef> = (0..node.outputs.len())
+        .map(|p| PortRef::new(consumer, p))
+        .collect();
+    let inputs = graph.inputs(consumer);
+    let douts = outputs.iter().map(|&o| grads.of(o)).collect();
+    let mut cx = FisherCtx {
+        vjp: VjpCtx {
+            graph,
+            layer,
+            wants: vec![false; inputs.len()],
+            inputs,
+            outputs,
+            douts,
+        },
+        mode,
+        batch,
+    };
+    op.fisher(&mut cx)
+}
+
+/// Every input node of the graph, by role.
+pub fn input_nodes(graph: &Graph) -> BTreeMap<Role, NodeIndex> {
+    graph
+        .node_indices()
+        .filter_map(|n| match &graph.node(n).op {
+            Op::Input(input) => Some((input.role.clone(), n)),
+            _ => None,
+        })
+        .collect()
+}

@@ -1,0 +1,55 @@
+//! `fisherc`: the command-line front end. Each subcommand lives in its own module; this file
+//! only parses arguments and dispatches.
+
+mod format;
+mod inspect;
+mod model_args;
+mod step;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "fisherc",
+    version,
+    about = "Ahead-of-time compiler for noisy large-batch training with diagonal-Fisher noise"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show a model's layers, parameters, FLOPs per training step and graph op counts.
+    Inspect(inspect::Args),
+    /// Run training steps on the CPU reference on random data; print loss and time.
+    Step(step::Args),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Inspect(args) => inspect::run(&args),
+        Command::Step(args) => step::run(&args),
+    };
+    if let Err(e) = result {
+        if is_broken_pipe(&e) {
+            return; // the reader (e.g. `head`) has seen enough
+        }
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        let kind = match cause.downcast_ref::<std::io::Error>() {
+            Some(io) => Some(io.kind()),
+            None => cause
+                .downcast_ref::<serde_json::Error>()
+                .and_then(serde_json::Error::io_error_kind),
+        };
+        kind == Some(std::io::ErrorKind::BrokenPipe)
+    })
+}

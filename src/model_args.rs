@@ -1,0 +1,65 @@
+//! Command-line arguments shared by every command that instantiates a model file.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+use fisherc_ir::model::{self, BuildOptions, Mode, Network, Shortcut};
+use fisherc_ir::{FisherMode, StepOptions, TrainingStep, build_training_step};
+
+#[derive(Args, Debug)]
+pub struct ModelArgs {
+    /// Model file (TOML), e.g. models/resnet44.toml.
+    pub model: PathBuf,
+
+    /// Batch size the step is compiled for.
+    #[arg(long, default_value_t = 128)]
+    pub batch: usize,
+
+    /// Override the model's input shape, as CxHxW (e.g. 3x32x32).
+    #[arg(long, value_parser = parse_input)]
+    pub input: Option<[usize; 3]>,
+
+    /// Override the model's residual shortcut option (A or B).
+    #[arg(long, value_parser = |s: &str| s.parse::<Shortcut>())]
+    pub shortcut: Option<Shortcut>,
+
+    /// Diagonal Fisher estimate for the noise: none, exact or a2g2.
+    #[arg(long, default_value = "exact", value_parser = |s: &str| s.parse::<FisherMode>())]
+    pub fisher: FisherMode,
+}
+
+impl ModelArgs {
+    pub fn network(&self, mode: Mode) -> Result<Network> {
+        anyhow::ensure!(self.batch > 0, "--batch must be at least 1");
+        let options = BuildOptions {
+            batch: self.batch,
+            input: self.input,
+            shortcut: self.shortcut,
+            mode,
+        };
+        Ok(model::load(&self.model, &options)?)
+    }
+
+    pub fn training_step(&self) -> Result<TrainingStep> {
+        let network = self.network(Mode::Train)?;
+        Ok(build_training_step(
+            network,
+            &StepOptions::new(self.fisher),
+        )?)
+    }
+}
+
+fn parse_input(s: &str) -> Result<[usize; 3], String> {
+    let dims: Vec<usize> = s
+        .split(['x', 'X', ','])
+        .map(|d| d.trim().parse::<usize>())
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("'{s}': {e}"))?;
+    match dims[..] {
+        [c, h, w] if c > 0 && h > 0 && w > 0 => Ok([c, h, w]),
+        _ => Err(format!(
+            "'{s}': expected CxHxW with positive sizes, e.g. 3x32x32"
+        )),
+    }
+}
