@@ -55,8 +55,8 @@ pub fn uniform(x: u32) -> f32 {
 }
 
 const SQRT_2: f32 = std::f32::consts::SQRT_2;
-const LN2_HI: f32 = 0.693_145_751_953_125; // ln 2 rounded to 16 significant bits
-const LN2_LO: f32 = 1.428_606_820_309_417_2e-6; // ln 2 − LN2_HI
+const LN2_HI: f32 = f32::from_bits(0x3f31_7200); // 0.693145751953125: ln 2 to 15 bits, so e·LN2_HI is exact
+const LN2_LO: f32 = 1.428_606_8e-6; // ln 2 − LN2_HI
 const LN_C3: f32 = 2.0 / 3.0;
 const LN_C5: f32 = 2.0 / 5.0;
 const LN_C7: f32 = 2.0 / 7.0;

@@ -11,6 +11,7 @@
 //! hyper-parameters); its outputs are named by [`Output`], so a runtime can bind buffers and a
 //! later pass can rewrite the inside and still be checked output for output.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::str::FromStr;
@@ -255,9 +256,14 @@ fn fisher_estimates(
                 ),
             });
         };
-        if !by_consumer.contains_key(&consumer) {
-            let rule = apply_fisher_rule(graph, consumer, network.batch, grads, mode)?;
-            by_consumer.insert(consumer, rule);
+        if let Entry::Vacant(slot) = by_consumer.entry(consumer) {
+            slot.insert(apply_fisher_rule(
+                graph,
+                consumer,
+                network.batch,
+                grads,
+                mode,
+            )?);
         }
         let estimate = by_consumer[&consumer][port].ok_or_else(|| ShapeError {
             layer: param.layer.clone(),

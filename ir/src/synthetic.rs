@@ -27,7 +27,7 @@ pub fn random_batch<T: Real>(
                 [n as u32, LABEL_STREAM, 0, 0],
                 [seed as u32, (seed >> 32) as u32],
             )[0];
-            (word as u64 * classes as u64 >> 32) as i32
+            ((word as u64 * classes as u64) >> 32) as i32
         })
         .collect();
     (images, Tensor::from_vec(&[batch], labels))

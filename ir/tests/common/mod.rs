@@ -55,3 +55,18 @@ pub fn assert_finite<T: Real>(what: &str, values: &[T]) {
         "{what} has NaN or infinite values"
     );
 }
+
+/// Asserts `actual` matches a non-zero `expected` within relative error `tolerance` (relative to
+/// the largest |expected|), with no NaN.
+pub fn assert_close<T: Real>(what: &str, actual: &[T], expected: &[T], tolerance: f64) {
+    assert_finite(what, actual);
+    assert!(
+        expected.iter().any(|v| *v != T::zero()),
+        "{what}: the expected values are all zero, so the comparison would prove nothing"
+    );
+    let err = rel_error(actual, expected, 0.0);
+    assert!(
+        err <= tolerance,
+        "{what}: relative error {err} > {tolerance}"
+    );
+}

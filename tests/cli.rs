@@ -1,0 +1,122 @@
+//! The `fisherc` binary end to end: `inspect` reports and errors, `step` runs.
+
+use std::process::{Command, Output};
+
+fn fisherc(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_fisherc"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("the fisherc binary runs")
+}
+
+fn stdout(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "fisherc failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+fn inspect_json(args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["inspect"];
+    all.extend(args);
+    all.push("--json");
+    serde_json::from_str(&stdout(&fisherc(&all))).expect("inspect --json prints one JSON object")
+}
+
+#[test]
+fn inspect_json_gives_the_reference_parameter_counts() {
+    for (model, params) in [
+        ("resnet44", 661_338),
+        ("vgg16", 14_724_042),
+        ("resnet44x2", 2_648_068),
+    ] {
+        let report = inspect_json(&[&format!("models/{model}.toml")]);
+        assert_eq!(report["model"], model);
+        assert_eq!(report["params"], params, "{model}");
+        assert!(report["flops_per_step"].as_u64().unwrap() > 0);
+        assert!(report["nodes"].as_u64().unwrap() > 100);
+        assert!(report["ops"]["conv2d"].as_u64().unwrap() > 10);
+    }
+    let option_a = inspect_json(&["models/resnet44.toml", "--shortcut", "A"]);
+    assert_eq!(option_a["params"], 658_586);
+}
+
+#[test]
+fn inspect_counts_the_fisher_nodes_of_each_mode() {
+    let none = inspect_json(&["models/resnet20.toml", "--batch", "16", "--fisher", "none"]);
+    let exact = inspect_json(&["models/resnet20.toml", "--batch", "16", "--fisher", "exact"]);
+    let a2g2 = inspect_json(&["models/resnet20.toml", "--batch", "16", "--fisher", "a2g2"]);
+    let convs = &exact["ops"]["conv2d"];
+    assert_eq!(&exact["ops"]["conv_wgrad_per_example"], convs);
+    assert!(none["ops"].get("conv_wgrad_per_example").is_none());
+    assert!(none["ops"].get("square").is_none());
+    assert!(a2g2["ops"].get("conv_wgrad_per_example").is_none());
+    assert!(a2g2["ops"]["square"].as_u64() > Some(0));
+    assert!(exact["nodes"].as_u64() > none["nodes"].as_u64());
+    assert!(exact["flops"]["fisher"].as_u64() > Some(0));
+    // FLOPs scale with the batch
+    let big = inspect_json(&["models/resnet20.toml", "--batch", "32", "--fisher", "none"]);
+    let (small, big) = (
+        none["flops"]["forward"].as_u64().unwrap(),
+        big["flops"]["forward"].as_u64().unwrap(),
+    );
+    assert!(big > 19 * small / 10 && big <= 2 * small, "{small} → {big}");
+}
+
+#[test]
+fn inspect_prints_a_layer_table() {
+    let text = stdout(&fisherc(&[
+        "inspect",
+        "models/resnet44.toml",
+        "--batch",
+        "8",
+    ]));
+    assert!(text.contains("parameters        661,338"), "{text}");
+    assert!(text.contains("basic21.conv2"), "{text}");
+    assert!(text.contains("[8, 64, 8, 8]"), "{text}");
+}
+
+#[test]
+fn a_malformed_model_file_is_reported_with_its_line() {
+    let dir = std::env::temp_dir().join(format!("fisherc-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("broken.toml");
+    std::fs::write(
+        &file,
+        "name = \"x\"\ninput = [1, 4, 4]\nclasses = 2\nlayers = [\n  { op = \"dense\" },\n]\n",
+    )
+    .unwrap();
+    let out = fisherc(&["inspect", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("broken.toml:5: unknown op 'dense'"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn step_runs_and_reports_loss_and_time() {
+    let text = stdout(&fisherc(&[
+        "step",
+        "models/mlp.toml",
+        "--batch",
+        "8",
+        "--seed",
+        "3",
+        "--steps",
+        "2",
+        "--noise-scale",
+        "0.1",
+    ]));
+    let losses: Vec<f64> = text
+        .lines()
+        .filter(|l| l.starts_with("step "))
+        .map(|l| l.split_whitespace().nth(3).unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(losses.len(), 2, "{text}");
+    assert!(losses.iter().all(|l| l.is_finite() && *l > 0.0), "{text}");
+    assert!(text.contains("median step"), "{text}");
+}
