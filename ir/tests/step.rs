@@ -82,7 +82,7 @@ fn run<T: Real>(
     evaluate(&step.graph, &state.feeds(images, labels, hyper), &[]).unwrap()
 }
 
-fn out<'a, T: Real>(eval: &'a Evaluation<T>, name: Output) -> &'a Tensor<T> {
+fn out<T: Real>(eval: &Evaluation<T>, name: Output) -> &Tensor<T> {
     eval.output(&name)
         .unwrap_or_else(|| panic!("no output {name}"))
         .float()
@@ -174,7 +174,7 @@ fn update_follows_the_noisy_sgd_formula_bit_for_bit() {
         for k in 0..p.numel() {
             let mut d = g[k] + (hyper.noise_scale * fisher[k].sqrt()) * xi[k];
             if decays {
-                d = d + hyper.weight_decay * theta[k];
+                d += hyper.weight_decay * theta[k];
             }
             let new_v = hyper.momentum * v[k] + d;
             let new_theta = theta[k] - hyper.learning_rate * new_v;
@@ -296,7 +296,7 @@ fn evaluation_mode_with_the_batch_statistics_reproduces_training_mode() {
         out(&trained, Output::Logits),
     );
     assert_close("eval-mode logits", &a.data, &b.data, 1e-12);
-    assert!(eval_net.graph.op_counts().get("batch_norm").is_none());
+    assert!(!eval_net.graph.op_counts().contains_key("batch_norm"));
     assert_eq!(
         eval_net.graph.op_counts()["bn_apply"],
         train.bn_layers.len()
