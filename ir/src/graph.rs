@@ -20,6 +20,10 @@ use crate::error::ShapeError;
 use crate::ops::Op;
 use crate::tensor::TensorType;
 
+/// Largest tensor a graph may hold (4 TiB of f32): far beyond any device, small enough that
+/// sizes and FLOP counts cannot overflow.
+pub const MAX_ELEMENTS: usize = 1 << 40;
+
 /// One output of one node: the value an edge carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PortRef {
@@ -141,11 +145,18 @@ impl Graph {
     ) -> Result<NodeIndex, ShapeError> {
         let op = op.into();
         let input_types: Vec<&TensorType> = inputs.iter().map(|&p| self.ty(p)).collect();
-        let outputs = op.infer(&input_types).map_err(|message| ShapeError {
+        let error = |message| ShapeError {
             layer: layer.to_string(),
             op: op.name(),
             message,
-        })?;
+        };
+        let outputs = op.infer(&input_types).map_err(error)?;
+        if let Some(t) = outputs
+            .iter()
+            .find(|t| t.checked_numel().is_none_or(|n| n > MAX_ELEMENTS))
+        {
+            return Err(error(format!("output {t} has more than 2^40 elements")));
+        }
         let node = self.graph.add_node(Node {
             op,
             layer: layer.to_string(),
@@ -271,13 +282,16 @@ impl Graph {
             let node = &self.graph[n];
             let inputs = self.inputs(n);
             let input_types: Vec<&TensorType> = inputs.iter().map(|&p| self.ty(p)).collect();
-            *by_phase.entry(node.phase).or_insert(0) += node.op.flops(&input_types, &node.outputs);
+            let total = by_phase.entry(node.phase).or_insert(0u64);
+            *total = total.saturating_add(node.op.flops(&input_types, &node.outputs));
         }
         by_phase
     }
 
     pub fn flops(&self) -> u64 {
-        self.flops_by_phase().values().sum()
+        self.flops_by_phase()
+            .values()
+            .fold(0, |a, &b| a.saturating_add(b))
     }
 
     /// Edge index, for passes that need to see raw petgraph structure.

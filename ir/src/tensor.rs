@@ -63,6 +63,11 @@ impl TensorType {
         self.shape.iter().product()
     }
 
+    /// The element count, if it does not overflow.
+    pub fn checked_numel(&self) -> Option<usize> {
+        self.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d))
+    }
+
     /// Size in bytes of the tensor on the device.
     pub fn bytes(&self) -> usize {
         let width = match self.dtype {

@@ -267,3 +267,30 @@ fn unreadable_file_is_an_error_not_a_panic() {
         "{err}"
     );
 }
+
+#[test]
+fn a_layer_name_used_twice() {
+    let text = format!(
+        "{HEADER}layers = [\n  {{ op = \"relu\", name = \"act\" }},\n  {{ op = \"relu\", name = \"act\" }},\n]\n"
+    );
+    assert_error(&text, 6, &["the layer name 'act' is used twice"]);
+}
+
+#[test]
+fn a_default_for_a_parameter_the_block_does_not_have() {
+    let text = format!(
+        "{HEADER}layers = [\n  {{ block = \"b\", width = 4 }},\n]\n\n[blocks.b]\nparams = [\"width\"]\ndefaults = {{ strid = 1 }}\nlayers = []\n"
+    );
+    assert_error(&text, 8, &["block 'b': a default for 'strid'"]);
+}
+
+#[test]
+fn absurd_sizes_are_errors_not_overflows() {
+    let text =
+        format!("{HEADER}layers = [\n  {{ op = \"conv\", out = 4000000000000, kernel = 3 }},\n]\n");
+    assert_error(&text, 5, &["layer 'conv1'", "more than 2^40 elements"]);
+    let err = error_of(
+        "name = \"bad\"\ninput = [3000000, 3000000, 3000000]\nclasses = 10\nlayers = []\n",
+    );
+    assert!(err.to_string().contains("more than 2^40 elements"), "{err}");
+}

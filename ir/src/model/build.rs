@@ -2,7 +2,7 @@
 //! variables, creates the parameter inputs and builds the forward graph. Every error names the
 //! file, the line of the entry and the layer.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 
 use petgraph::graph::NodeIndex;
@@ -146,11 +146,14 @@ pub fn build(spec: &ModelSpec, options: &BuildOptions) -> Result<Network, ModelE
     };
     builder.graph.set_phase(Phase::Forward);
     let image_type = TensorType::f32(&[options.batch, input[0], input[1], input[2]]);
-    let images = builder.input(Role::Images, image_type, "images");
+    let images = builder
+        .input(Role::Images, image_type, "images")
+        .map_err(|e| builder.error(1, &[], format!("batch {}: {e}", options.batch)))?;
     let mut scope = Scope {
         prefix: String::new(),
         input: images,
         named: HashMap::new(),
+        taken: HashSet::new(),
         counters: HashMap::new(),
         env: HashMap::from([("classes".to_string(), spec.classes as i64)]),
     };
@@ -201,23 +204,35 @@ struct Scope {
     /// The value `from = "input"` refers to.
     input: PortRef,
     named: HashMap<String, PortRef>,
+    /// Every name given out here, shortcuts included.
+    taken: HashSet<String>,
     counters: HashMap<String, usize>,
     env: HashMap<String, i64>,
 }
 
 impl Scope {
-    /// The next local name for a layer of kind `base` (or the explicit name).
-    fn local_name(&mut self, base: &str, explicit: Option<&str>, repeat: usize) -> String {
+    /// The next local name for a layer of kind `base` (or the explicit name); names are
+    /// unique within a scope.
+    fn local_name(
+        &mut self,
+        base: &str,
+        explicit: Option<&str>,
+        repeat: usize,
+    ) -> Result<String, String> {
         let count = self
             .counters
             .entry(explicit.unwrap_or(base).to_string())
             .or_insert(0);
         *count += 1;
-        match explicit {
+        let name = match explicit {
             Some(name) if repeat == 1 => name.to_string(),
             Some(name) => format!("{name}{count}"),
             None => format!("{base}{count}"),
+        };
+        if !self.taken.insert(name.clone()) {
+            return Err(format!("the layer name '{name}' is used twice here"));
         }
+        Ok(name)
     }
 }
 
@@ -276,17 +291,23 @@ impl Builder<'_> {
         self.at_error(at, e.to_string())
     }
 
-    fn input(&mut self, role: Role, ty: TensorType, layer: &str) -> PortRef {
-        let node = self
-            .graph
-            .add(Input { role, ty }, layer, &[])
-            .expect("inputs take no inputs, so they always type-check");
-        PortRef::new(node, 0)
+    /// An input node; fails only for absurd sizes.
+    fn input(&mut self, role: Role, ty: TensorType, layer: &str) -> Result<PortRef, ShapeError> {
+        self.graph.add1(Input { role, ty }, layer, &[])
     }
 
-    fn param(&mut self, layer: &str, suffix: &str, kind: ParamKind, shape: Vec<usize>) -> PortRef {
+    fn param(
+        &mut self,
+        at: &At<'_>,
+        layer: &str,
+        suffix: &str,
+        kind: ParamKind,
+        shape: Vec<usize>,
+    ) -> Result<PortRef, ModelError> {
         let index = self.params.len();
-        let value = self.input(Role::Param(index), TensorType::f32(&shape), layer);
+        let value = self
+            .input(Role::Param(index), TensorType::f32(&shape), layer)
+            .map_err(|e| self.shape_error(at, e))?;
         self.params.push(Param {
             name: format!("{layer}.{suffix}"),
             layer: layer.to_string(),
@@ -294,7 +315,7 @@ impl Builder<'_> {
             shape,
             node: value.node,
         });
-        value
+        Ok(value)
     }
 
     fn add_node(
@@ -349,14 +370,18 @@ impl Builder<'_> {
             (Some(op), None) => {
                 for _ in 0..repeat {
                     let at = At { entry, sites };
-                    let local = scope.local_name(&op, name.as_deref(), repeat);
+                    let local = scope
+                        .local_name(&op, name.as_deref(), repeat)
+                        .map_err(|m| self.at_error(&at, m))?;
                     x = self.layer(&at, &op, &local, scope, x)?;
                     scope.named.insert(local, x);
                 }
             }
             (None, Some(block)) => {
                 for _ in 0..repeat {
-                    let local = scope.local_name(&block, name.as_deref(), repeat);
+                    let local = scope
+                        .local_name(&block, name.as_deref(), repeat)
+                        .map_err(|m| self.error(entry.line, sites, m))?;
                     x = self.block(entry, &block, &local, scope, x, sites)?;
                     scope.named.insert(local, x);
                 }
@@ -532,14 +557,15 @@ impl Builder<'_> {
     ) -> Result<PortRef, ModelError> {
         let in_channels = self.graph.ty(x).shape.get(1).copied().unwrap_or(0);
         let w = self.param(
+            at,
             name,
             "weight",
             ParamKind::ConvWeight,
             vec![out, in_channels, kernel, kernel],
-        );
+        )?;
         let mut inputs = vec![x, w];
         if bias {
-            inputs.push(self.param(name, "bias", ParamKind::ConvBias, vec![out]));
+            inputs.push(self.param(at, name, "bias", ParamKind::ConvBias, vec![out])?);
         }
         let op = Conv2d {
             stride,
@@ -565,15 +591,19 @@ impl Builder<'_> {
     ) -> Result<PortRef, ModelError> {
         let shape = self.graph.ty(x).shape.clone();
         let channels = shape.get(1).copied().unwrap_or(0);
-        let gamma = self.param(name, "gamma", ParamKind::BnGamma, vec![channels]);
-        let beta = self.param(name, "beta", ParamKind::BnBeta, vec![channels]);
+        let gamma = self.param(at, name, "gamma", ParamKind::BnGamma, vec![channels])?;
+        let beta = self.param(at, name, "beta", ParamKind::BnBeta, vec![channels])?;
         let index = self.bn_layers.len();
         let y = match self.mode {
             Mode::Train => self.add_node(at, BatchNorm { eps }, name, &[x, gamma, beta])?,
             Mode::Eval => {
                 let stats = TensorType::f32(&[channels]);
-                let mean = self.input(Role::RunningMean(index), stats.clone(), name);
-                let var = self.input(Role::RunningVar(index), stats, name);
+                let mean = self
+                    .input(Role::RunningMean(index), stats.clone(), name)
+                    .map_err(|e| self.shape_error(at, e))?;
+                let var = self
+                    .input(Role::RunningVar(index), stats, name)
+                    .map_err(|e| self.shape_error(at, e))?;
                 self.add_node(at, BnApply { eps }, name, &[x, mean, var, gamma, beta])?
             }
         };
@@ -608,14 +638,15 @@ impl Builder<'_> {
             ));
         }
         let w = self.param(
+            at,
             name,
             "weight",
             ParamKind::LinearWeight,
             vec![out, x_type.shape[1]],
-        );
+        )?;
         let mut inputs = vec![x, w];
         if bias {
-            inputs.push(self.param(name, "bias", ParamKind::LinearBias, vec![out]));
+            inputs.push(self.param(at, name, "bias", ParamKind::LinearBias, vec![out])?);
         }
         self.add_node(at, Linear { bias }, name, &inputs)
     }
@@ -694,7 +725,9 @@ impl Builder<'_> {
         let stride = shortcut_stride(&from_type.shape, &to.shape).ok_or_else(|| {
             self.at_error(at, format!("no strided shortcut takes {from_type} to {to}"))
         })?;
-        let local = scope.local_name("shortcut", None, 1);
+        let local = scope
+            .local_name("shortcut", None, 1)
+            .map_err(|m| self.at_error(at, m))?;
         let name = format!("{}{local}", scope.prefix);
         let (in_channels, out_channels) = (from_type.shape[1], to.shape[1]);
         match kind {
@@ -776,6 +809,7 @@ impl Builder<'_> {
             prefix: format!("{}{local}.", scope.prefix),
             input: x,
             named: HashMap::new(),
+            taken: HashSet::new(),
             counters: HashMap::new(),
             env,
         };
@@ -814,6 +848,13 @@ impl Builder<'_> {
             let n = resolve_int(value, &scope.env)
                 .map_err(|m| self.at_error(at, format!("'{key}': {m}")))?;
             env.insert(key.clone(), n as i64);
+        }
+        if let Some(stray) = spec.defaults.keys().find(|k| !spec.params.contains(k)) {
+            return Err(self.error(
+                spec.line,
+                &[],
+                format!("block '{block}': a default for '{stray}', which is not one of its params"),
+            ));
         }
         for param in &spec.params {
             if env.contains_key(param) {

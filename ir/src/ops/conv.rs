@@ -5,7 +5,7 @@
 use super::fisher::{a2g2_mean, exact_from_contributions, per_example_upstream};
 use super::{
     ChannelSum, ChannelSumPerExample, FisherCtx, OpDef, Square, VjpCtx, expect_arity, expect_rank,
-    expect_type, float_out, shape_str,
+    expect_type, float_out, flop_product, shape_str,
 };
 use crate::cpu::{ConvGeom, Mat, for_each_example, matmul, sum_over_batch};
 use crate::error::ShapeError;
@@ -49,7 +49,7 @@ fn geometry(
 }
 
 fn conv_flops(n: usize, out_channels: usize, g: &ConvGeom) -> u64 {
-    2 * (n * out_channels * g.patch_len() * g.positions()) as u64
+    flop_product(&[2, n, out_channels, g.patch_len(), g.positions()])
 }
 
 /// `y = conv(x, w) (+ b)`. Inputs: x `[N, C, H, W]`, w `[O, C, kh, kw]`, optional b `[O]`.

@@ -4,7 +4,7 @@
 use super::fisher::{a2g2_mean, exact_from_contributions, per_example_upstream};
 use super::{
     ChannelSum, FisherCtx, OpDef, Square, VjpCtx, expect_arity, expect_rank, expect_type,
-    float_out, shape_str,
+    float_out, flop_product, shape_str,
 };
 use crate::cpu::{Mat, for_each_example, matmul};
 use crate::error::ShapeError;
@@ -64,7 +64,7 @@ impl OpDef for Linear {
     }
 
     fn flops(&self, inputs: &[&TensorType], out: &[TensorType]) -> u64 {
-        2 * (inputs[0].numel() * inputs[1].shape[0]) as u64
+        flop_product(&[2, inputs[0].numel(), inputs[1].shape[0]])
             + self.bias as u64 * out[0].numel() as u64
     }
 
@@ -158,7 +158,7 @@ impl OpDef for LinearDgrad {
     }
 
     fn flops(&self, inputs: &[&TensorType], _: &[TensorType]) -> u64 {
-        2 * (inputs[0].numel() * inputs[1].shape[1]) as u64
+        flop_product(&[2, inputs[0].numel(), inputs[1].shape[1]])
     }
 }
 
@@ -210,7 +210,7 @@ impl OpDef for LinearWgrad {
 
     fn flops(&self, inputs: &[&TensorType], _: &[TensorType]) -> u64 {
         let (n, i, o) = check_wgrad(inputs).expect("typed graph");
-        2 * (n * i * o) as u64
+        flop_product(&[2, n, i, o])
     }
 }
 
@@ -245,6 +245,6 @@ impl OpDef for LinearWgradPerExample {
 
     fn flops(&self, inputs: &[&TensorType], _: &[TensorType]) -> u64 {
         let (n, i, o) = check_wgrad(inputs).expect("typed graph");
-        (n * i * o) as u64
+        flop_product(&[n, i, o])
     }
 }

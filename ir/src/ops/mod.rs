@@ -299,6 +299,14 @@ pub(crate) fn shape_str(shape: &[usize]) -> String {
     ShapeDisplay(shape).to_string()
 }
 
+/// A FLOP count `Π factors`, saturating instead of overflowing.
+pub(crate) fn flop_product(factors: &[usize]) -> u64 {
+    let product = factors
+        .iter()
+        .fold(1u128, |p, &f| p.saturating_mul(f as u128));
+    product.min(u64::MAX as u128) as u64
+}
+
 /// Wraps float tensors as the single output of an eval.
 pub(crate) fn float_out<T: Real>(t: crate::tensor::Tensor<T>) -> Vec<Value<T>> {
     vec![Value::Float(t)]
