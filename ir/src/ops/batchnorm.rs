@@ -313,6 +313,48 @@ fn xhat<T: Real>(v: T, mean: T, inv: T) -> T {
     (v - mean) * inv
 }
 
+/// For every (example, channel) plane, `Σₜ f(dy, x̂)` over its positions, where `f` gives a
+/// pair: the reductions behind dγ and dβ, per example or (summed) per channel. Inputs are
+/// (dy, x, mean, var) as in every backward op here.
+fn plane_sums<T: Real>(
+    inputs: &[&Value<T>],
+    eps: FloatAttr,
+    f: impl Fn(T, T) -> (T, T) + Sync,
+) -> (Planes, Vec<(T, T)>) {
+    let [dy, x, mean, var] = inputs else {
+        unreachable!("arity checked")
+    };
+    let (dy, x, mean, var) = (dy.float(), x.float(), &mean.float().data, &var.float().data);
+    let p = Planes::of(&x.shape);
+    let sums = (0..p.batch * p.channels)
+        .into_par_iter()
+        .map(|i| {
+            let (n, c) = (i / p.channels, i % p.channels);
+            let inv = inv_std(var[c], eps);
+            let pairs = p.plane(&dy.data, n, c).iter().zip(p.plane(&x.data, n, c));
+            pairs.fold((T::zero(), T::zero()), |(a, b), (&g, &v)| {
+                let (da, db) = f(g, xhat(v, mean[c], inv));
+                (a + da, b + db)
+            })
+        })
+        .collect();
+    (p, sums)
+}
+
+/// Plane sums added over the batch, in example order: two `[C]` vectors.
+fn channel_totals<T: Real>(p: Planes, sums: &[(T, T)]) -> Vec<Value<T>> {
+    let (mut first, mut second) = (vec![T::zero(); p.channels], vec![T::zero(); p.channels]);
+    for (i, &(a, b)) in sums.iter().enumerate() {
+        let c = i % p.channels;
+        first[c] = first[c] + a;
+        second[c] = second[c] + b;
+    }
+    vec![
+        Value::Float(Tensor::from_vec(&[p.channels], first)),
+        Value::Float(Tensor::from_vec(&[p.channels], second)),
+    ]
+}
+
 /// Backward reductions: (dy, x, mean, var) → (Σ dy·x̂, Σ dy) per channel, i.e. (dγ, dβ).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct BnBackwardReduce {
@@ -333,27 +375,8 @@ impl OpDef for BnBackwardReduce {
         inputs: &[&Value<T>],
         _: &[TensorType],
     ) -> Result<Vec<Value<T>>, String> {
-        let [dy, x, mean, var] = inputs else {
-            unreachable!("arity checked")
-        };
-        let (dy, x, mean, var) = (dy.float(), x.float(), &mean.float().data, &var.float().data);
-        let p = Planes::of(&x.shape);
-        let sums = p.per_channel(|c| {
-            let inv = inv_std(var[c], self.eps);
-            let (mut dy_xhat, mut dy_sum) = (T::zero(), T::zero());
-            for n in 0..p.batch {
-                for (&g, &v) in p.plane(&dy.data, n, c).iter().zip(p.plane(&x.data, n, c)) {
-                    dy_xhat = dy_xhat + g * xhat(v, mean[c], inv);
-                    dy_sum = dy_sum + g;
-                }
-            }
-            (dy_xhat, dy_sum)
-        });
-        let (dgamma, dbeta): (Vec<T>, Vec<T>) = sums.into_iter().unzip();
-        Ok(vec![
-            Value::Float(Tensor::from_vec(&[p.channels], dgamma)),
-            Value::Float(Tensor::from_vec(&[p.channels], dbeta)),
-        ])
+        let (planes, sums) = plane_sums(inputs, self.eps, |g, xhat| (g * xhat, g));
+        Ok(channel_totals(planes, &sums))
     }
 
     fn flops(&self, inputs: &[&TensorType], _: &[TensorType]) -> u64 {
@@ -432,24 +455,8 @@ impl OpDef for BnParamGradsPerExample {
         inputs: &[&Value<T>],
         out: &[TensorType],
     ) -> Result<Vec<Value<T>>, String> {
-        let [dy, x, mean, var] = inputs else {
-            unreachable!("arity checked")
-        };
-        let (dy, x, mean, var) = (dy.float(), x.float(), &mean.float().data, &var.float().data);
-        let p = Planes::of(&x.shape);
-        let mut gamma = Vec::with_capacity(p.batch * p.channels);
-        let mut beta = Vec::with_capacity(p.batch * p.channels);
-        for n in 0..p.batch {
-            for c in 0..p.channels {
-                let inv = inv_std(var[c], self.eps);
-                let pairs = p.plane(&dy.data, n, c).iter().zip(p.plane(&x.data, n, c));
-                let (g_sum, b_sum) = pairs.fold((T::zero(), T::zero()), |(a, b), (&g, &v)| {
-                    (a + g * xhat(v, mean[c], inv), b + g)
-                });
-                gamma.push(g_sum);
-                beta.push(b_sum);
-            }
-        }
+        let (_, sums) = plane_sums(inputs, self.eps, |g, xhat| (g * xhat, g));
+        let (gamma, beta): (Vec<T>, Vec<T>) = sums.into_iter().unzip();
         Ok(vec![
             Value::Float(Tensor::from_vec(&out[0].shape, gamma)),
             Value::Float(Tensor::from_vec(&out[1].shape, beta)),
@@ -481,28 +488,9 @@ impl OpDef for BnParamGradsSq {
         inputs: &[&Value<T>],
         _: &[TensorType],
     ) -> Result<Vec<Value<T>>, String> {
-        let [g, x, mean, var] = inputs else {
-            unreachable!("arity checked")
-        };
-        let (g, x, mean, var) = (g.float(), x.float(), &mean.float().data, &var.float().data);
-        let p = Planes::of(&x.shape);
-        let sums = p.per_channel(|c| {
-            let inv = inv_std(var[c], self.eps);
-            let (mut gamma, mut beta) = (T::zero(), T::zero());
-            for n in 0..p.batch {
-                for (&gv, &v) in p.plane(&g.data, n, c).iter().zip(p.plane(&x.data, n, c)) {
-                    let term = gv * xhat(v, mean[c], inv);
-                    gamma = gamma + term * term;
-                    beta = beta + gv * gv;
-                }
-            }
-            (gamma, beta)
-        });
-        let (gamma, beta): (Vec<T>, Vec<T>) = sums.into_iter().unzip();
-        Ok(vec![
-            Value::Float(Tensor::from_vec(&[p.channels], gamma)),
-            Value::Float(Tensor::from_vec(&[p.channels], beta)),
-        ])
+        let (planes, sums) =
+            plane_sums(inputs, self.eps, |g, xhat| ((g * xhat) * (g * xhat), g * g));
+        Ok(channel_totals(planes, &sums))
     }
 
     fn flops(&self, inputs: &[&TensorType], _: &[TensorType]) -> u64 {

@@ -2,9 +2,9 @@
 //! (dgrad), weight gradient (wgrad), and the per-example weight gradients the exact Fisher
 //! squares.
 
-use super::fisher::{a2g2_mean, exact_from_contributions, per_example_upstream};
+use super::fisher::{a2g2_bias, a2g2_weight, exact_from_contributions};
 use super::{
-    ChannelSum, ChannelSumPerExample, FisherCtx, OpDef, Square, VjpCtx, expect_arity, expect_rank,
+    ChannelSum, ChannelSumPerExample, FisherCtx, OpDef, VjpCtx, expect_arity, expect_rank,
     expect_type, float_out, flop_product, shape_str,
 };
 use crate::cpu::{ConvGeom, Mat, for_each_example, matmul, sum_over_batch};
@@ -190,17 +190,10 @@ impl OpDef for Conv2d {
         let mut fisher = vec![None; cx.vjp.inputs.len()];
         fisher[1] = Some(match cx.mode {
             FisherMode::Exact => {
-                let per_example = ConvWgradPerExample(wgrad);
-                let contributions = cx.vjp.add(per_example, &[x, dy])?;
+                let contributions = cx.vjp.add(ConvWgradPerExample(wgrad), &[x, dy])?;
                 exact_from_contributions(cx, contributions)?
             }
-            _ => {
-                let upstream = per_example_upstream(cx, dy)?;
-                let g2 = cx.vjp.add(Square, &[upstream])?;
-                let x2 = cx.vjp.add(Square, &[x])?;
-                let sum = cx.vjp.add(wgrad, &[x2, g2])?;
-                a2g2_mean(cx, sum)?
-            }
+            _ => a2g2_weight(cx, wgrad, x, dy)?,
         });
         if self.bias {
             fisher[2] = Some(match cx.mode {
@@ -208,12 +201,7 @@ impl OpDef for Conv2d {
                     let contributions = cx.vjp.add(ChannelSumPerExample, &[dy])?;
                     exact_from_contributions(cx, contributions)?
                 }
-                _ => {
-                    let upstream = per_example_upstream(cx, dy)?;
-                    let g2 = cx.vjp.add(Square, &[upstream])?;
-                    let sum = cx.vjp.add(ChannelSum, &[g2])?;
-                    a2g2_mean(cx, sum)?
-                }
+                _ => a2g2_bias(cx, dy)?,
             });
         }
         Ok(fisher)

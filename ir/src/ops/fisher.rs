@@ -13,7 +13,7 @@
 //! The graphs are written literally (scale, then square, then mean), with no algebra applied:
 //! moving the scalars out of the squares is the optimizer's job.
 
-use super::{BatchMean, FisherCtx, FloatAttr, Scale, Square};
+use super::{BatchMean, ChannelSum, FisherCtx, FloatAttr, Op, Scale, Square};
 use crate::error::ShapeError;
 use crate::graph::PortRef;
 
@@ -41,4 +41,26 @@ pub(crate) fn exact_from_contributions(
 pub(crate) fn a2g2_mean(cx: &mut FisherCtx<'_>, sum: PortRef) -> Result<PortRef, ShapeError> {
     let factor = FloatAttr(1.0 / cx.batch as f64);
     cx.vjp.add(Scale { factor }, &[sum])
+}
+
+/// a2g2 of a weight: `(1/M)·wgrad(x², (M·dy)²)`, with the layer's own weight-gradient op.
+pub(crate) fn a2g2_weight(
+    cx: &mut FisherCtx<'_>,
+    wgrad: impl Into<Op>,
+    x: PortRef,
+    dy: PortRef,
+) -> Result<PortRef, ShapeError> {
+    let upstream = per_example_upstream(cx, dy)?;
+    let g2 = cx.vjp.add(Square, &[upstream])?;
+    let x2 = cx.vjp.add(Square, &[x])?;
+    let sum = cx.vjp.add(wgrad, &[x2, g2])?;
+    a2g2_mean(cx, sum)
+}
+
+/// a2g2 of a bias (an input of ones): `(1/M)·Σₙₜ (M·dy)²` per channel.
+pub(crate) fn a2g2_bias(cx: &mut FisherCtx<'_>, dy: PortRef) -> Result<PortRef, ShapeError> {
+    let upstream = per_example_upstream(cx, dy)?;
+    let g2 = cx.vjp.add(Square, &[upstream])?;
+    let sum = cx.vjp.add(ChannelSum, &[g2])?;
+    a2g2_mean(cx, sum)
 }

@@ -1,10 +1,10 @@
 //! Fully connected layer `y = x·wᵀ (+ b)` (x `[N, I]`, w `[O, I]` as in PyTorch) and its
 //! backward and Fisher ops.
 
-use super::fisher::{a2g2_mean, exact_from_contributions, per_example_upstream};
+use super::fisher::{a2g2_bias, a2g2_weight, exact_from_contributions};
 use super::{
-    ChannelSum, FisherCtx, OpDef, Square, VjpCtx, expect_arity, expect_rank, expect_type,
-    float_out, flop_product, shape_str,
+    ChannelSum, FisherCtx, OpDef, VjpCtx, expect_arity, expect_rank, expect_type, float_out,
+    flop_product, shape_str,
 };
 use crate::cpu::{Mat, for_each_example, matmul};
 use crate::error::ShapeError;
@@ -94,23 +94,13 @@ impl OpDef for Linear {
                 let contributions = cx.vjp.add(LinearWgradPerExample, &[x, dy])?;
                 exact_from_contributions(cx, contributions)?
             }
-            _ => {
-                let upstream = per_example_upstream(cx, dy)?;
-                let g2 = cx.vjp.add(Square, &[upstream])?;
-                let x2 = cx.vjp.add(Square, &[x])?;
-                let sum = cx.vjp.add(LinearWgrad, &[x2, g2])?;
-                a2g2_mean(cx, sum)?
-            }
+            _ => a2g2_weight(cx, LinearWgrad, x, dy)?,
         });
         if self.bias {
+            // each example's bias contribution is its row of dy
             fisher[2] = Some(match cx.mode {
                 FisherMode::Exact => exact_from_contributions(cx, dy)?,
-                _ => {
-                    let upstream = per_example_upstream(cx, dy)?;
-                    let g2 = cx.vjp.add(Square, &[upstream])?;
-                    let sum = cx.vjp.add(ChannelSum, &[g2])?;
-                    a2g2_mean(cx, sum)?
-                }
+                _ => a2g2_bias(cx, dy)?,
             });
         }
         Ok(fisher)
