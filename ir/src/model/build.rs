@@ -261,7 +261,7 @@ struct Builder<'s> {
     layers: Vec<LayerInfo>,
 }
 
-/// An entry being expanded: its table, line, the enclosing block uses, and the scope.
+/// An entry being expanded, with the block uses that enclose it (for error messages).
 struct At<'a> {
     entry: &'a Entry,
     sites: &'a [Site],

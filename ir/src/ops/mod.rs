@@ -280,21 +280,6 @@ pub(crate) fn expect_arity(inputs: &[&TensorType], n: usize) -> Result<(), Strin
     Ok(())
 }
 
-/// The op takes `lo` or `hi` inputs (an optional last input).
-pub(crate) fn expect_arity_between(
-    inputs: &[&TensorType],
-    lo: usize,
-    hi: usize,
-) -> Result<(), String> {
-    if inputs.len() < lo || inputs.len() > hi {
-        return Err(format!(
-            "expected {lo} to {hi} inputs, found {}",
-            inputs.len()
-        ));
-    }
-    Ok(())
-}
-
 pub(crate) fn shape_str(shape: &[usize]) -> String {
     ShapeDisplay(shape).to_string()
 }

@@ -10,7 +10,7 @@
 //! `+ wd·θ` (when the parameter decays), then `μ·v + d`, then `θ − lr·v`. In f32 that is what
 //! the GPU kernel computes bit for bit.
 
-use super::{OpDef, expect_arity_between, expect_type};
+use super::{OpDef, expect_arity, expect_type};
 use crate::philox;
 use crate::tensor::{DType, Real, Tensor, TensorType, Value};
 
@@ -39,7 +39,7 @@ impl OpDef for NoisySgdUpdate {
 
     fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
         let arity = if self.noisy { FISHER + 1 } else { FISHER };
-        expect_arity_between(inputs, arity, arity)?;
+        expect_arity(inputs, arity)?;
         let theta = inputs[0];
         if theta.dtype != DType::F32 {
             return Err(format!("parameter: expected an f32 tensor, found {theta}"));
