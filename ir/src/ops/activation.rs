@@ -5,8 +5,9 @@ use super::{OpDef, VjpCtx, expect_arity, expect_type, float_out};
 use crate::error::ShapeError;
 use crate::graph::PortRef;
 use crate::tensor::{DType, Real, Tensor, TensorType, Value};
+use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Relu;
 
 impl OpDef for Relu {
@@ -45,7 +46,7 @@ impl OpDef for Relu {
 }
 
 /// `dx = dy · [y > 0]` from dy and the ReLU's output y.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ReluBackward;
 
 impl OpDef for ReluBackward {

@@ -7,6 +7,7 @@
 //! cuDNN-style fusions later work with. x̂ = (x − mean)·invstd throughout, invstd = 1/√(var + ε).
 
 use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
 
 use super::fisher::{a2g2_mean, exact_from_contributions, per_example_upstream};
 use super::{FisherCtx, FloatAttr, OpDef, VjpCtx, expect_arity, expect_type, float_out};
@@ -17,14 +18,14 @@ use crate::tensor::{DType, Real, Tensor, TensorType, Value};
 
 /// `[N, C, positions...]` viewed as N·C planes of `positions` elements.
 #[derive(Clone, Copy)]
-struct Planes {
-    batch: usize,
-    channels: usize,
-    positions: usize,
+pub(super) struct Planes {
+    pub(super) batch: usize,
+    pub(super) channels: usize,
+    pub(super) positions: usize,
 }
 
 impl Planes {
-    fn of(shape: &[usize]) -> Self {
+    pub(super) fn of(shape: &[usize]) -> Self {
         Planes {
             batch: shape[0],
             channels: shape[1],
@@ -38,7 +39,7 @@ impl Planes {
     }
 
     /// The positions of example `n`, channel `c`.
-    fn plane<'a, T>(&self, data: &'a [T], n: usize, c: usize) -> &'a [T] {
+    pub(super) fn plane<'a, T>(&self, data: &'a [T], n: usize, c: usize) -> &'a [T] {
         &data[(n * self.channels + c) * self.positions..][..self.positions]
     }
 
@@ -48,7 +49,11 @@ impl Planes {
     }
 
     /// Fills `out` (same layout as the input) plane by plane: `f(n, c, plane_out)`.
-    fn fill<T: Real>(&self, out: &mut [T], f: impl Fn(usize, usize, &mut [T]) + Sync + Send) {
+    pub(super) fn fill<T: Real>(
+        &self,
+        out: &mut [T],
+        f: impl Fn(usize, usize, &mut [T]) + Sync + Send,
+    ) {
         out.par_chunks_mut(self.positions.max(1))
             .enumerate()
             .for_each(|(i, plane)| f(i / self.channels, i % self.channels, plane));
@@ -56,7 +61,10 @@ impl Planes {
 }
 
 /// Checks x `[N, C, ...]` and that each following input is a `[C]` vector.
-fn check_channel_inputs(inputs: &[&TensorType], names: &[&str]) -> Result<usize, String> {
+pub(super) fn check_channel_inputs(
+    inputs: &[&TensorType],
+    names: &[&str],
+) -> Result<usize, String> {
     let x = inputs[0];
     if x.dtype != DType::F32 || x.rank() < 2 {
         return Err(format!(
@@ -71,12 +79,12 @@ fn check_channel_inputs(inputs: &[&TensorType], names: &[&str]) -> Result<usize,
     Ok(c)
 }
 
-fn inv_std<T: Real>(var: T, eps: FloatAttr) -> T {
+pub(super) fn inv_std<T: Real>(var: T, eps: FloatAttr) -> T {
     T::one() / (var + T::from_f64(eps.0)).sqrt()
 }
 
 /// Per-channel mean and biased variance (two passes, for accuracy).
-fn batch_stats<T: Real>(x: &Tensor<T>) -> (Vec<T>, Vec<T>) {
+pub(super) fn batch_stats<T: Real>(x: &Tensor<T>) -> (Vec<T>, Vec<T>) {
     let p = Planes::of(&x.shape);
     let count = T::from_usize(p.count());
     let stats = p.per_channel(|c| {
@@ -92,7 +100,7 @@ fn batch_stats<T: Real>(x: &Tensor<T>) -> (Vec<T>, Vec<T>) {
 }
 
 /// `y = γ·x̂ + β` with the given per-channel statistics.
-fn normalise<T: Real>(
+pub(super) fn normalise<T: Real>(
     x: &Tensor<T>,
     mean: &[T],
     var: &[T],
@@ -112,7 +120,7 @@ fn normalise<T: Real>(
 }
 
 /// Training-mode batch norm: (x, γ, β) → (y, batch mean, batch variance).
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct BatchNorm {
     pub eps: FloatAttr,
 }
@@ -199,7 +207,7 @@ impl OpDef for BatchNorm {
 }
 
 /// Evaluation-mode batch norm: (x, mean, var, γ, β) → y, with given (running) statistics.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct BnApply {
     pub eps: FloatAttr,
 }
@@ -239,7 +247,7 @@ impl OpDef for BnApply {
 
 /// Running statistics after a training step (PyTorch's convention: the running variance
 /// tracks the unbiased batch variance): (running mean, running var, mean, var) → new pair.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct BnRunningUpdate {
     pub momentum: FloatAttr,
     /// Elements per channel in the batch (N·H·W), for the unbiased correction.
@@ -299,7 +307,7 @@ impl OpDef for BnRunningUpdate {
 }
 
 /// Checks (dy, x, mean, var) with dy and x of one shape.
-fn check_backward_inputs(inputs: &[&TensorType]) -> Result<usize, String> {
+pub(super) fn check_backward_inputs(inputs: &[&TensorType]) -> Result<usize, String> {
     expect_type(
         inputs[0],
         inputs[1],
@@ -314,17 +322,15 @@ fn xhat<T: Real>(v: T, mean: T, inv: T) -> T {
 }
 
 /// For every (example, channel) plane, `Σₜ f(dy, x̂)` over its positions, where `f` gives a
-/// pair: the reductions behind dγ and dβ, per example or (summed) per channel. Inputs are
-/// (dy, x, mean, var) as in every backward op here.
-fn plane_sums<T: Real>(
-    inputs: &[&Value<T>],
+/// pair: the reductions behind dγ and dβ, per example or (summed) per channel.
+pub(super) fn plane_sums<T: Real>(
+    dy: &Tensor<T>,
+    x: &Tensor<T>,
+    mean: &[T],
+    var: &[T],
     eps: FloatAttr,
     f: impl Fn(T, T) -> (T, T) + Sync,
 ) -> (Planes, Vec<(T, T)>) {
-    let [dy, x, mean, var] = inputs else {
-        unreachable!("arity checked")
-    };
-    let (dy, x, mean, var) = (dy.float(), x.float(), &mean.float().data, &var.float().data);
     let p = Planes::of(&x.shape);
     let sums = (0..p.batch * p.channels)
         .into_par_iter()
@@ -341,8 +347,18 @@ fn plane_sums<T: Real>(
     (p, sums)
 }
 
+/// The four inputs (dy, x, mean, var) every backward reduction here takes.
+pub(super) fn backward_args<'a, T: Real>(
+    inputs: &[&'a Value<T>],
+) -> (&'a Tensor<T>, &'a Tensor<T>, &'a [T], &'a [T]) {
+    let [dy, x, mean, var] = inputs[..4] else {
+        unreachable!("arity checked")
+    };
+    (dy.float(), x.float(), &mean.float().data, &var.float().data)
+}
+
 /// Plane sums added over the batch, in example order: two `[C]` vectors.
-fn channel_totals<T: Real>(p: Planes, sums: &[(T, T)]) -> Vec<Value<T>> {
+pub(super) fn channel_totals<T: Real>(p: Planes, sums: &[(T, T)]) -> Vec<Value<T>> {
     let (mut first, mut second) = (vec![T::zero(); p.channels], vec![T::zero(); p.channels]);
     for (i, &(a, b)) in sums.iter().enumerate() {
         let c = i % p.channels;
@@ -356,7 +372,7 @@ fn channel_totals<T: Real>(p: Planes, sums: &[(T, T)]) -> Vec<Value<T>> {
 }
 
 /// Backward reductions: (dy, x, mean, var) → (Σ dy·x̂, Σ dy) per channel, i.e. (dγ, dβ).
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct BnBackwardReduce {
     pub eps: FloatAttr,
 }
@@ -375,7 +391,8 @@ impl OpDef for BnBackwardReduce {
         inputs: &[&Value<T>],
         _: &[TensorType],
     ) -> Result<Vec<Value<T>>, String> {
-        let (planes, sums) = plane_sums(inputs, self.eps, |g, xhat| (g * xhat, g));
+        let (dy, x, mean, var) = backward_args(inputs);
+        let (planes, sums) = plane_sums(dy, x, mean, var, self.eps, |g, xhat| (g * xhat, g));
         Ok(channel_totals(planes, &sums))
     }
 
@@ -386,7 +403,7 @@ impl OpDef for BnBackwardReduce {
 
 /// Backward data gradient: (dy, x, mean, var, γ, Σdy·x̂, Σdy) →
 /// `dx = γ·invstd·(dy − Σdy/m − x̂·Σdy·x̂/m)` with m = N·positions.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct BnBackwardData {
     pub eps: FloatAttr,
 }
@@ -435,7 +452,7 @@ impl OpDef for BnBackwardData {
 }
 
 /// Per-example contributions to (dγ, dβ): (dy, x, mean, var) → ([N, C] Σₜ dy·x̂, [N, C] Σₜ dy).
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct BnParamGradsPerExample {
     pub eps: FloatAttr,
 }
@@ -455,7 +472,8 @@ impl OpDef for BnParamGradsPerExample {
         inputs: &[&Value<T>],
         out: &[TensorType],
     ) -> Result<Vec<Value<T>>, String> {
-        let (_, sums) = plane_sums(inputs, self.eps, |g, xhat| (g * xhat, g));
+        let (dy, x, mean, var) = backward_args(inputs);
+        let (_, sums) = plane_sums(dy, x, mean, var, self.eps, |g, xhat| (g * xhat, g));
         let (gamma, beta): (Vec<T>, Vec<T>) = sums.into_iter().unzip();
         Ok(vec![
             Value::Float(Tensor::from_vec(&out[0].shape, gamma)),
@@ -469,7 +487,7 @@ impl OpDef for BnParamGradsPerExample {
 }
 
 /// The a2g2 sums for (γ, β): (G, x, mean, var) → ([C] Σₙₜ (G·x̂)², [C] Σₙₜ G²).
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct BnParamGradsSq {
     pub eps: FloatAttr,
 }
@@ -488,8 +506,10 @@ impl OpDef for BnParamGradsSq {
         inputs: &[&Value<T>],
         _: &[TensorType],
     ) -> Result<Vec<Value<T>>, String> {
-        let (planes, sums) =
-            plane_sums(inputs, self.eps, |g, xhat| ((g * xhat) * (g * xhat), g * g));
+        let (g, x, mean, var) = backward_args(inputs);
+        let (planes, sums) = plane_sums(g, x, mean, var, self.eps, |g, xhat| {
+            ((g * xhat) * (g * xhat), g * g)
+        });
         Ok(channel_totals(planes, &sums))
     }
 

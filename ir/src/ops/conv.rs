@@ -12,6 +12,7 @@ use crate::error::ShapeError;
 use crate::graph::PortRef;
 use crate::step::FisherMode;
 use crate::tensor::{Real, Tensor, TensorType, Value};
+use serde::{Deserialize, Serialize};
 
 /// Output size of a convolution or pooling window along one axis, if the window fits.
 pub fn conv_out_size(size: usize, kernel: usize, stride: usize, padding: usize) -> Option<usize> {
@@ -53,7 +54,7 @@ fn conv_flops(n: usize, out_channels: usize, g: &ConvGeom) -> u64 {
 }
 
 /// `y = conv(x, w) (+ b)`. Inputs: x `[N, C, H, W]`, w `[O, C, kh, kw]`, optional b `[O]`.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Conv2d {
     pub stride: usize,
     pub padding: usize,
@@ -209,7 +210,7 @@ impl OpDef for Conv2d {
 }
 
 /// Data gradient: `dx` `[N, C, H, W]` from dy `[N, O, Ho, Wo]` and w `[O, C, kh, kw]`.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ConvDgrad {
     pub stride: usize,
     pub padding: usize,
@@ -295,7 +296,7 @@ impl OpDef for ConvDgrad {
 }
 
 /// Weight gradient `dw = Σ_n Σ_t dy[n,:,t] · patch[n,:,t]ᵀ` from x `[N, C, H, W]` and dy.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ConvWgrad {
     pub stride: usize,
     pub padding: usize,
@@ -381,7 +382,7 @@ impl OpDef for ConvWgrad {
 
 /// Per-example weight gradients `[N, O, C, kh, kw]`: example n's contribution to `ConvWgrad`.
 /// Materialised, as the unfused exact Fisher needs; the optimizer fuses the square into wgrad.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ConvWgradPerExample(pub ConvWgrad);
 
 impl OpDef for ConvWgradPerExample {

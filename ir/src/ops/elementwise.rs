@@ -5,9 +5,10 @@ use super::{FloatAttr, OpDef, VjpCtx, expect_arity, float_out};
 use crate::error::ShapeError;
 use crate::graph::PortRef;
 use crate::tensor::{DType, Real, Tensor, TensorType, Value};
+use serde::{Deserialize, Serialize};
 
 /// A float scalar known at compile time (the seed gradient of the loss).
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Constant {
     pub value: FloatAttr,
 }
@@ -50,7 +51,7 @@ fn map<T: Real>(x: &Value<T>, f: impl Fn(T) -> T) -> Vec<Value<T>> {
 }
 
 /// `a + b`, same shapes (residual connections and gradient accumulation).
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Add;
 
 impl OpDef for Add {
@@ -82,7 +83,7 @@ impl OpDef for Add {
 }
 
 /// `factor · x` for a compile-time factor (1/M, M, loss scale).
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Scale {
     pub factor: FloatAttr,
 }
@@ -115,7 +116,7 @@ impl OpDef for Scale {
 }
 
 /// `x²`, elementwise.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Square;
 
 impl OpDef for Square {
@@ -136,5 +137,102 @@ impl OpDef for Square {
 
     fn flops(&self, inputs: &[&TensorType], _: &[TensorType]) -> u64 {
         inputs[0].numel() as u64
+    }
+}
+
+/// One step of an [`Elementwise`] program. Operands name earlier steps by position.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Instr {
+    /// The op's input `i`.
+    Input(usize),
+    Add(usize, usize),
+    Scale(usize, FloatAttr),
+    Square(usize),
+    Relu(usize),
+    /// ReLU backward: the first operand where the second is positive, else 0.
+    ReluMask(usize, usize),
+}
+
+impl Instr {
+    fn operands(&self) -> Vec<usize> {
+        match *self {
+            Instr::Input(_) => vec![],
+            Instr::Scale(a, _) | Instr::Square(a) | Instr::Relu(a) => vec![a],
+            Instr::Add(a, b) | Instr::ReluMask(a, b) => vec![a, b],
+        }
+    }
+
+    fn apply<T: Real>(&self, inputs: &[T], done: &[T]) -> T {
+        match *self {
+            Instr::Input(i) => inputs[i],
+            Instr::Add(a, b) => done[a] + done[b],
+            Instr::Scale(a, f) => done[a] * T::from_f64(f.0),
+            Instr::Square(a) => done[a] * done[a],
+            Instr::Relu(a) => done[a].max(T::zero()),
+            Instr::ReluMask(g, y) => {
+                if done[y] > T::zero() {
+                    done[g]
+                } else {
+                    T::zero()
+                }
+            }
+        }
+    }
+}
+
+/// A chain of elementwise ops fused into one node: same-shape inputs, one output, the value of
+/// the program's last step at every element.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Elementwise {
+    pub program: Vec<Instr>,
+}
+
+impl OpDef for Elementwise {
+    const NAME: &'static str = "elementwise";
+
+    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+        if inputs.is_empty() || self.program.is_empty() {
+            return Err("an elementwise program needs inputs and steps".to_string());
+        }
+        let ty = same_float_type(inputs)?;
+        for (k, instr) in self.program.iter().enumerate() {
+            let bad_input = matches!(instr, Instr::Input(i) if *i >= inputs.len());
+            if bad_input || instr.operands().iter().any(|&o| o >= k) {
+                return Err(format!("step {k} ({instr:?}) reads a value it cannot see"));
+            }
+        }
+        Ok(vec![ty])
+    }
+
+    fn eval<T: Real>(
+        &self,
+        inputs: &[&Value<T>],
+        _: &[TensorType],
+    ) -> Result<Vec<Value<T>>, String> {
+        let tensors: Vec<&Tensor<T>> = inputs.iter().map(|v| v.float()).collect();
+        let mut scratch = vec![T::zero(); self.program.len()];
+        let mut args = vec![T::zero(); tensors.len()];
+        let out = (0..tensors[0].numel())
+            .map(|e| {
+                for (a, t) in args.iter_mut().zip(&tensors) {
+                    *a = t.data[e];
+                }
+                for (k, instr) in self.program.iter().enumerate() {
+                    scratch[k] = instr.apply(&args, &scratch[..k]);
+                }
+                scratch[self.program.len() - 1]
+            })
+            .collect();
+        Ok(float_out(Tensor::from_vec(&tensors[0].shape, out)))
+    }
+
+    fn flops(&self, inputs: &[&TensorType], _: &[TensorType]) -> u64 {
+        let steps = self
+            .program
+            .iter()
+            .filter(|i| !matches!(i, Instr::Input(_)))
+            .count();
+        (steps * inputs[0].numel()) as u64
     }
 }

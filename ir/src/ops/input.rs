@@ -70,7 +70,7 @@ impl fmt::Display for Role {
 }
 
 /// A value fed from outside the graph.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Input {
     pub role: Role,
     pub ty: TensorType,

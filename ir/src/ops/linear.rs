@@ -11,8 +11,9 @@ use crate::error::ShapeError;
 use crate::graph::PortRef;
 use crate::step::FisherMode;
 use crate::tensor::{Real, Tensor, TensorType, Value};
+use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Linear {
     pub bias: bool,
 }
@@ -108,7 +109,7 @@ impl OpDef for Linear {
 }
 
 /// `dx = dy·w`: dy `[N, O]`, w `[O, I]` → `[N, I]`.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct LinearDgrad;
 
 impl OpDef for LinearDgrad {
@@ -169,7 +170,7 @@ fn check_wgrad(inputs: &[&TensorType]) -> Result<(usize, usize, usize), String> 
 }
 
 /// `dw = dyᵀ·x`: x `[N, I]`, dy `[N, O]` → `[O, I]`.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct LinearWgrad;
 
 impl OpDef for LinearWgrad {
@@ -205,7 +206,7 @@ impl OpDef for LinearWgrad {
 }
 
 /// Per-example weight gradients `[N, O, I]`: the outer products `dyₙ ⊗ xₙ`.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct LinearWgradPerExample;
 
 impl OpDef for LinearWgradPerExample {

@@ -4,6 +4,7 @@ use super::{OpDef, VjpCtx, expect_arity, expect_rank, float_out};
 use crate::error::ShapeError;
 use crate::graph::PortRef;
 use crate::tensor::{DType, Real, Tensor, TensorType, Value};
+use serde::{Deserialize, Serialize};
 
 /// Checks logits `[N, K]` and labels `[N]` (i32).
 fn check_logits_labels(logits: &TensorType, labels: &TensorType) -> Result<(), String> {
@@ -36,7 +37,7 @@ fn softmax_checked<T: Real>(logits: &Tensor<T>, labels: &Tensor<i32>) -> Result<
 }
 
 /// `L = (1/N) Σₙ −log softmax(zₙ)[yₙ]`, a scalar.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct SoftmaxCrossEntropy;
 
 impl OpDef for SoftmaxCrossEntropy {
@@ -79,7 +80,7 @@ impl OpDef for SoftmaxCrossEntropy {
 }
 
 /// `dz = dL · (softmax(z) − onehot(y)) / N` from (logits, labels, dL).
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct SoftmaxCrossEntropyBackward;
 
 impl OpDef for SoftmaxCrossEntropyBackward {

@@ -11,6 +11,8 @@ mod batchnorm;
 mod conv;
 mod elementwise;
 mod fisher;
+mod fused_bn;
+mod fused_conv;
 mod input;
 mod linear;
 mod loss;
@@ -22,13 +24,17 @@ mod update;
 use std::fmt;
 use std::hash::{Hash, Hasher};
 
+use serde::{Deserialize, Serialize};
+
 pub use activation::{Relu, ReluBackward};
 pub use batchnorm::{
     BatchNorm, BnApply, BnBackwardData, BnBackwardReduce, BnParamGradsPerExample, BnParamGradsSq,
     BnRunningUpdate,
 };
 pub use conv::{Conv2d, ConvDgrad, ConvWgrad, ConvWgradPerExample, conv_out_size};
-pub use elementwise::{Add, Constant, Scale, Square};
+pub use elementwise::{Add, Constant, Elementwise, Instr, Scale, Square};
+pub use fused_bn::{BnBackwardReduceSq, BnRelu, ChannelSumSq, ReluBackwardBnReduce, Squares};
+pub use fused_conv::{FusedConv, FusedDgrad, FusedWgrad, LinearWgradSq};
 pub use input::{Hyper, Input, Role};
 pub use linear::{Linear, LinearDgrad, LinearWgrad, LinearWgradPerExample};
 pub use loss::{SoftmaxCrossEntropy, SoftmaxCrossEntropyBackward};
@@ -80,7 +86,7 @@ pub trait OpDef {
 macro_rules! define_ops {
     ($($op:ident),* $(,)?) => {
         /// Any op of the IR, with its attributes.
-        #[derive(Clone, Debug, PartialEq, Eq, Hash)]
+        #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
         pub enum Op {
             $($op($op)),*
         }
@@ -168,11 +174,22 @@ define_ops!(
     BatchMean,
     // update
     NoisySgdUpdate,
+    // fused forms the optimizer produces
+    FusedConv,
+    FusedWgrad,
+    FusedDgrad,
+    LinearWgradSq,
+    ChannelSumSq,
+    BnBackwardReduceSq,
+    BnRelu,
+    ReluBackwardBnReduce,
+    Elementwise,
 );
 
 /// A float attribute (epsilon, momentum, scale factor) that can be compared and hashed by bits,
 /// so ops stay `Eq + Hash` for the optimizer.
-#[derive(Clone, Copy, Debug, PartialEq, PartialOrd)]
+#[derive(Clone, Copy, Debug, PartialEq, PartialOrd, Serialize, Deserialize)]
+#[serde(transparent)]
 pub struct FloatAttr(pub f64);
 
 impl Eq for FloatAttr {}

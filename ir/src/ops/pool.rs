@@ -6,8 +6,9 @@ use super::{OpDef, VjpCtx, conv_out_size, expect_arity, expect_rank, float_out, 
 use crate::error::ShapeError;
 use crate::graph::PortRef;
 use crate::tensor::{Real, Tensor, TensorType, Value};
+use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct MaxPool {
     pub kernel: usize,
     pub stride: usize,
@@ -95,7 +96,7 @@ impl OpDef for MaxPool {
 }
 
 /// Routes each output gradient to its window's arg-max: (dy, x) → dx.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct MaxPoolBackward {
     pub kernel: usize,
     pub stride: usize,
@@ -140,7 +141,7 @@ impl OpDef for MaxPoolBackward {
 }
 
 /// Mean over all positions: `[N, C, H, W] → [N, C]`.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct GlobalAvgPool;
 
 impl OpDef for GlobalAvgPool {
@@ -184,7 +185,7 @@ impl OpDef for GlobalAvgPool {
 }
 
 /// Spreads `dy / (H·W)` over every position: `[N, C] → [N, C, H, W]`.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct GlobalAvgPoolBackward {
     pub height: usize,
     pub width: usize,

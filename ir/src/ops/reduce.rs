@@ -3,6 +3,7 @@
 
 use super::{OpDef, expect_arity, float_out, shape_str};
 use crate::tensor::{DType, Real, Tensor, TensorType, Value};
+use serde::{Deserialize, Serialize};
 
 /// Checks a `[N, C, ...]` float tensor and returns (N, C, elements per channel per example).
 fn batch_channel_layout(t: &TensorType) -> Result<(usize, usize, usize), String> {
@@ -15,7 +16,7 @@ fn batch_channel_layout(t: &TensorType) -> Result<(usize, usize, usize), String>
 }
 
 /// Per-channel sum over the batch and all positions: `[N, C, ...] → [C]` (bias gradients).
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ChannelSum;
 
 impl OpDef for ChannelSum {
@@ -58,7 +59,7 @@ fn channel_sums_per_example<T: Real>(x: &Tensor<T>) -> Vec<T> {
 
 /// Per-example, per-channel sums over positions: `[N, C, ...] → [N, C]` (per-example bias
 /// gradient contributions).
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ChannelSumPerExample;
 
 impl OpDef for ChannelSumPerExample {
@@ -85,7 +86,7 @@ impl OpDef for ChannelSumPerExample {
 }
 
 /// Mean over the batch axis: `[N, ...] → [...]`.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct BatchMean;
 
 impl OpDef for BatchMean {

@@ -5,9 +5,10 @@ use super::{OpDef, VjpCtx, expect_arity, expect_rank, float_out, shape_str};
 use crate::error::ShapeError;
 use crate::graph::PortRef;
 use crate::tensor::{DType, Real, Tensor, TensorType, Value};
+use serde::{Deserialize, Serialize};
 
 /// Same data, new shape (same element count). Flatten is `[N, C, H, W] → [N, C·H·W]`.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Reshape {
     pub shape: Vec<usize>,
 }
@@ -47,7 +48,7 @@ impl OpDef for Reshape {
 }
 
 /// `y[:, pad_before + c, i, j] = x[:, c, stride·i, stride·j]`, zero in the padded channels.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ShortcutA {
     pub stride: usize,
     pub pad_before: usize,
@@ -116,7 +117,7 @@ impl OpDef for ShortcutA {
 }
 
 /// Adjoint of [`ShortcutA`]: gathers the copied elements' gradients, zero elsewhere.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ShortcutABackward {
     pub forward: ShortcutA,
     pub input_shape: Vec<usize>,

@@ -13,9 +13,10 @@
 use super::{OpDef, expect_arity, expect_type};
 use crate::philox;
 use crate::tensor::{DType, Real, Tensor, TensorType, Value};
+use serde::{Deserialize, Serialize};
 
 /// Inputs: θ, v, g, lr, μ, wd, s, seed, step, and F̂ when `noisy`. Outputs: θ', v'.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct NoisySgdUpdate {
     /// The parameter's index: the noise stream's counter word.
     pub param: u32,

@@ -1,0 +1,413 @@
+//! Every fused op against the composition of basic ops it stands for, on fresh random inputs
+//! (f64), over several shapes including ones that do not divide evenly.
+
+mod common;
+
+use common::{assert_close, rng, uniform, uniform_in};
+use fisherc_ir::ops::{
+    Add, BatchMean, BatchNorm, BnApply, BnBackwardReduce, BnBackwardReduceSq,
+    BnParamGradsPerExample, BnParamGradsSq, BnRelu, ChannelSum, ChannelSumPerExample, ChannelSumSq,
+    Conv2d, ConvDgrad, ConvWgrad, ConvWgradPerExample, Elementwise, FloatAttr, FusedConv,
+    FusedDgrad, FusedWgrad, Instr, LinearWgrad, LinearWgradPerExample, LinearWgradSq, Op, Relu,
+    ReluBackward, ReluBackwardBnReduce, Scale, Square, Squares,
+};
+use fisherc_ir::tensor::{Tensor, TensorType, Value};
+use rand_chacha::ChaCha8Rng;
+
+const EPS: FloatAttr = FloatAttr(1e-5);
+const TOLERANCE: f64 = 1e-12;
+
+/// Runs one op on values (the CPU reference, as the interpreter would).
+fn run(op: impl Into<Op>, inputs: &[&Value<f64>]) -> Vec<Value<f64>> {
+    let op = op.into();
+    let types: Vec<TensorType> = inputs
+        .iter()
+        .map(|v| TensorType::new(v.shape().to_vec(), v.dtype()))
+        .collect();
+    let refs: Vec<&TensorType> = types.iter().collect();
+    let out_types = op
+        .infer(&refs)
+        .unwrap_or_else(|e| panic!("{}: {e}", op.name()));
+    let outputs = op.eval(inputs, &out_types).unwrap();
+    for (v, t) in outputs.iter().zip(&out_types) {
+        assert!(v.has_type(t), "{}: output type", op.name());
+    }
+    outputs
+}
+
+fn one(op: impl Into<Op>, inputs: &[&Value<f64>]) -> Value<f64> {
+    run(op, inputs).remove(0)
+}
+
+fn random(r: &mut ChaCha8Rng, shape: &[usize]) -> Value<f64> {
+    Value::Float(uniform(r, shape))
+}
+
+fn same(what: &str, a: &Value<f64>, b: &Value<f64>) {
+    assert_eq!(a.shape(), b.shape(), "{what}: shapes");
+    assert_close(what, &a.float().data, &b.float().data, TOLERANCE);
+}
+
+fn scaled(v: &Value<f64>, factor: f64) -> Value<f64> {
+    one(
+        Scale {
+            factor: FloatAttr(factor),
+        },
+        &[v],
+    )
+}
+
+/// A pre-BN tensor with its batch statistics and random γ, β: [y, mean, var, γ, β].
+fn bn_inputs(r: &mut ChaCha8Rng, shape: &[usize]) -> Vec<Value<f64>> {
+    let c = shape[1];
+    let y = Value::Float(uniform_in(r, shape, -2.0, 3.0));
+    let ones = Value::Float(Tensor::filled(&[c], 1.0));
+    let zeros = Value::Float(Tensor::zeros(&[c]));
+    let stats = run(BatchNorm { eps: EPS }, &[&y, &ones, &zeros]);
+    let gamma = Value::Float(uniform_in(r, &[c], 0.5, 1.5));
+    let beta = random(r, &[c]);
+    vec![y, stats[1].clone(), stats[2].clone(), gamma, beta]
+}
+
+fn refs(values: &[Value<f64>]) -> Vec<&Value<f64>> {
+    values.iter().collect()
+}
+
+/// relu(bn_apply(y, mean, var, γ, β)) by the basic ops.
+fn bn_relu_by_parts(bn: &[Value<f64>]) -> Value<f64> {
+    let applied = one(BnApply { eps: EPS }, &refs(bn));
+    one(Relu, &[&applied])
+}
+
+/// (kernel, stride, padding, input size, channels in, channels out)
+const CONV_SHAPES: [(usize, usize, usize, usize, usize, usize); 4] = [
+    (3, 1, 1, 6, 3, 4),
+    (3, 2, 1, 7, 2, 5),
+    (1, 2, 0, 5, 4, 3),
+    (3, 1, 0, 5, 3, 2),
+];
+
+#[test]
+fn fused_conv_is_bn_relu_then_conv_then_statistics() {
+    for (case, &(k, stride, padding, size, c, o)) in CONV_SHAPES.iter().enumerate() {
+        let mut r = rng(case as u64);
+        let bn = bn_inputs(&mut r, &[3, c, size, size]);
+        let w = random(&mut r, &[o, c, k, k]);
+        let b = random(&mut r, &[o]);
+        for bias in [false, true] {
+            let conv = Conv2d {
+                stride,
+                padding,
+                bias,
+            };
+            let a = bn_relu_by_parts(&bn);
+            let mut plain_inputs = vec![&a, &w];
+            let mut fused_inputs = refs(&bn);
+            fused_inputs.push(&w);
+            if bias {
+                plain_inputs.push(&b);
+                fused_inputs.push(&b);
+            }
+            let y = one(conv.clone(), &plain_inputs);
+            let ones = Value::Float(Tensor::filled(&[o], 1.0));
+            let zeros = Value::Float(Tensor::zeros(&[o]));
+            let stats = run(BatchNorm { eps: EPS }, &[&y, &ones, &zeros]);
+            let fused = FusedConv {
+                conv: conv.clone(),
+                prologue: Some(EPS),
+                stats: true,
+            };
+            let out = run(fused, &fused_inputs);
+            same("prologue conv", &out[0], &y);
+            same("epilogue mean", &out[1], &stats[1]);
+            same("epilogue variance", &out[2], &stats[2]);
+            // without the prologue, on a plain input
+            let mut plain_fused_inputs = vec![&bn[0], &w];
+            plain_fused_inputs.extend(bias.then_some(&b));
+            let fused = FusedConv {
+                conv: conv.clone(),
+                prologue: None,
+                stats: false,
+            };
+            let out = run(fused, &plain_fused_inputs);
+            assert_eq!(out.len(), 1);
+            let mut direct = vec![&bn[0], &w];
+            direct.extend(bias.then_some(&b));
+            same("plain conv", &out[0], &one(conv, &direct));
+        }
+    }
+}
+
+#[test]
+fn fused_wgrad_is_wgrad_and_its_squares() {
+    for (case, &(k, stride, padding, size, c, o)) in CONV_SHAPES.iter().enumerate() {
+        let mut r = rng(10 + case as u64);
+        let n = 3;
+        let bn = bn_inputs(&mut r, &[n, c, size, size]);
+        let wgrad = ConvWgrad {
+            stride,
+            padding,
+            kernel: (k, k),
+        };
+        let conv = Conv2d {
+            stride,
+            padding,
+            bias: false,
+        };
+        let w = random(&mut r, &[o, c, k, k]);
+        let y_type = one(conv, &[&bn[0], &w]);
+        let dy = random(&mut r, y_type.shape());
+        let a = bn_relu_by_parts(&bn);
+        let dw = one(wgrad.clone(), &[&a, &dy]);
+        let per_example = one(ConvWgradPerExample(wgrad.clone()), &[&a, &dy]);
+        let squares = one(BatchMean, &[&one(Square, &[&per_example])]);
+        let exact = scaled(&squares, n as f64);
+        let a2g2 = one(wgrad.clone(), &[&one(Square, &[&a]), &one(Square, &[&dy])]);
+        for (squares, expected) in [
+            (Squares::None, None),
+            (Squares::PerExample, Some(&exact)),
+            (Squares::PerPosition, Some(&a2g2)),
+        ] {
+            let mut inputs = refs(&bn);
+            inputs.push(&dy);
+            let fused = FusedWgrad {
+                wgrad: wgrad.clone(),
+                prologue: Some(EPS),
+                squares,
+            };
+            let out = run(fused, &inputs);
+            same("weight gradient", &out[0], &dw);
+            match expected {
+                Some(e) => same(&format!("{squares:?}"), &out[1], e),
+                None => assert_eq!(out.len(), 1),
+            }
+            let fused = FusedWgrad {
+                wgrad: wgrad.clone(),
+                prologue: None,
+                squares,
+            };
+            let out = run(fused, &[&a, &dy]);
+            same("weight gradient without prologue", &out[0], &dw);
+        }
+    }
+}
+
+/// The BN parameter reductions and their squares, by the basic ops.
+fn bn_reductions_by_parts(du: &Value<f64>, bn: &[Value<f64>], squares: Squares) -> Vec<Value<f64>> {
+    let n = du.shape()[0] as f64;
+    let (y, mean, var) = (&bn[0], &bn[1], &bn[2]);
+    let mut out = run(BnBackwardReduce { eps: EPS }, &[du, y, mean, var]);
+    match squares {
+        Squares::None => {}
+        Squares::PerExample => {
+            let per_example = run(BnParamGradsPerExample { eps: EPS }, &[du, y, mean, var]);
+            for c in &per_example {
+                out.push(scaled(&one(BatchMean, &[&one(Square, &[c])]), n));
+            }
+        }
+        Squares::PerPosition => out.extend(run(BnParamGradsSq { eps: EPS }, &[du, y, mean, var])),
+    }
+    out
+}
+
+const ALL_SQUARES: [Squares; 3] = [Squares::None, Squares::PerExample, Squares::PerPosition];
+
+#[test]
+fn fused_dgrad_is_dgrad_relu_backward_and_bn_reductions() {
+    for (case, &(k, stride, padding, size, c, o)) in CONV_SHAPES.iter().enumerate() {
+        let mut r = rng(20 + case as u64);
+        let bn = bn_inputs(&mut r, &[3, c, size, size]);
+        let w = random(&mut r, &[o, c, k, k]);
+        let conv = Conv2d {
+            stride,
+            padding,
+            bias: false,
+        };
+        let dy = random(&mut r, one(conv, &[&bn[0], &w]).shape());
+        let dgrad = ConvDgrad {
+            stride,
+            padding,
+            input_hw: (size, size),
+        };
+        let dx = one(dgrad.clone(), &[&dy, &w]);
+        let dz = one(ReluBackward, &[&dx, &bn_relu_by_parts(&bn)]);
+        for squares in ALL_SQUARES {
+            let mut inputs = vec![&dy, &w];
+            inputs.extend(refs(&bn));
+            let out = run(
+                FusedDgrad {
+                    dgrad: dgrad.clone(),
+                    eps: EPS,
+                    squares,
+                },
+                &inputs,
+            );
+            same("masked data gradient", &out[0], &dz);
+            let expected = bn_reductions_by_parts(&dz, &bn, squares);
+            assert_eq!(out.len(), 1 + expected.len());
+            for (i, e) in expected.iter().enumerate() {
+                same(&format!("{squares:?} output {}", i + 1), &out[i + 1], e);
+            }
+        }
+    }
+}
+
+#[test]
+fn relu_backward_bn_reduce_is_relu_backward_then_bn_reductions() {
+    for shape in [vec![3, 4, 5, 5], vec![5, 6]] {
+        let mut r = rng(30);
+        let bn = bn_inputs(&mut r, &shape);
+        let out = bn_relu_by_parts(&bn);
+        let dout = random(&mut r, &shape);
+        let du = one(ReluBackward, &[&dout, &out]);
+        for squares in ALL_SQUARES {
+            let fused = ReluBackwardBnReduce { eps: EPS, squares };
+            let got = run(fused, &[&dout, &out, &bn[0], &bn[1], &bn[2]]);
+            same("masked gradient", &got[0], &du);
+            for (i, e) in bn_reductions_by_parts(&du, &bn, squares).iter().enumerate() {
+                same(&format!("{squares:?} output {}", i + 1), &got[i + 1], e);
+            }
+        }
+    }
+}
+
+#[test]
+fn bn_backward_reduce_sq_is_the_reductions_and_their_squares() {
+    for shape in [vec![4, 3, 3, 5], vec![6, 5]] {
+        let mut r = rng(40);
+        let bn = bn_inputs(&mut r, &shape);
+        let dy = random(&mut r, &shape);
+        for squares in ALL_SQUARES {
+            let got = run(
+                BnBackwardReduceSq { eps: EPS, squares },
+                &[&dy, &bn[0], &bn[1], &bn[2]],
+            );
+            let expected = bn_reductions_by_parts(&dy, &bn, squares);
+            assert_eq!(got.len(), expected.len());
+            for (g, e) in got.iter().zip(&expected) {
+                same(&format!("{squares:?}"), g, e);
+            }
+        }
+    }
+}
+
+#[test]
+fn channel_sum_sq_is_the_bias_gradient_and_its_squares() {
+    for shape in [vec![4, 3, 3, 5], vec![6, 5]] {
+        let mut r = rng(50);
+        let dy = random(&mut r, &shape);
+        let n = shape[0] as f64;
+        let sum = one(ChannelSum, &[&dy]);
+        let per_example = one(ChannelSumPerExample, &[&dy]);
+        let exact = scaled(&one(BatchMean, &[&one(Square, &[&per_example])]), n);
+        let a2g2 = one(ChannelSum, &[&one(Square, &[&dy])]);
+        for (squares, expected) in [
+            (Squares::None, None),
+            (Squares::PerExample, Some(exact)),
+            (Squares::PerPosition, Some(a2g2)),
+        ] {
+            let got = run(ChannelSumSq { squares }, &[&dy]);
+            same("bias gradient", &got[0], &sum);
+            match expected {
+                Some(e) => same(&format!("{squares:?}"), &got[1], &e),
+                None => assert_eq!(got.len(), 1),
+            }
+        }
+    }
+}
+
+#[test]
+fn linear_wgrad_sq_is_the_gradient_and_its_per_example_squares() {
+    let mut r = rng(60);
+    let (x, dy) = (random(&mut r, &[5, 7]), random(&mut r, &[5, 3]));
+    let got = run(LinearWgradSq, &[&x, &dy]);
+    same("weight gradient", &got[0], &one(LinearWgrad, &[&x, &dy]));
+    let per_example = one(LinearWgradPerExample, &[&x, &dy]);
+    let squares = scaled(&one(BatchMean, &[&one(Square, &[&per_example])]), 5.0);
+    same("squares", &got[1], &squares);
+}
+
+#[test]
+fn bn_relu_is_bn_apply_then_relu_with_an_optional_residual() {
+    let mut r = rng(70);
+    let shape = [3, 4, 5, 5];
+    let bn = bn_inputs(&mut r, &shape);
+    let s = random(&mut r, &shape);
+    same(
+        "bn+relu",
+        &one(
+            BnRelu {
+                eps: EPS,
+                residual: false,
+            },
+            &refs(&bn),
+        ),
+        &bn_relu_by_parts(&bn),
+    );
+    let mut inputs = refs(&bn);
+    inputs.push(&s);
+    let applied = one(BnApply { eps: EPS }, &refs(&bn));
+    let expected = one(Relu, &[&one(Add, &[&applied, &s])]);
+    same(
+        "bn+add+relu",
+        &one(
+            BnRelu {
+                eps: EPS,
+                residual: true,
+            },
+            &inputs,
+        ),
+        &expected,
+    );
+}
+
+#[test]
+fn elementwise_programs_compute_their_chain() {
+    let mut r = rng(80);
+    let (a, b, y) = (
+        random(&mut r, &[3, 4, 5]),
+        random(&mut r, &[3, 4, 5]),
+        random(&mut r, &[3, 4, 5]),
+    );
+    // relu_mask(square(2.5·a + b), y)
+    let program = vec![
+        Instr::Input(0),
+        Instr::Input(1),
+        Instr::Input(2),
+        Instr::Scale(0, FloatAttr(2.5)),
+        Instr::Add(3, 1),
+        Instr::Square(4),
+        Instr::ReluMask(5, 2),
+    ];
+    let got = one(Elementwise { program }, &[&a, &b, &y]);
+    let chain = one(Square, &[&one(Add, &[&scaled(&a, 2.5), &b])]);
+    same("chain", &got, &one(ReluBackward, &[&chain, &y]));
+    let relu = one(
+        Elementwise {
+            program: vec![Instr::Input(0), Instr::Relu(0)],
+        },
+        &[&a],
+    );
+    same("relu", &relu, &one(Relu, &[&a]));
+}
+
+#[test]
+fn malformed_fused_ops_are_shape_errors() {
+    let x = TensorType::f32(&[2, 3, 4, 4]);
+    let bad = Elementwise {
+        program: vec![Instr::Input(0), Instr::Add(0, 5)],
+    };
+    assert!(
+        Op::from(bad)
+            .infer(&[&x])
+            .unwrap_err()
+            .contains("reads a value it cannot see")
+    );
+    let c4 = TensorType::f32(&[4]);
+    let relu = BnRelu {
+        eps: EPS,
+        residual: false,
+    };
+    let err = Op::from(relu).infer(&[&x, &c4, &c4, &c4, &c4]).unwrap_err();
+    assert!(err.contains("mean: expected f32[3], found f32[4]"), "{err}");
+}
