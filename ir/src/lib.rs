@@ -21,6 +21,7 @@ pub mod graph;
 pub mod interp;
 pub mod model;
 pub mod ops;
+pub mod optimize;
 pub mod philox;
 pub mod state;
 pub mod step;

@@ -155,11 +155,24 @@ pub enum Instr {
 }
 
 impl Instr {
-    fn operands(&self) -> Vec<usize> {
+    /// The earlier steps this step reads.
+    pub fn operands(&self) -> Vec<usize> {
         match *self {
             Instr::Input(_) => vec![],
             Instr::Scale(a, _) | Instr::Square(a) | Instr::Relu(a) => vec![a],
             Instr::Add(a, b) | Instr::ReluMask(a, b) => vec![a, b],
+        }
+    }
+
+    /// The same step reading renumbered operands.
+    pub fn with_operands(&self, map: impl Fn(usize) -> usize) -> Instr {
+        match *self {
+            Instr::Input(i) => Instr::Input(i),
+            Instr::Add(a, b) => Instr::Add(map(a), map(b)),
+            Instr::Scale(a, f) => Instr::Scale(map(a), f),
+            Instr::Square(a) => Instr::Square(map(a)),
+            Instr::Relu(a) => Instr::Relu(map(a)),
+            Instr::ReluMask(a, b) => Instr::ReluMask(map(a), map(b)),
         }
     }
 

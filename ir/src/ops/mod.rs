@@ -85,8 +85,9 @@ pub trait OpDef {
 
 macro_rules! define_ops {
     ($($op:ident),* $(,)?) => {
-        /// Any op of the IR, with its attributes.
+        /// Any op of the IR, with its attributes. Serialised as `{"op_name": attributes}`.
         #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[serde(rename_all = "snake_case")]
         pub enum Op {
             $($op($op)),*
         }
