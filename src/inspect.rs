@@ -5,6 +5,8 @@ use std::io::{self, Write};
 
 use anyhow::Result;
 use fisherc_ir::model::LayerInfo;
+use fisherc_ir::optimize::cost::{H100, graph_cost};
+use fisherc_ir::optimize::optimize;
 use fisherc_ir::{Phase, TrainingStep};
 use serde::Serialize;
 
@@ -19,6 +21,50 @@ pub struct Args {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
+
+    /// Also run the optimizer and report what it did.
+    #[arg(long)]
+    pub optimize: bool,
+}
+
+/// What the optimizer did (`--optimize`).
+#[derive(Serialize)]
+struct OptimizedReport {
+    /// Op counts after optimisation.
+    ops: BTreeMap<&'static str, usize>,
+    /// How often each rule fired.
+    rules: BTreeMap<String, usize>,
+    /// Estimated device-memory traffic, FLOPs and kernels of the optimised step.
+    est_bytes: u64,
+    est_flops: u64,
+    kernels: usize,
+    /// Estimated step time on an H100 by the roofline model (a ranking, not a prediction).
+    est_seconds: f64,
+    /// The optimised figures over the unoptimised ones.
+    bytes_ratio: f64,
+    egraph_nodes: usize,
+    iterations: usize,
+    stop_reason: String,
+    /// Time the optimizer took.
+    seconds: f64,
+}
+
+impl OptimizedReport {
+    fn of(report: &fisherc_ir::optimize::Report) -> Self {
+        OptimizedReport {
+            ops: report.ops.clone(),
+            rules: report.rules.clone(),
+            est_bytes: report.after.bytes,
+            est_flops: report.after.flops,
+            kernels: report.after.kernels,
+            est_seconds: report.after.seconds,
+            bytes_ratio: report.after.bytes as f64 / report.before.bytes.max(1) as f64,
+            egraph_nodes: report.egraph_nodes,
+            iterations: report.iterations,
+            stop_reason: report.stop_reason.clone(),
+            seconds: report.seconds,
+        }
+    }
 }
 
 /// Everything `inspect` reports; `--json` prints it as is.
@@ -37,11 +83,20 @@ struct Report {
     flops: BTreeMap<&'static str, u64>,
     nodes: usize,
     ops: BTreeMap<&'static str, usize>,
+    /// Estimated device-memory traffic, FLOPs, kernels and H100 roofline time of the step as
+    /// built (one kernel per node).
+    est_bytes: u64,
+    est_flops: u64,
+    kernels: usize,
+    est_seconds: f64,
     layers: Vec<LayerInfo>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    optimized: Option<OptimizedReport>,
 }
 
 impl Report {
-    fn of(step: &TrainingStep) -> Report {
+    fn of(step: &TrainingStep, optimized: Option<OptimizedReport>) -> Report {
+        let cost = graph_cost(&step.graph, &H100);
         let net = &step.network;
         let flops: BTreeMap<&'static str, u64> = step
             .graph
@@ -63,7 +118,12 @@ impl Report {
             flops,
             nodes: step.graph.node_count(),
             ops: step.graph.op_counts(),
+            est_bytes: cost.bytes,
+            est_flops: cost.flops,
+            kernels: cost.kernels,
+            est_seconds: cost.seconds,
             layers: net.layers.clone(),
+            optimized,
         }
     }
 
@@ -127,14 +187,51 @@ impl Report {
             "step graph        {} nodes",
             grouped(self.nodes as u64)
         )?;
-        let ops: Vec<String> = self.ops.iter().map(|(op, n)| format!("{op} {n}")).collect();
-        writeln!(out, "ops               {}", ops.join(", "))
+        writeln!(out, "ops               {}", counts(&self.ops))?;
+        writeln!(
+            out,
+            "estimate (H100)   {}B moved, {}FLOP, {} kernels, {:.2} ms",
+            si(self.est_bytes as f64),
+            si(self.est_flops as f64),
+            self.kernels,
+            self.est_seconds * 1e3
+        )?;
+        if let Some(o) = &self.optimized {
+            writeln!(
+                out,
+                "\noptimized in {:.3} s ({} e-nodes, {} iterations, {})",
+                o.seconds, o.egraph_nodes, o.iterations, o.stop_reason
+            )?;
+            writeln!(out, "rules fired       {}", counts(&o.rules))?;
+            writeln!(out, "ops               {}", counts(&o.ops))?;
+            writeln!(
+                out,
+                "estimate (H100)   {}B moved ({:.1}% of unoptimised), {}FLOP, {} kernels, {:.2} ms",
+                si(o.est_bytes as f64),
+                100.0 * o.bytes_ratio,
+                si(o.est_flops as f64),
+                o.kernels,
+                o.est_seconds * 1e3
+            )?;
+        }
+        Ok(())
     }
+}
+
+/// `name count, name count, ...`
+fn counts<K: std::fmt::Display>(map: &BTreeMap<K, usize>) -> String {
+    let items: Vec<String> = map.iter().map(|(k, n)| format!("{k} {n}")).collect();
+    items.join(", ")
 }
 
 pub fn run(args: &Args) -> Result<()> {
     let step = args.model.training_step()?;
-    let report = Report::of(&step);
+    let optimized = if args.optimize {
+        Some(OptimizedReport::of(&optimize(&step.graph)?.report))
+    } else {
+        None
+    };
+    let report = Report::of(&step, optimized);
     let mut out = io::stdout().lock();
     if args.json {
         serde_json::to_writer_pretty(&mut out, &report)?;

@@ -120,3 +120,30 @@ fn step_runs_and_reports_loss_and_time() {
     assert!(losses.iter().all(|l| l.is_finite() && *l > 0.0), "{text}");
     assert!(text.contains("median step"), "{text}");
 }
+
+#[test]
+fn inspect_optimize_reports_rules_ops_and_estimates() {
+    let report = inspect_json(&["models/resnet20.toml", "--batch", "64", "--optimize"]);
+    let optimized = &report["optimized"];
+    for key in ["ops", "rules", "est_bytes", "est_flops", "kernels"] {
+        assert!(
+            !optimized[key].is_null(),
+            "optimized.{key} missing: {optimized}"
+        );
+    }
+    assert!(optimized["rules"]["conv-wgrad-with-exact-squares"].as_u64() > Some(0));
+    assert!(optimized["ops"]["fused_wgrad"].as_u64() > Some(0));
+    assert!(optimized["est_bytes"].as_u64() < report["est_bytes"].as_u64());
+    assert!(optimized["kernels"].as_u64() < report["kernels"].as_u64());
+    let text = stdout(&fisherc(&["inspect", "models/resnet20.toml", "--optimize"]));
+    assert!(
+        text.contains("rules fired") && text.contains("% of unoptimised"),
+        "{text}"
+    );
+    // without --optimize there is no optimized section
+    assert!(
+        inspect_json(&["models/mlp.toml"])
+            .get("optimized")
+            .is_none()
+    );
+}

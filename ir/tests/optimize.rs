@@ -5,9 +5,12 @@ mod common;
 use std::path::Path;
 
 use common::assert_close;
+use fisherc_ir::graph::Output;
 use fisherc_ir::interp::evaluate;
-use fisherc_ir::model::{BuildOptions, ModelSpec, build};
-use fisherc_ir::optimize::optimize;
+use fisherc_ir::model::{BuildOptions, ModelSpec, ParamKind, build};
+use fisherc_ir::ops::{Op, Squares};
+use fisherc_ir::optimize::cost::H100;
+use fisherc_ir::optimize::{Limits, optimize, optimize_with};
 use fisherc_ir::state::{Hyperparams, TrainState};
 use fisherc_ir::synthetic::random_batch;
 use fisherc_ir::{FisherMode, StepOptions, build_training_step};
@@ -73,4 +76,147 @@ fn optimised_steps_compute_what_the_unoptimised_ones_do() {
             }
         }
     }
+}
+
+fn model_step(name: &str, batch: usize, mode: FisherMode) -> fisherc_ir::TrainingStep {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../models/{name}.toml"));
+    let net = build(
+        &ModelSpec::load(&path).unwrap(),
+        &BuildOptions::train(batch),
+    )
+    .unwrap();
+    build_training_step(net, &StepOptions::new(mode)).unwrap()
+}
+
+/// Follows `scale` nodes back to the node that computes a value.
+fn through_scales(graph: &fisherc_ir::Graph, mut p: fisherc_ir::PortRef) -> fisherc_ir::PortRef {
+    while let Op::Scale(_) = graph.node(p.node).op {
+        p = graph.inputs(p.node)[0];
+    }
+    p
+}
+
+#[test]
+fn paper_models_use_the_fused_forms_at_full_batch() {
+    for name in ["resnet44", "resnet44x2", "vgg16"] {
+        let step = model_step(name, 4096, FisherMode::Exact);
+        let optimized = optimize(&step.graph).unwrap();
+        let graph = &optimized.graph;
+        // no standalone square of a weight gradient, no per-example tensor
+        for op in [
+            "square",
+            "batch_mean",
+            "conv_wgrad_per_example",
+            "linear_wgrad_per_example",
+            "bn_param_grads_per_example",
+        ] {
+            assert!(
+                !optimized.report.ops.contains_key(op),
+                "{name}: {op} remains"
+            );
+        }
+        // every conv and linear weight gradient comes out of a fused gradient-and-square node
+        for (i, param) in step.network.params.iter().enumerate() {
+            if !matches!(param.kind, ParamKind::ConvWeight | ParamKind::LinearWeight) {
+                continue;
+            }
+            let grad = graph.output(&Output::Grad(i)).unwrap();
+            let fisher = through_scales(graph, graph.output(&Output::Fisher(i)).unwrap());
+            let fused = match &graph.node(grad.node).op {
+                Op::FusedWgrad(w) => w.squares == Squares::PerExample,
+                Op::LinearWgradSq(_) => true,
+                other => panic!("{name}: {} gradient from {}", param.name, other.name()),
+            };
+            assert!(
+                fused,
+                "{name}: {} has no squares in its gradient node",
+                param.name
+            );
+            assert_eq!(
+                (grad.node, grad.port, fisher.port),
+                (fisher.node, 0, 1),
+                "{name}: {}",
+                param.name
+            );
+        }
+        // every conv → BN → ReLU chain uses the fused forms: no ReLU or BN-apply of its own,
+        // and every BN followed by a ReLU takes its statistics from the convolution's epilogue
+        assert!(
+            !optimized.report.ops.contains_key("relu"),
+            "{name}: a ReLU remains"
+        );
+        assert!(
+            !optimized.report.ops.contains_key("bn_apply"),
+            "{name}: a BN-apply remains"
+        );
+        for (i, bn) in step.network.bn_layers.iter().enumerate() {
+            let feeds_relu = step
+                .network
+                .graph
+                .consumers(fisherc_ir::PortRef::new(bn.node, 0))
+                .iter()
+                .any(|(n, _)| matches!(step.network.graph.node(*n).op, Op::Relu(_)));
+            if !feeds_relu {
+                continue; // a projection shortcut's BN, added before any ReLU
+            }
+            let mean = graph.inputs(graph.output(&Output::NewRunningMean(i)).unwrap().node)[2];
+            let producer = &graph.node(mean.node).op;
+            assert!(
+                matches!(producer, Op::FusedConv(c) if c.stats),
+                "{name}: {} statistics from {}",
+                bn.name,
+                producer.name()
+            );
+        }
+    }
+}
+
+#[test]
+fn resnet44_moves_far_fewer_bytes_after_optimisation() {
+    for (mode, bound) in [(FisherMode::Exact, 0.60), (FisherMode::None, 0.75)] {
+        let step = model_step("resnet44", 4096, mode);
+        let report = optimize(&step.graph).unwrap().report;
+        let ratio = report.after.bytes as f64 / report.before.bytes as f64;
+        assert!(
+            ratio <= bound,
+            "resnet44 {mode}: bytes {} → {} ({ratio:.3} > {bound})",
+            report.before.bytes,
+            report.after.bytes
+        );
+        assert!(report.after.kernels < report.before.kernels);
+    }
+}
+
+#[test]
+fn without_rules_the_graph_round_trips() {
+    let step = model_step("resnet20", 2, FisherMode::Exact);
+    let optimized = optimize_with(&step.graph, &[], &Limits::default(), &H100).unwrap();
+    assert_eq!(optimized.report.ops, optimized.report.ops_before);
+    let (before, after) = (optimized.report.before, optimized.report.after);
+    assert_eq!(
+        (after.bytes, after.flops, after.kernels),
+        (before.bytes, before.flops, before.kernels)
+    );
+    let net = &step.network;
+    let feeds = TrainState::<f32>::init(net, 1).feeds(
+        random_batch(net.batch, net.input, net.classes, 2).0,
+        random_batch::<f32>(net.batch, net.input, net.classes, 2).1,
+        &Hyperparams::default(),
+    );
+    let (a, b) = (
+        evaluate(&step.graph, &feeds, &[]).unwrap(),
+        evaluate(&optimized.graph, &feeds, &[]).unwrap(),
+    );
+    assert_eq!(a.outputs(), b.outputs(), "bit for bit");
+}
+
+#[test]
+fn one_fused_node_serves_both_the_gradient_and_its_squares() {
+    // a tree extractor would pay for the fused tuple once per projection, and so prefer a
+    // separate plain wgrad for the gradient; the DAG extractor counts it once
+    let step = model_step("resnet20", 8, FisherMode::Exact);
+    let optimized = optimize(&step.graph).unwrap();
+    let convs = step.network.graph.op_counts()["conv2d"];
+    assert_eq!(optimized.report.ops.get("fused_wgrad"), Some(&convs));
+    assert!(!optimized.report.ops.contains_key("conv_wgrad"));
 }

@@ -405,3 +405,65 @@ impl<'a> Counted<'a> {
         old
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::optimize::lang::Types;
+
+    fn op(egraph: &mut EGraph, name: &str, children: Vec<Id>) -> Id {
+        egraph.add(ENode::Op(name.into(), children))
+    }
+
+    fn chosen(choices: &HashMap<Id, ENode>, egraph: &EGraph, class: Id) -> &'static str {
+        choices[&egraph.find(class)].name()
+    }
+
+    #[test]
+    fn a_cheaper_node_that_closes_a_cycle_is_never_chosen() {
+        let mut egraph = EGraph::new(Types::default());
+        let leaf = egraph.add(ENode::Attr("x".into()));
+        let a = op(&mut egraph, "f", vec![leaf]);
+        let loop_back = op(&mut egraph, "g", vec![a]);
+        egraph.union(a, loop_back);
+        let root = op(&mut egraph, "root", vec![a]);
+        egraph.rebuild();
+        let cost = |_: Id, n: &ENode| match n.name() {
+            "g" => 0.1,
+            "f" => 1.0,
+            _ => 0.0,
+        };
+        let choices = extract(&egraph, root, cost).unwrap();
+        assert_eq!(chosen(&choices, &egraph, a), "f");
+    }
+
+    #[test]
+    fn a_tuple_read_twice_is_paid_for_once() {
+        // class p holds "plain" (cost 3) and proj(t); class q holds "other" (cost 3) and
+        // proj(t); t costs 4: the DAG cost of using t for both is 4 < 3 + 3, although t is
+        // dearer than either plain node on its own
+        let mut egraph = EGraph::new(Types::default());
+        let leaf = egraph.add(ENode::Attr("x".into()));
+        let t = op(&mut egraph, "tuple", vec![leaf]);
+        let (i0, i1) = (
+            egraph.add(ENode::Attr("0".into())),
+            egraph.add(ENode::Attr("1".into())),
+        );
+        let p = op(&mut egraph, "plain", vec![leaf]);
+        let q = op(&mut egraph, "other", vec![leaf]);
+        let p_of_t = op(&mut egraph, PROJ, vec![i0, t]);
+        let q_of_t = op(&mut egraph, PROJ, vec![i1, t]);
+        egraph.union(p, p_of_t);
+        egraph.union(q, q_of_t);
+        let root = op(&mut egraph, "root", vec![p, q]);
+        egraph.rebuild();
+        let cost = |_: Id, n: &ENode| match n.name() {
+            "tuple" => 4.0,
+            "plain" | "other" => 3.0,
+            _ => 0.0,
+        };
+        let choices = extract(&egraph, root, cost).unwrap();
+        assert_eq!(chosen(&choices, &egraph, p), PROJ);
+        assert_eq!(chosen(&choices, &egraph, q), PROJ);
+    }
+}

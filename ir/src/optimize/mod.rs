@@ -125,7 +125,10 @@ pub fn optimize_with(
         egraph_nodes: egraph.total_number_of_nodes(),
         egraph_classes: egraph.number_of_classes(),
         iterations: runner.iterations.len(),
-        stop_reason: format!("{:?}", runner.stop_reason),
+        stop_reason: runner
+            .stop_reason
+            .as_ref()
+            .map_or_else(String::new, |r| format!("{r:?}")),
         seconds: started.elapsed().as_secs_f64(),
     };
     Ok(Optimized {

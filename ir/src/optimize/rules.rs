@@ -29,6 +29,21 @@ pub fn all() -> Vec<Rule> {
     rules
 }
 
+/// The rules with these names, in this order.
+pub fn named(names: &[&str]) -> Result<Vec<Rule>, String> {
+    let mut rules: Vec<Option<Rule>> = all().into_iter().map(Some).collect();
+    names
+        .iter()
+        .map(|name| {
+            rules
+                .iter_mut()
+                .find(|r| r.as_ref().is_some_and(|r| r.name.as_str() == *name))
+                .and_then(Option::take)
+                .ok_or_else(|| format!("no rule named '{name}'"))
+        })
+        .collect()
+}
+
 /// Rules that keep the fusion rules, which match on plain squares of gradients, from being
 /// blocked by constant factors (1/M of the mean loss, M of the per-example gradient).
 pub fn scalar_rules() -> Vec<Rule> {
