@@ -1,12 +1,13 @@
 //! The rewrite rules, each an equality of the CPU reference semantics with a readable name.
 //!
-//! Simple ones are plain patterns (`rw!`). Fusions are a searcher pattern plus Rust code
+//! Simple ones are pattern pairs whose right-hand side is type-checked before it is added
+//! ([`Checked`]). Fusions are a searcher pattern plus Rust code
 //! ([`Fusion`]) that builds the fused op from the matched attributes, checks its shapes with
 //! the op's own shape rule before adding anything, and unions the fused outputs with every
 //! value they equal. Fused tuples are added next to the unfused nodes, never instead of them:
 //! the extractor decides, by cost, which form each value takes.
 
-use egg::{Applier, Id, Pattern, PatternAst, Rewrite, Searcher, Subst, Symbol, Var, rewrite};
+use egg::{Applier, ENodeOrVar, Id, Pattern, PatternAst, Rewrite, Searcher, Subst, Symbol, Var};
 
 use super::convert::{op_node, proj, set_origin};
 use super::lang::{EGraph, ENode, Origin, Types, attr_symbol, decode, value_type};
@@ -54,13 +55,26 @@ pub fn scalar_rules() -> Vec<Rule> {
             square_of_scale,
         ),
         fusion("scale-of-scale", "(scale ?f (scale ?g ?x))", scale_of_scale),
-        rewrite!("mean-of-scale"; "(batch_mean ?m (scale ?f ?x))" => "(scale ?f (batch_mean ?m ?x))"),
-        rewrite!("conv-wgrad-of-scaled-gradient";
-            "(conv_wgrad ?a ?x (scale ?f ?dy))" => "(scale ?f (conv_wgrad ?a ?x ?dy))"),
-        rewrite!("linear-wgrad-of-scaled-gradient";
-            "(linear_wgrad ?a ?x (scale ?f ?dy))" => "(scale ?f (linear_wgrad ?a ?x ?dy))"),
-        rewrite!("channel-sum-of-scale";
-            "(channel_sum ?a (scale ?f ?x))" => "(scale ?f (channel_sum ?a ?x))"),
+        checked(
+            "mean-of-scale",
+            "(batch_mean ?m (scale ?f ?x))",
+            "(scale ?f (batch_mean ?m ?x))",
+        ),
+        checked(
+            "conv-wgrad-of-scaled-gradient",
+            "(conv_wgrad ?a ?x (scale ?f ?dy))",
+            "(scale ?f (conv_wgrad ?a ?x ?dy))",
+        ),
+        checked(
+            "linear-wgrad-of-scaled-gradient",
+            "(linear_wgrad ?a ?x (scale ?f ?dy))",
+            "(scale ?f (linear_wgrad ?a ?x ?dy))",
+        ),
+        checked(
+            "channel-sum-of-scale",
+            "(channel_sum ?a (scale ?f ?x))",
+            "(scale ?f (channel_sum ?a ?x))",
+        ),
         fusion(
             "bn-squares-of-scaled-gradient",
             "(proj ?i (bn_param_grads_sq ?e (scale ?f ?dy) ?x ?m ?v))",
@@ -125,9 +139,11 @@ pub fn square_rules() -> Vec<Rule> {
 /// BN-apply + residual add + ReLU as one pass where the activation must be stored.
 pub fn forward_rules() -> Vec<Rule> {
     vec![
-        rewrite!("bn-split";
-            "(proj 0 (batch_norm ?e ?y ?g ?b))"
-            => "(bn_apply ?e ?y (proj 1 (batch_norm ?e ?y ?g ?b)) (proj 2 (batch_norm ?e ?y ?g ?b)) ?g ?b)"),
+        checked(
+            "bn-split",
+            "(proj 0 (batch_norm ?e ?y ?g ?b))",
+            "(bn_apply ?e ?y (proj 1 (batch_norm ?e ?y ?g ?b)) (proj 2 (batch_norm ?e ?y ?g ?b)) ?g ?b)",
+        ),
         fusion(
             "bn-stats-in-conv-epilogue",
             "(batch_norm ?e ?y ?g ?b)",
@@ -240,9 +256,9 @@ pub fn elementwise_rules() -> Vec<Rule> {
 // ---- the machinery ----
 
 /// A fusion being applied: the e-graph, the matched class, its origin, and what changed.
-pub struct Fuse<'a> {
-    pub egraph: &'a mut EGraph,
-    pub matched: Id,
+struct Fuse<'a> {
+    egraph: &'a mut EGraph,
+    matched: Id,
     origin: Option<Origin>,
     changed: Vec<Id>,
 }
@@ -307,7 +323,7 @@ fn v(name: &str) -> Var {
 }
 
 /// An applier written as Rust code over a [`Fuse`]; `None` means "does not apply here".
-pub struct Fusion<F>(pub F);
+struct Fusion<F>(F);
 
 impl<F> Applier<ENode, Types> for Fusion<F>
 where
@@ -331,6 +347,82 @@ where
         (self.0)(&mut fuse, subst);
         fuse.changed
     }
+}
+
+/// A pattern rewrite whose right-hand side is type-checked, node by node with the ops' own
+/// shape rules, before anything is added.
+struct Checked(Pattern<ENode>);
+
+impl Applier<ENode, Types> for Checked {
+    fn apply_one(
+        &self,
+        egraph: &mut EGraph,
+        eclass: Id,
+        subst: &Subst,
+        ast: Option<&PatternAst<ENode>>,
+        rule: Symbol,
+    ) -> Vec<Id> {
+        if !types_check(egraph, &self.0.ast, subst) {
+            return Vec::new();
+        }
+        self.0.apply_one(egraph, eclass, subst, ast, rule)
+    }
+
+    fn vars(&self) -> Vec<Var> {
+        self.0.vars()
+    }
+}
+
+/// Whether every node of the pattern, instantiated with `subst`, passes its op's shape rule.
+fn types_check(egraph: &EGraph, ast: &PatternAst<ENode>, subst: &Subst) -> bool {
+    let mut types: Vec<Option<Vec<TensorType>>> = Vec::new();
+    let mut attrs: Vec<Option<Symbol>> = Vec::new();
+    for node in ast.as_ref() {
+        let (t, a) = match node {
+            ENodeOrVar::Var(var) => {
+                let class = subst[*var];
+                (egraph[class].data.types.clone(), attr_symbol(egraph, class))
+            }
+            ENodeOrVar::ENode(ENode::Attr(text)) => (None, Some(*text)),
+            ENodeOrVar::ENode(ENode::Op(name, children)) => {
+                let child = |id: &Id| usize::from(*id);
+                let Some(attr) = attrs[child(&children[0])] else {
+                    return false;
+                };
+                let inferred = if name.as_str() == super::lang::PROJ {
+                    let index: Option<usize> = attr.as_str().parse().ok();
+                    let tuple = types[child(&children[1])].as_ref();
+                    index
+                        .zip(tuple)
+                        .and_then(|(i, t)| t.get(i).map(|t| vec![t.clone()]))
+                } else {
+                    let inputs: Option<Vec<TensorType>> = children[1..]
+                        .iter()
+                        .map(|c| match types[child(c)].as_deref() {
+                            Some([t]) => Some(t.clone()),
+                            _ => None,
+                        })
+                        .collect();
+                    let op = decode(name.as_str(), attr.as_str()).ok();
+                    op.zip(inputs)
+                        .and_then(|(op, inputs)| op.infer(&inputs.iter().collect::<Vec<_>>()).ok())
+                };
+                if inferred.is_none() {
+                    return false;
+                }
+                (inferred, None)
+            }
+        };
+        types.push(t);
+        attrs.push(a);
+    }
+    true
+}
+
+fn checked(name: &str, lhs: &str, rhs: &str) -> Rule {
+    let searcher: Pattern<ENode> = lhs.parse().expect("rule patterns parse");
+    let applier: Pattern<ENode> = rhs.parse().expect("rule patterns parse");
+    Rewrite::new(name, searcher, Checked(applier)).expect("rule patterns bind their variables")
 }
 
 fn fusion<F>(name: &str, pattern: &str, apply: F) -> Rule
@@ -866,4 +958,70 @@ fn canonical_program(program: &[Instr], result: usize, inputs: &[Id]) -> (Vec<In
         ordered.push(Instr::Scale(last, FloatAttr(1.0)));
     }
     (ordered, kept_inputs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::graph::Graph;
+    use crate::ops::{Input, Relu, Role};
+
+    /// x [2, 3, 4, 4] → relu.
+    fn relu_graph() -> Graph {
+        let mut g = Graph::new();
+        let ty = TensorType::f32(&[2, 3, 4, 4]);
+        let x = g
+            .add1(
+                Input {
+                    role: Role::Named("x".into()),
+                    ty,
+                },
+                "x",
+                &[],
+            )
+            .unwrap();
+        let y = g.add1(Relu, "relu", &[x]).unwrap();
+        g.set_output(crate::graph::Output::Named("y".into()), y);
+        g
+    }
+
+    fn run(rule: Rule) -> EGraph {
+        let loaded = super::super::convert::load(&relu_graph());
+        egg::Runner::default()
+            .with_egraph(loaded.egraph)
+            .run(&[rule])
+            .egraph
+    }
+
+    fn has(egraph: &EGraph, name: &str) -> bool {
+        egraph
+            .classes()
+            .any(|c| c.nodes.iter().any(|n| n.name() == name))
+    }
+
+    #[test]
+    fn a_pattern_rewrite_with_an_ill_typed_right_side_adds_nothing() {
+        // a linear weight gradient needs rank-2 inputs; the relu's are rank 4
+        let egraph = run(checked("bad", "(relu ?r ?x)", "(linear_wgrad ?r ?x ?x)"));
+        assert!(!has(&egraph, "linear_wgrad"));
+        assert_eq!(egraph.analysis.conflicts, 0);
+        // a well-typed one is added: relu(relu(x)) = relu(x) puts a second relu node in
+        let egraph = run(checked("good", "(relu ?r ?x)", "(relu ?r (relu ?r ?x))"));
+        let relus = egraph
+            .classes()
+            .flat_map(|c| &c.nodes)
+            .filter(|n| n.name() == "relu")
+            .count();
+        assert_eq!(relus, 2);
+    }
+
+    #[test]
+    fn a_fusion_whose_op_does_not_type_check_adds_nothing() {
+        let egraph = run(fusion("bad", "(relu ?r ?x)", |f, s| {
+            let grad = f.add(LinearWgrad, &[s[v("?x")], s[v("?x")]])?;
+            f.same(f.matched, grad);
+            Some(())
+        }));
+        assert!(!has(&egraph, "linear_wgrad"));
+    }
 }
