@@ -67,17 +67,22 @@ impl OpDef for ReluBackward {
         inputs: &[&Value<T>],
         _: &[TensorType],
     ) -> Result<Vec<Value<T>>, String> {
-        let (dy, y) = (inputs[0].float(), inputs[1].float());
-        let dx = dy
-            .data
-            .iter()
-            .zip(&y.data)
-            .map(|(&g, &v)| if v > T::zero() { g } else { T::zero() })
-            .collect();
-        Ok(float_out(Tensor::from_vec(&dy.shape, dx)))
+        Ok(float_out(relu_mask(inputs[0].float(), inputs[1].float())))
     }
 
     fn flops(&self, inputs: &[&TensorType], _: &[TensorType]) -> u64 {
         inputs[0].numel() as u64
     }
+}
+
+/// `grad` where `active` is positive, 0 elsewhere: ReLU backward, with `active` the ReLU's
+/// output or its pre-activation.
+pub(super) fn relu_mask<T: Real>(grad: &Tensor<T>, active: &Tensor<T>) -> Tensor<T> {
+    let masked = grad
+        .data
+        .iter()
+        .zip(&active.data)
+        .map(|(&g, &a)| if a > T::zero() { g } else { T::zero() })
+        .collect();
+    Tensor::from_vec(&grad.shape, masked)
 }

@@ -6,6 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::activation::relu_mask;
 use super::batchnorm::{
     Planes, backward_args, channel_totals, check_backward_inputs, check_channel_inputs, inv_std,
     plane_sums,
@@ -250,14 +251,7 @@ impl OpDef for ReluBackwardBnReduce {
         inputs: &[&Value<T>],
         _: &[TensorType],
     ) -> Result<Vec<Value<T>>, String> {
-        let (dout, out) = (inputs[0].float(), inputs[1].float());
-        let masked = dout
-            .data
-            .iter()
-            .zip(&out.data)
-            .map(|(&g, &o)| if o > T::zero() { g } else { T::zero() })
-            .collect();
-        let du = Tensor::from_vec(&dout.shape, masked);
+        let du = relu_mask(inputs[0].float(), inputs[1].float());
         let (y, mean, var) = (
             inputs[2].float(),
             &inputs[3].float().data,

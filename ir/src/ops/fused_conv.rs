@@ -12,6 +12,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::activation::relu_mask;
 use super::batchnorm::{batch_stats, check_channel_inputs};
 use super::fused_bn::{Squares, bn_relu, param_grads_with_squares, stats_args};
 use super::{
@@ -61,16 +62,25 @@ pub struct FusedConv {
     pub stats: bool,
 }
 
+impl FusedConv {
+    /// The plain convolution's inputs: the activation it convolves, then weight (and bias).
+    fn conv_inputs<'a, X: ?Sized>(&self, inputs: &[&'a X], activation: &'a X) -> Vec<&'a X> {
+        let mut conv_inputs = vec![activation];
+        conv_inputs.extend(&inputs[prologue_len(self.prologue)..]);
+        conv_inputs
+    }
+}
+
 impl OpDef for FusedConv {
     const NAME: &'static str = "fused_conv";
 
     fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
-        let first = prologue_len(self.prologue);
-        expect_arity(inputs, first + 1 + self.conv.bias as usize)?;
+        expect_arity(
+            inputs,
+            prologue_len(self.prologue) + 1 + self.conv.bias as usize,
+        )?;
         check_prologue(inputs, self.prologue)?;
-        let mut conv_inputs = vec![inputs[0]];
-        conv_inputs.extend(&inputs[first..]);
-        let mut types = self.conv.infer(&conv_inputs)?;
+        let mut types = self.conv.infer(&self.conv_inputs(inputs, inputs[0]))?;
         if self.stats {
             let channels = TensorType::f32(&types[0].shape[1..2]);
             types.extend([channels.clone(), channels]);
@@ -83,11 +93,10 @@ impl OpDef for FusedConv {
         inputs: &[&Value<T>],
         outputs: &[TensorType],
     ) -> Result<Vec<Value<T>>, String> {
-        let first = prologue_len(self.prologue);
         let a = activation(inputs, self.prologue);
-        let mut conv_inputs = vec![&a];
-        conv_inputs.extend(&inputs[first..]);
-        let mut results = self.conv.eval(&conv_inputs, &outputs[..1])?;
+        let mut results = self
+            .conv
+            .eval(&self.conv_inputs(inputs, &a), &outputs[..1])?;
         if self.stats {
             let (mean, var) = batch_stats(results[0].float());
             let c = mean.len();
@@ -98,10 +107,8 @@ impl OpDef for FusedConv {
     }
 
     fn flops(&self, inputs: &[&TensorType], outputs: &[TensorType]) -> u64 {
-        let first = prologue_len(self.prologue);
-        let mut conv_inputs = vec![inputs[0]];
-        conv_inputs.extend(&inputs[first..]);
-        self.conv.flops(&conv_inputs, &outputs[..1])
+        self.conv
+            .flops(&self.conv_inputs(inputs, inputs[0]), &outputs[..1])
             + prologue_flops(inputs[0], self.prologue)
             + 3 * self.stats as u64 * outputs[0].numel() as u64
     }
@@ -209,14 +216,7 @@ impl OpDef for FusedDgrad {
             .into_float();
         let y = inputs[2].float();
         let stats = stats_args(inputs, 3);
-        let active = bn_relu(y, stats, self.eps, None);
-        let masked = dx
-            .data
-            .iter()
-            .zip(&active.data)
-            .map(|(&g, &a)| if a > T::zero() { g } else { T::zero() })
-            .collect();
-        let dz = Tensor::from_vec(&dx.shape, masked);
+        let dz = relu_mask(&dx, &bn_relu(y, stats, self.eps, None));
         let [mean, var, _, _] = stats;
         let mut results = param_grads_with_squares(&dz, y, mean, var, self.eps, self.squares);
         results.insert(0, Value::Float(dz));
