@@ -15,11 +15,13 @@
 //! The polynomials are accurate to about 2 ulp, far below what the noise needs; being
 //! reproducible bit for bit is the point.
 
+// The constants below are public so that the GPU kernel (codegen) uses these very values.
+
 /// Philox4x32 round multipliers and key increments (Random123).
-const M0: u32 = 0xD251_1F53;
-const M1: u32 = 0xCD9E_8D57;
-const W0: u32 = 0x9E37_79B9;
-const W1: u32 = 0xBB67_AE85;
+pub const M0: u32 = 0xD251_1F53;
+pub const M1: u32 = 0xCD9E_8D57;
+pub const W0: u32 = 0x9E37_79B9;
+pub const W1: u32 = 0xBB67_AE85;
 
 /// Philox4x32 with 10 rounds.
 pub fn philox4x32_10(counter: [u32; 4], key: [u32; 2]) -> [u32; 4] {
@@ -42,7 +44,7 @@ pub fn philox4x32_10(counter: [u32; 4], key: [u32; 2]) -> [u32; 4] {
 }
 
 /// `2⁻²⁴`.
-const INV_2_24: f32 = 1.0 / 16_777_216.0;
+pub const INV_2_24: f32 = 1.0 / 16_777_216.0;
 
 /// The odd 24-bit integer `2·(x >> 9) + 1` behind each uniform.
 fn odd24(x: u32) -> u32 {
@@ -54,13 +56,13 @@ pub fn uniform(x: u32) -> f32 {
     odd24(x) as f32 * INV_2_24
 }
 
-const SQRT_2: f32 = std::f32::consts::SQRT_2;
-const LN2_HI: f32 = f32::from_bits(0x3f31_7200); // 0.693145751953125: ln 2 to 15 bits, so e·LN2_HI is exact
-const LN2_LO: f32 = 1.428_606_8e-6; // ln 2 − LN2_HI
-const LN_C3: f32 = 2.0 / 3.0;
-const LN_C5: f32 = 2.0 / 5.0;
-const LN_C7: f32 = 2.0 / 7.0;
-const LN_C9: f32 = 2.0 / 9.0;
+pub const SQRT_2: f32 = std::f32::consts::SQRT_2;
+pub const LN2_HI: f32 = f32::from_bits(0x3f31_7200); // 0.693145751953125: ln 2 to 15 bits, so e·LN2_HI is exact
+pub const LN2_LO: f32 = 1.428_606_8e-6; // ln 2 − LN2_HI
+pub const LN_C3: f32 = 2.0 / 3.0;
+pub const LN_C5: f32 = 2.0 / 5.0;
+pub const LN_C7: f32 = 2.0 / 7.0;
+pub const LN_C9: f32 = 2.0 / 9.0;
 
 /// Natural logarithm of a normal positive `u` (here: a uniform in (0, 1)).
 ///
@@ -83,15 +85,15 @@ pub fn ln(u: f32) -> f32 {
     e.mul_add(LN2_HI, e.mul_add(LN2_LO, ln_m))
 }
 
-const TWO_PI: f32 = std::f32::consts::TAU;
-const SIN_C3: f32 = -1.0 / 6.0;
-const SIN_C5: f32 = 1.0 / 120.0;
-const SIN_C7: f32 = -1.0 / 5040.0;
-const SIN_C9: f32 = 1.0 / 362_880.0;
-const COS_C2: f32 = -0.5;
-const COS_C4: f32 = 1.0 / 24.0;
-const COS_C6: f32 = -1.0 / 720.0;
-const COS_C8: f32 = 1.0 / 40_320.0;
+pub const TWO_PI: f32 = std::f32::consts::TAU;
+pub const SIN_C3: f32 = -1.0 / 6.0;
+pub const SIN_C5: f32 = 1.0 / 120.0;
+pub const SIN_C7: f32 = -1.0 / 5040.0;
+pub const SIN_C9: f32 = 1.0 / 362_880.0;
+pub const COS_C2: f32 = -0.5;
+pub const COS_C4: f32 = 1.0 / 24.0;
+pub const COS_C6: f32 = -1.0 / 720.0;
+pub const COS_C8: f32 = 1.0 / 40_320.0;
 
 /// `(cos, sin)` of the angle `2π · k · 2⁻²⁴` for a 24-bit integer `k`.
 ///

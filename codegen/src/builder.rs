@@ -1,0 +1,887 @@
+//! A typed builder for kernels: registers are typed by what they hold (`F32`, `U32`, `S32`,
+//! `U64`, `Pred`, and `Idx` for element indices), so an f32 cannot be added to a pointer by
+//! accident; every method emits one or a few kernel-IR instructions.
+//!
+//! Element indices (`Idx`) are u32 or u64, chosen per kernel by the largest tensor it
+//! addresses: u32 arithmetic is much cheaper on the GPU, u64 is needed past 2³² elements.
+
+use crate::kir::{
+    BinOp, Cmp, Inst, Kernel, Operand, ParamTy, Reg, Space, Special, Stmt, Ty, UnOp, WARP,
+};
+
+macro_rules! typed_reg {
+    ($($name:ident),*) => {$(
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub struct $name(pub(crate) Reg);
+        impl $name {
+            pub fn reg(self) -> Reg { self.0 }
+        }
+        impl From<$name> for Operand {
+            fn from(r: $name) -> Operand { Operand::Reg(r.0) }
+        }
+    )*};
+}
+
+typed_reg!(F32, U32, S32, U64, Pred, Idx);
+
+/// An f32 operand: a register or an immediate.
+#[derive(Clone, Copy, Debug)]
+pub struct FOp(Operand);
+impl From<F32> for FOp {
+    fn from(r: F32) -> FOp {
+        FOp(r.into())
+    }
+}
+impl From<f32> for FOp {
+    fn from(v: f32) -> FOp {
+        FOp(Operand::F32(v))
+    }
+}
+
+/// A u32 operand.
+#[derive(Clone, Copy, Debug)]
+pub struct UOp(Operand);
+impl From<U32> for UOp {
+    fn from(r: U32) -> UOp {
+        UOp(r.into())
+    }
+}
+impl From<u32> for UOp {
+    fn from(v: u32) -> UOp {
+        UOp(Operand::U32(v))
+    }
+}
+
+/// An s32 operand.
+#[derive(Clone, Copy, Debug)]
+pub struct SOp(Operand);
+impl From<S32> for SOp {
+    fn from(r: S32) -> SOp {
+        SOp(r.into())
+    }
+}
+impl From<i32> for SOp {
+    fn from(v: i32) -> SOp {
+        SOp(Operand::S32(v))
+    }
+}
+
+/// A shared-memory array of f32, by its byte offset in the block's shared memory.
+#[derive(Clone, Copy, Debug)]
+pub struct SharedF32 {
+    offset: u32,
+    pub len: u32,
+}
+
+pub struct KernelBuilder {
+    name: String,
+    params: Vec<(String, ParamTy)>,
+    block: u32,
+    shared_bytes: u32,
+    regs: Vec<Ty>,
+    /// Statement lists being built: the innermost `If`/`Loop` body is last.
+    stack: Vec<Vec<Stmt>>,
+    index: Ty,
+}
+
+impl KernelBuilder {
+    /// A kernel of `block` threads per block whose element indices fit `index` (u32 or u64).
+    pub fn new(name: impl Into<String>, block: u32, wide_index: bool) -> Self {
+        KernelBuilder {
+            name: name.into(),
+            params: Vec::new(),
+            block,
+            shared_bytes: 0,
+            regs: Vec::new(),
+            stack: vec![Vec::new()],
+            index: if wide_index { Ty::U64 } else { Ty::U32 },
+        }
+    }
+
+    pub fn finish(self) -> Kernel {
+        assert_eq!(self.stack.len(), 1, "unclosed If or Loop");
+        Kernel {
+            name: self.name,
+            params: self.params,
+            block: self.block,
+            shared_bytes: self.shared_bytes,
+            regs: self.regs,
+            body: self.stack.into_iter().next().expect("one list"),
+        }
+    }
+
+    pub fn block_size(&self) -> u32 {
+        self.block
+    }
+
+    fn reg(&mut self, ty: Ty) -> Reg {
+        let id = self.regs.len() as u32;
+        self.regs.push(ty);
+        Reg { id, ty }
+    }
+
+    fn emit(&mut self, inst: Inst) {
+        self.stack
+            .last_mut()
+            .expect("a statement list")
+            .push(Stmt::Inst(inst));
+    }
+
+    fn bin(&mut self, op: BinOp, ty: Ty, a: Operand, b: Operand) -> Reg {
+        let dst = self.reg(ty);
+        self.emit(Inst::Bin { op, dst, a, b });
+        dst
+    }
+
+    // ---- parameters and special registers ----
+
+    fn param(&mut self, name: &str, ty: ParamTy, reg_ty: Ty) -> Reg {
+        let index = self.params.len();
+        self.params.push((name.to_string(), ty));
+        let dst = self.reg(reg_ty);
+        self.emit(Inst::Param { dst, index });
+        dst
+    }
+
+    /// A device-pointer parameter.
+    pub fn ptr_param(&mut self, name: &str) -> U64 {
+        U64(self.param(name, ParamTy::Ptr, Ty::U64))
+    }
+
+    pub fn u32_param(&mut self, name: &str) -> U32 {
+        U32(self.param(name, ParamTy::U32, Ty::U32))
+    }
+
+    fn special(&mut self, which: Special) -> U32 {
+        let dst = self.reg(Ty::U32);
+        self.emit(Inst::Special { dst, which });
+        U32(dst)
+    }
+
+    pub fn tid(&mut self) -> U32 {
+        self.special(Special::TidX)
+    }
+
+    pub fn block_x(&mut self) -> U32 {
+        self.special(Special::CtaidX)
+    }
+
+    pub fn block_y(&mut self) -> U32 {
+        self.special(Special::CtaidY)
+    }
+
+    pub fn blocks_x(&mut self) -> U32 {
+        self.special(Special::NctaidX)
+    }
+
+    // ---- f32 ----
+
+    pub fn f32(&mut self, v: f32) -> F32 {
+        let dst = self.reg(Ty::F32);
+        self.emit(Inst::Mov {
+            dst,
+            src: Operand::F32(v),
+        });
+        F32(dst)
+    }
+
+    fn fbin(&mut self, op: BinOp, a: impl Into<FOp>, b: impl Into<FOp>) -> F32 {
+        F32(self.bin(op, Ty::F32, a.into().0, b.into().0))
+    }
+
+    pub fn add(&mut self, a: impl Into<FOp>, b: impl Into<FOp>) -> F32 {
+        self.fbin(BinOp::Add, a, b)
+    }
+
+    pub fn sub(&mut self, a: impl Into<FOp>, b: impl Into<FOp>) -> F32 {
+        self.fbin(BinOp::Sub, a, b)
+    }
+
+    pub fn mul(&mut self, a: impl Into<FOp>, b: impl Into<FOp>) -> F32 {
+        self.fbin(BinOp::Mul, a, b)
+    }
+
+    pub fn div(&mut self, a: impl Into<FOp>, b: impl Into<FOp>) -> F32 {
+        self.fbin(BinOp::Div, a, b)
+    }
+
+    pub fn max(&mut self, a: impl Into<FOp>, b: impl Into<FOp>) -> F32 {
+        self.fbin(BinOp::Max, a, b)
+    }
+
+    pub fn fma(&mut self, a: impl Into<FOp>, b: impl Into<FOp>, c: impl Into<FOp>) -> F32 {
+        let dst = self.reg(Ty::F32);
+        let (a, b, c) = (a.into().0, b.into().0, c.into().0);
+        self.emit(Inst::Fma { dst, a, b, c });
+        F32(dst)
+    }
+
+    fn fun(&mut self, op: UnOp, a: impl Into<FOp>) -> F32 {
+        let dst = self.reg(Ty::F32);
+        self.emit(Inst::Un {
+            op,
+            dst,
+            a: a.into().0,
+        });
+        F32(dst)
+    }
+
+    pub fn neg(&mut self, a: impl Into<FOp>) -> F32 {
+        self.fun(UnOp::Neg, a)
+    }
+
+    pub fn sqrt(&mut self, a: impl Into<FOp>) -> F32 {
+        self.fun(UnOp::Sqrt, a)
+    }
+
+    /// 2ˣ (approximate, as the hardware's `ex2.approx`).
+    pub fn ex2(&mut self, a: impl Into<FOp>) -> F32 {
+        self.fun(UnOp::Ex2, a)
+    }
+
+    /// log₂ x (approximate, as the hardware's `lg2.approx`).
+    pub fn lg2(&mut self, a: impl Into<FOp>) -> F32 {
+        self.fun(UnOp::Lg2, a)
+    }
+
+    /// `p ? a : b`.
+    pub fn select(&mut self, p: Pred, a: impl Into<FOp>, b: impl Into<FOp>) -> F32 {
+        let dst = self.reg(Ty::F32);
+        self.emit(Inst::Selp {
+            dst,
+            a: a.into().0,
+            b: b.into().0,
+            pred: p.0,
+        });
+        F32(dst)
+    }
+
+    /// `dst = v` for an existing register (accumulators, loop-carried values).
+    pub fn assign(&mut self, dst: F32, v: impl Into<FOp>) {
+        self.emit(Inst::Mov {
+            dst: dst.0,
+            src: v.into().0,
+        });
+    }
+
+    /// `acc += v`.
+    pub fn accumulate(&mut self, acc: F32, v: impl Into<FOp>) {
+        self.emit(Inst::Bin {
+            op: BinOp::Add,
+            dst: acc.0,
+            a: acc.into(),
+            b: v.into().0,
+        });
+    }
+
+    /// `acc = fma(a, b, acc)`.
+    pub fn fma_into(&mut self, acc: F32, a: impl Into<FOp>, b: impl Into<FOp>) {
+        let (a, b) = (a.into().0, b.into().0);
+        self.emit(Inst::Fma {
+            dst: acc.0,
+            a,
+            b,
+            c: acc.into(),
+        });
+    }
+
+    pub fn cmp_f32(&mut self, cmp: Cmp, a: impl Into<FOp>, b: impl Into<FOp>) -> Pred {
+        let dst = self.reg(Ty::Pred);
+        self.emit(Inst::Setp {
+            cmp,
+            dst,
+            a: a.into().0,
+            b: b.into().0,
+        });
+        Pred(dst)
+    }
+
+    pub fn f32_from_u32(&mut self, a: impl Into<UOp>) -> F32 {
+        let dst = self.reg(Ty::F32);
+        self.emit(Inst::Cvt {
+            dst,
+            src: a.into().0,
+        });
+        F32(dst)
+    }
+
+    pub fn f32_from_s32(&mut self, a: impl Into<SOp>) -> F32 {
+        let dst = self.reg(Ty::F32);
+        self.emit(Inst::Cvt {
+            dst,
+            src: a.into().0,
+        });
+        F32(dst)
+    }
+
+    // ---- u32 ----
+
+    pub fn u32(&mut self, v: u32) -> U32 {
+        let dst = self.reg(Ty::U32);
+        self.emit(Inst::Mov {
+            dst,
+            src: Operand::U32(v),
+        });
+        U32(dst)
+    }
+
+    pub fn ubin(&mut self, op: BinOp, a: impl Into<UOp>, b: impl Into<UOp>) -> U32 {
+        U32(self.bin(op, Ty::U32, a.into().0, b.into().0))
+    }
+
+    pub fn add_u(&mut self, a: impl Into<UOp>, b: impl Into<UOp>) -> U32 {
+        self.ubin(BinOp::Add, a, b)
+    }
+
+    pub fn mul_u(&mut self, a: impl Into<UOp>, b: impl Into<UOp>) -> U32 {
+        self.ubin(BinOp::Mul, a, b)
+    }
+
+    /// `a·b + c` (low 32 bits).
+    pub fn mad_u(&mut self, a: impl Into<UOp>, b: impl Into<UOp>, c: impl Into<UOp>) -> U32 {
+        let dst = self.reg(Ty::U32);
+        let (a, b, c) = (a.into().0, b.into().0, c.into().0);
+        self.emit(Inst::Fma { dst, a, b, c });
+        U32(dst)
+    }
+
+    pub fn assign_u(&mut self, dst: U32, v: impl Into<UOp>) {
+        self.emit(Inst::Mov {
+            dst: dst.0,
+            src: v.into().0,
+        });
+    }
+
+    pub fn cmp_u(&mut self, cmp: Cmp, a: impl Into<UOp>, b: impl Into<UOp>) -> Pred {
+        let dst = self.reg(Ty::Pred);
+        self.emit(Inst::Setp {
+            cmp,
+            dst,
+            a: a.into().0,
+            b: b.into().0,
+        });
+        Pred(dst)
+    }
+
+    /// `p ? a : b` on u32.
+    pub fn select_u(&mut self, p: Pred, a: impl Into<UOp>, b: impl Into<UOp>) -> U32 {
+        let dst = self.reg(Ty::U32);
+        self.emit(Inst::Selp {
+            dst,
+            a: a.into().0,
+            b: b.into().0,
+            pred: p.0,
+        });
+        U32(dst)
+    }
+
+    /// The bits of an f32, as a u32.
+    pub fn bits_of(&mut self, v: F32) -> U32 {
+        let dst = self.reg(Ty::U32);
+        self.emit(Inst::Mov { dst, src: v.into() });
+        U32(dst)
+    }
+
+    /// The f32 with these bits.
+    pub fn float_of(&mut self, bits: U32) -> F32 {
+        let dst = self.reg(Ty::F32);
+        self.emit(Inst::Mov {
+            dst,
+            src: bits.into(),
+        });
+        F32(dst)
+    }
+
+    // ---- u64 ----
+
+    pub fn u32_from_u64(&mut self, a: U64) -> U32 {
+        let dst = self.reg(Ty::U32);
+        self.emit(Inst::Cvt { dst, src: a.into() });
+        U32(dst)
+    }
+
+    pub fn shr_u64(&mut self, a: U64, bits: u32) -> U64 {
+        U64(self.bin(BinOp::Shr, Ty::U64, a.into(), Operand::U32(bits)))
+    }
+
+    // ---- s32 ----
+
+    pub fn s32_from_u32(&mut self, a: impl Into<UOp>) -> S32 {
+        let dst = self.reg(Ty::S32);
+        self.emit(Inst::Cvt {
+            dst,
+            src: a.into().0,
+        });
+        S32(dst)
+    }
+
+    pub fn u32_from_s32(&mut self, a: S32) -> U32 {
+        let dst = self.reg(Ty::U32);
+        self.emit(Inst::Cvt { dst, src: a.into() });
+        U32(dst)
+    }
+
+    pub fn sbin(&mut self, op: BinOp, a: impl Into<SOp>, b: impl Into<SOp>) -> S32 {
+        S32(self.bin(op, Ty::S32, a.into().0, b.into().0))
+    }
+
+    pub fn mad_s(&mut self, a: impl Into<SOp>, b: impl Into<SOp>, c: impl Into<SOp>) -> S32 {
+        let dst = self.reg(Ty::S32);
+        let (a, b, c) = (a.into().0, b.into().0, c.into().0);
+        self.emit(Inst::Fma { dst, a, b, c });
+        S32(dst)
+    }
+
+    /// `p ? a : b` on s32.
+    pub fn select_s(&mut self, p: Pred, a: impl Into<SOp>, b: impl Into<SOp>) -> S32 {
+        let dst = self.reg(Ty::S32);
+        self.emit(Inst::Selp {
+            dst,
+            a: a.into().0,
+            b: b.into().0,
+            pred: p.0,
+        });
+        S32(dst)
+    }
+
+    pub fn cmp_s(&mut self, cmp: Cmp, a: impl Into<SOp>, b: impl Into<SOp>) -> Pred {
+        let dst = self.reg(Ty::Pred);
+        self.emit(Inst::Setp {
+            cmp,
+            dst,
+            a: a.into().0,
+            b: b.into().0,
+        });
+        Pred(dst)
+    }
+
+    /// `lo ≤ v < hi`.
+    pub fn in_range_s(&mut self, v: S32, lo: i32, hi: i32) -> Pred {
+        let above = self.cmp_s(Cmp::Ge, v, lo);
+        let below = self.cmp_s(Cmp::Lt, v, hi);
+        self.and(above, below)
+    }
+
+    // ---- predicates ----
+
+    pub fn and(&mut self, a: Pred, b: Pred) -> Pred {
+        Pred(self.bin(BinOp::And, Ty::Pred, a.into(), b.into()))
+    }
+
+    pub fn or(&mut self, a: Pred, b: Pred) -> Pred {
+        Pred(self.bin(BinOp::Or, Ty::Pred, a.into(), b.into()))
+    }
+
+    pub fn not(&mut self, a: Pred) -> Pred {
+        let dst = self.reg(Ty::Pred);
+        self.emit(Inst::Un {
+            op: UnOp::Not,
+            dst,
+            a: a.into(),
+        });
+        Pred(dst)
+    }
+
+    // ---- element indices ----
+
+    fn idx_imm(&self, v: u64) -> Operand {
+        match self.index {
+            Ty::U64 => Operand::U64(v),
+            _ => Operand::U32(
+                u32::try_from(v).expect("a narrow-index kernel addresses < 2³² elements"),
+            ),
+        }
+    }
+
+    /// An index from a u32 (widened when indices are 64-bit).
+    pub fn idx(&mut self, a: impl Into<UOp>) -> Idx {
+        let a = a.into().0;
+        let dst = self.reg(self.index);
+        match self.index {
+            Ty::U64 => self.emit(Inst::Cvt { dst, src: a }),
+            _ => self.emit(Inst::Mov { dst, src: a }),
+        }
+        Idx(dst)
+    }
+
+    pub fn idx_const(&mut self, v: u64) -> Idx {
+        let dst = self.reg(self.index);
+        let src = self.idx_imm(v);
+        self.emit(Inst::Mov { dst, src });
+        Idx(dst)
+    }
+
+    fn ibin(&mut self, op: BinOp, a: Idx, b: Operand) -> Idx {
+        Idx(self.bin(op, self.index, a.into(), b))
+    }
+
+    pub fn idx_add(&mut self, a: Idx, b: Idx) -> Idx {
+        self.ibin(BinOp::Add, a, b.into())
+    }
+
+    pub fn idx_add_const(&mut self, a: Idx, b: u64) -> Idx {
+        let b = self.idx_imm(b);
+        self.ibin(BinOp::Add, a, b)
+    }
+
+    pub fn idx_sub_const(&mut self, a: Idx, b: u64) -> Idx {
+        let b = self.idx_imm(b);
+        self.ibin(BinOp::Sub, a, b)
+    }
+
+    pub fn idx_mul_const(&mut self, a: Idx, b: u64) -> Idx {
+        let b = self.idx_imm(b);
+        self.ibin(BinOp::Mul, a, b)
+    }
+
+    /// `a·b + c` with a constant `b`.
+    pub fn idx_mad(&mut self, a: Idx, b: u64, c: Idx) -> Idx {
+        let dst = self.reg(self.index);
+        let b = self.idx_imm(b);
+        self.emit(Inst::Fma {
+            dst,
+            a: a.into(),
+            b,
+            c: c.into(),
+        });
+        Idx(dst)
+    }
+
+    pub fn idx_div_const(&mut self, a: Idx, b: u64) -> Idx {
+        let b = self.idx_imm(b);
+        self.ibin(BinOp::Div, a, b)
+    }
+
+    pub fn idx_rem_const(&mut self, a: Idx, b: u64) -> Idx {
+        let b = self.idx_imm(b);
+        self.ibin(BinOp::Rem, a, b)
+    }
+
+    /// `a < bound`.
+    pub fn idx_lt(&mut self, a: Idx, bound: u64) -> Pred {
+        let dst = self.reg(Ty::Pred);
+        let b = self.idx_imm(bound);
+        self.emit(Inst::Setp {
+            cmp: Cmp::Lt,
+            dst,
+            a: a.into(),
+            b,
+        });
+        Pred(dst)
+    }
+
+    /// The index as a u32 (for values known to be small: channels, positions).
+    pub fn idx_to_u32(&mut self, a: Idx) -> U32 {
+        let dst = self.reg(Ty::U32);
+        match self.index {
+            Ty::U64 => self.emit(Inst::Cvt { dst, src: a.into() }),
+            _ => self.emit(Inst::Mov { dst, src: a.into() }),
+        }
+        U32(dst)
+    }
+
+    /// `blockIdx.x · blockDim.x + threadIdx.x`.
+    pub fn global_thread(&mut self) -> Idx {
+        let (b, t) = (self.block_x(), self.tid());
+        let b = self.idx(b);
+        let t = self.idx(t);
+        self.idx_mad(b, self.block as u64, t)
+    }
+
+    /// `gridDim.x · blockDim.x`.
+    pub fn grid_threads(&mut self) -> Idx {
+        let n = self.blocks_x();
+        let n = self.idx(n);
+        self.idx_mul_const(n, self.block as u64)
+    }
+
+    // ---- memory ----
+
+    /// `base + index·bytes`.
+    fn address(&mut self, base: U64, index: Operand, bytes: u32) -> Reg {
+        let offset = self.reg(Ty::U64);
+        match index.ty() {
+            Ty::U64 => self.emit(Inst::Bin {
+                op: BinOp::Mul,
+                dst: offset,
+                a: index,
+                b: Operand::U64(bytes as u64),
+            }),
+            _ => self.emit(Inst::MulWide {
+                dst: offset,
+                a: index,
+                b: Operand::U32(bytes),
+            }),
+        }
+        let addr = self.reg(Ty::U64);
+        self.emit(Inst::Bin {
+            op: BinOp::Add,
+            dst: addr,
+            a: base.into(),
+            b: offset.into(),
+        });
+        addr
+    }
+
+    /// f32 element `index` of a global array.
+    pub fn load(&mut self, base: U64, index: impl Into<AnyIdx>) -> F32 {
+        let addr = self.address(base, index.into().0, 4);
+        let dst = self.reg(Ty::F32);
+        self.emit(Inst::Ld {
+            space: Space::Global,
+            dst,
+            addr,
+            offset: 0,
+        });
+        F32(dst)
+    }
+
+    /// i32 element `index` of a global array (labels), as s32.
+    pub fn load_s32(&mut self, base: U64, index: impl Into<AnyIdx>) -> S32 {
+        let addr = self.address(base, index.into().0, 4);
+        let dst = self.reg(Ty::S32);
+        self.emit(Inst::Ld {
+            space: Space::Global,
+            dst,
+            addr,
+            offset: 0,
+        });
+        S32(dst)
+    }
+
+    /// u64 element `index` of a global array (seed, step).
+    pub fn load_u64(&mut self, base: U64, index: u32) -> U64 {
+        let addr = self.address(base, Operand::U32(index), 8);
+        let dst = self.reg(Ty::U64);
+        self.emit(Inst::Ld {
+            space: Space::Global,
+            dst,
+            addr,
+            offset: 0,
+        });
+        U64(dst)
+    }
+
+    pub fn store(&mut self, base: U64, index: impl Into<AnyIdx>, v: impl Into<FOp>) {
+        let addr = self.address(base, index.into().0, 4);
+        self.emit(Inst::St {
+            space: Space::Global,
+            addr,
+            offset: 0,
+            src: v.into().0,
+        });
+    }
+
+    /// A shared-memory array of `len` f32.
+    pub fn shared(&mut self, len: u32) -> SharedF32 {
+        let offset = self.shared_bytes;
+        self.shared_bytes += 4 * len;
+        SharedF32 { offset, len }
+    }
+
+    fn shared_address(&mut self, array: SharedF32, index: impl Into<UOp>) -> Reg {
+        let base = self.reg(Ty::U32);
+        self.emit(Inst::SharedBase { dst: base });
+        let byte = self.reg(Ty::U32);
+        let index = index.into().0;
+        self.emit(Inst::Fma {
+            dst: byte,
+            a: index,
+            b: Operand::U32(4),
+            c: Operand::U32(array.offset),
+        });
+        let addr = self.reg(Ty::U32);
+        self.emit(Inst::Bin {
+            op: BinOp::Add,
+            dst: addr,
+            a: base.into(),
+            b: byte.into(),
+        });
+        addr
+    }
+
+    pub fn load_shared(&mut self, array: SharedF32, index: impl Into<UOp>) -> F32 {
+        let addr = self.shared_address(array, index);
+        let dst = self.reg(Ty::F32);
+        self.emit(Inst::Ld {
+            space: Space::Shared,
+            dst,
+            addr,
+            offset: 0,
+        });
+        F32(dst)
+    }
+
+    pub fn store_shared(&mut self, array: SharedF32, index: impl Into<UOp>, v: impl Into<FOp>) {
+        let addr = self.shared_address(array, index);
+        self.emit(Inst::St {
+            space: Space::Shared,
+            addr,
+            offset: 0,
+            src: v.into().0,
+        });
+    }
+
+    // ---- control flow ----
+
+    /// Runs `body` in the threads where `p` holds.
+    pub fn when(&mut self, p: Pred, body: impl FnOnce(&mut Self)) {
+        self.stack.push(Vec::new());
+        body(self);
+        let then = self.stack.pop().expect("pushed above");
+        self.stack
+            .last_mut()
+            .expect("a list")
+            .push(Stmt::If { cond: p.0, then });
+    }
+
+    /// `for (i = start; i < end; i += step) body(i)` over u32.
+    pub fn for_u32(
+        &mut self,
+        start: impl Into<UOp>,
+        end: impl Into<UOp>,
+        step: u32,
+        body: impl FnOnce(&mut Self, U32),
+    ) {
+        let i = self.reg(Ty::U32);
+        self.emit(Inst::Mov {
+            dst: i,
+            src: start.into().0,
+        });
+        let end = end.into();
+        let enter = self.cmp_u(Cmp::Lt, U32(i), end);
+        self.when(enter, |k| {
+            k.stack.push(Vec::new());
+            body(k, U32(i));
+            k.emit(Inst::Bin {
+                op: BinOp::Add,
+                dst: i,
+                a: i.into(),
+                b: Operand::U32(step),
+            });
+            let again = k.cmp_u(Cmp::Lt, U32(i), end);
+            let body = k.stack.pop().expect("pushed above");
+            k.stack.last_mut().expect("a list").push(Stmt::Loop {
+                body,
+                repeat: again.0,
+            });
+        });
+    }
+
+    /// `for (i = start; i < end; i += step) body(i)` over element indices.
+    pub fn for_idx(&mut self, start: Idx, end: u64, step: Idx, body: impl FnOnce(&mut Self, Idx)) {
+        let i = self.reg(self.index);
+        self.emit(Inst::Mov {
+            dst: i,
+            src: start.into(),
+        });
+        let enter = self.idx_lt(Idx(i), end);
+        self.when(enter, |k| {
+            k.stack.push(Vec::new());
+            body(k, Idx(i));
+            k.emit(Inst::Bin {
+                op: BinOp::Add,
+                dst: i,
+                a: i.into(),
+                b: step.into(),
+            });
+            let again = k.idx_lt(Idx(i), end);
+            let body = k.stack.pop().expect("pushed above");
+            k.stack.last_mut().expect("a list").push(Stmt::Loop {
+                body,
+                repeat: again.0,
+            });
+        });
+    }
+
+    /// Grid-stride loop over `0..n`: each thread takes every `grid threads`-th element.
+    pub fn for_each_element(&mut self, n: u64, body: impl FnOnce(&mut Self, Idx)) {
+        let start = self.global_thread();
+        let step = self.grid_threads();
+        self.for_idx(start, n, step, body);
+    }
+
+    /// `bar.sync`: every thread of the block waits (must not be inside divergent code).
+    pub fn barrier(&mut self) {
+        self.emit(Inst::Bar);
+    }
+
+    pub fn shfl_down(&mut self, v: F32, delta: u32) -> F32 {
+        let dst = self.reg(Ty::F32);
+        self.emit(Inst::ShflDown {
+            dst,
+            src: v.0,
+            delta,
+        });
+        F32(dst)
+    }
+
+    /// Sums each of `values` over the whole block (warp shuffles, then shared memory). Every
+    /// thread gets the totals. Call from non-divergent code only.
+    pub fn block_sum(&mut self, values: &[F32]) -> Vec<F32> {
+        let warps = self.block / WARP;
+        let partials: Vec<F32> = values.iter().map(|&v| self.warp_sum(v)).collect();
+        let scratch = self.shared(warps * values.len() as u32);
+        let totals_area = self.shared(values.len() as u32);
+        let tid = self.tid();
+        let lane = self.ubin(BinOp::Rem, tid, WARP);
+        let warp = self.ubin(BinOp::Div, tid, WARP);
+        let first_lane = self.cmp_u(Cmp::Eq, lane, 0u32);
+        self.when(first_lane, |k| {
+            for (j, &p) in partials.iter().enumerate() {
+                let slot = k.mad_u(j as u32, warps, warp);
+                k.store_shared(scratch, slot, p);
+            }
+        });
+        self.barrier();
+        let first_thread = self.cmp_u(Cmp::Eq, tid, 0u32);
+        self.when(first_thread, |k| {
+            for j in 0..values.len() as u32 {
+                let total = k.f32(0.0);
+                for w in 0..warps {
+                    let v = k.load_shared(scratch, j * warps + w);
+                    k.accumulate(total, v);
+                }
+                k.store_shared(totals_area, j, total);
+            }
+        });
+        self.barrier();
+        let totals = (0..values.len() as u32)
+            .map(|j| self.load_shared(totals_area, j))
+            .collect();
+        self.barrier(); // the scratch may be reused right after
+        totals
+    }
+
+    /// Sums a value over the warp; lane 0 holds the total.
+    fn warp_sum(&mut self, v: F32) -> F32 {
+        let acc = self.f32(0.0);
+        self.assign(acc, v);
+        let mut delta = WARP / 2;
+        while delta > 0 {
+            let other = self.shfl_down(acc, delta);
+            self.accumulate(acc, other);
+            delta /= 2;
+        }
+        acc
+    }
+}
+
+/// An index operand of either width (u32 registers, immediates or `Idx`).
+#[derive(Clone, Copy, Debug)]
+pub struct AnyIdx(Operand);
+impl From<Idx> for AnyIdx {
+    fn from(i: Idx) -> AnyIdx {
+        AnyIdx(i.into())
+    }
+}
+impl From<U32> for AnyIdx {
+    fn from(i: U32) -> AnyIdx {
+        AnyIdx(i.into())
+    }
+}
+impl From<u32> for AnyIdx {
+    fn from(i: u32) -> AnyIdx {
+        AnyIdx(Operand::U32(i))
+    }
+}

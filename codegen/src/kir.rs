@@ -1,0 +1,272 @@
+//! The kernel IR: a GPU kernel one mechanical step above PTX.
+//!
+//! Instructions are PTX instructions with typed registers (mutable, as PTX's are) and typed
+//! immediates. Control flow is structured, `If` and do-while `Loop`, which the PTX renderer
+//! turns into labels and predicated branches, and which the CPU executor runs over all threads
+//! of a block at once with activity masks. Floating-point instructions are the correctly
+//! rounded ones (`add.rn`, `mul.rn`, `fma.rn`, `div.rn`, `sqrt.rn`) unless named approximate,
+//! so the executor computes what the GPU computes, bit for bit.
+
+use serde::{Deserialize, Serialize};
+
+/// A register's or immediate's PTX type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Ty {
+    Pred,
+    U32,
+    S32,
+    U64,
+    F32,
+}
+
+impl Ty {
+    /// The PTX type name.
+    pub fn ptx(self) -> &'static str {
+        match self {
+            Ty::Pred => "pred",
+            Ty::U32 => "u32",
+            Ty::S32 => "s32",
+            Ty::U64 => "u64",
+            Ty::F32 => "f32",
+        }
+    }
+
+    pub fn bytes(self) -> u32 {
+        match self {
+            Ty::U64 => 8,
+            _ => 4,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Reg {
+    pub id: u32,
+    pub ty: Ty,
+}
+
+/// A source operand: a register or a typed immediate.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Operand {
+    Reg(Reg),
+    U32(u32),
+    S32(i32),
+    U64(u64),
+    F32(f32),
+}
+
+impl Operand {
+    pub fn ty(&self) -> Ty {
+        match self {
+            Operand::Reg(r) => r.ty,
+            Operand::U32(_) => Ty::U32,
+            Operand::S32(_) => Ty::S32,
+            Operand::U64(_) => Ty::U64,
+            Operand::F32(_) => Ty::F32,
+        }
+    }
+}
+
+impl From<Reg> for Operand {
+    fn from(r: Reg) -> Operand {
+        Operand::Reg(r)
+    }
+}
+
+/// Special registers (1-D blocks, 2-D grids).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Special {
+    TidX,
+    NtidX,
+    CtaidX,
+    CtaidY,
+    NctaidX,
+    NctaidY,
+}
+
+impl Special {
+    pub fn ptx(self) -> &'static str {
+        match self {
+            Special::TidX => "%tid.x",
+            Special::NtidX => "%ntid.x",
+            Special::CtaidX => "%ctaid.x",
+            Special::CtaidY => "%ctaid.y",
+            Special::NctaidX => "%nctaid.x",
+            Special::NctaidY => "%nctaid.y",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BinOp {
+    Add,
+    Sub,
+    /// Low half for integers, `mul.rn` for f32.
+    Mul,
+    /// High 32 bits of a u32 product.
+    MulHi,
+    /// Integer division, `div.rn` for f32.
+    Div,
+    Rem,
+    Min,
+    Max,
+    And,
+    Or,
+    Xor,
+    Shl,
+    Shr,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnOp {
+    Neg,
+    Abs,
+    /// `sqrt.rn.f32`.
+    Sqrt,
+    /// Bitwise not, or predicate negation.
+    Not,
+    /// `ex2.approx.f32`: 2ˣ.
+    Ex2,
+    /// `lg2.approx.f32`: log₂ x.
+    Lg2,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cmp {
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Space {
+    Global,
+    Shared,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Inst {
+    Mov {
+        dst: Reg,
+        src: Operand,
+    },
+    Special {
+        dst: Reg,
+        which: Special,
+    },
+    /// The start of the block's shared memory (a shared-window address).
+    SharedBase {
+        dst: Reg,
+    },
+    /// Kernel parameter `index`.
+    Param {
+        dst: Reg,
+        index: usize,
+    },
+    Bin {
+        op: BinOp,
+        dst: Reg,
+        a: Operand,
+        b: Operand,
+    },
+    /// `fma.rn.f32` for f32, `mad.lo` for integers.
+    Fma {
+        dst: Reg,
+        a: Operand,
+        b: Operand,
+        c: Operand,
+    },
+    /// `mul.wide.u32`: the full 64-bit product of two u32.
+    MulWide {
+        dst: Reg,
+        a: Operand,
+        b: Operand,
+    },
+    Un {
+        op: UnOp,
+        dst: Reg,
+        a: Operand,
+    },
+    /// Conversion between the operand's and the destination's type: f32 from integers rounds
+    /// to nearest, integers from f32 round toward zero, u32 from u64 truncates.
+    Cvt {
+        dst: Reg,
+        src: Operand,
+    },
+    Setp {
+        cmp: Cmp,
+        dst: Reg,
+        a: Operand,
+        b: Operand,
+    },
+    /// `pred ? a : b`.
+    Selp {
+        dst: Reg,
+        a: Operand,
+        b: Operand,
+        pred: Reg,
+    },
+    Ld {
+        space: Space,
+        dst: Reg,
+        addr: Reg,
+        offset: i32,
+    },
+    St {
+        space: Space,
+        addr: Reg,
+        offset: i32,
+        src: Operand,
+    },
+    /// `bar.sync 0`: every thread of the block waits here.
+    Bar,
+    /// `shfl.sync.down.b32` over the full warp.
+    ShflDown {
+        dst: Reg,
+        src: Reg,
+        delta: u32,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Stmt {
+    Inst(Inst),
+    /// Runs `then` in the threads where `cond` holds.
+    If {
+        cond: Reg,
+        then: Vec<Stmt>,
+    },
+    /// `do { body } while (repeat)`, per thread.
+    Loop {
+        body: Vec<Stmt>,
+        repeat: Reg,
+    },
+}
+
+/// A kernel parameter's type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ParamTy {
+    /// A device pointer (u64).
+    Ptr,
+    U32,
+    F32,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Kernel {
+    pub name: String,
+    pub params: Vec<(String, ParamTy)>,
+    /// Threads per block.
+    pub block: u32,
+    /// Bytes of shared memory per block.
+    pub shared_bytes: u32,
+    /// The type of every register, by id.
+    pub regs: Vec<Ty>,
+    pub body: Vec<Stmt>,
+}
+
+/// Threads per warp.
+pub const WARP: u32 = 32;

@@ -1,0 +1,11 @@
+//! fisherc's code generator.
+//!
+//! * [`kir`]: the kernel IR; [`builder`]: a typed way to write it.
+//! * [`ptx`]: rendering to PTX; [`ptxas`]: assembling it; [`exec`]: running it on the CPU,
+//!   thread by thread.
+
+pub mod builder;
+pub mod exec;
+pub mod kir;
+pub mod ptx;
+pub mod ptxas;

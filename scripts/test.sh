@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Every test of the workspace, including those that assemble the generated PTX with ptxas
+# (installed first, into .tools/). Extra arguments go to `cargo test`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/install-ptxas.sh
+cargo test --workspace "$@" -- --include-ignored
