@@ -1,0 +1,328 @@
+//! Pieces every lowering uses: kernel naming, launch shapes, the map and per-plane kernel
+//! skeletons, batch-norm arithmetic (written in the reference's order of operations, so the
+//! results agree bit for bit where no reduction reorders a sum), and helper kernels (zeroing,
+//! BN finalize).
+
+use fisherc_ir::ops::{Op, Squares};
+use fisherc_ir::tensor::TensorType;
+
+use super::{BLOCK, Buf, Launch, LaunchArg};
+use crate::builder::{F32, Idx, KernelBuilder, U32, U64};
+use crate::kir::{Cmp, Kernel};
+
+/// Most blocks a grid-stride kernel launches along x.
+const MAX_BLOCKS: u64 = 1 << 16;
+
+/// The node being lowered.
+pub struct Cx<'a> {
+    pub op: &'a Op,
+    pub inputs: &'a [&'a TensorType],
+    pub outputs: &'a [TensorType],
+    specialisation: u64,
+}
+
+impl<'a> Cx<'a> {
+    pub fn new(op: &'a Op, inputs: &'a [&'a TensorType], outputs: &'a [TensorType]) -> Self {
+        let key = format!(
+            "{}|{:?}|{:?}",
+            serde_json::to_string(op).unwrap_or_default(),
+            inputs,
+            outputs
+        );
+        Cx {
+            op,
+            inputs,
+            outputs,
+            specialisation: fnv1a(key.as_bytes()),
+        }
+    }
+
+    /// A kernel name unique to this op, these attributes and these shapes.
+    pub fn name(&self, part: &str) -> String {
+        format!(
+            "{}_{part}_{:012x}",
+            self.op.name(),
+            self.specialisation & 0xffff_ffff_ffff
+        )
+    }
+
+    /// Whether some tensor has more elements than u32 indices reach.
+    pub fn wide(&self) -> bool {
+        self.inputs
+            .iter()
+            .copied()
+            .chain(self.outputs)
+            .any(|t| t.numel() as u64 > u32::MAX as u64)
+    }
+
+    pub fn builder(&self, part: &str) -> KernelBuilder {
+        KernelBuilder::new(self.name(part), BLOCK, self.wide())
+    }
+}
+
+/// A stable 64-bit FNV-1a hash (kernel names must not change between builds).
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+/// A grid-stride grid for `n` elements.
+pub fn grid_for(n: u64) -> [u32; 2] {
+    [n.div_ceil(BLOCK as u64).clamp(1, MAX_BLOCKS) as u32, 1]
+}
+
+pub fn launch(kernel: Kernel, grid: [u32; 2], args: Vec<LaunchArg>) -> Launch {
+    Launch { kernel, grid, args }
+}
+
+pub fn input(i: usize) -> LaunchArg {
+    LaunchArg::Buf(Buf::Input(i))
+}
+
+pub fn output(i: usize) -> LaunchArg {
+    LaunchArg::Buf(Buf::Output(i))
+}
+
+pub fn scratch(i: usize) -> LaunchArg {
+    LaunchArg::Buf(Buf::Scratch(i))
+}
+
+/// `[N, C, positions...]` as N·C planes.
+#[derive(Clone, Copy, Debug)]
+pub struct Planes {
+    pub batch: u64,
+    pub channels: u64,
+    pub positions: u64,
+}
+
+impl Planes {
+    pub fn of(t: &TensorType) -> Planes {
+        Planes {
+            batch: t.shape[0] as u64,
+            channels: t.shape.get(1).copied().unwrap_or(1) as u64,
+            positions: t.shape.get(2..).map_or(1, |s| s.iter().product::<usize>()) as u64,
+        }
+    }
+
+    /// The grid of one block per plane: x = channel, y = example.
+    pub fn grid(&self) -> [u32; 2] {
+        [self.channels as u32, self.batch as u32]
+    }
+
+    /// Channel of flat element `i`.
+    pub fn channel(&self, k: &mut KernelBuilder, i: Idx) -> U32 {
+        let plane = k.idx_div_const(i, self.positions);
+        let c = k.idx_rem_const(plane, self.channels);
+        k.idx_to_u32(c)
+    }
+}
+
+/// A kernel skeleton: `f` for every element of `0..n`, grid-stride.
+pub fn map(k: &mut KernelBuilder, n: u64, f: impl FnOnce(&mut KernelBuilder, Idx)) {
+    k.for_each_element(n, f);
+}
+
+/// A kernel skeleton with one block per (channel, example) plane (`grid = planes.grid()`):
+/// each thread runs `element(k, flat index, position, channel, example)` for its positions
+/// and returns terms; the block sums every term and thread 0 runs
+/// `finish(k, totals, channel, example)`.
+pub fn per_plane(
+    k: &mut KernelBuilder,
+    planes: Planes,
+    element: impl FnOnce(&mut KernelBuilder, Idx, U32, U32, U32) -> Vec<F32>,
+    finish: impl FnOnce(&mut KernelBuilder, &[F32], U32, U32),
+) {
+    let (c, n, tid) = (k.block_x(), k.block_y(), k.tid());
+    let n_idx = k.idx(n);
+    let c_idx = k.idx(c);
+    let plane = k.idx_mad(n_idx, planes.channels, c_idx);
+    let base = k.idx_mul_const(plane, planes.positions);
+    let start = k.idx(tid);
+    let step = k.idx_const(BLOCK as u64);
+    // the sums live across the loop, so they are made before it; `element` says how many it uses
+    let accumulators: Vec<F32> = (0..MAX_TERMS).map(|_| k.f32(0.0)).collect();
+    let mut terms = 0;
+    k.for_idx(start, planes.positions, step, |k, p| {
+        let i = k.idx_add(base, p);
+        let position = k.idx_to_u32(p);
+        let values = element(k, i, position, c, n);
+        assert!(
+            values.len() <= MAX_TERMS,
+            "a per-plane kernel sums at most {MAX_TERMS} terms"
+        );
+        terms = values.len();
+        for (acc, v) in accumulators.iter().zip(&values) {
+            k.accumulate(*acc, *v);
+        }
+    });
+    let totals = if terms == 0 {
+        Vec::new()
+    } else {
+        k.block_sum(&accumulators[..terms])
+    };
+    let first = k.cmp_u(Cmp::Eq, tid, 0u32);
+    k.when(first, |k| finish(k, &totals, c, n));
+}
+
+/// Most terms a per-plane kernel sums.
+const MAX_TERMS: usize = 4;
+
+/// Per-channel statistics in device memory: pointers to mean, var, γ, β.
+#[derive(Clone, Copy)]
+pub struct BnParams {
+    pub mean: U64,
+    pub var: U64,
+    pub gamma: U64,
+    pub beta: U64,
+    pub eps: f32,
+}
+
+/// `1/√(var + ε)` for channel `c` (as the reference computes it).
+pub fn inv_std(k: &mut KernelBuilder, var: U64, c: U32, eps: f32) -> F32 {
+    let v = k.load(var, c);
+    let shifted = k.add(v, eps);
+    let root = k.sqrt(shifted);
+    k.div(1.0f32, root)
+}
+
+/// x̂ = (x − mean)·invstd.
+pub fn normalised(k: &mut KernelBuilder, x: F32, mean: U64, var: U64, c: U32, eps: f32) -> F32 {
+    let inv = inv_std(k, var, c, eps);
+    let m = k.load(mean, c);
+    let centred = k.sub(x, m);
+    k.mul(centred, inv)
+}
+
+/// `γ·x̂ + β`, in the reference's order: `(x − mean)·(γ·invstd) + β`.
+pub fn bn_apply(k: &mut KernelBuilder, x: F32, p: &BnParams, c: U32) -> F32 {
+    let inv = inv_std(k, p.var, c, p.eps);
+    let g = k.load(p.gamma, c);
+    let scale = k.mul(g, inv);
+    let m = k.load(p.mean, c);
+    let centred = k.sub(x, m);
+    let scaled = k.mul(centred, scale);
+    let b = k.load(p.beta, c);
+    k.add(scaled, b)
+}
+
+/// How a per-channel output combines the per-plane partial sums of one term over the batch.
+#[derive(Clone, Copy, Debug)]
+pub enum Combine {
+    /// Σₙ partial.
+    Sum(usize),
+    /// (Σₙ partial) / count.
+    Mean(usize, u64),
+    /// Σₙ partial².
+    SumOfSquares(usize),
+    /// Σₙ sums / count, then Σₙ squares / count − mean²: a biased variance from Σy and Σy².
+    Variance {
+        sums: usize,
+        squares: usize,
+        count: u64,
+    },
+}
+
+/// Bytes of the partial sums of `terms` terms over every plane.
+pub fn partials_bytes(planes: Planes, terms: usize) -> u64 {
+    4 * terms as u64 * planes.batch * planes.channels
+}
+
+/// Stores a plane's totals (thread 0 of a per-plane block): `partials[t][n][c]`.
+pub fn store_partials(
+    k: &mut KernelBuilder,
+    partials: U64,
+    planes: Planes,
+    totals: &[F32],
+    c: U32,
+    n: U32,
+) {
+    let plane = k.mad_u(n, planes.channels as u32, c);
+    for (t, &total) in totals.iter().enumerate() {
+        let plane = k.idx(plane);
+        let at = k.idx_add_const(plane, t as u64 * planes.batch * planes.channels);
+        k.store(partials, at, total);
+    }
+}
+
+/// A kernel of one thread per channel that combines the partials over the batch, example by
+/// example in order: reductions without atomics, so every run gives the same bits.
+pub fn combine_channels(
+    cx: &Cx,
+    part: &str,
+    planes: Planes,
+    partials: LaunchArg,
+    outputs: &[(Combine, LaunchArg)],
+) -> Launch {
+    let mut k = cx.builder(&format!("combine_{part}"));
+    let source = k.ptr_param("partials");
+    let outs: Vec<U64> = (0..outputs.len())
+        .map(|j| k.ptr_param(&format!("out{j}")))
+        .collect();
+    let stride = planes.batch * planes.channels;
+    map(&mut k, planes.channels, |k, c| {
+        let term = |k: &mut KernelBuilder, t: usize, square: bool| {
+            let total = k.f32(0.0);
+            let start = k.idx_const(0);
+            let one = k.idx_const(1);
+            k.for_idx(start, planes.batch, one, |k, n| {
+                let plane = k.idx_mad(n, planes.channels, c);
+                let at = k.idx_add_const(plane, t as u64 * stride);
+                let v = k.load(source, at);
+                if square {
+                    k.fma_into(total, v, v);
+                } else {
+                    k.accumulate(total, v);
+                }
+            });
+            total
+        };
+        for (&(combine, _), &out) in outputs.iter().zip(&outs) {
+            let value = match combine {
+                Combine::Sum(t) => term(k, t, false),
+                Combine::SumOfSquares(t) => term(k, t, true),
+                Combine::Mean(t, count) => {
+                    let s = term(k, t, false);
+                    k.div(s, count as f32)
+                }
+                Combine::Variance {
+                    sums,
+                    squares,
+                    count,
+                } => {
+                    let s = term(k, sums, false);
+                    let q = term(k, squares, false);
+                    let mean = k.div(s, count as f32);
+                    let second = k.div(q, count as f32);
+                    let mean2 = k.mul(mean, mean);
+                    let var = k.sub(second, mean2);
+                    k.max(var, 0.0f32)
+                }
+            };
+            k.store(out, c, value);
+        }
+    });
+    let mut args = vec![partials];
+    args.extend(outputs.iter().map(|(_, a)| *a));
+    launch(k.finish(), grid_for(planes.channels), args)
+}
+
+/// How the BN-reduction terms of [`bn_terms`] become (dγ, dβ [, squares of γ, of β]).
+pub fn bn_combine(squares: Squares) -> Vec<Combine> {
+    let mut combine = vec![Combine::Sum(0), Combine::Sum(1)];
+    match squares {
+        Squares::None => {}
+        Squares::PerExample => combine.extend([Combine::SumOfSquares(0), Combine::SumOfSquares(1)]),
+        Squares::PerPosition => combine.extend([Combine::Sum(2), Combine::Sum(3)]),
+    }
+    combine
+}
+
+/// The per-element terms of the BN reductions (see [`bn_combine`]), from a gradient `g` and x̂.
+pub fn bn_terms(k: &mut KernelBuilder, g: F32, xhat: F32, squares: Squares) -> Vec<F32> {
+    let gx = k.mul(g, xhat);
+    match squares {
+        Squares::PerPosition => vec![gx, g, k.mul(gx, gx), k.mul(g, g)],
+        _ => vec![gx, g],
+    }
+}

@@ -1,0 +1,435 @@
+//! Convolutions, direct (no tensor cores yet): forward with the BN-apply + ReLU prologue and
+//! the BN-statistics epilogue; data gradient with the ReLU-backward mask and BN-backward
+//! reductions (and their squares) in the epilogue; weight gradient with the prologue
+//! recomputed and, in the same pass, the Fisher squares: each thread reduces one example's
+//! positions for its weight element, then adds both the value and its square, so no
+//! per-example gradient ever reaches memory.
+
+use fisherc_ir::ops::{Conv2d, ConvDgrad, ConvWgrad, FloatAttr, Op, Squares};
+
+use super::Lowered;
+use super::common::{
+    BnParams, Combine, Cx, Planes, bn_apply, bn_combine, bn_terms, combine_channels, grid_for,
+    input, inv_std, launch, map, normalised, output, partials_bytes, per_plane, scratch,
+    store_partials,
+};
+use crate::builder::{F32, KernelBuilder, Pred, S32, U32, U64};
+use crate::kir::{BinOp, Cmp};
+
+pub fn lower(cx: &Cx) -> Lowered {
+    match cx.op {
+        Op::Conv2d(conv) => forward(cx, conv, None, false),
+        Op::FusedConv(f) => forward(cx, &f.conv, f.prologue, f.stats),
+        Op::ConvDgrad(d) => dgrad(cx, d, None),
+        Op::FusedDgrad(f) => dgrad(cx, &f.dgrad, Some((f.eps, f.squares))),
+        Op::ConvWgrad(w) => wgrad(cx, w, None, Squares::None, false),
+        Op::ConvWgradPerExample(w) => wgrad(cx, &w.0, None, Squares::None, true),
+        Op::FusedWgrad(f) => wgrad(cx, &f.wgrad, f.prologue, f.squares, false),
+        other => unreachable!("{} is not a convolution", other.name()),
+    }
+}
+
+/// Sizes of one convolution: input `c × h × w`, output `o × ho × wo`, `kh × kw` kernel.
+#[derive(Clone, Copy, Debug)]
+struct Geometry {
+    batch: u32,
+    c: u32,
+    h: u32,
+    w: u32,
+    o: u32,
+    ho: u32,
+    wo: u32,
+    kh: u32,
+    kw: u32,
+    stride: u32,
+    pad: u32,
+}
+
+impl Geometry {
+    fn new(x: &[usize], weight: &[usize], y: &[usize], stride: usize, pad: usize) -> Geometry {
+        let u = |v: usize| v as u32;
+        Geometry {
+            batch: u(x[0]),
+            c: u(x[1]),
+            h: u(x[2]),
+            w: u(x[3]),
+            o: u(weight[0]),
+            ho: u(y[2]),
+            wo: u(y[3]),
+            kh: u(weight[2]),
+            kw: u(weight[3]),
+            stride: u(stride),
+            pad: u(pad),
+        }
+    }
+
+    fn kernel_area(&self) -> u32 {
+        self.kh * self.kw
+    }
+
+    /// The input coordinate `out·stride + k − pad` and whether it lies in `0..size`.
+    fn source(&self, k: &mut KernelBuilder, out: U32, offset: u32, size: u32) -> (S32, Pred) {
+        let scaled = k.mul_u(out, self.stride);
+        let scaled = k.s32_from_u32(scaled);
+        let at = k.sbin(BinOp::Add, scaled, offset as i32 - self.pad as i32);
+        let inside = k.in_range_s(at, 0, size as i32);
+        (at, inside)
+    }
+}
+
+/// Per-channel BN-apply + ReLU of a prologue: `relu((x − mean)·scale + β)` as the reference.
+struct Prologue {
+    mean: F32,
+    scale: F32,
+    beta: F32,
+}
+
+impl Prologue {
+    fn load(k: &mut KernelBuilder, p: &BnParams, c: U32) -> Prologue {
+        let inv = inv_std(k, p.var, c, p.eps);
+        let g = k.load(p.gamma, c);
+        let scale = k.mul(g, inv);
+        Prologue {
+            mean: k.load(p.mean, c),
+            scale,
+            beta: k.load(p.beta, c),
+        }
+    }
+
+    fn apply(&self, k: &mut KernelBuilder, x: F32) -> F32 {
+        let centred = k.sub(x, self.mean);
+        let scaled = k.mul(centred, self.scale);
+        let z = k.add(scaled, self.beta);
+        k.max(z, 0.0f32)
+    }
+}
+
+/// The prologue's statistics pointers, read from the kernel's parameters.
+fn prologue_params(k: &mut KernelBuilder, prologue: Option<FloatAttr>) -> Option<BnParams> {
+    prologue.map(|eps| BnParams {
+        mean: k.ptr_param("mean"),
+        var: k.ptr_param("var"),
+        gamma: k.ptr_param("gamma"),
+        beta: k.ptr_param("beta"),
+        eps: eps.0 as f32,
+    })
+}
+
+fn forward(cx: &Cx, conv: &Conv2d, prologue: Option<FloatAttr>, stats: bool) -> Lowered {
+    let first = if prologue.is_some() { 5 } else { 1 };
+    let g = Geometry::new(
+        &cx.inputs[0].shape,
+        &cx.inputs[first].shape,
+        &cx.outputs[0].shape,
+        conv.stride,
+        conv.padding,
+    );
+    let planes = Planes::of(&cx.outputs[0]);
+    let mut k = cx.builder("forward");
+    let x = k.ptr_param("x");
+    let bn = prologue_params(&mut k, prologue);
+    let w = k.ptr_param("w");
+    let bias = conv.bias.then(|| k.ptr_param("bias"));
+    let y = k.ptr_param("y");
+    let partials = stats.then(|| k.ptr_param("partials"));
+    per_plane(
+        &mut k,
+        planes,
+        |k, i, p, o, n| {
+            let (oy, ox) = (k.ubin(BinOp::Div, p, g.wo), k.ubin(BinOp::Rem, p, g.wo));
+            let acc = k.f32(0.0);
+            k.for_u32(0u32, g.c, 1, |k, c| {
+                let pro = bn.map(|params| Prologue::load(k, &params, c));
+                let nc = k.mad_u(n, g.c, c);
+                let plane = k.idx(nc);
+                let plane_base = k.idx_mul_const(plane, (g.h * g.w) as u64);
+                let oc = k.mad_u(o, g.c, c);
+                let w_base = k.mul_u(oc, g.kernel_area());
+                for ki in 0..g.kh {
+                    let (iy, row_ok) = g.source(k, oy, ki, g.h);
+                    for kj in 0..g.kw {
+                        let (ix, col_ok) = g.source(k, ox, kj, g.w);
+                        let ok = k.and(row_ok, col_ok);
+                        // branch-free padding: read a valid address, then zero the value
+                        let at = k.mad_s(iy, g.w as i32, ix);
+                        let at = k.select_s(ok, at, 0);
+                        let at = k.u32_from_s32(at);
+                        let at = k.idx(at);
+                        let at = k.idx_add(plane_base, at);
+                        let mut a = k.load(x, at);
+                        if let Some(pro) = &pro {
+                            a = pro.apply(k, a);
+                        }
+                        let a = k.select(ok, a, 0.0f32);
+                        let wi = k.add_u(w_base, ki * g.kw + kj);
+                        let wv = k.load(w, wi);
+                        k.fma_into(acc, a, wv);
+                    }
+                }
+            });
+            if let Some(b) = bias {
+                let bv = k.load(b, o);
+                k.accumulate(acc, bv);
+            }
+            k.store(y, i, acc);
+            if stats {
+                vec![acc, k.mul(acc, acc)]
+            } else {
+                Vec::new()
+            }
+        },
+        |k, totals, o, n| {
+            if let Some(partials) = partials {
+                store_partials(k, partials, planes, totals, o, n);
+            }
+        },
+    );
+    let mut args: Vec<_> = (0..cx.inputs.len()).map(input).collect();
+    args.push(output(0));
+    if !stats {
+        return Lowered::kernels(vec![launch(k.finish(), planes.grid(), args)]);
+    }
+    args.push(scratch(0));
+    let count = planes.batch * planes.positions;
+    let moments = [
+        (Combine::Mean(0, count), output(1)),
+        (
+            Combine::Variance {
+                sums: 0,
+                squares: 1,
+                count,
+            },
+            output(2),
+        ),
+    ];
+    Lowered::Kernels {
+        launches: vec![
+            launch(k.finish(), planes.grid(), args),
+            combine_channels(cx, "statistics", planes, scratch(0), &moments),
+        ],
+        scratch: vec![partials_bytes(planes, 2)],
+    }
+}
+
+fn dgrad(cx: &Cx, d: &ConvDgrad, epilogue: Option<(FloatAttr, Squares)>) -> Lowered {
+    let (dy_shape, w_shape) = (&cx.inputs[0].shape, &cx.inputs[1].shape);
+    let x_shape = &cx.outputs[0].shape;
+    let g = Geometry::new(x_shape, w_shape, dy_shape, d.stride, d.padding);
+    let planes = Planes::of(&cx.outputs[0]);
+    let mut k = cx.builder("dgrad");
+    let (dy, w) = (k.ptr_param("dy"), k.ptr_param("w"));
+    let bn = epilogue.map(|(eps, squares)| {
+        let y = k.ptr_param("y");
+        let params = prologue_params(&mut k, Some(eps)).expect("an epilogue has statistics");
+        (y, params, squares)
+    });
+    let dx = k.ptr_param("dx");
+    let partials = bn.as_ref().map(|_| k.ptr_param("partials"));
+    let mut terms = 0;
+    per_plane(
+        &mut k,
+        planes,
+        |k, i, p, c, n| {
+            let (iy, ix) = (k.ubin(BinOp::Div, p, g.w), k.ubin(BinOp::Rem, p, g.w));
+            let acc = k.f32(0.0);
+            k.for_u32(0u32, g.o, 1, |k, o| {
+                let no = k.mad_u(n, g.o, o);
+                let plane = k.idx(no);
+                let dy_base = k.idx_mul_const(plane, (g.ho * g.wo) as u64);
+                let oc = k.mad_u(o, g.c, c);
+                let w_base = k.mul_u(oc, g.kernel_area());
+                for ki in 0..g.kh {
+                    let (oy, row_ok) = output_coordinate(k, &g, iy, ki, g.ho);
+                    for kj in 0..g.kw {
+                        let (ox, col_ok) = output_coordinate(k, &g, ix, kj, g.wo);
+                        let ok = k.and(row_ok, col_ok);
+                        let at = k.mad_s(oy, g.wo as i32, ox);
+                        let at = k.select_s(ok, at, 0);
+                        let at = k.u32_from_s32(at);
+                        let at = k.idx(at);
+                        let at = k.idx_add(dy_base, at);
+                        let gv = k.load(dy, at);
+                        let gv = k.select(ok, gv, 0.0f32);
+                        let wi = k.add_u(w_base, ki * g.kw + kj);
+                        let wv = k.load(w, wi);
+                        k.fma_into(acc, gv, wv);
+                    }
+                }
+            });
+            match &bn {
+                None => {
+                    k.store(dx, i, acc);
+                    Vec::new()
+                }
+                Some((y, params, squares)) => {
+                    let yv = k.load(*y, i);
+                    let z = bn_apply(k, yv, params, c);
+                    let active = k.cmp_f32(Cmp::Gt, z, 0.0f32);
+                    let dz = k.select(active, acc, 0.0f32);
+                    k.store(dx, i, dz);
+                    let xhat = normalised(k, yv, params.mean, params.var, c, params.eps);
+                    let values = bn_terms(k, dz, xhat, *squares);
+                    terms = values.len();
+                    values
+                }
+            }
+        },
+        |k, totals, c, n| {
+            if let Some(partials) = partials {
+                store_partials(k, partials, planes, totals, c, n);
+            }
+        },
+    );
+    let mut args: Vec<_> = (0..cx.inputs.len()).map(input).collect();
+    args.push(output(0));
+    let Some((_, _, squares)) = bn else {
+        return Lowered::kernels(vec![launch(k.finish(), planes.grid(), args)]);
+    };
+    args.push(scratch(0));
+    let outputs: Vec<_> = bn_combine(squares)
+        .into_iter()
+        .zip((1..cx.outputs.len()).map(output))
+        .collect();
+    Lowered::Kernels {
+        launches: vec![
+            launch(k.finish(), planes.grid(), args),
+            combine_channels(cx, "reductions", planes, scratch(0), &outputs),
+        ],
+        scratch: vec![partials_bytes(planes, terms)],
+    }
+}
+
+/// The output coordinate whose window puts kernel offset `offset` on input coordinate `at`:
+/// `(at + pad − offset) / stride`, valid when it divides and lies in `0..size`.
+fn output_coordinate(
+    k: &mut KernelBuilder,
+    g: &Geometry,
+    at: U32,
+    offset: u32,
+    size: u32,
+) -> (S32, Pred) {
+    let at = k.s32_from_u32(at);
+    let shifted = k.sbin(BinOp::Add, at, g.pad as i32 - offset as i32);
+    let rem = k.sbin(BinOp::Rem, shifted, g.stride as i32);
+    let out = k.sbin(BinOp::Div, shifted, g.stride as i32);
+    let non_negative = k.cmp_s(Cmp::Ge, shifted, 0);
+    let divides = k.cmp_s(Cmp::Eq, rem, 0);
+    let below = k.cmp_s(Cmp::Lt, out, size as i32);
+    let ok = k.and(non_negative, divides);
+    (out, k.and(ok, below))
+}
+
+fn wgrad(
+    cx: &Cx,
+    wg: &ConvWgrad,
+    prologue: Option<FloatAttr>,
+    squares: Squares,
+    per_example: bool,
+) -> Lowered {
+    let first = if prologue.is_some() { 5 } else { 1 };
+    let (x_shape, dy_shape) = (&cx.inputs[0].shape, &cx.inputs[first].shape);
+    let w_shape = [dy_shape[1], x_shape[1], wg.kernel.0, wg.kernel.1];
+    let g = Geometry::new(x_shape, &w_shape, dy_shape, wg.stride, wg.padding);
+    let weights = (g.o * g.c * g.kernel_area()) as u64;
+    let mut k = cx.builder("wgrad");
+    let x = k.ptr_param("x");
+    let bn = prologue_params(&mut k, prologue);
+    let dy = k.ptr_param("dy");
+    let outs: Vec<U64> = (0..cx.outputs.len())
+        .map(|j| k.ptr_param(&format!("out{j}")))
+        .collect();
+    map(&mut k, weights, |k, e| {
+        let e = k.idx_to_u32(e);
+        let (rest, kj) = (k.ubin(BinOp::Div, e, g.kw), k.ubin(BinOp::Rem, e, g.kw));
+        let (rest, ki) = (
+            k.ubin(BinOp::Div, rest, g.kh),
+            k.ubin(BinOp::Rem, rest, g.kh),
+        );
+        let (o, c) = (k.ubin(BinOp::Div, rest, g.c), k.ubin(BinOp::Rem, rest, g.c));
+        let pro = bn.map(|params| Prologue::load(k, &params, c));
+        let rows = valid_outputs(k, &g, ki, g.h, g.ho);
+        let cols = valid_outputs(k, &g, kj, g.w, g.wo);
+        let (dw, sq) = (k.f32(0.0), k.f32(0.0));
+        k.for_u32(0u32, g.batch, 1, |k, n| {
+            let contribution = k.f32(0.0);
+            let nc = k.mad_u(n, g.c, c);
+            let x_plane = k.idx(nc);
+            let x_base = k.idx_mul_const(x_plane, (g.h * g.w) as u64);
+            let no = k.mad_u(n, g.o, o);
+            let dy_plane = k.idx(no);
+            let dy_base = k.idx_mul_const(dy_plane, (g.ho * g.wo) as u64);
+            k.for_u32(rows.0, rows.1, 1, |k, oy| {
+                // iy = oy·stride + ki − pad lies in the image for every oy of the range
+                let top = k.mad_u(oy, g.stride, ki);
+                let iy = k.ubin(BinOp::Sub, top, g.pad);
+                let x_row = k.mul_u(iy, g.w);
+                let dy_row = k.mul_u(oy, g.wo);
+                k.for_u32(cols.0, cols.1, 1, |k, ox| {
+                    let left = k.mad_u(ox, g.stride, kj);
+                    let ix = k.ubin(BinOp::Sub, left, g.pad);
+                    let at = k.add_u(x_row, ix);
+                    let at = k.idx(at);
+                    let at = k.idx_add(x_base, at);
+                    let mut a = k.load(x, at);
+                    if let Some(pro) = &pro {
+                        a = pro.apply(k, a);
+                    }
+                    let position = k.add_u(dy_row, ox);
+                    let position = k.idx(position);
+                    let gi = k.idx_add(dy_base, position);
+                    let gv = k.load(dy, gi);
+                    k.fma_into(contribution, a, gv);
+                    if squares == Squares::PerPosition {
+                        let (a2, g2) = (k.mul(a, a), k.mul(gv, gv));
+                        k.fma_into(sq, a2, g2);
+                    }
+                });
+            });
+            if per_example {
+                let n_idx = k.idx(n);
+                let e_idx = k.idx(e);
+                let at = k.idx_mad(n_idx, weights, e_idx);
+                k.store(outs[0], at, contribution);
+            } else {
+                k.accumulate(dw, contribution);
+                if squares == Squares::PerExample {
+                    k.fma_into(sq, contribution, contribution);
+                }
+            }
+        });
+        if !per_example {
+            k.store(outs[0], e, dw);
+            if squares != Squares::None {
+                k.store(outs[1], e, sq);
+            }
+        }
+    });
+    let mut args: Vec<_> = (0..cx.inputs.len()).map(input).collect();
+    args.extend((0..cx.outputs.len()).map(output));
+    Lowered::kernels(vec![launch(k.finish(), grid_for(weights), args)])
+}
+
+/// The output coordinates `lo..hi` whose input coordinate `out·stride + offset − pad` lies in
+/// `0..size`: `lo = ⌈(pad − offset)/stride⌉` (0 if negative), `hi = ⌊(size − 1 + pad −
+/// offset)/stride⌋ + 1`, clamped to `0..outputs`.
+fn valid_outputs(
+    k: &mut KernelBuilder,
+    g: &Geometry,
+    offset: U32,
+    size: u32,
+    outputs: u32,
+) -> (U32, U32) {
+    let offset = k.s32_from_u32(offset);
+    let lead = k.sbin(BinOp::Sub, g.pad as i32, offset);
+    let lo = k.sbin(BinOp::Add, lead, g.stride as i32 - 1);
+    let lo = k.sbin(BinOp::Div, lo, g.stride as i32);
+    let lo = k.sbin(BinOp::Max, lo, 0);
+    let last = k.sbin(BinOp::Add, lead, size as i32 - 1);
+    let hi = k.sbin(BinOp::Div, last, g.stride as i32);
+    let hi = k.sbin(BinOp::Add, hi, 1);
+    let negative = k.cmp_s(Cmp::Lt, last, 0);
+    let hi = k.select_s(negative, 0, hi);
+    let hi = k.sbin(BinOp::Min, hi, outputs as i32);
+    let lo = k.sbin(BinOp::Min, lo, hi);
+    (k.u32_from_s32(lo), k.u32_from_s32(hi))
+}

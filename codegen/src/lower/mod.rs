@@ -1,0 +1,119 @@
+//! Lowering: every op the optimizer can extract becomes one or a few kernel launches.
+//!
+//! `lower` looks at an op with its input and output types and returns kernels (specialised
+//! to the shapes: sizes are immediates), their grids and arguments. Arguments name the node's
+//! inputs, outputs and scratch buffers; the memory plan binds them to addresses. One file per
+//! op family, as in `ir/src/ops`.
+
+mod common;
+mod conv;
+mod elementwise;
+mod linear;
+mod loss;
+mod norm;
+mod pool;
+mod reduce;
+mod update;
+
+use fisherc_ir::ops::Op;
+use fisherc_ir::tensor::TensorType;
+
+use crate::kir::Kernel;
+
+/// Threads per block of every kernel lowered here.
+pub const BLOCK: u32 = 256;
+
+/// A buffer a kernel argument points at, relative to the node being lowered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Buf {
+    Input(usize),
+    Output(usize),
+    /// Scratch buffer `i` of this node (see [`Lowered::scratch`]).
+    Scratch(usize),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum LaunchArg {
+    Buf(Buf),
+    U32(u32),
+    F32(f32),
+}
+
+/// One kernel launch.
+#[derive(Clone, Debug)]
+pub struct Launch {
+    pub kernel: Kernel,
+    pub grid: [u32; 2],
+    pub args: Vec<LaunchArg>,
+}
+
+/// What a node becomes on the device.
+#[derive(Clone, Debug)]
+pub enum Lowered {
+    /// Kernels, run in order, with the scratch buffers (bytes) they need.
+    Kernels {
+        launches: Vec<Launch>,
+        scratch: Vec<u64>,
+    },
+    /// The output is input `0`'s buffer, reinterpreted (reshape).
+    Alias,
+    /// The output is a constant the plan fills in once.
+    Constant(f32),
+    /// A graph input: filled by the host.
+    Input,
+}
+
+impl Lowered {
+    fn kernels(launches: Vec<Launch>) -> Lowered {
+        Lowered::Kernels {
+            launches,
+            scratch: Vec::new(),
+        }
+    }
+}
+
+/// Lowers one node.
+pub fn lower(op: &Op, inputs: &[&TensorType], outputs: &[TensorType]) -> Result<Lowered, String> {
+    let cx = common::Cx::new(op, inputs, outputs);
+    Ok(match op {
+        Op::Input(_) => Lowered::Input,
+        Op::Constant(c) => Lowered::Constant(c.value.0 as f32),
+        Op::Reshape(_) => Lowered::Alias,
+        Op::Add(_)
+        | Op::Scale(_)
+        | Op::Square(_)
+        | Op::Relu(_)
+        | Op::ReluBackward(_)
+        | Op::Elementwise(_) => elementwise::lower(&cx),
+        Op::ShortcutA(_)
+        | Op::ShortcutABackward(_)
+        | Op::GlobalAvgPoolBackward(_)
+        | Op::BatchMean(_) => elementwise::lower(&cx),
+        Op::MaxPool(_) | Op::MaxPoolBackward(_) | Op::GlobalAvgPool(_) => pool::lower(&cx),
+        Op::ChannelSum(_) | Op::ChannelSumPerExample(_) | Op::ChannelSumSq(_) => reduce::lower(&cx),
+        Op::BatchNorm(_)
+        | Op::BnApply(_)
+        | Op::BnRelu(_)
+        | Op::BnRunningUpdate(_)
+        | Op::BnBackwardReduce(_)
+        | Op::BnBackwardReduceSq(_)
+        | Op::BnBackwardData(_)
+        | Op::BnParamGradsPerExample(_)
+        | Op::BnParamGradsSq(_)
+        | Op::ReluBackwardBnReduce(_) => norm::lower(&cx),
+        Op::Conv2d(_)
+        | Op::FusedConv(_)
+        | Op::ConvDgrad(_)
+        | Op::FusedDgrad(_)
+        | Op::ConvWgrad(_)
+        | Op::ConvWgradPerExample(_)
+        | Op::FusedWgrad(_) => conv::lower(&cx),
+        Op::Linear(_)
+        | Op::LinearDgrad(_)
+        | Op::LinearWgrad(_)
+        | Op::LinearWgradPerExample(_)
+        | Op::LinearWgradSq(_) => linear::lower(&cx),
+        Op::SoftmaxCrossEntropy(_) | Op::SoftmaxCrossEntropyBackward(_) => loss::lower(&cx),
+        Op::NoisySgdUpdate(_) => update::lower(&cx),
+    })
+}

@@ -1,0 +1,461 @@
+//! Every kernel kind on the CPU executor against its op's CPU reference (f64), on fresh random
+//! inputs, over several shapes including ragged ones that do not divide the block size.
+//! Bounds: 1e-6 relative for elementwise kernels, 1e-5 for reductions and convolutions (sums
+//! in a different order), 1e-4 where approximate exp/log are used.
+
+mod common;
+
+use common::{check, labels, random, rng, uniform};
+use fisherc_ir::ops::*;
+
+const ELEMENTWISE: f64 = 1e-6;
+
+#[test]
+fn pointwise_arithmetic_and_relu() {
+    for shape in [vec![3, 5], vec![2, 3, 7, 9], vec![1, 1000]] {
+        let mut r = rng(1);
+        let (a, b) = (random(&mut r, &shape), random(&mut r, &shape));
+        check(Add, &[a.clone(), b.clone()], ELEMENTWISE);
+        check(
+            Scale {
+                factor: FloatAttr(-2.5),
+            },
+            std::slice::from_ref(&a),
+            ELEMENTWISE,
+        );
+        check(Square, std::slice::from_ref(&a), ELEMENTWISE);
+        check(Relu, std::slice::from_ref(&a), ELEMENTWISE);
+        check(ReluBackward, &[a.clone(), b.clone()], ELEMENTWISE);
+        let program = vec![
+            Instr::Input(0),
+            Instr::Input(1),
+            Instr::Scale(0, FloatAttr(3.0)),
+            Instr::Add(2, 1),
+            Instr::ReluMask(3, 0),
+        ];
+        check(Elementwise { program }, &[a, b], ELEMENTWISE);
+    }
+}
+
+#[test]
+fn shortcut_pooling_backward_and_batch_mean() {
+    let mut r = rng(2);
+    for (c, size, stride, pad) in [(3, 5, 2, 2), (4, 8, 2, 0), (2, 7, 3, 1)] {
+        let x = random(&mut r, &[2, c, size, size]);
+        let op = ShortcutA {
+            stride,
+            pad_before: pad,
+            pad_after: pad + 1,
+        };
+        check(op.clone(), &[x], ELEMENTWISE);
+        let out = size.div_ceil(stride);
+        let dy = random(&mut r, &[2, c + 2 * pad + 1, out, out]);
+        check(
+            ShortcutABackward {
+                forward: op,
+                input_shape: vec![2, c, size, size],
+            },
+            &[dy],
+            ELEMENTWISE,
+        );
+    }
+    check(
+        GlobalAvgPoolBackward {
+            height: 5,
+            width: 3,
+        },
+        &[random(&mut r, &[3, 4])],
+        ELEMENTWISE,
+    );
+    check(BatchMean, &[random(&mut r, &[7, 3, 5])], ELEMENTWISE);
+    let _ = (labels(&mut r, 1, 2), uniform(&mut r, &[1], 0.0, 1.0));
+}
+
+const REDUCTION: f64 = 1e-5;
+
+#[test]
+fn channel_sums_and_their_squares() {
+    let mut r = rng(3);
+    for shape in [vec![3, 4, 5, 7], vec![6, 5], vec![2, 3, 17, 17]] {
+        let dy = random(&mut r, &shape);
+        check(ChannelSum, std::slice::from_ref(&dy), REDUCTION);
+        check(ChannelSumPerExample, std::slice::from_ref(&dy), REDUCTION);
+        for squares in [Squares::None, Squares::PerExample, Squares::PerPosition] {
+            check(
+                ChannelSumSq { squares },
+                std::slice::from_ref(&dy),
+                REDUCTION,
+            );
+        }
+    }
+}
+
+/// (y, mean, biased var, γ, β) with realistic statistics for `shape`.
+fn bn_inputs(
+    r: &mut rand_chacha::ChaCha8Rng,
+    shape: &[usize],
+) -> Vec<fisherc_ir::tensor::Value<f32>> {
+    use fisherc_ir::tensor::Value;
+    let c = shape[1];
+    let y = uniform(r, shape, -2.0, 3.0);
+    let ones = Value::Float(fisherc_ir::tensor::Tensor::filled(&[c], 1.0f32));
+    let zeros = Value::Float(fisherc_ir::tensor::Tensor::zeros(&[c]));
+    let stats = common::reference(
+        &BatchNorm {
+            eps: FloatAttr(1e-5),
+        }
+        .into(),
+        &[y.clone(), ones, zeros],
+    );
+    let narrow = |t: &fisherc_ir::tensor::Tensor<f64>| Value::Float(t.cast::<f32>());
+    vec![
+        y,
+        narrow(&stats[1]),
+        narrow(&stats[2]),
+        uniform(r, &[c], 0.5, 1.5),
+        random(r, &[c]),
+    ]
+}
+
+const EPS: FloatAttr = FloatAttr(1e-5);
+
+#[test]
+fn batch_norm_forward_kernels() {
+    let mut r = rng(4);
+    for shape in [vec![4, 3, 5, 5], vec![6, 7], vec![2, 5, 9, 11]] {
+        let bn = bn_inputs(&mut r, &shape);
+        check(
+            BatchNorm { eps: EPS },
+            &[bn[0].clone(), bn[3].clone(), bn[4].clone()],
+            REDUCTION,
+        );
+        check(BnApply { eps: EPS }, &bn, REDUCTION);
+        check(
+            BnRelu {
+                eps: EPS,
+                residual: false,
+            },
+            &bn,
+            REDUCTION,
+        );
+        let mut with_residual = bn.clone();
+        with_residual.push(random(&mut r, &shape));
+        check(
+            BnRelu {
+                eps: EPS,
+                residual: true,
+            },
+            &with_residual,
+            REDUCTION,
+        );
+        let c = shape[1];
+        let running = [
+            uniform(&mut r, &[c], -1.0, 1.0),
+            uniform(&mut r, &[c], 0.5, 2.0),
+        ];
+        let update = BnRunningUpdate {
+            momentum: FloatAttr(0.1),
+            count: shape[0] * shape[2..].iter().product::<usize>(),
+        };
+        check(
+            update,
+            &[
+                running[0].clone(),
+                running[1].clone(),
+                bn[1].clone(),
+                bn[2].clone(),
+            ],
+            ELEMENTWISE,
+        );
+    }
+}
+
+#[test]
+fn batch_norm_backward_kernels() {
+    let mut r = rng(5);
+    for shape in [vec![4, 3, 5, 5], vec![6, 7], vec![3, 4, 13, 3]] {
+        let bn = bn_inputs(&mut r, &shape);
+        let dy = random(&mut r, &shape);
+        let stats = [dy.clone(), bn[0].clone(), bn[1].clone(), bn[2].clone()];
+        check(BnBackwardReduce { eps: EPS }, &stats, REDUCTION);
+        check(BnParamGradsPerExample { eps: EPS }, &stats, REDUCTION);
+        check(BnParamGradsSq { eps: EPS }, &stats, REDUCTION);
+        for squares in [Squares::None, Squares::PerExample, Squares::PerPosition] {
+            check(BnBackwardReduceSq { eps: EPS, squares }, &stats, REDUCTION);
+            let out = common::run_kernels(
+                &BnRelu {
+                    eps: EPS,
+                    residual: false,
+                }
+                .into(),
+                &bn,
+            )
+            .remove(0);
+            let relu_inputs = [
+                dy.clone(),
+                fisherc_ir::tensor::Value::Float(out),
+                bn[0].clone(),
+                bn[1].clone(),
+                bn[2].clone(),
+            ];
+            check(
+                ReluBackwardBnReduce { eps: EPS, squares },
+                &relu_inputs,
+                REDUCTION,
+            );
+        }
+        let sums = common::run_kernels(&BnBackwardReduce { eps: EPS }.into(), &stats);
+        let data = [
+            dy.clone(),
+            bn[0].clone(),
+            bn[1].clone(),
+            bn[2].clone(),
+            bn[3].clone(),
+            fisherc_ir::tensor::Value::Float(sums[0].clone()),
+            fisherc_ir::tensor::Value::Float(sums[1].clone()),
+        ];
+        check(BnBackwardData { eps: EPS }, &data, REDUCTION);
+    }
+}
+
+#[test]
+fn pooling_kernels() {
+    let mut r = rng(6);
+    for (size, kernel, stride) in [(6, 2, 2), (7, 2, 2), (7, 3, 2), (5, 3, 1)] {
+        let x = random(&mut r, &[2, 3, size, size]);
+        let op = MaxPool { kernel, stride };
+        check(op.clone(), std::slice::from_ref(&x), ELEMENTWISE);
+        let out = (size - kernel) / stride + 1;
+        let dy = random(&mut r, &[2, 3, out, out]);
+        check(
+            MaxPoolBackward { kernel, stride },
+            &[dy, x.clone()],
+            ELEMENTWISE,
+        );
+        check(GlobalAvgPool, &[x], REDUCTION);
+    }
+}
+
+#[test]
+fn linear_kernels() {
+    let mut r = rng(7);
+    for (n, i, o) in [(5, 7, 3), (1, 33, 10), (9, 4, 17)] {
+        let (x, w, b, dy) = (
+            random(&mut r, &[n, i]),
+            random(&mut r, &[o, i]),
+            random(&mut r, &[o]),
+            random(&mut r, &[n, o]),
+        );
+        check(Linear { bias: true }, &[x.clone(), w.clone(), b], REDUCTION);
+        check(Linear { bias: false }, &[x.clone(), w.clone()], REDUCTION);
+        check(LinearDgrad, &[dy.clone(), w], REDUCTION);
+        check(LinearWgrad, &[x.clone(), dy.clone()], REDUCTION);
+        check(LinearWgradPerExample, &[x.clone(), dy.clone()], ELEMENTWISE);
+        check(LinearWgradSq, &[x, dy], REDUCTION);
+    }
+}
+
+#[test]
+fn loss_kernels() {
+    let mut r = rng(8);
+    for (n, classes) in [(5, 10), (300, 7), (2, 100)] {
+        let logits = uniform(&mut r, &[n, classes], -4.0, 4.0);
+        let y = labels(&mut r, n, classes);
+        check(SoftmaxCrossEntropy, &[logits.clone(), y.clone()], 1e-5);
+        let dloss = fisherc_ir::tensor::Value::Float(fisherc_ir::tensor::Tensor::scalar(1.0f32));
+        check(SoftmaxCrossEntropyBackward, &[logits, y, dloss], 1e-5);
+    }
+}
+
+fn scalar(v: f32) -> fisherc_ir::tensor::Value<f32> {
+    fisherc_ir::tensor::Value::Float(fisherc_ir::tensor::Tensor::scalar(v))
+}
+
+#[test]
+fn noisy_update_kernel_matches_the_formula() {
+    let mut r = rng(9);
+    for (n, noisy, decay) in [(13, true, true), (1000, true, false), (7, false, true)] {
+        let mut inputs = vec![
+            random(&mut r, &[n]),
+            random(&mut r, &[n]),
+            random(&mut r, &[n]),
+        ];
+        inputs.extend([scalar(0.05), scalar(0.9), scalar(1e-3), scalar(0.7)]);
+        inputs.extend([
+            fisherc_ir::tensor::Value::Word(42 + (1 << 40)),
+            fisherc_ir::tensor::Value::Word(3),
+        ]);
+        if noisy {
+            inputs.push(uniform(&mut r, &[n], 0.0, 2.0));
+        }
+        check(
+            NoisySgdUpdate {
+                param: 7,
+                decay,
+                noisy,
+            },
+            &inputs,
+            ELEMENTWISE,
+        );
+    }
+}
+
+#[test]
+fn kernel_noise_is_bit_identical_to_the_cpu_stream() {
+    // θ' = θ − lr·(μ·v + g + s·√F·ξ) with θ = v = g = μ = 0, lr = −1, s = F = 1 is ξ itself
+    let n = 4099;
+    let zeros = || fisherc_ir::tensor::Value::Float(fisherc_ir::tensor::Tensor::zeros(&[n]));
+    let ones = fisherc_ir::tensor::Value::Float(fisherc_ir::tensor::Tensor::filled(&[n], 1.0f32));
+    let (seed, step, param) = (0xDEAD_BEEF_0000_0007u64, (1u64 << 33) + 5, 11);
+    let inputs = vec![
+        zeros(),
+        zeros(),
+        zeros(),
+        scalar(-1.0),
+        scalar(0.0),
+        scalar(0.0),
+        scalar(1.0),
+        fisherc_ir::tensor::Value::Word(seed),
+        fisherc_ir::tensor::Value::Word(step),
+        ones,
+    ];
+    let got = common::run_kernels(
+        &NoisySgdUpdate {
+            param,
+            decay: false,
+            noisy: true,
+        }
+        .into(),
+        &inputs,
+    );
+    let mut xi = vec![0.0f32; n];
+    fisherc_ir::philox::fill_normal(seed, step, param, &mut xi);
+    for (i, (g, e)) in got[0].data.iter().zip(&xi).enumerate() {
+        assert_eq!(g.to_bits(), e.to_bits(), "element {i}: kernel {g}, CPU {e}");
+    }
+}
+
+/// (kernel, stride, padding, size, channels in, channels out)
+const CONVS: [(usize, usize, usize, usize, usize, usize); 5] = [
+    (3, 1, 1, 6, 3, 4),
+    (3, 2, 1, 7, 2, 5),
+    (1, 2, 0, 5, 4, 3),
+    (3, 1, 0, 5, 3, 2),
+    (1, 1, 0, 4, 3, 3),
+];
+
+fn conv_out(size: usize, kernel: usize, stride: usize, padding: usize) -> usize {
+    (size + 2 * padding - kernel) / stride + 1
+}
+
+#[test]
+fn convolution_forward_kernels() {
+    let mut r = rng(10);
+    for &(kernel, stride, padding, size, c, o) in &CONVS {
+        let bn = bn_inputs(&mut r, &[2, c, size, size]);
+        let (w, b) = (
+            random(&mut r, &[o, c, kernel, kernel]),
+            random(&mut r, &[o]),
+        );
+        for bias in [false, true] {
+            let conv = Conv2d {
+                stride,
+                padding,
+                bias,
+            };
+            let mut plain = vec![bn[0].clone(), w.clone()];
+            if bias {
+                plain.push(b.clone());
+            }
+            check(conv.clone(), &plain, REDUCTION);
+            let mut with_prologue = bn.clone();
+            with_prologue.extend(plain[1..].iter().cloned());
+            for stats in [false, true] {
+                // the statistics epilogue sums y and y² in one pass, hence the looser bound
+                check(
+                    FusedConv {
+                        conv: conv.clone(),
+                        prologue: Some(EPS),
+                        stats,
+                    },
+                    &with_prologue,
+                    1e-4,
+                );
+                check(
+                    FusedConv {
+                        conv: conv.clone(),
+                        prologue: None,
+                        stats,
+                    },
+                    &plain,
+                    1e-4,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn convolution_gradient_kernels() {
+    let mut r = rng(11);
+    for &(kernel, stride, padding, size, c, o) in &CONVS {
+        let out = conv_out(size, kernel, stride, padding);
+        let bn = bn_inputs(&mut r, &[3, c, size, size]);
+        let (w, dy) = (
+            random(&mut r, &[o, c, kernel, kernel]),
+            random(&mut r, &[3, o, out, out]),
+        );
+        let dgrad = ConvDgrad {
+            stride,
+            padding,
+            input_hw: (size, size),
+        };
+        check(dgrad.clone(), &[dy.clone(), w.clone()], REDUCTION);
+        for squares in [Squares::None, Squares::PerExample, Squares::PerPosition] {
+            let mut inputs = vec![dy.clone(), w.clone()];
+            inputs.extend(bn.iter().cloned());
+            check(
+                FusedDgrad {
+                    dgrad: dgrad.clone(),
+                    eps: EPS,
+                    squares,
+                },
+                &inputs,
+                REDUCTION,
+            );
+        }
+        let wgrad = ConvWgrad {
+            stride,
+            padding,
+            kernel: (kernel, kernel),
+        };
+        check(wgrad.clone(), &[bn[0].clone(), dy.clone()], REDUCTION);
+        check(
+            ConvWgradPerExample(wgrad.clone()),
+            &[bn[0].clone(), dy.clone()],
+            REDUCTION,
+        );
+        for squares in [Squares::None, Squares::PerExample, Squares::PerPosition] {
+            check(
+                FusedWgrad {
+                    wgrad: wgrad.clone(),
+                    prologue: None,
+                    squares,
+                },
+                &[bn[0].clone(), dy.clone()],
+                REDUCTION,
+            );
+            let mut inputs = bn.clone();
+            inputs.push(dy.clone());
+            check(
+                FusedWgrad {
+                    wgrad: wgrad.clone(),
+                    prologue: Some(EPS),
+                    squares,
+                },
+                &inputs,
+                REDUCTION,
+            );
+        }
+    }
+}
