@@ -163,7 +163,8 @@ fn rendered_kernels_assemble_for_sm80_and_sm90() {
 #[ignore = "needs ptxas: run scripts/test.sh (it installs ptxas into .tools/)"]
 fn ptxas_errors_come_back_as_messages() {
     let ptxas = ptxas::find().expect("ptxas not found: run scripts/install-ptxas.sh");
-    let broken = ptx::module(&[&sum_kernel(1000)], "sm_90").replace("bar.sync 0;", "bar.sync %undefined;");
+    let broken =
+        ptx::module(&[&sum_kernel(1000)], "sm_90").replace("bar.sync 0;", "bar.sync %undefined;");
     let messages = ptxas::assemble(&ptxas, &broken, "sm_90").unwrap_err();
     assert!(messages.contains("undefined"), "{messages}");
 }

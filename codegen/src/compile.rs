@@ -1,0 +1,53 @@
+//! The whole compiler: training step → optimised graph → lowered kernels and memory plan.
+
+use std::time::Instant;
+
+use fisherc_ir::optimize::cost::H100;
+use fisherc_ir::optimize::{Limits, OptimizeError, Optimized, Report, optimize_with, rules};
+use fisherc_ir::{Graph, TrainingStep};
+use thiserror::Error;
+
+use crate::plan::{PlanError, Program, plan};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CompileOptions {
+    /// Run the fusion rules (`false`: the unfused baseline, every op its own kernels).
+    pub fused: bool,
+}
+
+#[derive(Debug, Error)]
+pub enum CompileError {
+    #[error(transparent)]
+    Optimize(#[from] OptimizeError),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+}
+
+/// A compiled step.
+pub struct Compiled {
+    /// The graph the kernels implement (optimised, or the step's own when unfused).
+    pub graph: Graph,
+    pub program: Program,
+    /// What the optimizer did, when it ran.
+    pub report: Option<Report>,
+    /// Time taken, optimizer included.
+    pub seconds: f64,
+}
+
+pub fn compile(step: &TrainingStep, options: CompileOptions) -> Result<Compiled, CompileError> {
+    let started = Instant::now();
+    let (graph, report) = if options.fused {
+        let Optimized { graph, report } =
+            optimize_with(&step.graph, &rules::all(), &Limits::default(), &H100)?;
+        (graph, Some(report))
+    } else {
+        (step.graph.clone(), None)
+    };
+    let program = plan(&graph)?;
+    Ok(Compiled {
+        graph,
+        program,
+        report,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}

@@ -1,0 +1,123 @@
+//! A compiled program on the CPU executor: one arena of memory, inputs written by role,
+//! outputs read by name, the launches run in order. The CPU twin of the CUDA runtime.
+
+use fisherc_ir::graph::Output;
+use fisherc_ir::ops::Role;
+use fisherc_ir::tensor::{DType, Tensor, Value};
+
+use crate::exec::{self, ExecError, Memory};
+use crate::plan::{Arg, Buffer, Kind, PlannedLaunch, Program};
+
+pub struct CpuDevice<'p> {
+    program: &'p Program,
+    pub memory: Memory,
+}
+
+impl<'p> CpuDevice<'p> {
+    /// Allocates the arena and writes the constants.
+    pub fn new(program: &'p Program) -> Self {
+        let mut device = CpuDevice {
+            program,
+            memory: Memory::zeroed(program.arena_bytes),
+        };
+        for b in &program.buffers {
+            if let Kind::Constant(v) = b.kind {
+                device.memory.write_f32(b.offset, &[v]);
+            }
+        }
+        device
+    }
+
+    /// Writes an input; `false` if the program has no such input (e.g. an unused one).
+    pub fn upload(&mut self, role: &Role, value: &Value<f32>) -> Result<bool, String> {
+        let Some(buffer) = self.program.input(role) else {
+            return Ok(false);
+        };
+        let words: Vec<u32> = match value {
+            Value::Float(t) => t.data.iter().map(|v| v.to_bits()).collect(),
+            Value::Int(t) => t.data.iter().map(|&v| v as u32).collect(),
+            Value::Word(w) => vec![*w as u32, (*w >> 32) as u32],
+        };
+        if 4 * words.len() as u64 != buffer.bytes || value.shape() != buffer.shape.as_slice() {
+            return Err(format!(
+                "input {role}: {} bytes of {:?} for a {:?} buffer",
+                4 * words.len(),
+                value.shape(),
+                buffer.shape
+            ));
+        }
+        self.memory.write_words(buffer.offset, words);
+        Ok(true)
+    }
+
+    /// Reads an f32 output.
+    pub fn download(&self, name: &Output) -> Option<Tensor<f32>> {
+        let b = self.program.output(name)?;
+        Some(self.read(b).into_float())
+    }
+
+    /// Reads any buffer, as the value its type says.
+    pub fn read(&self, b: &Buffer) -> Value<f32> {
+        let words = || self.memory.read_words(b.offset, (b.bytes / 4) as usize);
+        match b.dtype {
+            DType::F32 => Value::Float(Tensor::from_vec(
+                &b.shape,
+                words().map(f32::from_bits).collect(),
+            )),
+            DType::I32 => Value::Int(Tensor::from_vec(
+                &b.shape,
+                words().map(|w| w as i32).collect(),
+            )),
+            DType::U64 => {
+                let w: Vec<u32> = words().collect();
+                Value::Word(w[0] as u64 | (w[1] as u64) << 32)
+            }
+        }
+    }
+
+    /// Runs every launch of the step.
+    pub fn run(&mut self) -> Result<(), ExecError> {
+        for launch in &self.program.launches {
+            self.launch(launch)?;
+        }
+        Ok(())
+    }
+
+    /// Runs the launches of node `i` of [`Program::nodes`] alone.
+    pub fn run_node(&mut self, i: usize) -> Result<(), ExecError> {
+        let node = &self.program.nodes[i];
+        for launch in &self.program.launches[node.first_launch..][..node.launch_count] {
+            self.launch(launch)?;
+        }
+        Ok(())
+    }
+
+    /// Runs every launch of the step; returns each launch's wall time in seconds.
+    pub fn run_timed(&mut self) -> Result<Vec<f64>, ExecError> {
+        let mut times = Vec::with_capacity(self.program.launches.len());
+        for launch in &self.program.launches {
+            let started = std::time::Instant::now();
+            self.launch(launch)?;
+            times.push(started.elapsed().as_secs_f64());
+        }
+        Ok(times)
+    }
+
+    fn launch(&self, launch: &PlannedLaunch) -> Result<(), ExecError> {
+        let args: Vec<exec::Arg> = launch
+            .args
+            .iter()
+            .map(|a| match *a {
+                Arg::Buffer(b) => exec::Arg::Ptr(self.program.buffers[b].offset),
+                Arg::U32(v) => exec::Arg::U32(v),
+                Arg::F32(v) => exec::Arg::F32(v),
+            })
+            .collect();
+        exec::run(
+            &self.program.kernels[launch.kernel],
+            launch.grid,
+            &args,
+            &self.memory,
+        )
+    }
+}

@@ -1,0 +1,66 @@
+//! Every kernel of every paper model assembles with NVIDIA's ptxas for sm_80 and sm_90: batch
+//! 4096, each Fisher mode, fused and unfused. Run by `scripts/test.sh`, which installs ptxas.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use fisherc_codegen::compile::{CompileOptions, compile};
+use fisherc_codegen::kir::Kernel;
+use fisherc_codegen::{ptx, ptxas};
+use fisherc_ir::model::{BuildOptions, load};
+use fisherc_ir::{FisherMode, StepOptions, build_training_step};
+
+const MODELS: [&str; 4] = ["resnet20", "resnet44", "resnet44x2", "vgg16"];
+
+/// The kernels of every configuration, one copy of each (names are unique per op and shape).
+fn all_kernels() -> BTreeMap<String, Kernel> {
+    let mut kernels = BTreeMap::new();
+    for model in MODELS {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../models/{model}.toml"));
+        for mode in FisherMode::ALL {
+            let network = load(&path, &BuildOptions::train(4096)).unwrap();
+            let step = build_training_step(network, &StepOptions::new(mode)).unwrap();
+            for fused in [true, false] {
+                let compiled = compile(&step, CompileOptions { fused }).unwrap();
+                for k in compiled.program.kernels {
+                    kernels.entry(k.name.clone()).or_insert(k);
+                }
+            }
+        }
+    }
+    kernels
+}
+
+#[test]
+#[ignore = "needs ptxas: run scripts/test.sh (it installs ptxas into .tools/)"]
+fn every_kernel_of_every_model_assembles_for_sm80_and_sm90() {
+    let ptxas = ptxas::find().expect("ptxas not found: run scripts/install-ptxas.sh");
+    let kernels = all_kernels();
+    let refs: Vec<&Kernel> = kernels.values().collect();
+    for arch in ["sm_80", "sm_90"] {
+        let resources = ptxas::assemble(&ptxas, &ptx::module(&refs, arch), arch)
+            .unwrap_or_else(|messages| panic!("ptxas rejected the module for {arch}:\n{messages}"));
+        let mut assembled: Vec<&str> = resources.iter().map(|r| r.kernel.as_str()).collect();
+        assembled.sort_unstable();
+        let expected: Vec<&str> = kernels.keys().map(String::as_str).collect(); // sorted
+        assert_eq!(assembled, expected, "{arch}: ptxas reports every kernel");
+        let spilling: Vec<_> = resources
+            .iter()
+            .filter(|r| r.spill_stores > 0 || r.spill_loads > 0)
+            .collect();
+        assert!(
+            spilling.is_empty(),
+            "{arch}: kernels that spill registers: {spilling:?}"
+        );
+        let busiest = resources
+            .iter()
+            .max_by_key(|r| r.registers)
+            .expect("kernels");
+        eprintln!(
+            "{arch}: {} kernels assembled; most registers: {} ({})",
+            resources.len(),
+            busiest.registers,
+            busiest.kernel
+        );
+    }
+}
