@@ -1,4 +1,5 @@
-//! `fisherc inspect MODEL_FILE`: what a model compiles to, without running anything.
+//! `fisherc inspect MODEL_FILE`: what a model compiles to, without running anything. (Given
+//! a directory, `inspect_artifact` reports on what `fisherc compile` wrote there.)
 
 use std::collections::BTreeMap;
 use std::io::{self, Write};
@@ -225,6 +226,9 @@ fn counts<K: std::fmt::Display>(map: &BTreeMap<K, usize>) -> String {
 }
 
 pub fn run(args: &Args) -> Result<()> {
+    if args.model.model.is_dir() {
+        return crate::inspect_artifact::run(&args.model.model, args.json);
+    }
     let step = args.model.training_step()?;
     let optimized = if args.optimize {
         Some(OptimizedReport::of(&optimize(&step.graph)?.report))

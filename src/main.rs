@@ -7,8 +7,10 @@
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod compile;
 mod format;
 mod inspect;
+mod inspect_artifact;
 mod model_args;
 mod step;
 
@@ -27,8 +29,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Show a model's layers, parameters, FLOPs per training step and graph op counts.
+    /// Show a model's layers, parameters, FLOPs per training step and graph op counts; or,
+    /// given a directory `fisherc compile` wrote, what it holds (with ptxas's register counts).
     Inspect(inspect::Args),
+    /// Compile a training step to a PTX module and a launch and memory plan.
+    Compile(compile::Args),
     /// Run training steps on the CPU reference on random data; print loss and time.
     Step(step::Args),
 }
@@ -37,6 +42,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Inspect(args) => inspect::run(&args),
+        Command::Compile(args) => compile::run(&args),
         Command::Step(args) => step::run(&args),
     };
     if let Err(e) = result {

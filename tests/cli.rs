@@ -147,3 +147,68 @@ fn inspect_optimize_reports_rules_ops_and_estimates() {
             .is_none()
     );
 }
+
+#[test]
+fn compile_writes_an_artifact_that_inspect_reads_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("small");
+    let out_arg = out.to_str().unwrap();
+    let compiled = stdout(&fisherc(&[
+        "compile",
+        "models/small_cnn.toml",
+        "--batch",
+        "8",
+        "--fisher",
+        "a2g2",
+        "-o",
+        out_arg,
+    ]));
+    assert!(
+        compiled.contains("batch 8 · fisher a2g2 · fused · sm_90"),
+        "{compiled}"
+    );
+    assert!(compiled.contains("arena "), "{compiled}");
+    for file in ["module.ptx", "plan.json", "summary.txt"] {
+        assert!(out.join(file).is_file(), "{file} written");
+    }
+    let report = stdout(&fisherc(&["inspect", out_arg]));
+    assert!(report.contains("launches by op"), "{report}");
+    assert!(report.contains("fused_wgrad"), "{report}");
+    assert!(
+        report.contains("kernel") && report.contains("regs"),
+        "{report}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&stdout(&fisherc(&["inspect", out_arg, "--json"]))).unwrap();
+    let kernels = json["kernel_resources"].as_array().unwrap();
+    assert_eq!(
+        kernels.len(),
+        json["plan"]["kernels"].as_array().unwrap().len()
+    );
+    assert!(kernels.iter().all(|k| k["launches"].as_u64() >= Some(1)));
+
+    let unfused = dir.path().join("unfused");
+    let text = stdout(&fisherc(&[
+        "compile",
+        "models/small_cnn.toml",
+        "--batch",
+        "8",
+        "--unfused",
+        "--arch",
+        "sm_80",
+        "-o",
+        unfused.to_str().unwrap(),
+    ]));
+    assert!(text.contains("unfused · sm_80"), "{text}");
+    assert!(!text.contains("fused_wgrad"), "{text}");
+}
+
+#[test]
+fn inspect_reports_a_damaged_artifact() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("plan.json"), "{\"format\": 1,\n \"oops\"").unwrap();
+    let out = fisherc(&["inspect", dir.path().to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("plan.json:2:"), "{err}");
+}

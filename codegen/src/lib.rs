@@ -3,11 +3,17 @@
 //! ```text
 //! optimised Graph ──lower──▶ kernels + launches ──plan──▶ Program (schedule, memory plan)
 //!        ──ptx::module──▶ PTX text          ──exec──▶ CPU execution of the same kernels
+//!        ──artifact──▶ module.ptx + plan.json (what the runtime loads)
 //! ```
 //!
 //! * [`kir`]: the kernel IR; [`builder`]: a typed way to write it.
-//! * [`ptx`]: rendering to PTX; [`exec`]: running it on the CPU, thread by thread.
+//! * [`lower`]: every op of the optimised graph as kernels; [`plan`]: schedule and memory
+//!   plan; [`compile`]: the two after the optimizer.
+//! * [`ptx`]: rendering to PTX; [`ptxas`]: assembling it; [`exec`] and [`device`]: running
+//!   the kernels on the CPU, thread by thread.
+//! * [`artifact`]: a compiled step on disk.
 
+pub mod artifact;
 pub mod builder;
 pub mod compile;
 pub mod device;

@@ -45,7 +45,7 @@ pub enum Kind {
     Transient,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Buffer {
     /// e.g. `basic3.conv1/fused_conv:0` or `basic3.conv1/fused_conv:scratch0`.
     pub name: String,
@@ -65,7 +65,7 @@ pub enum Arg {
     F32(f32),
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PlannedLaunch {
     /// Index into [`Program::kernels`].
     pub kernel: usize,
@@ -77,7 +77,7 @@ pub struct PlannedLaunch {
 }
 
 /// One node of the scheduled graph: what it reads and writes, and its launches.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PlannedNode {
     /// The node's index in the compiled graph.
     pub graph_node: usize,

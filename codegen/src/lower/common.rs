@@ -3,7 +3,7 @@
 //! results agree bit for bit where no reduction reorders a sum), and helper kernels (zeroing,
 //! BN finalize).
 
-use fisherc_ir::ops::{Op, Squares};
+use fisherc_ir::ops::{NoisySgdUpdate, Op, Squares};
 use fisherc_ir::tensor::TensorType;
 
 use super::{BLOCK, Buf, Launch, LaunchArg};
@@ -23,12 +23,8 @@ pub struct Cx<'a> {
 
 impl<'a> Cx<'a> {
     pub fn new(op: &'a Op, inputs: &'a [&'a TensorType], outputs: &'a [TensorType]) -> Self {
-        let key = format!(
-            "{}|{:?}|{:?}",
-            serde_json::to_string(op).unwrap_or_default(),
-            inputs,
-            outputs
-        );
+        let op_key = serde_json::to_string(&kernel_key(op)).unwrap_or_default();
+        let key = format!("{op_key}|{inputs:?}|{outputs:?}");
         Cx {
             op,
             inputs,
@@ -57,6 +53,17 @@ impl<'a> Cx<'a> {
 
     pub fn builder(&self, part: &str) -> KernelBuilder {
         KernelBuilder::new(self.name(part), BLOCK, self.wide())
+    }
+}
+
+/// The op as far as its kernels depend on it: attributes passed as launch arguments erased.
+fn kernel_key(op: &Op) -> Op {
+    match op {
+        Op::NoisySgdUpdate(update) => Op::NoisySgdUpdate(NoisySgdUpdate {
+            param: 0,
+            ..update.clone()
+        }),
+        other => other.clone(),
     }
 }
 

@@ -8,8 +8,8 @@ use fisherc_ir::philox::{
     SIN_C3, SIN_C5, SIN_C7, SIN_C9, SQRT_2, TWO_PI, W0, W1,
 };
 
-use super::Lowered;
 use super::common::{Cx, grid_for, input, launch, map, output};
+use super::{LaunchArg, Lowered};
 use crate::builder::{F32, Idx, KernelBuilder, U32, U64};
 use crate::kir::{BinOp, Cmp};
 
@@ -35,6 +35,8 @@ pub fn lower(cx: &Cx) -> Lowered {
         .map(|i| k.ptr_param(&format!("in{i}")))
         .collect();
     let (new_theta, new_v) = (k.ptr_param("new_theta"), k.ptr_param("new_v"));
+    // an argument, not an immediate: parameters of one size share one kernel
+    let param = k.u32_param("param");
     let scalar = |k: &mut KernelBuilder, i: usize| k.load(ins[i], 0u32);
     let (lr, mu, wd, s) = (
         scalar(&mut k, LR),
@@ -55,7 +57,7 @@ pub fn lower(cx: &Cx) -> Lowered {
         let d = k.f32(0.0);
         k.assign(d, g);
         if update.noisy {
-            let xi = normal(k, i, update.param, [seed_lo, seed_hi], [step_lo, step_hi]);
+            let xi = normal(k, i, param, [seed_lo, seed_hi], [step_lo, step_hi]);
             let fisher = k.load(ins[FISHER], i);
             let root = k.sqrt(fisher);
             let amplitude = k.mul(s, root);
@@ -74,7 +76,7 @@ pub fn lower(cx: &Cx) -> Lowered {
         k.store(new_theta, i, theta2);
     });
     let mut args: Vec<_> = (0..cx.inputs.len()).map(input).collect();
-    args.extend([output(0), output(1)]);
+    args.extend([output(0), output(1), LaunchArg::U32(update.param)]);
     Lowered::kernels(vec![launch(k.finish(), grid_for(n), args)])
 }
 
@@ -87,12 +89,11 @@ fn split(k: &mut KernelBuilder, w: U64) -> (U32, U32) {
 }
 
 /// ξ of element `i`: lane `i % 4` of Philox block `i / 4`, as `philox::fill_normal`.
-fn normal(k: &mut KernelBuilder, i: Idx, param: u32, key: [U32; 2], step: [U32; 2]) -> F32 {
+fn normal(k: &mut KernelBuilder, i: Idx, param: U32, key: [U32; 2], step: [U32; 2]) -> F32 {
     let block = k.idx_div_const(i, 4);
     let block = k.idx_to_u32(block);
     let lane = k.idx_rem_const(i, 4);
     let lane = k.idx_to_u32(lane);
-    let param = k.u32(param);
     let x = philox(k, [block, param, step[0], step[1]], key);
     let second_pair = k.cmp_u(Cmp::Ge, lane, 2u32);
     let first = k.select_u(second_pair, x[2], x[0]);

@@ -1,0 +1,401 @@
+//! A compiled step on disk, the hand-off from the compiler to the runtime:
+//!
+//! * `module.ptx`: every kernel, one PTX module;
+//! * `plan.json`: the [`Plan`]: buffers and their offsets in the arena, kernels with their
+//!   parameters, the step sequence (nodes, each with its launches: grid, block, arguments in
+//!   order), which buffers the host writes (inputs, hyper-parameter slots) and reads (outputs);
+//! * `summary.txt`: the same for people.
+//!
+//! Files are written to a temporary name and renamed, so an interrupted compile never leaves a
+//! half-written artifact behind, and reading checks everything a runtime would trip over.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use fisherc_ir::graph::Output;
+use fisherc_ir::ops::{Hyper, Role};
+use fisherc_ir::tensor::DType;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::kir::{Kernel, ParamTy};
+use crate::plan::{Arg, Buffer, PlannedLaunch, PlannedNode, Program};
+use crate::ptx;
+
+/// Version of the `plan.json` layout; bumped on any incompatible change.
+pub const FORMAT: u32 = 1;
+
+pub const PTX_FILE: &str = "module.ptx";
+pub const PLAN_FILE: &str = "plan.json";
+pub const SUMMARY_FILE: &str = "summary.txt";
+
+/// What was compiled, and how.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Source {
+    pub model: String,
+    pub batch: usize,
+    pub fisher: String,
+    pub fused: bool,
+    /// The PTX target, e.g. `sm_90`.
+    pub arch: String,
+}
+
+/// A kernel's signature; its body is in the PTX module.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct KernelInfo {
+    pub name: String,
+    pub params: Vec<(String, ParamTy)>,
+    pub block: u32,
+    pub shared_bytes: u32,
+}
+
+/// A buffer the host writes or reads.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Slot<R> {
+    pub role: R,
+    pub buffer: usize,
+}
+
+/// A hyper-parameter the host writes before each step.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HyperSlot {
+    pub hyper: Hyper,
+    pub buffer: usize,
+    pub offset: u64,
+    pub dtype: DType,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    pub format: u32,
+    /// Version of fisherc that wrote it.
+    pub fisherc: String,
+    pub source: Source,
+    /// Compile time in seconds, optimizer included.
+    pub compile_seconds: f64,
+    pub arena_bytes: u64,
+    /// Bytes at the start of the arena that persist: inputs, constants, outputs.
+    pub persistent_bytes: u64,
+    pub buffers: Vec<Buffer>,
+    pub kernels: Vec<KernelInfo>,
+    /// The step: nodes in order, each with its launches.
+    pub nodes: Vec<PlannedNode>,
+    pub launches: Vec<PlannedLaunch>,
+    pub inputs: Vec<Slot<Role>>,
+    pub hyper: Vec<HyperSlot>,
+    pub outputs: Vec<Slot<Output>>,
+}
+
+#[derive(Debug, Error)]
+pub enum ArtifactError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: {message}")]
+    Json {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// A plan and its PTX module.
+#[derive(Clone, Debug)]
+pub struct Artifact {
+    pub plan: Plan,
+    pub ptx: String,
+}
+
+impl Artifact {
+    /// Packages a compiled program.
+    pub fn new(program: &Program, source: Source, compile_seconds: f64) -> Artifact {
+        let kernels: Vec<&Kernel> = program.kernels.iter().collect();
+        let ptx = ptx::module(&kernels, &source.arch);
+        let slot = |(role, &buffer): (&Role, &usize)| Slot {
+            role: role.clone(),
+            buffer,
+        };
+        let hyper = program
+            .inputs
+            .iter()
+            .filter_map(|(role, &buffer)| match role {
+                Role::Hyper(h) => Some(HyperSlot {
+                    hyper: *h,
+                    buffer,
+                    offset: program.buffers[buffer].offset,
+                    dtype: program.buffers[buffer].dtype,
+                }),
+                _ => None,
+            })
+            .collect();
+        let plan = Plan {
+            format: FORMAT,
+            fisherc: env!("CARGO_PKG_VERSION").to_string(),
+            source,
+            compile_seconds,
+            arena_bytes: program.arena_bytes,
+            persistent_bytes: program.persistent_bytes,
+            buffers: program.buffers.clone(),
+            kernels: program.kernels.iter().map(KernelInfo::of).collect(),
+            nodes: program.nodes.clone(),
+            launches: program.launches.clone(),
+            inputs: program.inputs.iter().map(slot).collect(),
+            hyper,
+            outputs: program
+                .outputs
+                .iter()
+                .map(|(role, &buffer)| Slot {
+                    role: role.clone(),
+                    buffer,
+                })
+                .collect(),
+        };
+        Artifact { plan, ptx }
+    }
+
+    /// Writes `module.ptx`, `plan.json` and `summary.txt` into `dir` (created if needed).
+    pub fn write(&self, dir: &Path) -> Result<(), ArtifactError> {
+        fs::create_dir_all(dir).map_err(|source| ArtifactError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let json = serde_json::to_string_pretty(&self.plan).expect("plans serialise");
+        write_atomically(&dir.join(PTX_FILE), &self.ptx)?;
+        write_atomically(&dir.join(PLAN_FILE), &json)?;
+        write_atomically(&dir.join(SUMMARY_FILE), &summary(&self.plan))
+    }
+
+    /// Reads an artifact back and checks that it hangs together.
+    pub fn read(dir: &Path) -> Result<Artifact, ArtifactError> {
+        let read = |name: &str| {
+            let path = dir.join(name);
+            fs::read_to_string(&path).map_err(|source| ArtifactError::Io { path, source })
+        };
+        let plan_path = dir.join(PLAN_FILE);
+        let text = read(PLAN_FILE)?;
+        let plan: Plan = serde_json::from_str(&text).map_err(|e| ArtifactError::Json {
+            path: plan_path.clone(),
+            line: e.line(),
+            column: e.column(),
+            message: e.to_string(),
+        })?;
+        let invalid = |message: String| ArtifactError::Invalid {
+            path: plan_path.clone(),
+            message,
+        };
+        if plan.format != FORMAT {
+            return Err(invalid(format!(
+                "plan format {} (this fisherc reads format {FORMAT}); recompile the model",
+                plan.format
+            )));
+        }
+        plan.check().map_err(invalid)?;
+        let ptx = read(PTX_FILE)?;
+        if let Some(missing) = plan
+            .kernels
+            .iter()
+            .find(|k| !ptx.contains(&format!(".entry {}(", k.name)))
+        {
+            return Err(ArtifactError::Invalid {
+                path: dir.join(PTX_FILE),
+                message: format!("no kernel {} (named in {PLAN_FILE})", missing.name),
+            });
+        }
+        Ok(Artifact { plan, ptx })
+    }
+}
+
+impl KernelInfo {
+    fn of(k: &Kernel) -> KernelInfo {
+        KernelInfo {
+            name: k.name.clone(),
+            params: k.params.clone(),
+            block: k.block,
+            shared_bytes: k.shared_bytes,
+        }
+    }
+}
+
+impl Plan {
+    /// Every index in range, every buffer inside the arena, every launch's arguments of its
+    /// kernel's parameter types, every node's launches where it says.
+    pub fn check(&self) -> Result<(), String> {
+        for b in &self.buffers {
+            if b.offset
+                .checked_add(b.bytes)
+                .is_none_or(|end| end > self.arena_bytes)
+            {
+                return Err(format!(
+                    "buffer {} ({} bytes at {}) outside the arena of {} bytes",
+                    b.name, b.bytes, b.offset, self.arena_bytes
+                ));
+            }
+        }
+        let buffer = |i: usize, what: &str| {
+            if i < self.buffers.len() {
+                Ok(())
+            } else {
+                Err(format!("{what}: buffer {i} of {}", self.buffers.len()))
+            }
+        };
+        for (i, launch) in self.launches.iter().enumerate() {
+            let kernel = self.kernels.get(launch.kernel).ok_or_else(|| {
+                format!(
+                    "launch {i}: kernel {} of {}",
+                    launch.kernel,
+                    self.kernels.len()
+                )
+            })?;
+            if launch.args.len() != kernel.params.len() {
+                return Err(format!(
+                    "launch {i} of {}: {} arguments for {} parameters",
+                    kernel.name,
+                    launch.args.len(),
+                    kernel.params.len()
+                ));
+            }
+            for (arg, (name, ty)) in launch.args.iter().zip(&kernel.params) {
+                match (arg, ty) {
+                    (Arg::Buffer(b), ParamTy::Ptr) => buffer(*b, &format!("launch {i}, {name}"))?,
+                    (Arg::U32(_), ParamTy::U32) | (Arg::F32(_), ParamTy::F32) => {}
+                    _ => {
+                        return Err(format!(
+                            "launch {i} of {}: {name} ({ty:?}) given {arg:?}",
+                            kernel.name
+                        ));
+                    }
+                }
+            }
+            if launch.node >= self.nodes.len() {
+                return Err(format!(
+                    "launch {i}: node {} of {}",
+                    launch.node,
+                    self.nodes.len()
+                ));
+            }
+        }
+        for (i, node) in self.nodes.iter().enumerate() {
+            let what = format!("node {i} ({} {})", node.layer, node.op);
+            node.inputs
+                .iter()
+                .chain(&node.outputs)
+                .try_for_each(|&b| buffer(b, &what))?;
+            let range = node.first_launch..node.first_launch + node.launch_count;
+            if range.end > self.launches.len() || self.launches[range].iter().any(|l| l.node != i) {
+                return Err(format!(
+                    "{what}: its launches {}..{} are not its own",
+                    node.first_launch,
+                    node.first_launch + node.launch_count
+                ));
+            }
+        }
+        let slots = self
+            .inputs
+            .iter()
+            .map(|s| s.buffer)
+            .chain(self.outputs.iter().map(|s| s.buffer));
+        slots
+            .chain(self.hyper.iter().map(|s| s.buffer))
+            .try_for_each(|b| buffer(b, "slot"))
+    }
+}
+
+fn write_atomically(path: &Path, text: &str) -> Result<(), ArtifactError> {
+    let temporary = path.with_extension("partial");
+    let io = |source| ArtifactError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    fs::write(&temporary, text).map_err(io)?;
+    fs::rename(&temporary, path).map_err(io)
+}
+
+/// Bytes in binary units: `5.43 GiB`.
+pub fn bytes(n: u64) -> String {
+    let units = [(1u64 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
+    for (scale, unit) in units {
+        if n >= scale {
+            return format!("{:.2} {unit}", n as f64 / scale as f64);
+        }
+    }
+    format!("{n} B")
+}
+
+/// The human-readable summary (`summary.txt`, `fisherc compile`, `fisherc inspect DIR`).
+pub fn summary(plan: &Plan) -> String {
+    let s = &plan.source;
+    let mut launches_by_op: std::collections::BTreeMap<&str, (usize, usize)> = Default::default();
+    for node in plan.nodes.iter().filter(|n| n.launch_count > 0) {
+        let entry = launches_by_op.entry(&node.op).or_default();
+        entry.0 += 1;
+        entry.1 += node.launch_count;
+    }
+    let state = |f: fn(&Role) -> bool| -> u64 {
+        plan.inputs
+            .iter()
+            .filter(|slot| f(&slot.role))
+            .map(|slot| plan.buffers[slot.buffer].bytes)
+            .sum()
+    };
+    let params = state(|r| matches!(r, Role::Param(_)));
+    let momenta = state(|r| matches!(r, Role::Momentum(_)));
+    let fisher: u64 = plan
+        .outputs
+        .iter()
+        .filter(|slot| matches!(slot.role, Output::Fisher(_)))
+        .map(|slot| plan.buffers[slot.buffer].bytes)
+        .sum();
+    let mut out = format!(
+        "{} · batch {} · fisher {} · {} · {}\n",
+        s.model,
+        s.batch,
+        s.fisher,
+        if s.fused { "fused" } else { "unfused" },
+        s.arch
+    );
+    out += &format!(
+        "compiled by fisherc {} in {:.2} s\n",
+        plan.fisherc, plan.compile_seconds
+    );
+    out += &format!(
+        "arena       {} = {} persistent + {} transient peak\n",
+        bytes(plan.arena_bytes),
+        bytes(plan.persistent_bytes),
+        bytes(plan.arena_bytes - plan.persistent_bytes)
+    );
+    out += &format!(
+        "            parameters {}, momenta {}, Fisher {}\n",
+        bytes(params),
+        bytes(momenta),
+        bytes(fisher)
+    );
+    out += &format!(
+        "step        {} nodes, {} launches of {} kernels, {} buffers\n",
+        plan.nodes.len(),
+        plan.launches.len(),
+        plan.kernels.len(),
+        plan.buffers.len()
+    );
+    out += "hyper slots ";
+    let hyper_name = |h: &HyperSlot| {
+        serde_json::to_value(h.hyper)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+    };
+    let slots: Vec<String> = plan
+        .hyper
+        .iter()
+        .map(|h| format!("{} @{}", hyper_name(h).unwrap_or_default(), h.offset))
+        .collect();
+    out += &slots.join(", ");
+    out += "\nlaunches by op (nodes, launches):\n";
+    for (op, (nodes, launches)) in launches_by_op {
+        out += &format!("  {op:<32} {nodes:>5} {launches:>6}\n");
+    }
+    out
+}

@@ -1,0 +1,132 @@
+//! Artifacts on disk: what is written reads back equal, and damaged artifacts are reported
+//! with the file and what is wrong, never a panic.
+
+use std::fs;
+use std::path::Path;
+
+use fisherc_codegen::artifact::{
+    Artifact, ArtifactError, PLAN_FILE, PTX_FILE, SUMMARY_FILE, Source,
+};
+use fisherc_codegen::compile::{CompileOptions, compile};
+use fisherc_codegen::plan::Arg;
+use fisherc_ir::model::{BuildOptions, load};
+use fisherc_ir::ops::Hyper;
+use fisherc_ir::{FisherMode, StepOptions, build_training_step};
+
+fn artifact(fused: bool) -> Artifact {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/small_cnn.toml");
+    let network = load(&path, &BuildOptions::train(8)).unwrap();
+    let step = build_training_step(network, &StepOptions::new(FisherMode::Exact)).unwrap();
+    let compiled = compile(&step, CompileOptions { fused }).unwrap();
+    let source = Source {
+        model: "models/small_cnn.toml".into(),
+        batch: 8,
+        fisher: "exact".into(),
+        fused,
+        arch: "sm_80".into(),
+    };
+    Artifact::new(&compiled.program, source, compiled.seconds)
+}
+
+fn written(a: &Artifact) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    a.write(dir.path()).unwrap();
+    dir
+}
+
+#[test]
+fn artifacts_read_back_equal() {
+    for fused in [true, false] {
+        let a = artifact(fused);
+        let dir = written(&a);
+        let back = Artifact::read(dir.path()).unwrap();
+        assert_eq!(back.plan, a.plan);
+        assert_eq!(back.ptx, a.ptx);
+        assert!(a.ptx.contains(".target sm_80"));
+        let summary = fs::read_to_string(dir.path().join(SUMMARY_FILE)).unwrap();
+        assert!(summary.contains("batch 8 · fisher exact"), "{summary}");
+        // no temporary files left behind
+        let mut names: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, [PTX_FILE, PLAN_FILE, SUMMARY_FILE]);
+    }
+}
+
+#[test]
+fn the_plan_names_the_hyper_parameter_slots_and_the_step_sequence() {
+    let plan = artifact(true).plan;
+    let hypers: Vec<Hyper> = plan.hyper.iter().map(|h| h.hyper).collect();
+    for h in Hyper::ALL {
+        assert!(hypers.contains(&h), "{h:?} has a slot");
+    }
+    for slot in &plan.hyper {
+        assert_eq!(slot.offset, plan.buffers[slot.buffer].offset);
+    }
+    // the launches, in order, are the nodes' launches, in order
+    let from_nodes: Vec<usize> = plan
+        .nodes
+        .iter()
+        .flat_map(|n| n.first_launch..n.first_launch + n.launch_count)
+        .collect();
+    assert_eq!(from_nodes, (0..plan.launches.len()).collect::<Vec<_>>());
+    plan.check().unwrap();
+}
+
+#[test]
+fn damaged_artifacts_are_reported_not_panicked_on() {
+    let a = artifact(true);
+
+    let dir = written(&a);
+    let plan_path = dir.path().join(PLAN_FILE);
+    let text = fs::read_to_string(&plan_path).unwrap();
+    fs::write(
+        &plan_path,
+        text.replacen("\"launches\": [", "\"launches\": [}", 1),
+    )
+    .unwrap();
+    let err = Artifact::read(dir.path()).unwrap_err();
+    assert!(
+        matches!(err, ArtifactError::Json { line, .. } if line > 1),
+        "{err}"
+    );
+    assert!(
+        err.to_string()
+            .starts_with(&plan_path.display().to_string()),
+        "{err}"
+    );
+
+    let mut bad = a.clone();
+    bad.plan.format += 1;
+    let err = Artifact::read(written(&bad).path()).unwrap_err();
+    assert!(err.to_string().contains("recompile"), "{err}");
+
+    let mut bad = a.clone();
+    bad.plan.launches[3].args[0] = Arg::Buffer(bad.plan.buffers.len());
+    let err = Artifact::read(written(&bad).path()).unwrap_err();
+    assert!(err.to_string().contains("launch 3"), "{err}");
+
+    let mut bad = a.clone();
+    bad.plan.launches[2].args.pop();
+    let err = Artifact::read(written(&bad).path()).unwrap_err();
+    assert!(err.to_string().contains("arguments for"), "{err}");
+
+    let mut bad = a.clone();
+    let name = bad.plan.kernels[0].name.clone();
+    bad.ptx = bad
+        .ptx
+        .replace(&format!(".entry {name}("), ".entry renamed(");
+    let err = Artifact::read(written(&bad).path()).unwrap_err();
+    assert!(
+        err.to_string().contains(&format!("no kernel {name}")),
+        "{err}"
+    );
+
+    let dir = written(&a);
+    fs::remove_file(dir.path().join(PTX_FILE)).unwrap();
+    let err = Artifact::read(dir.path()).unwrap_err();
+    assert!(matches!(err, ArtifactError::Io { .. }), "{err}");
+    assert!(err.to_string().contains(PTX_FILE), "{err}");
+}

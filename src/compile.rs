@@ -1,0 +1,67 @@
+//! `fisherc compile MODEL_FILE`: compiles a training step to an artifact directory (PTX module,
+//! plan, summary) for the runtime.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use fisherc_codegen::artifact::{Artifact, PLAN_FILE, PTX_FILE, Source, bytes, summary};
+use fisherc_codegen::compile::{CompileOptions, compile};
+
+use crate::model_args::ModelArgs;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    /// Compile without the fusion rules: every op its own kernels (the baseline for fused vs
+    /// unfused).
+    #[arg(long)]
+    pub unfused: bool,
+
+    /// PTX target: sm_80 or sm_90.
+    #[arg(long, default_value = "sm_90", value_parser = ["sm_80", "sm_90"])]
+    pub arch: String,
+
+    /// Output directory [default: compiled/MODEL_b<BATCH>_<FISHER>[_unfused]].
+    #[arg(short, long)]
+    pub out: Option<PathBuf>,
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    let step = args.model.training_step()?;
+    let fused = !args.unfused;
+    let compiled = compile(&step, CompileOptions { fused })
+        .with_context(|| format!("compiling {}", args.model.model.display()))?;
+    let source = Source {
+        model: args.model.model.display().to_string(),
+        batch: args.model.batch,
+        fisher: args.model.fisher.to_string(),
+        fused,
+        arch: args.arch.clone(),
+    };
+    let artifact = Artifact::new(&compiled.program, source, compiled.seconds);
+    let dir = args.out.clone().unwrap_or_else(|| default_dir(args));
+    artifact.write(&dir)?;
+    print!("{}", summary(&artifact.plan));
+    println!(
+        "wrote {} ({} {}, {PLAN_FILE}, summary.txt)",
+        dir.display(),
+        PTX_FILE,
+        bytes(artifact.ptx.len() as u64)
+    );
+    Ok(())
+}
+
+fn default_dir(args: &Args) -> PathBuf {
+    let stem = args
+        .model
+        .model
+        .file_stem()
+        .map_or("model".into(), |s| s.to_string_lossy());
+    let variant = if args.unfused { "_unfused" } else { "" };
+    PathBuf::from("compiled").join(format!(
+        "{stem}_b{}_{}{variant}",
+        args.model.batch, args.model.fisher
+    ))
+}
