@@ -24,46 +24,28 @@ macro_rules! typed_reg {
 
 typed_reg!(F32, U32, S32, U64, Pred, Idx);
 
-/// An f32 operand: a register or an immediate.
-#[derive(Clone, Copy, Debug)]
-pub struct FOp(Operand);
-impl From<F32> for FOp {
-    fn from(r: F32) -> FOp {
-        FOp(r.into())
-    }
-}
-impl From<f32> for FOp {
-    fn from(v: f32) -> FOp {
-        FOp(Operand::F32(v))
-    }
-}
-
-/// A u32 operand.
-#[derive(Clone, Copy, Debug)]
-pub struct UOp(Operand);
-impl From<U32> for UOp {
-    fn from(r: U32) -> UOp {
-        UOp(r.into())
-    }
-}
-impl From<u32> for UOp {
-    fn from(v: u32) -> UOp {
-        UOp(Operand::U32(v))
-    }
+/// Operand types: a typed register or an immediate of the same type.
+macro_rules! typed_operand {
+    ($($(#[$doc:meta])* $name:ident: $reg:ident | $imm:ty => $variant:ident;)*) => {$(
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug)]
+        pub struct $name(Operand);
+        impl From<$reg> for $name {
+            fn from(r: $reg) -> $name { $name(r.into()) }
+        }
+        impl From<$imm> for $name {
+            fn from(v: $imm) -> $name { $name(Operand::$variant(v)) }
+        }
+    )*};
 }
 
-/// An s32 operand.
-#[derive(Clone, Copy, Debug)]
-pub struct SOp(Operand);
-impl From<S32> for SOp {
-    fn from(r: S32) -> SOp {
-        SOp(r.into())
-    }
-}
-impl From<i32> for SOp {
-    fn from(v: i32) -> SOp {
-        SOp(Operand::S32(v))
-    }
+typed_operand! {
+    /// An f32 operand.
+    FOp: F32 | f32 => F32;
+    /// A u32 operand.
+    UOp: U32 | u32 => U32;
+    /// An s32 operand.
+    SOp: S32 | i32 => S32;
 }
 
 /// A shared-memory array of f32, by its byte offset in the block's shared memory.
@@ -120,6 +102,13 @@ impl KernelBuilder {
         Reg { id, ty }
     }
 
+    /// A fresh register of type `ty`, defined by the instruction `make` builds around it.
+    fn def(&mut self, ty: Ty, make: impl FnOnce(Reg) -> Inst) -> Reg {
+        let dst = self.reg(ty);
+        self.emit(make(dst));
+        dst
+    }
+
     fn emit(&mut self, inst: Inst) {
         self.stack
             .last_mut()
@@ -128,9 +117,7 @@ impl KernelBuilder {
     }
 
     fn bin(&mut self, op: BinOp, ty: Ty, a: Operand, b: Operand) -> Reg {
-        let dst = self.reg(ty);
-        self.emit(Inst::Bin { op, dst, a, b });
-        dst
+        self.def(ty, |dst| Inst::Bin { op, dst, a, b })
     }
 
     // ---- parameters and special registers ----
@@ -138,9 +125,7 @@ impl KernelBuilder {
     fn param(&mut self, name: &str, ty: ParamTy, reg_ty: Ty) -> Reg {
         let index = self.params.len();
         self.params.push((name.to_string(), ty));
-        let dst = self.reg(reg_ty);
-        self.emit(Inst::Param { dst, index });
-        dst
+        self.def(reg_ty, |dst| Inst::Param { dst, index })
     }
 
     /// A device-pointer parameter.
@@ -153,9 +138,7 @@ impl KernelBuilder {
     }
 
     fn special(&mut self, which: Special) -> U32 {
-        let dst = self.reg(Ty::U32);
-        self.emit(Inst::Special { dst, which });
-        U32(dst)
+        U32(self.def(Ty::U32, |dst| Inst::Special { dst, which }))
     }
 
     pub fn tid(&mut self) -> U32 {
@@ -177,12 +160,10 @@ impl KernelBuilder {
     // ---- f32 ----
 
     pub fn f32(&mut self, v: f32) -> F32 {
-        let dst = self.reg(Ty::F32);
-        self.emit(Inst::Mov {
+        F32(self.def(Ty::F32, |dst| Inst::Mov {
             dst,
             src: Operand::F32(v),
-        });
-        F32(dst)
+        }))
     }
 
     fn fbin(&mut self, op: BinOp, a: impl Into<FOp>, b: impl Into<FOp>) -> F32 {
@@ -210,20 +191,16 @@ impl KernelBuilder {
     }
 
     pub fn fma(&mut self, a: impl Into<FOp>, b: impl Into<FOp>, c: impl Into<FOp>) -> F32 {
-        let dst = self.reg(Ty::F32);
         let (a, b, c) = (a.into().0, b.into().0, c.into().0);
-        self.emit(Inst::Fma { dst, a, b, c });
-        F32(dst)
+        F32(self.def(Ty::F32, |dst| Inst::Fma { dst, a, b, c }))
     }
 
     fn fun(&mut self, op: UnOp, a: impl Into<FOp>) -> F32 {
-        let dst = self.reg(Ty::F32);
-        self.emit(Inst::Un {
+        F32(self.def(Ty::F32, |dst| Inst::Un {
             op,
             dst,
             a: a.into().0,
-        });
-        F32(dst)
+        }))
     }
 
     pub fn neg(&mut self, a: impl Into<FOp>) -> F32 {
@@ -246,14 +223,12 @@ impl KernelBuilder {
 
     /// `p ? a : b`.
     pub fn select(&mut self, p: Pred, a: impl Into<FOp>, b: impl Into<FOp>) -> F32 {
-        let dst = self.reg(Ty::F32);
-        self.emit(Inst::Selp {
+        F32(self.def(Ty::F32, |dst| Inst::Selp {
             dst,
             a: a.into().0,
             b: b.into().0,
             pred: p.0,
-        });
-        F32(dst)
+        }))
     }
 
     /// `dst = v` for an existing register (accumulators, loop-carried values).
@@ -286,43 +261,35 @@ impl KernelBuilder {
     }
 
     pub fn cmp_f32(&mut self, cmp: Cmp, a: impl Into<FOp>, b: impl Into<FOp>) -> Pred {
-        let dst = self.reg(Ty::Pred);
-        self.emit(Inst::Setp {
+        Pred(self.def(Ty::Pred, |dst| Inst::Setp {
             cmp,
             dst,
             a: a.into().0,
             b: b.into().0,
-        });
-        Pred(dst)
+        }))
     }
 
     pub fn f32_from_u32(&mut self, a: impl Into<UOp>) -> F32 {
-        let dst = self.reg(Ty::F32);
-        self.emit(Inst::Cvt {
+        F32(self.def(Ty::F32, |dst| Inst::Cvt {
             dst,
             src: a.into().0,
-        });
-        F32(dst)
+        }))
     }
 
     pub fn f32_from_s32(&mut self, a: impl Into<SOp>) -> F32 {
-        let dst = self.reg(Ty::F32);
-        self.emit(Inst::Cvt {
+        F32(self.def(Ty::F32, |dst| Inst::Cvt {
             dst,
             src: a.into().0,
-        });
-        F32(dst)
+        }))
     }
 
     // ---- u32 ----
 
     pub fn u32(&mut self, v: u32) -> U32 {
-        let dst = self.reg(Ty::U32);
-        self.emit(Inst::Mov {
+        U32(self.def(Ty::U32, |dst| Inst::Mov {
             dst,
             src: Operand::U32(v),
-        });
-        U32(dst)
+        }))
     }
 
     pub fn ubin(&mut self, op: BinOp, a: impl Into<UOp>, b: impl Into<UOp>) -> U32 {
@@ -339,10 +306,8 @@ impl KernelBuilder {
 
     /// `a·b + c` (low 32 bits).
     pub fn mad_u(&mut self, a: impl Into<UOp>, b: impl Into<UOp>, c: impl Into<UOp>) -> U32 {
-        let dst = self.reg(Ty::U32);
         let (a, b, c) = (a.into().0, b.into().0, c.into().0);
-        self.emit(Inst::Fma { dst, a, b, c });
-        U32(dst)
+        U32(self.def(Ty::U32, |dst| Inst::Fma { dst, a, b, c }))
     }
 
     pub fn assign_u(&mut self, dst: U32, v: impl Into<UOp>) {
@@ -353,51 +318,41 @@ impl KernelBuilder {
     }
 
     pub fn cmp_u(&mut self, cmp: Cmp, a: impl Into<UOp>, b: impl Into<UOp>) -> Pred {
-        let dst = self.reg(Ty::Pred);
-        self.emit(Inst::Setp {
+        Pred(self.def(Ty::Pred, |dst| Inst::Setp {
             cmp,
             dst,
             a: a.into().0,
             b: b.into().0,
-        });
-        Pred(dst)
+        }))
     }
 
     /// `p ? a : b` on u32.
     pub fn select_u(&mut self, p: Pred, a: impl Into<UOp>, b: impl Into<UOp>) -> U32 {
-        let dst = self.reg(Ty::U32);
-        self.emit(Inst::Selp {
+        U32(self.def(Ty::U32, |dst| Inst::Selp {
             dst,
             a: a.into().0,
             b: b.into().0,
             pred: p.0,
-        });
-        U32(dst)
+        }))
     }
 
     /// The bits of an f32, as a u32.
     pub fn bits_of(&mut self, v: F32) -> U32 {
-        let dst = self.reg(Ty::U32);
-        self.emit(Inst::Mov { dst, src: v.into() });
-        U32(dst)
+        U32(self.def(Ty::U32, |dst| Inst::Mov { dst, src: v.into() }))
     }
 
     /// The f32 with these bits.
     pub fn float_of(&mut self, bits: U32) -> F32 {
-        let dst = self.reg(Ty::F32);
-        self.emit(Inst::Mov {
+        F32(self.def(Ty::F32, |dst| Inst::Mov {
             dst,
             src: bits.into(),
-        });
-        F32(dst)
+        }))
     }
 
     // ---- u64 ----
 
     pub fn u32_from_u64(&mut self, a: U64) -> U32 {
-        let dst = self.reg(Ty::U32);
-        self.emit(Inst::Cvt { dst, src: a.into() });
-        U32(dst)
+        U32(self.def(Ty::U32, |dst| Inst::Cvt { dst, src: a.into() }))
     }
 
     pub fn shr_u64(&mut self, a: U64, bits: u32) -> U64 {
@@ -407,18 +362,14 @@ impl KernelBuilder {
     // ---- s32 ----
 
     pub fn s32_from_u32(&mut self, a: impl Into<UOp>) -> S32 {
-        let dst = self.reg(Ty::S32);
-        self.emit(Inst::Cvt {
+        S32(self.def(Ty::S32, |dst| Inst::Cvt {
             dst,
             src: a.into().0,
-        });
-        S32(dst)
+        }))
     }
 
     pub fn u32_from_s32(&mut self, a: S32) -> U32 {
-        let dst = self.reg(Ty::U32);
-        self.emit(Inst::Cvt { dst, src: a.into() });
-        U32(dst)
+        U32(self.def(Ty::U32, |dst| Inst::Cvt { dst, src: a.into() }))
     }
 
     pub fn sbin(&mut self, op: BinOp, a: impl Into<SOp>, b: impl Into<SOp>) -> S32 {
@@ -426,33 +377,27 @@ impl KernelBuilder {
     }
 
     pub fn mad_s(&mut self, a: impl Into<SOp>, b: impl Into<SOp>, c: impl Into<SOp>) -> S32 {
-        let dst = self.reg(Ty::S32);
         let (a, b, c) = (a.into().0, b.into().0, c.into().0);
-        self.emit(Inst::Fma { dst, a, b, c });
-        S32(dst)
+        S32(self.def(Ty::S32, |dst| Inst::Fma { dst, a, b, c }))
     }
 
     /// `p ? a : b` on s32.
     pub fn select_s(&mut self, p: Pred, a: impl Into<SOp>, b: impl Into<SOp>) -> S32 {
-        let dst = self.reg(Ty::S32);
-        self.emit(Inst::Selp {
+        S32(self.def(Ty::S32, |dst| Inst::Selp {
             dst,
             a: a.into().0,
             b: b.into().0,
             pred: p.0,
-        });
-        S32(dst)
+        }))
     }
 
     pub fn cmp_s(&mut self, cmp: Cmp, a: impl Into<SOp>, b: impl Into<SOp>) -> Pred {
-        let dst = self.reg(Ty::Pred);
-        self.emit(Inst::Setp {
+        Pred(self.def(Ty::Pred, |dst| Inst::Setp {
             cmp,
             dst,
             a: a.into().0,
             b: b.into().0,
-        });
-        Pred(dst)
+        }))
     }
 
     /// `lo ≤ v < hi`.
@@ -473,13 +418,11 @@ impl KernelBuilder {
     }
 
     pub fn not(&mut self, a: Pred) -> Pred {
-        let dst = self.reg(Ty::Pred);
-        self.emit(Inst::Un {
+        Pred(self.def(Ty::Pred, |dst| Inst::Un {
             op: UnOp::Not,
             dst,
             a: a.into(),
-        });
-        Pred(dst)
+        }))
     }
 
     // ---- element indices ----
@@ -505,10 +448,8 @@ impl KernelBuilder {
     }
 
     pub fn idx_const(&mut self, v: u64) -> Idx {
-        let dst = self.reg(self.index);
         let src = self.idx_imm(v);
-        self.emit(Inst::Mov { dst, src });
-        Idx(dst)
+        Idx(self.def(self.index, |dst| Inst::Mov { dst, src }))
     }
 
     fn ibin(&mut self, op: BinOp, a: Idx, b: Operand) -> Idx {
@@ -536,15 +477,13 @@ impl KernelBuilder {
 
     /// `a·b + c` with a constant `b`.
     pub fn idx_mad(&mut self, a: Idx, b: u64, c: Idx) -> Idx {
-        let dst = self.reg(self.index);
         let b = self.idx_imm(b);
-        self.emit(Inst::Fma {
+        Idx(self.def(self.index, |dst| Inst::Fma {
             dst,
             a: a.into(),
             b,
             c: c.into(),
-        });
-        Idx(dst)
+        }))
     }
 
     pub fn idx_div_const(&mut self, a: Idx, b: u64) -> Idx {
@@ -559,15 +498,13 @@ impl KernelBuilder {
 
     /// `a < bound`.
     pub fn idx_lt(&mut self, a: Idx, bound: u64) -> Pred {
-        let dst = self.reg(Ty::Pred);
         let b = self.idx_imm(bound);
-        self.emit(Inst::Setp {
+        Pred(self.def(Ty::Pred, |dst| Inst::Setp {
             cmp: Cmp::Lt,
             dst,
             a: a.into(),
             b,
-        });
-        Pred(dst)
+        }))
     }
 
     /// The index as a u32 (for values known to be small: channels, positions).
@@ -626,40 +563,34 @@ impl KernelBuilder {
     /// f32 element `index` of a global array.
     pub fn load(&mut self, base: U64, index: impl Into<AnyIdx>) -> F32 {
         let addr = self.address(base, index.into().0, 4);
-        let dst = self.reg(Ty::F32);
-        self.emit(Inst::Ld {
+        F32(self.def(Ty::F32, |dst| Inst::Ld {
             space: Space::Global,
             dst,
             addr,
             offset: 0,
-        });
-        F32(dst)
+        }))
     }
 
     /// i32 element `index` of a global array (labels), as s32.
     pub fn load_s32(&mut self, base: U64, index: impl Into<AnyIdx>) -> S32 {
         let addr = self.address(base, index.into().0, 4);
-        let dst = self.reg(Ty::S32);
-        self.emit(Inst::Ld {
+        S32(self.def(Ty::S32, |dst| Inst::Ld {
             space: Space::Global,
             dst,
             addr,
             offset: 0,
-        });
-        S32(dst)
+        }))
     }
 
     /// u64 element `index` of a global array (seed, step).
     pub fn load_u64(&mut self, base: U64, index: u32) -> U64 {
         let addr = self.address(base, Operand::U32(index), 8);
-        let dst = self.reg(Ty::U64);
-        self.emit(Inst::Ld {
+        U64(self.def(Ty::U64, |dst| Inst::Ld {
             space: Space::Global,
             dst,
             addr,
             offset: 0,
-        });
-        U64(dst)
+        }))
     }
 
     pub fn store(&mut self, base: U64, index: impl Into<AnyIdx>, v: impl Into<FOp>) {
@@ -702,14 +633,12 @@ impl KernelBuilder {
 
     pub fn load_shared(&mut self, array: SharedF32, index: impl Into<UOp>) -> F32 {
         let addr = self.shared_address(array, index);
-        let dst = self.reg(Ty::F32);
-        self.emit(Inst::Ld {
+        F32(self.def(Ty::F32, |dst| Inst::Ld {
             space: Space::Shared,
             dst,
             addr,
             offset: 0,
-        });
-        F32(dst)
+        }))
     }
 
     pub fn store_shared(&mut self, array: SharedF32, index: impl Into<UOp>, v: impl Into<FOp>) {
@@ -807,13 +736,11 @@ impl KernelBuilder {
     }
 
     pub fn shfl_down(&mut self, v: F32, delta: u32) -> F32 {
-        let dst = self.reg(Ty::F32);
-        self.emit(Inst::ShflDown {
+        F32(self.def(Ty::F32, |dst| Inst::ShflDown {
             dst,
             src: v.0,
             delta,
-        });
-        F32(dst)
+        }))
     }
 
     /// Sums each of `values` over the whole block (warp shuffles, then shared memory). Every

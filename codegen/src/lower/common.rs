@@ -125,6 +125,18 @@ impl Planes {
     }
 }
 
+/// (example, channel, row, column) of flat index `i` into an `[N, channels, rows, columns]`
+/// tensor.
+pub fn unflatten(k: &mut KernelBuilder, i: Idx, [channels, rows, columns]: [u64; 3]) -> [Idx; 4] {
+    let column = k.idx_rem_const(i, columns);
+    let rest = k.idx_div_const(i, columns);
+    let row = k.idx_rem_const(rest, rows);
+    let plane = k.idx_div_const(rest, rows);
+    let channel = k.idx_rem_const(plane, channels);
+    let example = k.idx_div_const(plane, channels);
+    [example, channel, row, column]
+}
+
 /// A kernel skeleton: `f` for every element of `0..n`, grid-stride.
 pub fn map(k: &mut KernelBuilder, n: u64, f: impl FnOnce(&mut KernelBuilder, Idx)) {
     k.for_each_element(n, f);
@@ -183,6 +195,19 @@ pub struct BnParams {
     pub gamma: U64,
     pub beta: U64,
     pub eps: f32,
+}
+
+impl BnParams {
+    /// Declares the kernel parameters mean, var, gamma, beta (in that order).
+    pub fn declare(k: &mut KernelBuilder, eps: f32) -> BnParams {
+        BnParams {
+            mean: k.ptr_param("mean"),
+            var: k.ptr_param("var"),
+            gamma: k.ptr_param("gamma"),
+            beta: k.ptr_param("beta"),
+            eps,
+        }
+    }
 }
 
 /// `1/√(var + ε)` for channel `c` (as the reference computes it).

@@ -13,7 +13,7 @@ use super::common::{
     input, inv_std, launch, map, normalised, output, partials_bytes, per_plane, scratch,
     store_partials,
 };
-use crate::builder::{F32, KernelBuilder, Pred, S32, U32, U64};
+use crate::builder::{F32, Idx, KernelBuilder, Pred, S32, U32, U64};
 use crate::kir::{BinOp, Cmp};
 
 pub fn lower(cx: &Cx) -> Lowered {
@@ -106,13 +106,7 @@ impl Prologue {
 
 /// The prologue's statistics pointers, read from the kernel's parameters.
 fn prologue_params(k: &mut KernelBuilder, prologue: Option<FloatAttr>) -> Option<BnParams> {
-    prologue.map(|eps| BnParams {
-        mean: k.ptr_param("mean"),
-        var: k.ptr_param("var"),
-        gamma: k.ptr_param("gamma"),
-        beta: k.ptr_param("beta"),
-        eps: eps.0 as f32,
-    })
+    prologue.map(|eps| BnParams::declare(k, eps.0 as f32))
 }
 
 fn forward(cx: &Cx, conv: &Conv2d, prologue: Option<FloatAttr>, stats: bool) -> Lowered {
@@ -145,27 +139,20 @@ fn forward(cx: &Cx, conv: &Conv2d, prologue: Option<FloatAttr>, stats: bool) -> 
                 let plane_base = k.idx_mul_const(plane, (g.h * g.w) as u64);
                 let oc = k.mad_u(o, g.c, c);
                 let w_base = k.mul_u(oc, g.kernel_area());
-                for ki in 0..g.kh {
-                    let (iy, row_ok) = g.source(k, oy, ki, g.h);
-                    for kj in 0..g.kw {
-                        let (ix, col_ok) = g.source(k, ox, kj, g.w);
-                        let ok = k.and(row_ok, col_ok);
-                        // branch-free padding: read a valid address, then zero the value
-                        let at = k.mad_s(iy, g.w as i32, ix);
-                        let at = k.select_s(ok, at, 0);
-                        let at = k.u32_from_s32(at);
-                        let at = k.idx(at);
-                        let at = k.idx_add(plane_base, at);
-                        let mut a = k.load(x, at);
-                        if let Some(pro) = &pro {
-                            a = pro.apply(k, a);
-                        }
-                        let a = k.select(ok, a, 0.0f32);
-                        let wi = k.add_u(w_base, ki * g.kw + kj);
-                        let wv = k.load(w, wi);
-                        k.fma_into(acc, a, wv);
-                    }
-                }
+                let taps = Taps {
+                    src: x,
+                    base: plane_base,
+                    width: g.w,
+                    w,
+                    w_base,
+                };
+                let rows = |k: &mut KernelBuilder, ki| g.source(k, oy, ki, g.h);
+                let cols = |k: &mut KernelBuilder, kj| g.source(k, ox, kj, g.w);
+                let prologue = |k: &mut KernelBuilder, a| match &pro {
+                    Some(pro) => pro.apply(k, a),
+                    None => a,
+                };
+                sum_taps(k, &g, acc, &taps, rows, cols, prologue);
             });
             if let Some(b) = bias {
                 let bv = k.load(b, o);
@@ -238,23 +225,16 @@ fn dgrad(cx: &Cx, d: &ConvDgrad, epilogue: Option<(FloatAttr, Squares)>) -> Lowe
                 let dy_base = k.idx_mul_const(plane, (g.ho * g.wo) as u64);
                 let oc = k.mad_u(o, g.c, c);
                 let w_base = k.mul_u(oc, g.kernel_area());
-                for ki in 0..g.kh {
-                    let (oy, row_ok) = output_coordinate(k, &g, iy, ki, g.ho);
-                    for kj in 0..g.kw {
-                        let (ox, col_ok) = output_coordinate(k, &g, ix, kj, g.wo);
-                        let ok = k.and(row_ok, col_ok);
-                        let at = k.mad_s(oy, g.wo as i32, ox);
-                        let at = k.select_s(ok, at, 0);
-                        let at = k.u32_from_s32(at);
-                        let at = k.idx(at);
-                        let at = k.idx_add(dy_base, at);
-                        let gv = k.load(dy, at);
-                        let gv = k.select(ok, gv, 0.0f32);
-                        let wi = k.add_u(w_base, ki * g.kw + kj);
-                        let wv = k.load(w, wi);
-                        k.fma_into(acc, gv, wv);
-                    }
-                }
+                let taps = Taps {
+                    src: dy,
+                    base: dy_base,
+                    width: g.wo,
+                    w,
+                    w_base,
+                };
+                let rows = |k: &mut KernelBuilder, ki| output_coordinate(k, &g, iy, ki, g.ho);
+                let cols = |k: &mut KernelBuilder, kj| output_coordinate(k, &g, ix, kj, g.wo);
+                sum_taps(k, &g, acc, &taps, rows, cols, |_, v| v);
             });
             match &bn {
                 None => {
@@ -296,6 +276,48 @@ fn dgrad(cx: &Cx, d: &ConvDgrad, epilogue: Option<(FloatAttr, Squares)>) -> Lowe
             combine_channels(cx, "reductions", planes, scratch(0), &outputs),
         ],
         scratch: vec![partials_bytes(planes, terms)],
+    }
+}
+
+/// Where the taps of one (plane, weight-plane) pair read: a `width`-wide plane of `src` from
+/// `base`, and the `kh·kw` weights of `w` from `w_base`.
+struct Taps {
+    src: U64,
+    base: Idx,
+    width: u32,
+    w: U64,
+    w_base: U32,
+}
+
+/// `acc += transform(src[row, col])·w[tap]` over the kernel taps in row-major order, where
+/// `rows(ki)` and `cols(kj)` give the coordinate each tap reads and whether it lies inside.
+/// Padding is branch-free: a tap outside reads a valid address and contributes zero.
+fn sum_taps(
+    k: &mut KernelBuilder,
+    g: &Geometry,
+    acc: F32,
+    taps: &Taps,
+    rows: impl Fn(&mut KernelBuilder, u32) -> (S32, Pred),
+    cols: impl Fn(&mut KernelBuilder, u32) -> (S32, Pred),
+    transform: impl Fn(&mut KernelBuilder, F32) -> F32,
+) {
+    for ki in 0..g.kh {
+        let (row, row_ok) = rows(k, ki);
+        for kj in 0..g.kw {
+            let (col, col_ok) = cols(k, kj);
+            let ok = k.and(row_ok, col_ok);
+            let at = k.mad_s(row, taps.width as i32, col);
+            let at = k.select_s(ok, at, 0);
+            let at = k.u32_from_s32(at);
+            let at = k.idx(at);
+            let at = k.idx_add(taps.base, at);
+            let v = k.load(taps.src, at);
+            let v = transform(k, v);
+            let v = k.select(ok, v, 0.0f32);
+            let wi = k.add_u(taps.w_base, ki * g.kw + kj);
+            let wv = k.load(taps.w, wi);
+            k.fma_into(acc, v, wv);
+        }
     }
 }
 

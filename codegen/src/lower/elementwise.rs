@@ -5,7 +5,7 @@
 use fisherc_ir::ops::{Instr, Op};
 
 use super::Lowered;
-use super::common::{Cx, grid_for, input, launch, map, output};
+use super::common::{Cx, grid_for, input, launch, map, output, unflatten};
 use crate::builder::{F32, KernelBuilder};
 use crate::kir::Cmp;
 
@@ -76,12 +76,7 @@ fn shortcut_a(cx: &Cx, stride: u64, pad_before: u64) -> super::Launch {
     let mut k = cx.builder("gather");
     let (src, dst) = (k.ptr_param("x"), k.ptr_param("y"));
     map(&mut k, n, |k, i| {
-        let j = k.idx_rem_const(i, wo);
-        let rest = k.idx_div_const(i, wo);
-        let row = k.idx_rem_const(rest, ho);
-        let rest = k.idx_div_const(rest, ho);
-        let c = k.idx_rem_const(rest, c_out);
-        let batch = k.idx_div_const(rest, c_out);
+        let [batch, c, row, j] = unflatten(k, i, [c_out, ho, wo]);
         let value = k.f32(0.0);
         // c − pad_before in [0, c_in): compare without going negative
         let c_lo = k.idx_lt(c, pad_before);
@@ -111,12 +106,7 @@ fn shortcut_a_backward(cx: &Cx, stride: u64, pad_before: u64) -> super::Launch {
     let mut k = cx.builder("scatter");
     let (src, dst) = (k.ptr_param("dy"), k.ptr_param("dx"));
     map(&mut k, n, |k, i| {
-        let col = k.idx_rem_const(i, w);
-        let rest = k.idx_div_const(i, w);
-        let row = k.idx_rem_const(rest, h);
-        let plane = k.idx_div_const(rest, h);
-        let c = k.idx_rem_const(plane, c_in);
-        let batch = k.idx_div_const(plane, c_in);
+        let [batch, c, row, col] = unflatten(k, i, [c_in, h, w]);
         let value = k.f32(0.0);
         let row_rem = k.idx_rem_const(row, stride);
         let col_rem = k.idx_rem_const(col, stride);

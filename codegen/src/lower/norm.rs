@@ -10,7 +10,7 @@ use super::common::{
 };
 use super::{Launch, Lowered};
 use crate::builder::U64;
-use crate::kir::Cmp;
+use crate::kir::{Cmp, Kernel};
 
 pub fn lower(cx: &Cx) -> Lowered {
     match cx.op {
@@ -65,29 +65,8 @@ fn batch_norm(cx: &Cx, eps: f32) -> Lowered {
         |k, t, c, n| store_partials(k, partials, planes, t, c, n),
     );
 
-    let mut normalise = cx.builder("normalise");
-    let ptrs = [
-        normalise.ptr_param("x"),
-        normalise.ptr_param("mean"),
-        normalise.ptr_param("var"),
-        normalise.ptr_param("gamma"),
-        normalise.ptr_param("beta"),
-    ];
-    let y = normalise.ptr_param("y");
+    let normalise = affine_kernel(cx, "normalise", eps, false, false);
     let n = cx.inputs[0].numel() as u64;
-    map(&mut normalise, n, |k, i| {
-        let c = planes.channel(k, i);
-        let v = k.load(ptrs[0], i);
-        let params = BnParams {
-            mean: ptrs[1],
-            var: ptrs[2],
-            gamma: ptrs[3],
-            beta: ptrs[4],
-            eps,
-        };
-        let z = bn_apply(k, v, &params, c);
-        k.store(y, i, z);
-    });
 
     let launches = vec![
         launch(sum.finish(), planes.grid(), vec![input(0), scratch(0)]),
@@ -111,7 +90,7 @@ fn batch_norm(cx: &Cx, eps: f32) -> Lowered {
             &[(Combine::Mean(0, count), output(2))],
         ),
         launch(
-            normalise.finish(),
+            normalise,
             grid_for(n),
             vec![
                 input(0),
@@ -131,25 +110,30 @@ fn batch_norm(cx: &Cx, eps: f32) -> Lowered {
 
 /// BN-apply (+ residual) (+ ReLU) with given statistics: (x, mean, var, γ, β [, s]).
 fn apply(cx: &Cx, eps: f32, relu: bool, residual: bool) -> Launch {
+    let kernel = affine_kernel(
+        cx,
+        if relu { "bn_relu" } else { "apply" },
+        eps,
+        relu,
+        residual,
+    );
+    let mut args: Vec<_> = (0..cx.inputs.len()).map(input).collect();
+    args.push(output(0));
+    launch(kernel, grid_for(cx.inputs[0].numel() as u64), args)
+}
+
+/// `y = γ·x̂ + β` (+ residual) (+ ReLU) per element; parameters x, mean, var, γ, β
+/// [, residual], y.
+fn affine_kernel(cx: &Cx, part: &str, eps: f32, relu: bool, residual: bool) -> Kernel {
     let planes = Planes::of(cx.inputs[0]);
-    let n = cx.inputs[0].numel() as u64;
-    let mut k = cx.builder(if relu { "bn_relu" } else { "apply" });
-    let ptrs: Vec<U64> = ["x", "mean", "var", "gamma", "beta"]
-        .iter()
-        .map(|p| k.ptr_param(p))
-        .collect();
+    let mut k = cx.builder(part);
+    let x = k.ptr_param("x");
+    let params = BnParams::declare(&mut k, eps);
     let shortcut = residual.then(|| k.ptr_param("residual"));
     let y = k.ptr_param("y");
-    map(&mut k, n, |k, i| {
+    map(&mut k, cx.inputs[0].numel() as u64, |k, i| {
         let c = planes.channel(k, i);
-        let v = k.load(ptrs[0], i);
-        let params = BnParams {
-            mean: ptrs[1],
-            var: ptrs[2],
-            gamma: ptrs[3],
-            beta: ptrs[4],
-            eps,
-        };
+        let v = k.load(x, i);
         let mut z = bn_apply(k, v, &params, c);
         if let Some(s) = shortcut {
             let r = k.load(s, i);
@@ -160,9 +144,7 @@ fn apply(cx: &Cx, eps: f32, relu: bool, residual: bool) -> Launch {
         }
         k.store(y, i, z);
     });
-    let mut args: Vec<_> = (0..cx.inputs.len()).map(input).collect();
-    args.push(output(0));
-    launch(k.finish(), grid_for(n), args)
+    k.finish()
 }
 
 fn running_update(cx: &Cx, momentum: f64, count: usize) -> Launch {

@@ -2,7 +2,7 @@
 //! kernel with the very operations and constants of `fisherc_ir::philox`, so the noise is
 //! bit-identical to the CPU's.
 
-use fisherc_ir::ops::Op;
+use fisherc_ir::ops::{NoisySgdUpdate, Op};
 use fisherc_ir::philox::{
     COS_C2, COS_C4, COS_C6, COS_C8, INV_2_24, LN_C3, LN_C5, LN_C7, LN_C9, LN2_HI, LN2_LO, M0, M1,
     SIN_C3, SIN_C5, SIN_C7, SIN_C9, SQRT_2, TWO_PI, W0, W1,
@@ -13,23 +13,14 @@ use super::{LaunchArg, Lowered};
 use crate::builder::{F32, Idx, KernelBuilder, U32, U64};
 use crate::kir::{BinOp, Cmp};
 
-/// Input positions, as `NoisySgdUpdate` defines them.
-const THETA: usize = 0;
-const VELOCITY: usize = 1;
-const GRAD: usize = 2;
-const LR: usize = 3;
-const MOMENTUM: usize = 4;
-const WEIGHT_DECAY: usize = 5;
-const NOISE_SCALE: usize = 6;
-const SEED: usize = 7;
-const STEP: usize = 8;
-const FISHER: usize = 9;
+/// The op, whose associated constants are its input positions.
+type U = NoisySgdUpdate;
 
 pub fn lower(cx: &Cx) -> Lowered {
     let Op::NoisySgdUpdate(update) = cx.op else {
         unreachable!("{} is not the update", cx.op.name())
     };
-    let n = cx.inputs[THETA].numel() as u64;
+    let n = cx.inputs[U::THETA].numel() as u64;
     let mut k = cx.builder("update");
     let ins: Vec<U64> = (0..cx.inputs.len())
         .map(|i| k.ptr_param(&format!("in{i}")))
@@ -39,26 +30,26 @@ pub fn lower(cx: &Cx) -> Lowered {
     let param = k.u32_param("param");
     let scalar = |k: &mut KernelBuilder, i: usize| k.load(ins[i], 0u32);
     let (lr, mu, wd, s) = (
-        scalar(&mut k, LR),
-        scalar(&mut k, MOMENTUM),
-        scalar(&mut k, WEIGHT_DECAY),
-        scalar(&mut k, NOISE_SCALE),
+        scalar(&mut k, U::LR),
+        scalar(&mut k, U::MOMENTUM),
+        scalar(&mut k, U::WEIGHT_DECAY),
+        scalar(&mut k, U::NOISE_SCALE),
     );
-    let seed = k.load_u64(ins[SEED], 0);
-    let step = k.load_u64(ins[STEP], 0);
+    let seed = k.load_u64(ins[U::SEED], 0);
+    let step = k.load_u64(ins[U::STEP], 0);
     let (seed_lo, seed_hi) = split(&mut k, seed);
     let (step_lo, step_hi) = split(&mut k, step);
     map(&mut k, n, |k, i| {
         let (theta, v, g) = (
-            k.load(ins[THETA], i),
-            k.load(ins[VELOCITY], i),
-            k.load(ins[GRAD], i),
+            k.load(ins[U::THETA], i),
+            k.load(ins[U::VELOCITY], i),
+            k.load(ins[U::GRAD], i),
         );
         let d = k.f32(0.0);
         k.assign(d, g);
         if update.noisy {
             let xi = normal(k, i, param, [seed_lo, seed_hi], [step_lo, step_hi]);
-            let fisher = k.load(ins[FISHER], i);
+            let fisher = k.load(ins[U::FISHER], i);
             let root = k.sqrt(fisher);
             let amplitude = k.mul(s, root);
             let eps = k.mul(amplitude, xi);

@@ -26,35 +26,45 @@ pub struct NoisySgdUpdate {
     pub noisy: bool,
 }
 
-/// Input positions of the hyper-parameters.
-const LR: usize = 3;
-const MOMENTUM: usize = 4;
-const WEIGHT_DECAY: usize = 5;
-const NOISE_SCALE: usize = 6;
-const SEED: usize = 7;
-const STEP: usize = 8;
-const FISHER: usize = 9;
+/// Input positions (the kernel lowering reads the same ones).
+impl NoisySgdUpdate {
+    pub const THETA: usize = 0;
+    pub const VELOCITY: usize = 1;
+    pub const GRAD: usize = 2;
+    pub const LR: usize = 3;
+    pub const MOMENTUM: usize = 4;
+    pub const WEIGHT_DECAY: usize = 5;
+    pub const NOISE_SCALE: usize = 6;
+    pub const SEED: usize = 7;
+    pub const STEP: usize = 8;
+    /// Only when `noisy`.
+    pub const FISHER: usize = 9;
+}
 
 impl OpDef for NoisySgdUpdate {
     const NAME: &'static str = "noisy_sgd_update";
 
     fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
-        let arity = if self.noisy { FISHER + 1 } else { FISHER };
+        let arity = if self.noisy {
+            Self::FISHER + 1
+        } else {
+            Self::FISHER
+        };
         expect_arity(inputs, arity)?;
-        let theta = inputs[0];
+        let theta = inputs[Self::THETA];
         if theta.dtype != DType::F32 {
             return Err(format!("parameter: expected an f32 tensor, found {theta}"));
         }
-        expect_type(inputs[1], theta, "momentum buffer")?;
-        expect_type(inputs[2], theta, "gradient")?;
+        expect_type(inputs[Self::VELOCITY], theta, "momentum buffer")?;
+        expect_type(inputs[Self::GRAD], theta, "gradient")?;
         let names = ["learning rate", "momentum", "weight decay", "noise scale"];
-        for (i, name) in (LR..SEED).zip(names) {
+        for (i, name) in (Self::LR..Self::SEED).zip(names) {
             expect_type(inputs[i], &TensorType::scalar(DType::F32), name)?;
         }
-        expect_type(inputs[SEED], &TensorType::scalar(DType::U64), "seed")?;
-        expect_type(inputs[STEP], &TensorType::scalar(DType::U64), "step")?;
+        expect_type(inputs[Self::SEED], &TensorType::scalar(DType::U64), "seed")?;
+        expect_type(inputs[Self::STEP], &TensorType::scalar(DType::U64), "step")?;
         if self.noisy {
-            expect_type(inputs[FISHER], theta, "Fisher estimate")?;
+            expect_type(inputs[Self::FISHER], theta, "Fisher estimate")?;
         }
         Ok(vec![theta.clone(), theta.clone()])
     }
@@ -64,23 +74,27 @@ impl OpDef for NoisySgdUpdate {
         inputs: &[&Value<T>],
         _: &[TensorType],
     ) -> Result<Vec<Value<T>>, String> {
-        let (theta, v, g) = (inputs[0].float(), inputs[1].float(), inputs[2].float());
+        let (theta, v, g) = (
+            inputs[Self::THETA].float(),
+            inputs[Self::VELOCITY].float(),
+            inputs[Self::GRAD].float(),
+        );
         let scalar = |i: usize| inputs[i].float_scalar();
         let (lr, mu, wd, s) = (
-            scalar(LR),
-            scalar(MOMENTUM),
-            scalar(WEIGHT_DECAY),
-            scalar(NOISE_SCALE),
+            scalar(Self::LR),
+            scalar(Self::MOMENTUM),
+            scalar(Self::WEIGHT_DECAY),
+            scalar(Self::NOISE_SCALE),
         );
         let noise = self.noisy.then(|| {
             let mut xi = vec![0.0f32; theta.numel()];
             philox::fill_normal(
-                inputs[SEED].word(),
-                inputs[STEP].word(),
+                inputs[Self::SEED].word(),
+                inputs[Self::STEP].word(),
                 self.param,
                 &mut xi,
             );
-            (inputs[FISHER].float(), xi)
+            (inputs[Self::FISHER].float(), xi)
         });
         let mut new_theta = Vec::with_capacity(theta.numel());
         let mut new_v = Vec::with_capacity(theta.numel());
