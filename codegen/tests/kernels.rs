@@ -122,7 +122,12 @@ const EPS: FloatAttr = FloatAttr(1e-5);
 #[test]
 fn batch_norm_forward_kernels() {
     let mut r = rng(4);
-    for shape in [vec![4, 3, 5, 5], vec![6, 7], vec![2, 5, 9, 11]] {
+    for shape in [
+        vec![4, 3, 5, 5],
+        vec![6, 7],
+        vec![2, 5, 9, 11],
+        vec![3, 2, 17, 19],
+    ] {
         let bn = bn_inputs(&mut r, &shape);
         check(
             BatchNorm { eps: EPS },
@@ -173,7 +178,12 @@ fn batch_norm_forward_kernels() {
 #[test]
 fn batch_norm_backward_kernels() {
     let mut r = rng(5);
-    for shape in [vec![4, 3, 5, 5], vec![6, 7], vec![3, 4, 13, 3]] {
+    for shape in [
+        vec![4, 3, 5, 5],
+        vec![6, 7],
+        vec![3, 4, 13, 3],
+        vec![2, 3, 16, 17],
+    ] {
         let bn = bn_inputs(&mut r, &shape);
         let dy = random(&mut r, &shape);
         let stats = [dy.clone(), bn[0].clone(), bn[1].clone(), bn[2].clone()];
@@ -221,7 +231,7 @@ fn batch_norm_backward_kernels() {
 #[test]
 fn pooling_kernels() {
     let mut r = rng(6);
-    for (size, kernel, stride) in [(6, 2, 2), (7, 2, 2), (7, 3, 2), (5, 3, 1)] {
+    for (size, kernel, stride) in [(6, 2, 2), (7, 2, 2), (7, 3, 2), (5, 3, 1), (33, 2, 2)] {
         let x = random(&mut r, &[2, 3, size, size]);
         let op = MaxPool { kernel, stride };
         check(op.clone(), std::slice::from_ref(&x), ELEMENTWISE);
@@ -239,7 +249,7 @@ fn pooling_kernels() {
 #[test]
 fn linear_kernels() {
     let mut r = rng(7);
-    for (n, i, o) in [(5, 7, 3), (1, 33, 10), (9, 4, 17)] {
+    for (n, i, o) in [(5, 7, 3), (1, 33, 10), (9, 4, 17), (3, 300, 5)] {
         let (x, w, b, dy) = (
             random(&mut r, &[n, i]),
             random(&mut r, &[o, i]),
@@ -336,12 +346,16 @@ fn kernel_noise_is_bit_identical_to_the_cpu_stream() {
 }
 
 /// (kernel, stride, padding, size, channels in, channels out)
-const CONVS: [(usize, usize, usize, usize, usize, usize); 5] = [
+/// (kernel, stride, padding, size, in channels, out channels); the last two have planes of
+/// more than one block of positions with a ragged tail (17·17 = 289 = 256 + 33).
+const CONVS: [(usize, usize, usize, usize, usize, usize); 7] = [
     (3, 1, 1, 6, 3, 4),
     (3, 2, 1, 7, 2, 5),
     (1, 2, 0, 5, 4, 3),
     (3, 1, 0, 5, 3, 2),
     (1, 1, 0, 4, 3, 3),
+    (3, 1, 1, 17, 2, 3),
+    (3, 2, 1, 33, 2, 2),
 ];
 
 fn conv_out(size: usize, kernel: usize, stride: usize, padding: usize) -> usize {
