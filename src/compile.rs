@@ -33,13 +33,10 @@ pub fn run(args: &Args) -> Result<()> {
     let fused = !args.unfused;
     let compiled = compile(&step, CompileOptions { fused })
         .with_context(|| format!("compiling {}", args.model.model.display()))?;
-    let source = Source {
-        model: args.model.model.display().to_string(),
-        batch: args.model.batch,
-        fisher: args.model.fisher.to_string(),
-        fused,
-        arch: args.arch.clone(),
-    };
+    let path = &args.model.model;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let source = Source::of(&step, path, text, fused, &args.arch);
     let artifact = Artifact::new(&compiled.program, source, compiled.seconds);
     let dir = args.out.clone().unwrap_or_else(|| default_dir(args));
     artifact.write(&dir)?;

@@ -7,11 +7,15 @@
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod backend_args;
+mod check;
 mod compile;
 mod format;
+mod hyper_args;
 mod inspect;
 mod inspect_artifact;
 mod model_args;
+mod run;
 mod step;
 
 use clap::{Parser, Subcommand};
@@ -34,6 +38,11 @@ enum Command {
     Inspect(inspect::Args),
     /// Compile a training step to a PTX module and a launch and memory plan.
     Compile(compile::Args),
+    /// Run training steps of a compiled step on a backend (CPU reference, CPU kernel executor
+    /// or CUDA); print loss and step time.
+    Run(run::Args),
+    /// Check a backend against the CPU reference: every kernel, node by node, then whole steps.
+    Check(check::Args),
     /// Run training steps on the CPU reference on random data; print loss and time.
     Step(step::Args),
 }
@@ -43,6 +52,8 @@ fn main() {
     let result = match cli.command {
         Command::Inspect(args) => inspect::run(&args),
         Command::Compile(args) => compile::run(&args),
+        Command::Run(args) => run::run(&args),
+        Command::Check(args) => check::run(&args),
         Command::Step(args) => step::run(&args),
     };
     if let Err(e) = result {

@@ -5,11 +5,11 @@ use std::io::{self, Write};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use fisherc_ir::FisherMode;
 use fisherc_ir::interp::evaluate;
-use fisherc_ir::state::{Hyperparams, TrainState, default_noise_scale};
+use fisherc_ir::state::TrainState;
 use fisherc_ir::synthetic::random_batch;
 
+use crate::hyper_args::HyperArgs;
 use crate::model_args::ModelArgs;
 
 #[derive(clap::Args, Debug)]
@@ -25,22 +25,8 @@ pub struct Args {
     #[arg(long, default_value_t = 1)]
     pub steps: usize,
 
-    #[arg(long, default_value_t = 0.1)]
-    pub lr: f32,
-
-    #[arg(long, default_value_t = 0.9)]
-    pub momentum: f32,
-
-    #[arg(long, default_value_t = 5e-4)]
-    pub weight_decay: f32,
-
-    /// Noise scale s [default: sqrt(1/small_batch - 1/batch)].
-    #[arg(long)]
-    pub noise_scale: Option<f32>,
-
-    /// The small batch M_S of the default noise scale.
-    #[arg(long, default_value_t = 128)]
-    pub small_batch: usize,
+    #[command(flatten)]
+    pub hyper: HyperArgs,
 
     /// Worker threads [default: one per core].
     #[arg(long)]
@@ -59,12 +45,7 @@ pub fn run(args: &Args) -> Result<()> {
     let net = &step.network;
     let build_time = started.elapsed();
 
-    let noise_scale = match step.fisher {
-        FisherMode::None => 0.0,
-        _ => args
-            .noise_scale
-            .unwrap_or_else(|| default_noise_scale(args.small_batch, net.batch)),
-    };
+    let noise_scale = args.hyper.noise_scale(step.fisher, net.batch);
     let mut out = io::stdout().lock();
     writeln!(
         out,
@@ -81,14 +62,7 @@ pub fn run(args: &Args) -> Result<()> {
     let (images, labels) = random_batch::<f32>(net.batch, net.input, net.classes, args.seed);
     let mut times = Vec::with_capacity(args.steps);
     for k in 0..args.steps {
-        let hyper = Hyperparams {
-            learning_rate: args.lr,
-            momentum: args.momentum,
-            weight_decay: args.weight_decay,
-            noise_scale,
-            seed: args.seed,
-            step: k as u64,
-        };
+        let hyper = args.hyper.at(noise_scale, args.seed, k as u64);
         let feeds = state.feeds(images.clone(), labels.clone(), &hyper);
         let started = Instant::now();
         let result = evaluate(&step.graph, &feeds, &[])?;

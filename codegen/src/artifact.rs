@@ -18,6 +18,10 @@ use fisherc_ir::tensor::DType;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use fisherc_ir::model::{BuildOptions, Mode, ModelSpec, Shortcut, build};
+use fisherc_ir::{FisherMode, StepOptions, TrainingStep, build_training_step};
+
+use crate::compile::{CompileOptions, Compiled, compile};
 use crate::kir::{Kernel, ParamTy};
 use crate::plan::{Arg, Buffer, PlannedLaunch, PlannedNode, Program};
 use crate::ptx;
@@ -29,15 +33,57 @@ pub const PTX_FILE: &str = "module.ptx";
 pub const PLAN_FILE: &str = "plan.json";
 pub const SUMMARY_FILE: &str = "summary.txt";
 
-/// What was compiled, and how.
+/// What was compiled, and how: enough to compile it again (the model file's text is kept, so
+/// an artifact stands alone).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Source {
+    /// The model file's path when it was compiled.
     pub model: String,
+    pub model_text: String,
     pub batch: usize,
-    pub fisher: String,
+    pub input: [usize; 3],
+    pub shortcut: Option<Shortcut>,
+    pub fisher: FisherMode,
     pub fused: bool,
     /// The PTX target, e.g. `sm_90`.
     pub arch: String,
+}
+
+impl Source {
+    /// The source of `step`, built from the model file at `path` whose text is `model_text`.
+    pub fn of(
+        step: &TrainingStep,
+        path: &Path,
+        model_text: String,
+        fused: bool,
+        arch: &str,
+    ) -> Source {
+        let net = &step.network;
+        Source {
+            model: path.display().to_string(),
+            model_text,
+            batch: net.batch,
+            input: net.input,
+            shortcut: net.shortcut,
+            fisher: step.fisher,
+            fused,
+            arch: arch.to_string(),
+        }
+    }
+
+    /// The training step again, from the kept model text.
+    pub fn training_step(&self) -> Result<TrainingStep, String> {
+        let path = Path::new(&self.model);
+        let spec = ModelSpec::parse(&self.model_text, path).map_err(|e| e.to_string())?;
+        let options = BuildOptions {
+            batch: self.batch,
+            input: Some(self.input),
+            shortcut: self.shortcut,
+            mode: Mode::Train,
+        };
+        let network = build(&spec, &options).map_err(|e| e.to_string())?;
+        build_training_step(network, &StepOptions::new(self.fisher)).map_err(|e| e.to_string())
+    }
 }
 
 /// A kernel's signature; its body is in the PTX module.
@@ -207,6 +253,33 @@ impl Artifact {
             });
         }
         Ok(Artifact { plan, ptx })
+    }
+}
+
+impl Artifact {
+    /// Compiles the source again and checks that it gives this very artifact (same PTX, same
+    /// plan): the way to the graph and the kernel IR behind a plan, for the CPU backends.
+    pub fn recompile(&self) -> Result<Compiled, String> {
+        let step = self.plan.source.training_step()?;
+        let compiled = compile(
+            &step,
+            CompileOptions {
+                fused: self.plan.source.fused,
+            },
+        )
+        .map_err(|e| e.to_string())?;
+        let again = Artifact::new(
+            &compiled.program,
+            self.plan.source.clone(),
+            self.plan.compile_seconds,
+        );
+        if again.ptx != self.ptx || again.plan != self.plan {
+            return Err(format!(
+                "compiling {} again gives another program (the artifact comes from another fisherc: {}); recompile it",
+                self.plan.source.model, self.plan.fisherc
+            ));
+        }
+        Ok(compiled)
     }
 }
 

@@ -3,29 +3,55 @@
 
 use fisherc_ir::graph::Output;
 use fisherc_ir::ops::Role;
-use fisherc_ir::tensor::{DType, Tensor, Value};
+use fisherc_ir::tensor::{DType, Tensor, TensorType, Value};
 
 use crate::exec::{self, ExecError, Memory};
 use crate::plan::{Arg, Buffer, Kind, PlannedLaunch, Program};
 
-pub struct CpuDevice<'p> {
-    program: &'p Program,
+/// A value as the words it occupies in device memory (f32 and i32 one word each, u64 two,
+/// little end first).
+pub fn words_of(value: &Value<f32>) -> Vec<u32> {
+    match value {
+        Value::Float(t) => t.data.iter().map(|v| v.to_bits()).collect(),
+        Value::Int(t) => t.data.iter().map(|&v| v as u32).collect(),
+        Value::Word(w) => vec![*w as u32, (*w >> 32) as u32],
+    }
+}
+
+/// The value of type `ty` stored in `words`.
+pub fn value_of(words: &[u32], ty: &TensorType) -> Value<f32> {
+    match ty.dtype {
+        DType::F32 => Value::Float(Tensor::from_vec(
+            &ty.shape,
+            words.iter().map(|&w| f32::from_bits(w)).collect(),
+        )),
+        DType::I32 => Value::Int(Tensor::from_vec(
+            &ty.shape,
+            words.iter().map(|&w| w as i32).collect(),
+        )),
+        DType::U64 => Value::Word(words[0] as u64 | (words[1] as u64) << 32),
+    }
+}
+
+pub struct CpuDevice {
+    program: Program,
     pub memory: Memory,
 }
 
-impl<'p> CpuDevice<'p> {
+impl CpuDevice {
     /// Allocates the arena and writes the constants.
-    pub fn new(program: &'p Program) -> Self {
-        let mut device = CpuDevice {
-            program,
-            memory: Memory::zeroed(program.arena_bytes),
-        };
+    pub fn new(program: Program) -> Self {
+        let mut memory = Memory::zeroed(program.arena_bytes);
         for b in &program.buffers {
             if let Kind::Constant(v) = b.kind {
-                device.memory.write_f32(b.offset, &[v]);
+                memory.write_f32(b.offset, &[v]);
             }
         }
-        device
+        CpuDevice { program, memory }
+    }
+
+    pub fn program(&self) -> &Program {
+        &self.program
     }
 
     /// Writes an input; `false` if the program has no such input (e.g. an unused one).
@@ -33,11 +59,7 @@ impl<'p> CpuDevice<'p> {
         let Some(buffer) = self.program.input(role) else {
             return Ok(false);
         };
-        let words: Vec<u32> = match value {
-            Value::Float(t) => t.data.iter().map(|v| v.to_bits()).collect(),
-            Value::Int(t) => t.data.iter().map(|&v| v as u32).collect(),
-            Value::Word(w) => vec![*w as u32, (*w >> 32) as u32],
-        };
+        let words = words_of(value);
         if 4 * words.len() as u64 != buffer.bytes || value.shape() != buffer.shape.as_slice() {
             return Err(format!(
                 "input {role}: {} bytes of {:?} for a {:?} buffer",
@@ -58,21 +80,11 @@ impl<'p> CpuDevice<'p> {
 
     /// Reads any buffer, as the value its type says.
     pub fn read(&self, b: &Buffer) -> Value<f32> {
-        let words = || self.memory.read_words(b.offset, (b.bytes / 4) as usize);
-        match b.dtype {
-            DType::F32 => Value::Float(Tensor::from_vec(
-                &b.shape,
-                words().map(f32::from_bits).collect(),
-            )),
-            DType::I32 => Value::Int(Tensor::from_vec(
-                &b.shape,
-                words().map(|w| w as i32).collect(),
-            )),
-            DType::U64 => {
-                let w: Vec<u32> = words().collect();
-                Value::Word(w[0] as u64 | (w[1] as u64) << 32)
-            }
-        }
+        let words: Vec<u32> = self
+            .memory
+            .read_words(b.offset, (b.bytes / 4) as usize)
+            .collect();
+        value_of(&words, &TensorType::new(b.shape.clone(), b.dtype))
     }
 
     /// Runs every launch of the step.

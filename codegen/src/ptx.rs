@@ -24,6 +24,34 @@ pub fn module(kernels: &[&Kernel], target: &str) -> String {
     out
 }
 
+/// The kernel whose `.entry` the module text's line `line` (1-based) belongs to.
+pub fn kernel_at_line(ptx: &str, line: usize) -> Option<&str> {
+    ptx.lines()
+        .take(line)
+        .filter_map(|l| l.strip_prefix(".visible .entry "))
+        .last()
+        .map(|rest| rest.split('(').next().unwrap_or(rest))
+}
+
+/// The kernels an error log of ptxas or the driver's JIT points at, through its `line N`
+/// references, in order, each once.
+pub fn kernels_in_log<'a>(ptx: &'a str, log: &str) -> Vec<&'a str> {
+    let mut kernels: Vec<&str> = Vec::new();
+    let lines = log.split("line ").skip(1);
+    let numbers = lines.filter_map(|rest| {
+        rest.split(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()
+    });
+    for kernel in numbers.filter_map(|line| kernel_at_line(ptx, line)) {
+        if !kernels.contains(&kernel) {
+            kernels.push(kernel);
+        }
+    }
+    kernels
+}
+
 fn reg_prefix(ty: Ty) -> &'static str {
     match ty {
         Ty::Pred => "%p",

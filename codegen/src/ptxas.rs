@@ -57,7 +57,11 @@ pub fn assemble(ptxas: &Path, ptx: &str, arch: &str) -> Result<Vec<Resources>, S
     let output = output?;
     let messages = String::from_utf8_lossy(&output.stderr).into_owned();
     if !output.status.success() {
-        return Err(messages);
+        let kernels = crate::ptx::kernels_in_log(ptx, &messages);
+        if kernels.is_empty() {
+            return Err(messages);
+        }
+        return Err(format!("in kernel {}:\n{messages}", kernels.join(", ")));
     }
     Ok(parse_resources(&messages))
 }

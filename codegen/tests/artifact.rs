@@ -18,13 +18,13 @@ fn artifact(fused: bool) -> Artifact {
     let network = load(&path, &BuildOptions::train(8)).unwrap();
     let step = build_training_step(network, &StepOptions::new(FisherMode::Exact)).unwrap();
     let compiled = compile(&step, CompileOptions { fused }).unwrap();
-    let source = Source {
-        model: "models/small_cnn.toml".into(),
-        batch: 8,
-        fisher: "exact".into(),
+    let source = Source::of(
+        &step,
+        &path,
+        std::fs::read_to_string(&path).unwrap(),
         fused,
-        arch: "sm_80".into(),
-    };
+        "sm_80",
+    );
     Artifact::new(&compiled.program, source, compiled.seconds)
 }
 
@@ -129,4 +129,27 @@ fn damaged_artifacts_are_reported_not_panicked_on() {
     let err = Artifact::read(dir.path()).unwrap_err();
     assert!(matches!(err, ArtifactError::Io { .. }), "{err}");
     assert!(err.to_string().contains(PTX_FILE), "{err}");
+}
+
+#[test]
+fn artifacts_stand_alone_and_compile_again_to_themselves() {
+    let a = artifact(true);
+    let compiled = a.recompile().unwrap();
+    assert_eq!(compiled.program.kernels.len(), a.plan.kernels.len());
+    // a changed model text gives another program, which is refused
+    let mut edited = a.clone();
+    edited.plan.source.model_text =
+        edited
+            .plan
+            .source
+            .model_text
+            .replacen("out = 128", "out = 96", 1);
+    assert_ne!(
+        edited.plan.source.model_text, a.plan.source.model_text,
+        "the edit applies"
+    );
+    let Err(err) = edited.recompile() else {
+        panic!("an edited model compiled to the same program")
+    };
+    assert!(err.contains("recompile it"), "{err}");
 }

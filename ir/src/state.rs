@@ -38,6 +38,21 @@ impl Default for Hyperparams {
     }
 }
 
+impl Hyperparams {
+    /// The hyper-parameter inputs of a step, by role.
+    pub fn feeds<T: Real>(&self) -> Feeds<T> {
+        let scalar = |x: f32| Value::Float(Tensor::scalar(T::from_f32(x)));
+        Feeds::from([
+            (Role::Hyper(Hyper::LearningRate), scalar(self.learning_rate)),
+            (Role::Hyper(Hyper::Momentum), scalar(self.momentum)),
+            (Role::Hyper(Hyper::WeightDecay), scalar(self.weight_decay)),
+            (Role::Hyper(Hyper::NoiseScale), scalar(self.noise_scale)),
+            (Role::Hyper(Hyper::Seed), Value::Word(self.seed)),
+            (Role::Hyper(Hyper::Step), Value::Word(self.step)),
+        ])
+    }
+}
+
 /// The paper's default noise scale `sqrt(1/M_S − 1/M_L)`: the gap in gradient-noise variance
 /// between the small batch `M_S` and the large batch `M_L` (0 when `M_L ≤ M_S`).
 pub fn default_noise_scale(small_batch: usize, large_batch: usize) -> f32 {
@@ -95,9 +110,16 @@ impl<T: Real> TrainState<T> {
 
     /// The inputs of one training step.
     pub fn feeds(&self, images: Tensor<T>, labels: Tensor<i32>, hyper: &Hyperparams) -> Feeds<T> {
-        let mut feeds = Feeds::new();
+        let mut feeds = self.state_feeds();
         feeds.insert(Role::Images, Value::Float(images));
         feeds.insert(Role::Labels, Value::Int(labels));
+        feeds.extend(hyper.feeds());
+        feeds
+    }
+
+    /// Parameters, momenta and running statistics by role.
+    pub fn state_feeds(&self) -> Feeds<T> {
+        let mut feeds = Feeds::new();
         let lists = [
             (&self.params, Role::Param as fn(usize) -> Role),
             (&self.momenta, Role::Momentum),
@@ -109,16 +131,6 @@ impl<T: Real> TrainState<T> {
                 feeds.insert(role(i), Value::Float(t.clone()));
             }
         }
-        let scalar = |x: f32| Value::Float(Tensor::scalar(T::from_f32(x)));
-        feeds.insert(
-            Role::Hyper(Hyper::LearningRate),
-            scalar(hyper.learning_rate),
-        );
-        feeds.insert(Role::Hyper(Hyper::Momentum), scalar(hyper.momentum));
-        feeds.insert(Role::Hyper(Hyper::WeightDecay), scalar(hyper.weight_decay));
-        feeds.insert(Role::Hyper(Hyper::NoiseScale), scalar(hyper.noise_scale));
-        feeds.insert(Role::Hyper(Hyper::Seed), Value::Word(hyper.seed));
-        feeds.insert(Role::Hyper(Hyper::Step), Value::Word(hyper.step));
         feeds
     }
 

@@ -29,7 +29,7 @@ use toml::Spanned;
 use crate::error::ModelError;
 
 /// How a residual `add` matches shapes when its two inputs differ.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Shortcut {
     /// Strided identity with zero channel padding (no parameters).
     A,

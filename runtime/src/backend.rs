@@ -1,0 +1,69 @@
+//! The backend interface: a device that holds one compiled step's arena and runs it.
+
+use fisherc_codegen::exec::ExecError;
+use fisherc_codegen::plan::Buffer;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum RuntimeError {
+    /// A device call failed: `what` names the kernel, transfer or call.
+    #[error("{what}: {message}")]
+    Device { what: String, message: String },
+    #[error(transparent)]
+    Exec(#[from] ExecError),
+    /// The artifact cannot run here (stale, wrong backend, bad input).
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// A device running one compiled step. Buffers are the plan's; words are 4-byte units in
+/// device memory (see `fisherc_codegen::device::words_of`).
+pub trait Backend {
+    /// What runs the step, for reports: e.g. `cpu reference`, `NVIDIA H100 80GB HBM3 (sm_90)`.
+    fn describe(&self) -> String;
+
+    /// Writes `words` into `buffer`, from its start.
+    fn write(&mut self, buffer: &Buffer, words: &[u32]) -> Result<(), RuntimeError>;
+
+    /// All of `buffer`'s words.
+    fn read(&mut self, buffer: &Buffer) -> Result<Vec<u32>, RuntimeError>;
+
+    /// Runs the launches of node `node` of the plan's step and waits for them.
+    fn run_node(&mut self, node: usize) -> Result<(), RuntimeError>;
+
+    /// Runs the whole step and waits for it; returns its duration in seconds as the backend
+    /// measures it (CUDA events on a GPU, the wall clock on the CPU).
+    fn run_step(&mut self) -> Result<f64, RuntimeError>;
+
+    /// Records the step once so that [`Backend::run_step`] replays it with one launch (a CUDA
+    /// graph); `false` where the backend has no such thing.
+    fn capture(&mut self) -> Result<bool, RuntimeError> {
+        Ok(false)
+    }
+}
+
+impl<B: Backend + ?Sized> Backend for Box<B> {
+    fn describe(&self) -> String {
+        (**self).describe()
+    }
+
+    fn write(&mut self, buffer: &Buffer, words: &[u32]) -> Result<(), RuntimeError> {
+        (**self).write(buffer, words)
+    }
+
+    fn read(&mut self, buffer: &Buffer) -> Result<Vec<u32>, RuntimeError> {
+        (**self).read(buffer)
+    }
+
+    fn run_node(&mut self, node: usize) -> Result<(), RuntimeError> {
+        (**self).run_node(node)
+    }
+
+    fn run_step(&mut self) -> Result<f64, RuntimeError> {
+        (**self).run_step()
+    }
+
+    fn capture(&mut self) -> Result<bool, RuntimeError> {
+        (**self).capture()
+    }
+}

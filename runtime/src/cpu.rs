@@ -1,0 +1,152 @@
+//! The CPU backends. Both keep the plan's arena in host memory with the plan's offsets, so a
+//! run on either exercises the memory plan:
+//!
+//! * [`ReferenceBackend`] evaluates each node's op with the CPU reference (`Op::eval`):
+//!   fast, and the oracle the others are checked against;
+//! * [`ExecutorBackend`] runs the generated kernels on the CPU executor, thread by thread:
+//!   slow, and exactly the instruction stream the GPU runs.
+
+use std::time::Instant;
+
+use fisherc_codegen::compile::Compiled;
+use fisherc_codegen::device::{CpuDevice, value_of, words_of};
+use fisherc_codegen::plan::Buffer;
+use fisherc_ir::Graph;
+use fisherc_ir::tensor::Value;
+use petgraph::graph::NodeIndex;
+
+use crate::backend::{Backend, RuntimeError};
+
+pub struct ExecutorBackend {
+    device: CpuDevice,
+}
+
+impl ExecutorBackend {
+    pub fn new(compiled: &Compiled) -> Self {
+        ExecutorBackend {
+            device: CpuDevice::new(compiled.program.clone()),
+        }
+    }
+}
+
+impl Backend for ExecutorBackend {
+    fn describe(&self) -> String {
+        format!("cpu kernel executor ({} threads)", rayon_threads())
+    }
+
+    fn write(&mut self, buffer: &Buffer, words: &[u32]) -> Result<(), RuntimeError> {
+        write_words(&mut self.device, buffer, words)
+    }
+
+    fn read(&mut self, buffer: &Buffer) -> Result<Vec<u32>, RuntimeError> {
+        Ok(read_words(&self.device, buffer))
+    }
+
+    fn run_node(&mut self, node: usize) -> Result<(), RuntimeError> {
+        Ok(self.device.run_node(node)?)
+    }
+
+    fn run_step(&mut self) -> Result<f64, RuntimeError> {
+        let started = Instant::now();
+        self.device.run()?;
+        Ok(started.elapsed().as_secs_f64())
+    }
+}
+
+pub struct ReferenceBackend {
+    device: CpuDevice,
+    graph: Graph,
+}
+
+impl ReferenceBackend {
+    pub fn new(compiled: &Compiled) -> Self {
+        ReferenceBackend {
+            device: CpuDevice::new(compiled.program.clone()),
+            graph: compiled.graph.clone(),
+        }
+    }
+}
+
+impl Backend for ReferenceBackend {
+    fn describe(&self) -> String {
+        format!("cpu reference ops ({} threads)", rayon_threads())
+    }
+
+    fn write(&mut self, buffer: &Buffer, words: &[u32]) -> Result<(), RuntimeError> {
+        write_words(&mut self.device, buffer, words)
+    }
+
+    fn read(&mut self, buffer: &Buffer) -> Result<Vec<u32>, RuntimeError> {
+        Ok(read_words(&self.device, buffer))
+    }
+
+    fn run_node(&mut self, node: usize) -> Result<(), RuntimeError> {
+        let planned = &self.device.program().nodes[node];
+        if planned.launch_count == 0 {
+            return Ok(()); // inputs, constants, reshapes: nothing runs
+        }
+        let n = NodeIndex::new(planned.graph_node);
+        let buffers = &self.device.program().buffers;
+        // typed as the graph types the value: a reshape's buffer holds its input's shape
+        let inputs: Vec<Value<f32>> = planned
+            .inputs
+            .iter()
+            .zip(&self.graph.inputs(n))
+            .map(|(&b, &port)| {
+                value_of(&read_words(&self.device, &buffers[b]), self.graph.ty(port))
+            })
+            .collect();
+        let graph_node = self.graph.node(n);
+        let refs: Vec<&Value<f32>> = inputs.iter().collect();
+        let outputs = graph_node
+            .op
+            .eval(&refs, &graph_node.outputs)
+            .map_err(|message| {
+                RuntimeError::Setup(format!(
+                    "layer '{}' ({}): {message}",
+                    graph_node.layer,
+                    graph_node.op.name()
+                ))
+            })?;
+        let targets = planned.outputs.clone();
+        for (value, b) in outputs.iter().zip(targets) {
+            let buffer = self.device.program().buffers[b].clone();
+            write_words(&mut self.device, &buffer, &words_of(value))?;
+        }
+        Ok(())
+    }
+
+    fn run_step(&mut self) -> Result<f64, RuntimeError> {
+        let started = Instant::now();
+        for node in 0..self.device.program().nodes.len() {
+            self.run_node(node)?;
+        }
+        Ok(started.elapsed().as_secs_f64())
+    }
+}
+
+fn write_words(device: &mut CpuDevice, buffer: &Buffer, words: &[u32]) -> Result<(), RuntimeError> {
+    if 4 * words.len() as u64 > buffer.bytes {
+        return Err(RuntimeError::Setup(format!(
+            "{} words for buffer {} of {} bytes",
+            words.len(),
+            buffer.name,
+            buffer.bytes
+        )));
+    }
+    device
+        .memory
+        .write_words(buffer.offset, words.iter().copied());
+    Ok(())
+}
+
+fn read_words(device: &CpuDevice, buffer: &Buffer) -> Vec<u32> {
+    device
+        .memory
+        .read_words(buffer.offset, (buffer.bytes / 4) as usize)
+        .collect()
+}
+
+fn rayon_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}

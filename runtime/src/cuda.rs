@@ -1,0 +1,409 @@
+//! The CUDA backend: the artifact's PTX module loaded by the driver, one device arena with the
+//! plan's offsets, the step's launches on one stream, optionally captured once into a CUDA
+//! graph and replayed.
+//!
+//! It talks to the driver API through cust's raw bindings (`cust::sys`) where cust has no safe
+//! wrapper for what is needed (loading a module with an error log, graph capture, launching
+//! with arguments built at run time), and through cust for the context, stream and events.
+//! Every failure names what failed: the kernel (with its layer and op), the transfer and
+//! buffer, or the driver call.
+
+use std::ffi::{CStr, CString, c_void};
+use std::ptr;
+
+use cust::context::Context;
+use cust::device::{Device, DeviceAttribute};
+use cust::event::{Event, EventFlags};
+use cust::stream::{Stream, StreamFlags};
+use cust::sys as cu;
+use fisherc_codegen::artifact::{Artifact, Plan};
+use fisherc_codegen::kir::ParamTy;
+use fisherc_codegen::plan::{Arg, Buffer, Kind};
+use fisherc_codegen::ptx;
+
+use crate::backend::{Backend, RuntimeError};
+
+/// Bytes of each JIT log buffer.
+const LOG_BYTES: usize = 1 << 16;
+
+pub struct CudaBackend {
+    plan: Plan,
+    description: String,
+    module: cu::CUmodule,
+    /// By kernel index of the plan.
+    functions: Vec<cu::CUfunction>,
+    arena: cu::CUdeviceptr,
+    stream: Stream,
+    start: Event,
+    stop: Event,
+    /// The step captured into a CUDA graph, once [`CudaBackend::capture`] has run.
+    graph: Option<cu::CUgraphExec>,
+    // declared last: dropped after everything above that lives in it
+    _context: Context,
+}
+
+/// The driver's name and description of an error.
+fn describe(result: cu::CUresult) -> String {
+    let text = |f: unsafe extern "C" fn(
+        cu::CUresult,
+        *mut *const std::os::raw::c_char,
+    ) -> cu::CUresult| {
+        let mut s: *const std::os::raw::c_char = ptr::null();
+        // SAFETY: the driver writes a pointer to a static string, or leaves null
+        let ok = unsafe { f(result, &mut s) } == cu::CUresult::CUDA_SUCCESS && !s.is_null();
+        // SAFETY: non-null strings from the driver are NUL-terminated and static
+        ok.then(|| unsafe { CStr::from_ptr(s) }.to_string_lossy().into_owned())
+    };
+    match (text(cu::cuGetErrorName), text(cu::cuGetErrorString)) {
+        (Some(name), Some(text)) => format!("{name}: {text}"),
+        _ => format!("{result:?}"),
+    }
+}
+
+/// `Ok` for success, else an error saying `what` failed and why.
+fn check(result: cu::CUresult, what: impl FnOnce() -> String) -> Result<(), RuntimeError> {
+    if result == cu::CUresult::CUDA_SUCCESS {
+        Ok(())
+    } else {
+        Err(RuntimeError::Device {
+            what: what(),
+            message: describe(result),
+        })
+    }
+}
+
+fn cust_error(what: &str) -> impl FnOnce(cust::error::CudaError) -> RuntimeError + '_ {
+    move |e| RuntimeError::Device {
+        what: what.to_string(),
+        message: e.to_string(),
+    }
+}
+
+impl CudaBackend {
+    /// Initialises CUDA on device 0, loads the artifact's module and allocates its arena
+    /// (zeroed, constants written).
+    pub fn new(artifact: &Artifact) -> Result<Self, RuntimeError> {
+        let context = cust::quick_init().map_err(cust_error("initialising CUDA on device 0"))?;
+        let device = Device::get_device(0).map_err(cust_error("opening device 0"))?;
+        let name = device
+            .name()
+            .map_err(cust_error("reading the device name"))?;
+        let major = device
+            .get_attribute(DeviceAttribute::ComputeCapabilityMajor)
+            .map_err(cust_error("reading the compute capability"))?;
+        let minor = device
+            .get_attribute(DeviceAttribute::ComputeCapabilityMinor)
+            .map_err(cust_error("reading the compute capability"))?;
+        let plan = artifact.plan.clone();
+        let target: i32 = plan
+            .source
+            .arch
+            .trim_start_matches("sm_")
+            .parse()
+            .unwrap_or(0);
+        if major * 10 + minor < target {
+            return Err(RuntimeError::Setup(format!(
+                "the artifact targets {}, and {name} is sm_{major}{minor}: compile with --arch sm_{major}{minor}",
+                plan.source.arch
+            )));
+        }
+        let module = load_module(&artifact.ptx)?;
+        let mut functions = Vec::with_capacity(plan.kernels.len());
+        for k in &plan.kernels {
+            let cname = CString::new(k.name.as_str()).expect("kernel names have no NUL");
+            let mut f: cu::CUfunction = ptr::null_mut();
+            // SAFETY: module is loaded; f receives a handle owned by it
+            check(
+                unsafe { cu::cuModuleGetFunction(&mut f, module, cname.as_ptr()) },
+                || format!("finding kernel {} in the module", k.name),
+            )?;
+            functions.push(f);
+        }
+        let stream = Stream::new(StreamFlags::NON_BLOCKING, None)
+            .map_err(cust_error("creating a stream"))?;
+        let event = || Event::new(EventFlags::DEFAULT).map_err(cust_error("creating an event"));
+        let (start, stop) = (event()?, event()?);
+        let mut arena: cu::CUdeviceptr = 0;
+        let bytes = plan.arena_bytes.max(1) as usize;
+        // SAFETY: arena receives a fresh allocation of `bytes` bytes, freed in Drop
+        check(unsafe { cu::cuMemAlloc_v2(&mut arena, bytes) }, || {
+            format!("allocating the {bytes}-byte arena on {name}")
+        })?;
+        let mut backend = CudaBackend {
+            description: format!("{name} (sm_{major}{minor})"),
+            plan,
+            module,
+            functions,
+            arena,
+            stream,
+            start,
+            stop,
+            graph: None,
+            _context: context,
+        };
+        backend.clear()?;
+        Ok(backend)
+    }
+
+    /// Zeroes the arena and writes the constants.
+    fn clear(&mut self) -> Result<(), RuntimeError> {
+        let bytes = self.plan.arena_bytes as usize;
+        // SAFETY: the range lies inside the arena
+        check(
+            unsafe { cu::cuMemsetD8Async(self.arena, 0, bytes, self.stream.as_inner()) },
+            || "zeroing the arena".into(),
+        )?;
+        let constants: Vec<(Buffer, f32)> = self
+            .plan
+            .buffers
+            .iter()
+            .filter_map(|b| match b.kind {
+                Kind::Constant(v) => Some((b.clone(), v)),
+                _ => None,
+            })
+            .collect();
+        for (buffer, v) in constants {
+            self.write(&buffer, &[v.to_bits()])?;
+        }
+        Ok(())
+    }
+
+    fn synchronize(&self, what: impl FnOnce() -> String) -> Result<(), RuntimeError> {
+        self.stream.synchronize().map_err(|e| RuntimeError::Device {
+            what: what(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Enqueues launch `index` of the plan on the stream.
+    fn launch(&self, index: usize) -> Result<(), RuntimeError> {
+        let launch = &self.plan.launches[index];
+        let kernel = &self.plan.kernels[launch.kernel];
+        // every argument in an 8-byte slot; the driver reads each parameter's own size from it
+        let mut slots: Vec<u64> = launch
+            .args
+            .iter()
+            .zip(&kernel.params)
+            .map(|(arg, (_, ty))| match (arg, ty) {
+                (Arg::Buffer(b), ParamTy::Ptr) => self.arena + self.plan.buffers[*b].offset,
+                (Arg::U32(v), _) => *v as u64,
+                (Arg::F32(v), _) => v.to_bits() as u64,
+                (Arg::Buffer(_), _) => unreachable!("plans are checked on reading"),
+            })
+            .collect();
+        let mut params: Vec<*mut c_void> = slots
+            .iter_mut()
+            .map(|s| s as *mut u64 as *mut c_void)
+            .collect();
+        let node = &self.plan.nodes[launch.node];
+        // SAFETY: the function belongs to the loaded module; params point at one live slot per
+        // kernel parameter, in order (checked when the plan was read); shared memory is static
+        let result = unsafe {
+            cu::cuLaunchKernel(
+                self.functions[launch.kernel],
+                launch.grid[0],
+                launch.grid[1],
+                1,
+                launch.block,
+                1,
+                1,
+                0,
+                self.stream.as_inner(),
+                params.as_mut_ptr(),
+                ptr::null_mut(),
+            )
+        };
+        check(result, || {
+            format!(
+                "launching kernel {} (layer '{}', {})",
+                kernel.name, node.layer, node.op
+            )
+        })
+    }
+
+    /// Captures the whole step into a CUDA graph; [`Backend::run_step`] then replays it with
+    /// one launch. Kernel arguments are fixed addresses in the arena, so one capture serves
+    /// every step.
+    fn capture_graph(&mut self) -> Result<(), RuntimeError> {
+        let stream = self.stream.as_inner();
+        let mode = cu::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
+        // SAFETY: the stream is ours and idle
+        check(unsafe { cu::cuStreamBeginCapture_v2(stream, mode) }, || {
+            "beginning graph capture".into()
+        })?;
+        let launched = (0..self.plan.launches.len()).try_for_each(|i| self.launch(i));
+        let mut graph: cu::CUgraph = ptr::null_mut();
+        // SAFETY: ends the capture begun above, whatever happened in between
+        let ended = check(
+            unsafe { cu::cuStreamEndCapture(stream, &mut graph) },
+            || "ending graph capture".into(),
+        );
+        launched?;
+        ended?;
+        let mut exec: cu::CUgraphExec = ptr::null_mut();
+        // SAFETY: graph is the captured graph; exec receives an executable copy
+        let instantiated = check(
+            unsafe { cu::cuGraphInstantiateWithFlags(&mut exec, graph, 0) },
+            || "instantiating the captured step".into(),
+        );
+        // SAFETY: the executable graph does not need the graph it was made from
+        unsafe { cu::cuGraphDestroy(graph) };
+        instantiated?;
+        if let Some(old) = self.graph.replace(exec) {
+            // SAFETY: no replay of the old graph is pending: every step synchronises
+            unsafe { cu::cuGraphExecDestroy(old) };
+        }
+        Ok(())
+    }
+}
+
+/// Loads PTX through `cuModuleLoadDataEx` with an error log; a failure carries the log and the
+/// kernels its line numbers point at.
+fn load_module(ptx: &str) -> Result<cu::CUmodule, RuntimeError> {
+    let text = CString::new(ptx)
+        .map_err(|_| RuntimeError::Setup("the PTX module contains a NUL byte".into()))?;
+    let mut error_log = vec![0u8; LOG_BYTES];
+    let mut options = [
+        cu::CUjit_option::CU_JIT_ERROR_LOG_BUFFER,
+        cu::CUjit_option::CU_JIT_ERROR_LOG_BUFFER_SIZE_BYTES,
+    ];
+    // cuModuleLoadDataEx takes values that fit a pointer by value, cast to void*
+    let mut values = [
+        error_log.as_mut_ptr() as *mut c_void,
+        LOG_BYTES as *mut c_void,
+    ];
+    let mut module: cu::CUmodule = ptr::null_mut();
+    // SAFETY: text is NUL-terminated; the log buffer outlives the call and its size is given
+    let result = unsafe {
+        cu::cuModuleLoadDataEx(
+            &mut module,
+            text.as_ptr() as *const c_void,
+            options.len() as u32,
+            options.as_mut_ptr(),
+            values.as_mut_ptr(),
+        )
+    };
+    if result == cu::CUresult::CUDA_SUCCESS {
+        return Ok(module);
+    }
+    let log = String::from_utf8_lossy(
+        &error_log[..error_log.iter().position(|&b| b == 0).unwrap_or(LOG_BYTES)],
+    )
+    .trim()
+    .to_string();
+    let kernels = ptx::kernels_in_log(ptx, &log);
+    let what = if kernels.is_empty() {
+        "loading the PTX module".to_string()
+    } else {
+        format!("loading the PTX module (kernel {})", kernels.join(", "))
+    };
+    Err(RuntimeError::Device {
+        what,
+        message: format!("{}\n{log}", describe(result)),
+    })
+}
+
+impl Backend for CudaBackend {
+    fn describe(&self) -> String {
+        self.description.clone()
+    }
+
+    fn write(&mut self, buffer: &Buffer, words: &[u32]) -> Result<(), RuntimeError> {
+        let bytes = 4 * words.len();
+        if bytes as u64 > buffer.bytes {
+            return Err(RuntimeError::Setup(format!(
+                "{} words for buffer {} of {} bytes",
+                words.len(),
+                buffer.name,
+                buffer.bytes
+            )));
+        }
+        // SAFETY: the destination range lies inside the arena; the source outlives the copy,
+        // which completes before the synchronisation below returns
+        let result = unsafe {
+            cu::cuMemcpyHtoDAsync_v2(
+                self.arena + buffer.offset,
+                words.as_ptr() as *const c_void,
+                bytes,
+                self.stream.as_inner(),
+            )
+        };
+        check(result, || {
+            format!("copying {bytes} bytes to buffer {}", buffer.name)
+        })?;
+        self.synchronize(|| format!("copying to buffer {}", buffer.name))
+    }
+
+    fn read(&mut self, buffer: &Buffer) -> Result<Vec<u32>, RuntimeError> {
+        let mut words = vec![0u32; (buffer.bytes / 4) as usize];
+        // SAFETY: the source range lies inside the arena; the destination holds buffer.bytes
+        // bytes and outlives the copy (synchronised below)
+        let result = unsafe {
+            cu::cuMemcpyDtoHAsync_v2(
+                words.as_mut_ptr() as *mut c_void,
+                self.arena + buffer.offset,
+                4 * words.len(),
+                self.stream.as_inner(),
+            )
+        };
+        check(result, || {
+            format!("copying buffer {} to the host", buffer.name)
+        })?;
+        self.synchronize(|| format!("copying buffer {} to the host", buffer.name))?;
+        Ok(words)
+    }
+
+    fn run_node(&mut self, node: usize) -> Result<(), RuntimeError> {
+        let planned = &self.plan.nodes[node];
+        for i in planned.first_launch..planned.first_launch + planned.launch_count {
+            self.launch(i)?;
+        }
+        let (layer, op) = (planned.layer.clone(), planned.op.clone());
+        self.synchronize(|| format!("running layer '{layer}' ({op})"))
+    }
+
+    fn run_step(&mut self) -> Result<f64, RuntimeError> {
+        self.start
+            .record(&self.stream)
+            .map_err(cust_error("recording the start event"))?;
+        match self.graph {
+            // SAFETY: exec is a live executable graph of this context
+            Some(exec) => check(
+                unsafe { cu::cuGraphLaunch(exec, self.stream.as_inner()) },
+                || "replaying the captured step".into(),
+            )?,
+            None => (0..self.plan.launches.len()).try_for_each(|i| self.launch(i))?,
+        }
+        self.stop
+            .record(&self.stream)
+            .map_err(cust_error("recording the stop event"))?;
+        // an error raised inside a kernel surfaces here; `fisherc check` finds which one
+        self.synchronize(|| {
+            "running the step (run `fisherc check` to find the failing kernel)".into()
+        })?;
+        let ms = self
+            .stop
+            .elapsed_time_f32(&self.start)
+            .map_err(cust_error("reading the step time"))?;
+        Ok(ms as f64 / 1e3)
+    }
+
+    fn capture(&mut self) -> Result<bool, RuntimeError> {
+        self.capture_graph()?;
+        Ok(true)
+    }
+}
+
+impl Drop for CudaBackend {
+    fn drop(&mut self) {
+        // SAFETY: all of these were created by this backend, in its context (still alive: it
+        // is the last field), and nothing is in flight (every call synchronises)
+        unsafe {
+            if let Some(exec) = self.graph.take() {
+                cu::cuGraphExecDestroy(exec);
+            }
+            cu::cuMemFree_v2(self.arena);
+            cu::cuModuleUnload(self.module);
+        }
+    }
+}

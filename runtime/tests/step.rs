@@ -1,0 +1,280 @@
+//! Whole training steps on the CPU backends.
+//!
+//! * The kernel executor, node by node: every node's outputs against the reference op on the
+//!   very inputs the kernels read (the noisy update bit for bit, so the noise is the CPU's);
+//!   then end to end: loss, gradients, Fisher, parameters and momenta after the step against
+//!   the reference interpreter running the unoptimised step in f64. The kernels may be at most
+//!   [`SLACK`] times as far from it as the same interpreter in f32 is (both sum in f32, in
+//!   different orders).
+//! * The reference backend over the memory plan against the interpreter on the same graph:
+//!   bit for bit, which a buffer overwritten while still live would break.
+//!
+//! End to end, a ReLU whose pre-activation lies within rounding of zero may switch on in one
+//! computation and off in the other; the gradient then differs by that element's whole
+//! contribution, and no bound on rounding covers it. The random batches below have none
+//! (seed 4 of `resnet20` has one, in `basic6.bn1`); the node-by-node check is immune, since
+//! each fused kernel computes its mask from the same inputs in the reference's order.
+
+use std::path::Path;
+use std::time::Instant;
+
+use fisherc_codegen::artifact::{Artifact, Source};
+use fisherc_codegen::compile::{CompileOptions, Compiled, compile};
+use fisherc_ir::graph::Output;
+use fisherc_ir::interp::{Feeds, evaluate};
+use fisherc_ir::model::{BuildOptions, load};
+use fisherc_ir::state::{Hyperparams, TrainState};
+use fisherc_ir::synthetic::random_batch;
+use fisherc_ir::tensor::Value;
+use fisherc_ir::{FisherMode, StepOptions, TrainingStep, build_training_step};
+use fisherc_runtime::Session;
+use fisherc_runtime::check::{Bounds, compare_steps, node_by_node};
+use fisherc_runtime::cpu::{ExecutorBackend, ReferenceBackend};
+
+/// See the module documentation.
+const SLACK: f64 = 4.0;
+
+struct Case {
+    model: &'static str,
+    batch: usize,
+    input: Option<[usize; 3]>,
+    mode: FisherMode,
+    fused: bool,
+    data_seed: u64,
+}
+
+impl Case {
+    fn small(model: &'static str, mode: FisherMode, fused: bool) -> Case {
+        let input = (model == "small_cnn").then_some([1, 12, 12]);
+        Case {
+            model,
+            batch: 4,
+            input,
+            mode,
+            fused,
+            data_seed: 4,
+        }
+    }
+
+    fn what(&self) -> String {
+        let variant = if self.fused { "fused" } else { "unfused" };
+        format!(
+            "{} batch {} {} {variant}",
+            self.model, self.batch, self.mode
+        )
+    }
+
+    fn build(&self) -> (TrainingStep, Artifact, Compiled) {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../models/{}.toml", self.model));
+        let options = BuildOptions {
+            input: self.input,
+            ..BuildOptions::train(self.batch)
+        };
+        let step =
+            build_training_step(load(&path, &options).unwrap(), &StepOptions::new(self.mode))
+                .unwrap();
+        let compiled = compile(&step, CompileOptions { fused: self.fused }).unwrap();
+        let source = Source::of(
+            &step,
+            &path,
+            std::fs::read_to_string(&path).unwrap(),
+            self.fused,
+            "sm_90",
+        );
+        let artifact = Artifact::new(&compiled.program, source, compiled.seconds);
+        (step, artifact, compiled)
+    }
+
+    fn feeds(&self, step: &TrainingStep) -> Feeds<f32> {
+        let net = &step.network;
+        let state = TrainState::<f32>::init(net, 3);
+        let (images, labels) =
+            random_batch::<f32>(self.batch, net.input, net.classes, self.data_seed);
+        state.feeds(
+            images,
+            labels,
+            &Hyperparams {
+                noise_scale: 0.5,
+                seed: 77,
+                step: 9,
+                ..Hyperparams::default()
+            },
+        )
+    }
+}
+
+/// Largest absolute difference relative to the largest magnitude of the exact values.
+fn error_vs_exact(a: &[f32], exact: &[f64]) -> f64 {
+    let scale = exact.iter().fold(1e-30f64, |m, v| m.max(v.abs()));
+    a.iter()
+        .zip(exact)
+        .map(|(x, y)| (*x as f64 - y).abs())
+        .fold(0.0, f64::max)
+        / scale
+}
+
+fn to_f64(feeds: &Feeds<f32>) -> Feeds<f64> {
+    let cast = |v: &Value<f32>| match v {
+        Value::Float(t) => Value::Float(t.cast()),
+        Value::Int(t) => Value::Int(t.clone()),
+        Value::Word(w) => Value::Word(*w),
+    };
+    feeds
+        .iter()
+        .map(|(role, v)| (role.clone(), cast(v)))
+        .collect()
+}
+
+fn executor_step_matches_the_reference(case: Case) {
+    let what = case.what();
+    let (step, artifact, compiled) = case.build();
+    let feeds = case.feeds(&step);
+    let mut session = Session::new(&artifact, ExecutorBackend::new(&compiled)).unwrap();
+    session.feed(&feeds).unwrap();
+
+    let started = Instant::now();
+    let checks = node_by_node(&mut session, &compiled, Bounds::CPU)
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    eprintln!(
+        "{what}: {} launches, checked node by node in {:.1} s",
+        artifact.plan.launches.len(),
+        started.elapsed().as_secs_f64()
+    );
+    for c in &checks {
+        assert!(
+            c.passed(),
+            "{what}: {} ({}) output {}: relative error {:e} > {:e}",
+            c.layer,
+            c.op,
+            c.port,
+            c.error,
+            c.bound
+        );
+        if c.op == "noisy_sgd_update" {
+            assert!(c.identical, "{what}: {} update not bit-identical", c.layer);
+        }
+    }
+    let updates = checks.iter().filter(|c| c.op == "noisy_sgd_update").count();
+    // new parameter and new momentum of every parameter
+    assert_eq!(
+        updates,
+        2 * step.network.params.len(),
+        "{what}: every update checked"
+    );
+
+    let reference = evaluate(&step.graph, &feeds, &[]).unwrap();
+    let exact = evaluate(&step.graph, &to_f64(&feeds), &[]).unwrap();
+    let mut check = |label: &str, name: &Output, floor: f64| {
+        let exact = &exact.output(name).unwrap().float().data;
+        let ours = error_vs_exact(&session.output(name).unwrap().float().data, exact);
+        let f32_reference = error_vs_exact(&reference.output(name).unwrap().float().data, exact);
+        let bound = (SLACK * f32_reference).max(floor);
+        assert!(
+            ours <= bound,
+            "{what}: {label} {name}: relative error {ours:e} > {bound:e} (f32 reference: {f32_reference:e})"
+        );
+    };
+    check("", &Output::Loss, 1e-6);
+    for (i, p) in step.network.params.iter().enumerate() {
+        check(&p.name, &Output::NewParam(i), 1e-6);
+        check(&p.name, &Output::NewMomentum(i), 1e-5);
+        check(&p.name, &Output::Grad(i), 1e-5);
+        if case.mode != FisherMode::None {
+            check(&p.name, &Output::Fisher(i), 1e-5);
+        }
+    }
+}
+
+#[test]
+fn small_models_step_on_the_kernel_executor() {
+    for mode in FisherMode::ALL {
+        for fused in [true, false] {
+            executor_step_matches_the_reference(Case::small("small_cnn", mode, fused));
+            executor_step_matches_the_reference(Case::small("mlp", mode, fused));
+        }
+    }
+}
+
+#[test]
+fn resnet20_exact_step_on_the_kernel_executor_matches_the_reference() {
+    let case = Case {
+        model: "resnet20",
+        batch: 8,
+        input: None,
+        mode: FisherMode::Exact,
+        fused: true,
+        data_seed: 5,
+    };
+    executor_step_matches_the_reference(case);
+}
+
+#[test]
+fn the_reference_backend_over_the_memory_plan_is_bit_identical_to_the_interpreter() {
+    let small = Some([3, 16, 16]);
+    for (model, input, mode, fused) in [
+        ("resnet20", small, FisherMode::Exact, true),
+        ("resnet20", small, FisherMode::A2g2, false),
+        ("vgg16", None, FisherMode::Exact, true),
+        ("small_cnn", small, FisherMode::None, true),
+    ] {
+        let case = Case {
+            model,
+            batch: 2,
+            input,
+            mode,
+            fused,
+            data_seed: 8,
+        };
+        let what = case.what();
+        let (step, artifact, compiled) = case.build();
+        let feeds = case.feeds(&step);
+        let mut session = Session::new(&artifact, ReferenceBackend::new(&compiled)).unwrap();
+        session.feed(&feeds).unwrap();
+        session.step().unwrap();
+        let expected = evaluate(&compiled.graph, &feeds, &[]).unwrap();
+        for slot in &artifact.plan.outputs {
+            let got = session.output(&slot.role).unwrap();
+            let want = expected.output(&slot.role).unwrap();
+            let bits = |v: &Value<f32>| {
+                v.float()
+                    .data
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(bits(&got), bits(want), "{what}: {}", slot.role);
+        }
+    }
+}
+
+#[test]
+fn several_steps_on_the_executor_follow_the_reference_backend() {
+    let case = Case::small("small_cnn", FisherMode::Exact, true);
+    let (_, artifact, compiled) = case.build();
+    let mut executor = Session::new(&artifact, ExecutorBackend::new(&compiled)).unwrap();
+    let mut reference = Session::new(&artifact, ReferenceBackend::new(&compiled)).unwrap();
+    let hyper = Hyperparams {
+        noise_scale: 0.5,
+        seed: 5,
+        ..Hyperparams::default()
+    };
+    let rows = compare_steps(&mut executor, &mut reference, 3, 11, &hyper).unwrap();
+    assert_eq!(
+        rows.len(),
+        3 + 3,
+        "three losses, parameters, momenta, Fisher"
+    );
+    for row in &rows {
+        assert!(
+            row.error < 1e-4,
+            "{}: relative error {:e}",
+            row.what,
+            row.error
+        );
+    }
+    // the steps did train: parameters moved from their initial values
+    let initial = TrainState::<f32>::init(&executor.network, 11);
+    let now = executor.state().unwrap();
+    assert!(initial.params.iter().zip(&now.params).any(|(a, b)| a != b));
+}

@@ -1,0 +1,48 @@
+//! Command-line hyper-parameters of the noisy update, shared by every command that trains.
+
+use fisherc_ir::FisherMode;
+use fisherc_ir::state::{Hyperparams, default_noise_scale};
+
+#[derive(clap::Args, Debug)]
+pub struct HyperArgs {
+    #[arg(long, default_value_t = 0.1)]
+    pub lr: f32,
+
+    #[arg(long, default_value_t = 0.9)]
+    pub momentum: f32,
+
+    #[arg(long, default_value_t = 5e-4)]
+    pub weight_decay: f32,
+
+    /// Noise scale s [default: sqrt(1/small_batch - 1/batch); 0 without Fisher].
+    #[arg(long)]
+    pub noise_scale: Option<f32>,
+
+    /// The small batch M_S of the default noise scale.
+    #[arg(long, default_value_t = 128)]
+    pub small_batch: usize,
+}
+
+impl HyperArgs {
+    /// The noise scale for a step with this Fisher mode and batch.
+    pub fn noise_scale(&self, fisher: FisherMode, batch: usize) -> f32 {
+        match fisher {
+            FisherMode::None => 0.0,
+            _ => self
+                .noise_scale
+                .unwrap_or_else(|| default_noise_scale(self.small_batch, batch)),
+        }
+    }
+
+    /// The hyper-parameters of step `step` (counted from 0), noise keyed by `seed`.
+    pub fn at(&self, noise_scale: f32, seed: u64, step: u64) -> Hyperparams {
+        Hyperparams {
+            learning_rate: self.lr,
+            momentum: self.momentum,
+            weight_decay: self.weight_decay,
+            noise_scale,
+            seed,
+            step,
+        }
+    }
+}

@@ -1,0 +1,109 @@
+//! `fisherc run DIR`: training steps of a compiled artifact on a backend (CPU or GPU), on a
+//! random batch fisherc makes itself, with the loss and the step time of every step.
+
+use std::io::{self, Write};
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use fisherc_codegen::artifact::Artifact;
+use fisherc_ir::ops::Role;
+use fisherc_ir::state::TrainState;
+use fisherc_ir::synthetic::random_batch;
+use fisherc_ir::tensor::Value;
+use fisherc_runtime::Session;
+
+use crate::backend_args::{self, BackendKind};
+use crate::hyper_args::HyperArgs;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// A directory written by `fisherc compile`.
+    pub artifact: PathBuf,
+
+    #[arg(long, value_enum, default_value = "reference")]
+    pub backend: BackendKind,
+
+    /// Number of steps (on the same batch, as `fisherc step`: the loss should fall).
+    #[arg(long, default_value_t = 3)]
+    pub steps: usize,
+
+    /// Seed of the initial parameters, the batch and the noise.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+
+    /// Steps left out of the median step time (the first launches load and warm up).
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+
+    /// Capture the step into a CUDA graph and replay it (GPU only).
+    #[arg(long)]
+    pub graph: bool,
+
+    #[command(flatten)]
+    pub hyper: HyperArgs,
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    let artifact = Artifact::read(&args.artifact)?;
+    let source = artifact.plan.source.clone();
+    let compiled = args
+        .backend
+        .needs_compiled()
+        .then(|| backend_args::recompile(&artifact))
+        .transpose()?;
+    let backend = backend_args::open(args.backend, &artifact, compiled.as_ref())?;
+    let mut session = Session::new(&artifact, backend)?;
+    if args.graph {
+        anyhow::ensure!(session.backend.capture()?, "--graph needs the cuda backend");
+    }
+    let net = &session.network;
+    let noise_scale = args.hyper.noise_scale(source.fisher, source.batch);
+    let mut out = io::stdout().lock();
+    writeln!(
+        out,
+        "{} · batch {} · fisher {} · {} · noise scale {noise_scale:.5} · on {}{}",
+        source.model,
+        source.batch,
+        source.fisher,
+        if source.fused { "fused" } else { "unfused" },
+        session.backend.describe(),
+        if args.graph { " (CUDA graph)" } else { "" }
+    )?;
+    let (images, labels) = random_batch::<f32>(net.batch, net.input, net.classes, args.seed);
+    session.feed(&TrainState::<f32>::init(net, args.seed).state_feeds())?;
+    let mut times = Vec::with_capacity(args.steps);
+    for k in 0..args.steps {
+        let mut feeds = args.hyper.at(noise_scale, args.seed, k as u64).feeds();
+        if k == 0 {
+            feeds.insert(Role::Images, Value::Float(images.clone()));
+            feeds.insert(Role::Labels, Value::Int(labels.clone()));
+        }
+        session.feed(&feeds)?;
+        let seconds = session.step().with_context(|| format!("step {}", k + 1))?;
+        let loss = session.loss()?;
+        anyhow::ensure!(loss.is_finite(), "step {}: the loss is {loss}", k + 1);
+        times.push(seconds);
+        writeln!(
+            out,
+            "step {:>3}  loss {loss:.6}  {:.3} ms",
+            k + 1,
+            seconds * 1e3
+        )?;
+    }
+    let mut measured: Vec<f64> = times
+        .iter()
+        .skip(args.warmup.min(times.len().saturating_sub(1)))
+        .copied()
+        .collect();
+    measured.sort_by(f64::total_cmp);
+    if let Some(&median) = measured.get(measured.len() / 2) {
+        writeln!(
+            out,
+            "median step {:.3} ms over {} steps, {:.0} images/s",
+            median * 1e3,
+            measured.len(),
+            source.batch as f64 / median
+        )?;
+    }
+    Ok(())
+}
