@@ -218,12 +218,33 @@ fn run_on_the_reference_backend_repeats_fisherc_step() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("mlp");
     let base = ["models/mlp.toml", "--batch", "8", "--fisher", "exact"];
-    stdout(&fisherc(&[&["compile"][..], &base, &["-o", out.to_str().unwrap()]].concat()));
+    stdout(&fisherc(
+        &[&["compile"][..], &base, &["-o", out.to_str().unwrap()]].concat(),
+    ));
     let losses = |text: &str| -> Vec<String> {
-        text.lines().filter(|l| l.starts_with("step ")).map(|l| l.split_whitespace().nth(3).unwrap().to_string()).collect()
+        text.lines()
+            .filter(|l| l.starts_with("step "))
+            .map(|l| l.split_whitespace().nth(3).unwrap().to_string())
+            .collect()
     };
-    let run = stdout(&fisherc(&["run", out.to_str().unwrap(), "--steps", "3", "--seed", "2", "--noise-scale", "0.3"]));
-    let step = stdout(&fisherc(&[&["step"][..], &base, &["--steps", "3", "--seed", "2", "--noise-scale", "0.3"]].concat()));
+    let run = stdout(&fisherc(&[
+        "run",
+        out.to_str().unwrap(),
+        "--steps",
+        "3",
+        "--seed",
+        "2",
+        "--noise-scale",
+        "0.3",
+    ]));
+    let step = stdout(&fisherc(
+        &[
+            &["step"][..],
+            &base,
+            &["--steps", "3", "--seed", "2", "--noise-scale", "0.3"],
+        ]
+        .concat(),
+    ));
     assert!(run.contains("on cpu reference ops"), "{run}");
     assert_eq!(losses(&run).len(), 3, "{run}");
     // the same ops in the same order on the same data: the same losses to the printed digit
@@ -235,9 +256,21 @@ fn check_passes_the_kernel_executor_and_explains_a_missing_cuda_backend() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("cnn");
     let out_arg = out.to_str().unwrap();
-    stdout(&fisherc(&["compile", "models/small_cnn.toml", "--batch", "2", "--input", "1x10x10", "-o", out_arg]));
+    stdout(&fisherc(&[
+        "compile",
+        "models/small_cnn.toml",
+        "--batch",
+        "2",
+        "--input",
+        "1x10x10",
+        "-o",
+        out_arg,
+    ]));
     let report = stdout(&fisherc(&["check", out_arg, "--steps", "2"]));
-    assert!(report.contains("fused_wgrad") && report.contains("noisy_sgd_update"), "{report}");
+    assert!(
+        report.contains("fused_wgrad") && report.contains("noisy_sgd_update"),
+        "{report}"
+    );
     assert!(report.trim_end().ends_with("PASS"), "{report}");
     if !cfg!(feature = "cuda") {
         let failed = fisherc(&["run", out_arg, "--backend", "cuda"]);

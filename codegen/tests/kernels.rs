@@ -412,12 +412,15 @@ fn convolution_forward_kernels() {
 #[test]
 fn convolution_gradient_kernels() {
     let mut r = rng(11);
-    for &(kernel, stride, padding, size, c, o) in &CONVS {
+    // batch 1: one chunk, written directly; batch 3: a chunk per example, summed after
+    for (&(kernel, stride, padding, size, c, o), batch) in
+        CONVS.iter().zip([3, 1].into_iter().cycle())
+    {
         let out = conv_out(size, kernel, stride, padding);
-        let bn = bn_inputs(&mut r, &[3, c, size, size]);
+        let bn = bn_inputs(&mut r, &[batch, c, size, size]);
         let (w, dy) = (
             random(&mut r, &[o, c, kernel, kernel]),
-            random(&mut r, &[3, o, out, out]),
+            random(&mut r, &[batch, o, out, out]),
         );
         let dgrad = ConvDgrad {
             stride,

@@ -339,6 +339,40 @@ pub fn combine_channels(
     launch(k.finish(), grid_for(planes.channels), args)
 }
 
+/// A kernel of one thread per element that adds `rows` rows of partial sums in row order:
+/// `outputs[t][e] = Σⱼ partials[t][j][e]` for `e < len`. Reductions without atomics.
+pub fn sum_rows(
+    cx: &Cx,
+    part: &str,
+    rows: u32,
+    len: u64,
+    partials: LaunchArg,
+    outputs: &[LaunchArg],
+) -> Launch {
+    let mut k = cx.builder(&format!("sum_{part}"));
+    let source = k.ptr_param("partials");
+    let outs: Vec<U64> = (0..outputs.len())
+        .map(|t| k.ptr_param(&format!("out{t}")))
+        .collect();
+    map(&mut k, len, |k, e| {
+        for (t, &out) in outs.iter().enumerate() {
+            let total = k.f32(0.0);
+            let start = k.idx_const(0);
+            let one = k.idx_const(1);
+            k.for_idx(start, rows as u64, one, |k, j| {
+                let row = k.idx_add_const(j, t as u64 * rows as u64);
+                let at = k.idx_mad(row, len, e);
+                let v = k.load(source, at);
+                k.accumulate(total, v);
+            });
+            k.store(out, e, total);
+        }
+    });
+    let mut args = vec![partials];
+    args.extend_from_slice(outputs);
+    launch(k.finish(), grid_for(len), args)
+}
+
 /// How the BN-reduction terms of [`bn_terms`] become (dγ, dβ [, squares of γ, of β]).
 pub fn bn_combine(squares: Squares) -> Vec<Combine> {
     let mut combine = vec![Combine::Sum(0), Combine::Sum(1)];

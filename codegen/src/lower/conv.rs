@@ -11,7 +11,7 @@ use super::Lowered;
 use super::common::{
     BnParams, Combine, Cx, Planes, bn_apply, bn_combine, bn_terms, combine_channels, grid_for,
     input, inv_std, launch, map, normalised, output, partials_bytes, per_plane, scratch,
-    store_partials,
+    store_partials, sum_rows,
 };
 use crate::builder::{F32, Idx, KernelBuilder, Pred, S32, U32, U64};
 use crate::kir::{BinOp, Cmp};
@@ -341,6 +341,26 @@ fn output_coordinate(
     (out, k.and(ok, below))
 }
 
+/// Blocks a weight-gradient launch aims for: enough to fill a GPU (132 SMs on an H100) when
+/// the weights alone give few.
+const WGRAD_TARGET_BLOCKS: u64 = 1024;
+
+/// How many chunks of the batch the weight gradient splits into: one block row per chunk,
+/// so that layers with few weights still run on many blocks.
+fn batch_chunks(weights: u64, batch: u32) -> u32 {
+    let weight_blocks = grid_for(weights)[0] as u64;
+    let wanted = WGRAD_TARGET_BLOCKS
+        .div_ceil(weight_blocks)
+        .clamp(1, batch as u64) as u32;
+    // equal chunks, none empty
+    batch.div_ceil(batch.div_ceil(wanted))
+}
+
+/// The weight gradient (and its Fisher squares): one thread per weight element and chunk of
+/// the batch. For each example of its chunk a thread reduces the example's positions into the
+/// example's contribution, then adds both the contribution and its square, so no per-example
+/// gradient reaches memory (`per_example` writes them out instead: the unfused form). With
+/// several chunks, per-chunk sums go to partials that a second kernel adds in chunk order.
 fn wgrad(
     cx: &Cx,
     wg: &ConvWgrad,
@@ -353,65 +373,39 @@ fn wgrad(
     let w_shape = [dy_shape[1], x_shape[1], wg.kernel.0, wg.kernel.1];
     let g = Geometry::new(x_shape, &w_shape, dy_shape, wg.stride, wg.padding);
     let weights = (g.o * g.c * g.kernel_area()) as u64;
+    let chunks = batch_chunks(weights, g.batch);
+    let direct = per_example || chunks == 1;
+    let terms = if squares == Squares::None { 1 } else { 2 };
+
     let mut k = cx.builder("wgrad");
     let x = k.ptr_param("x");
     let bn = prologue_params(&mut k, prologue);
     let dy = k.ptr_param("dy");
-    let outs: Vec<U64> = (0..cx.outputs.len())
-        .map(|j| k.ptr_param(&format!("out{j}")))
-        .collect();
+    let targets: Vec<U64> = if direct {
+        (0..cx.outputs.len())
+            .map(|j| k.ptr_param(&format!("out{j}")))
+            .collect()
+    } else {
+        vec![k.ptr_param("partials")]
+    };
+    let chunk = g.batch.div_ceil(chunks);
     map(&mut k, weights, |k, e| {
         let e = k.idx_to_u32(e);
-        let (rest, kj) = (k.ubin(BinOp::Div, e, g.kw), k.ubin(BinOp::Rem, e, g.kw));
-        let (rest, ki) = (
-            k.ubin(BinOp::Div, rest, g.kh),
-            k.ubin(BinOp::Rem, rest, g.kh),
-        );
-        let (o, c) = (k.ubin(BinOp::Div, rest, g.c), k.ubin(BinOp::Rem, rest, g.c));
-        let pro = bn.map(|params| Prologue::load(k, &params, c));
-        let rows = valid_outputs(k, &g, ki, g.h, g.ho);
-        let cols = valid_outputs(k, &g, kj, g.w, g.wo);
+        let tap = WeightTap::of(k, &g, e);
+        let pro = bn.map(|params| Prologue::load(k, &params, tap.c));
         let (dw, sq) = (k.f32(0.0), k.f32(0.0));
-        k.for_u32(0u32, g.batch, 1, |k, n| {
-            let contribution = k.f32(0.0);
-            let nc = k.mad_u(n, g.c, c);
-            let x_plane = k.idx(nc);
-            let x_base = k.idx_mul_const(x_plane, (g.h * g.w) as u64);
-            let no = k.mad_u(n, g.o, o);
-            let dy_plane = k.idx(no);
-            let dy_base = k.idx_mul_const(dy_plane, (g.ho * g.wo) as u64);
-            k.for_u32(rows.0, rows.1, 1, |k, oy| {
-                // iy = oy·stride + ki − pad lies in the image for every oy of the range
-                let top = k.mad_u(oy, g.stride, ki);
-                let iy = k.ubin(BinOp::Sub, top, g.pad);
-                let x_row = k.mul_u(iy, g.w);
-                let dy_row = k.mul_u(oy, g.wo);
-                k.for_u32(cols.0, cols.1, 1, |k, ox| {
-                    let left = k.mad_u(ox, g.stride, kj);
-                    let ix = k.ubin(BinOp::Sub, left, g.pad);
-                    let at = k.add_u(x_row, ix);
-                    let at = k.idx(at);
-                    let at = k.idx_add(x_base, at);
-                    let mut a = k.load(x, at);
-                    if let Some(pro) = &pro {
-                        a = pro.apply(k, a);
-                    }
-                    let position = k.add_u(dy_row, ox);
-                    let position = k.idx(position);
-                    let gi = k.idx_add(dy_base, position);
-                    let gv = k.load(dy, gi);
-                    k.fma_into(contribution, a, gv);
-                    if squares == Squares::PerPosition {
-                        let (a2, g2) = (k.mul(a, a), k.mul(gv, gv));
-                        k.fma_into(sq, a2, g2);
-                    }
-                });
-            });
+        let j = k.block_y();
+        let start = k.mul_u(j, chunk);
+        let end = k.add_u(start, chunk);
+        let end = k.ubin(BinOp::Min, end, g.batch);
+        k.for_u32(start, end, 1, |k, n| {
+            let contribution =
+                example_contribution(k, &g, &tap, (x, dy), pro.as_ref(), n, squares, sq);
             if per_example {
                 let n_idx = k.idx(n);
                 let e_idx = k.idx(e);
                 let at = k.idx_mad(n_idx, weights, e_idx);
-                k.store(outs[0], at, contribution);
+                k.store(targets[0], at, contribution);
             } else {
                 k.accumulate(dw, contribution);
                 if squares == Squares::PerExample {
@@ -419,16 +413,120 @@ fn wgrad(
                 }
             }
         });
-        if !per_example {
-            k.store(outs[0], e, dw);
-            if squares != Squares::None {
-                k.store(outs[1], e, sq);
+        if per_example {
+            return;
+        }
+        let sums = [dw, sq];
+        for (t, &total) in sums[..terms].iter().enumerate() {
+            if direct {
+                k.store(targets[t], e, total);
+            } else {
+                // partials[t][j][e]
+                let row = k.add_u(j, (t as u32) * chunks);
+                let row = k.idx(row);
+                let e_idx = k.idx(e);
+                let at = k.idx_mad(row, weights, e_idx);
+                k.store(targets[0], at, total);
             }
         }
     });
     let mut args: Vec<_> = (0..cx.inputs.len()).map(input).collect();
-    args.extend((0..cx.outputs.len()).map(output));
-    Lowered::kernels(vec![launch(k.finish(), grid_for(weights), args)])
+    let grid = [grid_for(weights)[0], chunks];
+    if direct {
+        args.extend((0..cx.outputs.len()).map(output));
+        return Lowered::kernels(vec![launch(k.finish(), grid, args)]);
+    }
+    args.push(scratch(0));
+    let outputs: Vec<_> = (0..terms).map(output).collect();
+    Lowered::Kernels {
+        launches: vec![
+            launch(k.finish(), grid, args),
+            sum_rows(cx, "chunks", chunks, weights, scratch(0), &outputs),
+        ],
+        scratch: vec![4 * terms as u64 * chunks as u64 * weights],
+    }
+}
+
+/// Where weight element `e` sits: output and input channel, kernel row and column, and the
+/// output rows and columns whose windows put it inside the image.
+struct WeightTap {
+    o: U32,
+    c: U32,
+    ki: U32,
+    kj: U32,
+    rows: (U32, U32),
+    cols: (U32, U32),
+}
+
+impl WeightTap {
+    fn of(k: &mut KernelBuilder, g: &Geometry, e: U32) -> WeightTap {
+        let (rest, kj) = (k.ubin(BinOp::Div, e, g.kw), k.ubin(BinOp::Rem, e, g.kw));
+        let (rest, ki) = (
+            k.ubin(BinOp::Div, rest, g.kh),
+            k.ubin(BinOp::Rem, rest, g.kh),
+        );
+        let (o, c) = (k.ubin(BinOp::Div, rest, g.c), k.ubin(BinOp::Rem, rest, g.c));
+        let rows = valid_outputs(k, g, ki, g.h, g.ho);
+        let cols = valid_outputs(k, g, kj, g.w, g.wo);
+        WeightTap {
+            o,
+            c,
+            ki,
+            kj,
+            rows,
+            cols,
+        }
+    }
+}
+
+/// Example `n`'s contribution `Σₜ a·dy` to one weight element; with per-position squares also
+/// adds `Σₜ a²·dy²` into `sq`.
+#[allow(clippy::too_many_arguments)]
+fn example_contribution(
+    k: &mut KernelBuilder,
+    g: &Geometry,
+    tap: &WeightTap,
+    (x, dy): (U64, U64),
+    pro: Option<&Prologue>,
+    n: U32,
+    squares: Squares,
+    sq: F32,
+) -> F32 {
+    let contribution = k.f32(0.0);
+    let nc = k.mad_u(n, g.c, tap.c);
+    let x_plane = k.idx(nc);
+    let x_base = k.idx_mul_const(x_plane, (g.h * g.w) as u64);
+    let no = k.mad_u(n, g.o, tap.o);
+    let dy_plane = k.idx(no);
+    let dy_base = k.idx_mul_const(dy_plane, (g.ho * g.wo) as u64);
+    k.for_u32(tap.rows.0, tap.rows.1, 1, |k, oy| {
+        // iy = oy·stride + ki − pad lies in the image for every oy of the range
+        let top = k.mad_u(oy, g.stride, tap.ki);
+        let iy = k.ubin(BinOp::Sub, top, g.pad);
+        let x_row = k.mul_u(iy, g.w);
+        let dy_row = k.mul_u(oy, g.wo);
+        k.for_u32(tap.cols.0, tap.cols.1, 1, |k, ox| {
+            let left = k.mad_u(ox, g.stride, tap.kj);
+            let ix = k.ubin(BinOp::Sub, left, g.pad);
+            let at = k.add_u(x_row, ix);
+            let at = k.idx(at);
+            let at = k.idx_add(x_base, at);
+            let mut a = k.load(x, at);
+            if let Some(pro) = pro {
+                a = pro.apply(k, a);
+            }
+            let position = k.add_u(dy_row, ox);
+            let position = k.idx(position);
+            let gi = k.idx_add(dy_base, position);
+            let gv = k.load(dy, gi);
+            k.fma_into(contribution, a, gv);
+            if squares == Squares::PerPosition {
+                let (a2, g2) = (k.mul(a, a), k.mul(gv, gv));
+                k.fma_into(sq, a2, g2);
+            }
+        });
+    });
+    contribution
 }
 
 /// The output coordinates `lo..hi` whose input coordinate `out·stride + offset − pad` lies in
@@ -454,4 +552,29 @@ fn valid_outputs(
     let hi = k.sbin(BinOp::Min, hi, outputs as i32);
     let lo = k.sbin(BinOp::Min, lo, hi);
     (k.u32_from_s32(lo), k.u32_from_s32(hi))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::batch_chunks;
+
+    #[test]
+    fn weight_gradients_split_the_batch_only_where_weights_are_few() {
+        // resnet44's first stage: 16·16·9 weights in 9 blocks; 114 chunks of 36 examples
+        assert_eq!(batch_chunks(2304, 4096), 114);
+        assert_eq!(4096u32.div_ceil(114), 36);
+        // vgg16's widest layer fills the GPU on its own
+        assert_eq!(batch_chunks(512 * 512 * 9, 4096), 1);
+        // never more chunks than examples, never an empty one
+        assert_eq!(batch_chunks(90, 3), 3);
+        assert_eq!(batch_chunks(90, 1), 1);
+        for batch in [5u32, 100, 1000, 4097] {
+            let chunks = batch_chunks(300, batch);
+            let chunk = batch.div_ceil(chunks);
+            assert!(
+                (chunks - 1) * chunk < batch,
+                "batch {batch}: {chunks} chunks of {chunk}"
+            );
+        }
+    }
 }
