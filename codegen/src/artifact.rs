@@ -44,6 +44,9 @@ pub struct Source {
     pub input: [usize; 3],
     pub shortcut: Option<Shortcut>,
     pub fisher: FisherMode,
+    /// Weight decay on batch-norm γ and β too.
+    #[serde(default)]
+    pub decay_bn: bool,
     pub fused: bool,
     /// The PTX target, e.g. `sm_90`.
     pub arch: String,
@@ -66,6 +69,7 @@ impl Source {
             input: net.input,
             shortcut: net.shortcut,
             fisher: step.fisher,
+            decay_bn: step.decay_bn,
             fused,
             arch: arch.to_string(),
         }
@@ -82,7 +86,11 @@ impl Source {
             mode: Mode::Train,
         };
         let network = build(&spec, &options).map_err(|e| e.to_string())?;
-        build_training_step(network, &StepOptions::new(self.fisher)).map_err(|e| e.to_string())
+        let options = StepOptions {
+            fisher: self.fisher,
+            decay_bn: self.decay_bn,
+        };
+        build_training_step(network, &options).map_err(|e| e.to_string())
     }
 }
 

@@ -92,6 +92,8 @@ pub struct TrainingStep {
     pub network: Network,
     pub graph: Graph,
     pub fisher: FisherMode,
+    /// Whether batch-norm γ and β are decayed too (`StepOptions::decay_bn`).
+    pub decay_bn: bool,
     /// Every input node of the step, by role.
     pub inputs: BTreeMap<Role, NodeIndex>,
 }
@@ -202,6 +204,7 @@ pub fn build_training_step(
         network,
         graph,
         fisher: options.fisher,
+        decay_bn: options.decay_bn,
         inputs,
     })
 }
