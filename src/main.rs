@@ -17,6 +17,7 @@ mod inspect_artifact;
 mod model_args;
 mod run;
 mod step;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -43,6 +44,9 @@ enum Command {
     Run(run::Args),
     /// Check a backend against the CPU reference: every kernel, node by node, then whole steps.
     Check(check::Args),
+    /// Train as an experiment file says (data, regime, schedule), evaluating every epoch, with
+    /// metrics and checkpoints in a run directory.
+    Train(train::Args),
     /// Run training steps on the CPU reference on random data; print loss and time.
     Step(step::Args),
 }
@@ -54,6 +58,7 @@ fn main() {
         Command::Compile(args) => compile::run(&args),
         Command::Run(args) => run::run(&args),
         Command::Check(args) => check::run(&args),
+        Command::Train(args) => train::run(&args),
         Command::Step(args) => step::run(&args),
     };
     if let Err(e) = result {

@@ -5,7 +5,9 @@
 //! * [`cpu`]: two CPU backends: the reference ops over the plan's arena (fast, the oracle)
 //!   and the generated kernels on the CPU executor (slow, exactly what the GPU runs).
 //! * `cuda` (feature `cuda`): the GPU backend, through cust.
+//! * [`data`]: image sets (CIFAR, IDX, synthetic) and the pipeline into batches.
 //! * [`session`]: training state, batches and hyper-parameters in, loss and results out.
+//! * [`train`]: training runs: experiments, regimes, evaluation, checkpoints, metrics.
 //! * [`check`]: a backend against the reference, node by node and step by step.
 //!
 //! [`Artifact`]: fisherc_codegen::artifact::Artifact
@@ -15,7 +17,9 @@ pub mod check;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod data;
 pub mod session;
+pub mod train;
 
 pub use backend::{Backend, RuntimeError};
 pub use session::Session;

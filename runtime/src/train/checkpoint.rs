@@ -1,0 +1,200 @@
+//! Checkpoints: the training state (parameters, momenta, batch-norm running statistics) as
+//! safetensors, with the run's position (epochs done, steps done: the noise's step counter)
+//! and its experiment in the metadata. Written atomically: a temporary file in the same
+//! directory, flushed to disk, then renamed over the old checkpoint, so a crash leaves the
+//! previous checkpoint or the new one, never half of one.
+//!
+//! Tensors are named `param/<name>`, `momentum/<name>`, `running_mean/<bn layer>` and
+//! `running_var/<bn layer>`, f32, with the network's shapes; reading checks all of them.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use fisherc_ir::model::Network;
+use fisherc_ir::state::TrainState;
+use fisherc_ir::tensor::Tensor;
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+
+/// The format tag in every checkpoint's metadata.
+pub const FORMAT: &str = "fisherc-checkpoint-1";
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Checkpoint {
+    pub state: TrainState<f32>,
+    /// Epochs completed.
+    pub epoch: usize,
+    /// Steps completed (the noise's step counter continues from here).
+    pub step: u64,
+    /// The experiment, as TOML.
+    pub experiment: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckpointError {
+    pub path: PathBuf,
+    pub message: String,
+}
+
+impl std::fmt::Display for CheckpointError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.path.display(), self.message)
+    }
+}
+
+impl std::error::Error for CheckpointError {}
+
+/// (name, tensor) of every state tensor, in a fixed order.
+fn named<'a>(net: &Network, state: &'a TrainState<f32>) -> Vec<(String, &'a Tensor<f32>)> {
+    let params = net
+        .params
+        .iter()
+        .zip(&state.params)
+        .map(|(p, t)| (format!("param/{}", p.name), t));
+    let momenta = net
+        .params
+        .iter()
+        .zip(&state.momenta)
+        .map(|(p, t)| (format!("momentum/{}", p.name), t));
+    let means = net
+        .bn_layers
+        .iter()
+        .zip(&state.running_means)
+        .map(|(b, t)| (format!("running_mean/{}", b.name), t));
+    let vars = net
+        .bn_layers
+        .iter()
+        .zip(&state.running_vars)
+        .map(|(b, t)| (format!("running_var/{}", b.name), t));
+    params.chain(momenta).chain(means).chain(vars).collect()
+}
+
+fn little_endian(t: &Tensor<f32>) -> Vec<u8> {
+    t.data.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// Writes `checkpoint` of `net`'s training to `path`, atomically.
+pub fn write(path: &Path, net: &Network, checkpoint: &Checkpoint) -> Result<(), CheckpointError> {
+    let error = |message: String| CheckpointError {
+        path: path.to_path_buf(),
+        message,
+    };
+    let tensors = named(net, &checkpoint.state);
+    let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, t)| little_endian(t)).collect();
+    let views: Vec<(String, TensorView)> = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((name, t), b)| {
+            (
+                name.clone(),
+                TensorView::new(Dtype::F32, t.shape.clone(), b).expect("sizes agree"),
+            )
+        })
+        .collect();
+    let metadata = HashMap::from([
+        ("format".to_string(), FORMAT.to_string()),
+        ("epoch".to_string(), checkpoint.epoch.to_string()),
+        ("step".to_string(), checkpoint.step.to_string()),
+        ("experiment".to_string(), checkpoint.experiment.clone()),
+    ]);
+    let data = safetensors::serialize(views, Some(metadata))
+        .map_err(|e| error(format!("serialising: {e}")))?;
+    let temporary = path.with_extension("partial");
+    let written = File::create(&temporary).and_then(|mut f| {
+        f.write_all(&data)?;
+        f.sync_all()
+    });
+    written.map_err(|e| error(format!("writing {}: {e}", temporary.display())))?;
+    std::fs::rename(&temporary, path)
+        .map_err(|e| error(format!("renaming {} over it: {e}", temporary.display())))?;
+    // the rename itself reaches the disk when the directory does
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| error(format!("syncing {}: {e}", dir.display())))?;
+    }
+    Ok(())
+}
+
+/// Reads a checkpoint of `net`'s training, checking every tensor's presence, type and shape.
+pub fn read(path: &Path, net: &Network) -> Result<Checkpoint, CheckpointError> {
+    let error = |message: String| CheckpointError {
+        path: path.to_path_buf(),
+        message,
+    };
+    let data = std::fs::read(path).map_err(|e| error(format!("cannot read: {e}")))?;
+    let (_, metadata) = SafeTensors::read_metadata(&data)
+        .map_err(|e| error(format!("not a safetensors file: {e}")))?;
+    let tensors = SafeTensors::deserialize(&data)
+        .map_err(|e| error(format!("not a safetensors file: {e}")))?;
+    let meta = metadata.metadata().clone().unwrap_or_default();
+    let field = |key: &str| {
+        meta.get(key).ok_or_else(|| {
+            error(format!(
+                "no '{key}' in the metadata: not a fisherc checkpoint"
+            ))
+        })
+    };
+    if field("format")? != FORMAT {
+        return Err(error(format!(
+            "format '{}'; this fisherc reads '{FORMAT}'",
+            field("format")?
+        )));
+    }
+    let number = |key: &str| {
+        field(key)?
+            .parse::<u64>()
+            .map_err(|e| error(format!("metadata '{key}': {e}")))
+    };
+    let template = TrainState::<f32>::init(net, 0);
+    let mut state = template.clone();
+    let wanted = named(net, &template);
+    let mut loaded: Vec<Tensor<f32>> = Vec::with_capacity(wanted.len());
+    for (name, like) in &wanted {
+        let view = tensors
+            .tensor(name)
+            .map_err(|_| error(format!("no tensor {name}: a checkpoint of another model?")))?;
+        if view.dtype() != Dtype::F32 {
+            return Err(error(format!("{name} is {:?}, not F32", view.dtype())));
+        }
+        if view.shape() != like.shape.as_slice() {
+            return Err(error(format!(
+                "{name} has shape {:?}; the model's is {:?}",
+                view.shape(),
+                like.shape
+            )));
+        }
+        let values = view
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
+            .collect();
+        loaded.push(Tensor::from_vec(&like.shape, values));
+    }
+    if tensors.len() != wanted.len() {
+        return Err(error(format!(
+            "{} tensors; the model's state has {}",
+            tensors.len(),
+            wanted.len()
+        )));
+    }
+    let mut loaded = loaded.into_iter();
+    let lists = [
+        &mut state.params,
+        &mut state.momenta,
+        &mut state.running_means,
+        &mut state.running_vars,
+    ];
+    for list in lists {
+        for t in list.iter_mut() {
+            *t = loaded.next().expect("one loaded tensor per state tensor");
+        }
+    }
+    Ok(Checkpoint {
+        state,
+        epoch: number("epoch")? as usize,
+        step: number("step")?,
+        experiment: field("experiment")?.clone(),
+    })
+}

@@ -1,0 +1,242 @@
+//! The experiment file: model, data, regime, schedule and optimizer of one training run, in
+//! TOML, with command-line overrides (`--set train.lr=0.05`). Every field is documented in
+//! `experiments/README.md`; unknown keys are errors.
+
+use std::path::{Path, PathBuf};
+
+use fisherc_ir::FisherMode;
+use serde::{Deserialize, Serialize};
+
+use crate::data::pipeline::Augment;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Experiment {
+    pub name: String,
+    /// The model file, relative to the working directory.
+    pub model: PathBuf,
+    /// Overrides the model's input shape (e.g. `[3, 32, 32]` to train a CIFAR model on
+    /// Fashion-MNIST, whose images are then replicated to three channels and padded).
+    #[serde(default)]
+    pub input: Option<[usize; 3]>,
+    pub data: DataConfig,
+    pub train: TrainConfig,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DataSet {
+    FashionMnist,
+    Mnist,
+    Cifar10,
+    Cifar100,
+    /// Class templates plus noise (see `data::synthetic`): learnable, needs no files.
+    Synthetic,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    pub set: DataSet,
+    /// Where the files are [default: /usr/share/datasets/fashion-mnist for Fashion-MNIST,
+    /// data/<set> otherwise].
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    /// Train on the first N training images only.
+    #[serde(default)]
+    pub train_subset: Option<usize>,
+    /// Evaluate on the first N test images only.
+    #[serde(default)]
+    pub test_subset: Option<usize>,
+    #[serde(default)]
+    pub augment: Augment,
+    #[serde(default = "yes")]
+    pub shuffle: bool,
+    /// Synthetic set: images per split, and pixel noise relative to the class templates.
+    #[serde(default)]
+    pub synthetic: Option<SyntheticConfig>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyntheticConfig {
+    pub train: usize,
+    pub test: usize,
+    pub shape: [usize; 3],
+    pub classes: usize,
+    pub noise: f32,
+}
+
+/// The paper's training regimes (supplement A.7–A.9).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Regime {
+    /// Small batch (`small_batch`), no noise.
+    Sb,
+    /// Large batch (`batch`), no noise.
+    Lb,
+    /// Large batch with diagonal-Fisher noise (`fisher`: exact or a2g2) until `noise_until`.
+    LbDiagf,
+    /// Small batch for the first `change_epoch` epochs, then large: two compiled programs
+    /// sharing the parameters.
+    BatchChange,
+    /// Gradient times Gaussian noise with constant diagonal covariance.
+    Multiplicative,
+    /// Scalar noise √(Tr F̂) per element count.
+    FisherTrace,
+    /// Rademacher-signed sum of per-example gradients (empirical Fisher covariance).
+    FullFisherEmpirical,
+    /// Gradients at labels sampled from the model (true Fisher covariance).
+    FullFisherTrue,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    pub regime: Regime,
+    /// The large batch M_L (the batch of `lb`, `lb-diagf` and `batch-change`'s second phase).
+    pub batch: usize,
+    /// The small batch M_S: `sb`'s batch, `batch-change`'s first phase, and the default noise
+    /// scale's √(1/M_S − 1/M_L).
+    #[serde(default = "default_small_batch")]
+    pub small_batch: usize,
+    /// `lb-diagf`'s Fisher estimate [default: exact].
+    #[serde(default)]
+    pub fisher: Option<FisherMode>,
+    /// The noise scale s [default: √(1/M_S − 1/M_L)].
+    #[serde(default)]
+    pub noise_scale: Option<f32>,
+    /// The fraction of training with noise (the paper's noise termination).
+    #[serde(default = "default_noise_until")]
+    pub noise_until: f64,
+    /// `batch-change`: epochs of small batch.
+    #[serde(default)]
+    pub change_epoch: Option<usize>,
+    pub epochs: usize,
+    /// Learning rate of the large-batch phases (of `sb`: its only one).
+    pub lr: f32,
+    /// `batch-change`: learning rate of the small-batch phase [default: `lr`].
+    #[serde(default)]
+    pub small_lr: Option<f32>,
+    /// Linear warm-up from 0 over this many epochs.
+    #[serde(default)]
+    pub warmup_epochs: f64,
+    /// Epochs after which the learning rate is multiplied by `decay`.
+    #[serde(default)]
+    pub milestones: Vec<usize>,
+    #[serde(default = "default_decay")]
+    pub decay: f32,
+    #[serde(default = "default_momentum")]
+    pub momentum: f32,
+    #[serde(default = "default_weight_decay")]
+    pub weight_decay: f32,
+    /// Weight decay on batch-norm γ and β too.
+    #[serde(default)]
+    pub decay_bn: bool,
+    /// Seed of the initial parameters, data order, augmentation and noise.
+    #[serde(default)]
+    pub seed: u64,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_small_batch() -> usize {
+    128
+}
+fn default_noise_until() -> f64 {
+    0.25
+}
+fn default_decay() -> f32 {
+    0.1
+}
+fn default_momentum() -> f32 {
+    0.9
+}
+fn default_weight_decay() -> f32 {
+    5e-4
+}
+
+impl Experiment {
+    /// Reads an experiment file and applies `overrides` (`section.key=value`, the value in
+    /// TOML syntax, or a bare string).
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Experiment, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        Experiment::parse(&text, overrides).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    pub fn parse(text: &str, overrides: &[String]) -> Result<Experiment, String> {
+        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| e.to_string())?;
+        for o in overrides {
+            set(&mut table, o)?;
+        }
+        let experiment: Experiment = table
+            .try_into()
+            .map_err(|e: toml::de::Error| e.to_string())?;
+        experiment.check()?;
+        Ok(experiment)
+    }
+
+    /// The experiment as TOML (as resolved, overrides applied): what a run directory keeps.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("experiments serialise")
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let t = &self.train;
+        let positive = [
+            ("train.batch", t.batch),
+            ("train.small_batch", t.small_batch),
+            ("train.epochs", t.epochs),
+        ];
+        if let Some((key, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("{key} must be at least 1"));
+        }
+        if !(0.0..=1.0).contains(&t.noise_until) {
+            return Err(format!(
+                "train.noise_until is {}: a fraction of training, 0 to 1",
+                t.noise_until
+            ));
+        }
+        if t.regime == Regime::BatchChange && t.change_epoch.is_none_or(|e| e > t.epochs) {
+            return Err("train.change_epoch: batch-change needs the epoch to change at, within train.epochs".into());
+        }
+        if t.regime == Regime::LbDiagf && t.fisher == Some(FisherMode::None) {
+            return Err("train.fisher: lb-diagf needs exact or a2g2".into());
+        }
+        if self.data.set == DataSet::Synthetic && self.data.synthetic.is_none() {
+            return Err(
+                "data.synthetic: the synthetic set needs train, test, shape, classes, noise".into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Applies one `a.b.c=value` override.
+fn set(table: &mut toml::Table, assignment: &str) -> Result<(), String> {
+    let (key, raw) = assignment
+        .split_once('=')
+        .ok_or_else(|| format!("--set {assignment}: expected key=value"))?;
+    // the value in TOML syntax if it parses as such, else a string
+    let value = format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let mut parts: Vec<&str> = key.trim().split('.').collect();
+    let last = parts
+        .pop()
+        .filter(|k| !k.is_empty())
+        .ok_or_else(|| format!("--set {assignment}: empty key"))?;
+    let mut node = table;
+    for part in parts {
+        node = node
+            .entry(part)
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .ok_or_else(|| format!("--set {assignment}: {part} is not a table"))?;
+    }
+    node.insert(last.to_string(), value);
+    Ok(())
+}

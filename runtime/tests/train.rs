@@ -1,0 +1,443 @@
+//! Training runs: experiment files, regimes and schedules, what the regimes do to the update,
+//! resuming bit for bit, damaged checkpoints, a NaN stop, and real learning (synthetic data
+//! and the real Fashion-MNIST).
+
+use std::path::{Path, PathBuf};
+
+use fisherc_codegen::artifact::{Artifact, Source};
+use fisherc_codegen::compile::{CompileOptions, Compiled, compile};
+use fisherc_ir::graph::Output;
+use fisherc_ir::model::{BuildOptions, load};
+use fisherc_ir::state::{Hyperparams, TrainState};
+use fisherc_ir::synthetic::random_batch;
+use fisherc_ir::{FisherMode, StepOptions, build_training_step};
+use fisherc_runtime::cpu::ReferenceBackend;
+use fisherc_runtime::train::checkpoint;
+use fisherc_runtime::train::experiment::{Experiment, Regime};
+use fisherc_runtime::train::regime::{lr_factor, phases};
+use fisherc_runtime::train::trainer::{
+    CHECKPOINT_FILE, METRICS_FILE, Outcome, TrainOptions, train,
+};
+use fisherc_runtime::{Backend, RuntimeError, Session};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A small experiment on the synthetic set: small_cnn (batch norm included) on 12×12 images,
+/// no augmentation (a flipped random template is another pattern).
+fn synthetic(regime: &str, extra: &[&str]) -> Experiment {
+    let text = format!(
+        r#"
+name = "synthetic"
+model = "{}/models/small_cnn.toml"
+input = [1, 12, 12]
+[data]
+set = "synthetic"
+synthetic = {{ train = 200, test = 100, shape = [1, 12, 12], classes = 10, noise = 0.5 }}
+[train]
+regime = "{regime}"
+batch = 40
+small_batch = 20
+epochs = 4
+lr = 0.02
+seed = 3
+"#,
+        root().display()
+    );
+    let overrides: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    Experiment::parse(&text, &overrides).unwrap()
+}
+
+fn reference_backend(_: &Artifact, compiled: &Compiled) -> Result<Box<dyn Backend>, RuntimeError> {
+    Ok(Box::new(ReferenceBackend::new(compiled)))
+}
+
+fn run(
+    experiment: &Experiment,
+    dir: &Path,
+    resume: bool,
+    until_epoch: Option<usize>,
+) -> Result<Outcome, String> {
+    let options = TrainOptions {
+        run_dir: dir.to_path_buf(),
+        resume,
+        until_epoch,
+    };
+    train(experiment, &options, &reference_backend, &mut |_| {})
+}
+
+/// The step and epoch records of a run's metrics.
+fn records(dir: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(dir.join(METRICS_FILE)).unwrap();
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn experiment_files_take_overrides_and_refuse_nonsense() {
+    let e = synthetic(
+        "lb-diagf",
+        &[
+            "train.lr=0.5",
+            "train.fisher=\"a2g2\"",
+            "train.milestones=[2, 3]",
+            "data.set=synthetic",
+        ],
+    );
+    assert_eq!(
+        (e.train.lr, e.train.fisher, e.train.milestones.clone()),
+        (0.5, Some(FisherMode::A2g2), vec![2, 3])
+    );
+    let parse = |extra: &[&str]| {
+        Experiment::parse(
+            &synthetic("sb", &[]).to_toml(),
+            &extra.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+        )
+    };
+    assert!(
+        parse(&["train.lr=0.3"]).is_ok(),
+        "an experiment reads back from its own TOML"
+    );
+    let unknown = parse(&["train.learning_rate=0.1"]).unwrap_err();
+    assert!(unknown.contains("learning_rate"), "{unknown}");
+    assert!(
+        parse(&["train.noise_until=1.5"])
+            .unwrap_err()
+            .contains("noise_until")
+    );
+    assert!(
+        parse(&["train.regime=batch-change"])
+            .unwrap_err()
+            .contains("change_epoch")
+    );
+    assert!(
+        parse(&["train.batch=0"])
+            .unwrap_err()
+            .contains("train.batch")
+    );
+    assert!(parse(&["train"]).unwrap_err().contains("key=value"));
+}
+
+#[test]
+fn regimes_become_phases() {
+    let e = synthetic("lb-diagf", &["train.epochs=8", "train.noise_until=0.25"]);
+    let p = phases(&e.train).unwrap();
+    assert_eq!(p.len(), 2);
+    assert_eq!(
+        (p[0].batch, p[0].fisher, p[0].epochs.clone()),
+        (40, FisherMode::Exact, 0..2)
+    );
+    // the default noise scale √(1/M_S − 1/M_L)
+    assert!((p[0].noise_scale - (1.0f32 / 20.0 - 1.0 / 40.0).sqrt()).abs() < 1e-7);
+    assert_eq!(
+        (p[1].fisher, p[1].noise_scale, p[1].epochs.clone()),
+        (FisherMode::None, 0.0, 2..8)
+    );
+
+    let e = synthetic(
+        "batch-change",
+        &["train.change_epoch=3", "train.small_lr=0.01"],
+    );
+    let p = phases(&e.train).unwrap();
+    assert_eq!((p[0].batch, p[0].lr, p[0].epochs.clone()), (20, 0.01, 0..3));
+    assert_eq!((p[1].batch, p[1].lr, p[1].epochs.clone()), (40, 0.02, 3..4));
+
+    assert_eq!(phases(&synthetic("sb", &[]).train).unwrap()[0].batch, 20);
+    assert_eq!(phases(&synthetic("lb", &[]).train).unwrap()[0].batch, 40);
+    let missing = phases(&synthetic("fisher-trace", &[]).train).unwrap_err();
+    assert!(missing.contains("not implemented yet"), "{missing}");
+    assert_eq!(
+        synthetic("multiplicative", &[]).train.regime,
+        Regime::Multiplicative
+    );
+}
+
+#[test]
+fn the_learning_rate_warms_up_linearly_and_decays_at_milestones() {
+    let t = synthetic(
+        "sb",
+        &[
+            "train.warmup_epochs=2",
+            "train.milestones=[3, 5]",
+            "train.decay=0.5",
+        ],
+    )
+    .train;
+    assert_eq!(lr_factor(&t, 0.5), 0.25);
+    assert_eq!(lr_factor(&t, 2.0), 1.0);
+    assert_eq!(lr_factor(&t, 2.9), 1.0);
+    assert_eq!(lr_factor(&t, 3.0), 0.5);
+    assert_eq!(lr_factor(&t, 6.0), 0.25);
+}
+
+#[test]
+fn a_synthetic_run_learns_and_records_steps_epochs_and_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = synthetic("sb", &[]);
+    let outcome = run(&e, dir.path(), false, None).unwrap();
+    let (_, last) = outcome.scores.last().unwrap();
+    assert!(
+        last.accuracy > 0.9,
+        "10 classes of templates under noise: accuracy {}",
+        last.accuracy
+    );
+    let records = records(dir.path());
+    let steps = records.iter().filter(|r| r["kind"] == "step").count();
+    assert_eq!(steps, 4 * 200 / 20);
+    assert_eq!(records.iter().filter(|r| r["kind"] == "epoch").count(), 4);
+    assert!(dir.path().join(CHECKPOINT_FILE).is_file());
+    // a second fresh run into the same directory would overwrite it: refused
+    let err = run(&e, dir.path(), false, None).err().unwrap();
+    assert!(err.contains("--resume"), "{err}");
+}
+
+#[test]
+fn batch_change_switches_programs_at_its_epoch_and_noise_stops_at_its_fraction() {
+    let dir = tempfile::tempdir().unwrap();
+    run(
+        &synthetic("batch-change", &["train.change_epoch=3"]),
+        dir.path(),
+        false,
+        None,
+    )
+    .unwrap();
+    for r in records(dir.path()).iter().filter(|r| r["kind"] == "step") {
+        let want = if r["epoch"].as_u64().unwrap() < 3 {
+            20
+        } else {
+            40
+        };
+        assert_eq!(r["batch"], want, "{r}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    run(
+        &synthetic("lb-diagf", &["train.noise_until=0.5"]),
+        dir.path(),
+        false,
+        None,
+    )
+    .unwrap();
+    let steps: Vec<_> = records(dir.path())
+        .into_iter()
+        .filter(|r| r["kind"] == "step")
+        .collect();
+    assert_eq!(steps.len(), 4 * 200 / 40);
+    for r in &steps {
+        let noisy = r["noise_scale"].as_f64().unwrap() > 0.0;
+        assert_eq!(noisy, r["epoch"].as_u64().unwrap() < 2, "{r}");
+    }
+}
+
+#[test]
+fn the_diagonal_fisher_noise_has_the_fisher_as_its_covariance() {
+    // one step from the same state and batch, with noise scale s and without: the parameters
+    // differ by −lr·ε, ε = s·√F̂ ⊙ ξ, so (θ_plain − θ_noisy)/(lr·s·√F̂) must be standard normal
+    let path = root().join("models/small_cnn.toml");
+    let options = BuildOptions {
+        input: Some([1, 12, 12]),
+        ..BuildOptions::train(32)
+    };
+    let step = build_training_step(
+        load(&path, &options).unwrap(),
+        &StepOptions::new(FisherMode::Exact),
+    )
+    .unwrap();
+    let compiled = compile(&step, CompileOptions { fused: true }).unwrap();
+    let source = Source::of(
+        &step,
+        &path,
+        std::fs::read_to_string(&path).unwrap(),
+        true,
+        "sm_90",
+    );
+    let artifact = Artifact::new(&compiled.program, source, compiled.seconds);
+    let net = &step.network;
+    let state = TrainState::<f32>::init(net, 1);
+    let (images, labels) = random_batch::<f32>(32, net.input, net.classes, 2);
+    let (lr, s) = (0.1f32, 0.7f32);
+    let after = |noise_scale: f32| {
+        let mut session = Session::new(&artifact, ReferenceBackend::new(&compiled)).unwrap();
+        let hyper = Hyperparams {
+            learning_rate: lr,
+            noise_scale,
+            seed: 9,
+            ..Hyperparams::default()
+        };
+        session
+            .feed(&state.feeds(images.clone(), labels.clone(), &hyper))
+            .unwrap();
+        session.step().unwrap();
+        let fisher: Vec<_> = (0..net.params.len())
+            .map(|i| session.output(&Output::Fisher(i)).unwrap().into_float())
+            .collect();
+        (session.state().unwrap().params, fisher)
+    };
+    let (noisy, fisher) = after(s);
+    let (plain, _) = after(0.0);
+    let mut xi = Vec::new();
+    for ((a, b), f) in plain.iter().zip(&noisy).zip(&fisher) {
+        for ((pa, pb), fv) in a.data.iter().zip(&b.data).zip(&f.data) {
+            if *fv > 1e-12 {
+                xi.push(((pa - pb) as f64) / (lr as f64 * s as f64 * (*fv as f64).sqrt()));
+            }
+        }
+    }
+    let n = xi.len() as f64;
+    let mean = xi.iter().sum::<f64>() / n;
+    let var = xi.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
+    assert!(n > 50_000.0, "{n} elements");
+    assert!(
+        mean.abs() < 0.01 && (var - 1.0).abs() < 0.02,
+        "ξ over {n} elements: mean {mean}, variance {var}"
+    );
+}
+
+#[test]
+fn a_resumed_run_ends_bit_identical_to_an_uninterrupted_one() {
+    // shuffled, augmented, noisy: everything random must resume where it stopped
+    let e = synthetic(
+        "lb-diagf",
+        &[
+            "train.noise_until=0.5",
+            "train.epochs=3",
+            "data.augment.pad_crop=1",
+            "data.augment.flip=true",
+        ],
+    );
+    let whole = tempfile::tempdir().unwrap();
+    let straight = run(&e, whole.path(), false, None).unwrap();
+    let split = tempfile::tempdir().unwrap();
+    let first = run(&e, split.path(), false, Some(1)).unwrap();
+    assert_eq!(first.scores.len(), 1);
+    let resumed = run(&e, split.path(), true, None).unwrap();
+    assert_eq!(resumed.steps, straight.steps);
+    let bits = |s: &TrainState<f32>| {
+        [&s.params, &s.momenta, &s.running_means, &s.running_vars]
+            .iter()
+            .flat_map(|list| list.iter().flat_map(|t| t.data.iter().map(|v| v.to_bits())))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(bits(&resumed.state), bits(&straight.state));
+    // resuming under another experiment is refused
+    let other = synthetic(
+        "lb-diagf",
+        &[
+            "train.noise_until=0.5",
+            "train.epochs=3",
+            "train.lr=0.03",
+            "data.augment.pad_crop=1",
+            "data.augment.flip=true",
+        ],
+    );
+    let err = run(&other, split.path(), true, None).err().unwrap();
+    assert!(err.contains("another experiment"), "{err}");
+}
+
+#[test]
+fn damaged_checkpoints_are_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = synthetic("sb", &["train.epochs=1"]);
+    run(&e, dir.path(), false, None).unwrap();
+    let path = dir.path().join(CHECKPOINT_FILE);
+    let good = std::fs::read(&path).unwrap();
+    let net = |input| {
+        load(
+            &root().join("models/small_cnn.toml"),
+            &BuildOptions {
+                input: Some(input),
+                ..BuildOptions::train(4)
+            },
+        )
+        .unwrap()
+    };
+    let read = |bytes: &[u8]| {
+        std::fs::write(&path, bytes).unwrap();
+        checkpoint::read(&path, &net([1, 12, 12]))
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(read(&good[..good.len() / 2]).contains("not a safetensors file"));
+    assert!(read(b"hello").contains("not a safetensors file"));
+    std::fs::write(&path, &good).unwrap();
+    let bigger = checkpoint::read(&path, &net([1, 16, 16]))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        bigger.contains("param/linear1.weight has shape"),
+        "{bigger}"
+    );
+    // the same length in the header: still a valid safetensors file, of another format
+    let mut renamed = good.clone();
+    let at = renamed
+        .windows(20)
+        .position(|w| w == b"fisherc-checkpoint-1")
+        .unwrap();
+    renamed[at + 19] = b'9';
+    assert!(read(&renamed).contains("format 'fisherc-checkpoint-9'"));
+    std::fs::remove_file(&path).unwrap();
+    let missing = checkpoint::read(&path, &net([1, 12, 12]))
+        .unwrap_err()
+        .to_string();
+    assert!(missing.contains("cannot read"), "{missing}");
+}
+
+#[test]
+fn a_diverging_run_stops_with_a_message_and_keeps_its_last_good_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    // epoch 2 multiplies the learning rate by 1e12
+    let e = synthetic(
+        "sb",
+        &["train.epochs=2", "train.milestones=[1]", "train.decay=1e12"],
+    );
+    let err = run(&e, dir.path(), false, None).err().unwrap();
+    assert!(
+        err.contains("epoch 2") && err.contains("the loss is") && err.contains("after epoch 1"),
+        "{err}"
+    );
+    let net = load(
+        &root().join("models/small_cnn.toml"),
+        &BuildOptions {
+            input: Some([1, 12, 12]),
+            ..BuildOptions::train(20)
+        },
+    )
+    .unwrap();
+    let kept = checkpoint::read(&dir.path().join(CHECKPOINT_FILE), &net).unwrap();
+    assert_eq!(kept.epoch, 1);
+    assert!(
+        kept.state
+            .params
+            .iter()
+            .all(|p| p.data.iter().all(|v| v.is_finite()))
+    );
+}
+
+#[test]
+fn the_small_cnn_learns_fashion_mnist_from_10000_images_in_one_epoch() {
+    let fashion = Path::new("/usr/share/datasets/fashion-mnist");
+    assert!(
+        fashion.is_dir(),
+        "{} missing: run scripts/install-data.sh",
+        fashion.display()
+    );
+    let model = root().join("models/small_cnn.toml");
+    let overrides = [
+        format!("model={}", model.display()),
+        "data.train_subset=10000".into(),
+        "train.epochs=1".into(),
+    ];
+    let e = Experiment::load(
+        &root().join("experiments/fashion_small_cnn_sb.toml"),
+        &overrides,
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let outcome = run(&e, dir.path(), false, None).unwrap();
+    let accuracy = outcome.scores[0].1.accuracy;
+    assert!(
+        accuracy >= 0.80,
+        "test accuracy {accuracy} after one epoch on 10,000 images"
+    );
+}
