@@ -15,6 +15,7 @@ mod hyper_args;
 mod inspect;
 mod inspect_artifact;
 mod model_args;
+mod profile;
 mod run;
 mod step;
 mod train;

@@ -39,6 +39,11 @@ pub struct Args {
     #[arg(long)]
     pub graph: bool,
 
+    /// After the steps, time one more node by node (CUDA events on the GPU) and print the
+    /// time, FLOP/s and bytes/s by op and of the slowest nodes.
+    #[arg(long)]
+    pub profile: bool,
+
     #[command(flatten)]
     pub hyper: HyperArgs,
 }
@@ -46,9 +51,7 @@ pub struct Args {
 pub fn run(args: &Args) -> Result<()> {
     let artifact = Artifact::read(&args.artifact)?;
     let source = artifact.plan.source.clone();
-    let compiled = args
-        .backend
-        .needs_compiled()
+    let compiled = (args.backend.needs_compiled() || args.profile)
         .then(|| backend_args::recompile(&artifact))
         .transpose()?;
     let backend = backend_args::open(args.backend, &artifact, compiled.as_ref())?;
@@ -104,6 +107,10 @@ pub fn run(args: &Args) -> Result<()> {
             measured.len(),
             source.batch as f64 / median
         )?;
+    }
+    if let Some(compiled) = compiled.as_ref().filter(|_| args.profile) {
+        let times = session.profile().context("the profiled step")?;
+        crate::profile::print(&mut out, &session.plan, &compiled.graph, &times)?;
     }
     Ok(())
 }

@@ -276,14 +276,18 @@ impl Graph {
     }
 
     /// Floating-point operations of one evaluation, per phase.
+    /// The floating-point operations node `n`'s op does.
+    pub fn node_flops(&self, n: NodeIndex) -> u64 {
+        let inputs = self.inputs(n);
+        let input_types: Vec<&TensorType> = inputs.iter().map(|&p| self.ty(p)).collect();
+        self.graph[n].op.flops(&input_types, &self.graph[n].outputs)
+    }
+
     pub fn flops_by_phase(&self) -> BTreeMap<Phase, u64> {
         let mut by_phase = BTreeMap::new();
         for n in self.graph.node_indices() {
-            let node = &self.graph[n];
-            let inputs = self.inputs(n);
-            let input_types: Vec<&TensorType> = inputs.iter().map(|&p| self.ty(p)).collect();
-            let total = by_phase.entry(node.phase).or_insert(0u64);
-            *total = total.saturating_add(node.op.flops(&input_types, &node.outputs));
+            let total = by_phase.entry(self.graph[n].phase).or_insert(0u64);
+            *total = total.saturating_add(self.node_flops(n));
         }
         by_phase
     }

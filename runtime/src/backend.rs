@@ -40,6 +40,13 @@ pub trait Backend {
     fn capture(&mut self) -> Result<bool, RuntimeError> {
         Ok(false)
     }
+
+    /// Runs one whole step and times it node by node: seconds per planned node (0 for nodes
+    /// without launches), or `None` where the backend has no timer of its own (then
+    /// [`crate::Session::profile`] times [`Backend::run_node`] on the wall clock).
+    fn profile(&mut self) -> Result<Option<Vec<f64>>, RuntimeError> {
+        Ok(None)
+    }
 }
 
 impl<B: Backend + ?Sized> Backend for Box<B> {
@@ -65,5 +72,9 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
 
     fn capture(&mut self) -> Result<bool, RuntimeError> {
         (**self).capture()
+    }
+
+    fn profile(&mut self) -> Result<Option<Vec<f64>>, RuntimeError> {
+        (**self).profile()
     }
 }

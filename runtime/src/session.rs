@@ -72,6 +72,24 @@ impl<B: Backend> Session<B> {
         self.backend.run_step()
     }
 
+    /// Runs one step and returns each planned node's time in seconds (0 for nodes without
+    /// launches): the backend's own timer where it has one (CUDA events between nodes, no
+    /// synchronisation), else the wall clock around [`Backend::run_node`].
+    pub fn profile(&mut self) -> Result<Vec<f64>, RuntimeError> {
+        if let Some(times) = self.backend.profile()? {
+            return Ok(times);
+        }
+        let mut times = vec![0.0; self.plan.nodes.len()];
+        for (n, time) in times.iter_mut().enumerate() {
+            if self.plan.nodes[n].launch_count > 0 {
+                let started = std::time::Instant::now();
+                self.backend.run_node(n)?;
+                *time = started.elapsed().as_secs_f64();
+            }
+        }
+        Ok(times)
+    }
+
     /// An output of the last step.
     pub fn output(&mut self, name: &Output) -> Result<Value<f32>, RuntimeError> {
         let slot = self.plan.outputs.iter().find(|s| &s.role == name);
