@@ -4,8 +4,8 @@
 //!   back from the backend, and after it its outputs must match the reference op evaluated on
 //!   those very inputs. Errors cannot compound, so each kernel answers for itself; the noisy
 //!   update is also compared bit for bit (the noise is the CPU's, or it is not).
-//! * [`compare_steps`]: whole steps on two sessions from the same state and batches: loss
-//!   per step, then parameters, momenta and Fisher.
+//! * [`compare_steps`]: whole steps on two sessions with the same batches, each step from the
+//!   same state (bounded), then free-running from the same initial state (the drift, reported).
 //!
 //! Errors are relative: the largest absolute difference over the largest reference magnitude.
 
@@ -163,14 +163,23 @@ pub fn node_by_node<B: Backend>(
 /// One quantity of [`compare_steps`].
 #[derive(Clone, Debug)]
 pub struct StepComparison {
-    /// e.g. `loss (step 2)`, `parameters`, `fisher`.
+    /// e.g. `step 2 loss`, `step 2 parameters`, `3 free steps fisher`.
     pub what: String,
     pub error: f64,
+    /// Whether the error answers to a bound: true for steps from a shared state; false for
+    /// the free-running steps, whose differences compound (see [`compare_steps`]).
+    pub bounded: bool,
 }
 
-/// `steps` noisy training steps on both sessions from the same initial state (seed `seed`),
-/// batches and hyper-parameters; compares the loss of every step, then every parameter,
-/// momentum and Fisher estimate (each the worst over all tensors).
+/// `steps` noisy training steps on both sessions with the same batches and hyper-parameters,
+/// compared twice:
+///
+/// * each step from the same state: before step k, `a` is given `b`'s state, so each row
+///   measures one step's error (loss, parameters, momenta, BN running statistics, Fisher);
+/// * free-running from the same initial state (seed `seed`): the same quantities after all
+///   `steps`, reported and not bounded. Two f32 programs that sum in different orders drift
+///   apart over noisy steps (a ReLU mask that flips at one step moves every later one), so
+///   this shows the drift a user will see, not whether a kernel is right.
 pub fn compare_steps<A: Backend, B: Backend>(
     a: &mut Session<A>,
     b: &mut Session<B>,
@@ -178,31 +187,66 @@ pub fn compare_steps<A: Backend, B: Backend>(
     seed: u64,
     hyper: &Hyperparams,
 ) -> Result<Vec<StepComparison>, RuntimeError> {
-    let net = &a.network;
-    let (batch, input, classes) = (net.batch, net.input, net.classes);
-    let state = TrainState::<f32>::init(net, seed).state_feeds();
-    a.feed(&state)?;
-    b.feed(&state)?;
+    let initial = TrainState::<f32>::init(&a.network, seed).state_feeds();
     let mut rows = Vec::new();
+    b.feed(&initial)?;
     for step in 0..steps {
-        let (images, labels) = random_batch::<f32>(batch, input, classes, seed.wrapping_add(step));
-        let mut feeds = Hyperparams {
-            step,
-            ..hyper.clone()
-        }
-        .feeds();
-        feeds.insert(Role::Images, Value::Float(images));
-        feeds.insert(Role::Labels, Value::Int(labels));
-        a.feed(&feeds)?;
-        b.feed(&feeds)?;
-        a.step()?;
-        b.step()?;
-        let (la, lb) = (a.loss()?, b.loss()?);
-        rows.push(StepComparison {
-            what: format!("loss (step {step})"),
-            error: relative_error(&[la], &[lb]),
-        });
+        a.feed(&b.state()?.state_feeds())?;
+        let (la, lb) = step_both(a, b, step, seed, hyper)?;
+        let label = format!("step {step}");
+        rows.push(row(&label, "loss", relative_error(&[la], &[lb]), true));
+        rows.extend(compare_state(a, b, &label, true)?);
     }
+    a.feed(&initial)?;
+    b.feed(&initial)?;
+    for step in 0..steps {
+        step_both(a, b, step, seed, hyper)?;
+    }
+    rows.extend(compare_state(a, b, &format!("{steps} free steps"), false)?);
+    Ok(rows)
+}
+
+fn row(label: &str, what: &str, error: f64, bounded: bool) -> StepComparison {
+    StepComparison {
+        what: format!("{label} {what}"),
+        error,
+        bounded,
+    }
+}
+
+/// Step `step` on both sessions with the same batch; the two losses.
+fn step_both<A: Backend, B: Backend>(
+    a: &mut Session<A>,
+    b: &mut Session<B>,
+    step: u64,
+    seed: u64,
+    hyper: &Hyperparams,
+) -> Result<(f32, f32), RuntimeError> {
+    let net = &a.network;
+    let (images, labels) =
+        random_batch::<f32>(net.batch, net.input, net.classes, seed.wrapping_add(step));
+    let mut feeds = Hyperparams {
+        step,
+        ..hyper.clone()
+    }
+    .feeds();
+    feeds.insert(Role::Images, Value::Float(images));
+    feeds.insert(Role::Labels, Value::Int(labels));
+    a.feed(&feeds)?;
+    b.feed(&feeds)?;
+    a.step()?;
+    b.step()?;
+    Ok((a.loss()?, b.loss()?))
+}
+
+/// Parameters, momenta, BN running statistics and Fisher of both sessions (each the worst
+/// tensor).
+fn compare_state<A: Backend, B: Backend>(
+    a: &mut Session<A>,
+    b: &mut Session<B>,
+    label: &str,
+    bounded: bool,
+) -> Result<Vec<StepComparison>, RuntimeError> {
     let (sa, sb) = (a.state()?, b.state()?);
     let worst = |x: &[Tensor<f32>], y: &[Tensor<f32>]| {
         x.iter()
@@ -210,20 +254,20 @@ pub fn compare_steps<A: Backend, B: Backend>(
             .map(|(p, q)| relative_error(&p.data, &q.data))
             .fold(0.0, f64::max)
     };
-    rows.push(StepComparison {
-        what: "parameters".into(),
-        error: worst(&sa.params, &sb.params),
-    });
-    rows.push(StepComparison {
-        what: "momenta".into(),
-        error: worst(&sa.momenta, &sb.momenta),
-    });
+    let mut rows = vec![
+        row(label, "parameters", worst(&sa.params, &sb.params), bounded),
+        row(label, "momenta", worst(&sa.momenta, &sb.momenta), bounded),
+    ];
+    if !sb.running_means.is_empty() {
+        let (ma, mb) = (
+            [sa.running_means, sa.running_vars].concat(),
+            [sb.running_means, sb.running_vars].concat(),
+        );
+        rows.push(row(label, "running statistics", worst(&ma, &mb), bounded));
+    }
     let (fa, fb) = (fisher_of(a)?, fisher_of(b)?);
     if !fb.is_empty() {
-        rows.push(StepComparison {
-            what: "fisher".into(),
-            error: worst(&fa, &fb),
-        });
+        rows.push(row(label, "fisher", worst(&fa, &fb), bounded));
     }
     Ok(rows)
 }
