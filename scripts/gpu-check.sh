@@ -7,11 +7,13 @@
 #      reference ops on the GPU's own inputs (bounds: 1e-4 elementwise, 1e-3 reductions and
 #      convolutions), then 3 noisy steps against the CPU reference (1e-3).
 #   2. timings: resnet44 and vgg16 at batch 4096, Fisher exact/none/a2g2, fused and unfused:
-#      `fisherc run --backend cuda --graph`, median step time after warm-up (CUDA events).
+#      `fisherc run --backend cuda --graph --profile`, median step time after warm-up (CUDA
+#      events), then one step timed kernel by kernel (in the log).
 #
 # Every command runs under a time limit. $OUT (default /tmp/gpu-check) gets three files:
 # machine.txt, log.txt (every command's output) and summary.txt, the table printed last.
 # Usage: scripts/gpu-check.sh [--quick]   (--quick: fused exact timings only)
+# RUNS="model:fisher:variant ..." picks the timed configurations; CHECK_MODELS= skips the checks.
 # A dry run on a CPU machine: BACKEND=executor CHECK_MODELS=small_cnn RUN_MODELS=small_cnn \
 #   CHECK_BATCH=4 RUN_BATCH=8 FISHERC=target/release/fisherc scripts/gpu-check.sh --quick
 set -uo pipefail
@@ -26,16 +28,20 @@ CHECK_BATCH=${CHECK_BATCH:-32}
 RUN_BATCH=${RUN_BATCH:-4096}
 LIMIT_CHECK=${LIMIT_CHECK:-150}
 LIMIT_RUN=${LIMIT_RUN:-60}
+STEPS=${STEPS:-5}
+WARMUP=${WARMUP:-2}
 ART=$(mktemp -d)
 LOG="$OUT/log.txt"
 mkdir -p "$OUT"
 : >"$LOG"
+: >"$OUT/summary.txt"
 [ -x "$F" ] || { echo "gpu-check: $F missing: run scripts/build-cuda.sh here and carry .gpu" >&2; exit 1; }
 graph=""; [ "$BACKEND" = cuda ] && graph=--graph
 
 { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1; git rev-parse --short HEAD 2>/dev/null; } \
   | tee "$OUT/machine.txt"
-rows=()
+# a row of the summary, kept in summary.txt at once (a run cut short keeps what it measured)
+row() { echo "$1" >>"$OUT/summary.txt"; }
 
 # runs "$@" under limit $1, its output appended to the log under a header; sets $status, $text
 logged() {
@@ -61,15 +67,15 @@ for model in $CHECK_MODELS; do
     if dir=$(compile "$model" "$CHECK_BATCH" exact "$variant"); then
       logged "$LIMIT_CHECK" "$F" check "$dir" --backend "$BACKEND" --steps 3
       worst=$(awk '/^[a-z_0-9]+ +[0-9]+ +[0-9.e+-]+ +[0-9.e+-]+ +[0-9]+ +[0-9]+$/ { if ($3+0 > w) w = $3+0 } END { printf "%.1e", w }' <<<"$text")
-      rows+=("$(printf '%-36s %s (worst kernel error %s)' "$name" "$(verdict PASS)" "$worst")")
+      row "$(printf '%-36s %s (worst kernel error %s)' "$name" "$(verdict PASS)" "$worst")"
     else
-      rows+=("$(printf '%-36s compile failed (see log)' "$name")")
+      row "$(printf '%-36s compile failed (see log)' "$name")"
     fi
   done
 done
 
-configs=""
-for model in $RUN_MODELS; do
+configs=${RUNS:-}
+[ -n "$configs" ] || for model in $RUN_MODELS; do
   for fisher in exact none a2g2; do
     for variant in fused unfused; do
       [ "${1:-}" = --quick ] && { [ $fisher = exact ] && [ $variant = fused ] || continue; }
@@ -81,14 +87,14 @@ for config in $configs; do
   IFS=: read -r model fisher variant <<<"$config"
   name="run $model b$RUN_BATCH $fisher $variant"
   if dir=$(compile "$model" "$RUN_BATCH" "$fisher" "$variant"); then
-    logged "$LIMIT_RUN" "$F" run "$dir" --backend "$BACKEND" $graph --steps 5 --warmup 2
+    logged "$LIMIT_RUN" "$F" run "$dir" --backend "$BACKEND" $graph --steps "$STEPS" --warmup "$WARMUP" --profile
     median=$(awk '/^median step/ { print $3 " ms, " $8 " images/s" }' <<<"$text")
-    rows+=("$(printf '%-36s %s %s' "$name" "$(verdict)" "$median")")
+    row "$(printf '%-36s %s %s' "$name" "$(verdict)" "$median")"
   else
-    rows+=("$(printf '%-36s compile failed (see log)' "$name")")
+    row "$(printf '%-36s compile failed (see log)' "$name")"
   fi
 done
 rm -rf "$ART"
 
 echo
-printf '%s\n' "${rows[@]}" | tee "$OUT/summary.txt"
+cat "$OUT/summary.txt"
