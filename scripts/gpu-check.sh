@@ -13,7 +13,8 @@
 # Every command runs under a time limit. $OUT (default /tmp/gpu-check) gets three files:
 # machine.txt, log.txt (every command's output) and summary.txt, the table printed last.
 # Usage: scripts/gpu-check.sh [--quick]   (--quick: fused exact timings only)
-# RUNS="model:fisher:variant ..." picks the timed configurations; CHECK_MODELS= skips the checks.
+# RUNS="model:fisher:variant ..." picks the timed configurations; CHECK_MODELS= (set, empty)
+# skips the checks, RUN_MODELS= the timings.
 # A dry run on a CPU machine: BACKEND=executor CHECK_MODELS=small_cnn RUN_MODELS=small_cnn \
 #   CHECK_BATCH=4 RUN_BATCH=8 FISHERC=target/release/fisherc scripts/gpu-check.sh --quick
 set -uo pipefail
@@ -22,8 +23,8 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-check}
 F=${FISHERC:-.gpu/fisherc}
 BACKEND=${BACKEND:-cuda}
-CHECK_MODELS=${CHECK_MODELS:-resnet20 resnet44}
-RUN_MODELS=${RUN_MODELS:-resnet44 vgg16}
+CHECK_MODELS=${CHECK_MODELS-resnet20 resnet44}
+RUN_MODELS=${RUN_MODELS-resnet44 vgg16}
 CHECK_BATCH=${CHECK_BATCH:-32}
 RUN_BATCH=${RUN_BATCH:-4096}
 LIMIT_CHECK=${LIMIT_CHECK:-150}
