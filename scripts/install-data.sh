@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# Installs the real data the tests and the small experiments use: Debian's
-# dataset-fashion-mnist (the full Fashion-MNIST, IDX files under
-# /usr/share/datasets/fashion-mnist). Idempotent; needs apt (as root, or sudo).
+# Installs what the tests, the small experiments and `fisherc plot` need from the system:
+# Debian's dataset-fashion-mnist (the full Fashion-MNIST, IDX files under
+# /usr/share/datasets/fashion-mnist) and fonts-dejavu-core (the plots' text).
+# Idempotent; needs apt (as root, or sudo).
 set -euo pipefail
 
-DIR=/usr/share/datasets/fashion-mnist
-if [ -f "$DIR/train-images-idx3-ubyte.gz" ] && [ -f "$DIR/t10k-labels-idx1-ubyte.gz" ]; then
-  exit 0
-fi
+missing=()
+DATA=/usr/share/datasets/fashion-mnist
+[ -f "$DATA/train-images-idx3-ubyte.gz" ] && [ -f "$DATA/t10k-labels-idx1-ubyte.gz" ] \
+  || missing+=(dataset-fashion-mnist)
+[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || missing+=(fonts-dejavu-core)
+[ ${#missing[@]} = 0 ] && exit 0
+
 SUDO=$([ "$(id -u)" = 0 ] && echo "" || echo sudo)
-echo "install-data: installing dataset-fashion-mnist" >&2
+echo "install-data: installing ${missing[*]}" >&2
 $SUDO apt-get update -qq
-$SUDO apt-get install -y -qq dataset-fashion-mnist
+$SUDO apt-get install -y -qq "${missing[@]}"

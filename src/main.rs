@@ -15,6 +15,7 @@ mod hyper_args;
 mod inspect;
 mod inspect_artifact;
 mod model_args;
+mod plot;
 mod profile;
 mod run;
 mod step;
@@ -48,6 +49,8 @@ enum Command {
     /// Train as an experiment file says (data, regime, schedule), evaluating every epoch, with
     /// metrics and checkpoints in a run directory.
     Train(train::Args),
+    /// Draw training loss, test loss and test accuracy of runs (overlaid) as SVG and PNG.
+    Plot(plot::Args),
     /// Run training steps on the CPU reference on random data; print loss and time.
     Step(step::Args),
 }
@@ -60,6 +63,7 @@ fn main() {
         Command::Run(args) => run::run(&args),
         Command::Check(args) => check::run(&args),
         Command::Train(args) => train::run(&args),
+        Command::Plot(args) => plot::run(&args),
         Command::Step(args) => step::run(&args),
     };
     if let Err(e) = result {

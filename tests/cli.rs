@@ -279,3 +279,67 @@ fn check_passes_the_kernel_executor_and_explains_a_missing_cuda_backend() {
         assert!(err.contains("scripts/build-cuda.sh"), "{err}");
     }
 }
+
+/// A two-epoch synthetic experiment (small_cnn on 12×12 images), fast enough for a CLI test.
+const SYNTHETIC_EXPERIMENT: &str = r#"
+name = "cli_synthetic"
+model = "models/small_cnn.toml"
+input = [1, 12, 12]
+[data]
+set = "synthetic"
+synthetic = { train = 120, test = 60, shape = [1, 12, 12], classes = 10, noise = 0.5 }
+[train]
+regime = "sb"
+batch = 40
+small_batch = 40
+epochs = 2
+lr = 0.02
+"#;
+
+#[test]
+fn train_then_plot_overlays_runs_as_svg_and_png() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("experiment.toml");
+    std::fs::write(&config, SYNTHETIC_EXPERIMENT).unwrap();
+    let run_dir = |name: &str| dir.path().join(name).display().to_string();
+    let config = config.display().to_string();
+    for (name, regime) in [("sb", "sb"), ("lb", "lb")] {
+        let out = fisherc(&[
+            "train",
+            "--config",
+            &config,
+            "--run-dir",
+            &run_dir(name),
+            "--set",
+            &format!("train.regime={regime}"),
+            "--set",
+            "train.batch=60",
+        ]);
+        let text = stdout(&out);
+        assert!(text.contains("after epoch 2: test accuracy"), "{text}");
+    }
+    let prefix = dir.path().join("plots/both").display().to_string();
+    let text = stdout(&fisherc(&[
+        "plot",
+        &run_dir("sb"),
+        &run_dir("lb"),
+        "-o",
+        &prefix,
+    ]));
+    assert!(
+        text.contains("both.svg") && text.contains("both.png"),
+        "{text}"
+    );
+    let png = std::fs::read(format!("{prefix}.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "a PNG file");
+    let svg = std::fs::read_to_string(format!("{prefix}.svg")).unwrap();
+    // both runs are one experiment: the legend names them by directory
+    for name in ["sb", "lb"] {
+        assert!(svg.contains(&run_dir(name)), "legend entry for {name}");
+    }
+    assert!(svg.contains("test accuracy (%)"));
+    // a run without metrics is an error that names the file
+    let out = fisherc(&["plot", &dir.path().display().to_string()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("metrics.jsonl"));
+}
