@@ -7,16 +7,23 @@ use std::path::{Path, PathBuf};
 use fisherc_codegen::artifact::{Artifact, Source};
 use fisherc_codegen::compile::{CompileOptions, Compiled, compile};
 use fisherc_ir::graph::Output;
+use fisherc_ir::graph::PortRef;
+use fisherc_ir::interp::evaluate;
 use fisherc_ir::model::{BuildOptions, load};
+use fisherc_ir::model::{ModelSpec, build};
+use fisherc_ir::ops::Role;
 use fisherc_ir::state::{Hyperparams, TrainState};
 use fisherc_ir::synthetic::random_batch;
+use fisherc_ir::tensor::Value;
 use fisherc_ir::{FisherMode, StepOptions, build_training_step};
 use fisherc_runtime::cpu::ReferenceBackend;
+use fisherc_runtime::data::pipeline::Pipeline;
 use fisherc_runtime::train::checkpoint;
+use fisherc_runtime::train::evaluate::Evaluator;
 use fisherc_runtime::train::experiment::{Experiment, Regime};
 use fisherc_runtime::train::regime::{lr_factor, phases};
 use fisherc_runtime::train::trainer::{
-    CHECKPOINT_FILE, METRICS_FILE, Outcome, TrainOptions, train,
+    CHECKPOINT_FILE, METRICS_FILE, Outcome, TrainOptions, load_data, train,
 };
 use fisherc_runtime::{Backend, RuntimeError, Session};
 
@@ -440,4 +447,57 @@ fn the_small_cnn_learns_fashion_mnist_from_10000_images_in_one_epoch() {
         accuracy >= 0.80,
         "test accuracy {accuracy} after one epoch on 10,000 images"
     );
+}
+
+#[test]
+fn precise_bn_recomputes_the_statistics_at_the_current_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = synthetic("sb", &[]);
+    let trained = run(&e, dir.path(), false, None).unwrap().state;
+    let (train_set, test_set) = load_data(&e.data).unwrap();
+    let spec = ModelSpec::load(&e.model).unwrap();
+    let input = e.input.unwrap();
+    let pipeline = Pipeline::new(&train_set, input).unwrap();
+    let evaluator = Evaluator::new(&spec, input, test_set.len()).unwrap();
+    // running statistics thrown away: the evaluation-mode network normalises wrongly
+    let mut wrecked = trained.clone();
+    for (m, v) in wrecked
+        .running_means
+        .iter_mut()
+        .zip(&mut wrecked.running_vars)
+    {
+        m.data.iter_mut().for_each(|x| *x = 0.0);
+        v.data.iter_mut().for_each(|x| *x = 100.0);
+    }
+    let score = |s: &TrainState<f32>| evaluator.score(s, &test_set, &pipeline).unwrap().accuracy;
+    let precise =
+        |s: &TrainState<f32>| evaluator.recalibrated(s, &train_set, &pipeline, 1).unwrap();
+    // recomputing depends on the weights only, not on the statistics it replaces
+    assert_eq!(precise(&wrecked), precise(&trained));
+    assert_eq!(precise(&wrecked).params, trained.params);
+    let (bad, good) = (score(&wrecked), score(&precise(&wrecked)));
+    assert!(
+        good > 0.9 && good > bad + 0.2,
+        "wrecked {bad}, recomputed {good}"
+    );
+    // the statistics are the batch's: mean of the first layer's inputs over 200 images
+    let net = build(
+        &spec,
+        &BuildOptions {
+            input: Some(input),
+            ..BuildOptions::train(200)
+        },
+    )
+    .unwrap();
+    let (images, labels) = pipeline.batch(&train_set, &(0..200).collect::<Vec<_>>(), None);
+    let port = PortRef::new(net.bn_layers[0].node, 1);
+    let mut feeds = trained.state_feeds();
+    feeds.insert(Role::Images, Value::Float(images));
+    feeds.insert(Role::Labels, Value::Int(labels));
+    let direct = evaluate(&net.graph, &feeds, &[port]).unwrap();
+    let want = &direct.kept(port).unwrap().float().data;
+    let got = &precise(&trained).running_means[0].data;
+    for (g, w) in got.iter().zip(want) {
+        assert!((g - w).abs() <= 1e-4 * w.abs().max(1.0), "{g} vs {w}");
+    }
 }

@@ -21,6 +21,21 @@ pub struct Experiment {
     pub input: Option<[usize; 3]>,
     pub data: DataConfig,
     pub train: TrainConfig,
+    #[serde(default)]
+    pub eval: EvalConfig,
+}
+
+/// How each epoch's test score is taken.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalConfig {
+    /// Batch-norm statistics for the evaluation: 0 [default] uses the running statistics the
+    /// training kept (the paper's convention); N > 0 recomputes them at the current weights
+    /// from N batches of 500 training images ("precise BN"; the training state is untouched).
+    /// Running statistics average past weights; after a short, noisy or high-rate run they
+    /// can lag the weights enough to make the test accuracy meaningless.
+    #[serde(default)]
+    pub bn_batches: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -270,7 +270,13 @@ pub fn train(
             }
             let seconds = started.elapsed().as_secs_f64();
             state = session.state().map_err(|e| e.to_string())?;
-            let score = evaluator.score(&state, &test_set, &pipeline)?;
+            let score = match experiment.eval.bn_batches {
+                0 => evaluator.score(&state, &test_set, &pipeline)?,
+                n => {
+                    let precise = evaluator.recalibrated(&state, &train_set, &pipeline, n)?;
+                    evaluator.score(&precise, &test_set, &pipeline)?
+                }
+            };
             let train_loss = loss_sum / steps_per_epoch as f64;
             let images_per_second = (steps_per_epoch * phase.batch) as f64 / seconds;
             let record = Record::Epoch {
