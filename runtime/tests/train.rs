@@ -501,3 +501,54 @@ fn precise_bn_recomputes_the_statistics_at_the_current_weights() {
         assert!((g - w).abs() <= 1e-4 * w.abs().max(1.0), "{g} vs {w}");
     }
 }
+
+#[test]
+fn the_classifier_follows_the_data_sets_classes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut e = synthetic("sb", &["train.epochs=1"]);
+    e.data.synthetic.as_mut().unwrap().classes = 4;
+    let mut notes = Vec::new();
+    let options = TrainOptions {
+        run_dir: dir.path().to_path_buf(),
+        resume: false,
+        until_epoch: None,
+    };
+    let outcome = train(&e, &options, &reference_backend, &mut |event| {
+        if let fisherc_runtime::train::trainer::Event::Note(text) = event {
+            notes.push(text);
+        }
+    })
+    .unwrap();
+    let last_weight = outcome
+        .state
+        .params
+        .iter()
+        .rev()
+        .find(|p| p.shape.len() == 2)
+        .unwrap();
+    assert_eq!(last_weight.shape[0], 4, "a 4-way classifier");
+    assert!(
+        notes.iter().any(|n| n.contains("4-way classifier")),
+        "{notes:?}"
+    );
+}
+
+#[test]
+fn every_shipped_experiment_file_is_valid() {
+    let dir = root().join("experiments");
+    let mut count = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "toml") {
+            continue;
+        }
+        let e = Experiment::load(&path, &[]).unwrap_or_else(|err| panic!("{err}"));
+        let name = path.file_stem().unwrap().to_string_lossy().into_owned();
+        assert_eq!(e.name, name, "{}: name and file differ", path.display());
+        phases(&e.train).unwrap_or_else(|err| panic!("{}: {err}", path.display()));
+        ModelSpec::load(&root().join(&e.model))
+            .unwrap_or_else(|err| panic!("{}: {err}", path.display()));
+        count += 1;
+    }
+    assert!(count >= 18, "{count} experiment files");
+}

@@ -153,7 +153,16 @@ pub fn train(
     let (train_set, test_set) = load_data(&experiment.data)?;
     let model_text = std::fs::read_to_string(&experiment.model)
         .map_err(|e| format!("{}: {e}", experiment.model.display()))?;
-    let spec = ModelSpec::parse(&model_text, &experiment.model).map_err(|e| e.to_string())?;
+    let mut spec = ModelSpec::parse(&model_text, &experiment.model).map_err(|e| e.to_string())?;
+    if spec.classes != train_set.classes {
+        // the classifier's width follows the data: VGG16 is written for CIFAR-10 and trains
+        // on CIFAR-100 as well
+        report(Event::Note(format!(
+            "{} has {} classes: {} is built with a {}-way classifier (its file says {})",
+            train_set.name, train_set.classes, spec.name, train_set.classes, spec.classes
+        )));
+        spec.classes = train_set.classes;
+    }
     let phases = phases(t)?;
     let first = phase_step(&spec, experiment.input, &phases[0], t.decay_bn)?;
     let input = first.network.input;
