@@ -78,7 +78,7 @@ pub fn run(args: &Args) -> Result<()> {
                     phase.batch,
                     phase.fisher,
                     if noisy(&phase) {
-                        format!(", noise scale {:.4}", phase.noise_scale)
+                        format!(", {} noise, scale {:.4}", phase.noise, phase.noise_scale)
                     } else {
                         String::new()
                     },

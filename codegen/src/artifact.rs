@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use fisherc_ir::model::{BuildOptions, Mode, ModelSpec, Shortcut, build};
-use fisherc_ir::{FisherMode, StepOptions, TrainingStep, build_training_step};
+use fisherc_ir::{FisherMode, Noise, StepOptions, TrainingStep, build_training_step};
 
 use crate::compile::{CompileOptions, Compiled, compile};
 use crate::kir::{Kernel, ParamTy};
@@ -47,6 +47,9 @@ pub struct Source {
     /// Weight decay on batch-norm γ and β too.
     #[serde(default)]
     pub decay_bn: bool,
+    /// The noise's covariance (artifacts from before it was recorded have diagonal Fisher).
+    #[serde(default)]
+    pub noise: Noise,
     pub fused: bool,
     /// The PTX target, e.g. `sm_90`.
     pub arch: String,
@@ -70,6 +73,7 @@ impl Source {
             shortcut: net.shortcut,
             fisher: step.fisher,
             decay_bn: step.decay_bn,
+            noise: step.noise,
             fused,
             arch: arch.to_string(),
         }
@@ -89,6 +93,7 @@ impl Source {
         let options = StepOptions {
             fisher: self.fisher,
             decay_bn: self.decay_bn,
+            noise: self.noise,
         };
         build_training_step(network, &options).map_err(|e| e.to_string())
     }

@@ -30,5 +30,5 @@ pub mod tensor;
 
 pub use error::{EvalError, ModelError, ShapeError};
 pub use graph::{Graph, Output, Phase, PortRef};
-pub use step::{FisherMode, StepOptions, TrainingStep, build_training_step};
+pub use step::{FisherMode, Noise, StepOptions, TrainingStep, build_training_step};
 pub use tensor::{DType, Real, Tensor, TensorType, Value};

@@ -25,7 +25,7 @@ use crate::graph::{Graph, Output, Phase, PortRef};
 use crate::model::{Mode, Network};
 use crate::ops::{
     BnRunningUpdate, Constant, FisherCtx, FloatAttr, Hyper, Input, NoisySgdUpdate, Op, Role,
-    SoftmaxCrossEntropy, VjpCtx,
+    SoftmaxCrossEntropy, Square, VjpCtx,
 };
 use crate::tensor::{DType, TensorType};
 
@@ -39,6 +39,28 @@ pub enum FisherMode {
     Exact,
     /// The supplement's `Σₜ a²·g²` approximation for convolutions (exact for linear layers).
     A2g2,
+}
+
+/// The covariance of the update's noise ε (its scale s is the `noise_scale` hyper-parameter).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Noise {
+    /// `ε = s·√diag F̂ ⊙ ξ`, F̂ the step's [`FisherMode`] (none: no noise).
+    #[default]
+    DiagonalFisher,
+    /// `ε = s·g ⊙ ξ`: the gradient times Gaussian noise of constant diagonal covariance s²I
+    /// (supplement A.8's "multiplicative"). The update draws `s·√(g²)·ξ`, which has the same
+    /// law (ξ is symmetric), so it is the Fisher update with g² in F̂'s place; no Fisher.
+    Multiplicative,
+}
+
+impl fmt::Display for Noise {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Noise::DiagonalFisher => "diagonal-fisher",
+            Noise::Multiplicative => "multiplicative",
+        })
+    }
 }
 
 impl FisherMode {
@@ -75,6 +97,7 @@ pub struct StepOptions {
     pub fisher: FisherMode,
     /// Apply weight decay to batch-norm γ and β too (off by default, as is usual).
     pub decay_bn: bool,
+    pub noise: Noise,
 }
 
 impl StepOptions {
@@ -82,6 +105,7 @@ impl StepOptions {
         StepOptions {
             fisher,
             decay_bn: false,
+            noise: Noise::DiagonalFisher,
         }
     }
 }
@@ -94,6 +118,7 @@ pub struct TrainingStep {
     pub fisher: FisherMode,
     /// Whether batch-norm γ and β are decayed too (`StepOptions::decay_bn`).
     pub decay_bn: bool,
+    pub noise: Noise,
     /// Every input node of the step, by role.
     pub inputs: BTreeMap<Role, NodeIndex>,
 }
@@ -149,6 +174,13 @@ pub fn build_training_step(
         param_grads.push(g);
     }
 
+    if options.noise == Noise::Multiplicative && options.fisher != FisherMode::None {
+        return Err(ShapeError {
+            layer: network.name.clone(),
+            op: "training_step",
+            message: "multiplicative noise takes no Fisher estimate (fisher none)".to_string(),
+        });
+    }
     let fisher = match options.fisher {
         FisherMode::None => vec![None; params.len()],
         mode => {
@@ -157,6 +189,19 @@ pub fn build_training_step(
                 .into_iter()
                 .map(Some)
                 .collect()
+        }
+    };
+
+    // the variance the update's noise is drawn with, per parameter
+    let variance: Vec<Option<PortRef>> = match options.noise {
+        Noise::DiagonalFisher => fisher.clone(),
+        Noise::Multiplicative => {
+            graph.set_phase(Phase::Fisher);
+            let squares = param_grads
+                .iter()
+                .zip(&network.params)
+                .map(|(&g, param)| graph.add1(Square, &param.name, &[g]).map(Some));
+            squares.collect::<Result<_, _>>()?
         }
     };
 
@@ -172,11 +217,11 @@ pub fn build_training_step(
         let update = NoisySgdUpdate {
             param: i as u32,
             decay: options.decay_bn || !param.kind.is_batch_norm(),
-            noisy: fisher[i].is_some(),
+            noisy: variance[i].is_some(),
         };
         let mut inputs = vec![params[i], momentum, param_grads[i]];
         inputs.extend(Hyper::ALL.iter().map(|h| hyper[h]));
-        inputs.extend(fisher[i]);
+        inputs.extend(variance[i]);
         let node = graph.add(update, &param.name, &inputs)?;
         graph.set_output(Output::NewParam(i), PortRef::new(node, 0));
         graph.set_output(Output::NewMomentum(i), PortRef::new(node, 1));
@@ -205,6 +250,7 @@ pub fn build_training_step(
         graph,
         fisher: options.fisher,
         decay_bn: options.decay_bn,
+        noise: options.noise,
         inputs,
     })
 }

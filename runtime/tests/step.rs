@@ -26,7 +26,7 @@ use fisherc_ir::model::{BuildOptions, load};
 use fisherc_ir::state::{Hyperparams, TrainState};
 use fisherc_ir::synthetic::random_batch;
 use fisherc_ir::tensor::Value;
-use fisherc_ir::{FisherMode, StepOptions, TrainingStep, build_training_step};
+use fisherc_ir::{FisherMode, Noise, StepOptions, TrainingStep, build_training_step};
 use fisherc_runtime::Session;
 use fisherc_runtime::check::{Bounds, compare_steps, node_by_node};
 use fisherc_runtime::cpu::{ExecutorBackend, ReferenceBackend};
@@ -39,6 +39,7 @@ struct Case {
     batch: usize,
     input: Option<[usize; 3]>,
     mode: FisherMode,
+    noise: Noise,
     fused: bool,
     data_seed: u64,
 }
@@ -51,6 +52,7 @@ impl Case {
             batch: 4,
             input,
             mode,
+            noise: Noise::DiagonalFisher,
             fused,
             data_seed: 4,
         }
@@ -59,8 +61,8 @@ impl Case {
     fn what(&self) -> String {
         let variant = if self.fused { "fused" } else { "unfused" };
         format!(
-            "{} batch {} {} {variant}",
-            self.model, self.batch, self.mode
+            "{} batch {} {} {} noise {variant}",
+            self.model, self.batch, self.mode, self.noise
         )
     }
 
@@ -71,9 +73,14 @@ impl Case {
             input: self.input,
             ..BuildOptions::train(self.batch)
         };
-        let step =
-            build_training_step(load(&path, &options).unwrap(), &StepOptions::new(self.mode))
-                .unwrap();
+        let step = build_training_step(
+            load(&path, &options).unwrap(),
+            &StepOptions {
+                noise: self.noise,
+                ..StepOptions::new(self.mode)
+            },
+        )
+        .unwrap();
         let compiled = compile(&step, CompileOptions { fused: self.fused }).unwrap();
         let source = Source::of(
             &step,
@@ -194,6 +201,12 @@ fn small_models_step_on_the_kernel_executor() {
             executor_step_matches_the_reference(Case::small("mlp", mode, fused));
         }
     }
+    for fused in [true, false] {
+        executor_step_matches_the_reference(Case {
+            noise: Noise::Multiplicative,
+            ..Case::small("small_cnn", FisherMode::None, fused)
+        });
+    }
 }
 
 #[test]
@@ -203,6 +216,7 @@ fn resnet20_exact_step_on_the_kernel_executor_matches_the_reference() {
         batch: 8,
         input: None,
         mode: FisherMode::Exact,
+        noise: Noise::DiagonalFisher,
         fused: true,
         data_seed: 5,
     };
@@ -223,6 +237,7 @@ fn the_reference_backend_over_the_memory_plan_is_bit_identical_to_the_interprete
             batch: 2,
             input,
             mode,
+            noise: Noise::DiagonalFisher,
             fused,
             data_seed: 8,
         };

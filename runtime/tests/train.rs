@@ -15,7 +15,7 @@ use fisherc_ir::ops::Role;
 use fisherc_ir::state::{Hyperparams, TrainState};
 use fisherc_ir::synthetic::random_batch;
 use fisherc_ir::tensor::Value;
-use fisherc_ir::{FisherMode, StepOptions, build_training_step};
+use fisherc_ir::{FisherMode, Noise, StepOptions, build_training_step};
 use fisherc_runtime::cpu::ReferenceBackend;
 use fisherc_runtime::data::pipeline::Pipeline;
 use fisherc_runtime::train::checkpoint;
@@ -155,10 +155,15 @@ fn regimes_become_phases() {
     assert_eq!(phases(&synthetic("lb", &[]).train).unwrap()[0].batch, 40);
     let missing = phases(&synthetic("fisher-trace", &[]).train).unwrap_err();
     assert!(missing.contains("not implemented yet"), "{missing}");
+    let e = synthetic("multiplicative", &["train.noise_until=0.5"]);
+    assert_eq!(e.train.regime, Regime::Multiplicative);
+    let p = phases(&e.train).unwrap();
     assert_eq!(
-        synthetic("multiplicative", &[]).train.regime,
-        Regime::Multiplicative
+        (p[0].batch, p[0].fisher, p[0].noise, p[0].epochs.clone()),
+        (40, FisherMode::None, Noise::Multiplicative, 0..2)
     );
+    assert!(p[0].noise_scale > 0.0);
+    assert_eq!((p[1].noise_scale, p[1].epochs.clone()), (0.0, 2..4));
 }
 
 #[test]
@@ -237,20 +242,17 @@ fn batch_change_switches_programs_at_its_epoch_and_noise_stops_at_its_fraction()
     }
 }
 
-#[test]
-fn the_diagonal_fisher_noise_has_the_fisher_as_its_covariance() {
-    // one step from the same state and batch, with noise scale s and without: the parameters
-    // differ by −lr·ε, ε = s·√F̂ ⊙ ξ, so (θ_plain − θ_noisy)/(lr·s·√F̂) must be standard normal
+/// One small_cnn step from the same state and batch with noise scale s and without: the
+/// parameters differ by −lr·ε. With `variance` the variance the noise should have per element
+/// (read from the noisy step's outputs), returns ε/(s·√variance) over every element with a
+/// variance: standard normal draws if the noise is what it should be.
+fn standardised_noise(options: StepOptions, variance: Output) -> Vec<f64> {
     let path = root().join("models/small_cnn.toml");
-    let options = BuildOptions {
+    let build_options = BuildOptions {
         input: Some([1, 12, 12]),
         ..BuildOptions::train(32)
     };
-    let step = build_training_step(
-        load(&path, &options).unwrap(),
-        &StepOptions::new(FisherMode::Exact),
-    )
-    .unwrap();
+    let step = build_training_step(load(&path, &build_options).unwrap(), &options).unwrap();
     let compiled = compile(&step, CompileOptions { fused: true }).unwrap();
     let source = Source::of(
         &step,
@@ -276,29 +278,63 @@ fn the_diagonal_fisher_noise_has_the_fisher_as_its_covariance() {
             .feed(&state.feeds(images.clone(), labels.clone(), &hyper))
             .unwrap();
         session.step().unwrap();
-        let fisher: Vec<_> = (0..net.params.len())
-            .map(|i| session.output(&Output::Fisher(i)).unwrap().into_float())
+        let variances: Vec<_> = (0..net.params.len())
+            .map(|i| {
+                let name = match variance {
+                    Output::Fisher(_) => Output::Fisher(i),
+                    _ => Output::Grad(i),
+                };
+                session.output(&name).unwrap().into_float()
+            })
             .collect();
-        (session.state().unwrap().params, fisher)
+        (session.state().unwrap().params, variances)
     };
-    let (noisy, fisher) = after(s);
+    let (noisy, variances) = after(s);
     let (plain, _) = after(0.0);
+    let squared = !matches!(variance, Output::Fisher(_));
     let mut xi = Vec::new();
-    for ((a, b), f) in plain.iter().zip(&noisy).zip(&fisher) {
-        for ((pa, pb), fv) in a.data.iter().zip(&b.data).zip(&f.data) {
-            if *fv > 1e-12 {
-                xi.push(((pa - pb) as f64) / (lr as f64 * s as f64 * (*fv as f64).sqrt()));
+    for ((a, b), v) in plain.iter().zip(&noisy).zip(&variances) {
+        for ((pa, pb), v) in a.data.iter().zip(&b.data).zip(&v.data) {
+            let var = if squared {
+                (*v as f64).powi(2)
+            } else {
+                *v as f64
+            };
+            if var > 1e-12 {
+                xi.push(((pa - pb) as f64) / (lr as f64 * s as f64 * var.sqrt()));
             }
         }
     }
+    xi
+}
+
+fn assert_standard_normal(xi: &[f64], what: &str) {
     let n = xi.len() as f64;
     let mean = xi.iter().sum::<f64>() / n;
     let var = xi.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
-    assert!(n > 50_000.0, "{n} elements");
+    assert!(n > 50_000.0, "{what}: {n} elements");
     assert!(
         mean.abs() < 0.01 && (var - 1.0).abs() < 0.02,
-        "ξ over {n} elements: mean {mean}, variance {var}"
+        "{what}: ξ over {n} elements: mean {mean}, variance {var}"
     );
+}
+
+#[test]
+fn the_diagonal_fisher_noise_has_the_fisher_as_its_covariance() {
+    // ε = s·√F̂ ⊙ ξ
+    let xi = standardised_noise(StepOptions::new(FisherMode::Exact), Output::Fisher(0));
+    assert_standard_normal(&xi, "diagonal Fisher");
+}
+
+#[test]
+fn multiplicative_noise_scales_each_gradient_element() {
+    // ε = s·g ⊙ ξ: the noise of element k has standard deviation s·|g_k|
+    let options = StepOptions {
+        noise: Noise::Multiplicative,
+        ..StepOptions::new(FisherMode::None)
+    };
+    let xi = standardised_noise(options, Output::Grad(0));
+    assert_standard_normal(&xi, "multiplicative");
 }
 
 #[test]

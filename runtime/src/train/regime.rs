@@ -7,8 +7,8 @@
 
 use std::ops::Range;
 
-use fisherc_ir::FisherMode;
 use fisherc_ir::state::default_noise_scale;
+use fisherc_ir::{FisherMode, Noise};
 
 use super::experiment::{Regime, TrainConfig};
 
@@ -17,6 +17,8 @@ use super::experiment::{Regime, TrainConfig};
 pub struct Phase {
     pub batch: usize,
     pub fisher: FisherMode,
+    /// The noise's covariance (what `noise_scale` scales).
+    pub noise: Noise,
     pub epochs: Range<usize>,
     /// The base learning rate (before warm-up and decay).
     pub lr: f32,
@@ -29,6 +31,7 @@ pub fn phases(t: &TrainConfig) -> Result<Vec<Phase>, String> {
     let plain = |batch, epochs, lr| Phase {
         batch,
         fisher: FisherMode::None,
+        noise: Noise::DiagonalFisher,
         epochs,
         lr,
         noise_scale: 0.0,
@@ -37,15 +40,20 @@ pub fn phases(t: &TrainConfig) -> Result<Vec<Phase>, String> {
     let phases = match t.regime {
         Regime::Sb => vec![plain(t.small_batch, all, t.lr)],
         Regime::Lb => vec![plain(t.batch, all, t.lr)],
-        Regime::LbDiagf => {
+        Regime::LbDiagf | Regime::Multiplicative => {
             let noisy_epochs = (t.noise_until * t.epochs as f64).round() as usize;
             let scale = t
                 .noise_scale
                 .unwrap_or_else(|| default_noise_scale(t.small_batch, t.batch));
+            let (fisher, noise) = match t.regime {
+                Regime::LbDiagf => (t.fisher.unwrap_or(FisherMode::Exact), Noise::DiagonalFisher),
+                _ => (FisherMode::None, Noise::Multiplicative),
+            };
             vec![
                 Phase {
                     batch: t.batch,
-                    fisher: t.fisher.unwrap_or(FisherMode::Exact),
+                    fisher,
+                    noise,
                     epochs: 0..noisy_epochs,
                     lr: t.lr,
                     noise_scale: scale,
@@ -63,7 +71,7 @@ pub fn phases(t: &TrainConfig) -> Result<Vec<Phase>, String> {
         other => {
             return Err(format!(
                 "regime {other:?} is not implemented yet: it needs new update ops in the step graph \
-                 (issue #6); implemented: sb, lb, lb-diagf, batch-change"
+                 (issue #6); implemented: sb, lb, lb-diagf, batch-change, multiplicative"
             ));
         }
     };

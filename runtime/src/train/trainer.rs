@@ -17,7 +17,7 @@ use fisherc_ir::model::{BuildOptions, ModelSpec, build};
 use fisherc_ir::ops::Role;
 use fisherc_ir::state::{Hyperparams, TrainState};
 use fisherc_ir::tensor::Value;
-use fisherc_ir::{FisherMode, StepOptions, TrainingStep, build_training_step};
+use fisherc_ir::{FisherMode, Noise, StepOptions, TrainingStep, build_training_step};
 
 use super::checkpoint::{self, Checkpoint};
 use super::evaluate::{Evaluator, Score};
@@ -135,6 +135,7 @@ fn phase_step(
     };
     let network = build(spec, &options).map_err(|e| e.to_string())?;
     let step_options = StepOptions {
+        noise: phase.noise,
         fisher: phase.fisher,
         decay_bn,
     };
@@ -376,5 +377,6 @@ fn write_new(path: &Path, text: &str) -> Result<(), String> {
 
 /// Whether a regime phase adds noise (for reports).
 pub fn noisy(phase: &Phase) -> bool {
-    phase.fisher != FisherMode::None && phase.noise_scale > 0.0
+    let drawn = phase.fisher != FisherMode::None || phase.noise == Noise::Multiplicative;
+    drawn && phase.noise_scale > 0.0
 }
