@@ -274,7 +274,7 @@ fn several_steps_on_the_executor_follow_the_reference_backend() {
         seed: 5,
         ..Hyperparams::default()
     };
-    let rows = compare_steps(&mut executor, &mut reference, 3, 11, &hyper).unwrap();
+    let rows = compare_steps(&mut executor, &mut reference, None, 3, 11, &hyper).unwrap();
     let losses = rows.iter().filter(|r| r.what.ends_with("loss")).count();
     assert_eq!(losses, 3, "one loss per step: {rows:?}");
     for what in ["parameters", "momenta", "fisher"] {
