@@ -398,3 +398,31 @@ fn fisher_of<B: Backend>(s: &mut Session<B>) -> Result<Vec<Tensor<f32>>, Runtime
         .map(|i| Ok(s.output(&Output::Fisher(i))?.into_float()))
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::StepComparison;
+
+    fn row(error: f64, bounded: bool, oracle: Option<(f64, f64)>) -> StepComparison {
+        StepComparison {
+            what: "step 0 parameters".into(),
+            error,
+            bounded,
+            oracle,
+        }
+    }
+
+    #[test]
+    fn a_step_passes_near_the_reference_or_no_further_from_the_oracle() {
+        // within the bound of the f32 reference
+        assert!(row(5e-4, true, None).passes(1e-3));
+        assert!(!row(5e-3, true, None).passes(1e-3));
+        // beyond it, but the backend is as close to f64 as the f32 reference (both rounded
+        // away from the exact answer, differently)
+        assert!(row(5e-3, true, Some((3e-3, 2e-3))).passes(1e-3));
+        // beyond it and more than 4× further from f64 than the f32 reference
+        assert!(!row(5e-3, true, Some((9e-3, 2e-3))).passes(1e-3));
+        // drift rows answer to nothing
+        assert!(row(1.0, false, None).passes(1e-3));
+    }
+}
