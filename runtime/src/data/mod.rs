@@ -94,22 +94,22 @@ impl Dataset {
         let bytes = self.image_bytes();
         match &self.storage {
             Storage::Owned { pixels, .. } => &pixels[i * bytes..][..bytes],
-            Storage::Records {
-                files,
-                record,
-                label_at,
-                per_file,
-            } => {
-                let (file, j) = locate(per_file, i);
-                let start = j * record + label_at + 1;
-                &files[file][start..start + bytes]
-            }
+            Storage::Records { .. } => &self.record_from_label(i)[1..1 + bytes],
         }
     }
 
     pub fn label(&self, i: usize) -> usize {
         match &self.storage {
             Storage::Owned { labels, .. } => labels[i] as usize,
+            Storage::Records { .. } => self.record_from_label(i)[0] as usize,
+        }
+    }
+
+    /// Image `i`'s record of a memory-mapped set, from its label byte (the pixels follow);
+    /// empty for sets held in memory.
+    fn record_from_label(&self, i: usize) -> &[u8] {
+        match &self.storage {
+            Storage::Owned { .. } => &[],
             Storage::Records {
                 files,
                 record,
@@ -117,7 +117,7 @@ impl Dataset {
                 per_file,
             } => {
                 let (file, j) = locate(per_file, i);
-                files[file][j * record + label_at] as usize
+                &files[file][j * record + label_at..(j + 1) * record]
             }
         }
     }
