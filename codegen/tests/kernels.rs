@@ -284,7 +284,13 @@ fn scalar(v: f32) -> fisherc_ir::tensor::Value<f32> {
 #[test]
 fn noisy_update_kernel_matches_the_formula() {
     let mut r = rng(9);
-    for (n, noisy, decay) in [(13, true, true), (1000, true, false), (7, false, true)] {
+    let cases = [
+        (13, true, true, false),
+        (1000, true, false, false),
+        (7, false, true, false),
+        (300, true, true, true),
+    ];
+    for (n, noisy, decay, scalar_variance) in cases {
         let mut inputs = vec![
             random(&mut r, &[n]),
             random(&mut r, &[n]),
@@ -296,13 +302,15 @@ fn noisy_update_kernel_matches_the_formula() {
             fisherc_ir::tensor::Value::Word(3),
         ]);
         if noisy {
-            inputs.push(uniform(&mut r, &[n], 0.0, 2.0));
+            let shape = if scalar_variance { 1 } else { n };
+            inputs.push(uniform(&mut r, &[shape], 0.0, 2.0));
         }
         check(
             NoisySgdUpdate {
                 param: 7,
                 decay,
                 noisy,
+                scalar_variance,
             },
             &inputs,
             ELEMENTWISE,
@@ -334,6 +342,7 @@ fn kernel_noise_is_bit_identical_to_the_cpu_stream() {
             param,
             decay: false,
             noisy: true,
+            scalar_variance: false,
         }
         .into(),
         &inputs,

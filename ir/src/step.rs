@@ -23,6 +23,7 @@ use crate::autodiff::{self, Gradients};
 use crate::error::ShapeError;
 use crate::graph::{Graph, Output, Phase, PortRef};
 use crate::model::{Mode, Network};
+use crate::ops::{Add, ChannelSum, Reshape, Scale};
 use crate::ops::{
     BnRunningUpdate, Constant, FisherCtx, FloatAttr, Hyper, Input, NoisySgdUpdate, Op, Role,
     SoftmaxCrossEntropy, Square, VjpCtx,
@@ -52,6 +53,10 @@ pub enum Noise {
     /// (supplement A.8's "multiplicative"). The update draws `s·√(g²)·ξ`, which has the same
     /// law (ξ is symmetric), so it is the Fisher update with g² in F̂'s place; no Fisher.
     Multiplicative,
+    /// `ε = s·√(Tr F̂ / D)·ξ` with D the number of parameters: isotropic noise of the same
+    /// total variance as the diagonal-Fisher noise (supplement A.8's "Fisher trace", the
+    /// trace over the whole model spread evenly over its D elements). Needs a Fisher estimate.
+    FisherTrace,
 }
 
 impl fmt::Display for Noise {
@@ -59,6 +64,7 @@ impl fmt::Display for Noise {
         f.write_str(match self {
             Noise::DiagonalFisher => "diagonal-fisher",
             Noise::Multiplicative => "multiplicative",
+            Noise::FisherTrace => "fisher-trace",
         })
     }
 }
@@ -129,6 +135,35 @@ impl TrainingStep {
     }
 }
 
+/// `Tr F̂ / D` as a `[1]` tensor: the Fisher estimates of every parameter summed (each as a
+/// column through `channel_sum`), over the D parameter elements in all.
+fn mean_fisher(
+    graph: &mut Graph,
+    network: &Network,
+    fisher: &[Option<PortRef>],
+) -> Result<PortRef, ShapeError> {
+    let mut total: Option<PortRef> = None;
+    let mut count = 0usize;
+    for (f, param) in fisher.iter().zip(&network.params) {
+        let f = f.expect("a Fisher estimate for every parameter (checked by the caller)");
+        let n: usize = param.shape.iter().product();
+        let column = graph.add1(Reshape { shape: vec![n, 1] }, &param.name, &[f])?;
+        let sum = graph.add1(ChannelSum, &param.name, &[column])?;
+        total = Some(match total {
+            None => sum,
+            Some(t) => graph.add1(Add, &param.name, &[t, sum])?,
+        });
+        count += n;
+    }
+    let total = total.ok_or_else(|| ShapeError {
+        layer: network.name.clone(),
+        op: "training_step",
+        message: "the model has no parameters".to_string(),
+    })?;
+    let factor = FloatAttr(1.0 / count as f64);
+    graph.add1(Scale { factor }, "fisher_trace", &[total])
+}
+
 /// Builds forward, loss, backward, Fisher and update of a training-mode network.
 pub fn build_training_step(
     network: Network,
@@ -174,11 +209,21 @@ pub fn build_training_step(
         param_grads.push(g);
     }
 
-    if options.noise == Noise::Multiplicative && options.fisher != FisherMode::None {
+    let has_fisher = options.fisher != FisherMode::None;
+    let mismatch = match options.noise {
+        Noise::DiagonalFisher => None,
+        Noise::Multiplicative => {
+            has_fisher.then_some("multiplicative noise takes no Fisher estimate (fisher none)")
+        }
+        Noise::FisherTrace => {
+            (!has_fisher).then_some("fisher-trace noise needs a Fisher estimate (exact or a2g2)")
+        }
+    };
+    if let Some(message) = mismatch {
         return Err(ShapeError {
             layer: network.name.clone(),
             op: "training_step",
-            message: "multiplicative noise takes no Fisher estimate (fisher none)".to_string(),
+            message: message.to_string(),
         });
     }
     let fisher = match options.fisher {
@@ -203,6 +248,11 @@ pub fn build_training_step(
                 .map(|(&g, param)| graph.add1(Square, &param.name, &[g]).map(Some));
             squares.collect::<Result<_, _>>()?
         }
+        Noise::FisherTrace => {
+            graph.set_phase(Phase::Fisher);
+            let mean = mean_fisher(&mut graph, &network, &fisher)?;
+            vec![Some(mean); params.len()]
+        }
     };
 
     graph.set_phase(Phase::Update);
@@ -218,6 +268,7 @@ pub fn build_training_step(
             param: i as u32,
             decay: options.decay_bn || !param.kind.is_batch_norm(),
             noisy: variance[i].is_some(),
+            scalar_variance: options.noise == Noise::FisherTrace,
         };
         let mut inputs = vec![params[i], momentum, param_grads[i]];
         inputs.extend(Hyper::ALL.iter().map(|h| hyper[h]));

@@ -39,13 +39,16 @@ const TOLERANCE: f64 = 1e-9;
 fn optimised_steps_compute_what_the_unoptimised_ones_do() {
     for (name, spec) in models() {
         let batch = if name == "vgg16" { 2 } else { 4 };
-        let variants = FisherMode::ALL
-            .map(StepOptions::new)
-            .into_iter()
-            .chain([StepOptions {
+        let variants = FisherMode::ALL.map(StepOptions::new).into_iter().chain([
+            StepOptions {
                 noise: Noise::Multiplicative,
                 ..StepOptions::new(FisherMode::None)
-            }]);
+            },
+            StepOptions {
+                noise: Noise::FisherTrace,
+                ..StepOptions::new(FisherMode::Exact)
+            },
+        ]);
         for options in variants {
             let net = build(&spec, &BuildOptions::train(batch)).unwrap();
             let step = build_training_step(net, &options).unwrap();

@@ -206,6 +206,10 @@ fn small_models_step_on_the_kernel_executor() {
             noise: Noise::Multiplicative,
             ..Case::small("small_cnn", FisherMode::None, fused)
         });
+        executor_step_matches_the_reference(Case {
+            noise: Noise::FisherTrace,
+            ..Case::small("small_cnn", FisherMode::Exact, fused)
+        });
     }
 }
 

@@ -153,7 +153,7 @@ fn regimes_become_phases() {
 
     assert_eq!(phases(&synthetic("sb", &[]).train).unwrap()[0].batch, 20);
     assert_eq!(phases(&synthetic("lb", &[]).train).unwrap()[0].batch, 40);
-    let missing = phases(&synthetic("fisher-trace", &[]).train).unwrap_err();
+    let missing = phases(&synthetic("full-fisher-true", &[]).train).unwrap_err();
     assert!(missing.contains("not implemented yet"), "{missing}");
     let e = synthetic("multiplicative", &["train.noise_until=0.5"]);
     assert_eq!(e.train.regime, Regime::Multiplicative);
@@ -164,6 +164,22 @@ fn regimes_become_phases() {
     );
     assert!(p[0].noise_scale > 0.0);
     assert_eq!((p[1].noise_scale, p[1].epochs.clone()), (0.0, 2..4));
+
+    let e = synthetic("fisher-trace", &["train.fisher=\"a2g2\""]);
+    let p = phases(&e.train).unwrap();
+    assert_eq!(
+        (p[0].fisher, p[0].noise, p[0].epochs.clone()),
+        (FisherMode::A2g2, Noise::FisherTrace, 0..1)
+    );
+    let refused = Experiment::parse(
+        &synthetic("fisher-trace", &[]).to_toml(),
+        &["train.fisher=\"none\"".into()],
+    )
+    .unwrap_err();
+    assert!(
+        refused.contains("fisher-trace needs exact or a2g2"),
+        "{refused}"
+    );
 }
 
 #[test]
@@ -242,11 +258,21 @@ fn batch_change_switches_programs_at_its_epoch_and_noise_stops_at_its_fraction()
     }
 }
 
+/// The variance a regime's noise should have per element, from the step's outputs.
+#[derive(Clone, Copy, PartialEq)]
+enum Variance {
+    /// F̂ of the element.
+    Fisher,
+    /// g² of the element.
+    GradientSquared,
+    /// Σ F̂ over every element of every parameter, over their number.
+    FisherTrace,
+}
+
 /// One small_cnn step from the same state and batch with noise scale s and without: the
-/// parameters differ by −lr·ε. With `variance` the variance the noise should have per element
-/// (read from the noisy step's outputs), returns ε/(s·√variance) over every element with a
-/// variance: standard normal draws if the noise is what it should be.
-fn standardised_noise(options: StepOptions, variance: Output) -> Vec<f64> {
+/// parameters differ by −lr·ε. Returns ε/(s·√variance) over every element with a variance:
+/// standard normal draws if the noise is what it should be.
+fn standardised_noise(options: StepOptions, variance: Variance) -> Vec<f64> {
     let path = root().join("models/small_cnn.toml");
     let build_options = BuildOptions {
         input: Some([1, 12, 12]),
@@ -278,28 +304,34 @@ fn standardised_noise(options: StepOptions, variance: Output) -> Vec<f64> {
             .feed(&state.feeds(images.clone(), labels.clone(), &hyper))
             .unwrap();
         session.step().unwrap();
-        let variances: Vec<_> = (0..net.params.len())
-            .map(|i| {
-                let name = match variance {
-                    Output::Fisher(_) => Output::Fisher(i),
-                    _ => Output::Grad(i),
-                };
-                session.output(&name).unwrap().into_float()
-            })
-            .collect();
+        let read = |session: &mut Session<ReferenceBackend>, name: fn(usize) -> Output| {
+            (0..net.params.len())
+                .map(|i| {
+                    let t = session.output(&name(i)).unwrap().into_float();
+                    t.data.iter().map(|&v| v as f64).collect::<Vec<f64>>()
+                })
+                .collect::<Vec<_>>()
+        };
+        let variances: Vec<Vec<f64>> = match variance {
+            Variance::Fisher => read(&mut session, Output::Fisher),
+            Variance::GradientSquared => read(&mut session, Output::Grad)
+                .iter()
+                .map(|g| g.iter().map(|v| v * v).collect())
+                .collect(),
+            Variance::FisherTrace => {
+                let fisher = read(&mut session, Output::Fisher);
+                let count: usize = fisher.iter().map(Vec::len).sum();
+                let mean = fisher.iter().flatten().sum::<f64>() / count as f64;
+                fisher.iter().map(|f| vec![mean; f.len()]).collect()
+            }
+        };
         (session.state().unwrap().params, variances)
     };
     let (noisy, variances) = after(s);
     let (plain, _) = after(0.0);
-    let squared = !matches!(variance, Output::Fisher(_));
     let mut xi = Vec::new();
     for ((a, b), v) in plain.iter().zip(&noisy).zip(&variances) {
-        for ((pa, pb), v) in a.data.iter().zip(&b.data).zip(&v.data) {
-            let var = if squared {
-                (*v as f64).powi(2)
-            } else {
-                *v as f64
-            };
+        for ((pa, pb), &var) in a.data.iter().zip(&b.data).zip(v) {
             if var > 1e-12 {
                 xi.push(((pa - pb) as f64) / (lr as f64 * s as f64 * var.sqrt()));
             }
@@ -322,7 +354,7 @@ fn assert_standard_normal(xi: &[f64], what: &str) {
 #[test]
 fn the_diagonal_fisher_noise_has_the_fisher_as_its_covariance() {
     // ε = s·√F̂ ⊙ ξ
-    let xi = standardised_noise(StepOptions::new(FisherMode::Exact), Output::Fisher(0));
+    let xi = standardised_noise(StepOptions::new(FisherMode::Exact), Variance::Fisher);
     assert_standard_normal(&xi, "diagonal Fisher");
 }
 
@@ -333,8 +365,19 @@ fn multiplicative_noise_scales_each_gradient_element() {
         noise: Noise::Multiplicative,
         ..StepOptions::new(FisherMode::None)
     };
-    let xi = standardised_noise(options, Output::Grad(0));
+    let xi = standardised_noise(options, Variance::GradientSquared);
     assert_standard_normal(&xi, "multiplicative");
+}
+
+#[test]
+fn fisher_trace_noise_spreads_the_trace_over_every_element() {
+    // ε = s·√(Tr F̂ / D)·ξ: one deviation for every element of every parameter
+    let options = StepOptions {
+        noise: Noise::FisherTrace,
+        ..StepOptions::new(FisherMode::Exact)
+    };
+    let xi = standardised_noise(options, Variance::FisherTrace);
+    assert_standard_normal(&xi, "fisher-trace");
 }
 
 #[test]

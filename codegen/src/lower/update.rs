@@ -49,7 +49,11 @@ pub fn lower(cx: &Cx) -> Lowered {
         k.assign(d, g);
         if update.noisy {
             let xi = normal(k, i, param, [seed_lo, seed_hi], [step_lo, step_hi]);
-            let fisher = k.load(ins[U::FISHER], i);
+            let fisher = if update.scalar_variance {
+                k.load(ins[U::FISHER], 0u32)
+            } else {
+                k.load(ins[U::FISHER], i)
+            };
             let root = k.sqrt(fisher);
             let amplitude = k.mul(s, root);
             let eps = k.mul(amplitude, xi);

@@ -1,7 +1,8 @@
 //! The noisy SGD update of one parameter tensor:
 //!
 //! ```text
-//! ε = s·√F̂ ⊙ ξ        (ξ from philox.rs, keyed by seed, step and the parameter index)
+//! ε = s·√F̂ ⊙ ξ        (ξ from philox.rs, keyed by seed, step and the parameter index;
+//!                      F̂ one value for every element where `scalar_variance`)
 //! v ← μ·v + (g + ε + wd·θ)
 //! θ ← θ − lr·v
 //! ```
@@ -24,6 +25,10 @@ pub struct NoisySgdUpdate {
     pub decay: bool,
     /// Whether Fisher noise is added (then F̂ is the last input).
     pub noisy: bool,
+    /// Whether F̂ is one variance `[1]` for every element (fisher-trace noise) rather than
+    /// one per element.
+    #[serde(default)]
+    pub scalar_variance: bool,
 }
 
 /// Input positions (the kernel lowering reads the same ones).
@@ -63,7 +68,13 @@ impl OpDef for NoisySgdUpdate {
         }
         expect_type(inputs[Self::SEED], &TensorType::scalar(DType::U64), "seed")?;
         expect_type(inputs[Self::STEP], &TensorType::scalar(DType::U64), "step")?;
-        if self.noisy {
+        if self.noisy && self.scalar_variance {
+            expect_type(
+                inputs[Self::FISHER],
+                &TensorType::f32(&[1]),
+                "noise variance",
+            )?;
+        } else if self.noisy {
             expect_type(inputs[Self::FISHER], theta, "Fisher estimate")?;
         }
         Ok(vec![theta.clone(), theta.clone()])
@@ -101,7 +112,8 @@ impl OpDef for NoisySgdUpdate {
         for i in 0..theta.numel() {
             let mut d = g.data[i];
             if let Some((fisher, xi)) = &noise {
-                d = d + (s * fisher.data[i].sqrt()) * T::from_f32(xi[i]);
+                let variance = fisher.data[if self.scalar_variance { 0 } else { i }];
+                d = d + (s * variance.sqrt()) * T::from_f32(xi[i]);
             }
             if self.decay {
                 d = d + wd * theta.data[i];

@@ -216,8 +216,13 @@ impl Experiment {
         if t.regime == Regime::BatchChange && t.change_epoch.is_none_or(|e| e > t.epochs) {
             return Err("train.change_epoch: batch-change needs the epoch to change at, within train.epochs".into());
         }
-        if t.regime == Regime::LbDiagf && t.fisher == Some(FisherMode::None) {
-            return Err("train.fisher: lb-diagf needs exact or a2g2".into());
+        let takes_fisher = match t.regime {
+            Regime::LbDiagf => Some("lb-diagf"),
+            Regime::FisherTrace => Some("fisher-trace"),
+            _ => None,
+        };
+        if let Some(regime) = takes_fisher.filter(|_| t.fisher == Some(FisherMode::None)) {
+            return Err(format!("train.fisher: {regime} needs exact or a2g2"));
         }
         if self.data.set == DataSet::Synthetic && self.data.synthetic.is_none() {
             return Err(

@@ -40,13 +40,15 @@ pub fn phases(t: &TrainConfig) -> Result<Vec<Phase>, String> {
     let phases = match t.regime {
         Regime::Sb => vec![plain(t.small_batch, all, t.lr)],
         Regime::Lb => vec![plain(t.batch, all, t.lr)],
-        Regime::LbDiagf | Regime::Multiplicative => {
+        Regime::LbDiagf | Regime::Multiplicative | Regime::FisherTrace => {
             let noisy_epochs = (t.noise_until * t.epochs as f64).round() as usize;
             let scale = t
                 .noise_scale
                 .unwrap_or_else(|| default_noise_scale(t.small_batch, t.batch));
+            let estimate = t.fisher.unwrap_or(FisherMode::Exact);
             let (fisher, noise) = match t.regime {
-                Regime::LbDiagf => (t.fisher.unwrap_or(FisherMode::Exact), Noise::DiagonalFisher),
+                Regime::LbDiagf => (estimate, Noise::DiagonalFisher),
+                Regime::FisherTrace => (estimate, Noise::FisherTrace),
                 _ => (FisherMode::None, Noise::Multiplicative),
             };
             vec![
@@ -71,7 +73,7 @@ pub fn phases(t: &TrainConfig) -> Result<Vec<Phase>, String> {
         other => {
             return Err(format!(
                 "regime {other:?} is not implemented yet: it needs new update ops in the step graph \
-                 (issue #6); implemented: sb, lb, lb-diagf, batch-change, multiplicative"
+                 (issue #6); implemented: sb, lb, lb-diagf, batch-change, multiplicative, fisher-trace"
             ));
         }
     };
