@@ -275,7 +275,6 @@ impl Graph {
         counts
     }
 
-    /// Floating-point operations of one evaluation, per phase.
     /// The floating-point operations node `n`'s op does.
     pub fn node_flops(&self, n: NodeIndex) -> u64 {
         let inputs = self.inputs(n);
@@ -283,6 +282,7 @@ impl Graph {
         self.graph[n].op.flops(&input_types, &self.graph[n].outputs)
     }
 
+    /// Floating-point operations of one evaluation, per phase.
     pub fn flops_by_phase(&self) -> BTreeMap<Phase, u64> {
         let mut by_phase = BTreeMap::new();
         for n in self.graph.node_indices() {
