@@ -70,6 +70,17 @@ pub struct TrainState<T> {
 }
 
 impl<T: Real> TrainState<T> {
+    /// The same state in another float type (every tensor cast).
+    pub fn cast<U: Real>(&self) -> TrainState<U> {
+        let all = |list: &[Tensor<T>]| list.iter().map(Tensor::cast).collect();
+        TrainState {
+            params: all(&self.params),
+            momenta: all(&self.momenta),
+            running_means: all(&self.running_means),
+            running_vars: all(&self.running_vars),
+        }
+    }
+
     /// Fresh state: He-normal weights (std √(2/fan_in), fan_in = all but the first axis),
     /// zero biases and β, unit γ, zero momenta, running mean 0 and variance 1.
     pub fn init(network: &Network, seed: u64) -> Self {

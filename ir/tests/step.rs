@@ -308,12 +308,7 @@ fn f32_and_f64_steps_agree() {
     let step = step(network("resnet20", 4, [3, 16, 16], None), FisherMode::Exact);
     let net = &step.network;
     let wide = busy_state::<f64>(net, 35);
-    let narrow = TrainState::<f32> {
-        params: wide.params.iter().map(Tensor::cast).collect(),
-        momenta: wide.momenta.iter().map(Tensor::cast).collect(),
-        running_means: wide.running_means.iter().map(Tensor::cast).collect(),
-        running_vars: wide.running_vars.iter().map(Tensor::cast).collect(),
-    };
+    let narrow = wide.cast::<f32>();
     let hyper = noisy_hyper();
     let (a, b) = (
         run(&step, &narrow, &hyper, 35),

@@ -223,11 +223,7 @@ pub fn compare_steps<A: Backend, B: Backend>(
     for step in 0..steps {
         let state = b.state()?;
         a.feed(&state.state_feeds())?;
-        let (images, labels) = batch(&a.network, seed, step);
-        let hyper = Hyperparams {
-            step,
-            ..hyper.clone()
-        };
+        let (images, labels, hyper) = step_inputs(&a.network, seed, step, hyper);
         let exact = oracle
             .map(|graph| oracle_step(graph, &a.network, &state, &images, &labels, &hyper))
             .transpose()?;
@@ -261,11 +257,7 @@ pub fn compare_steps<A: Backend, B: Backend>(
     a.feed(&initial)?;
     b.feed(&initial)?;
     for step in 0..steps {
-        let (images, labels) = batch(&a.network, seed, step);
-        let hyper = Hyperparams {
-            step,
-            ..hyper.clone()
-        };
+        let (images, labels, hyper) = step_inputs(&a.network, seed, step, hyper);
         step_both(a, b, &images, &labels, &hyper)?;
     }
     for ((name, x), (_, y)) in quantities(a)?.into_iter().zip(quantities(b)?) {
@@ -279,9 +271,20 @@ pub fn compare_steps<A: Backend, B: Backend>(
     Ok(rows)
 }
 
-/// Step `step`'s batch.
-fn batch(net: &Network, seed: u64, step: u64) -> (Tensor<f32>, Tensor<i32>) {
-    random_batch::<f32>(net.batch, net.input, net.classes, seed.wrapping_add(step))
+/// Step `step`'s batch and hyper-parameters.
+fn step_inputs(
+    net: &Network,
+    seed: u64,
+    step: u64,
+    hyper: &Hyperparams,
+) -> (Tensor<f32>, Tensor<i32>, Hyperparams) {
+    let (images, labels) =
+        random_batch::<f32>(net.batch, net.input, net.classes, seed.wrapping_add(step));
+    let hyper = Hyperparams {
+        step,
+        ..hyper.clone()
+    };
+    (images, labels, hyper)
 }
 
 /// One step on both sessions with the same batch; the two losses.
@@ -340,13 +343,9 @@ fn oracle_step(
     labels: &Tensor<i32>,
     hyper: &Hyperparams,
 ) -> Result<Quantities, RuntimeError> {
-    let widened = TrainState::<f64> {
-        params: state.params.iter().map(Tensor::cast).collect(),
-        momenta: state.momenta.iter().map(Tensor::cast).collect(),
-        running_means: state.running_means.iter().map(Tensor::cast).collect(),
-        running_vars: state.running_vars.iter().map(Tensor::cast).collect(),
-    };
-    let feeds = widened.feeds(images.cast(), labels.clone(), hyper);
+    let feeds = state
+        .cast::<f64>()
+        .feeds(images.cast(), labels.clone(), hyper);
     let out = evaluate(graph, &feeds, &[])
         .map_err(|e| RuntimeError::Setup(format!("the f64 oracle step: {e}")))?;
     let list = |name: fn(usize) -> Output, count: usize| -> Vec<Vec<f64>> {
