@@ -8,7 +8,7 @@ use fisherc_codegen::compile::{CompileOptions, compile};
 use fisherc_codegen::kir::Kernel;
 use fisherc_codegen::{ptx, ptxas};
 use fisherc_ir::model::{BuildOptions, load};
-use fisherc_ir::{FisherMode, Noise, StepOptions, build_training_step};
+use fisherc_ir::{StepOptions, build_training_step};
 
 const MODELS: [&str; 4] = ["resnet20", "resnet44", "resnet44x2", "vgg16"];
 
@@ -17,18 +17,7 @@ fn all_kernels() -> BTreeMap<String, Kernel> {
     let mut kernels = BTreeMap::new();
     for model in MODELS {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../models/{model}.toml"));
-        // every Fisher mode with diagonal-Fisher noise, and the other noises
-        let variants = FisherMode::ALL.map(StepOptions::new).into_iter().chain([
-            StepOptions {
-                noise: Noise::Multiplicative,
-                ..StepOptions::new(FisherMode::None)
-            },
-            StepOptions {
-                noise: Noise::FisherTrace,
-                ..StepOptions::new(FisherMode::Exact)
-            },
-        ]);
-        for options in variants {
+        for options in StepOptions::all() {
             let network = load(&path, &BuildOptions::train(4096)).unwrap();
             let step = build_training_step(network, &options).unwrap();
             for fused in [true, false] {

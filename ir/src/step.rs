@@ -114,6 +114,21 @@ impl StepOptions {
             noise: Noise::DiagonalFisher,
         }
     }
+
+    /// Every kind of step: each Fisher mode with diagonal-Fisher noise, multiplicative noise
+    /// (no Fisher) and fisher-trace noise (exact Fisher). For tests that must cover them all.
+    pub fn all() -> Vec<StepOptions> {
+        let mut all = FisherMode::ALL.map(StepOptions::new).to_vec();
+        all.push(StepOptions {
+            noise: Noise::Multiplicative,
+            ..StepOptions::new(FisherMode::None)
+        });
+        all.push(StepOptions {
+            noise: Noise::FisherTrace,
+            ..StepOptions::new(FisherMode::Exact)
+        });
+        all
+    }
 }
 
 /// One training step as a graph, with the network it trains.

@@ -13,7 +13,7 @@ use fisherc_ir::optimize::cost::H100;
 use fisherc_ir::optimize::{Limits, optimize, optimize_with};
 use fisherc_ir::state::{Hyperparams, TrainState};
 use fisherc_ir::synthetic::random_batch;
-use fisherc_ir::{FisherMode, Noise, StepOptions, build_training_step};
+use fisherc_ir::{FisherMode, StepOptions, build_training_step};
 
 fn models() -> Vec<(String, ModelSpec)> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models");
@@ -39,17 +39,7 @@ const TOLERANCE: f64 = 1e-9;
 fn optimised_steps_compute_what_the_unoptimised_ones_do() {
     for (name, spec) in models() {
         let batch = if name == "vgg16" { 2 } else { 4 };
-        let variants = FisherMode::ALL.map(StepOptions::new).into_iter().chain([
-            StepOptions {
-                noise: Noise::Multiplicative,
-                ..StepOptions::new(FisherMode::None)
-            },
-            StepOptions {
-                noise: Noise::FisherTrace,
-                ..StepOptions::new(FisherMode::Exact)
-            },
-        ]);
-        for options in variants {
+        for options in StepOptions::all() {
             let net = build(&spec, &BuildOptions::train(batch)).unwrap();
             let step = build_training_step(net, &options).unwrap();
             let mode = format!("{} {} noise", options.fisher, options.noise);
