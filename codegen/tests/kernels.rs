@@ -277,6 +277,25 @@ fn loss_kernels() {
     }
 }
 
+#[test]
+fn full_fisher_samples_draw_the_cpu_signs_and_labels() {
+    let mut r = rng(10);
+    let word = fisherc_ir::tensor::Value::<f32>::Word;
+    for (n, classes, seed, step) in [
+        (5, 10, 1, 0),
+        (300, 7, 42 + (1 << 40), 3),
+        (2, 100, 9, 1 << 33),
+    ] {
+        let logits = uniform(&mut r, &[n, classes], -4.0, 4.0);
+        let y = labels(&mut r, n, classes);
+        for kind in [FisherKind::Empirical, FisherKind::True] {
+            // a wrong sign or label is an error of the whole row, far above the bound
+            let inputs = [logits.clone(), y.clone(), word(seed), word(step)];
+            check(FullFisherSample { kind }, &inputs, 1e-5);
+        }
+    }
+}
+
 fn scalar(v: f32) -> fisherc_ir::tensor::Value<f32> {
     fisherc_ir::tensor::Value::Float(fisherc_ir::tensor::Tensor::scalar(v))
 }
@@ -285,12 +304,13 @@ fn scalar(v: f32) -> fisherc_ir::tensor::Value<f32> {
 fn noisy_update_kernel_matches_the_formula() {
     let mut r = rng(9);
     let cases = [
-        (13, true, true, false),
-        (1000, true, false, false),
-        (7, false, true, false),
-        (300, true, true, true),
+        (13, UpdateNoise::Diagonal, true),
+        (1000, UpdateNoise::Diagonal, false),
+        (7, UpdateNoise::None, true),
+        (300, UpdateNoise::Scalar, true),
+        (301, UpdateNoise::Vector, true),
     ];
-    for (n, noisy, decay, scalar_variance) in cases {
+    for (n, noise, decay) in cases {
         let mut inputs = vec![
             random(&mut r, &[n]),
             random(&mut r, &[n]),
@@ -301,16 +321,17 @@ fn noisy_update_kernel_matches_the_formula() {
             fisherc_ir::tensor::Value::Word(42 + (1 << 40)),
             fisherc_ir::tensor::Value::Word(3),
         ]);
-        if noisy {
-            let shape = if scalar_variance { 1 } else { n };
-            inputs.push(uniform(&mut r, &[shape], 0.0, 2.0));
+        match noise {
+            UpdateNoise::None => {}
+            UpdateNoise::Scalar => inputs.push(uniform(&mut r, &[1], 0.0, 2.0)),
+            UpdateNoise::Diagonal => inputs.push(uniform(&mut r, &[n], 0.0, 2.0)),
+            UpdateNoise::Vector => inputs.push(random(&mut r, &[n])),
         }
         check(
             NoisySgdUpdate {
                 param: 7,
                 decay,
-                noisy,
-                scalar_variance,
+                noise,
             },
             &inputs,
             ELEMENTWISE,
@@ -341,8 +362,7 @@ fn kernel_noise_is_bit_identical_to_the_cpu_stream() {
         &NoisySgdUpdate {
             param,
             decay: false,
-            noisy: true,
-            scalar_variance: false,
+            noise: UpdateNoise::Diagonal,
         }
         .into(),
         &inputs,

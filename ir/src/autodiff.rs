@@ -3,7 +3,7 @@
 //! Walks the nodes that lie between the requested inputs and the seeded outputs in reverse
 //! topological order, calling each op's `vjp` rule (defined with the op in `ops/`) and summing
 //! the gradients of values that have several readers. The backward nodes are added to the same
-//! graph, tagged [`Phase::Backward`] and named after the layer they differentiate.
+//! graph, tagged [`Phase::Backward`] (or the phase the caller names) and named after the layer they differentiate.
 
 use std::collections::{HashMap, HashSet};
 
@@ -34,9 +34,20 @@ pub fn backward(
     seeds: &[(PortRef, PortRef)],
     wrt: &[PortRef],
 ) -> Result<Gradients, ShapeError> {
+    backward_in(Phase::Backward, graph, seeds, wrt)
+}
+
+/// [`backward`] with its nodes tagged `phase`: a second backward pass (full-Fisher noise)
+/// belongs to the Fisher phase.
+pub fn backward_in(
+    phase: Phase,
+    graph: &mut Graph,
+    seeds: &[(PortRef, PortRef)],
+    wrt: &[PortRef],
+) -> Result<Gradients, ShapeError> {
     let order = graph.topo_order();
     let active = active_nodes(graph, &order, seeds, wrt);
-    graph.set_phase(Phase::Backward);
+    graph.set_phase(phase);
 
     let mut pending: HashMap<PortRef, Vec<PortRef>> = HashMap::new();
     for &(value, grad) in seeds {

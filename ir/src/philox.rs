@@ -137,6 +137,30 @@ pub fn normal_block(seed: u64, step: u64, param: u32, block: u32) -> [f32; 4] {
     [n0, n1, n2, n3]
 }
 
+/// The counter word of the sampling stream: the full-Fisher noises' Rademacher signs and
+/// Gumbel draws (`ops::FullFisherSample`). Parameter indices, the update's stream words, never
+/// reach it.
+pub const SAMPLE_STREAM: u32 = u32::MAX;
+
+/// Philox word `i` of `stream` at `step`: lane `i % 4` of block `i / 4`, the layout of
+/// [`fill_normal`]. Streams are limited to 2³⁴ words.
+pub fn word(seed: u64, step: u64, stream: u32, i: u64) -> u32 {
+    let block = u32::try_from(i / 4).expect("a stream has at most 2³⁴ words");
+    let counter = [block, stream, step as u32, (step >> 32) as u32];
+    philox4x32_10(counter, [seed as u32, (seed >> 32) as u32])[(i % 4) as usize]
+}
+
+/// A Rademacher sign from a word: −1 when its top bit is set, else +1.
+pub fn rademacher(x: u32) -> f32 {
+    if x >> 31 == 1 { -1.0 } else { 1.0 }
+}
+
+/// A standard Gumbel draw `−ln(−ln u)` from a word (`u` its [`uniform`]). Both logarithms
+/// take normal positive arguments: `u ≤ 1 − 2⁻²⁴`, so `−ln u ≥ 5.9e-8`.
+pub fn gumbel(x: u32) -> f32 {
+    -ln(-ln(uniform(x)))
+}
+
 /// Fills `out` with the noise ξ of parameter `param` at `step`: element i is lane i % 4 of
 /// block i / 4. Parameters are limited to 2³⁴ elements.
 pub fn fill_normal(seed: u64, step: u64, param: u32, out: &mut [f32]) {
@@ -241,6 +265,35 @@ mod tests {
         assert_ne!(base, normal_block(1, 2, 4, 4), "parameter");
         assert_ne!(base, normal_block(1, 2, 3, 5), "block");
         assert_eq!(base, normal_block(1, 2, 3, 4), "deterministic");
+    }
+
+    #[test]
+    fn words_follow_the_lane_layout_of_the_normals() {
+        let key = [5, 0];
+        for i in [0u64, 3, 4, 9, 4 * 1000 + 2] {
+            let block = philox4x32_10([(i / 4) as u32, SAMPLE_STREAM, 6, 0], key);
+            assert_eq!(word(5, 6, SAMPLE_STREAM, i), block[(i % 4) as usize]);
+        }
+    }
+
+    #[test]
+    fn rademacher_signs_are_balanced_and_gumbel_draws_have_their_moments() {
+        let n = 200_000u64;
+        let words: Vec<u32> = (0..n).map(|i| word(3, 1, SAMPLE_STREAM, i)).collect();
+        let sign_sum: f64 = words.iter().map(|&x| rademacher(x) as f64).sum();
+        assert!(
+            sign_sum.abs() < 4.0 * (n as f64).sqrt(),
+            "sum of signs {sign_sum}"
+        );
+        // Gumbel(0, 1): mean γ (Euler–Mascheroni), variance π²/6
+        let g: Vec<f64> = words.iter().map(|&x| gumbel(x) as f64).collect();
+        let mean = g.iter().sum::<f64>() / n as f64;
+        let var = g.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n as f64;
+        assert!((mean - 0.577_215_66).abs() < 0.01, "mean {mean}");
+        let pi2_6 = std::f64::consts::PI.powi(2) / 6.0;
+        assert!((var - pi2_6).abs() < 0.03, "variance {var}");
+        // the extremes stay finite: u = 2⁻²⁴ and u = 1 − 2⁻²⁴
+        assert!(gumbel(0).is_finite() && gumbel(u32::MAX).is_finite());
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! ```text
 //! forward ─ logits ─ softmax cross-entropy ─ loss
 //!    backward (autodiff, seeded with dL = 1) ─ gradient of every parameter
-//!    Fisher (each parameter-consuming op's Fisher rule) ─ F̂ of every parameter
+//!    Fisher (each parameter-consuming op's Fisher rule) ─ F̂ of every parameter, or the noise
+//!      the update draws from: g², Tr F̂ / D, or a full-Fisher draw (a second backward pass)
 //!    update: noisy SGD per parameter; running statistics of every batch norm
 //! ```
 //!
@@ -25,8 +26,8 @@ use crate::graph::{Graph, Output, Phase, PortRef};
 use crate::model::{Mode, Network};
 use crate::ops::{Add, ChannelSum, Reshape, Scale};
 use crate::ops::{
-    BnRunningUpdate, Constant, FisherCtx, FloatAttr, Hyper, Input, NoisySgdUpdate, Op, Role,
-    SoftmaxCrossEntropy, Square, VjpCtx,
+    BnRunningUpdate, Constant, FisherCtx, FisherKind, FloatAttr, FullFisherSample, Hyper, Input,
+    NoisySgdUpdate, Op, OpDef, Role, SoftmaxCrossEntropy, Square, UpdateNoise, VjpCtx,
 };
 use crate::tensor::{DType, TensorType};
 
@@ -57,6 +58,50 @@ pub enum Noise {
     /// total variance as the diagonal-Fisher noise (supplement A.8's "Fisher trace", the
     /// trace over the whole model spread evenly over its D elements). Needs a Fisher estimate.
     FisherTrace,
+    /// `ε = s·e` with `e = (1/√M) Σₙ σₙ ∇ℓₙ`, σₙ = ±1 Rademacher: covariance s² times the full
+    /// empirical Fisher `(1/M) Σₙ ∇ℓₙ ∇ℓₙᵀ` (supplement A.9). One more backward pass, from
+    /// the logits with signed loss weights; no diagonal Fisher.
+    FullFisherEmpirical,
+    /// `ε = s·e` with `e = (1/√M) Σₙ ∇ℓₙ(ỹₙ)`, ỹₙ drawn from the model's predictive
+    /// distribution: covariance s² times the full true Fisher (supplement A.9). One more
+    /// backward pass at the sampled labels; no diagonal Fisher.
+    FullFisherTrue,
+}
+
+impl Noise {
+    /// Whether this noise is drawn from a diagonal Fisher estimate, so needs one (exact or
+    /// a2g2); the others take none.
+    pub fn needs_fisher(self) -> bool {
+        matches!(self, Noise::DiagonalFisher | Noise::FisherTrace)
+    }
+
+    /// Whether a step with this noise and Fisher estimate adds noise at all (diagonal-Fisher
+    /// noise without an estimate is plain SGD).
+    pub fn is_drawn(self, fisher: FisherMode) -> bool {
+        !self.needs_fisher() || fisher != FisherMode::None
+    }
+
+    pub const ALL: [Noise; 5] = [
+        Noise::DiagonalFisher,
+        Noise::Multiplicative,
+        Noise::FisherTrace,
+        Noise::FullFisherEmpirical,
+        Noise::FullFisherTrue,
+    ];
+}
+
+impl FromStr for Noise {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Noise::ALL
+            .into_iter()
+            .find(|n| n.to_string() == s)
+            .ok_or_else(|| {
+                let names: Vec<String> = Noise::ALL.iter().map(Noise::to_string).collect();
+                format!("unknown noise '{s}' (expected {})", names.join(", "))
+            })
+    }
 }
 
 impl fmt::Display for Noise {
@@ -65,6 +110,8 @@ impl fmt::Display for Noise {
             Noise::DiagonalFisher => "diagonal-fisher",
             Noise::Multiplicative => "multiplicative",
             Noise::FisherTrace => "fisher-trace",
+            Noise::FullFisherEmpirical => "full-fisher-empirical",
+            Noise::FullFisherTrue => "full-fisher-true",
         })
     }
 }
@@ -115,18 +162,25 @@ impl StepOptions {
         }
     }
 
-    /// Every kind of step: each Fisher mode with diagonal-Fisher noise, multiplicative noise
-    /// (no Fisher) and fisher-trace noise (exact Fisher). For tests that must cover them all.
+    /// A step with `noise`, and the Fisher estimate it needs (exact) or none.
+    pub fn with_noise(noise: Noise) -> Self {
+        let fisher = if noise.needs_fisher() {
+            FisherMode::Exact
+        } else {
+            FisherMode::None
+        };
+        StepOptions {
+            noise,
+            ..StepOptions::new(fisher)
+        }
+    }
+
+    /// Every kind of step: each Fisher mode with diagonal-Fisher noise, then every other noise
+    /// with the estimate it needs. For tests that must cover them all.
     pub fn all() -> Vec<StepOptions> {
         let mut all = FisherMode::ALL.map(StepOptions::new).to_vec();
-        all.push(StepOptions {
-            noise: Noise::Multiplicative,
-            ..StepOptions::new(FisherMode::None)
-        });
-        all.push(StepOptions {
-            noise: Noise::FisherTrace,
-            ..StepOptions::new(FisherMode::Exact)
-        });
+        let others = Noise::ALL.into_iter().skip(1);
+        all.extend(others.map(StepOptions::with_noise));
         all
     }
 }
@@ -179,6 +233,34 @@ fn mean_fisher(
     graph.add1(Scale { factor }, "fisher_trace", &[total])
 }
 
+/// One draw of full-Fisher noise per parameter: a second backward pass from the logits, seeded
+/// with [`FullFisherSample`]'s weighted logit gradient (keyed by the step's seed and step).
+fn full_fisher_vectors(
+    graph: &mut Graph,
+    network: &Network,
+    labels: PortRef,
+    [seed, step]: [PortRef; 2],
+    kind: FisherKind,
+) -> Result<Vec<PortRef>, ShapeError> {
+    let logits = network.logits;
+    let sample = FullFisherSample { kind };
+    let dlogits = graph.add1(sample, "loss", &[logits, labels, seed, step])?;
+    let params: Vec<PortRef> = network
+        .params
+        .iter()
+        .map(|p| PortRef::new(p.node, 0))
+        .collect();
+    let grads = autodiff::backward_in(Phase::Fisher, graph, &[(logits, dlogits)], &params)?;
+    let vectors = params.iter().zip(&network.params).map(|(&p, param)| {
+        grads.of(p).ok_or_else(|| ShapeError {
+            layer: param.layer.clone(),
+            op: FullFisherSample::NAME,
+            message: format!("parameter '{}' does not affect the logits", param.name),
+        })
+    });
+    vectors.collect()
+}
+
 /// Builds forward, loss, backward, Fisher and update of a training-mode network.
 pub fn build_training_step(
     network: Network,
@@ -227,18 +309,14 @@ pub fn build_training_step(
     let has_fisher = options.fisher != FisherMode::None;
     let mismatch = match options.noise {
         Noise::DiagonalFisher => None,
-        Noise::Multiplicative => {
-            has_fisher.then_some("multiplicative noise takes no Fisher estimate (fisher none)")
-        }
-        Noise::FisherTrace => {
-            (!has_fisher).then_some("fisher-trace noise needs a Fisher estimate (exact or a2g2)")
-        }
+        Noise::FisherTrace => (!has_fisher).then_some("needs a Fisher estimate (exact or a2g2)"),
+        _ => has_fisher.then_some("takes no diagonal Fisher estimate (fisher none)"),
     };
     if let Some(message) = mismatch {
         return Err(ShapeError {
             layer: network.name.clone(),
             op: "training_step",
-            message: message.to_string(),
+            message: format!("{} noise {message}", options.noise),
         });
     }
     let fisher = match options.fisher {
@@ -252,26 +330,37 @@ pub fn build_training_step(
         }
     };
 
-    // the variance the update's noise is drawn with, per parameter
-    let variance: Vec<Option<PortRef>> = match options.noise {
-        Noise::DiagonalFisher => fisher.clone(),
+    graph.set_phase(Phase::Update);
+    let hyper = hyper_inputs(&mut graph);
+    // what the update's noise is drawn from, per parameter: a variance or a noise vector
+    graph.set_phase(Phase::Fisher);
+    let (update_noise, noise_inputs): (UpdateNoise, Vec<Option<PortRef>>) = match options.noise {
+        Noise::DiagonalFisher if has_fisher => (UpdateNoise::Diagonal, fisher.clone()),
+        Noise::DiagonalFisher => (UpdateNoise::None, fisher.clone()),
         Noise::Multiplicative => {
-            graph.set_phase(Phase::Fisher);
             let squares = param_grads
                 .iter()
                 .zip(&network.params)
                 .map(|(&g, param)| graph.add1(Square, &param.name, &[g]).map(Some));
-            squares.collect::<Result<_, _>>()?
+            (UpdateNoise::Diagonal, squares.collect::<Result<_, _>>()?)
         }
         Noise::FisherTrace => {
-            graph.set_phase(Phase::Fisher);
             let mean = mean_fisher(&mut graph, &network, &fisher)?;
-            vec![Some(mean); params.len()]
+            (UpdateNoise::Scalar, vec![Some(mean); params.len()])
+        }
+        Noise::FullFisherEmpirical | Noise::FullFisherTrue => {
+            let kind = if options.noise == Noise::FullFisherTrue {
+                FisherKind::True
+            } else {
+                FisherKind::Empirical
+            };
+            let seeds = [hyper[&Hyper::Seed], hyper[&Hyper::Step]];
+            let vectors = full_fisher_vectors(&mut graph, &network, labels, seeds, kind)?;
+            (UpdateNoise::Vector, vectors.into_iter().map(Some).collect())
         }
     };
 
     graph.set_phase(Phase::Update);
-    let hyper = hyper_inputs(&mut graph);
     for (i, param) in network.params.iter().enumerate() {
         let momentum = input(
             &mut graph,
@@ -282,12 +371,11 @@ pub fn build_training_step(
         let update = NoisySgdUpdate {
             param: i as u32,
             decay: options.decay_bn || !param.kind.is_batch_norm(),
-            noisy: variance[i].is_some(),
-            scalar_variance: options.noise == Noise::FisherTrace,
+            noise: update_noise,
         };
         let mut inputs = vec![params[i], momentum, param_grads[i]];
         inputs.extend(Hyper::ALL.iter().map(|h| hyper[h]));
-        inputs.extend(variance[i]);
+        inputs.extend(noise_inputs[i]);
         let node = graph.add(update, &param.name, &inputs)?;
         graph.set_output(Output::NewParam(i), PortRef::new(node, 0));
         graph.set_output(Output::NewMomentum(i), PortRef::new(node, 1));

@@ -202,14 +202,14 @@ fn small_models_step_on_the_kernel_executor() {
         }
     }
     for fused in [true, false] {
-        executor_step_matches_the_reference(Case {
-            noise: Noise::Multiplicative,
-            ..Case::small("small_cnn", FisherMode::None, fused)
-        });
-        executor_step_matches_the_reference(Case {
-            noise: Noise::FisherTrace,
-            ..Case::small("small_cnn", FisherMode::Exact, fused)
-        });
+        for options in StepOptions::all() {
+            if options.noise != Noise::DiagonalFisher {
+                executor_step_matches_the_reference(Case {
+                    noise: options.noise,
+                    ..Case::small("small_cnn", options.fisher, fused)
+                });
+            }
+        }
     }
 }
 

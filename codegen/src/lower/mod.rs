@@ -13,6 +13,7 @@ mod loss;
 mod norm;
 mod pool;
 mod reduce;
+mod rng;
 mod update;
 
 use fisherc_ir::ops::Op;
@@ -113,7 +114,9 @@ pub fn lower(op: &Op, inputs: &[&TensorType], outputs: &[TensorType]) -> Result<
         | Op::LinearWgrad(_)
         | Op::LinearWgradPerExample(_)
         | Op::LinearWgradSq(_) => linear::lower(&cx),
-        Op::SoftmaxCrossEntropy(_) | Op::SoftmaxCrossEntropyBackward(_) => loss::lower(&cx),
+        Op::SoftmaxCrossEntropy(_)
+        | Op::SoftmaxCrossEntropyBackward(_)
+        | Op::FullFisherSample(_) => loss::lower(&cx),
         Op::NoisySgdUpdate(_) => update::lower(&cx),
     })
 }

@@ -37,11 +37,11 @@ pub use fused_bn::{BnBackwardReduceSq, BnRelu, ChannelSumSq, ReluBackwardBnReduc
 pub use fused_conv::{FusedConv, FusedDgrad, FusedWgrad, LinearWgradSq};
 pub use input::{Hyper, Input, Role};
 pub use linear::{Linear, LinearDgrad, LinearWgrad, LinearWgradPerExample};
-pub use loss::{SoftmaxCrossEntropy, SoftmaxCrossEntropyBackward};
+pub use loss::{FisherKind, FullFisherSample, SoftmaxCrossEntropy, SoftmaxCrossEntropyBackward};
 pub use pool::{GlobalAvgPool, GlobalAvgPoolBackward, MaxPool, MaxPoolBackward};
 pub use reduce::{BatchMean, ChannelSum, ChannelSumPerExample};
 pub use shape::{Reshape, ShortcutA, ShortcutABackward};
-pub use update::NoisySgdUpdate;
+pub use update::{NoisySgdUpdate, UpdateNoise};
 
 use crate::error::ShapeError;
 use crate::graph::{Graph, PortRef};
@@ -173,6 +173,7 @@ define_ops!(
     Square,
     Scale,
     BatchMean,
+    FullFisherSample,
     // update
     NoisySgdUpdate,
     // fused forms the optimizer produces

@@ -2,33 +2,44 @@
 //!
 //! ```text
 //! ε = s·√F̂ ⊙ ξ        (ξ from philox.rs, keyed by seed, step and the parameter index;
-//!                      F̂ one value for every element where `scalar_variance`)
+//!                      F̂ one value for every element with `UpdateNoise::Scalar`)
+//!   or ε = s·e         (`UpdateNoise::Vector`: a noise vector e drawn by the step graph)
 //! v ← μ·v + (g + ε + wd·θ)
 //! θ ← θ − lr·v
 //! ```
 //!
-//! Evaluated in exactly this order, one rounding per operation: `(s·√F̂)·ξ`, then `g + ε`, then
-//! `+ wd·θ` (when the parameter decays), then `μ·v + d`, then `θ − lr·v`. In f32 that is what
-//! the GPU kernel computes bit for bit.
+//! Evaluated in exactly this order, one rounding per operation: `(s·√F̂)·ξ` (or `s·e`), then
+//! `g + ε`, then `+ wd·θ` (when the parameter decays), then `μ·v + d`, then `θ − lr·v`. In f32
+//! that is what the GPU kernel computes bit for bit.
 
 use super::{OpDef, expect_arity, expect_type};
 use crate::philox;
 use crate::tensor::{DType, Real, Tensor, TensorType, Value};
 use serde::{Deserialize, Serialize};
 
-/// Inputs: θ, v, g, lr, μ, wd, s, seed, step, and F̂ when `noisy`. Outputs: θ', v'.
+/// Which noise the update adds, and so what its last input is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpdateNoise {
+    /// None: plain momentum SGD, no last input.
+    None,
+    /// `s·√F̂ ⊙ ξ` with one variance per element (F̂ shaped as θ).
+    Diagonal,
+    /// `s·√v·ξ` with one variance `v` (`[1]`) for every element (fisher-trace noise).
+    Scalar,
+    /// `s·e` with a noise vector `e` shaped as θ, drawn by the step graph (full-Fisher noise).
+    Vector,
+}
+
+/// Inputs: θ, v, g, lr, μ, wd, s, seed, step, then the noise input unless the noise is
+/// `None`. Outputs: θ', v'.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct NoisySgdUpdate {
     /// The parameter's index: the noise stream's counter word.
     pub param: u32,
     /// Whether weight decay applies to this parameter.
     pub decay: bool,
-    /// Whether Fisher noise is added (then F̂ is the last input).
-    pub noisy: bool,
-    /// Whether F̂ is one variance `[1]` for every element (fisher-trace noise) rather than
-    /// one per element.
-    #[serde(default)]
-    pub scalar_variance: bool,
+    pub noise: UpdateNoise,
 }
 
 /// Input positions (the kernel lowering reads the same ones).
@@ -42,19 +53,15 @@ impl NoisySgdUpdate {
     pub const NOISE_SCALE: usize = 6;
     pub const SEED: usize = 7;
     pub const STEP: usize = 8;
-    /// Only when `noisy`.
-    pub const FISHER: usize = 9;
+    /// The noise input: F̂, the scalar variance or the noise vector (absent without noise).
+    pub const NOISE: usize = 9;
 }
 
 impl OpDef for NoisySgdUpdate {
     const NAME: &'static str = "noisy_sgd_update";
 
     fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
-        let arity = if self.noisy {
-            Self::FISHER + 1
-        } else {
-            Self::FISHER
-        };
+        let arity = Self::NOISE + (self.noise != UpdateNoise::None) as usize;
         expect_arity(inputs, arity)?;
         let theta = inputs[Self::THETA];
         if theta.dtype != DType::F32 {
@@ -68,14 +75,15 @@ impl OpDef for NoisySgdUpdate {
         }
         expect_type(inputs[Self::SEED], &TensorType::scalar(DType::U64), "seed")?;
         expect_type(inputs[Self::STEP], &TensorType::scalar(DType::U64), "step")?;
-        if self.noisy && self.scalar_variance {
-            expect_type(
-                inputs[Self::FISHER],
+        match self.noise {
+            UpdateNoise::None => {}
+            UpdateNoise::Diagonal => expect_type(inputs[Self::NOISE], theta, "Fisher estimate")?,
+            UpdateNoise::Scalar => expect_type(
+                inputs[Self::NOISE],
                 &TensorType::f32(&[1]),
                 "noise variance",
-            )?;
-        } else if self.noisy {
-            expect_type(inputs[Self::FISHER], theta, "Fisher estimate")?;
+            )?,
+            UpdateNoise::Vector => expect_type(inputs[Self::NOISE], theta, "noise vector")?,
         }
         Ok(vec![theta.clone(), theta.clone()])
     }
@@ -97,23 +105,27 @@ impl OpDef for NoisySgdUpdate {
             scalar(Self::WEIGHT_DECAY),
             scalar(Self::NOISE_SCALE),
         );
-        let noise = self.noisy.then(|| {
-            let mut xi = vec![0.0f32; theta.numel()];
-            philox::fill_normal(
-                inputs[Self::SEED].word(),
-                inputs[Self::STEP].word(),
-                self.param,
-                &mut xi,
-            );
-            (inputs[Self::FISHER].float(), xi)
-        });
+        let drawn = matches!(self.noise, UpdateNoise::Diagonal | UpdateNoise::Scalar);
+        let mut xi = vec![0.0f32; if drawn { theta.numel() } else { 0 }];
+        philox::fill_normal(
+            inputs[Self::SEED].word(),
+            inputs[Self::STEP].word(),
+            self.param,
+            &mut xi,
+        );
+        let noise_input = inputs.get(Self::NOISE).map(|v| &v.float().data);
+        let epsilon = |i: usize| match (self.noise, noise_input) {
+            (UpdateNoise::Diagonal, Some(f)) => Some((s * f[i].sqrt()) * T::from_f32(xi[i])),
+            (UpdateNoise::Scalar, Some(f)) => Some((s * f[0].sqrt()) * T::from_f32(xi[i])),
+            (UpdateNoise::Vector, Some(e)) => Some(s * e[i]),
+            _ => None,
+        };
         let mut new_theta = Vec::with_capacity(theta.numel());
         let mut new_v = Vec::with_capacity(theta.numel());
         for i in 0..theta.numel() {
             let mut d = g.data[i];
-            if let Some((fisher, xi)) = &noise {
-                let variance = fisher.data[if self.scalar_variance { 0 } else { i }];
-                d = d + (s * variance.sqrt()) * T::from_f32(xi[i]);
+            if let Some(eps) = epsilon(i) {
+                d = d + eps;
             }
             if self.decay {
                 d = d + wd * theta.data[i];
@@ -128,10 +140,15 @@ impl OpDef for NoisySgdUpdate {
         ])
     }
 
-    /// 4 per element for momentum SGD, 2 for decay; the noise costs about 20 more (Philox's
-    /// multiplies and Box–Muller's polynomials, shared by 4 and 2 elements).
+    /// 4 per element for momentum SGD, 2 for decay; drawn noise costs about 20 more (Philox's
+    /// multiplies and Box–Muller's polynomials, shared by 4 and 2 elements), a noise vector 2.
     fn flops(&self, inputs: &[&TensorType], _: &[TensorType]) -> u64 {
-        let per_element = 4 + 2 * self.decay as u64 + 24 * self.noisy as u64;
+        let noise = match self.noise {
+            UpdateNoise::None => 0,
+            UpdateNoise::Diagonal | UpdateNoise::Scalar => 24,
+            UpdateNoise::Vector => 2,
+        };
+        let per_element = 4 + 2 * self.decay as u64 + noise;
         per_element * inputs[0].numel() as u64
     }
 }
