@@ -2,7 +2,8 @@
 # Issue #5's GPU check, one command for the device machine. Builds nothing: it runs the binary
 # scripts/build-cuda.sh left in .gpu/ (carry that folder).
 #
-#   1. correctness: resnet20 and resnet44 at batch 32, exact Fisher, fused and unfused:
+#   1. correctness: resnet20 and resnet44 at batch 32, exact Fisher (CHECK_KINDS: Fisher modes
+#      or noises, e.g. "exact full-fisher-true"), fused and unfused:
 #      `fisherc check --backend cuda --steps 3`: every kernel node by node against the CPU
 #      reference ops on the GPU's own inputs (bounds: 1e-4 elementwise, 1e-3 reductions and
 #      convolutions), then 3 noisy steps against the CPU reference (1e-3).
@@ -13,7 +14,7 @@
 # Every command runs under a time limit. $OUT (default /tmp/gpu-check) gets three files:
 # machine.txt, log.txt (every command's output) and summary.txt, the table printed last.
 # Usage: scripts/gpu-check.sh [--quick]   (--quick: fused exact timings only)
-# RUNS="model:fisher:variant ..." picks the timed configurations; CHECK_MODELS= (set, empty)
+# RUNS="model:kind:variant ..." picks the timed configurations (kind: a Fisher mode or a noise); CHECK_MODELS= (set, empty)
 # skips the checks, RUN_MODELS= the timings.
 # A dry run on a CPU machine: BACKEND=executor CHECK_MODELS=small_cnn RUN_MODELS=small_cnn \
 #   CHECK_BATCH=4 RUN_BATCH=8 FISHERC=target/release/fisherc scripts/gpu-check.sh --quick
@@ -25,6 +26,7 @@ F=${FISHERC:-.gpu/fisherc}
 BACKEND=${BACKEND:-cuda}
 CHECK_MODELS=${CHECK_MODELS-resnet20 resnet44}
 RUN_MODELS=${RUN_MODELS-resnet44 vgg16}
+CHECK_KINDS=${CHECK_KINDS:-exact}
 CHECK_BATCH=${CHECK_BATCH:-32}
 RUN_BATCH=${RUN_BATCH:-4096}
 LIMIT_CHECK=${LIMIT_CHECK:-150}
@@ -53,25 +55,28 @@ logged() {
   printf '%s\n\n' "$text" >>"$LOG"
 }
 
-compile() { # model batch fisher variant -> artifact dir on stdout
-  local dir="$ART/$1_b$2_$3_$4" flag=""
+compile() { # model batch kind variant -> artifact dir on stdout (kind: a Fisher mode or a noise)
+  local dir="$ART/$1_b$2_$3_$4" flag="" kind="--noise"
   [ "$4" = unfused ] && flag=--unfused
-  logged 120 "$F" compile "models/$1.toml" --batch "$2" --fisher "$3" $flag --arch sm_90 -o "$dir"
+  case $3 in none|exact|a2g2) kind="--fisher";; esac
+  logged 120 "$F" compile "models/$1.toml" --batch "$2" "$kind" "$3" $flag --arch sm_90 -o "$dir"
   [ $status = 0 ] && echo "$dir"
 }
 
 verdict() { case $status in 0) echo "${1:-ok}";; 124) echo TIMEOUT;; *) echo "FAIL: $(tail -1 <<<"$text" | cut -c1-70)";; esac; }
 
 for model in $CHECK_MODELS; do
+  for kind in $CHECK_KINDS; do
   for variant in fused unfused; do
-    name="check $model b$CHECK_BATCH exact $variant"
-    if dir=$(compile "$model" "$CHECK_BATCH" exact "$variant"); then
+    name="check $model b$CHECK_BATCH $kind $variant"
+    if dir=$(compile "$model" "$CHECK_BATCH" "$kind" "$variant"); then
       logged "$LIMIT_CHECK" "$F" check "$dir" --backend "$BACKEND" --steps 3
       worst=$(awk '/^[a-z_0-9]+ +[0-9]+ +[0-9.e+-]+ +[0-9.e+-]+ +[0-9]+ +[0-9]+$/ { if ($3+0 > w) w = $3+0 } END { printf "%.1e", w }' <<<"$text")
-      row "$(printf '%-36s %s (worst kernel error %s)' "$name" "$(verdict PASS)" "$worst")"
+      row "$(printf '%-48s %s (worst kernel error %s)' "$name" "$(verdict PASS)" "$worst")"
     else
-      row "$(printf '%-36s compile failed (see log)' "$name")"
+      row "$(printf '%-48s compile failed (see log)' "$name")"
     fi
+  done
   done
 done
 
@@ -90,9 +95,9 @@ for config in $configs; do
   if dir=$(compile "$model" "$RUN_BATCH" "$fisher" "$variant"); then
     logged "$LIMIT_RUN" "$F" run "$dir" --backend "$BACKEND" $graph --steps "$STEPS" --warmup "$WARMUP" --profile
     median=$(awk '/^median step/ { print $3 " ms, " $8 " images/s" }' <<<"$text")
-    row "$(printf '%-36s %s %s' "$name" "$(verdict)" "$median")"
+    row "$(printf '%-48s %s %s' "$name" "$(verdict)" "$median")"
   else
-    row "$(printf '%-36s compile failed (see log)' "$name")"
+    row "$(printf '%-48s compile failed (see log)' "$name")"
   fi
 done
 rm -rf "$ART"

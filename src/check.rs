@@ -8,7 +8,6 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use fisherc_codegen::artifact::Artifact;
-use fisherc_ir::FisherMode;
 use fisherc_ir::state::TrainState;
 use fisherc_ir::synthetic::random_batch;
 use fisherc_runtime::Session;
@@ -63,15 +62,15 @@ pub fn run(args: &Args) -> Result<()> {
     let mut session = Session::new(&artifact, backend)?;
     writeln!(
         out,
-        "{} · batch {} · fisher {} · {} · on {}",
+        "{} · batch {} · {} · {} · on {}",
         source.model,
         source.batch,
-        source.fisher,
+        source.noise.describe(source.fisher),
         if source.fused { "fused" } else { "unfused" },
         session.backend.describe()
     )?;
     let net = &session.network;
-    let noise_scale = check_noise_scale(&args.hyper, source.fisher);
+    let noise_scale = check_noise_scale(&args.hyper, source.noise.is_drawn(source.fisher));
     let (images, labels) = random_batch::<f32>(net.batch, net.input, net.classes, args.seed);
     let state = TrainState::<f32>::init(net, args.seed);
     session.feed(&state.feeds(images, labels, &args.hyper.at(noise_scale, args.seed, 0)))?;
@@ -185,11 +184,11 @@ pub fn run(args: &Args) -> Result<()> {
     Ok(())
 }
 
-/// `--noise-scale` if given, else 0.5 with a Fisher: the paper's default is 0 at batches
-/// under 128, and the noise must be exercised to be checked.
-fn check_noise_scale(hyper: &HyperArgs, fisher: FisherMode) -> f32 {
-    match fisher {
-        FisherMode::None => 0.0,
-        _ => hyper.noise_scale.unwrap_or(0.5),
+/// `--noise-scale` if given, else 0.5 for a step that draws noise: the paper's default is 0 at
+/// batches under 128, and the noise must be exercised to be checked.
+fn check_noise_scale(hyper: &HyperArgs, drawn: bool) -> f32 {
+    match drawn {
+        false => 0.0,
+        true => hyper.noise_scale.unwrap_or(0.5),
     }
 }

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use fisherc_codegen::artifact::{Artifact, PLAN_FILE, PTX_FILE, Source, bytes, summary};
 use fisherc_codegen::compile::{CompileOptions, compile};
+use fisherc_ir::Noise;
 
 use crate::model_args::ModelArgs;
 
@@ -23,7 +24,7 @@ pub struct Args {
     #[arg(long, default_value = "sm_90", value_parser = ["sm_80", "sm_90"])]
     pub arch: String,
 
-    /// Output directory [default: compiled/MODEL_b<BATCH>_<FISHER>[_unfused]].
+    /// Output directory [default: compiled/MODEL_b<BATCH>_<FISHER>[_<NOISE>][_unfused]].
     #[arg(short, long)]
     pub out: Option<PathBuf>,
 }
@@ -56,9 +57,14 @@ fn default_dir(args: &Args) -> PathBuf {
         .model
         .file_stem()
         .map_or("model".into(), |s| s.to_string_lossy());
+    let options = args.model.step_options();
+    let noise = match options.noise {
+        Noise::DiagonalFisher => String::new(),
+        other => format!("_{other}"),
+    };
     let variant = if args.unfused { "_unfused" } else { "" };
     PathBuf::from("compiled").join(format!(
-        "{stem}_b{}_{}{variant}",
-        args.model.batch, args.model.fisher
+        "{stem}_b{}_{}{noise}{variant}",
+        args.model.batch, options.fisher
     ))
 }

@@ -1,6 +1,5 @@
 //! Command-line hyper-parameters of the noisy update, shared by every command that trains.
 
-use fisherc_ir::FisherMode;
 use fisherc_ir::state::{Hyperparams, default_noise_scale};
 
 #[derive(clap::Args, Debug)]
@@ -14,7 +13,7 @@ pub struct HyperArgs {
     #[arg(long, default_value_t = 5e-4)]
     pub weight_decay: f32,
 
-    /// Noise scale s [default: sqrt(1/small_batch - 1/batch); 0 without Fisher].
+    /// Noise scale s [default: sqrt(1/small_batch - 1/batch); 0 for a step without noise].
     #[arg(long)]
     pub noise_scale: Option<f32>,
 
@@ -24,11 +23,11 @@ pub struct HyperArgs {
 }
 
 impl HyperArgs {
-    /// The noise scale for a step with this Fisher mode and batch.
-    pub fn noise_scale(&self, fisher: FisherMode, batch: usize) -> f32 {
-        match fisher {
-            FisherMode::None => 0.0,
-            _ => self
+    /// The noise scale for a step at this batch that draws noise (`drawn`) or not.
+    pub fn noise_scale(&self, drawn: bool, batch: usize) -> f32 {
+        match drawn {
+            false => 0.0,
+            true => self
                 .noise_scale
                 .unwrap_or_else(|| default_noise_scale(self.small_batch, batch)),
         }

@@ -79,6 +79,7 @@ struct Report {
     classes: usize,
     shortcut: Option<String>,
     fisher: String,
+    noise: String,
     params: usize,
     flops_per_step: u64,
     flops: BTreeMap<&'static str, u64>,
@@ -114,6 +115,7 @@ impl Report {
             classes: net.classes,
             shortcut: net.shortcut.map(|s| format!("{s:?}")),
             fisher: step.fisher.to_string(),
+            noise: step.noise.to_string(),
             params: net.param_count(),
             flops_per_step: flops.values().sum(),
             flops,
@@ -136,11 +138,12 @@ impl Report {
         let [c, h, w] = self.input;
         writeln!(
             out,
-            "batch {}, input {c}×{h}×{w}, {} classes, shortcut {}, fisher {}\n",
+            "batch {}, input {c}×{h}×{w}, {} classes, shortcut {}, fisher {}, {} noise\n",
             self.batch,
             self.classes,
             self.shortcut.as_deref().unwrap_or("-"),
-            self.fisher
+            self.fisher,
+            self.noise
         )?;
         let width = self
             .layers

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 use fisherc_ir::model::{self, BuildOptions, Mode, Network, Shortcut};
-use fisherc_ir::{FisherMode, StepOptions, TrainingStep, build_training_step};
+use fisherc_ir::{FisherMode, Noise, StepOptions, TrainingStep, build_training_step};
 
 #[derive(Args, Debug)]
 pub struct ModelArgs {
@@ -24,9 +24,15 @@ pub struct ModelArgs {
     #[arg(long, value_parser = |s: &str| s.parse::<Shortcut>())]
     pub shortcut: Option<Shortcut>,
 
-    /// Diagonal Fisher estimate for the noise: none, exact or a2g2.
-    #[arg(long, default_value = "exact", value_parser = |s: &str| s.parse::<FisherMode>())]
-    pub fisher: FisherMode,
+    /// Diagonal Fisher estimate for the noise: none, exact or a2g2 [default: exact for the
+    /// noises drawn from one, else none].
+    #[arg(long, value_parser = |s: &str| s.parse::<FisherMode>())]
+    pub fisher: Option<FisherMode>,
+
+    /// The update's noise: diagonal-fisher, multiplicative, fisher-trace,
+    /// full-fisher-empirical or full-fisher-true.
+    #[arg(long, default_value = "diagonal-fisher", value_parser = |s: &str| s.parse::<Noise>())]
+    pub noise: Noise,
 }
 
 impl ModelArgs {
@@ -41,12 +47,20 @@ impl ModelArgs {
         Ok(model::load(&self.model, &options)?)
     }
 
+    /// The step kind: `--noise` with `--fisher` or the estimate it needs by default.
+    pub fn step_options(&self) -> StepOptions {
+        StepOptions {
+            noise: self.noise,
+            ..StepOptions::new(
+                self.fisher
+                    .unwrap_or(StepOptions::with_noise(self.noise).fisher),
+            )
+        }
+    }
+
     pub fn training_step(&self) -> Result<TrainingStep> {
         let network = self.network(Mode::Train)?;
-        Ok(build_training_step(
-            network,
-            &StepOptions::new(self.fisher),
-        )?)
+        Ok(build_training_step(network, &self.step_options())?)
     }
 }
 

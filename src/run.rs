@@ -60,14 +60,16 @@ pub fn run(args: &Args) -> Result<()> {
         anyhow::ensure!(session.backend.capture()?, "--graph needs the cuda backend");
     }
     let net = &session.network;
-    let noise_scale = args.hyper.noise_scale(source.fisher, source.batch);
+    let noise_scale = args
+        .hyper
+        .noise_scale(source.noise.is_drawn(source.fisher), source.batch);
     let mut out = io::stdout().lock();
     writeln!(
         out,
-        "{} · batch {} · fisher {} · {} · noise scale {noise_scale:.5} · on {}{}",
+        "{} · batch {} · {} · {} · noise scale {noise_scale:.5} · on {}{}",
         source.model,
         source.batch,
-        source.fisher,
+        source.noise.describe(source.fisher),
         if source.fused { "fused" } else { "unfused" },
         session.backend.describe(),
         if args.graph { " (CUDA graph)" } else { "" }

@@ -45,15 +45,17 @@ pub fn run(args: &Args) -> Result<()> {
     let net = &step.network;
     let build_time = started.elapsed();
 
-    let noise_scale = args.hyper.noise_scale(step.fisher, net.batch);
+    let noise_scale = args
+        .hyper
+        .noise_scale(step.noise.is_drawn(step.fisher), net.batch);
     let mut out = io::stdout().lock();
     writeln!(
         out,
-        "{}: batch {}, {} parameters, fisher {}, noise scale {noise_scale:.5}, {} threads; built in {:.3} s",
+        "{}: batch {}, {} parameters, {}, noise scale {noise_scale:.5}, {} threads; built in {:.3} s",
         net.name,
         net.batch,
         net.param_count(),
-        step.fisher,
+        step.noise.describe(step.fisher),
         rayon::current_num_threads(),
         build_time.as_secs_f64()
     )?;

@@ -98,6 +98,39 @@ fn a_malformed_model_file_is_reported_with_its_line() {
 }
 
 #[test]
+fn inspect_shows_the_second_backward_pass_of_full_fisher_noise() {
+    let plain = inspect_json(&["models/resnet20.toml", "--batch", "16", "--fisher", "none"]);
+    for noise in ["full-fisher-empirical", "full-fisher-true"] {
+        let full = inspect_json(&["models/resnet20.toml", "--batch", "16", "--noise", noise]);
+        assert_eq!(full["fisher"], "none", "no diagonal estimate by default");
+        assert_eq!(full["noise"], noise);
+        assert_eq!(full["ops"]["full_fisher_sample"], 1);
+        // every weight gradient twice: the loss's and the noise draw's
+        let wgrads = plain["ops"]["conv_wgrad"].as_u64().unwrap();
+        assert_eq!(
+            full["ops"]["conv_wgrad"].as_u64(),
+            Some(2 * wgrads),
+            "{noise}"
+        );
+        assert!(full["flops"]["fisher"].as_u64() > Some(0));
+    }
+    let refused = fisherc(&[
+        "inspect",
+        "models/resnet20.toml",
+        "--noise",
+        "full-fisher-true",
+        "--fisher",
+        "exact",
+    ]);
+    assert!(!refused.status.success());
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(message.contains("takes no diagonal Fisher"), "{message}");
+    let unknown = fisherc(&["inspect", "models/mlp.toml", "--noise", "full"]);
+    let message = String::from_utf8_lossy(&unknown.stderr);
+    assert!(message.contains("full-fisher-empirical"), "{message}");
+}
+
+#[test]
 fn step_runs_and_reports_loss_and_time() {
     let text = stdout(&fisherc(&[
         "step",

@@ -137,10 +137,22 @@ pub fn normal_block(seed: u64, step: u64, param: u32, block: u32) -> [f32; 4] {
     [n0, n1, n2, n3]
 }
 
-/// The counter word of the sampling stream: the full-Fisher noises' Rademacher signs and
-/// Gumbel draws (`ops::FullFisherSample`). Parameter indices, the update's stream words, never
-/// reach it.
-pub const SAMPLE_STREAM: u32 = u32::MAX;
+/// The Philox counter words ("streams") of every draw that is not a parameter's noise (whose
+/// stream word is the parameter's index, counting up from 0): one list, so no two kinds of
+/// draw share a stream.
+pub mod stream {
+    /// `synthetic::random_batch`: images and labels.
+    pub const RANDOM_IMAGES: u32 = u32::MAX;
+    pub const RANDOM_LABELS: u32 = u32::MAX - 1;
+    /// The synthetic data set: class templates and per-image noise.
+    pub const SYNTHETIC_TEMPLATES: u32 = u32::MAX - 2;
+    pub const SYNTHETIC_NOISE: u32 = u32::MAX - 3;
+    /// The data pipeline: shuffled order and augmentation.
+    pub const ORDER: u32 = u32::MAX - 4;
+    pub const AUGMENT: u32 = u32::MAX - 5;
+    /// The full-Fisher noises' Rademacher signs and Gumbel draws (`ops::FullFisherSample`).
+    pub const FULL_FISHER: u32 = u32::MAX - 6;
+}
 
 /// Philox word `i` of `stream` at `step`: lane `i % 4` of block `i / 4`, the layout of
 /// [`fill_normal`]. Streams are limited to 2³⁴ words.
@@ -271,15 +283,15 @@ mod tests {
     fn words_follow_the_lane_layout_of_the_normals() {
         let key = [5, 0];
         for i in [0u64, 3, 4, 9, 4 * 1000 + 2] {
-            let block = philox4x32_10([(i / 4) as u32, SAMPLE_STREAM, 6, 0], key);
-            assert_eq!(word(5, 6, SAMPLE_STREAM, i), block[(i % 4) as usize]);
+            let block = philox4x32_10([(i / 4) as u32, stream::FULL_FISHER, 6, 0], key);
+            assert_eq!(word(5, 6, stream::FULL_FISHER, i), block[(i % 4) as usize]);
         }
     }
 
     #[test]
     fn rademacher_signs_are_balanced_and_gumbel_draws_have_their_moments() {
         let n = 200_000u64;
-        let words: Vec<u32> = (0..n).map(|i| word(3, 1, SAMPLE_STREAM, i)).collect();
+        let words: Vec<u32> = (0..n).map(|i| word(3, 1, stream::FULL_FISHER, i)).collect();
         let sign_sum: f64 = words.iter().map(|&x| rademacher(x) as f64).sum();
         assert!(
             sign_sum.abs() < 4.0 * (n as f64).sqrt(),

@@ -81,6 +81,16 @@ impl Noise {
         !self.needs_fisher() || fisher != FisherMode::None
     }
 
+    /// The step kind in words: "fisher exact", "full-fisher-true noise", "fisher-trace noise
+    /// (fisher a2g2)".
+    pub fn describe(self, fisher: FisherMode) -> String {
+        match self {
+            Noise::DiagonalFisher => format!("fisher {fisher}"),
+            _ if self.needs_fisher() => format!("{self} noise (fisher {fisher})"),
+            _ => format!("{self} noise"),
+        }
+    }
+
     pub const ALL: [Noise; 5] = [
         Noise::DiagonalFisher,
         Noise::Multiplicative,

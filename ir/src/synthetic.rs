@@ -1,13 +1,8 @@
 //! Random batches for timing and tests: standard-normal images and uniform labels, from the
 //! Philox stream (so every platform draws the same batch for the same seed).
 
-use crate::philox;
+use crate::philox::{self, stream};
 use crate::tensor::{Real, Tensor};
-
-/// The Philox "parameter" words of the image and label streams (distinct from every real
-/// parameter index, which is far smaller).
-const IMAGE_STREAM: u32 = u32::MAX;
-const LABEL_STREAM: u32 = u32::MAX - 1;
 
 /// A batch of `batch` images of shape `input` (channels, height, width) and labels in
 /// `[0, classes)`, determined by `seed`.
@@ -19,12 +14,12 @@ pub fn random_batch<T: Real>(
 ) -> (Tensor<T>, Tensor<i32>) {
     let shape = [batch, input[0], input[1], input[2]];
     let mut pixels = vec![0.0f32; shape.iter().product()];
-    philox::fill_normal(seed, 0, IMAGE_STREAM, &mut pixels);
+    philox::fill_normal(seed, 0, stream::RANDOM_IMAGES, &mut pixels);
     let images = Tensor::from_vec(&shape, pixels.into_iter().map(T::from_f32).collect());
     let labels = (0..batch)
         .map(|n| {
             let word = philox::philox4x32_10(
-                [n as u32, LABEL_STREAM, 0, 0],
+                [n as u32, stream::RANDOM_LABELS, 0, 0],
                 [seed as u32, (seed >> 32) as u32],
             )[0];
             ((word as u64 * classes as u64) >> 32) as i32

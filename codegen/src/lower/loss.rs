@@ -3,7 +3,7 @@
 //! `ex2`/`lg2`; the sample's random draws through `rng`, bit-identical to the CPU's.
 
 use fisherc_ir::ops::{FisherKind, FullFisherSample, Op};
-use fisherc_ir::philox::SAMPLE_STREAM;
+use fisherc_ir::philox::stream;
 
 use super::common::{Cx, grid_for, input, launch, map, output};
 use super::rng::{gumbel, split, word};
@@ -98,7 +98,7 @@ fn full_fisher_sample(cx: &Cx, kind: FisherKind, rows: u64, classes: u64) -> Lau
     let step = k.load_u64(step, 0);
     let (key, step) = (split(&mut k, seed), split(&mut k, step));
     let (key, step) = ([key.0, key.1], [step.0, step.1]);
-    let stream = k.u32(SAMPLE_STREAM);
+    let stream = k.u32(stream::FULL_FISHER);
     let weight = FullFisherSample::weight(rows as usize);
     map(&mut k, rows, |k, row| {
         let base = k.idx_mul_const(row, classes);

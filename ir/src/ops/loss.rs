@@ -143,7 +143,7 @@ pub enum FisherKind {
 /// * true: ỹₙ ~ softmax(zₙ) (Gumbel-max: argmaxₖ zₙₖ + Gₙₖ), wₙ = 1; each term has mean 0 and
 ///   covariance the example's true Fisher.
 ///
-/// The randomness is the [`philox::SAMPLE_STREAM`] at (seed, step): word n gives example n's
+/// The randomness is the [`philox::stream::FULL_FISHER`] at (seed, step): word n gives example n's
 /// sign, word n·K + k class k's Gumbel draw for example n. Inputs: logits `[N, K]`, labels
 /// `[N]`, seed, step; output `[N, K]`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -179,7 +179,7 @@ impl OpDef for FullFisherSample {
     ) -> Result<Vec<Value<T>>, String> {
         let (logits, labels) = (inputs[0].float(), inputs[1].int());
         let (seed, step) = (inputs[2].word(), inputs[3].word());
-        let draw = |i: usize| philox::word(seed, step, philox::SAMPLE_STREAM, i as u64);
+        let draw = |i: usize| philox::word(seed, step, philox::stream::FULL_FISHER, i as u64);
         let (rows, classes) = (logits.shape[0], logits.shape[1]);
         let weight = T::from_f32(Self::weight(rows));
         let mut grad = softmax_checked(logits, labels)?;

@@ -7,7 +7,7 @@
 //! Every random choice comes from Philox keyed by (seed, epoch, image), so an epoch is the
 //! same whatever came before it: runs resume bit for bit.
 
-use fisherc_ir::philox::philox4x32_10;
+use fisherc_ir::philox::{philox4x32_10, stream};
 use fisherc_ir::tensor::Tensor;
 use rayon::prelude::*;
 
@@ -24,10 +24,6 @@ pub struct Augment {
     pub flip: bool,
 }
 
-/// Philox "parameter" words of the data streams (apart from parameters' and the noise's).
-const ORDER_STREAM: u32 = u32::MAX - 4;
-const AUGMENT_STREAM: u32 = u32::MAX - 5;
-
 /// The images of one epoch in order, as full batches.
 pub struct Epoch {
     pub batches: Vec<Vec<usize>>,
@@ -42,7 +38,7 @@ pub fn epoch(len: usize, batch: usize, seed: u64, epoch: u64, shuffle: bool) -> 
     if shuffle {
         for i in (1..len).rev() {
             let word = philox4x32_10(
-                [i as u32, ORDER_STREAM, epoch as u32, (epoch >> 32) as u32],
+                [i as u32, stream::ORDER, epoch as u32, (epoch >> 32) as u32],
                 key(seed),
             )[0];
             let j = ((word as u64 * (i as u64 + 1)) >> 32) as usize;
@@ -153,7 +149,12 @@ impl Pipeline {
 /// The Philox words behind image `i`'s augmentation in `epoch`.
 fn draw(seed: u64, epoch: u64, i: usize) -> [u32; 4] {
     philox4x32_10(
-        [i as u32, AUGMENT_STREAM, epoch as u32, (epoch >> 32) as u32],
+        [
+            i as u32,
+            stream::AUGMENT,
+            epoch as u32,
+            (epoch >> 32) as u32,
+        ],
         key(seed),
     )
 }

@@ -2,7 +2,7 @@
 //! an image is its class's template plus noise, all from the Philox stream (the same set on
 //! every platform for the same seed).
 
-use fisherc_ir::philox;
+use fisherc_ir::philox::{self, stream};
 
 use super::Dataset;
 
@@ -24,13 +24,18 @@ pub fn make_from(
 ) -> Dataset {
     let bytes: usize = shape.iter().product();
     let mut templates = vec![0.0f32; classes * bytes];
-    philox::fill_normal(seed, u64::MAX - 1, u32::MAX - 2, &mut templates);
+    philox::fill_normal(
+        seed,
+        u64::MAX - 1,
+        stream::SYNTHETIC_TEMPLATES,
+        &mut templates,
+    );
     let mut pixels = Vec::with_capacity(len * bytes);
     let mut labels = Vec::with_capacity(len);
     let mut draw = vec![0.0f32; bytes];
     for i in first..first + len {
         let class = i % classes;
-        philox::fill_normal(seed, i as u64, u32::MAX - 3, &mut draw);
+        philox::fill_normal(seed, i as u64, stream::SYNTHETIC_NOISE, &mut draw);
         let template = &templates[class * bytes..][..bytes];
         pixels.extend(
             template

@@ -27,7 +27,7 @@ pub struct Phase {
 }
 
 /// The phases of a run, in order, covering `0..epochs` (empty phases left out).
-pub fn phases(t: &TrainConfig) -> Result<Vec<Phase>, String> {
+pub fn phases(t: &TrainConfig) -> Vec<Phase> {
     let plain = |batch, epochs, lr| Phase {
         batch,
         fisher: FisherMode::None,
@@ -40,16 +40,27 @@ pub fn phases(t: &TrainConfig) -> Result<Vec<Phase>, String> {
     let phases = match t.regime {
         Regime::Sb => vec![plain(t.small_batch, all, t.lr)],
         Regime::Lb => vec![plain(t.batch, all, t.lr)],
-        Regime::LbDiagf | Regime::Multiplicative | Regime::FisherTrace => {
+        Regime::LbDiagf
+        | Regime::Multiplicative
+        | Regime::FisherTrace
+        | Regime::FullFisherEmpirical
+        | Regime::FullFisherTrue => {
             let noisy_epochs = (t.noise_until * t.epochs as f64).round() as usize;
             let scale = t
                 .noise_scale
                 .unwrap_or_else(|| default_noise_scale(t.small_batch, t.batch));
-            let estimate = t.fisher.unwrap_or(FisherMode::Exact);
-            let (fisher, noise) = match t.regime {
-                Regime::LbDiagf => (estimate, Noise::DiagonalFisher),
-                Regime::FisherTrace => (estimate, Noise::FisherTrace),
-                _ => (FisherMode::None, Noise::Multiplicative),
+            let noise = match t.regime {
+                Regime::LbDiagf => Noise::DiagonalFisher,
+                Regime::FisherTrace => Noise::FisherTrace,
+                Regime::Multiplicative => Noise::Multiplicative,
+                Regime::FullFisherEmpirical => Noise::FullFisherEmpirical,
+                _ => Noise::FullFisherTrue,
+            };
+            // `fisher` picks the estimate of the noises drawn from one; the others take none
+            let fisher = if noise.needs_fisher() {
+                t.fisher.unwrap_or(FisherMode::Exact)
+            } else {
+                FisherMode::None
             };
             vec![
                 Phase {
@@ -70,17 +81,11 @@ pub fn phases(t: &TrainConfig) -> Result<Vec<Phase>, String> {
                 plain(t.batch, change..t.epochs, t.lr),
             ]
         }
-        other => {
-            return Err(format!(
-                "regime {other:?} is not implemented yet: it needs new update ops in the step graph \
-                 (issue #6); implemented: sb, lb, lb-diagf, batch-change, multiplicative, fisher-trace"
-            ));
-        }
     };
-    Ok(phases
+    phases
         .into_iter()
         .filter(|p| !p.epochs.is_empty())
-        .collect())
+        .collect()
 }
 
 /// The learning-rate factor at `progress` epochs into training (fractional): linear warm-up

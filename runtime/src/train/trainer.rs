@@ -17,7 +17,7 @@ use fisherc_ir::model::{BuildOptions, ModelSpec, build};
 use fisherc_ir::ops::Role;
 use fisherc_ir::state::{Hyperparams, TrainState};
 use fisherc_ir::tensor::Value;
-use fisherc_ir::{FisherMode, Noise, StepOptions, TrainingStep, build_training_step};
+use fisherc_ir::{StepOptions, TrainingStep, build_training_step};
 
 use super::checkpoint::{self, Checkpoint};
 use super::evaluate::{Evaluator, Score};
@@ -164,7 +164,7 @@ pub fn train(
         )));
         spec.classes = train_set.classes;
     }
-    let phases = phases(t)?;
+    let phases = phases(t);
     let first = phase_step(&spec, experiment.input, &phases[0], t.decay_bn)?;
     let input = first.network.input;
     let pipeline = Pipeline::new(&train_set, input)?;
@@ -377,6 +377,5 @@ fn write_new(path: &Path, text: &str) -> Result<(), String> {
 
 /// Whether a regime phase adds noise (for reports).
 pub fn noisy(phase: &Phase) -> bool {
-    let drawn = phase.fisher != FisherMode::None || phase.noise == Noise::Multiplicative;
-    drawn && phase.noise_scale > 0.0
+    phase.noise.is_drawn(phase.fisher) && phase.noise_scale > 0.0
 }
