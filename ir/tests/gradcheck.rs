@@ -337,6 +337,7 @@ fn every_op_is_gradient_checked_or_needs_no_gradient() {
         "global_avg_pool_backward",
         "shortcut_a_backward",
         "softmax_cross_entropy_backward",
+        "full_fisher_sample",
         "conv_wgrad_per_example",
         "linear_wgrad_per_example",
         "channel_sum_per_example",
