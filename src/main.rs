@@ -8,6 +8,7 @@
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod backend_args;
+mod bench;
 mod check;
 mod compile;
 mod format;
@@ -53,6 +54,10 @@ enum Command {
     Plot(plot::Args),
     /// Run training steps on the CPU reference on random data; print loss and time.
     Step(step::Args),
+    /// Time whole steps of models × batches × Fisher modes × fused/unfused on a backend:
+    /// median, FLOP/s and bytes/s against the card's ceilings, the Fisher's overhead, per-op
+    /// breakdown; a Markdown table and JSON.
+    Bench(bench::Args),
 }
 
 fn main() {
@@ -65,6 +70,7 @@ fn main() {
         Command::Train(args) => train::run(&args),
         Command::Plot(args) => plot::run(&args),
         Command::Step(args) => step::run(&args),
+        Command::Bench(args) => bench::run(&args),
     };
     if let Err(e) = result {
         if is_broken_pipe(&e) {

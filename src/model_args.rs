@@ -64,7 +64,7 @@ impl ModelArgs {
     }
 }
 
-fn parse_input(s: &str) -> Result<[usize; 3], String> {
+pub fn parse_input(s: &str) -> Result<[usize; 3], String> {
     let dims: Vec<usize> = s
         .split(['x', 'X', ','])
         .map(|d| d.trim().parse::<usize>())

@@ -7,8 +7,10 @@ use std::io::Write;
 
 use anyhow::Result;
 use fisherc_codegen::artifact::Plan;
+use fisherc_codegen::plan::PlannedNode;
 use fisherc_ir::graph::Graph;
 use petgraph::graph::NodeIndex;
+use serde::Serialize;
 
 /// Rows in the list of slowest nodes.
 const SLOWEST: usize = 12;
@@ -44,9 +46,34 @@ impl Tally {
     }
 }
 
-/// Prints the profile of `times` (seconds per planned node) of `plan`, whose nodes are
-/// `graph`'s.
-pub fn print(out: &mut impl Write, plan: &Plan, graph: &Graph, times: &[f64]) -> Result<()> {
+/// One op's share of a profiled step (for `fisherc bench`'s JSON).
+#[derive(Clone, Debug, Serialize)]
+pub struct OpRow {
+    pub op: String,
+    pub nodes: usize,
+    pub launches: usize,
+    pub ms: f64,
+    pub percent: f64,
+    pub gflop_per_s: f64,
+    pub gb_per_s: f64,
+}
+
+/// The bytes node `node` of `plan` reads and writes, each buffer counted once.
+pub fn node_bytes(plan: &Plan, node: &PlannedNode) -> u64 {
+    node.inputs
+        .iter()
+        .chain(&node.outputs)
+        .map(|&b| plan.buffers[b].bytes)
+        .sum()
+}
+
+/// The tallies of `times` (seconds per planned node) by op, and per node, of nodes with
+/// launches.
+fn tallies<'a>(
+    plan: &'a Plan,
+    graph: &Graph,
+    times: &[f64],
+) -> (BTreeMap<&'a str, Tally>, Vec<(&'a PlannedNode, Tally)>) {
     let mut by_op: BTreeMap<&str, Tally> = BTreeMap::new();
     let mut nodes = Vec::new();
     for (node, &seconds) in plan.nodes.iter().zip(times) {
@@ -54,12 +81,7 @@ pub fn print(out: &mut impl Write, plan: &Plan, graph: &Graph, times: &[f64]) ->
             continue;
         }
         let flops = graph.node_flops(NodeIndex::new(node.graph_node));
-        let bytes: u64 = node
-            .inputs
-            .iter()
-            .chain(&node.outputs)
-            .map(|&b| plan.buffers[b].bytes)
-            .sum();
+        let bytes = node_bytes(plan, node);
         by_op
             .entry(&node.op)
             .or_default()
@@ -68,6 +90,36 @@ pub fn print(out: &mut impl Write, plan: &Plan, graph: &Graph, times: &[f64]) ->
         one.add(node.launch_count, seconds, flops, bytes);
         nodes.push((node, one));
     }
+    (by_op, nodes)
+}
+
+/// The ops of a profiled step, slowest first.
+pub fn op_rows(plan: &Plan, graph: &Graph, times: &[f64]) -> Vec<OpRow> {
+    let (by_op, _) = tallies(plan, graph, times);
+    let total: f64 = by_op.values().map(|t| t.seconds).sum();
+    let mut rows: Vec<OpRow> = by_op
+        .into_iter()
+        .map(|(op, t)| {
+            let rate = |x: u64| x as f64 / t.seconds.max(1e-12) / 1e9;
+            OpRow {
+                op: op.to_string(),
+                nodes: t.nodes,
+                launches: t.launches,
+                ms: t.seconds * 1e3,
+                percent: 100.0 * t.seconds / total.max(1e-12),
+                gflop_per_s: rate(t.flops),
+                gb_per_s: rate(t.bytes),
+            }
+        })
+        .collect();
+    rows.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+    rows
+}
+
+/// Prints the profile of `times` (seconds per planned node) of `plan`, whose nodes are
+/// `graph`'s.
+pub fn print(out: &mut impl Write, plan: &Plan, graph: &Graph, times: &[f64]) -> Result<()> {
+    let (by_op, mut nodes) = tallies(plan, graph, times);
     let total: f64 = by_op.values().map(|t| t.seconds).sum();
     writeln!(
         out,

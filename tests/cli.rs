@@ -376,3 +376,90 @@ fn train_then_plot_overlays_runs_as_svg_and_png() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("metrics.jsonl"));
 }
+
+#[test]
+fn bench_times_each_configuration_and_relates_it_to_the_plain_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let markdown = dir.path().join("bench.md");
+    let text = stdout(&fisherc(&[
+        "bench",
+        "models/mlp.toml",
+        "--batch",
+        "4,6",
+        "--fisher",
+        "none,exact",
+        "--variant",
+        "fused",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--json",
+        json.to_str().unwrap(),
+        "--markdown",
+        markdown.to_str().unwrap(),
+    ]));
+    let results: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(results.len(), 4, "2 batches × 2 Fisher modes: {text}");
+    for r in &results {
+        assert!(r["error"].is_null(), "{r}");
+        let median = r["median_ms"].as_f64().unwrap();
+        assert!(
+            median > 0.0 && median >= r["min_ms"].as_f64().unwrap(),
+            "{r}"
+        );
+        assert!(r["gflop_per_step"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["device"].as_str().unwrap().contains("cpu"), "{r}");
+        // the profiled step's ops, slowest first
+        let ops = r["ops"].as_array().unwrap();
+        assert!(ops.iter().any(|o| o["op"] == "noisy_sgd_update"), "{r}");
+        let ms: Vec<f64> = ops.iter().map(|o| o["ms"].as_f64().unwrap()).collect();
+        assert!(ms.windows(2).all(|w| w[0] >= w[1]), "{ms:?}");
+        let ratio = r["vs_plain"].as_f64().unwrap();
+        if r["fisher"] == "none" {
+            assert_eq!(ratio, 1.0);
+        } else {
+            let plain = results
+                .iter()
+                .find(|p| p["fisher"] == "none" && p["batch"] == r["batch"])
+                .unwrap();
+            let expected = median / plain["median_ms"].as_f64().unwrap();
+            assert!((ratio - expected).abs() < 1e-9, "{r}");
+        }
+    }
+    let table = std::fs::read_to_string(&markdown).unwrap();
+    assert_eq!(
+        table.lines().filter(|l| l.starts_with("| mlp |")).count(),
+        4,
+        "{table}"
+    );
+    assert!(text.contains(&table), "the table is printed too");
+
+    // a configuration that fails is a row of the table and the exit status, not a crash
+    let failed = fisherc(&[
+        "bench",
+        "models/missing.toml",
+        "models/mlp.toml",
+        "--batch",
+        "2",
+        "--fisher",
+        "none",
+        "--variant",
+        "fused",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+    ]);
+    assert!(!failed.status.success());
+    let out = String::from_utf8_lossy(&failed.stdout);
+    assert!(
+        out.contains("| missing | 2 | none | fused | failed:"),
+        "{out}"
+    );
+    assert!(out.contains("| mlp | 2 | none | fused |"), "{out}");
+    let err = String::from_utf8_lossy(&failed.stderr);
+    assert!(err.contains("1 of 2 configurations failed"), "{err}");
+}

@@ -1,0 +1,462 @@
+//! `fisherc bench MODEL...`: whole training steps of every configuration asked for (model ×
+//! batch × Fisher mode × fused/unfused) on one backend: the median step after warm-up (CUDA
+//! events and CUDA-graph replay on the GPU), images/s, achieved FLOP/s and bytes/s against
+//! the card's ceilings, the Fisher's cost over the plain step of the same model, batch and
+//! variant, and one profiled step broken down by op. Prints each configuration's slowest ops
+//! and a Markdown table last; `--json` keeps every number, rewritten after each configuration
+//! so a run cut short keeps what it measured.
+
+use std::fmt::Write as _;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use fisherc_codegen::artifact::{Artifact, Source};
+use fisherc_codegen::compile::{CompileOptions, Compiled, compile};
+use fisherc_ir::model::{self, BuildOptions};
+use fisherc_ir::ops::Role;
+use fisherc_ir::state::TrainState;
+use fisherc_ir::synthetic::random_batch;
+use fisherc_ir::tensor::Value;
+use fisherc_ir::{FisherMode, StepOptions, build_training_step};
+use fisherc_runtime::Session;
+use serde::Serialize;
+
+use crate::backend_args::{self, BackendKind};
+use crate::hyper_args::HyperArgs;
+use crate::model_args::parse_input;
+use crate::profile::{self, OpRow};
+
+/// Ops printed per configuration.
+const TOP_OPS: usize = 6;
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Variant {
+    /// The optimizer's fused graph.
+    Fused,
+    /// The step as autodiff built it (per-example gradients materialised).
+    Unfused,
+}
+
+impl Variant {
+    fn name(self) -> &'static str {
+        match self {
+            Variant::Fused => "fused",
+            Variant::Unfused => "unfused",
+        }
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Model files, e.g. models/resnet44.toml models/vgg16.toml.
+    #[arg(required = true)]
+    pub models: Vec<PathBuf>,
+
+    /// Batch sizes, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "128")]
+    pub batch: Vec<usize>,
+
+    /// Fisher modes, comma-separated: none, exact, a2g2.
+    #[arg(long, value_delimiter = ',', default_value = "none,exact,a2g2",
+          value_parser = |s: &str| s.parse::<FisherMode>())]
+    pub fisher: Vec<FisherMode>,
+
+    /// Variants, comma-separated: fused, unfused.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_enum,
+        default_value = "fused,unfused"
+    )]
+    pub variant: Vec<Variant>,
+
+    #[arg(long, value_enum, default_value = "reference")]
+    pub backend: BackendKind,
+
+    /// Override every model's input shape, as CxHxW.
+    #[arg(long, value_parser = parse_input)]
+    pub input: Option<[usize; 3]>,
+
+    /// Timed steps per configuration (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+
+    /// Untimed steps before them.
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+
+    /// Leave out the profiled step (and the per-op breakdown).
+    #[arg(long)]
+    pub no_profile: bool,
+
+    /// Write every measurement, per-op breakdowns included, as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+
+    /// Also write the Markdown table to this file.
+    #[arg(long)]
+    pub markdown: Option<PathBuf>,
+
+    /// PTX target: sm_80 or sm_90.
+    #[arg(long, default_value = "sm_90", value_parser = ["sm_80", "sm_90"])]
+    pub arch: String,
+
+    /// Seed of the initial parameters, the batch and the noise.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+
+    #[command(flatten)]
+    pub hyper: HyperArgs,
+}
+
+/// One configuration's numbers (or the error that stopped it).
+#[derive(Clone, Debug, Serialize)]
+pub struct Measurement {
+    pub model: String,
+    pub batch: usize,
+    pub fisher: FisherMode,
+    pub variant: Variant,
+    pub device: String,
+    pub compile_s: f64,
+    pub launches_per_step: usize,
+    pub median_ms: f64,
+    pub min_ms: f64,
+    pub images_per_s: f64,
+    /// The unoptimised step's FLOPs (the algorithm's work, not the kernels' recomputation).
+    pub gflop_per_step: f64,
+    pub tflop_per_s: f64,
+    /// Bytes the step's kernels read and write, each buffer once per node.
+    pub gb_per_step: f64,
+    pub gb_per_s: f64,
+    pub percent_fp32_peak: Option<f64>,
+    pub percent_tf32_peak: Option<f64>,
+    pub percent_bandwidth: Option<f64>,
+    /// This step's median over the plain (`fisher none`) step of the same model, batch and
+    /// variant, when both were measured.
+    pub vs_plain: Option<f64>,
+    pub ops: Vec<OpRow>,
+    pub error: Option<String>,
+}
+
+/// A card's published ceilings.
+#[derive(Clone, Copy, Debug)]
+struct Ceilings {
+    fp32: f64,
+    tf32: f64,
+    bandwidth: f64,
+}
+
+/// The ceilings of the device a backend describes, where fisherc knows them (data sheets:
+/// H100 SXM 67 TFLOP/s FP32, 495 TFLOP/s dense TF32, 3.35 TB/s; H200 the same compute with
+/// 4.8 TB/s). CPUs: none.
+fn ceilings(device: &str) -> Option<Ceilings> {
+    let (fp32, tf32) = (67e12, 495e12);
+    if device.contains("H200") {
+        Some(Ceilings {
+            fp32,
+            tf32,
+            bandwidth: 4.8e12,
+        })
+    } else if device.contains("H100") {
+        Some(Ceilings {
+            fp32,
+            tf32,
+            bandwidth: 3.35e12,
+        })
+    } else {
+        None
+    }
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    anyhow::ensure!(args.steps > 0, "--steps must be at least 1");
+    let mut out = io::stdout().lock();
+    let mut results: Vec<Measurement> = Vec::new();
+    for path in &args.models {
+        for &batch in &args.batch {
+            for &variant in &args.variant {
+                for &fisher in &args.fisher {
+                    let config = Config {
+                        path,
+                        batch,
+                        fisher,
+                        variant,
+                    };
+                    let measured = measure(args, &config, &mut out).unwrap_or_else(|e| {
+                        writeln!(out, "  failed: {e:#}").ok();
+                        config.failed(format!("{e:#}"))
+                    });
+                    results.push(measured);
+                    relate_to_plain(&mut results);
+                    if let Some(json) = &args.json {
+                        write_json(json, &results)?;
+                    }
+                }
+            }
+        }
+    }
+    let table = markdown(&results);
+    writeln!(out, "\n{table}")?;
+    if let Some(path) = &args.markdown {
+        std::fs::write(path, &table).with_context(|| format!("writing {}", path.display()))?;
+    }
+    let failed = results.iter().filter(|m| m.error.is_some()).count();
+    anyhow::ensure!(
+        failed == 0,
+        "{failed} of {} configurations failed (see the table)",
+        results.len()
+    );
+    Ok(())
+}
+
+struct Config<'a> {
+    path: &'a Path,
+    batch: usize,
+    fisher: FisherMode,
+    variant: Variant,
+}
+
+impl Config<'_> {
+    fn model(&self) -> String {
+        self.path
+            .file_stem()
+            .map_or("model".into(), |s| s.to_string_lossy().into_owned())
+    }
+
+    fn failed(&self, error: String) -> Measurement {
+        Measurement {
+            model: self.model(),
+            batch: self.batch,
+            fisher: self.fisher,
+            variant: self.variant,
+            device: String::new(),
+            compile_s: 0.0,
+            launches_per_step: 0,
+            median_ms: f64::NAN,
+            min_ms: f64::NAN,
+            images_per_s: f64::NAN,
+            gflop_per_step: f64::NAN,
+            tflop_per_s: f64::NAN,
+            gb_per_step: f64::NAN,
+            gb_per_s: f64::NAN,
+            percent_fp32_peak: None,
+            percent_tf32_peak: None,
+            percent_bandwidth: None,
+            vs_plain: None,
+            ops: Vec::new(),
+            error: Some(error),
+        }
+    }
+}
+
+/// Compiles, runs and times one configuration.
+fn measure(args: &Args, config: &Config<'_>, out: &mut impl Write) -> Result<Measurement> {
+    let fused = config.variant == Variant::Fused;
+    writeln!(
+        out,
+        "{} · batch {} · fisher {} · {}",
+        config.path.display(),
+        config.batch,
+        config.fisher,
+        config.variant.name()
+    )?;
+    let options = BuildOptions {
+        input: args.input,
+        ..BuildOptions::train(config.batch)
+    };
+    let network = model::load(config.path, &options)?;
+    let step = build_training_step(network, &StepOptions::new(config.fisher))?;
+    let compiled = compile(&step, CompileOptions { fused })
+        .with_context(|| format!("compiling {}", config.path.display()))?;
+    let text = std::fs::read_to_string(config.path)
+        .with_context(|| format!("reading {}", config.path.display()))?;
+    let source = Source::of(&step, config.path, text, fused, &args.arch);
+    let artifact = Artifact::new(&compiled.program, source, compiled.seconds);
+    let times = timed_steps(args, &artifact, &compiled, out)?;
+
+    let mut sorted = times.steps.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted[sorted.len() / 2];
+    let flops = step.graph.flops() as f64;
+    let plan = &artifact.plan;
+    let bytes: u64 = plan
+        .nodes
+        .iter()
+        .map(|n| profile::node_bytes(plan, n))
+        .sum();
+    let ops = times
+        .profile
+        .as_deref()
+        .map(|t| profile::op_rows(plan, &compiled.graph, t))
+        .unwrap_or_default();
+    let peaks = ceilings(&times.device);
+    let (flop_rate, byte_rate) = (flops / median, bytes as f64 / median);
+    let measured = Measurement {
+        model: config.model(),
+        batch: config.batch,
+        fisher: config.fisher,
+        variant: config.variant,
+        device: times.device,
+        compile_s: compiled.seconds,
+        launches_per_step: plan.launches.len(),
+        median_ms: median * 1e3,
+        min_ms: sorted[0] * 1e3,
+        images_per_s: config.batch as f64 / median,
+        gflop_per_step: flops / 1e9,
+        tflop_per_s: flop_rate / 1e12,
+        gb_per_step: bytes as f64 / 1e9,
+        gb_per_s: byte_rate / 1e9,
+        percent_fp32_peak: peaks.map(|c| 100.0 * flop_rate / c.fp32),
+        percent_tf32_peak: peaks.map(|c| 100.0 * flop_rate / c.tf32),
+        percent_bandwidth: peaks.map(|c| 100.0 * byte_rate / c.bandwidth),
+        vs_plain: None,
+        ops,
+        error: None,
+    };
+    print_summary(out, &measured)?;
+    Ok(measured)
+}
+
+/// What a configuration's steps gave: the device, each timed step's seconds, and one
+/// profiled step's seconds per planned node.
+struct Times {
+    device: String,
+    steps: Vec<f64>,
+    profile: Option<Vec<f64>>,
+}
+
+fn timed_steps(
+    args: &Args,
+    artifact: &Artifact,
+    compiled: &Compiled,
+    out: &mut impl Write,
+) -> Result<Times> {
+    let backend = backend_args::open(args.backend, artifact, Some(compiled))?;
+    let mut session = Session::new(artifact, backend)?;
+    if args.backend == BackendKind::Cuda {
+        session.backend.capture()?;
+    }
+    let net = &session.network;
+    let source = &artifact.plan.source;
+    let drawn = source.noise.is_drawn(source.fisher);
+    let noise_scale = args.hyper.noise_scale(drawn, source.batch);
+    let (images, labels) = random_batch::<f32>(net.batch, net.input, net.classes, args.seed);
+    session.feed(&TrainState::<f32>::init(net, args.seed).state_feeds())?;
+    let mut steps = Vec::with_capacity(args.steps);
+    for k in 0..args.warmup + args.steps {
+        let mut feeds = args.hyper.at(noise_scale, args.seed, k as u64).feeds();
+        if k == 0 {
+            feeds.insert(Role::Images, Value::Float(images.clone()));
+            feeds.insert(Role::Labels, Value::Int(labels.clone()));
+        }
+        session.feed(&feeds)?;
+        let started = Instant::now();
+        let seconds = session.step().with_context(|| format!("step {}", k + 1))?;
+        if k < args.warmup {
+            writeln!(
+                out,
+                "  warm-up step {} ({:.1} s)",
+                k + 1,
+                started.elapsed().as_secs_f64()
+            )?;
+        } else {
+            steps.push(seconds);
+        }
+    }
+    let loss = session.loss()?;
+    anyhow::ensure!(loss.is_finite(), "the loss after the steps is {loss}");
+    let profile = if args.no_profile {
+        None
+    } else {
+        Some(session.profile().context("the profiled step")?)
+    };
+    Ok(Times {
+        device: session.backend.describe(),
+        steps,
+        profile,
+    })
+}
+
+fn print_summary(out: &mut impl Write, m: &Measurement) -> Result<()> {
+    writeln!(
+        out,
+        "  median {:.3} ms (min {:.3}) · {:.0} images/s · {:.3} TFLOP/s · {:.1} GB/s · {} launches · on {}",
+        m.median_ms,
+        m.min_ms,
+        m.images_per_s,
+        m.tflop_per_s,
+        m.gb_per_s,
+        m.launches_per_step,
+        m.device
+    )?;
+    for op in m.ops.iter().take(TOP_OPS) {
+        writeln!(
+            out,
+            "    {:<30} {:>5.1}% {:>10.3} ms {:>9.1} GFLOP/s {:>8.1} GB/s",
+            op.op, op.percent, op.ms, op.gflop_per_s, op.gb_per_s
+        )?;
+    }
+    Ok(())
+}
+
+/// Fills `vs_plain` of every measurement whose plain counterpart was measured.
+fn relate_to_plain(results: &mut [Measurement]) {
+    let plain: Vec<(String, usize, Variant, f64)> = results
+        .iter()
+        .filter(|m| m.fisher == FisherMode::None && m.error.is_none())
+        .map(|m| (m.model.clone(), m.batch, m.variant, m.median_ms))
+        .collect();
+    for m in results.iter_mut().filter(|m| m.error.is_none()) {
+        m.vs_plain = plain
+            .iter()
+            .find(|(model, batch, variant, _)| {
+                *model == m.model && *batch == m.batch && *variant == m.variant
+            })
+            .map(|(.., ms)| m.median_ms / ms);
+    }
+}
+
+fn write_json(path: &Path, results: &[Measurement]) -> Result<()> {
+    let text = serde_json::to_string_pretty(results)?;
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+/// The results as a Markdown table.
+pub fn markdown(results: &[Measurement]) -> String {
+    let mut table = String::from(
+        "| model | batch | fisher | variant | median ms | images/s | TFLOP/s | % FP32 | % TF32 | GB/s | % bandwidth | × plain |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    let percent = |p: Option<f64>| p.map_or("-".to_string(), |p| format!("{p:.1}"));
+    for m in results {
+        let head = format!(
+            "| {} | {} | {} | {} |",
+            m.model,
+            m.batch,
+            m.fisher,
+            m.variant.name()
+        );
+        if let Some(error) = &m.error {
+            let first = error.lines().next().unwrap_or_default();
+            writeln!(table, "{head} failed: {first} | | | | | | | |").ok();
+            continue;
+        }
+        writeln!(
+            table,
+            "{head} {:.3} | {:.0} | {:.3} | {} | {} | {:.1} | {} | {} |",
+            m.median_ms,
+            m.images_per_s,
+            m.tflop_per_s,
+            percent(m.percent_fp32_peak),
+            percent(m.percent_tf32_peak),
+            m.gb_per_s,
+            percent(m.percent_bandwidth),
+            m.vs_plain.map_or("-".to_string(), |r| format!("{r:.2}")),
+        )
+        .ok();
+    }
+    table
+}
