@@ -387,6 +387,14 @@ const CONVS: [(usize, usize, usize, usize, usize, usize); 7] = [
     (3, 2, 1, 33, 2, 2),
 ];
 
+/// Wider ones for the forward's GEMM tiles: several column tiles (70 channels out: 64 + 6),
+/// the 32-wide tile (33), the 16-wide one with K = 17 (two full K slices and a ragged one).
+const WIDE_CONVS: [(usize, usize, usize, usize, usize, usize); 3] = [
+    (3, 1, 1, 9, 5, 70),
+    (3, 2, 1, 10, 9, 33),
+    (1, 1, 0, 20, 17, 12),
+];
+
 fn conv_out(size: usize, kernel: usize, stride: usize, padding: usize) -> usize {
     (size + 2 * padding - kernel) / stride + 1
 }
@@ -394,7 +402,7 @@ fn conv_out(size: usize, kernel: usize, stride: usize, padding: usize) -> usize 
 #[test]
 fn convolution_forward_kernels() {
     let mut r = rng(10);
-    for &(kernel, stride, padding, size, c, o) in &CONVS {
+    for &(kernel, stride, padding, size, c, o) in CONVS.iter().chain(&WIDE_CONVS) {
         let bn = bn_inputs(&mut r, &[2, c, size, size]);
         let (w, b) = (
             random(&mut r, &[o, c, kernel, kernel]),

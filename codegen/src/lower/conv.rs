@@ -1,5 +1,5 @@
-//! Convolutions, direct (no tensor cores yet): forward with the BN-apply + ReLU prologue and
-//! the BN-statistics epilogue; data gradient with the ReLU-backward mask and BN-backward
+//! Convolutions (no tensor cores yet): forward as a tiled implicit GEMM (`gemm.rs`) with the
+//! BN-apply + ReLU prologue and the BN-statistics epilogue; direct loops for the rest: data gradient with the ReLU-backward mask and BN-backward
 //! reductions (and their squares) in the epilogue; weight gradient with the prologue
 //! recomputed and, in the same pass, the Fisher squares: each thread reduces one example's
 //! positions for its weight element, then adds both the value and its square, so no
@@ -13,6 +13,7 @@ use super::common::{
     input, inv_std, launch, map, normalised, output, partials_bytes, per_plane, scratch,
     store_partials, sum_rows,
 };
+use super::gemm::{GemmShape, THREADS, Tiling, column_sums, tiled_gemm};
 use crate::builder::{F32, Idx, KernelBuilder, Pred, S32, U32, U64};
 use crate::kir::{BinOp, Cmp};
 
@@ -67,11 +68,18 @@ impl Geometry {
         self.kh * self.kw
     }
 
-    /// The input coordinate `out·stride + k − pad` and whether it lies in `0..size`.
-    fn source(&self, k: &mut KernelBuilder, out: U32, offset: u32, size: u32) -> (S32, Pred) {
-        let scaled = k.mul_u(out, self.stride);
+    /// The input coordinate `out·stride + offset − pad` (offset a register) and whether it
+    /// lies in `0..size`.
+    fn input_coordinate(
+        &self,
+        k: &mut KernelBuilder,
+        out: U32,
+        offset: U32,
+        size: u32,
+    ) -> (S32, Pred) {
+        let scaled = k.mad_u(out, self.stride, offset);
         let scaled = k.s32_from_u32(scaled);
-        let at = k.sbin(BinOp::Add, scaled, offset as i32 - self.pad as i32);
+        let at = k.sbin(BinOp::Sub, scaled, self.pad as i32);
         let inside = k.in_range_s(at, 0, size as i32);
         (at, inside)
     }
@@ -109,6 +117,11 @@ fn prologue_params(k: &mut KernelBuilder, prologue: Option<FloatAttr>) -> Option
     prologue.map(|eps| BnParams::declare(k, eps.0 as f32))
 }
 
+/// The forward convolution as an implicit GEMM per example (`gemm.rs`): C[p][o] over the
+/// example's output positions p and output channels o, K running over (c, ki, kj). A gathers
+/// the input window (the BN-apply + ReLU prologue applied on load, padding zero), B reads the
+/// weights. The statistics epilogue sums each tile's columns into per-(example, tile)
+/// partials, which a second kernel adds in order.
 fn forward(cx: &Cx, conv: &Conv2d, prologue: Option<FloatAttr>, stats: bool) -> Lowered {
     let first = if prologue.is_some() { 5 } else { 1 };
     let g = Geometry::new(
@@ -118,66 +131,117 @@ fn forward(cx: &Cx, conv: &Conv2d, prologue: Option<FloatAttr>, stats: bool) -> 
         conv.stride,
         conv.padding,
     );
-    let planes = Planes::of(&cx.outputs[0]);
-    let mut k = cx.builder("forward");
+    let positions = g.ho * g.wo;
+    let shape = GemmShape {
+        m: positions,
+        n: g.o,
+        k: g.c * g.kernel_area(),
+    };
+    let tiling = Tiling::for_columns(g.o);
+    let mut k = KernelBuilder::new(cx.name("forward"), THREADS, cx.wide());
     let x = k.ptr_param("x");
     let bn = prologue_params(&mut k, prologue);
     let w = k.ptr_param("w");
     let bias = conv.bias.then(|| k.ptr_param("bias"));
     let y = k.ptr_param("y");
     let partials = stats.then(|| k.ptr_param("partials"));
-    per_plane(
-        &mut k,
-        planes,
-        |k, i, p, o, n| {
-            let (oy, ox) = (k.ubin(BinOp::Div, p, g.wo), k.ubin(BinOp::Rem, p, g.wo));
-            let acc = k.f32(0.0);
-            k.for_u32(0u32, g.c, 1, |k, c| {
-                let pro = bn.map(|params| Prologue::load(k, &params, c));
-                let nc = k.mad_u(n, g.c, c);
-                let plane = k.idx(nc);
-                let plane_base = k.idx_mul_const(plane, (g.h * g.w) as u64);
-                let oc = k.mad_u(o, g.c, c);
-                let w_base = k.mul_u(oc, g.kernel_area());
-                let taps = Taps {
-                    src: x,
-                    base: plane_base,
-                    width: g.w,
-                    w,
-                    w_base,
-                };
-                let rows = |k: &mut KernelBuilder, ki| g.source(k, oy, ki, g.h);
-                let cols = |k: &mut KernelBuilder, kj| g.source(k, ox, kj, g.w);
-                let prologue = |k: &mut KernelBuilder, a| match &pro {
-                    Some(pro) => pro.apply(k, a),
-                    None => a,
-                };
-                sum_taps(k, &g, acc, &taps, rows, cols, prologue);
+    let load_a = |k: &mut KernelBuilder, p: U32, kk: U32, n: U32| {
+        let (oy, ox) = (k.ubin(BinOp::Div, p, g.wo), k.ubin(BinOp::Rem, p, g.wo));
+        let (c, tap) = (
+            k.ubin(BinOp::Div, kk, g.kernel_area()),
+            k.ubin(BinOp::Rem, kk, g.kernel_area()),
+        );
+        let (ki, kj) = (k.ubin(BinOp::Div, tap, g.kw), k.ubin(BinOp::Rem, tap, g.kw));
+        let (iy, row_ok) = g.input_coordinate(k, oy, ki, g.h);
+        let (ix, col_ok) = g.input_coordinate(k, ox, kj, g.w);
+        let ok = k.and(row_ok, col_ok);
+        let at = k.mad_s(iy, g.w as i32, ix);
+        let at = k.select_s(ok, at, 0);
+        let at = k.u32_from_s32(at);
+        let nc = k.mad_u(n, g.c, c);
+        let plane = k.idx(nc);
+        let base = k.idx_mul_const(plane, (g.h * g.w) as u64);
+        let offset = k.idx(at);
+        let at = k.idx_add(base, offset);
+        let v = k.load(x, at);
+        let v = match &bn {
+            Some(params) => Prologue::load(k, params, c).apply(k, v),
+            None => v,
+        };
+        k.select(ok, v, 0.0f32)
+    };
+    let load_b = |k: &mut KernelBuilder, kk: U32, o: U32, _n: U32| {
+        let at = k.mad_u(o, shape.k, kk);
+        k.load(w, at)
+    };
+    let tile = tiled_gemm(&mut k, shape, tiling, load_a, load_b);
+
+    // y = C (+ bias), stored where the element exists
+    let outputs: Vec<Vec<F32>> = tile
+        .values
+        .iter()
+        .map(|row| {
+            row.iter()
+                .zip(&tile.cols)
+                .zip(&tile.col_ok)
+                .map(|((&v, &o), &ok)| match bias {
+                    Some(b) => {
+                        let safe = k.select_u(ok, o, 0u32);
+                        let bv = k.load(b, safe);
+                        k.add(v, bv)
+                    }
+                    None => v,
+                })
+                .collect()
+        })
+        .collect();
+    for (i, row) in outputs.iter().enumerate() {
+        for (j, &v) in row.iter().enumerate() {
+            let ok = k.and(tile.row_ok[i], tile.col_ok[j]);
+            k.when(ok, |k| {
+                let no = k.mad_u(tile.z, g.o, tile.cols[j]);
+                let plane = k.idx(no);
+                let base = k.idx_mul_const(plane, positions as u64);
+                let p = k.idx(tile.rows[i]);
+                let at = k.idx_add(base, p);
+                k.store(y, at, v);
             });
-            if let Some(b) = bias {
-                let bv = k.load(b, o);
-                k.accumulate(acc, bv);
-            }
-            k.store(y, i, acc);
-            if stats {
-                vec![acc, k.mul(acc, acc)]
-            } else {
-                Vec::new()
-            }
-        },
-        |k, totals, o, n| {
-            if let Some(partials) = partials {
-                store_partials(k, partials, planes, totals, o, n);
-            }
-        },
-    );
+        }
+    }
     let mut args: Vec<_> = (0..cx.inputs.len()).map(input).collect();
     args.push(output(0));
-    if !stats {
-        return Lowered::kernels(vec![launch(k.finish(), planes.grid(), args)]);
-    }
+    let grid = tiling.grid(shape, g.batch);
+    let Some(partials) = partials else {
+        return Lowered::kernels(vec![launch(k.finish(), grid, args)]);
+    };
+
+    // per-(example, row tile) sums of y and y² for each channel: partials[t][n·tiles + tile][o]
+    let sums = column_sums(&mut k, &tile, tiling, 2, |k, t, i, j| {
+        let v = outputs[i][j];
+        if t == 0 { v } else { k.mul(v, v) }
+    });
+    let (row_tiles, _) = tiling.tiles(shape);
+    let rows = Planes {
+        batch: (g.batch * row_tiles) as u64,
+        channels: g.o as u64,
+        positions: 1,
+    };
+    let first_group = k.cmp_u(Cmp::Eq, tile.thread.0, 0u32);
+    k.when(first_group, |k| {
+        let row = k.mad_u(tile.z, row_tiles, tile.tile_row);
+        for (t, term) in sums.iter().enumerate() {
+            for (j, &total) in term.iter().enumerate() {
+                k.when(tile.col_ok[j], |k| {
+                    let slot = k.mad_u(row, g.o, tile.cols[j]);
+                    let slot = k.idx(slot);
+                    let at = k.idx_add_const(slot, t as u64 * rows.batch * rows.channels);
+                    k.store(partials, at, total);
+                });
+            }
+        }
+    });
     args.push(scratch(0));
-    let count = planes.batch * planes.positions;
+    let count = (g.batch * positions) as u64;
     let moments = [
         (Combine::Mean(0, count), output(1)),
         (
@@ -191,10 +255,10 @@ fn forward(cx: &Cx, conv: &Conv2d, prologue: Option<FloatAttr>, stats: bool) -> 
     ];
     Lowered::Kernels {
         launches: vec![
-            launch(k.finish(), planes.grid(), args),
-            combine_channels(cx, "statistics", planes, scratch(0), &moments),
+            launch(k.finish(), grid, args),
+            combine_channels(cx, "statistics", rows, scratch(0), &moments),
         ],
-        scratch: vec![partials_bytes(planes, 2)],
+        scratch: vec![partials_bytes(rows, 2)],
     }
 }
 

@@ -8,6 +8,7 @@
 mod common;
 mod conv;
 mod elementwise;
+mod gemm;
 mod linear;
 mod loss;
 mod norm;
