@@ -59,6 +59,7 @@ pub struct KernelBuilder {
     name: String,
     params: Vec<(String, ParamTy)>,
     block: u32,
+    register_tiled: bool,
     shared_bytes: u32,
     regs: Vec<Ty>,
     /// Statement lists being built: the innermost `If`/`Loop` body is last.
@@ -73,6 +74,7 @@ impl KernelBuilder {
             name: name.into(),
             params: Vec::new(),
             block,
+            register_tiled: false,
             shared_bytes: 0,
             regs: Vec::new(),
             stack: vec![Vec::new()],
@@ -86,10 +88,16 @@ impl KernelBuilder {
             name: self.name,
             params: self.params,
             block: self.block,
+            register_tiled: self.register_tiled,
             shared_bytes: self.shared_bytes,
             regs: self.regs,
             body: self.stack.into_iter().next().expect("one list"),
         }
+    }
+
+    /// Marks the kernel register-tiled (see `Kernel::register_tiled`).
+    pub fn register_tiled(&mut self) {
+        self.register_tiled = true;
     }
 
     pub fn block_size(&self) -> u32 {

@@ -261,6 +261,10 @@ pub struct Kernel {
     pub params: Vec<(String, ParamTy)>,
     /// Threads per block.
     pub block: u32,
+    /// Register-tiled kernels (whose tiles must stay in registers) tell ptxas that two blocks
+    /// per SM are enough (`.minnctapersm 2`: up to 128 registers a thread at 256 threads);
+    /// left to itself it spills them to reach a higher occupancy.
+    pub register_tiled: bool,
     /// Bytes of shared memory per block.
     pub shared_bytes: u32,
     /// The type of every register, by id.

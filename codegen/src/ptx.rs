@@ -98,7 +98,11 @@ pub fn render(kernel: &Kernel) -> String {
         kernel.name,
         params.join(",\n")
     );
-    let _ = writeln!(out, ".maxntid {}, 1, 1\n{{", kernel.block);
+    let _ = writeln!(out, ".maxntid {}, 1, 1", kernel.block);
+    if kernel.register_tiled {
+        let _ = writeln!(out, ".minnctapersm 2");
+    }
+    let _ = writeln!(out, "{{");
     for ty in [Ty::Pred, Ty::U32, Ty::S32, Ty::U64, Ty::F32] {
         let count = kernel
             .regs

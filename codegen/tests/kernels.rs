@@ -387,12 +387,15 @@ const CONVS: [(usize, usize, usize, usize, usize, usize); 7] = [
     (3, 2, 1, 33, 2, 2),
 ];
 
-/// Wider ones for the forward's GEMM tiles: several column tiles (70 channels out: 64 + 6),
-/// the 32-wide tile (33), the 16-wide one with K = 17 (two full K slices and a ragged one).
-const WIDE_CONVS: [(usize, usize, usize, usize, usize, usize); 3] = [
+/// Wider ones for the GEMM tiles of forward (columns: channels out), data gradient (columns:
+/// channels in) and weight gradient (rows: channels out, columns: c·kh·kw): several tiles
+/// (70 = 64 + 6), the 32-wide tile (33), the 16-wide one with K = 17 (two full K slices and a
+/// ragged one).
+const WIDE_CONVS: [(usize, usize, usize, usize, usize, usize); 4] = [
     (3, 1, 1, 9, 5, 70),
     (3, 2, 1, 10, 9, 33),
     (1, 1, 0, 20, 17, 12),
+    (3, 1, 1, 6, 70, 3),
 ];
 
 fn conv_out(size: usize, kernel: usize, stride: usize, padding: usize) -> usize {
@@ -450,8 +453,10 @@ fn convolution_forward_kernels() {
 fn convolution_gradient_kernels() {
     let mut r = rng(11);
     // batch 1: one chunk, written directly; batch 3: a chunk per example, summed after
-    for (&(kernel, stride, padding, size, c, o), batch) in
-        CONVS.iter().zip([3, 1].into_iter().cycle())
+    for (&(kernel, stride, padding, size, c, o), batch) in CONVS
+        .iter()
+        .chain(&WIDE_CONVS)
+        .zip([3, 1].into_iter().cycle())
     {
         let out = conv_out(size, kernel, stride, padding);
         let bn = bn_inputs(&mut r, &[batch, c, size, size]);

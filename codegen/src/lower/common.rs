@@ -286,25 +286,67 @@ pub fn combine_channels(
     partials: LaunchArg,
     outputs: &[(Combine, LaunchArg)],
 ) -> Launch {
+    let rows = TileRows {
+        examples: planes.batch,
+        tiles: 1,
+        channels: planes.channels,
+    };
+    combine_tiles(cx, part, rows, partials, outputs)
+}
+
+/// Per-channel partial sums of several tiles per example: `partials[t][n·tiles + tile][c]`.
+#[derive(Clone, Copy, Debug)]
+pub struct TileRows {
+    pub examples: u64,
+    pub tiles: u64,
+    pub channels: u64,
+}
+
+impl TileRows {
+    pub fn rows(&self) -> u64 {
+        self.examples * self.tiles
+    }
+
+    /// Bytes of `terms` terms.
+    pub fn bytes(&self, terms: usize) -> u64 {
+        4 * terms as u64 * self.rows() * self.channels
+    }
+}
+
+/// [`combine_channels`] over tiles: each example's tiles are added first (in order), so a
+/// per-example square squares the example's whole sum.
+pub fn combine_tiles(
+    cx: &Cx,
+    part: &str,
+    rows: TileRows,
+    partials: LaunchArg,
+    outputs: &[(Combine, LaunchArg)],
+) -> Launch {
     let mut k = cx.builder(&format!("combine_{part}"));
     let source = k.ptr_param("partials");
     let outs: Vec<U64> = (0..outputs.len())
         .map(|j| k.ptr_param(&format!("out{j}")))
         .collect();
-    let stride = planes.batch * planes.channels;
-    map(&mut k, planes.channels, |k, c| {
+    let stride = rows.rows() * rows.channels;
+    map(&mut k, rows.channels, |k, c| {
         let term = |k: &mut KernelBuilder, t: usize, square: bool| {
             let total = k.f32(0.0);
             let start = k.idx_const(0);
             let one = k.idx_const(1);
-            k.for_idx(start, planes.batch, one, |k, n| {
-                let plane = k.idx_mad(n, planes.channels, c);
-                let at = k.idx_add_const(plane, t as u64 * stride);
-                let v = k.load(source, at);
+            k.for_idx(start, rows.examples, one, |k, n| {
+                let example = k.f32(0.0);
+                for tile in 0..rows.tiles {
+                    let row = k.idx_mul_const(n, rows.tiles);
+                    let row = k.idx_add_const(row, tile);
+                    let slot = k.idx_mad(row, rows.channels, c);
+                    let at = k.idx_add_const(slot, t as u64 * stride);
+                    let v = k.load(source, at);
+                    k.accumulate(example, v);
+                }
                 if square {
-                    k.fma_into(total, v, v);
+                    k.fma_into(total, example, example);
                 } else {
-                    k.accumulate(total, v);
+                    k.accumulate(total, example);
                 }
             });
             total
@@ -336,7 +378,7 @@ pub fn combine_channels(
     });
     let mut args = vec![partials];
     args.extend(outputs.iter().map(|(_, a)| *a));
-    launch(k.finish(), grid_for(planes.channels), args)
+    launch(k.finish(), grid_for(rows.channels), args)
 }
 
 /// A kernel of one thread per element that adds `rows` rows of partial sums in row order:
@@ -382,6 +424,15 @@ pub fn bn_combine(squares: Squares) -> Vec<Combine> {
         Squares::PerPosition => combine.extend([Combine::Sum(2), Combine::Sum(3)]),
     }
     combine
+}
+
+/// How many terms [`bn_terms`] gives.
+pub fn bn_term_count(squares: Squares) -> usize {
+    if squares == Squares::PerPosition {
+        4
+    } else {
+        2
+    }
 }
 
 /// The per-element terms of the BN reductions (see [`bn_combine`]), from a gradient `g` and x̂.

@@ -1,20 +1,21 @@
-//! Convolutions (no tensor cores yet): forward as a tiled implicit GEMM (`gemm.rs`) with the
-//! BN-apply + ReLU prologue and the BN-statistics epilogue; direct loops for the rest: data gradient with the ReLU-backward mask and BN-backward
-//! reductions (and their squares) in the epilogue; weight gradient with the prologue
-//! recomputed and, in the same pass, the Fisher squares: each thread reduces one example's
-//! positions for its weight element, then adds both the value and its square, so no
+//! Convolutions as tiled implicit GEMMs (`gemm.rs`; fp32 FMA, no tensor cores yet): forward
+//! with the BN-apply + ReLU prologue and the BN-statistics epilogue; data gradient with the
+//! ReLU-backward mask and BN-backward reductions (and their squares) in the epilogue; weight
+//! gradient with the prologue recomputed and, in the same pass, the Fisher squares: a block
+//! runs one product per example of its chunk and adds both the product and its square, so no
 //! per-example gradient ever reaches memory.
 
 use fisherc_ir::ops::{Conv2d, ConvDgrad, ConvWgrad, FloatAttr, Op, Squares};
 
 use super::Lowered;
 use super::common::{
-    BnParams, Combine, Cx, Planes, bn_apply, bn_combine, bn_terms, combine_channels, grid_for,
-    input, inv_std, launch, map, normalised, output, partials_bytes, per_plane, scratch,
-    store_partials, sum_rows,
+    BnParams, Combine, Cx, TileRows, bn_apply, bn_combine, bn_term_count, bn_terms, combine_tiles,
+    input, inv_std, launch, normalised, output, scratch, sum_rows,
 };
-use super::gemm::{GemmShape, THREADS, Tiling, column_sums, tiled_gemm};
-use crate::builder::{F32, Idx, KernelBuilder, Pred, S32, U32, U64};
+use super::gemm::{
+    self, GemmShape, Layout, THREADS, Tiling, column_sums, store_column_sums, tiled_gemm,
+};
+use crate::builder::{F32, KernelBuilder, Pred, S32, U32, U64};
 use crate::kir::{BinOp, Cmp};
 
 pub fn lower(cx: &Cx) -> Lowered {
@@ -174,7 +175,22 @@ fn forward(cx: &Cx, conv: &Conv2d, prologue: Option<FloatAttr>, stats: bool) -> 
         let at = k.mad_u(o, shape.k, kk);
         k.load(w, at)
     };
-    let tile = tiled_gemm(&mut k, shape, tiling, load_a, load_b);
+    let place = gemm::place(&mut k, shape, tiling);
+    let n = k.block_y();
+    let layout = Layout {
+        a_k_fastest: false,
+        b_k_fastest: true,
+    };
+    let tile = tiled_gemm(
+        &mut k,
+        shape,
+        tiling,
+        &place,
+        layout,
+        false,
+        |k, m, kk| load_a(k, m, kk, n),
+        |k, kk, col| load_b(k, kk, col, n),
+    );
 
     // y = C (+ bias), stored where the element exists
     let outputs: Vec<Vec<F32>> = tile
@@ -182,8 +198,8 @@ fn forward(cx: &Cx, conv: &Conv2d, prologue: Option<FloatAttr>, stats: bool) -> 
         .iter()
         .map(|row| {
             row.iter()
-                .zip(&tile.cols)
-                .zip(&tile.col_ok)
+                .zip(&place.cols)
+                .zip(&place.col_ok)
                 .map(|((&v, &o), &ok)| match bias {
                     Some(b) => {
                         let safe = k.select_u(ok, o, 0u32);
@@ -197,12 +213,12 @@ fn forward(cx: &Cx, conv: &Conv2d, prologue: Option<FloatAttr>, stats: bool) -> 
         .collect();
     for (i, row) in outputs.iter().enumerate() {
         for (j, &v) in row.iter().enumerate() {
-            let ok = k.and(tile.row_ok[i], tile.col_ok[j]);
+            let ok = k.and(place.row_ok[i], place.col_ok[j]);
             k.when(ok, |k| {
-                let no = k.mad_u(tile.z, g.o, tile.cols[j]);
+                let no = k.mad_u(n, g.o, place.cols[j]);
                 let plane = k.idx(no);
                 let base = k.idx_mul_const(plane, positions as u64);
-                let p = k.idx(tile.rows[i]);
+                let p = k.idx(place.rows[i]);
                 let at = k.idx_add(base, p);
                 k.store(y, at, v);
             });
@@ -210,36 +226,22 @@ fn forward(cx: &Cx, conv: &Conv2d, prologue: Option<FloatAttr>, stats: bool) -> 
     }
     let mut args: Vec<_> = (0..cx.inputs.len()).map(input).collect();
     args.push(output(0));
-    let grid = tiling.grid(shape, g.batch);
+    let grid = [tiling.count(shape), g.batch];
     let Some(partials) = partials else {
         return Lowered::kernels(vec![launch(k.finish(), grid, args)]);
     };
 
-    // per-(example, row tile) sums of y and y² for each channel: partials[t][n·tiles + tile][o]
-    let sums = column_sums(&mut k, &tile, tiling, 2, |k, t, i, j| {
+    // per-(example, row tile) sums of y and y² for each channel
+    let sums = column_sums(&mut k, &place, tiling, 2, |k, t, i, j| {
         let v = outputs[i][j];
         if t == 0 { v } else { k.mul(v, v) }
     });
-    let (row_tiles, _) = tiling.tiles(shape);
-    let rows = Planes {
-        batch: (g.batch * row_tiles) as u64,
+    let rows = TileRows {
+        examples: g.batch as u64,
+        tiles: tiling.tiles(shape).0 as u64,
         channels: g.o as u64,
-        positions: 1,
     };
-    let first_group = k.cmp_u(Cmp::Eq, tile.thread.0, 0u32);
-    k.when(first_group, |k| {
-        let row = k.mad_u(tile.z, row_tiles, tile.tile_row);
-        for (t, term) in sums.iter().enumerate() {
-            for (j, &total) in term.iter().enumerate() {
-                k.when(tile.col_ok[j], |k| {
-                    let slot = k.mad_u(row, g.o, tile.cols[j]);
-                    let slot = k.idx(slot);
-                    let at = k.idx_add_const(slot, t as u64 * rows.batch * rows.channels);
-                    k.store(partials, at, total);
-                });
-            }
-        }
-    });
+    store_column_sums(&mut k, &place, n, partials, rows, &sums);
     args.push(scratch(0));
     let count = (g.batch * positions) as u64;
     let moments = [
@@ -256,18 +258,30 @@ fn forward(cx: &Cx, conv: &Conv2d, prologue: Option<FloatAttr>, stats: bool) -> 
     Lowered::Kernels {
         launches: vec![
             launch(k.finish(), grid, args),
-            combine_channels(cx, "statistics", rows, scratch(0), &moments),
+            combine_tiles(cx, "statistics", rows, scratch(0), &moments),
         ],
-        scratch: vec![partials_bytes(rows, 2)],
+        scratch: vec![rows.bytes(2)],
     }
 }
 
+/// The data gradient as an implicit GEMM per example: C[p][c] over the example's input
+/// positions p and input channels c, K running over (o, ki, kj). A gathers dy at the output
+/// position whose window puts tap (ki, kj) on p (zero where none does), B reads the weights.
+/// The fused epilogue masks by the ReLU of the BN that produced the input and sums the BN
+/// backward terms per (example, row tile); `combine_tiles` adds each example's tiles before
+/// any per-example square.
 fn dgrad(cx: &Cx, d: &ConvDgrad, epilogue: Option<(FloatAttr, Squares)>) -> Lowered {
     let (dy_shape, w_shape) = (&cx.inputs[0].shape, &cx.inputs[1].shape);
     let x_shape = &cx.outputs[0].shape;
     let g = Geometry::new(x_shape, w_shape, dy_shape, d.stride, d.padding);
-    let planes = Planes::of(&cx.outputs[0]);
-    let mut k = cx.builder("dgrad");
+    let positions = g.h * g.w;
+    let shape = GemmShape {
+        m: positions,
+        n: g.c,
+        k: g.o * g.kernel_area(),
+    };
+    let tiling = Tiling::for_columns(g.c);
+    let mut k = KernelBuilder::new(cx.name("dgrad"), THREADS, cx.wide());
     let (dy, w) = (k.ptr_param("dy"), k.ptr_param("w"));
     let bn = epilogue.map(|(eps, squares)| {
         let y = k.ptr_param("y");
@@ -276,59 +290,102 @@ fn dgrad(cx: &Cx, d: &ConvDgrad, epilogue: Option<(FloatAttr, Squares)>) -> Lowe
     });
     let dx = k.ptr_param("dx");
     let partials = bn.as_ref().map(|_| k.ptr_param("partials"));
-    let mut terms = 0;
-    per_plane(
+    let load_a = |k: &mut KernelBuilder, p: U32, kk: U32, n: U32| {
+        let (iy, ix) = (k.ubin(BinOp::Div, p, g.w), k.ubin(BinOp::Rem, p, g.w));
+        let (o, tap) = (
+            k.ubin(BinOp::Div, kk, g.kernel_area()),
+            k.ubin(BinOp::Rem, kk, g.kernel_area()),
+        );
+        let (ki, kj) = (k.ubin(BinOp::Div, tap, g.kw), k.ubin(BinOp::Rem, tap, g.kw));
+        let (oy, row_ok) = output_coordinate(k, &g, iy, ki, g.ho);
+        let (ox, col_ok) = output_coordinate(k, &g, ix, kj, g.wo);
+        let ok = k.and(row_ok, col_ok);
+        let at = k.mad_s(oy, g.wo as i32, ox);
+        let at = k.select_s(ok, at, 0);
+        let at = k.u32_from_s32(at);
+        let no = k.mad_u(n, g.o, o);
+        let plane = k.idx(no);
+        let base = k.idx_mul_const(plane, (g.ho * g.wo) as u64);
+        let offset = k.idx(at);
+        let at = k.idx_add(base, offset);
+        let v = k.load(dy, at);
+        k.select(ok, v, 0.0f32)
+    };
+    let load_b = |k: &mut KernelBuilder, kk: U32, c: U32, _n: U32| {
+        let (o, tap) = (
+            k.ubin(BinOp::Div, kk, g.kernel_area()),
+            k.ubin(BinOp::Rem, kk, g.kernel_area()),
+        );
+        let oc = k.mad_u(o, g.c, c);
+        let at = k.mad_u(oc, g.kernel_area(), tap);
+        k.load(w, at)
+    };
+    let place = gemm::place(&mut k, shape, tiling);
+    let n = k.block_y();
+    let layout = Layout {
+        a_k_fastest: false,
+        b_k_fastest: true,
+    };
+    let tile = tiled_gemm(
         &mut k,
-        planes,
-        |k, i, p, c, n| {
-            let (iy, ix) = (k.ubin(BinOp::Div, p, g.w), k.ubin(BinOp::Rem, p, g.w));
-            let acc = k.f32(0.0);
-            k.for_u32(0u32, g.o, 1, |k, o| {
-                let no = k.mad_u(n, g.o, o);
-                let plane = k.idx(no);
-                let dy_base = k.idx_mul_const(plane, (g.ho * g.wo) as u64);
-                let oc = k.mad_u(o, g.c, c);
-                let w_base = k.mul_u(oc, g.kernel_area());
-                let taps = Taps {
-                    src: dy,
-                    base: dy_base,
-                    width: g.wo,
-                    w,
-                    w_base,
-                };
-                let rows = |k: &mut KernelBuilder, ki| output_coordinate(k, &g, iy, ki, g.ho);
-                let cols = |k: &mut KernelBuilder, kj| output_coordinate(k, &g, ix, kj, g.wo);
-                sum_taps(k, &g, acc, &taps, rows, cols, |_, v| v);
-            });
-            match &bn {
-                None => {
-                    k.store(dx, i, acc);
-                    Vec::new()
-                }
-                Some((y, params, squares)) => {
-                    let yv = k.load(*y, i);
-                    let z = bn_apply(k, yv, params, c);
-                    let active = k.cmp_f32(Cmp::Gt, z, 0.0f32);
-                    let dz = k.select(active, acc, 0.0f32);
-                    k.store(dx, i, dz);
-                    let xhat = normalised(k, yv, params.mean, params.var, c, params.eps);
-                    let values = bn_terms(k, dz, xhat, *squares);
-                    terms = values.len();
-                    values
-                }
-            }
-        },
-        |k, totals, c, n| {
-            if let Some(partials) = partials {
-                store_partials(k, partials, planes, totals, c, n);
-            }
-        },
+        shape,
+        tiling,
+        &place,
+        layout,
+        false,
+        |k, m, kk| load_a(k, m, kk, n),
+        |k, kk, col| load_b(k, kk, col, n),
     );
+
+    // every element stored (ReLU-masked under the epilogue), with what its BN terms need
+    let mut masked: Vec<Vec<(F32, F32)>> = Vec::new();
+    for (i, row) in tile.values.iter().enumerate() {
+        let mut row_terms = Vec::new();
+        for (j, &acc) in row.iter().enumerate() {
+            let ok = k.and(place.row_ok[i], place.col_ok[j]);
+            let nc = k.mad_u(n, g.c, place.cols[j]);
+            let plane = k.idx(nc);
+            let base = k.idx_mul_const(plane, positions as u64);
+            let p = k.idx(place.rows[i]);
+            let at = k.idx_add(base, p);
+            let Some((y, params, _)) = &bn else {
+                k.when(ok, |k| k.store(dx, at, acc));
+                continue;
+            };
+            let yv = k.f32(0.0);
+            k.when(ok, |k| {
+                let v = k.load(*y, at);
+                k.assign(yv, v);
+            });
+            let c = k.select_u(place.col_ok[j], place.cols[j], 0u32);
+            let z = bn_apply(&mut k, yv, params, c);
+            let active = k.cmp_f32(Cmp::Gt, z, 0.0f32);
+            let dz = k.select(active, acc, 0.0f32);
+            k.when(ok, |k| k.store(dx, at, dz));
+            let xhat = normalised(&mut k, yv, params.mean, params.var, c, params.eps);
+            row_terms.push((dz, xhat));
+        }
+        masked.push(row_terms);
+    }
     let mut args: Vec<_> = (0..cx.inputs.len()).map(input).collect();
     args.push(output(0));
-    let Some((_, _, squares)) = bn else {
-        return Lowered::kernels(vec![launch(k.finish(), planes.grid(), args)]);
+    let grid = [tiling.count(shape), g.batch];
+    let (Some((_, _, squares)), Some(partials)) = (bn, partials) else {
+        return Lowered::kernels(vec![launch(k.finish(), grid, args)]);
     };
+    // the terms are made term by term from (dz, x̂): all of them at once would not fit in
+    // registers
+    let count = bn_term_count(squares);
+    let sums = column_sums(&mut k, &place, tiling, count, |k, t, i, j| {
+        let (dz, xhat) = masked[i][j];
+        bn_terms(k, dz, xhat, squares)[t]
+    });
+    let rows = TileRows {
+        examples: g.batch as u64,
+        tiles: tiling.tiles(shape).0 as u64,
+        channels: g.c as u64,
+    };
+    store_column_sums(&mut k, &place, n, partials, rows, &sums);
     args.push(scratch(0));
     let outputs: Vec<_> = bn_combine(squares)
         .into_iter()
@@ -336,52 +393,10 @@ fn dgrad(cx: &Cx, d: &ConvDgrad, epilogue: Option<(FloatAttr, Squares)>) -> Lowe
         .collect();
     Lowered::Kernels {
         launches: vec![
-            launch(k.finish(), planes.grid(), args),
-            combine_channels(cx, "reductions", planes, scratch(0), &outputs),
+            launch(k.finish(), grid, args),
+            combine_tiles(cx, "reductions", rows, scratch(0), &outputs),
         ],
-        scratch: vec![partials_bytes(planes, terms)],
-    }
-}
-
-/// Where the taps of one (plane, weight-plane) pair read: a `width`-wide plane of `src` from
-/// `base`, and the `kh·kw` weights of `w` from `w_base`.
-struct Taps {
-    src: U64,
-    base: Idx,
-    width: u32,
-    w: U64,
-    w_base: U32,
-}
-
-/// `acc += transform(src[row, col])·w[tap]` over the kernel taps in row-major order, where
-/// `rows(ki)` and `cols(kj)` give the coordinate each tap reads and whether it lies inside.
-/// Padding is branch-free: a tap outside reads a valid address and contributes zero.
-fn sum_taps(
-    k: &mut KernelBuilder,
-    g: &Geometry,
-    acc: F32,
-    taps: &Taps,
-    rows: impl Fn(&mut KernelBuilder, u32) -> (S32, Pred),
-    cols: impl Fn(&mut KernelBuilder, u32) -> (S32, Pred),
-    transform: impl Fn(&mut KernelBuilder, F32) -> F32,
-) {
-    for ki in 0..g.kh {
-        let (row, row_ok) = rows(k, ki);
-        for kj in 0..g.kw {
-            let (col, col_ok) = cols(k, kj);
-            let ok = k.and(row_ok, col_ok);
-            let at = k.mad_s(row, taps.width as i32, col);
-            let at = k.select_s(ok, at, 0);
-            let at = k.u32_from_s32(at);
-            let at = k.idx(at);
-            let at = k.idx_add(taps.base, at);
-            let v = k.load(taps.src, at);
-            let v = transform(k, v);
-            let v = k.select(ok, v, 0.0f32);
-            let wi = k.add_u(taps.w_base, ki * g.kw + kj);
-            let wv = k.load(taps.w, wi);
-            k.fma_into(acc, v, wv);
-        }
+        scratch: vec![rows.bytes(count)],
     }
 }
 
@@ -391,11 +406,13 @@ fn output_coordinate(
     k: &mut KernelBuilder,
     g: &Geometry,
     at: U32,
-    offset: u32,
+    offset: U32,
     size: u32,
 ) -> (S32, Pred) {
-    let at = k.s32_from_u32(at);
-    let shifted = k.sbin(BinOp::Add, at, g.pad as i32 - offset as i32);
+    let lead = k.add_u(at, g.pad);
+    let lead = k.s32_from_u32(lead);
+    let offset = k.s32_from_u32(offset);
+    let shifted = k.sbin(BinOp::Sub, lead, offset);
     let rem = k.sbin(BinOp::Rem, shifted, g.stride as i32);
     let out = k.sbin(BinOp::Div, shifted, g.stride as i32);
     let non_negative = k.cmp_s(Cmp::Ge, shifted, 0);
@@ -406,25 +423,25 @@ fn output_coordinate(
 }
 
 /// Blocks a weight-gradient launch aims for: enough to fill a GPU (132 SMs on an H100) when
-/// the weights alone give few.
+/// the weights alone give few tiles.
 const WGRAD_TARGET_BLOCKS: u64 = 1024;
 
-/// How many chunks of the batch the weight gradient splits into: one block row per chunk,
-/// so that layers with few weights still run on many blocks.
-fn batch_chunks(weights: u64, batch: u32) -> u32 {
-    let weight_blocks = grid_for(weights)[0] as u64;
-    let wanted = WGRAD_TARGET_BLOCKS
-        .div_ceil(weight_blocks)
-        .clamp(1, batch as u64) as u32;
+/// How many chunks of the batch the weight gradient splits into, given the blocks of one
+/// chunk: one block row per chunk, so that layers with few weights still run on many blocks.
+fn batch_chunks(blocks: u64, batch: u32) -> u32 {
+    let wanted = WGRAD_TARGET_BLOCKS.div_ceil(blocks).clamp(1, batch as u64) as u32;
     // equal chunks, none empty
     batch.div_ceil(batch.div_ceil(wanted))
 }
 
-/// The weight gradient (and its Fisher squares): one thread per weight element and chunk of
-/// the batch. For each example of its chunk a thread reduces the example's positions into the
-/// example's contribution, then adds both the contribution and its square, so no per-example
-/// gradient reaches memory (`per_example` writes them out instead: the unfused form). With
-/// several chunks, per-chunk sums go to partials that a second kernel adds in chunk order.
+/// The weight gradient (and its Fisher squares) as one implicit GEMM per example: C[o][e]
+/// over output channels o and the columns e = (c, ki, kj) of the weight, K running over the
+/// example's output positions. A reads dy, B gathers the input window (the prologue applied
+/// on load). A block owns one tile and a chunk of the batch; it adds each example's product
+/// into its totals and, for the exact Fisher, the product's square, so no per-example
+/// gradient reaches memory (`per_example` writes them out instead: the unfused form); a²g²
+/// accumulates the products of squared operands alongside. With several chunks, per-chunk
+/// totals go to partials that a second kernel adds in chunk order.
 fn wgrad(
     cx: &Cx,
     wg: &ConvWgrad,
@@ -436,12 +453,19 @@ fn wgrad(
     let (x_shape, dy_shape) = (&cx.inputs[0].shape, &cx.inputs[first].shape);
     let w_shape = [dy_shape[1], x_shape[1], wg.kernel.0, wg.kernel.1];
     let g = Geometry::new(x_shape, &w_shape, dy_shape, wg.stride, wg.padding);
-    let weights = (g.o * g.c * g.kernel_area()) as u64;
-    let chunks = batch_chunks(weights, g.batch);
+    let positions = g.ho * g.wo;
+    let shape = GemmShape {
+        m: g.o,
+        n: g.c * g.kernel_area(),
+        k: positions,
+    };
+    let weights = (shape.m * shape.n) as u64;
+    let tiling = Tiling::for_rows(g.o);
+    let chunks = batch_chunks(tiling.count(shape) as u64, g.batch);
     let direct = per_example || chunks == 1;
     let terms = if squares == Squares::None { 1 } else { 2 };
 
-    let mut k = cx.builder("wgrad");
+    let mut k = KernelBuilder::new(cx.name("wgrad"), THREADS, cx.wide());
     let x = k.ptr_param("x");
     let bn = prologue_params(&mut k, prologue);
     let dy = k.ptr_param("dy");
@@ -452,50 +476,124 @@ fn wgrad(
     } else {
         vec![k.ptr_param("partials")]
     };
+    let place = gemm::place(&mut k, shape, tiling);
+    let zeros = |k: &mut KernelBuilder| -> Vec<Vec<F32>> {
+        place
+            .rows
+            .iter()
+            .map(|_| place.cols.iter().map(|_| k.f32(0.0)).collect())
+            .collect()
+    };
+    let (totals, squares_total) = (zeros(&mut k), zeros(&mut k));
+    // weight element (i, j) of the micro-tile: o·(C·area) + column
+    let elements: Vec<Vec<(U32, Pred)>> = (0..place.rows.len())
+        .map(|i| {
+            (0..place.cols.len())
+                .map(|j| {
+                    let e = k.mad_u(place.rows[i], shape.n, place.cols[j]);
+                    (e, k.and(place.row_ok[i], place.col_ok[j]))
+                })
+                .collect()
+        })
+        .collect();
+    let layout = Layout {
+        a_k_fastest: true,
+        b_k_fastest: true,
+    };
     let chunk = g.batch.div_ceil(chunks);
-    map(&mut k, weights, |k, e| {
-        let e = k.idx_to_u32(e);
-        let tap = WeightTap::of(k, &g, e);
-        let pro = bn.map(|params| Prologue::load(k, &params, tap.c));
-        let (dw, sq) = (k.f32(0.0), k.f32(0.0));
-        let j = k.block_y();
-        let start = k.mul_u(j, chunk);
-        let end = k.add_u(start, chunk);
-        let end = k.ubin(BinOp::Min, end, g.batch);
-        k.for_u32(start, end, 1, |k, n| {
-            let contribution =
-                example_contribution(k, &g, &tap, (x, dy), pro.as_ref(), n, squares, sq);
-            if per_example {
-                let n_idx = k.idx(n);
-                let e_idx = k.idx(e);
-                let at = k.idx_mad(n_idx, weights, e_idx);
-                k.store(targets[0], at, contribution);
-            } else {
-                k.accumulate(dw, contribution);
-                if squares == Squares::PerExample {
-                    k.fma_into(sq, contribution, contribution);
+    let j = k.block_y();
+    let start = k.mul_u(j, chunk);
+    let end = k.add_u(start, chunk);
+    let end = k.ubin(BinOp::Min, end, g.batch);
+    k.for_u32(start, end, 1, |k, n| {
+        let load_a = |k: &mut KernelBuilder, o: U32, p: U32| {
+            let no = k.mad_u(n, g.o, o);
+            let plane = k.idx(no);
+            let base = k.idx_mul_const(plane, positions as u64);
+            let p = k.idx(p);
+            let at = k.idx_add(base, p);
+            k.load(dy, at)
+        };
+        let load_b = |k: &mut KernelBuilder, p: U32, column: U32| {
+            let (oy, ox) = (k.ubin(BinOp::Div, p, g.wo), k.ubin(BinOp::Rem, p, g.wo));
+            let (c, tap) = (
+                k.ubin(BinOp::Div, column, g.kernel_area()),
+                k.ubin(BinOp::Rem, column, g.kernel_area()),
+            );
+            let (ki, kj) = (k.ubin(BinOp::Div, tap, g.kw), k.ubin(BinOp::Rem, tap, g.kw));
+            let (iy, row_ok) = g.input_coordinate(k, oy, ki, g.h);
+            let (ix, col_ok) = g.input_coordinate(k, ox, kj, g.w);
+            let ok = k.and(row_ok, col_ok);
+            let at = k.mad_s(iy, g.w as i32, ix);
+            let at = k.select_s(ok, at, 0);
+            let at = k.u32_from_s32(at);
+            let nc = k.mad_u(n, g.c, c);
+            let plane = k.idx(nc);
+            let base = k.idx_mul_const(plane, (g.h * g.w) as u64);
+            let offset = k.idx(at);
+            let at = k.idx_add(base, offset);
+            let v = k.load(x, at);
+            let v = match &bn {
+                Some(params) => Prologue::load(k, params, c).apply(k, v),
+                None => v,
+            };
+            k.select(ok, v, 0.0f32)
+        };
+        let per_position = squares == Squares::PerPosition;
+        let product = tiled_gemm(
+            k,
+            shape,
+            tiling,
+            &place,
+            layout,
+            per_position,
+            load_a,
+            load_b,
+        );
+        for (i, row) in product.values.iter().enumerate() {
+            for (jj, &v) in row.iter().enumerate() {
+                let (e, ok) = elements[i][jj];
+                if per_example {
+                    k.when(ok, |k| {
+                        let n_idx = k.idx(n);
+                        let e_idx = k.idx(e);
+                        let at = k.idx_mad(n_idx, weights, e_idx);
+                        k.store(targets[0], at, v);
+                    });
+                    continue;
                 }
-            }
-        });
-        if per_example {
-            return;
-        }
-        let sums = [dw, sq];
-        for (t, &total) in sums[..terms].iter().enumerate() {
-            if direct {
-                k.store(targets[t], e, total);
-            } else {
-                // partials[t][j][e]
-                let row = k.add_u(j, (t as u32) * chunks);
-                let row = k.idx(row);
-                let e_idx = k.idx(e);
-                let at = k.idx_mad(row, weights, e_idx);
-                k.store(targets[0], at, total);
+                k.accumulate(totals[i][jj], v);
+                match (&product.squares, squares) {
+                    (Some(sq), _) => k.accumulate(squares_total[i][jj], sq[i][jj]),
+                    (None, Squares::PerExample) => k.fma_into(squares_total[i][jj], v, v),
+                    _ => {}
+                }
             }
         }
     });
+    if !per_example {
+        for (i, row) in elements.iter().enumerate() {
+            for (jj, &(e, ok)) in row.iter().enumerate() {
+                let sums = [totals[i][jj], squares_total[i][jj]];
+                k.when(ok, |k| {
+                    for (t, &total) in sums[..terms].iter().enumerate() {
+                        if direct {
+                            k.store(targets[t], e, total);
+                        } else {
+                            // partials[t][j][e]
+                            let row = k.add_u(j, (t as u32) * chunks);
+                            let row = k.idx(row);
+                            let e_idx = k.idx(e);
+                            let at = k.idx_mad(row, weights, e_idx);
+                            k.store(targets[0], at, total);
+                        }
+                    }
+                });
+            }
+        }
+    }
     let mut args: Vec<_> = (0..cx.inputs.len()).map(input).collect();
-    let grid = [grid_for(weights)[0], chunks];
+    let grid = [tiling.count(shape), chunks];
     if direct {
         args.extend((0..cx.outputs.len()).map(output));
         return Lowered::kernels(vec![launch(k.finish(), grid, args)]);
@@ -511,129 +609,22 @@ fn wgrad(
     }
 }
 
-/// Where weight element `e` sits: output and input channel, kernel row and column, and the
-/// output rows and columns whose windows put it inside the image.
-struct WeightTap {
-    o: U32,
-    c: U32,
-    ki: U32,
-    kj: U32,
-    rows: (U32, U32),
-    cols: (U32, U32),
-}
-
-impl WeightTap {
-    fn of(k: &mut KernelBuilder, g: &Geometry, e: U32) -> WeightTap {
-        let (rest, kj) = (k.ubin(BinOp::Div, e, g.kw), k.ubin(BinOp::Rem, e, g.kw));
-        let (rest, ki) = (
-            k.ubin(BinOp::Div, rest, g.kh),
-            k.ubin(BinOp::Rem, rest, g.kh),
-        );
-        let (o, c) = (k.ubin(BinOp::Div, rest, g.c), k.ubin(BinOp::Rem, rest, g.c));
-        let rows = valid_outputs(k, g, ki, g.h, g.ho);
-        let cols = valid_outputs(k, g, kj, g.w, g.wo);
-        WeightTap {
-            o,
-            c,
-            ki,
-            kj,
-            rows,
-            cols,
-        }
-    }
-}
-
-/// Example `n`'s contribution `Σₜ a·dy` to one weight element; with per-position squares also
-/// adds `Σₜ a²·dy²` into `sq`.
-#[allow(clippy::too_many_arguments)]
-fn example_contribution(
-    k: &mut KernelBuilder,
-    g: &Geometry,
-    tap: &WeightTap,
-    (x, dy): (U64, U64),
-    pro: Option<&Prologue>,
-    n: U32,
-    squares: Squares,
-    sq: F32,
-) -> F32 {
-    let contribution = k.f32(0.0);
-    let nc = k.mad_u(n, g.c, tap.c);
-    let x_plane = k.idx(nc);
-    let x_base = k.idx_mul_const(x_plane, (g.h * g.w) as u64);
-    let no = k.mad_u(n, g.o, tap.o);
-    let dy_plane = k.idx(no);
-    let dy_base = k.idx_mul_const(dy_plane, (g.ho * g.wo) as u64);
-    k.for_u32(tap.rows.0, tap.rows.1, 1, |k, oy| {
-        // iy = oy·stride + ki − pad lies in the image for every oy of the range
-        let top = k.mad_u(oy, g.stride, tap.ki);
-        let iy = k.ubin(BinOp::Sub, top, g.pad);
-        let x_row = k.mul_u(iy, g.w);
-        let dy_row = k.mul_u(oy, g.wo);
-        k.for_u32(tap.cols.0, tap.cols.1, 1, |k, ox| {
-            let left = k.mad_u(ox, g.stride, tap.kj);
-            let ix = k.ubin(BinOp::Sub, left, g.pad);
-            let at = k.add_u(x_row, ix);
-            let at = k.idx(at);
-            let at = k.idx_add(x_base, at);
-            let mut a = k.load(x, at);
-            if let Some(pro) = pro {
-                a = pro.apply(k, a);
-            }
-            let position = k.add_u(dy_row, ox);
-            let position = k.idx(position);
-            let gi = k.idx_add(dy_base, position);
-            let gv = k.load(dy, gi);
-            k.fma_into(contribution, a, gv);
-            if squares == Squares::PerPosition {
-                let (a2, g2) = (k.mul(a, a), k.mul(gv, gv));
-                k.fma_into(sq, a2, g2);
-            }
-        });
-    });
-    contribution
-}
-
-/// The output coordinates `lo..hi` whose input coordinate `out·stride + offset − pad` lies in
-/// `0..size`: `lo = ⌈(pad − offset)/stride⌉` (0 if negative), `hi = ⌊(size − 1 + pad −
-/// offset)/stride⌋ + 1`, clamped to `0..outputs`.
-fn valid_outputs(
-    k: &mut KernelBuilder,
-    g: &Geometry,
-    offset: U32,
-    size: u32,
-    outputs: u32,
-) -> (U32, U32) {
-    let offset = k.s32_from_u32(offset);
-    let lead = k.sbin(BinOp::Sub, g.pad as i32, offset);
-    let lo = k.sbin(BinOp::Add, lead, g.stride as i32 - 1);
-    let lo = k.sbin(BinOp::Div, lo, g.stride as i32);
-    let lo = k.sbin(BinOp::Max, lo, 0);
-    let last = k.sbin(BinOp::Add, lead, size as i32 - 1);
-    let hi = k.sbin(BinOp::Div, last, g.stride as i32);
-    let hi = k.sbin(BinOp::Add, hi, 1);
-    let negative = k.cmp_s(Cmp::Lt, last, 0);
-    let hi = k.select_s(negative, 0, hi);
-    let hi = k.sbin(BinOp::Min, hi, outputs as i32);
-    let lo = k.sbin(BinOp::Min, lo, hi);
-    (k.u32_from_s32(lo), k.u32_from_s32(hi))
-}
-
 #[cfg(test)]
 mod tests {
     use super::batch_chunks;
 
     #[test]
     fn weight_gradients_split_the_batch_only_where_weights_are_few() {
-        // resnet44's first stage: 16·16·9 weights in 9 blocks; 114 chunks of 36 examples
-        assert_eq!(batch_chunks(2304, 4096), 114);
-        assert_eq!(4096u32.div_ceil(114), 36);
-        // vgg16's widest layer fills the GPU on its own
-        assert_eq!(batch_chunks(512 * 512 * 9, 4096), 1);
+        // resnet44's first stage: 16 × 144 weights in one tile; 1024 chunks of 4 examples
+        assert_eq!(batch_chunks(1, 4096), 1024);
+        // vgg16's widest layer (512 × 4608 weights: 576 tiles of 64 × 64) takes 2 chunks
+        assert_eq!(batch_chunks(576, 4096), 2);
+        assert_eq!(batch_chunks(2048, 4096), 1);
         // never more chunks than examples, never an empty one
-        assert_eq!(batch_chunks(90, 3), 3);
-        assert_eq!(batch_chunks(90, 1), 1);
+        assert_eq!(batch_chunks(1, 3), 3);
+        assert_eq!(batch_chunks(1, 1), 1);
         for batch in [5u32, 100, 1000, 4097] {
-            let chunks = batch_chunks(300, batch);
+            let chunks = batch_chunks(3, batch);
             let chunk = batch.div_ceil(chunks);
             assert!(
                 (chunks - 1) * chunk < batch,

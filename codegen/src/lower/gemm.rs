@@ -1,14 +1,16 @@
 //! A tiled GEMM skeleton for implicit-GEMM convolutions.
 //!
-//! One block computes a `BM × BN` tile of `C = A·B` (`M × K` times `K × N`) for one batch
-//! index `z` (grid y), stepping through K in [`BK`]-wide slices staged in shared memory; each
-//! of the [`THREADS`] threads keeps a [`TM`]` × `[`TN`] micro-tile of C in registers and adds
-//! each product with one `fma`, k in order (so every run gives the same bits). The operands
-//! are gathered element by element by the caller's closures (im2col on the fly, prologues
-//! applied on load); elements outside `M × K` or `K × N` are zero and never gathered. The
-//! skeleton knows nothing about convolutions: the caller reads the finished micro-tile.
+//! One block computes a `bm × bn` tile of `C = A·B` (`M × K` times `K × N`), stepping through K
+//! in [`BK`]-wide slices staged in shared memory; each of the [`THREADS`] threads keeps a
+//! [`TM`]` × `[`TN`] micro-tile of C in registers and adds each product with one `fma`, k in
+//! order (so every run gives the same bits). The operands are gathered element by element by
+//! the caller's closures (im2col on the fly, prologues applied on load); elements outside
+//! `M × K` or `K × N` are zero and never gathered. Where a tile sits ([`TilePlace`]) is
+//! separate from the product, so a block can run several products (one per example, say) into
+//! the same place. The skeleton knows nothing about convolutions.
 
-use crate::builder::{F32, KernelBuilder, Pred, SharedF32, U32};
+use super::common::TileRows;
+use crate::builder::{F32, KernelBuilder, Pred, SharedF32, U32, U64};
 use crate::kir::{BinOp, Cmp};
 
 /// Threads per block.
@@ -18,6 +20,8 @@ pub const BK: u32 = 8;
 /// Rows and columns of C each thread computes.
 pub const TM: u32 = 4;
 pub const TN: u32 = 4;
+/// Elements of C per block tile.
+const TILE: u32 = THREADS * TM * TN;
 
 /// The GEMM's sizes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,7 +31,7 @@ pub struct GemmShape {
     pub k: u32,
 }
 
-/// A block tile of `bm × bn` (`bm·bn = THREADS·TM·TN`).
+/// A block tile of `bm × bn` (`bm·bn = THREADS·TM·TN`), each a power of two from 16 to 256.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tiling {
     pub bm: u32,
@@ -36,93 +40,145 @@ pub struct Tiling {
 
 impl Tiling {
     /// The tile for `n` columns: as few idle columns as possible (16, 32 or 64 wide), the
-    /// rows making up the block's 4096 elements.
+    /// rows making up the rest.
     pub fn for_columns(n: u32) -> Tiling {
         let bn = n.next_power_of_two().clamp(16, 64);
-        Tiling {
-            bm: THREADS * TM * TN / bn,
-            bn,
-        }
+        Tiling { bm: TILE / bn, bn }
+    }
+
+    /// The tile for `m` rows: as few idle rows as possible (16 to 256 high).
+    pub fn for_rows(m: u32) -> Tiling {
+        let bm = m.next_power_of_two().clamp(16, 256);
+        Tiling { bm, bn: TILE / bm }
     }
 
     pub fn tiles(&self, shape: GemmShape) -> (u32, u32) {
         (shape.m.div_ceil(self.bm), shape.n.div_ceil(self.bn))
     }
 
-    /// One block per tile along x, one row of blocks per batch index along y.
-    pub fn grid(&self, shape: GemmShape, batch: u32) -> [u32; 2] {
+    pub fn count(&self, shape: GemmShape) -> u32 {
         let (rows, cols) = self.tiles(shape);
-        [rows * cols, batch]
+        rows * cols
     }
 }
 
-/// A thread's finished micro-tile: `values[i][j]` is C at (`rows[i]`, `cols[j]`), which lies
-/// inside C where `row_ok[i]` and `col_ok[j]` hold. `tile_row` is the block's tile index
-/// along M, `z` its batch index.
-pub struct MicroTile {
-    pub values: Vec<Vec<F32>>,
+/// How each operand lies in memory: whether consecutive k are adjacent (else consecutive rows
+/// of A / columns of B are), so that consecutive threads gather adjacent elements.
+#[derive(Clone, Copy, Debug)]
+pub struct Layout {
+    pub a_k_fastest: bool,
+    pub b_k_fastest: bool,
+}
+
+/// Where a thread's micro-tile sits: C at (`rows[i]`, `cols[j]`), inside C where `row_ok[i]`
+/// and `col_ok[j]` hold; the block's tile is (`tile_row`, `tile_col`) of the grid's x; the
+/// thread is (row group, column group) `thread` of the block.
+pub struct TilePlace {
     pub rows: Vec<U32>,
     pub cols: Vec<U32>,
     pub row_ok: Vec<Pred>,
     pub col_ok: Vec<Pred>,
     pub tile_row: U32,
-    pub z: U32,
-    /// The thread's position in the block: (row group, column group).
     pub thread: (U32, U32),
+    m0: U32,
+    n0: U32,
 }
 
-/// Emits the tiled product. `load_a(k, m, kk, z)` gathers A[m][kk] and `load_b(k, kk, n, z)`
-/// B[kk][n], each called only for elements inside the matrix.
-pub fn tiled_gemm(
-    k: &mut KernelBuilder,
-    shape: GemmShape,
-    tiling: Tiling,
-    load_a: impl Fn(&mut KernelBuilder, U32, U32, U32) -> F32,
-    load_b: impl Fn(&mut KernelBuilder, U32, U32, U32) -> F32,
-) -> MicroTile {
+/// The place of this thread's micro-tile, the block's tile being block x.
+pub fn place(k: &mut KernelBuilder, shape: GemmShape, tiling: Tiling) -> TilePlace {
     assert_eq!(
         k.block_size(),
         THREADS,
         "the GEMM skeleton runs {THREADS} threads"
     );
-    assert_eq!(tiling.bm * tiling.bn, THREADS * TM * TN, "{tiling:?}");
-    let Tiling { bm, bn } = tiling;
+    assert_eq!(tiling.bm * tiling.bn, TILE, "{tiling:?}");
+    k.register_tiled();
     let (_, tile_cols) = tiling.tiles(shape);
-    let (tile, z, tid) = (k.block_x(), k.block_y(), k.tid());
+    let (tile, tid) = (k.block_x(), k.tid());
     let tile_row = k.ubin(BinOp::Div, tile, tile_cols);
     let tile_col = k.ubin(BinOp::Rem, tile, tile_cols);
-    let m0 = k.mul_u(tile_row, bm);
-    let n0 = k.mul_u(tile_col, bn);
-    let groups_n = bn / TN;
+    let m0 = k.mul_u(tile_row, tiling.bm);
+    let n0 = k.mul_u(tile_col, tiling.bn);
+    let groups_n = tiling.bn / TN;
     let ty = k.ubin(BinOp::Div, tid, groups_n);
     let tx = k.ubin(BinOp::Rem, tid, groups_n);
-
-    // A slice stored k-major ([BK][bm]), B slice k-major ([BK][bn]): a thread's TM (TN)
-    // operands of one k are adjacent
-    let (a_slice, b_slice) = (k.shared(BK * bm), k.shared(BK * bn));
-    let acc: Vec<Vec<F32>> = (0..TM)
-        .map(|_| (0..TN).map(|_| k.f32(0.0)).collect())
+    let rows: Vec<U32> = (0..TM)
+        .map(|i| {
+            let local = k.mad_u(ty, TM, i);
+            k.add_u(m0, local)
+        })
         .collect();
+    let cols: Vec<U32> = (0..TN)
+        .map(|j| {
+            let local = k.mad_u(tx, TN, j);
+            k.add_u(n0, local)
+        })
+        .collect();
+    let row_ok = rows.iter().map(|&r| k.cmp_u(Cmp::Lt, r, shape.m)).collect();
+    let col_ok = cols.iter().map(|&c| k.cmp_u(Cmp::Lt, c, shape.n)).collect();
+    TilePlace {
+        rows,
+        cols,
+        row_ok,
+        col_ok,
+        tile_row,
+        thread: (ty, tx),
+        m0,
+        n0,
+    }
+}
+
+/// A finished micro-tile: `values[i][j]` is C at the place's (i, j); with `squares`, also
+/// `Σₖ A²·B²` there (the supplement's a²g² of a weight gradient).
+pub struct Products {
+    pub values: Vec<Vec<F32>>,
+    pub squares: Option<Vec<Vec<F32>>>,
+}
+
+/// Emits one tiled product at `place`. `load_a(k, m, kk)` gathers A[m][kk] and
+/// `load_b(k, kk, n)` B[kk][n], each called only for elements inside the matrix.
+#[allow(clippy::too_many_arguments)]
+pub fn tiled_gemm(
+    k: &mut KernelBuilder,
+    shape: GemmShape,
+    tiling: Tiling,
+    place: &TilePlace,
+    layout: Layout,
+    squares: bool,
+    load_a: impl Fn(&mut KernelBuilder, U32, U32) -> F32,
+    load_b: impl Fn(&mut KernelBuilder, U32, U32) -> F32,
+) -> Products {
+    let Tiling { bm, bn } = tiling;
+    let (ty, tx) = place.thread;
+    // both slices k-major ([BK][bm], [BK][bn]): a thread's TM (TN) operands of one k are
+    // adjacent
+    let (a_slice, b_slice) = (k.shared(BK * bm), k.shared(BK * bn));
+    let zeros = |k: &mut KernelBuilder| -> Vec<Vec<F32>> {
+        (0..TM)
+            .map(|_| (0..TN).map(|_| k.f32(0.0)).collect())
+            .collect()
+    };
+    let acc = zeros(k);
+    let acc_sq = squares.then(|| zeros(k));
     let steps = shape.k.div_ceil(BK);
     k.for_u32(0u32, steps, 1, |k, step| {
         let k0 = k.mul_u(step, BK);
-        // A (im2col of activations) is contiguous along m, B (weights) along k
         let a_side = Side {
             width: bm,
-            origin: m0,
+            origin: place.m0,
             size: shape.m,
             is_a: true,
-            k_fastest: false,
+            k_fastest: layout.a_k_fastest,
         };
-        stage(k, a_side, a_slice, k0, shape.k, &load_a, z);
+        stage(k, a_side, a_slice, k0, shape.k, &load_a);
         let b_side = Side {
             width: bn,
-            origin: n0,
+            origin: place.n0,
             size: shape.n,
             is_a: false,
-            k_fastest: true,
+            k_fastest: layout.b_k_fastest,
         };
-        stage(k, b_side, b_slice, k0, shape.k, &load_b, z);
+        stage(k, b_side, b_slice, k0, shape.k, &load_b);
         k.barrier();
         for kk in 0..BK {
             let a: Vec<F32> = (0..TM)
@@ -142,33 +198,21 @@ pub fn tiled_gemm(
                     k.fma_into(c, av, bv);
                 }
             }
+            if let Some(acc_sq) = &acc_sq {
+                let a2: Vec<F32> = a.iter().map(|&v| k.mul(v, v)).collect();
+                let b2: Vec<F32> = b.iter().map(|&v| k.mul(v, v)).collect();
+                for (row, &av) in acc_sq.iter().zip(&a2) {
+                    for (&c, &bv) in row.iter().zip(&b2) {
+                        k.fma_into(c, av, bv);
+                    }
+                }
+            }
         }
         k.barrier();
     });
-
-    let rows: Vec<U32> = (0..TM)
-        .map(|i| {
-            let local = k.mad_u(ty, TM, i);
-            k.add_u(m0, local)
-        })
-        .collect();
-    let cols: Vec<U32> = (0..TN)
-        .map(|j| {
-            let local = k.mad_u(tx, TN, j);
-            k.add_u(n0, local)
-        })
-        .collect();
-    let row_ok = rows.iter().map(|&r| k.cmp_u(Cmp::Lt, r, shape.m)).collect();
-    let col_ok = cols.iter().map(|&c| k.cmp_u(Cmp::Lt, c, shape.n)).collect();
-    MicroTile {
+    Products {
         values: acc,
-        rows,
-        cols,
-        row_ok,
-        col_ok,
-        tile_row,
-        z,
-        thread: (ty, tx),
+        squares: acc_sq,
     }
 }
 
@@ -178,8 +222,6 @@ struct Side {
     origin: U32,
     size: u32,
     is_a: bool,
-    /// Whether consecutive threads take consecutive k (else consecutive rows/columns): the
-    /// order of the operand in memory, for coalesced loads.
     k_fastest: bool,
 }
 
@@ -191,8 +233,7 @@ fn stage(
     slice: SharedF32,
     k0: U32,
     depth: u32,
-    load: &impl Fn(&mut KernelBuilder, U32, U32, U32) -> F32,
-    z: U32,
+    load: &impl Fn(&mut KernelBuilder, U32, U32) -> F32,
 ) {
     let tid = k.tid();
     let elements = BK * side.width;
@@ -216,9 +257,9 @@ fn stage(
             let value = k.f32(0.0);
             k.when(ok, |k| {
                 let v = if side.is_a {
-                    load(k, index, kk, z)
+                    load(k, index, kk)
                 } else {
-                    load(k, kk, index, z)
+                    load(k, kk, index)
                 };
                 k.assign(value, v);
             });
@@ -229,18 +270,18 @@ fn stage(
 }
 
 /// Column sums of a finished micro-tile over the block's rows, for per-tile partials: for
-/// each term, `terms(k, i, j)` gives the value of element (i, j) (only rows inside C count),
-/// and the block's total of column `cols[j]` comes back in thread `(0, tx)`'s `sums[term][j]`
+/// each term, `value(k, term, i, j)` gives element (i, j) (only rows inside C count), and the
+/// block's total of column `cols[j]` comes back in the row-group-0 threads' `sums[term][j]`
 /// (other threads hold garbage). Summed in row order, so the bits never change.
 pub fn column_sums(
     k: &mut KernelBuilder,
-    tile: &MicroTile,
+    place: &TilePlace,
     tiling: Tiling,
     terms: usize,
     value: impl Fn(&mut KernelBuilder, usize, usize, usize) -> F32,
 ) -> Vec<Vec<F32>> {
     let groups_m = tiling.bm / TM;
-    let (ty, tx) = tile.thread;
+    let (ty, tx) = place.thread;
     let area = k.shared(groups_m * tiling.bn);
     let mut sums = Vec::with_capacity(terms);
     for t in 0..terms {
@@ -250,7 +291,7 @@ pub fn column_sums(
                 let total = k.f32(0.0);
                 for i in 0..TM as usize {
                     let v = value(k, t, i, j);
-                    let v = k.select(tile.row_ok[i], v, 0.0f32);
+                    let v = k.select(place.row_ok[i], v, 0.0f32);
                     k.accumulate(total, v);
                 }
                 total
@@ -278,4 +319,30 @@ pub fn column_sums(
         sums.push(column);
     }
     sums
+}
+
+/// Stores [`column_sums`]' totals (row group 0 of the block) as per-(batch index `z`, row
+/// tile) partials: `partials[t][z·tiles + tile_row][column]`, the layout `combine_tiles` reads.
+pub fn store_column_sums(
+    k: &mut KernelBuilder,
+    place: &TilePlace,
+    z: U32,
+    partials: U64,
+    rows: TileRows,
+    sums: &[Vec<F32>],
+) {
+    let first_group = k.cmp_u(Cmp::Eq, place.thread.0, 0u32);
+    k.when(first_group, |k| {
+        let row = k.mad_u(z, rows.tiles as u32, place.tile_row);
+        for (t, term) in sums.iter().enumerate() {
+            for (j, &total) in term.iter().enumerate() {
+                k.when(place.col_ok[j], |k| {
+                    let slot = k.mad_u(row, rows.channels as u32, place.cols[j]);
+                    let slot = k.idx(slot);
+                    let at = k.idx_add_const(slot, t as u64 * rows.rows() * rows.channels);
+                    k.store(partials, at, total);
+                });
+            }
+        }
+    });
 }
