@@ -12,6 +12,9 @@ use fisherc_ir::{StepOptions, build_training_step};
 
 const MODELS: [&str; 4] = ["resnet20", "resnet44", "resnet44x2", "vgg16"];
 
+/// Spill bytes a register-tiled kernel may have (see the test).
+const TILED_SPILL_BYTES: u32 = 64;
+
 /// The kernels of every configuration, one copy of each (names are unique per op and shape).
 fn all_kernels() -> BTreeMap<String, Kernel> {
     let mut kernels = BTreeMap::new();
@@ -44,9 +47,18 @@ fn every_kernel_of_every_model_assembles_for_sm80_and_sm90() {
         assembled.sort_unstable();
         let expected: Vec<&str> = kernels.keys().map(String::as_str).collect(); // sorted
         assert_eq!(assembled, expected, "{arch}: ptxas reports every kernel");
+        // register-tiled GEMMs may spill a little: the exact weight gradient's per-chunk
+        // totals (touched once per example) when ptxas hoists a whole K slice of operands
+        let allowed = |r: &&ptxas::Resources| {
+            if kernels[&r.kernel].register_tiled {
+                TILED_SPILL_BYTES
+            } else {
+                0
+            }
+        };
         let spilling: Vec<_> = resources
             .iter()
-            .filter(|r| r.spill_stores > 0 || r.spill_loads > 0)
+            .filter(|r| r.spill_stores.max(r.spill_loads) > allowed(r))
             .collect();
         assert!(
             spilling.is_empty(),

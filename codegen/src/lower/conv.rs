@@ -13,7 +13,8 @@ use super::common::{
     input, inv_std, launch, normalised, output, scratch, sum_rows,
 };
 use super::gemm::{
-    self, GemmShape, Layout, THREADS, Tiling, column_sums, store_column_sums, tiled_gemm,
+    self, Coordinates, GemmShape, Layout, Products, THREADS, Tiling, column_sums,
+    store_column_sums, tiled_gemm,
 };
 use crate::builder::{F32, KernelBuilder, Pred, S32, U32, U64};
 use crate::kir::{BinOp, Cmp};
@@ -181,16 +182,18 @@ fn forward(cx: &Cx, conv: &Conv2d, prologue: Option<FloatAttr>, stats: bool) -> 
         a_k_fastest: false,
         b_k_fastest: true,
     };
-    let tile = tiled_gemm(
+    let tile = Products::zeros(&mut k, false);
+    tiled_gemm(
         &mut k,
         shape,
         tiling,
         &place,
         layout,
-        false,
+        &tile,
         |k, m, kk| load_a(k, m, kk, n),
         |k, kk, col| load_b(k, kk, col, n),
     );
+    let coords = place.coordinates(&mut k);
 
     // y = C (+ bias), stored where the element exists
     let outputs: Vec<Vec<F32>> = tile
@@ -198,8 +201,8 @@ fn forward(cx: &Cx, conv: &Conv2d, prologue: Option<FloatAttr>, stats: bool) -> 
         .iter()
         .map(|row| {
             row.iter()
-                .zip(&place.cols)
-                .zip(&place.col_ok)
+                .zip(&coords.cols)
+                .zip(&coords.col_ok)
                 .map(|((&v, &o), &ok)| match bias {
                     Some(b) => {
                         let safe = k.select_u(ok, o, 0u32);
@@ -213,12 +216,12 @@ fn forward(cx: &Cx, conv: &Conv2d, prologue: Option<FloatAttr>, stats: bool) -> 
         .collect();
     for (i, row) in outputs.iter().enumerate() {
         for (j, &v) in row.iter().enumerate() {
-            let ok = k.and(place.row_ok[i], place.col_ok[j]);
+            let ok = k.and(coords.row_ok[i], coords.col_ok[j]);
             k.when(ok, |k| {
-                let no = k.mad_u(n, g.o, place.cols[j]);
+                let no = k.mad_u(n, g.o, coords.cols[j]);
                 let plane = k.idx(no);
                 let base = k.idx_mul_const(plane, positions as u64);
-                let p = k.idx(place.rows[i]);
+                let p = k.idx(coords.rows[i]);
                 let at = k.idx_add(base, p);
                 k.store(y, at, v);
             });
@@ -232,7 +235,7 @@ fn forward(cx: &Cx, conv: &Conv2d, prologue: Option<FloatAttr>, stats: bool) -> 
     };
 
     // per-(example, row tile) sums of y and y² for each channel
-    let sums = column_sums(&mut k, &place, tiling, 2, |k, t, i, j| {
+    let sums = column_sums(&mut k, &place, &coords, tiling, 2, |k, t, i, j| {
         let v = outputs[i][j];
         if t == 0 { v } else { k.mul(v, v) }
     });
@@ -241,7 +244,7 @@ fn forward(cx: &Cx, conv: &Conv2d, prologue: Option<FloatAttr>, stats: bool) -> 
         tiles: tiling.tiles(shape).0 as u64,
         channels: g.o as u64,
     };
-    store_column_sums(&mut k, &place, n, partials, rows, &sums);
+    store_column_sums(&mut k, &place, &coords, n, partials, rows, &sums);
     args.push(scratch(0));
     let count = (g.batch * positions) as u64;
     let moments = [
@@ -326,27 +329,29 @@ fn dgrad(cx: &Cx, d: &ConvDgrad, epilogue: Option<(FloatAttr, Squares)>) -> Lowe
         a_k_fastest: false,
         b_k_fastest: true,
     };
-    let tile = tiled_gemm(
+    let tile = Products::zeros(&mut k, false);
+    tiled_gemm(
         &mut k,
         shape,
         tiling,
         &place,
         layout,
-        false,
+        &tile,
         |k, m, kk| load_a(k, m, kk, n),
         |k, kk, col| load_b(k, kk, col, n),
     );
+    let coords = place.coordinates(&mut k);
 
     // every element stored (ReLU-masked under the epilogue), with what its BN terms need
     let mut masked: Vec<Vec<(F32, F32)>> = Vec::new();
     for (i, row) in tile.values.iter().enumerate() {
         let mut row_terms = Vec::new();
         for (j, &acc) in row.iter().enumerate() {
-            let ok = k.and(place.row_ok[i], place.col_ok[j]);
-            let nc = k.mad_u(n, g.c, place.cols[j]);
+            let ok = k.and(coords.row_ok[i], coords.col_ok[j]);
+            let nc = k.mad_u(n, g.c, coords.cols[j]);
             let plane = k.idx(nc);
             let base = k.idx_mul_const(plane, positions as u64);
-            let p = k.idx(place.rows[i]);
+            let p = k.idx(coords.rows[i]);
             let at = k.idx_add(base, p);
             let Some((y, params, _)) = &bn else {
                 k.when(ok, |k| k.store(dx, at, acc));
@@ -357,7 +362,7 @@ fn dgrad(cx: &Cx, d: &ConvDgrad, epilogue: Option<(FloatAttr, Squares)>) -> Lowe
                 let v = k.load(*y, at);
                 k.assign(yv, v);
             });
-            let c = k.select_u(place.col_ok[j], place.cols[j], 0u32);
+            let c = k.select_u(coords.col_ok[j], coords.cols[j], 0u32);
             let z = bn_apply(&mut k, yv, params, c);
             let active = k.cmp_f32(Cmp::Gt, z, 0.0f32);
             let dz = k.select(active, acc, 0.0f32);
@@ -376,7 +381,7 @@ fn dgrad(cx: &Cx, d: &ConvDgrad, epilogue: Option<(FloatAttr, Squares)>) -> Lowe
     // the terms are made term by term from (dz, x̂): all of them at once would not fit in
     // registers
     let count = bn_term_count(squares);
-    let sums = column_sums(&mut k, &place, tiling, count, |k, t, i, j| {
+    let sums = column_sums(&mut k, &place, &coords, tiling, count, |k, t, i, j| {
         let (dz, xhat) = masked[i][j];
         bn_terms(k, dz, xhat, squares)[t]
     });
@@ -385,7 +390,7 @@ fn dgrad(cx: &Cx, d: &ConvDgrad, epilogue: Option<(FloatAttr, Squares)>) -> Lowe
         tiles: tiling.tiles(shape).0 as u64,
         channels: g.c as u64,
     };
-    store_column_sums(&mut k, &place, n, partials, rows, &sums);
+    store_column_sums(&mut k, &place, &coords, n, partials, rows, &sums);
     args.push(scratch(0));
     let outputs: Vec<_> = bn_combine(squares)
         .into_iter()
@@ -477,25 +482,16 @@ fn wgrad(
         vec![k.ptr_param("partials")]
     };
     let place = gemm::place(&mut k, shape, tiling);
-    let zeros = |k: &mut KernelBuilder| -> Vec<Vec<F32>> {
-        place
-            .rows
-            .iter()
-            .map(|_| place.cols.iter().map(|_| k.f32(0.0)).collect())
-            .collect()
+    // the exact Fisher squares each example's product, so that has its own accumulators,
+    // reset per example; the rest accumulate every example straight into the totals
+    let per_position = squares == Squares::PerPosition;
+    let totals = Products::zeros(&mut k, squares != Squares::None);
+    // weight element (i, j) of the micro-tile, o·(C·area) + column, and whether it exists;
+    // made where used, not kept across the loop (registers)
+    let element = |k: &mut KernelBuilder, coords: &Coordinates, i: usize, j: usize| {
+        let e = k.mad_u(coords.rows[i], shape.n, coords.cols[j]);
+        (e, k.and(coords.row_ok[i], coords.col_ok[j]))
     };
-    let (totals, squares_total) = (zeros(&mut k), zeros(&mut k));
-    // weight element (i, j) of the micro-tile: o·(C·area) + column
-    let elements: Vec<Vec<(U32, Pred)>> = (0..place.rows.len())
-        .map(|i| {
-            (0..place.cols.len())
-                .map(|j| {
-                    let e = k.mad_u(place.rows[i], shape.n, place.cols[j]);
-                    (e, k.and(place.row_ok[i], place.col_ok[j]))
-                })
-                .collect()
-        })
-        .collect();
     let layout = Layout {
         a_k_fastest: true,
         b_k_fastest: true,
@@ -539,44 +535,44 @@ fn wgrad(
             };
             k.select(ok, v, 0.0f32)
         };
-        let per_position = squares == Squares::PerPosition;
-        let product = tiled_gemm(
-            k,
-            shape,
-            tiling,
-            &place,
-            layout,
-            per_position,
-            load_a,
-            load_b,
-        );
+        if !per_example && squares != Squares::PerExample {
+            let into = Products {
+                values: totals.values.clone(),
+                squares: totals.squares.clone().filter(|_| per_position),
+            };
+            tiled_gemm(k, shape, tiling, &place, layout, &into, load_a, load_b);
+            return;
+        }
+        let product = Products::zeros(k, false);
+        tiled_gemm(k, shape, tiling, &place, layout, &product, load_a, load_b);
+        let coords = place.coordinates(k);
         for (i, row) in product.values.iter().enumerate() {
             for (jj, &v) in row.iter().enumerate() {
-                let (e, ok) = elements[i][jj];
                 if per_example {
+                    let (e, ok) = element(k, &coords, i, jj);
                     k.when(ok, |k| {
                         let n_idx = k.idx(n);
                         let e_idx = k.idx(e);
                         let at = k.idx_mad(n_idx, weights, e_idx);
                         k.store(targets[0], at, v);
                     });
-                    continue;
-                }
-                k.accumulate(totals[i][jj], v);
-                match (&product.squares, squares) {
-                    (Some(sq), _) => k.accumulate(squares_total[i][jj], sq[i][jj]),
-                    (None, Squares::PerExample) => k.fma_into(squares_total[i][jj], v, v),
-                    _ => {}
+                } else {
+                    let squares_total = totals.squares.as_ref().expect("exact squares");
+                    k.accumulate(totals.values[i][jj], v);
+                    k.fma_into(squares_total[i][jj], v, v);
                 }
             }
         }
     });
     if !per_example {
-        for (i, row) in elements.iter().enumerate() {
-            for (jj, &(e, ok)) in row.iter().enumerate() {
-                let sums = [totals[i][jj], squares_total[i][jj]];
+        let coords = place.coordinates(&mut k);
+        for (i, row) in totals.values.iter().enumerate() {
+            for (jj, &total) in row.iter().enumerate() {
+                let (e, ok) = element(&mut k, &coords, i, jj);
+                let mut sums = vec![total];
+                sums.extend(totals.squares.as_ref().map(|sq| sq[i][jj]));
                 k.when(ok, |k| {
-                    for (t, &total) in sums[..terms].iter().enumerate() {
+                    for (t, &total) in sums.iter().enumerate() {
                         if direct {
                             k.store(targets[t], e, total);
                         } else {

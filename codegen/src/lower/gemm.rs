@@ -70,18 +70,57 @@ pub struct Layout {
     pub b_k_fastest: bool,
 }
 
-/// Where a thread's micro-tile sits: C at (`rows[i]`, `cols[j]`), inside C where `row_ok[i]`
-/// and `col_ok[j]` hold; the block's tile is (`tile_row`, `tile_col`) of the grid's x; the
-/// thread is (row group, column group) `thread` of the block.
+/// Where a thread's micro-tile sits: the block's tile row `tile_row` (of the grid's x), its
+/// first row and column, and the thread's (row group, column group) `thread` in the block.
 pub struct TilePlace {
+    pub tile_row: U32,
+    pub thread: (U32, U32),
+    shape: GemmShape,
+    m0: U32,
+    n0: U32,
+}
+
+/// A micro-tile's elements: C at (`rows[i]`, `cols[j]`), inside C where `row_ok[i]` and
+/// `col_ok[j]` hold.
+pub struct Coordinates {
     pub rows: Vec<U32>,
     pub cols: Vec<U32>,
     pub row_ok: Vec<Pred>,
     pub col_ok: Vec<Pred>,
-    pub tile_row: U32,
-    pub thread: (U32, U32),
-    m0: U32,
-    n0: U32,
+}
+
+impl TilePlace {
+    /// The coordinates of the thread's elements, computed where this is emitted (after a
+    /// long loop rather than before it: registers).
+    pub fn coordinates(&self, k: &mut KernelBuilder) -> Coordinates {
+        let (ty, tx) = self.thread;
+        let rows: Vec<U32> = (0..TM)
+            .map(|i| {
+                let local = k.mad_u(ty, TM, i);
+                k.add_u(self.m0, local)
+            })
+            .collect();
+        let cols: Vec<U32> = (0..TN)
+            .map(|j| {
+                let local = k.mad_u(tx, TN, j);
+                k.add_u(self.n0, local)
+            })
+            .collect();
+        let row_ok = rows
+            .iter()
+            .map(|&r| k.cmp_u(Cmp::Lt, r, self.shape.m))
+            .collect();
+        let col_ok = cols
+            .iter()
+            .map(|&c| k.cmp_u(Cmp::Lt, c, self.shape.n))
+            .collect();
+        Coordinates {
+            rows,
+            cols,
+            row_ok,
+            col_ok,
+        }
+    }
 }
 
 /// The place of this thread's micro-tile, the block's tile being block x.
@@ -102,41 +141,40 @@ pub fn place(k: &mut KernelBuilder, shape: GemmShape, tiling: Tiling) -> TilePla
     let groups_n = tiling.bn / TN;
     let ty = k.ubin(BinOp::Div, tid, groups_n);
     let tx = k.ubin(BinOp::Rem, tid, groups_n);
-    let rows: Vec<U32> = (0..TM)
-        .map(|i| {
-            let local = k.mad_u(ty, TM, i);
-            k.add_u(m0, local)
-        })
-        .collect();
-    let cols: Vec<U32> = (0..TN)
-        .map(|j| {
-            let local = k.mad_u(tx, TN, j);
-            k.add_u(n0, local)
-        })
-        .collect();
-    let row_ok = rows.iter().map(|&r| k.cmp_u(Cmp::Lt, r, shape.m)).collect();
-    let col_ok = cols.iter().map(|&c| k.cmp_u(Cmp::Lt, c, shape.n)).collect();
     TilePlace {
-        rows,
-        cols,
-        row_ok,
-        col_ok,
         tile_row,
         thread: (ty, tx),
+        shape,
         m0,
         n0,
     }
 }
 
-/// A finished micro-tile: `values[i][j]` is C at the place's (i, j); with `squares`, also
-/// `Σₖ A²·B²` there (the supplement's a²g² of a weight gradient).
+/// A thread's accumulators: `values[i][j]` accumulates C at the place's (i, j); `squares`, if
+/// present, `Σₖ A²·B²` there (the supplement's a²g² of a weight gradient).
 pub struct Products {
     pub values: Vec<Vec<F32>>,
     pub squares: Option<Vec<Vec<F32>>>,
 }
 
-/// Emits one tiled product at `place`. `load_a(k, m, kk)` gathers A[m][kk] and
-/// `load_b(k, kk, n)` B[kk][n], each called only for elements inside the matrix.
+impl Products {
+    /// Accumulators set to zero where this is emitted (in a loop: at every iteration).
+    pub fn zeros(k: &mut KernelBuilder, squares: bool) -> Products {
+        let zeros = |k: &mut KernelBuilder| -> Vec<Vec<F32>> {
+            (0..TM)
+                .map(|_| (0..TN).map(|_| k.f32(0.0)).collect())
+                .collect()
+        };
+        Products {
+            values: zeros(k),
+            squares: squares.then(|| zeros(k)),
+        }
+    }
+}
+
+/// Emits one tiled product at `place`, added into `acc` (so several products can accumulate
+/// into the same registers). `load_a(k, m, kk)` gathers A[m][kk] and `load_b(k, kk, n)`
+/// B[kk][n], each called only for elements inside the matrix.
 #[allow(clippy::too_many_arguments)]
 pub fn tiled_gemm(
     k: &mut KernelBuilder,
@@ -144,22 +182,17 @@ pub fn tiled_gemm(
     tiling: Tiling,
     place: &TilePlace,
     layout: Layout,
-    squares: bool,
+    acc: &Products,
     load_a: impl Fn(&mut KernelBuilder, U32, U32) -> F32,
     load_b: impl Fn(&mut KernelBuilder, U32, U32) -> F32,
-) -> Products {
+) {
     let Tiling { bm, bn } = tiling;
     let (ty, tx) = place.thread;
     // both slices k-major ([BK][bm], [BK][bn]): a thread's TM (TN) operands of one k are
     // adjacent
     let (a_slice, b_slice) = (k.shared(BK * bm), k.shared(BK * bn));
-    let zeros = |k: &mut KernelBuilder| -> Vec<Vec<F32>> {
-        (0..TM)
-            .map(|_| (0..TN).map(|_| k.f32(0.0)).collect())
-            .collect()
-    };
-    let acc = zeros(k);
-    let acc_sq = squares.then(|| zeros(k));
+    let acc_sq = &acc.squares;
+    let acc = &acc.values;
     let steps = shape.k.div_ceil(BK);
     k.for_u32(0u32, steps, 1, |k, step| {
         let k0 = k.mul_u(step, BK);
@@ -198,7 +231,7 @@ pub fn tiled_gemm(
                     k.fma_into(c, av, bv);
                 }
             }
-            if let Some(acc_sq) = &acc_sq {
+            if let Some(acc_sq) = acc_sq {
                 let a2: Vec<F32> = a.iter().map(|&v| k.mul(v, v)).collect();
                 let b2: Vec<F32> = b.iter().map(|&v| k.mul(v, v)).collect();
                 for (row, &av) in acc_sq.iter().zip(&a2) {
@@ -210,10 +243,6 @@ pub fn tiled_gemm(
         }
         k.barrier();
     });
-    Products {
-        values: acc,
-        squares: acc_sq,
-    }
 }
 
 /// One operand's slice: `width` rows of A (or columns of B) from `origin`, of `size` in all.
@@ -271,11 +300,12 @@ fn stage(
 
 /// Column sums of a finished micro-tile over the block's rows, for per-tile partials: for
 /// each term, `value(k, term, i, j)` gives element (i, j) (only rows inside C count), and the
-/// block's total of column `cols[j]` comes back in the row-group-0 threads' `sums[term][j]`
+/// block's total of column `at.cols[j]` comes back in the row-group-0 threads' `sums[term][j]`
 /// (other threads hold garbage). Summed in row order, so the bits never change.
 pub fn column_sums(
     k: &mut KernelBuilder,
     place: &TilePlace,
+    at: &Coordinates,
     tiling: Tiling,
     terms: usize,
     value: impl Fn(&mut KernelBuilder, usize, usize, usize) -> F32,
@@ -291,7 +321,7 @@ pub fn column_sums(
                 let total = k.f32(0.0);
                 for i in 0..TM as usize {
                     let v = value(k, t, i, j);
-                    let v = k.select(place.row_ok[i], v, 0.0f32);
+                    let v = k.select(at.row_ok[i], v, 0.0f32);
                     k.accumulate(total, v);
                 }
                 total
@@ -326,6 +356,7 @@ pub fn column_sums(
 pub fn store_column_sums(
     k: &mut KernelBuilder,
     place: &TilePlace,
+    at: &Coordinates,
     z: U32,
     partials: U64,
     rows: TileRows,
@@ -336,8 +367,8 @@ pub fn store_column_sums(
         let row = k.mad_u(z, rows.tiles as u32, place.tile_row);
         for (t, term) in sums.iter().enumerate() {
             for (j, &total) in term.iter().enumerate() {
-                k.when(place.col_ok[j], |k| {
-                    let slot = k.mad_u(row, rows.channels as u32, place.cols[j]);
+                k.when(at.col_ok[j], |k| {
+                    let slot = k.mad_u(row, rows.channels as u32, at.cols[j]);
                     let slot = k.idx(slot);
                     let at = k.idx_add_const(slot, t as u64 * rows.rows() * rows.channels);
                     k.store(partials, at, total);
