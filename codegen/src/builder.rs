@@ -22,7 +22,7 @@ macro_rules! typed_reg {
     )*};
 }
 
-typed_reg!(F32, U32, S32, U64, Pred, Idx);
+typed_reg!(F32, U32, S32, U64, Pred, Idx, Tf32);
 
 /// Operand types: a typed register or an immediate of the same type.
 macro_rules! typed_operand {
@@ -609,6 +609,33 @@ impl KernelBuilder {
             offset: 0,
             src: v.into().0,
         });
+    }
+
+    // ---- tensor cores ----
+
+    /// `v` rounded to TF32 (`cvt.rna.tf32.f32`), the form `mma_tf32` takes.
+    pub fn tf32(&mut self, v: F32) -> Tf32 {
+        let dst = self.reg(Ty::B32);
+        self.emit(Inst::CvtTf32 { dst, src: v.0 });
+        Tf32(dst)
+    }
+
+    /// A TF32 value as the f32 it equals (a move of the bits).
+    pub fn tf32_value(&mut self, v: Tf32) -> F32 {
+        F32(self.def(Ty::F32, |dst| Inst::Mov { dst, src: v.into() }))
+    }
+
+    /// One warp-wide `mma.sync` m16n8k8 TF32: D = A·B + C with this lane's fragments (layout
+    /// in `kir::Inst::MmaTf32`). Every lane of the warp must run it.
+    pub fn mma_tf32(&mut self, a: [Tf32; 4], b: [Tf32; 2], c: [F32; 4]) -> [F32; 4] {
+        let d = [0; 4].map(|_| self.reg(Ty::F32));
+        self.emit(Inst::MmaTf32 {
+            d,
+            a: a.map(|r| r.0),
+            b: b.map(|r| r.0),
+            c: c.map(|r| r.0),
+        });
+        d.map(F32)
     }
 
     /// A shared-memory array of `len` f32.

@@ -280,6 +280,49 @@ impl Block<'_> {
         }
     }
 
+    /// `mma.sync` m16n8k8 TF32 (see `Inst::MmaTf32` for the fragments), warp by warp: the
+    /// products of the TF32 operands are exact in f64 and summed there, then rounded once to
+    /// f32 (the hardware's order and intermediate rounding are unspecified; this is the exact
+    /// sum, as the executor computes approximate instructions exactly).
+    fn mma_tf32(
+        &mut self,
+        d: &[Reg; 4],
+        a: &[Reg; 4],
+        b: &[Reg; 2],
+        c: &[Reg; 4],
+        active: &[u32],
+    ) -> Result<(), String> {
+        for warp in active.chunks(WARP as usize) {
+            let full = warp.len() == WARP as usize && warp[0] % WARP == 0;
+            if !full || warp.windows(2).any(|w| w[1] != w[0] + 1) {
+                return Err("mma.sync reached by part of a warp".to_string());
+            }
+            let (mut ma, mut mb, mut mc) = ([[0f64; 8]; 16], [[0f64; 8]; 8], [[0f64; 8]; 16]);
+            let value = |this: &Self, r: Reg, t: u32| f32::from_bits(this.get(r, t) as u32) as f64;
+            for &t in warp {
+                let (g, l) = (((t % WARP) / 4) as usize, ((t % WARP) % 4) as usize);
+                for (i, &r) in a.iter().enumerate() {
+                    ma[g + 8 * (i % 2)][l + 4 * (i / 2)] = value(self, r, t);
+                }
+                for (i, &r) in b.iter().enumerate() {
+                    mb[l + 4 * i][g] = value(self, r, t);
+                }
+                for (i, &r) in c.iter().enumerate() {
+                    mc[g + 8 * (i / 2)][2 * l + i % 2] = value(self, r, t);
+                }
+            }
+            for &t in warp {
+                let (g, l) = (((t % WARP) / 4) as usize, ((t % WARP) % 4) as usize);
+                for (i, &r) in d.iter().enumerate() {
+                    let (row, col) = (g + 8 * (i / 2), 2 * l + i % 2);
+                    let sum: f64 = (0..8).map(|k| ma[row][k] * mb[k][col]).sum::<f64>();
+                    self.set(r, t, fb((sum + mc[row][col]) as f32));
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn inst(&mut self, inst: &Inst, active: &[u32], memory: &Memory) -> Result<(), String> {
         match inst {
             Inst::Mov { dst, src } => {
@@ -398,6 +441,11 @@ impl Block<'_> {
                     ));
                 }
             }
+            Inst::CvtTf32 { dst, src } => {
+                let a = Src::Reg(src.id as usize * self.threads);
+                self.lanes1(*dst, a, active, |x| tf32_bits(x as u32) as u64);
+            }
+            Inst::MmaTf32 { d, a, b, c } => self.mma_tf32(d, a, b, c, active)?,
             Inst::ShflDown { dst, src, delta } => {
                 let values: Vec<u64> = active
                     .iter()
@@ -569,6 +617,17 @@ fn unary_value(op: UnOp, ty: Ty, a: u64) -> u64 {
     }
 }
 
+/// `cvt.rna.tf32.f32`: the f32 rounded to 10 mantissa bits, to nearest with ties away from
+/// zero (the magnitude's bits rounded at bit 13); NaN and infinity pass unchanged.
+pub fn tf32_bits(bits: u32) -> u32 {
+    if f32::from_bits(bits).is_finite() {
+        let (sign, magnitude) = (bits & 0x8000_0000, bits & 0x7fff_ffff);
+        sign | ((magnitude + 0x1000) & !0x1fff)
+    } else {
+        bits
+    }
+}
+
 fn convert(to: Ty, from: Ty, bits: u64) -> u64 {
     match (to, from) {
         (Ty::F32, Ty::U32) => fb(bits as u32 as f32),
@@ -579,7 +638,7 @@ fn convert(to: Ty, from: Ty, bits: u64) -> u64 {
         (Ty::U64, Ty::S32) => bits as u32 as i32 as i64 as u64,
         (Ty::U64, _) => bits & 0xffff_ffff,
         (Ty::U32 | Ty::S32, _) => bits & 0xffff_ffff,
-        (Ty::F32, Ty::F32) | (Ty::Pred, _) | (Ty::F32, Ty::Pred) => bits,
+        (Ty::F32, Ty::F32 | Ty::Pred | Ty::B32) | (Ty::Pred | Ty::B32, _) => bits,
     }
 }
 
@@ -589,7 +648,7 @@ fn compare(cmp: Cmp, ty: Ty, a: u64, b: u64) -> bool {
         Ty::F32 => f(a).partial_cmp(&f(b)),
         Ty::S32 => Some((a as u32 as i32).cmp(&(b as u32 as i32))),
         Ty::U32 => Some((a as u32).cmp(&(b as u32))),
-        Ty::U64 | Ty::Pred => Some(a.cmp(&b)),
+        Ty::U64 | Ty::Pred | Ty::B32 => Some(a.cmp(&b)),
     };
     match (cmp, order) {
         (_, None) => false, // PTX comparisons without a "u" suffix are ordered: false on NaN

@@ -17,6 +17,8 @@ pub enum Ty {
     S32,
     U64,
     F32,
+    /// Untyped 32 bits: a TF32 operand of `mma` (an f32 whose low 13 mantissa bits are zero).
+    B32,
 }
 
 impl Ty {
@@ -28,6 +30,7 @@ impl Ty {
             Ty::S32 => "s32",
             Ty::U64 => "u64",
             Ty::F32 => "f32",
+            Ty::B32 => "b32",
         }
     }
 
@@ -228,6 +231,23 @@ pub enum Inst {
         dst: Reg,
         src: Reg,
         delta: u32,
+    },
+    /// `cvt.rna.tf32.f32`: an f32 rounded to TF32 (10 mantissa bits, to nearest, ties away
+    /// from zero), into a `B32` register.
+    CvtTf32 {
+        dst: Reg,
+        src: Reg,
+    },
+    /// `mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32`: the warp's D = A·B + C with A
+    /// 16×8 (4 `B32` per lane), B 8×8 (2 per lane), C and D 16×8 f32 (4 per lane). Lane l
+    /// holds, with g = l / 4 and t = l % 4: A[g + 8·(i % 2)][t + 4·(i / 2)] in `a[i]`,
+    /// B[t + 4·i][g] in `b[i]`, C[g + 8·(i / 2)][2t + i % 2] in `c[i]` (and D likewise).
+    /// Every lane of the warp must take part.
+    MmaTf32 {
+        d: [Reg; 4],
+        a: [Reg; 4],
+        b: [Reg; 2],
+        c: [Reg; 4],
     },
 }
 

@@ -59,6 +59,7 @@ fn reg_prefix(ty: Ty) -> &'static str {
         Ty::S32 => "%s",
         Ty::U64 => "%rd",
         Ty::F32 => "%f",
+        Ty::B32 => "%b",
     }
 }
 
@@ -103,7 +104,7 @@ pub fn render(kernel: &Kernel) -> String {
         let _ = writeln!(out, ".minnctapersm 2");
     }
     let _ = writeln!(out, "{{");
-    for ty in [Ty::Pred, Ty::U32, Ty::S32, Ty::U64, Ty::F32] {
+    for ty in [Ty::Pred, Ty::U32, Ty::S32, Ty::U64, Ty::F32, Ty::B32] {
         let count = kernel
             .regs
             .iter()
@@ -142,6 +143,7 @@ fn decl_type(ty: Ty) -> &'static str {
         Ty::S32 => "s32",
         Ty::U64 => "u64",
         Ty::F32 => "f32",
+        Ty::B32 => "b32",
     }
 }
 
@@ -322,6 +324,17 @@ fn instruction(inst: &Inst, kernel: &Kernel) -> String {
             )
         }
         Inst::Bar => "bar.sync 0;".to_string(),
+        Inst::CvtTf32 { dst, src } => format!("cvt.rna.tf32.f32 {}, {};", reg(*dst), reg(*src)),
+        Inst::MmaTf32 { d, a, b, c } => {
+            let list = |regs: &[Reg]| regs.iter().map(|&r| reg(r)).collect::<Vec<_>>().join(", ");
+            format!(
+                "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {{{}}}, {{{}}}, {{{}}}, {{{}}};",
+                list(d),
+                list(a),
+                list(b),
+                list(c)
+            )
+        }
         Inst::ShflDown { dst, src, delta } => {
             format!(
                 "shfl.sync.down.b32 {}, {}, {delta}, 31, -1;",

@@ -1,9 +1,10 @@
 //! The kernel IR machinery on small kernels: the typed builder, the executor (grid-stride
-//! loops, divergence, barriers, shuffles, bounds and alignment checks) and the PTX renderer with ptxas.
+//! loops, divergence, barriers, shuffles, TF32 tensor-core mma, bounds and alignment checks)
+//! and the PTX renderer with ptxas.
 
-use fisherc_codegen::builder::KernelBuilder;
-use fisherc_codegen::exec::{Arg, Memory, run};
-use fisherc_codegen::kir::{Cmp, Kernel};
+use fisherc_codegen::builder::{KernelBuilder, U32};
+use fisherc_codegen::exec::{Arg, Memory, run, tf32_bits};
+use fisherc_codegen::kir::{BinOp, Cmp, Kernel};
 use fisherc_codegen::{ptx, ptxas};
 
 /// y[i] = 2·x[i] + 1 where x[i] > 0, else 0; grid-stride over n elements.
@@ -39,6 +40,111 @@ fn sum_kernel(n: u64) -> Kernel {
     let first = k.cmp_u(Cmp::Eq, tid, 0u32);
     k.when(first, |k| k.store(out, 0u32, total));
     k.finish()
+}
+
+/// One warp: D = A·B + C through `mma_tf32`, A 16×8 and C, D 16×8 row-major, B 8×8 row-major
+/// (k, n), each lane loading its fragments as `kir::Inst::MmaTf32` lays them out.
+fn mma_kernel() -> Kernel {
+    let mut k = KernelBuilder::new("mma_test", 32, false);
+    let (a, b, c, d) = (
+        k.ptr_param("a"),
+        k.ptr_param("b"),
+        k.ptr_param("c"),
+        k.ptr_param("d"),
+    );
+    let lane = k.tid();
+    let g = k.ubin(BinOp::Div, lane, 4u32);
+    let t = k.ubin(BinOp::Rem, lane, 4u32);
+    // (row + row_add)·8 + col + col_add
+    let at = |k: &mut KernelBuilder, row: U32, row_add: u32, col: U32, col_add: u32| {
+        let row = k.add_u(row, row_add);
+        let col = k.add_u(col, col_add);
+        k.mad_u(row, 8u32, col)
+    };
+    let a_frag = [0u32, 1, 2, 3].map(|i| {
+        let index = at(&mut k, g, 8 * (i % 2), t, 4 * (i / 2));
+        let v = k.load(a, index);
+        k.tf32(v)
+    });
+    let b_frag = [0u32, 1].map(|i| {
+        let index = at(&mut k, t, 4 * i, g, 0);
+        let v = k.load(b, index);
+        k.tf32(v)
+    });
+    let two_t = k.mul_u(t, 2u32);
+    let c_at: [U32; 4] = [0u32, 1, 2, 3].map(|i| at(&mut k, g, 8 * (i / 2), two_t, i % 2));
+    let c_frag = c_at.map(|index| k.load(c, index));
+    let d_frag = k.mma_tf32(a_frag, b_frag, c_frag);
+    for (index, v) in c_at.into_iter().zip(d_frag) {
+        k.store(d, index, v);
+    }
+    k.finish()
+}
+
+#[test]
+fn tf32_rounds_to_nearest_with_ties_away_from_zero() {
+    let tf32 = |x: f32| f32::from_bits(tf32_bits(x.to_bits()));
+    let ulp = 2f32.powi(-10); // of TF32 at 1
+    assert_eq!(tf32(1.0 + ulp / 4.0), 1.0);
+    assert_eq!(
+        tf32(1.0 + ulp / 2.0),
+        1.0 + ulp,
+        "a tie goes away from zero"
+    );
+    assert_eq!(tf32(-(1.0 + ulp / 2.0)), -(1.0 + ulp));
+    assert_eq!(tf32(1.0 + 0.75 * ulp), 1.0 + ulp);
+    assert_eq!(tf32(3.0), 3.0);
+    assert!(tf32(f32::NAN).is_nan());
+    assert_eq!(tf32(f32::INFINITY), f32::INFINITY);
+}
+
+#[test]
+fn mma_multiplies_tf32_fragments_of_the_whole_warp() {
+    let values = |n: usize, seed: f32| -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i as f32 + seed) * 0.731).sin() * 1.7)
+            .collect()
+    };
+    let (a, b, c) = (values(128, 0.3), values(64, 5.1), values(128, 9.7));
+    let mut mem = Memory::new();
+    let (pa, pb, pc, pd) = (
+        mem.alloc_f32(&a),
+        mem.alloc_f32(&b),
+        mem.alloc_f32(&c),
+        mem.alloc(4 * 128),
+    );
+    let args = [Arg::Ptr(pa), Arg::Ptr(pb), Arg::Ptr(pc), Arg::Ptr(pd)];
+    run(&mma_kernel(), [1, 1], &args, &mem).unwrap();
+    let got = mem.read_f32(pd, 128);
+    let tf32 = |x: f32| f32::from_bits(tf32_bits(x.to_bits())) as f64;
+    for row in 0..16 {
+        for col in 0..8 {
+            let sum: f64 = (0..8)
+                .map(|k| tf32(a[row * 8 + k]) * tf32(b[k * 8 + col]))
+                .sum();
+            let expected = (sum + c[row * 8 + col] as f64) as f32;
+            assert_eq!(got[row * 8 + col], expected, "D[{row}][{col}]");
+        }
+    }
+    // the operands were rounded: TF32 differs from the f32 product somewhere
+    let exact = |row: usize, col: usize| {
+        (0..8)
+            .map(|k| a[row * 8 + k] as f64 * b[k * 8 + col] as f64)
+            .sum::<f64>()
+            + c[row * 8 + col] as f64
+    };
+    assert!((0..128).any(|i| got[i] != exact(i / 8, i % 8) as f32));
+}
+
+#[test]
+fn mma_needs_the_whole_warp() {
+    let mut mem = Memory::new();
+    let args: Vec<Arg> = (0..4).map(|_| Arg::Ptr(mem.alloc(4 * 128))).collect();
+    // 48 threads: the second warp is partial
+    let mut kernel = mma_kernel();
+    kernel.block = 48;
+    let err = run(&kernel, [1, 1], &args, &mem).unwrap_err();
+    assert!(err.message.contains("part of a warp"), "{err}");
 }
 
 #[test]
@@ -160,10 +266,11 @@ fn rendered_ptx_declares_registers_and_structures_control_flow() {
 #[ignore = "needs ptxas: run scripts/test.sh (it installs ptxas into .tools/)"]
 fn rendered_kernels_assemble_for_sm80_and_sm90() {
     let ptxas = ptxas::find().expect("ptxas not found: run scripts/install-ptxas.sh");
-    let (scale, sum) = (scale_kernel(1 << 20), sum_kernel(1000));
+    let (scale, sum, mma) = (scale_kernel(1 << 20), sum_kernel(1000), mma_kernel());
     for arch in ["sm_80", "sm_90"] {
-        let resources = ptxas::assemble(&ptxas, &ptx::module(&[&scale, &sum], arch), arch).unwrap();
-        assert_eq!(resources.len(), 2);
+        let module = ptx::module(&[&scale, &sum, &mma], arch);
+        let resources = ptxas::assemble(&ptxas, &module, arch).unwrap();
+        assert_eq!(resources.len(), 3);
         assert!(
             resources
                 .iter()
