@@ -4,7 +4,8 @@
 # card in the same call, and prints the two side by side.
 #
 #   1. `fisherc bench` on the cuda backend: MODELS at BATCH, Fisher none/exact/a2g2, VARIANTS
-#      (median of STEPS after WARMUP, CUDA graph replay, per-op profile) -> fisherc.json/.md
+#      (fused, fused-tc: convolutions on tensor cores, unfused; median of STEPS after WARMUP,
+#      CUDA graph replay, per-op profile) -> fisherc.json/.md
 #   2. scripts/torch_bench.py: the same models and step in PyTorch (eager fp32 and tf32, plain,
 #      a2g2 and exact; torch.compile tf32 plain) -> torch.jsonl
 #   3. the side-by-side table -> side_by_side.md, printed last.
@@ -23,7 +24,7 @@ BACKEND=${BACKEND:-cuda}
 MODELS=${MODELS:-resnet44 vgg16}
 BATCH=${BATCH:-4096}
 FISHER=${FISHER:-none,exact,a2g2}
-VARIANTS=${VARIANTS:-fused}
+VARIANTS=${VARIANTS:-fused,fused-tc}
 STEPS=${STEPS:-3}
 WARMUP=${WARMUP:-1}
 TORCH=${TORCH-python3}

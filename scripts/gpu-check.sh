@@ -3,11 +3,13 @@
 # scripts/build-cuda.sh left in .gpu/ (carry that folder).
 #
 #   1. correctness: resnet20 and resnet44 at batch 32, exact Fisher (CHECK_KINDS: Fisher modes
-#      or noises, e.g. "exact full-fisher-true"), fused and unfused:
+#      or noises, e.g. "exact full-fisher-true"), fused, fused-tc (convolutions on TF32 tensor
+#      cores) and unfused (CHECK_VARIANTS):
 #      `fisherc check --backend cuda --steps 3`: every kernel node by node against the CPU
 #      reference ops on the GPU's own inputs (bounds: 1e-4 elementwise, 1e-3 reductions and
 #      convolutions), then 3 noisy steps against the CPU reference (1e-3).
-#   2. timings: resnet44 and vgg16 at batch 4096, Fisher exact/none/a2g2, fused and unfused:
+#   2. timings: resnet44 and vgg16 at batch 4096, Fisher exact/none/a2g2, fused, fused-tc and
+#      unfused:
 #      `fisherc run --backend cuda --graph --profile`, median step time after warm-up (CUDA
 #      events), then one step timed kernel by kernel (in the log).
 #
@@ -27,6 +29,7 @@ BACKEND=${BACKEND:-cuda}
 CHECK_MODELS=${CHECK_MODELS-resnet20 resnet44}
 RUN_MODELS=${RUN_MODELS-resnet44 vgg16}
 CHECK_KINDS=${CHECK_KINDS:-exact}
+CHECK_VARIANTS=${CHECK_VARIANTS:-fused fused-tc unfused}
 CHECK_BATCH=${CHECK_BATCH:-32}
 RUN_BATCH=${RUN_BATCH:-4096}
 LIMIT_CHECK=${LIMIT_CHECK:-150}
@@ -55,9 +58,11 @@ logged() {
   printf '%s\n\n' "$text" >>"$LOG"
 }
 
-compile() { # model batch kind variant -> artifact dir on stdout (kind: a Fisher mode or a noise)
+compile() { # model batch kind variant -> artifact dir on stdout (kind: a Fisher mode or a noise;
+            # variant: fused, fused-tc (convolutions on tensor cores) or unfused)
   local dir="$ART/$1_b$2_$3_$4" flag="" kind="--noise"
   [ "$4" = unfused ] && flag=--unfused
+  [ "$4" = fused-tc ] && flag=--tensor-cores
   case $3 in none|exact|a2g2) kind="--fisher";; esac
   logged 120 "$F" compile "models/$1.toml" --batch "$2" "$kind" "$3" $flag --arch sm_90 -o "$dir"
   [ $status = 0 ] && echo "$dir"
@@ -67,7 +72,7 @@ verdict() { case $status in 0) echo "${1:-ok}";; 124) echo TIMEOUT;; *) echo "FA
 
 for model in $CHECK_MODELS; do
   for kind in $CHECK_KINDS; do
-  for variant in fused unfused; do
+  for variant in $CHECK_VARIANTS; do
     name="check $model b$CHECK_BATCH $kind $variant"
     if dir=$(compile "$model" "$CHECK_BATCH" "$kind" "$variant"); then
       logged "$LIMIT_CHECK" "$F" check "$dir" --backend "$BACKEND" --steps 3
@@ -83,7 +88,7 @@ done
 configs=${RUNS:-}
 [ -n "$configs" ] || for model in $RUN_MODELS; do
   for fisher in exact none a2g2; do
-    for variant in fused unfused; do
+    for variant in fused fused-tc unfused; do
       [ "${1:-}" = --quick ] && { [ $fisher = exact ] && [ $variant = fused ] || continue; }
       configs+=" $model:$fisher:$variant"
     done

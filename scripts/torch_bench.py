@@ -206,9 +206,10 @@ def side_by_side(fisherc_json, torch_jsonl):
         if "median_ms" in r:
             torch_ms[(r["model"], r["batch"], r["mode"], r["precision"])] = r["median_ms"]
     precisions = ["fp32", "tf32", "compile"]
-    print("| model | batch | fisher | fisherc fused ms | fisherc unfused ms | "
+    variants = ["fused", "fused-tc", "unfused"]
+    print("| model | batch | fisher | " + " | ".join(f"fisherc {v} ms" for v in variants) + " | "
           + " | ".join(f"torch {p} ms" for p in precisions) + " |")
-    print("|---|---|---|---|---|" + "---|" * len(precisions))
+    print("|---|---|---|" + "---|" * (len(variants) + len(precisions)))
     keys = sorted({(m["model"], m["batch"], m["fisher"]) for m in ours})
     mode_of = {"none": "plain", "a2g2": "a2g2", "exact": "exact"}
     for model, batch, fisher in keys:
@@ -221,8 +222,8 @@ def side_by_side(fisherc_json, torch_jsonl):
         for p in precisions:
             v = torch_ms.get((model, batch, mode_of[fisher], p))
             cells.append("-" if v is None else f"{v:.1f}")
-        print(f"| {model} | {batch} | {fisher} | {fisherc('fused')} | {fisherc('unfused')} | "
-              + " | ".join(cells) + " |")
+        print(f"| {model} | {batch} | {fisher} | " + " | ".join(fisherc(v) for v in variants)
+              + " | " + " | ".join(cells) + " |")
 
 
 def main():

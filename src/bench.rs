@@ -36,6 +36,8 @@ const TOP_OPS: usize = 6;
 pub enum Variant {
     /// The optimizer's fused graph.
     Fused,
+    /// The fused graph with its convolutions on TF32 tensor cores (3xTF32).
+    FusedTc,
     /// The step as autodiff built it (per-example gradients materialised).
     Unfused,
 }
@@ -44,6 +46,7 @@ impl Variant {
     fn name(self) -> &'static str {
         match self {
             Variant::Fused => "fused",
+            Variant::FusedTc => "fused-tc",
             Variant::Unfused => "unfused",
         }
     }
@@ -64,7 +67,7 @@ pub struct Args {
           value_parser = |s: &str| s.parse::<FisherMode>())]
     pub fisher: Vec<FisherMode>,
 
-    /// Variants, comma-separated: fused, unfused.
+    /// Variants, comma-separated: fused, fused-tc (convolutions on tensor cores), unfused.
     #[arg(
         long,
         value_delimiter = ',',
@@ -254,7 +257,8 @@ impl Config<'_> {
 
 /// Compiles, runs and times one configuration.
 fn measure(args: &Args, config: &Config<'_>, out: &mut impl Write) -> Result<Measurement> {
-    let fused = config.variant == Variant::Fused;
+    let fused = config.variant != Variant::Unfused;
+    let tensor_cores = config.variant == Variant::FusedTc;
     writeln!(
         out,
         "{} · batch {} · fisher {} · {}",
@@ -269,11 +273,18 @@ fn measure(args: &Args, config: &Config<'_>, out: &mut impl Write) -> Result<Mea
     };
     let network = model::load(config.path, &options)?;
     let step = build_training_step(network, &StepOptions::new(config.fisher))?;
-    let compiled = compile(&step, CompileOptions { fused })
-        .with_context(|| format!("compiling {}", config.path.display()))?;
+    let options = CompileOptions {
+        fused,
+        tensor_cores,
+    };
+    let compiled =
+        compile(&step, options).with_context(|| format!("compiling {}", config.path.display()))?;
     let text = std::fs::read_to_string(config.path)
         .with_context(|| format!("reading {}", config.path.display()))?;
-    let source = Source::of(&step, config.path, text, fused, &args.arch);
+    let source = Source {
+        tensor_cores,
+        ..Source::of(&step, config.path, text, fused, &args.arch)
+    };
     let artifact = Artifact::new(&compiled.program, source, compiled.seconds);
     let times = timed_steps(args, &artifact, &compiled, out)?;
 

@@ -20,11 +20,15 @@ pub struct Args {
     #[arg(long)]
     pub unfused: bool,
 
+    /// Convolutions on TF32 tensor cores (3xTF32: fp32 accuracy) instead of fp32 FMA.
+    #[arg(long)]
+    pub tensor_cores: bool,
+
     /// PTX target: sm_80 or sm_90.
     #[arg(long, default_value = "sm_90", value_parser = ["sm_80", "sm_90"])]
     pub arch: String,
 
-    /// Output directory [default: compiled/MODEL_b<BATCH>_<FISHER>[_<NOISE>][_unfused]].
+    /// Output directory [default: compiled/MODEL_b<BATCH>_<FISHER>[_<NOISE>][_unfused][_tc]].
     #[arg(short, long)]
     pub out: Option<PathBuf>,
 }
@@ -32,12 +36,19 @@ pub struct Args {
 pub fn run(args: &Args) -> Result<()> {
     let step = args.model.training_step()?;
     let fused = !args.unfused;
-    let compiled = compile(&step, CompileOptions { fused })
+    let options = CompileOptions {
+        fused,
+        tensor_cores: args.tensor_cores,
+    };
+    let compiled = compile(&step, options)
         .with_context(|| format!("compiling {}", args.model.model.display()))?;
     let path = &args.model.model;
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let source = Source::of(&step, path, text, fused, &args.arch);
+    let source = Source {
+        tensor_cores: args.tensor_cores,
+        ..Source::of(&step, path, text, fused, &args.arch)
+    };
     let artifact = Artifact::new(&compiled.program, source, compiled.seconds);
     let dir = args.out.clone().unwrap_or_else(|| default_dir(args));
     artifact.write(&dir)?;
@@ -63,8 +74,9 @@ fn default_dir(args: &Args) -> PathBuf {
         other => format!("_{other}"),
     };
     let variant = if args.unfused { "_unfused" } else { "" };
+    let cores = if args.tensor_cores { "_tc" } else { "" };
     PathBuf::from("compiled").join(format!(
-        "{stem}_b{}_{}{noise}{variant}",
+        "{stem}_b{}_{}{noise}{variant}{cores}",
         args.model.batch, options.fisher
     ))
 }

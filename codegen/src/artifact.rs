@@ -51,6 +51,9 @@ pub struct Source {
     #[serde(default)]
     pub noise: Noise,
     pub fused: bool,
+    /// Convolutions on TF32 tensor cores (`CompileOptions::tensor_cores`).
+    #[serde(default)]
+    pub tensor_cores: bool,
     /// The PTX target, e.g. `sm_90`.
     pub arch: String,
 }
@@ -75,7 +78,16 @@ impl Source {
             decay_bn: step.decay_bn,
             noise: step.noise,
             fused,
+            tensor_cores: false,
             arch: arch.to_string(),
+        }
+    }
+
+    /// The options it was compiled with.
+    pub fn compile_options(&self) -> CompileOptions {
+        CompileOptions {
+            fused: self.fused,
+            tensor_cores: self.tensor_cores,
         }
     }
 
@@ -274,13 +286,8 @@ impl Artifact {
     /// plan): the way to the graph and the kernel IR behind a plan, for the CPU backends.
     pub fn recompile(&self) -> Result<Compiled, String> {
         let step = self.plan.source.training_step()?;
-        let compiled = compile(
-            &step,
-            CompileOptions {
-                fused: self.plan.source.fused,
-            },
-        )
-        .map_err(|e| e.to_string())?;
+        let compiled =
+            compile(&step, self.plan.source.compile_options()).map_err(|e| e.to_string())?;
         let again = Artifact::new(
             &compiled.program,
             self.plan.source.clone(),

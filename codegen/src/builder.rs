@@ -638,6 +638,17 @@ impl KernelBuilder {
         d.map(F32)
     }
 
+    /// [`Self::mma_tf32`] accumulating into `acc` (D and C the same registers).
+    pub fn mma_tf32_into(&mut self, acc: [F32; 4], a: [Tf32; 4], b: [Tf32; 2]) {
+        let acc = acc.map(|r| r.0);
+        self.emit(Inst::MmaTf32 {
+            d: acc,
+            a: a.map(|r| r.0),
+            b: b.map(|r| r.0),
+            c: acc,
+        });
+    }
+
     /// A shared-memory array of `len` f32.
     pub fn shared(&mut self, len: u32) -> SharedF32 {
         let offset = self.shared_bytes;

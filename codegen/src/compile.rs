@@ -7,12 +7,32 @@ use fisherc_ir::optimize::{Limits, OptimizeError, Optimized, Report, optimize_wi
 use fisherc_ir::{Graph, TrainingStep};
 use thiserror::Error;
 
+use crate::lower::LowerOptions;
 use crate::plan::{PlanError, Program, plan};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CompileOptions {
     /// Run the fusion rules (`false`: the unfused baseline, every op its own kernels).
     pub fused: bool,
+    /// Convolutions on TF32 tensor cores (three products per operand pair, so fp32 accuracy
+    /// is kept) instead of fp32 FMA.
+    pub tensor_cores: bool,
+}
+
+impl CompileOptions {
+    /// Fused or not, on fp32 FMA.
+    pub fn fused(fused: bool) -> CompileOptions {
+        CompileOptions {
+            fused,
+            tensor_cores: false,
+        }
+    }
+
+    fn lowering(&self) -> LowerOptions {
+        LowerOptions {
+            tensor_cores: self.tensor_cores,
+        }
+    }
 }
 
 #[derive(Debug, Error)]
@@ -43,7 +63,7 @@ pub fn compile(step: &TrainingStep, options: CompileOptions) -> Result<Compiled,
     } else {
         (step.graph.clone(), None)
     };
-    let program = plan(&graph)?;
+    let program = plan(&graph, options.lowering())?;
     Ok(Compiled {
         graph,
         program,

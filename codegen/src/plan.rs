@@ -21,7 +21,7 @@ use thiserror::Error;
 
 use crate::exec::ALIGN;
 use crate::kir::Kernel;
-use crate::lower::{Buf, LaunchArg, Lowered, lower};
+use crate::lower::{Buf, LaunchArg, LowerOptions, Lowered, lower};
 
 #[derive(Debug, Error)]
 #[error("layer '{layer}' ({op}): {message}")]
@@ -136,7 +136,7 @@ pub fn schedule(graph: &Graph) -> Vec<NodeIndex> {
 }
 
 /// Lowers every node and plans memory.
-pub fn plan(graph: &Graph) -> Result<Program, PlanError> {
+pub fn plan(graph: &Graph, lowering: LowerOptions) -> Result<Program, PlanError> {
     let order = schedule(graph);
     let position: HashMap<NodeIndex, usize> =
         order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
@@ -158,7 +158,7 @@ pub fn plan(graph: &Graph) -> Result<Program, PlanError> {
             op: node.op.name().to_string(),
             message,
         };
-        let low = lower(&node.op, &input_types, &node.outputs).map_err(error)?;
+        let low = lower(&node.op, &input_types, &node.outputs, lowering).map_err(error)?;
         let op_name = node.op.name();
         for (port, ty) in node.outputs.iter().enumerate() {
             let value = PortRef::new(n, port);

@@ -17,7 +17,7 @@ fn artifact(fused: bool) -> Artifact {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/small_cnn.toml");
     let network = load(&path, &BuildOptions::train(8)).unwrap();
     let step = build_training_step(network, &StepOptions::new(FisherMode::Exact)).unwrap();
-    let compiled = compile(&step, CompileOptions { fused }).unwrap();
+    let compiled = compile(&step, CompileOptions::fused(fused)).unwrap();
     let source = Source::of(
         &step,
         &path,

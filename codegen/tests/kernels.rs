@@ -5,7 +5,8 @@
 
 mod common;
 
-use common::{check, labels, random, rng, uniform};
+use common::{check, check_with, labels, random, rng, uniform};
+use fisherc_codegen::lower::LowerOptions;
 use fisherc_ir::ops::*;
 
 const ELEMENTWISE: f64 = 1e-6;
@@ -398,6 +399,14 @@ const WIDE_CONVS: [(usize, usize, usize, usize, usize, usize); 4] = [
     (3, 1, 1, 6, 70, 3),
 ];
 
+/// A convolution's kernels on fp32 FMA and on TF32 tensor cores (3xTF32: the same bound).
+fn check_conv(op: impl Into<Op>, inputs: &[fisherc_ir::tensor::Value<f32>], tolerance: f64) {
+    let op = op.into();
+    for tensor_cores in [false, true] {
+        check_with(op.clone(), inputs, tolerance, LowerOptions { tensor_cores });
+    }
+}
+
 fn conv_out(size: usize, kernel: usize, stride: usize, padding: usize) -> usize {
     (size + 2 * padding - kernel) / stride + 1
 }
@@ -421,12 +430,12 @@ fn convolution_forward_kernels() {
             if bias {
                 plain.push(b.clone());
             }
-            check(conv.clone(), &plain, REDUCTION);
+            check_conv(conv.clone(), &plain, REDUCTION);
             let mut with_prologue = bn.clone();
             with_prologue.extend(plain[1..].iter().cloned());
             for stats in [false, true] {
                 // the statistics epilogue sums y and y² in one pass, hence the looser bound
-                check(
+                check_conv(
                     FusedConv {
                         conv: conv.clone(),
                         prologue: Some(EPS),
@@ -435,7 +444,7 @@ fn convolution_forward_kernels() {
                     &with_prologue,
                     1e-4,
                 );
-                check(
+                check_conv(
                     FusedConv {
                         conv: conv.clone(),
                         prologue: None,
@@ -469,11 +478,11 @@ fn convolution_gradient_kernels() {
             padding,
             input_hw: (size, size),
         };
-        check(dgrad.clone(), &[dy.clone(), w.clone()], REDUCTION);
+        check_conv(dgrad.clone(), &[dy.clone(), w.clone()], REDUCTION);
         for squares in [Squares::None, Squares::PerExample, Squares::PerPosition] {
             let mut inputs = vec![dy.clone(), w.clone()];
             inputs.extend(bn.iter().cloned());
-            check(
+            check_conv(
                 FusedDgrad {
                     dgrad: dgrad.clone(),
                     eps: EPS,
@@ -488,14 +497,14 @@ fn convolution_gradient_kernels() {
             padding,
             kernel: (kernel, kernel),
         };
-        check(wgrad.clone(), &[bn[0].clone(), dy.clone()], REDUCTION);
-        check(
+        check_conv(wgrad.clone(), &[bn[0].clone(), dy.clone()], REDUCTION);
+        check_conv(
             ConvWgradPerExample(wgrad.clone()),
             &[bn[0].clone(), dy.clone()],
             REDUCTION,
         );
         for squares in [Squares::None, Squares::PerExample, Squares::PerPosition] {
-            check(
+            check_conv(
                 FusedWgrad {
                     wgrad: wgrad.clone(),
                     prologue: None,
@@ -506,7 +515,7 @@ fn convolution_gradient_kernels() {
             );
             let mut inputs = bn.clone();
             inputs.push(dy.clone());
-            check(
+            check_conv(
                 FusedWgrad {
                     wgrad: wgrad.clone(),
                     prologue: Some(EPS),

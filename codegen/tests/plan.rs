@@ -16,7 +16,9 @@ fn program(model: &str, batch: usize, mode: FisherMode, fused: bool) -> Program 
         &StepOptions::new(mode),
     )
     .unwrap();
-    compile(&step, CompileOptions { fused }).unwrap().program
+    compile(&step, CompileOptions::fused(fused))
+        .unwrap()
+        .program
 }
 
 /// Per buffer, the first and last node (schedule position) that touches it; persistent

@@ -1,5 +1,5 @@
 //! Every kernel of every paper model assembles with NVIDIA's ptxas for sm_80 and sm_90: batch
-//! 4096, each Fisher mode, fused and unfused. Run by `scripts/test.sh`, which installs ptxas.
+//! 4096, each Fisher mode, fused (on fp32 FMA and on tensor cores) and unfused. Run by `scripts/test.sh`, which installs ptxas.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -23,8 +23,13 @@ fn all_kernels() -> BTreeMap<String, Kernel> {
         for options in StepOptions::all() {
             let network = load(&path, &BuildOptions::train(4096)).unwrap();
             let step = build_training_step(network, &options).unwrap();
-            for fused in [true, false] {
-                let compiled = compile(&step, CompileOptions { fused }).unwrap();
+            let variants = [(true, false), (true, true), (false, false)];
+            for (fused, tensor_cores) in variants {
+                let options = CompileOptions {
+                    fused,
+                    tensor_cores,
+                };
+                let compiled = compile(&step, options).unwrap();
                 for k in compiled.program.kernels {
                     kernels.entry(k.name.clone()).or_insert(k);
                 }

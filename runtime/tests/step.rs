@@ -40,7 +40,7 @@ struct Case {
     input: Option<[usize; 3]>,
     mode: FisherMode,
     noise: Noise,
-    fused: bool,
+    options: CompileOptions,
     data_seed: u64,
 }
 
@@ -53,13 +53,17 @@ impl Case {
             input,
             mode,
             noise: Noise::DiagonalFisher,
-            fused,
+            options: CompileOptions::fused(fused),
             data_seed: 4,
         }
     }
 
     fn what(&self) -> String {
-        let variant = if self.fused { "fused" } else { "unfused" };
+        let variant = match (self.options.fused, self.options.tensor_cores) {
+            (false, _) => "unfused",
+            (true, false) => "fused",
+            (true, true) => "fused on tensor cores",
+        };
         format!(
             "{} batch {} {} {} noise {variant}",
             self.model, self.batch, self.mode, self.noise
@@ -81,14 +85,12 @@ impl Case {
             },
         )
         .unwrap();
-        let compiled = compile(&step, CompileOptions { fused: self.fused }).unwrap();
-        let source = Source::of(
-            &step,
-            &path,
-            std::fs::read_to_string(&path).unwrap(),
-            self.fused,
-            "sm_90",
-        );
+        let compiled = compile(&step, self.options).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let source = Source {
+            tensor_cores: self.options.tensor_cores,
+            ..Source::of(&step, &path, text, self.options.fused, "sm_90")
+        };
         let artifact = Artifact::new(&compiled.program, source, compiled.seconds);
         (step, artifact, compiled)
     }
@@ -214,6 +216,29 @@ fn small_models_step_on_the_kernel_executor() {
 }
 
 #[test]
+fn tensor_core_steps_on_the_kernel_executor_match_the_reference() {
+    let on_tensor_cores = CompileOptions {
+        fused: true,
+        tensor_cores: true,
+    };
+    for mode in [FisherMode::Exact, FisherMode::A2g2] {
+        executor_step_matches_the_reference(Case {
+            options: on_tensor_cores,
+            ..Case::small("small_cnn", mode, true)
+        });
+    }
+    executor_step_matches_the_reference(Case {
+        model: "resnet20",
+        batch: 8,
+        input: None,
+        mode: FisherMode::Exact,
+        noise: Noise::DiagonalFisher,
+        options: on_tensor_cores,
+        data_seed: 5,
+    });
+}
+
+#[test]
 fn resnet20_exact_step_on_the_kernel_executor_matches_the_reference() {
     let case = Case {
         model: "resnet20",
@@ -221,7 +246,7 @@ fn resnet20_exact_step_on_the_kernel_executor_matches_the_reference() {
         input: None,
         mode: FisherMode::Exact,
         noise: Noise::DiagonalFisher,
-        fused: true,
+        options: CompileOptions::fused(true),
         data_seed: 5,
     };
     executor_step_matches_the_reference(case);
@@ -242,7 +267,7 @@ fn the_reference_backend_over_the_memory_plan_is_bit_identical_to_the_interprete
             input,
             mode,
             noise: Noise::DiagonalFisher,
-            fused,
+            options: CompileOptions::fused(fused),
             data_seed: 8,
         };
         let what = case.what();

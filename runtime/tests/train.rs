@@ -314,7 +314,7 @@ fn standardised_noise(options: StepOptions, variance: Variance) -> Vec<f64> {
         ..BuildOptions::train(32)
     };
     let step = build_training_step(load(&path, &build_options).unwrap(), &options).unwrap();
-    let compiled = compile(&step, CompileOptions { fused: true }).unwrap();
+    let compiled = compile(&step, CompileOptions::fused(true)).unwrap();
     let source = Source::of(
         &step,
         &path,
@@ -432,7 +432,7 @@ fn full_fisher_draws(noise: Noise, draws: u64) -> (Vec<Vec<f64>>, [Vec<Vec<f64>>
     let batch = 12;
     let net = build(&spec, &BuildOptions::train(batch)).unwrap();
     let step = build_training_step(net, &StepOptions::with_noise(noise)).unwrap();
-    let compiled = compile(&step, CompileOptions { fused: true }).unwrap();
+    let compiled = compile(&step, CompileOptions::fused(true)).unwrap();
     let source = Source::of(&step, &path, SOFTMAX_REGRESSION.into(), true, "sm_90");
     let artifact = Artifact::new(&compiled.program, source, compiled.seconds);
     let net = &step.network;

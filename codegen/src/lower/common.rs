@@ -6,7 +6,7 @@
 use fisherc_ir::ops::{NoisySgdUpdate, Op, Squares};
 use fisherc_ir::tensor::TensorType;
 
-use super::{BLOCK, Buf, Launch, LaunchArg};
+use super::{BLOCK, Buf, Launch, LaunchArg, LowerOptions};
 use crate::builder::{F32, Idx, KernelBuilder, U32, U64};
 use crate::kir::{Cmp, Kernel};
 
@@ -18,17 +18,30 @@ pub struct Cx<'a> {
     pub op: &'a Op,
     pub inputs: &'a [&'a TensorType],
     pub outputs: &'a [TensorType],
+    pub options: LowerOptions,
     specialisation: u64,
 }
 
 impl<'a> Cx<'a> {
-    pub fn new(op: &'a Op, inputs: &'a [&'a TensorType], outputs: &'a [TensorType]) -> Self {
+    pub fn new(
+        op: &'a Op,
+        inputs: &'a [&'a TensorType],
+        outputs: &'a [TensorType],
+        options: LowerOptions,
+    ) -> Self {
         let op_key = serde_json::to_string(&kernel_key(op)).unwrap_or_default();
-        let key = format!("{op_key}|{inputs:?}|{outputs:?}");
+        // only the kernels the options change get other names
+        let options_key = if options == LowerOptions::default() || !super::uses_options(op) {
+            String::new()
+        } else {
+            format!("|{options:?}")
+        };
+        let key = format!("{op_key}|{inputs:?}|{outputs:?}{options_key}");
         Cx {
             op,
             inputs,
             outputs,
+            options,
             specialisation: fnv1a(key.as_bytes()),
         }
     }

@@ -176,7 +176,7 @@ fn forward(cx: &Cx, conv: &Conv2d, prologue: Option<FloatAttr>, stats: bool) -> 
         let at = k.mad_u(o, shape.k, kk);
         k.load(w, at)
     };
-    let place = gemm::place(&mut k, shape, tiling);
+    let place = gemm::place(&mut k, shape, tiling, cx.options.tensor_cores);
     let n = k.block_y();
     let layout = Layout {
         a_k_fastest: false,
@@ -323,7 +323,7 @@ fn dgrad(cx: &Cx, d: &ConvDgrad, epilogue: Option<(FloatAttr, Squares)>) -> Lowe
         let at = k.mad_u(oc, g.kernel_area(), tap);
         k.load(w, at)
     };
-    let place = gemm::place(&mut k, shape, tiling);
+    let place = gemm::place(&mut k, shape, tiling, cx.options.tensor_cores);
     let n = k.block_y();
     let layout = Layout {
         a_k_fastest: false,
@@ -465,7 +465,7 @@ fn wgrad(
         k: positions,
     };
     let weights = (shape.m * shape.n) as u64;
-    let tiling = Tiling::for_rows(g.o);
+    let tiling = Tiling::for_rows(g.o, cx.options.tensor_cores);
     let chunks = batch_chunks(tiling.count(shape) as u64, g.batch);
     let direct = per_example || chunks == 1;
     let terms = if squares == Squares::None { 1 } else { 2 };
@@ -481,7 +481,7 @@ fn wgrad(
     } else {
         vec![k.ptr_param("partials")]
     };
-    let place = gemm::place(&mut k, shape, tiling);
+    let place = gemm::place(&mut k, shape, tiling, cx.options.tensor_cores);
     // the exact Fisher squares each example's product, so that has its own accumulators,
     // reset per example; the rest accumulate every example straight into the totals
     let per_position = squares == Squares::PerPosition;

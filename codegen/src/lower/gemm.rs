@@ -1,16 +1,23 @@
 //! A tiled GEMM skeleton for implicit-GEMM convolutions.
 //!
 //! One block computes a `bm × bn` tile of `C = A·B` (`M × K` times `K × N`), stepping through K
-//! in [`BK`]-wide slices staged in shared memory; each of the [`THREADS`] threads keeps a
-//! [`TM`]` × `[`TN`] micro-tile of C in registers and adds each product with one `fma`, k in
-//! order (so every run gives the same bits). The operands are gathered element by element by
-//! the caller's closures (im2col on the fly, prologues applied on load); elements outside
-//! `M × K` or `K × N` are zero and never gathered. Where a tile sits ([`TilePlace`]) is
-//! separate from the product, so a block can run several products (one per example, say) into
-//! the same place. The skeleton knows nothing about convolutions.
+//! in [`BK`]-wide slices staged in shared memory; each of the [`THREADS`] threads keeps 16
+//! elements of C in registers. Two ways to multiply (`LowerOptions::tensor_cores`):
+//! * fp32 FMA: a thread owns a [`TM`]` × `[`TN`] micro-tile and adds each product with one
+//!   `fma`, k in order;
+//! * TF32 tensor cores: each warp owns a 32 × 16 warp tile of 2 × 2 `mma.sync` m16n8k8 tiles,
+//!   a thread the 16 accumulator elements the fragment layout gives it. Each operand is split
+//!   into its TF32 rounding and the TF32 rounding of the rest, and three products (lo·hi,
+//!   hi·lo, hi·hi: the small ones first) keep fp32 accuracy ("3xTF32").
+//!
+//! Either way every sum runs in a fixed order, so every run gives the same bits. The operands
+//! are gathered element by element by the caller's closures (im2col on the fly, prologues
+//! applied on load); elements outside `M × K` or `K × N` are zero and never gathered. Where a
+//! tile sits ([`TilePlace`]) is separate from the product, so a block can run several products
+//! (one per example, say) into the same place. The skeleton knows nothing about convolutions.
 
 use super::common::TileRows;
-use crate::builder::{F32, KernelBuilder, Pred, SharedF32, U32, U64};
+use crate::builder::{F32, KernelBuilder, Pred, SharedF32, Tf32, U32, U64};
 use crate::kir::{BinOp, Cmp};
 
 /// Threads per block.
@@ -22,6 +29,9 @@ pub const TM: u32 = 4;
 pub const TN: u32 = 4;
 /// Elements of C per block tile.
 const TILE: u32 = THREADS * TM * TN;
+/// A warp's tile on tensor cores: 2 × 2 mma tiles of 16 × 8.
+const WARP_M: u32 = 32;
+const WARP_N: u32 = 16;
 
 /// The GEMM's sizes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,9 +56,11 @@ impl Tiling {
         Tiling { bm: TILE / bn, bn }
     }
 
-    /// The tile for `m` rows: as few idle rows as possible (16 to 256 high).
-    pub fn for_rows(m: u32) -> Tiling {
-        let bm = m.next_power_of_two().clamp(16, 256);
+    /// The tile for `m` rows: as few idle rows as possible (16 to 256 high; at least 32 on
+    /// tensor cores, whose warp tiles are 32 high).
+    pub fn for_rows(m: u32, tensor_cores: bool) -> Tiling {
+        let least = if tensor_cores { WARP_M } else { 16 };
+        let bm = m.next_power_of_two().clamp(least, 256);
         Tiling { bm, bn: TILE / bm }
     }
 
@@ -70,42 +82,70 @@ pub struct Layout {
     pub b_k_fastest: bool,
 }
 
-/// Where a thread's micro-tile sits: the block's tile row `tile_row` (of the grid's x), its
-/// first row and column, and the thread's (row group, column group) `thread` in the block.
+/// Where a thread's elements sit: the block's tile row `tile_row` (of the grid's x), its first
+/// row and column, and the thread's place in the block (`Mapping`). `slot` numbers the threads
+/// that share a column (`0..bm/4`), for column sums.
 pub struct TilePlace {
     pub tile_row: U32,
-    pub thread: (U32, U32),
+    pub slot: U32,
     shape: GemmShape,
     m0: U32,
     n0: U32,
+    mapping: Mapping,
 }
 
-/// A micro-tile's elements: C at (`rows[i]`, `cols[j]`), inside C where `row_ok[i]` and
-/// `col_ok[j]` hold.
+/// How a block's threads share its tile.
+#[derive(Clone, Copy)]
+enum Mapping {
+    /// fp32 FMA: thread (ty, tx) owns rows `ty·TM + i` and columns `tx·TN + j`.
+    Simt { ty: U32, tx: U32 },
+    /// Tensor cores: the warp's tile starts at (`wm0`, `wn0`) in the block's tile; the lane is
+    /// (`g`, `t`) = (lane / 4, lane % 4) of the mma fragment layout.
+    Mma { wm0: U32, wn0: U32, g: U32, t: U32 },
+}
+
+/// A thread's elements: C at (`rows[i]`, `cols[j]`), inside C where `row_ok[i]` and
+/// `col_ok[j]` hold; `local_cols[j]` is the column within the block's tile.
 pub struct Coordinates {
     pub rows: Vec<U32>,
     pub cols: Vec<U32>,
     pub row_ok: Vec<Pred>,
     pub col_ok: Vec<Pred>,
+    local_cols: Vec<U32>,
 }
 
 impl TilePlace {
+    /// Rows and columns (within the block's tile) of the thread's elements.
+    fn local(&self, k: &mut KernelBuilder) -> (Vec<U32>, Vec<U32>) {
+        match self.mapping {
+            Mapping::Simt { ty, tx } => (
+                (0..TM).map(|i| k.mad_u(ty, TM, i)).collect(),
+                (0..TN).map(|j| k.mad_u(tx, TN, j)).collect(),
+            ),
+            // row i: mma tile i / 2, its half i % 2; column j: mma tile j / 2, element j % 2
+            Mapping::Mma { wm0, wn0, g, t } => (
+                (0..TM)
+                    .map(|i| {
+                        let base = k.add_u(wm0, 16 * (i / 2) + 8 * (i % 2));
+                        k.add_u(base, g)
+                    })
+                    .collect(),
+                (0..TN)
+                    .map(|j| {
+                        let base = k.add_u(wn0, 8 * (j / 2) + j % 2);
+                        k.mad_u(t, 2u32, base)
+                    })
+                    .collect(),
+            ),
+        }
+    }
+
     /// The coordinates of the thread's elements, computed where this is emitted (after a
     /// long loop rather than before it: registers).
     pub fn coordinates(&self, k: &mut KernelBuilder) -> Coordinates {
-        let (ty, tx) = self.thread;
-        let rows: Vec<U32> = (0..TM)
-            .map(|i| {
-                let local = k.mad_u(ty, TM, i);
-                k.add_u(self.m0, local)
-            })
-            .collect();
-        let cols: Vec<U32> = (0..TN)
-            .map(|j| {
-                let local = k.mad_u(tx, TN, j);
-                k.add_u(self.n0, local)
-            })
-            .collect();
+        let (local_rows, local_cols) = self.local(k);
+        let rows: Vec<U32> = local_rows.iter().map(|&r| k.add_u(self.m0, r)).collect();
+        let cols: Vec<U32> = local_cols.iter().map(|&c| k.add_u(self.n0, c)).collect();
         let row_ok = rows
             .iter()
             .map(|&r| k.cmp_u(Cmp::Lt, r, self.shape.m))
@@ -119,12 +159,19 @@ impl TilePlace {
             cols,
             row_ok,
             col_ok,
+            local_cols,
         }
     }
 }
 
-/// The place of this thread's micro-tile, the block's tile being block x.
-pub fn place(k: &mut KernelBuilder, shape: GemmShape, tiling: Tiling) -> TilePlace {
+/// The place of this thread's elements, the block's tile being block x; on tensor cores if
+/// `tensor_cores`.
+pub fn place(
+    k: &mut KernelBuilder,
+    shape: GemmShape,
+    tiling: Tiling,
+    tensor_cores: bool,
+) -> TilePlace {
     assert_eq!(
         k.block_size(),
         THREADS,
@@ -138,15 +185,37 @@ pub fn place(k: &mut KernelBuilder, shape: GemmShape, tiling: Tiling) -> TilePla
     let tile_col = k.ubin(BinOp::Rem, tile, tile_cols);
     let m0 = k.mul_u(tile_row, tiling.bm);
     let n0 = k.mul_u(tile_col, tiling.bn);
-    let groups_n = tiling.bn / TN;
-    let ty = k.ubin(BinOp::Div, tid, groups_n);
-    let tx = k.ubin(BinOp::Rem, tid, groups_n);
+    let (slot, mapping) = if tensor_cores {
+        assert!(tiling.bm >= WARP_M && tiling.bn >= WARP_N, "{tiling:?}");
+        let warps_n = tiling.bn / WARP_N;
+        let (warp, lane) = (
+            k.ubin(BinOp::Div, tid, 32u32),
+            k.ubin(BinOp::Rem, tid, 32u32),
+        );
+        let (wm, wn) = (
+            k.ubin(BinOp::Div, warp, warps_n),
+            k.ubin(BinOp::Rem, warp, warps_n),
+        );
+        let (g, t) = (
+            k.ubin(BinOp::Div, lane, 4u32),
+            k.ubin(BinOp::Rem, lane, 4u32),
+        );
+        let slot = k.mad_u(wm, 8u32, g);
+        let (wm0, wn0) = (k.mul_u(wm, WARP_M), k.mul_u(wn, WARP_N));
+        (slot, Mapping::Mma { wm0, wn0, g, t })
+    } else {
+        let groups_n = tiling.bn / TN;
+        let ty = k.ubin(BinOp::Div, tid, groups_n);
+        let tx = k.ubin(BinOp::Rem, tid, groups_n);
+        (ty, Mapping::Simt { ty, tx })
+    };
     TilePlace {
         tile_row,
-        thread: (ty, tx),
+        slot,
         shape,
         m0,
         n0,
+        mapping,
     }
 }
 
@@ -187,7 +256,6 @@ pub fn tiled_gemm(
     load_b: impl Fn(&mut KernelBuilder, U32, U32) -> F32,
 ) {
     let Tiling { bm, bn } = tiling;
-    let (ty, tx) = place.thread;
     // both slices k-major ([BK][bm], [BK][bn]): a thread's TM (TN) operands of one k are
     // adjacent
     let (a_slice, b_slice) = (k.shared(BK * bm), k.shared(BK * bn));
@@ -213,36 +281,128 @@ pub fn tiled_gemm(
         };
         stage(k, b_side, b_slice, k0, shape.k, &load_b);
         k.barrier();
-        for kk in 0..BK {
-            let a: Vec<F32> = (0..TM)
-                .map(|i| {
-                    let at = k.mad_u(ty, TM, kk * bm + i);
-                    k.load_shared(a_slice, at)
-                })
-                .collect();
-            let b: Vec<F32> = (0..TN)
-                .map(|j| {
-                    let at = k.mad_u(tx, TN, kk * bn + j);
-                    k.load_shared(b_slice, at)
-                })
-                .collect();
-            for (row, &av) in acc.iter().zip(&a) {
-                for (&c, &bv) in row.iter().zip(&b) {
-                    k.fma_into(c, av, bv);
-                }
-            }
-            if let Some(acc_sq) = acc_sq {
-                let a2: Vec<F32> = a.iter().map(|&v| k.mul(v, v)).collect();
-                let b2: Vec<F32> = b.iter().map(|&v| k.mul(v, v)).collect();
-                for (row, &av) in acc_sq.iter().zip(&a2) {
-                    for (&c, &bv) in row.iter().zip(&b2) {
-                        k.fma_into(c, av, bv);
-                    }
-                }
+        let slices = (a_slice, b_slice);
+        match place.mapping {
+            Mapping::Simt { ty, tx } => fma_slice(k, tiling, slices, (ty, tx), acc, acc_sq),
+            Mapping::Mma { wm0, wn0, g, t } => {
+                mma_slice(k, tiling, slices, (wm0, wn0, g, t), acc, acc_sq)
             }
         }
         k.barrier();
     });
+}
+
+/// One K slice on fp32 FMA: the thread's TM × TN micro-tile, k in order.
+fn fma_slice(
+    k: &mut KernelBuilder,
+    Tiling { bm, bn }: Tiling,
+    (a_slice, b_slice): (SharedF32, SharedF32),
+    (ty, tx): (U32, U32),
+    acc: &[Vec<F32>],
+    acc_sq: &Option<Vec<Vec<F32>>>,
+) {
+    for kk in 0..BK {
+        let a: Vec<F32> = (0..TM)
+            .map(|i| {
+                let at = k.mad_u(ty, TM, kk * bm + i);
+                k.load_shared(a_slice, at)
+            })
+            .collect();
+        let b: Vec<F32> = (0..TN)
+            .map(|j| {
+                let at = k.mad_u(tx, TN, kk * bn + j);
+                k.load_shared(b_slice, at)
+            })
+            .collect();
+        for (row, &av) in acc.iter().zip(&a) {
+            for (&c, &bv) in row.iter().zip(&b) {
+                k.fma_into(c, av, bv);
+            }
+        }
+        if let Some(acc_sq) = acc_sq {
+            let a2: Vec<F32> = a.iter().map(|&v| k.mul(v, v)).collect();
+            let b2: Vec<F32> = b.iter().map(|&v| k.mul(v, v)).collect();
+            for (row, &av) in acc_sq.iter().zip(&a2) {
+                for (&c, &bv) in row.iter().zip(&b2) {
+                    k.fma_into(c, av, bv);
+                }
+            }
+        }
+    }
+}
+
+/// An operand split for 3xTF32: its TF32 rounding and the TF32 rounding of the rest.
+struct Split<const N: usize> {
+    hi: [Tf32; N],
+    lo: [Tf32; N],
+}
+
+fn split<const N: usize>(k: &mut KernelBuilder, v: [F32; N]) -> Split<N> {
+    let hi = v.map(|x| k.tf32(x));
+    let lo = std::array::from_fn(|i| {
+        let high = k.tf32_value(hi[i]);
+        let rest = k.sub(v[i], high); // exact: the high part holds the leading bits
+        k.tf32(rest)
+    });
+    Split { hi, lo }
+}
+
+/// One K slice (one k8 step) on tensor cores: the warp's 2 × 2 mma tiles.
+fn mma_slice(
+    k: &mut KernelBuilder,
+    Tiling { bm, bn }: Tiling,
+    (a_slice, b_slice): (SharedF32, SharedF32),
+    (wm0, wn0, g, t): (U32, U32, U32, U32),
+    acc: &[Vec<F32>],
+    acc_sq: &Option<Vec<Vec<F32>>>,
+) {
+    // register r of row tile tm holds A[wm0 + 16·tm + g + 8·(r % 2)][t + 4·(r / 2)];
+    // register r of column tile tn holds B[t + 4·r][wn0 + 8·tn + g]
+    let a: Vec<[F32; 4]> = (0..2u32)
+        .map(|tm| {
+            std::array::from_fn(|r| {
+                let r = r as u32;
+                let m = k.add_u(wm0, 16 * tm + 8 * (r % 2));
+                let m = k.add_u(m, g);
+                let kk = k.add_u(t, 4 * (r / 2));
+                let at = k.mad_u(kk, bm, m);
+                k.load_shared(a_slice, at)
+            })
+        })
+        .collect();
+    let b: Vec<[F32; 2]> = (0..2u32)
+        .map(|tn| {
+            std::array::from_fn(|r| {
+                let n = k.add_u(wn0, 8 * tn);
+                let n = k.add_u(n, g);
+                let kk = k.add_u(t, 4 * r as u32);
+                let at = k.mad_u(kk, bn, n);
+                k.load_shared(b_slice, at)
+            })
+        })
+        .collect();
+    mma_tiles(k, &a, &b, acc);
+    if let Some(acc_sq) = acc_sq {
+        let square = |k: &mut KernelBuilder, v: F32| k.mul(v, v);
+        let a2: Vec<[F32; 4]> = a.iter().map(|f| f.map(|v| square(k, v))).collect();
+        let b2: Vec<[F32; 2]> = b.iter().map(|f| f.map(|v| square(k, v))).collect();
+        mma_tiles(k, &a2, &b2, acc_sq);
+    }
+}
+
+/// acc += A·B over the warp's 2 × 2 mma tiles in 3xTF32: accumulator element c of tile
+/// (tm, tn) is `acc[2·tm + c / 2][2·tn + c % 2]` (the layout `TilePlace::local` gives).
+fn mma_tiles(k: &mut KernelBuilder, a: &[[F32; 4]], b: &[[F32; 2]], acc: &[Vec<F32>]) {
+    let a: Vec<Split<4>> = a.iter().map(|&f| split(k, f)).collect();
+    let b: Vec<Split<2>> = b.iter().map(|&f| split(k, f)).collect();
+    for (tm, a) in a.iter().enumerate() {
+        for (tn, b) in b.iter().enumerate() {
+            let c = std::array::from_fn(|c| acc[2 * tm + c / 2][2 * tn + c % 2]);
+            k.mma_tf32_into(c, a.lo, b.hi);
+            k.mma_tf32_into(c, a.hi, b.lo);
+            k.mma_tf32_into(c, a.hi, b.hi);
+        }
+    }
 }
 
 /// One operand's slice: `width` rows of A (or columns of B) from `origin`, of `size` in all.
@@ -298,10 +458,10 @@ fn stage(
     }
 }
 
-/// Column sums of a finished micro-tile over the block's rows, for per-tile partials: for
-/// each term, `value(k, term, i, j)` gives element (i, j) (only rows inside C count), and the
-/// block's total of column `at.cols[j]` comes back in the row-group-0 threads' `sums[term][j]`
-/// (other threads hold garbage). Summed in row order, so the bits never change.
+/// Column sums of a finished tile over the block's rows, for per-tile partials: for each
+/// term, `value(k, term, i, j)` gives element (i, j) (only rows inside C count), and the
+/// block's total of column `at.cols[j]` comes back in the slot-0 threads' `sums[term][j]`
+/// (other threads hold garbage). Summed in slot order, so the bits never change.
 pub fn column_sums(
     k: &mut KernelBuilder,
     place: &TilePlace,
@@ -310,9 +470,8 @@ pub fn column_sums(
     terms: usize,
     value: impl Fn(&mut KernelBuilder, usize, usize, usize) -> F32,
 ) -> Vec<Vec<F32>> {
-    let groups_m = tiling.bm / TM;
-    let (ty, tx) = place.thread;
-    let area = k.shared(groups_m * tiling.bn);
+    let slots = tiling.bm / TM;
+    let area = k.shared(slots * tiling.bn);
     let mut sums = Vec::with_capacity(terms);
     for t in 0..terms {
         // each thread's own rows first
@@ -327,20 +486,18 @@ pub fn column_sums(
                 total
             })
             .collect();
-        for (j, &v) in own.iter().enumerate() {
-            let col = k.mad_u(tx, TN, j as u32);
-            let at = k.mad_u(ty, tiling.bn, col);
-            k.store_shared(area, at, v);
+        for (&v, &col) in own.iter().zip(&at.local_cols) {
+            let slot = k.mad_u(place.slot, tiling.bn, col);
+            k.store_shared(area, slot, v);
         }
         k.barrier();
-        let first_group = k.cmp_u(Cmp::Eq, ty, 0u32);
+        let first_slot = k.cmp_u(Cmp::Eq, place.slot, 0u32);
         let column: Vec<F32> = (0..TN).map(|_| k.f32(0.0)).collect();
-        k.when(first_group, |k| {
-            for (j, &total) in column.iter().enumerate() {
-                let col = k.mad_u(tx, TN, j as u32);
-                for g in 0..groups_m {
-                    let at = k.add_u(col, g * tiling.bn);
-                    let v = k.load_shared(area, at);
+        k.when(first_slot, |k| {
+            for (&total, &col) in column.iter().zip(&at.local_cols) {
+                for s in 0..slots {
+                    let slot = k.add_u(col, s * tiling.bn);
+                    let v = k.load_shared(area, slot);
                     k.accumulate(total, v);
                 }
             }
@@ -351,8 +508,8 @@ pub fn column_sums(
     sums
 }
 
-/// Stores [`column_sums`]' totals (row group 0 of the block) as per-(batch index `z`, row
-/// tile) partials: `partials[t][z·tiles + tile_row][column]`, the layout `combine_tiles` reads.
+/// Stores [`column_sums`]' totals (the slot-0 threads) as per-(batch index `z`, row tile)
+/// partials: `partials[t][z·tiles + tile_row][column]`, the layout `combine_tiles` reads.
 pub fn store_column_sums(
     k: &mut KernelBuilder,
     place: &TilePlace,
@@ -362,8 +519,8 @@ pub fn store_column_sums(
     rows: TileRows,
     sums: &[Vec<F32>],
 ) {
-    let first_group = k.cmp_u(Cmp::Eq, place.thread.0, 0u32);
-    k.when(first_group, |k| {
+    let first_slot = k.cmp_u(Cmp::Eq, place.slot, 0u32);
+    k.when(first_slot, |k| {
         let row = k.mad_u(z, rows.tiles as u32, place.tile_row);
         for (t, term) in sums.iter().enumerate() {
             for (j, &total) in term.iter().enumerate() {

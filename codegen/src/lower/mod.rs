@@ -74,9 +74,35 @@ impl Lowered {
     }
 }
 
+/// Choices of the lowering that are not the op's: part of every kernel's name.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LowerOptions {
+    /// Convolution GEMMs on TF32 tensor cores (`gemm.rs`).
+    pub tensor_cores: bool,
+}
+
+/// Whether `op`'s kernels depend on the [`LowerOptions`] (the convolutions, `conv.rs`).
+fn uses_options(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Conv2d(_)
+            | Op::FusedConv(_)
+            | Op::ConvDgrad(_)
+            | Op::FusedDgrad(_)
+            | Op::ConvWgrad(_)
+            | Op::ConvWgradPerExample(_)
+            | Op::FusedWgrad(_)
+    )
+}
+
 /// Lowers one node.
-pub fn lower(op: &Op, inputs: &[&TensorType], outputs: &[TensorType]) -> Result<Lowered, String> {
-    let cx = common::Cx::new(op, inputs, outputs);
+pub fn lower(
+    op: &Op,
+    inputs: &[&TensorType],
+    outputs: &[TensorType],
+    options: LowerOptions,
+) -> Result<Lowered, String> {
+    let cx = common::Cx::new(op, inputs, outputs, options);
     Ok(match op {
         Op::Input(_) => Lowered::Input,
         Op::Constant(c) => Lowered::Constant(c.value.0 as f32),

@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use fisherc_codegen::exec::{Arg, Memory, run};
-use fisherc_codegen::lower::{Buf, LaunchArg, Lowered, lower};
+use fisherc_codegen::lower::{Buf, LaunchArg, LowerOptions, Lowered, lower};
 use fisherc_ir::ops::Op;
 use fisherc_ir::tensor::{DType, Tensor, TensorType, Value};
 use rand::{RngExt, SeedableRng};
@@ -51,12 +51,17 @@ fn upload(mem: &mut Memory, v: &Value<f32>) -> u64 {
 
 /// Runs the op's kernels on the executor and returns its outputs.
 pub fn run_kernels(op: &Op, inputs: &[Value<f32>]) -> Vec<Tensor<f32>> {
+    run_kernels_with(op, inputs, LowerOptions::default())
+}
+
+/// [`run_kernels`] lowered with `options`.
+pub fn run_kernels_with(op: &Op, inputs: &[Value<f32>], options: LowerOptions) -> Vec<Tensor<f32>> {
     let types: Vec<TensorType> = inputs.iter().map(type_of).collect();
     let refs: Vec<&TensorType> = types.iter().collect();
     let out_types = op
         .infer(&refs)
         .unwrap_or_else(|e| panic!("{}: {e}", op.name()));
-    let lowered = lower(op, &refs, &out_types).unwrap();
+    let lowered = lower(op, &refs, &out_types, options).unwrap();
     let mut mem = Memory::new();
     let in_ptrs: Vec<u64> = inputs.iter().map(|v| upload(&mut mem, v)).collect();
     // outputs start as garbage, so a kernel that forgets an element is caught
@@ -118,18 +123,27 @@ pub fn reference(op: &Op, inputs: &[Value<f32>]) -> Vec<Tensor<f64>> {
 /// Kernels vs reference: every output within `tolerance` of the largest reference magnitude,
 /// no NaN.
 pub fn check(op: impl Into<Op>, inputs: &[Value<f32>], tolerance: f64) {
+    check_with(op, inputs, tolerance, LowerOptions::default())
+}
+
+/// [`check`] with the kernels lowered with `options`.
+pub fn check_with(op: impl Into<Op>, inputs: &[Value<f32>], tolerance: f64, options: LowerOptions) {
     let op = op.into();
-    let got = run_kernels(&op, inputs);
+    let got = run_kernels_with(&op, inputs, options);
     let expected = reference(&op, inputs);
     for (k, (g, e)) in got.iter().zip(&expected).enumerate() {
         assert_eq!(g.shape, e.shape, "{} output {k}: shape", op.name());
         let scale = e.data.iter().fold(1e-6f64, |m, v| m.max(v.abs()));
         for (i, (a, b)) in g.data.iter().zip(&e.data).enumerate() {
-            assert!(!a.is_nan(), "{} output {k}[{i}] is NaN", op.name());
+            assert!(
+                !a.is_nan(),
+                "{} ({options:?}) output {k}[{i}] is NaN",
+                op.name()
+            );
             let err = (*a as f64 - b).abs() / scale;
             assert!(
                 err <= tolerance,
-                "{} output {k}[{i}]: kernel {a}, reference {b} (relative {err:e} > {tolerance:e})",
+                "{} ({options:?}) output {k}[{i}]: kernel {a}, reference {b} (relative {err:e} > {tolerance:e})",
                 op.name()
             );
         }

@@ -180,7 +180,7 @@ pub fn train(
         }
         let training = phase_step(&spec, experiment.input, phase, t.decay_bn)?;
         let compiled =
-            compile(&training, CompileOptions { fused: true }).map_err(|e| e.to_string())?;
+            compile(&training, CompileOptions::fused(true)).map_err(|e| e.to_string())?;
         let source = Source::of(
             &training,
             &experiment.model,
