@@ -13,7 +13,7 @@ use super::common::{
     input, inv_std, launch, normalised, output, scratch, sum_rows,
 };
 use super::gemm::{
-    self, Coordinates, GemmShape, Layout, Products, THREADS, Tiling, column_sums,
+    self, Coordinates, GemmShape, Layout, Products, THREADS, TilePlace, Tiling, column_sums,
     store_column_sums, tiled_gemm,
 };
 use crate::builder::{F32, KernelBuilder, Pred, S32, U32, U64};
@@ -70,6 +70,20 @@ impl Geometry {
         self.kh * self.kw
     }
 
+    /// (channel, kernel row, kernel column) of a weight column `channel·kh·kw + ki·kw + kj`.
+    fn split_column(&self, k: &mut KernelBuilder, column: U32) -> (U32, U32, U32) {
+        let area = self.kernel_area();
+        let (channel, tap) = (
+            k.ubin(BinOp::Div, column, area),
+            k.ubin(BinOp::Rem, column, area),
+        );
+        let (ki, kj) = (
+            k.ubin(BinOp::Div, tap, self.kw),
+            k.ubin(BinOp::Rem, tap, self.kw),
+        );
+        (channel, ki, kj)
+    }
+
     /// The input coordinate `out·stride + offset − pad` (offset a register) and whether it
     /// lies in `0..size`.
     fn input_coordinate(
@@ -85,6 +99,82 @@ impl Geometry {
         let inside = k.in_range_s(at, 0, size as i32);
         (at, inside)
     }
+}
+
+/// The GEMM of example `n` = block y (A gathered along m, B along k), with where the thread's
+/// elements sit: (place, n, products, coordinates).
+fn product_per_example(
+    k: &mut KernelBuilder,
+    cx: &Cx,
+    shape: GemmShape,
+    tiling: Tiling,
+    load_a: impl Fn(&mut KernelBuilder, U32, U32, U32) -> F32,
+    load_b: impl Fn(&mut KernelBuilder, U32, U32, U32) -> F32,
+) -> (TilePlace, U32, Products, Coordinates) {
+    let place = gemm::place(k, shape, tiling, cx.options.tensor_cores);
+    let n = k.block_y();
+    let layout = Layout {
+        a_k_fastest: false,
+        b_k_fastest: true,
+    };
+    let tile = Products::zeros(k, false);
+    tiled_gemm(
+        k,
+        shape,
+        tiling,
+        &place,
+        layout,
+        &tile,
+        |k, m, kk| load_a(k, m, kk, n),
+        |k, kk, col| load_b(k, kk, col, n),
+    );
+    let coords = place.coordinates(k);
+    (place, n, tile, coords)
+}
+
+/// `src[n][c][row][col]` of an `[N, channels, height, width]` tensor, read where `ok` holds
+/// (elsewhere the plane's first element: a valid address, whose value the caller discards).
+fn load_pixel(
+    k: &mut KernelBuilder,
+    src: U64,
+    [n, c]: [U32; 2],
+    channels: u32,
+    (row, col, ok): (S32, S32, Pred),
+    [height, width]: [u32; 2],
+) -> F32 {
+    let at = k.mad_s(row, width as i32, col);
+    let at = k.select_s(ok, at, 0);
+    let at = k.u32_from_s32(at);
+    let nc = k.mad_u(n, channels, c);
+    let plane = k.idx(nc);
+    let base = k.idx_mul_const(plane, (height * width) as u64);
+    let offset = k.idx(at);
+    let at = k.idx_add(base, offset);
+    k.load(src, at)
+}
+
+/// One element of the im2col matrix of input `x` (with the BN-apply + ReLU prologue of `bn`,
+/// if any): what output position `p` of example `n` sees through column `column` =
+/// (c, ki, kj) of the weight; zero in the padding.
+fn gather_input(
+    k: &mut KernelBuilder,
+    g: &Geometry,
+    (x, bn): (U64, Option<&BnParams>),
+    n: U32,
+    p: U32,
+    column: U32,
+) -> F32 {
+    let (oy, ox) = (k.ubin(BinOp::Div, p, g.wo), k.ubin(BinOp::Rem, p, g.wo));
+    let (c, ki, kj) = g.split_column(k, column);
+    let (iy, row_ok) = g.input_coordinate(k, oy, ki, g.h);
+    let (ix, col_ok) = g.input_coordinate(k, ox, kj, g.w);
+    let ok = k.and(row_ok, col_ok);
+    let v = load_pixel(k, x, [n, c], g.c, (iy, ix, ok), [g.h, g.w]);
+    let v = match bn {
+        Some(params) => Prologue::load(k, params, c).apply(k, v),
+        None => v,
+    };
+    k.select(ok, v, 0.0f32)
 }
 
 /// Per-channel BN-apply + ReLU of a prologue: `relu((x − mean)·scale + β)` as the reference.
@@ -148,52 +238,13 @@ fn forward(cx: &Cx, conv: &Conv2d, prologue: Option<FloatAttr>, stats: bool) -> 
     let y = k.ptr_param("y");
     let partials = stats.then(|| k.ptr_param("partials"));
     let load_a = |k: &mut KernelBuilder, p: U32, kk: U32, n: U32| {
-        let (oy, ox) = (k.ubin(BinOp::Div, p, g.wo), k.ubin(BinOp::Rem, p, g.wo));
-        let (c, tap) = (
-            k.ubin(BinOp::Div, kk, g.kernel_area()),
-            k.ubin(BinOp::Rem, kk, g.kernel_area()),
-        );
-        let (ki, kj) = (k.ubin(BinOp::Div, tap, g.kw), k.ubin(BinOp::Rem, tap, g.kw));
-        let (iy, row_ok) = g.input_coordinate(k, oy, ki, g.h);
-        let (ix, col_ok) = g.input_coordinate(k, ox, kj, g.w);
-        let ok = k.and(row_ok, col_ok);
-        let at = k.mad_s(iy, g.w as i32, ix);
-        let at = k.select_s(ok, at, 0);
-        let at = k.u32_from_s32(at);
-        let nc = k.mad_u(n, g.c, c);
-        let plane = k.idx(nc);
-        let base = k.idx_mul_const(plane, (g.h * g.w) as u64);
-        let offset = k.idx(at);
-        let at = k.idx_add(base, offset);
-        let v = k.load(x, at);
-        let v = match &bn {
-            Some(params) => Prologue::load(k, params, c).apply(k, v),
-            None => v,
-        };
-        k.select(ok, v, 0.0f32)
+        gather_input(k, &g, (x, bn.as_ref()), n, p, kk)
     };
     let load_b = |k: &mut KernelBuilder, kk: U32, o: U32, _n: U32| {
         let at = k.mad_u(o, shape.k, kk);
         k.load(w, at)
     };
-    let place = gemm::place(&mut k, shape, tiling, cx.options.tensor_cores);
-    let n = k.block_y();
-    let layout = Layout {
-        a_k_fastest: false,
-        b_k_fastest: true,
-    };
-    let tile = Products::zeros(&mut k, false);
-    tiled_gemm(
-        &mut k,
-        shape,
-        tiling,
-        &place,
-        layout,
-        &tile,
-        |k, m, kk| load_a(k, m, kk, n),
-        |k, kk, col| load_b(k, kk, col, n),
-    );
-    let coords = place.coordinates(&mut k);
+    let (place, n, tile, coords) = product_per_example(&mut k, cx, shape, tiling, load_a, load_b);
 
     // y = C (+ bias), stored where the element exists
     let outputs: Vec<Vec<F32>> = tile
@@ -295,23 +346,11 @@ fn dgrad(cx: &Cx, d: &ConvDgrad, epilogue: Option<(FloatAttr, Squares)>) -> Lowe
     let partials = bn.as_ref().map(|_| k.ptr_param("partials"));
     let load_a = |k: &mut KernelBuilder, p: U32, kk: U32, n: U32| {
         let (iy, ix) = (k.ubin(BinOp::Div, p, g.w), k.ubin(BinOp::Rem, p, g.w));
-        let (o, tap) = (
-            k.ubin(BinOp::Div, kk, g.kernel_area()),
-            k.ubin(BinOp::Rem, kk, g.kernel_area()),
-        );
-        let (ki, kj) = (k.ubin(BinOp::Div, tap, g.kw), k.ubin(BinOp::Rem, tap, g.kw));
+        let (o, ki, kj) = g.split_column(k, kk);
         let (oy, row_ok) = output_coordinate(k, &g, iy, ki, g.ho);
         let (ox, col_ok) = output_coordinate(k, &g, ix, kj, g.wo);
         let ok = k.and(row_ok, col_ok);
-        let at = k.mad_s(oy, g.wo as i32, ox);
-        let at = k.select_s(ok, at, 0);
-        let at = k.u32_from_s32(at);
-        let no = k.mad_u(n, g.o, o);
-        let plane = k.idx(no);
-        let base = k.idx_mul_const(plane, (g.ho * g.wo) as u64);
-        let offset = k.idx(at);
-        let at = k.idx_add(base, offset);
-        let v = k.load(dy, at);
+        let v = load_pixel(k, dy, [n, o], g.o, (oy, ox, ok), [g.ho, g.wo]);
         k.select(ok, v, 0.0f32)
     };
     let load_b = |k: &mut KernelBuilder, kk: U32, c: U32, _n: U32| {
@@ -323,24 +362,7 @@ fn dgrad(cx: &Cx, d: &ConvDgrad, epilogue: Option<(FloatAttr, Squares)>) -> Lowe
         let at = k.mad_u(oc, g.kernel_area(), tap);
         k.load(w, at)
     };
-    let place = gemm::place(&mut k, shape, tiling, cx.options.tensor_cores);
-    let n = k.block_y();
-    let layout = Layout {
-        a_k_fastest: false,
-        b_k_fastest: true,
-    };
-    let tile = Products::zeros(&mut k, false);
-    tiled_gemm(
-        &mut k,
-        shape,
-        tiling,
-        &place,
-        layout,
-        &tile,
-        |k, m, kk| load_a(k, m, kk, n),
-        |k, kk, col| load_b(k, kk, col, n),
-    );
-    let coords = place.coordinates(&mut k);
+    let (place, n, tile, coords) = product_per_example(&mut k, cx, shape, tiling, load_a, load_b);
 
     // every element stored (ReLU-masked under the epilogue), with what its BN terms need
     let mut masked: Vec<Vec<(F32, F32)>> = Vec::new();
@@ -511,29 +533,7 @@ fn wgrad(
             k.load(dy, at)
         };
         let load_b = |k: &mut KernelBuilder, p: U32, column: U32| {
-            let (oy, ox) = (k.ubin(BinOp::Div, p, g.wo), k.ubin(BinOp::Rem, p, g.wo));
-            let (c, tap) = (
-                k.ubin(BinOp::Div, column, g.kernel_area()),
-                k.ubin(BinOp::Rem, column, g.kernel_area()),
-            );
-            let (ki, kj) = (k.ubin(BinOp::Div, tap, g.kw), k.ubin(BinOp::Rem, tap, g.kw));
-            let (iy, row_ok) = g.input_coordinate(k, oy, ki, g.h);
-            let (ix, col_ok) = g.input_coordinate(k, ox, kj, g.w);
-            let ok = k.and(row_ok, col_ok);
-            let at = k.mad_s(iy, g.w as i32, ix);
-            let at = k.select_s(ok, at, 0);
-            let at = k.u32_from_s32(at);
-            let nc = k.mad_u(n, g.c, c);
-            let plane = k.idx(nc);
-            let base = k.idx_mul_const(plane, (g.h * g.w) as u64);
-            let offset = k.idx(at);
-            let at = k.idx_add(base, offset);
-            let v = k.load(x, at);
-            let v = match &bn {
-                Some(params) => Prologue::load(k, params, c).apply(k, v),
-                None => v,
-            };
-            k.select(ok, v, 0.0f32)
+            gather_input(k, &g, (x, bn.as_ref()), n, p, column)
         };
         if !per_example && squares != Squares::PerExample {
             let into = Products {

@@ -18,13 +18,25 @@ pub fn split(k: &mut KernelBuilder, w: U64) -> (U32, U32) {
     (lo, hi)
 }
 
-/// ξ of element `i`: lane `i % 4` of Philox block `i / 4`, as `philox::fill_normal`.
-pub fn normal(k: &mut KernelBuilder, i: Idx, param: U32, key: [U32; 2], step: [U32; 2]) -> F32 {
+/// The Philox block holding element `i` of `stream` (block `i / 4`) and the element's lane
+/// in it (`i % 4`), the layout of `philox::fill_normal` and `philox::word`.
+fn block_of(
+    k: &mut KernelBuilder,
+    i: Idx,
+    stream: U32,
+    key: [U32; 2],
+    step: [U32; 2],
+) -> ([U32; 4], U32) {
     let block = k.idx_div_const(i, 4);
     let block = k.idx_to_u32(block);
     let lane = k.idx_rem_const(i, 4);
     let lane = k.idx_to_u32(lane);
-    let x = philox(k, [block, param, step[0], step[1]], key);
+    (philox(k, [block, stream, step[0], step[1]], key), lane)
+}
+
+/// ξ of element `i` of parameter `param`'s stream, as `philox::fill_normal`.
+pub fn normal(k: &mut KernelBuilder, i: Idx, param: U32, key: [U32; 2], step: [U32; 2]) -> F32 {
+    let (x, lane) = block_of(k, i, param, key, step);
     let second_pair = k.cmp_u(Cmp::Ge, lane, 2u32);
     let first = k.select_u(second_pair, x[2], x[0]);
     let second = k.select_u(second_pair, x[3], x[1]);
@@ -34,13 +46,9 @@ pub fn normal(k: &mut KernelBuilder, i: Idx, param: U32, key: [U32; 2], step: [U
     k.select(is_sin, sin, cos)
 }
 
-/// Word `i` of `stream`: lane `i % 4` of Philox block `i / 4`, as `philox::word`.
+/// Word `i` of `stream`, as `philox::word`.
 pub fn word(k: &mut KernelBuilder, i: Idx, stream: U32, key: [U32; 2], step: [U32; 2]) -> U32 {
-    let block = k.idx_div_const(i, 4);
-    let block = k.idx_to_u32(block);
-    let lane = k.idx_rem_const(i, 4);
-    let lane = k.idx_to_u32(lane);
-    let x = philox(k, [block, stream, step[0], step[1]], key);
+    let (x, lane) = block_of(k, i, stream, key, step);
     let mut chosen = x[0];
     for (l, &xl) in x.iter().enumerate().skip(1) {
         let is_lane = k.cmp_u(Cmp::Eq, lane, l as u32);
