@@ -10,7 +10,7 @@ use fisherc_ir::ops::{Conv2d, ConvDgrad, ConvWgrad, FloatAttr, Op, Squares};
 use super::Lowered;
 use super::common::{
     BnParams, Combine, Cx, TileRows, bn_apply, bn_combine, bn_term_count, bn_terms, combine_tiles,
-    input, inv_std, launch, normalised, output, scratch, sum_rows,
+    grid_for, input, inv_std, launch, map, normalised, output, scratch, sum_rows,
 };
 use super::gemm::{
     self, Coordinates, GemmShape, Layout, Products, THREADS, TilePlace, Tiling, column_sums,
@@ -20,7 +20,7 @@ use crate::builder::{F32, KernelBuilder, Pred, S32, U32, U64};
 use crate::kir::{BinOp, Cmp};
 
 pub fn lower(cx: &Cx) -> Lowered {
-    match cx.op {
+    let lowered = match cx.op {
         Op::Conv2d(conv) => forward(cx, conv, None, false),
         Op::FusedConv(f) => forward(cx, &f.conv, f.prologue, f.stats),
         Op::ConvDgrad(d) => dgrad(cx, d, None),
@@ -29,6 +29,15 @@ pub fn lower(cx: &Cx) -> Lowered {
         Op::ConvWgradPerExample(w) => wgrad(cx, &w.0, None, Squares::None, true),
         Op::FusedWgrad(f) => wgrad(cx, &f.wgrad, f.prologue, f.squares, false),
         other => unreachable!("{} is not a convolution", other.name()),
+    };
+    let prologue = match cx.op {
+        Op::FusedConv(f) => f.prologue,
+        Op::FusedWgrad(f) => f.prologue,
+        _ => None,
+    };
+    match prologue {
+        Some(eps) => with_prologue_scale(cx, lowered, eps, cx.inputs[0].shape[1] as u64),
+        None => lowered,
     }
 }
 
@@ -159,7 +168,7 @@ fn load_pixel(
 fn gather_input(
     k: &mut KernelBuilder,
     g: &Geometry,
-    (x, bn): (U64, Option<&BnParams>),
+    (x, bn): (U64, Option<&PrologueSource>),
     n: U32,
     p: U32,
     column: U32,
@@ -184,15 +193,20 @@ struct Prologue {
     beta: F32,
 }
 
+/// Where a gather finds its prologue: the BN statistics, and the per-channel scale γ·invstd
+/// that `with_prologue_scale`'s first kernel computes once (not at every gathered element).
+#[derive(Clone, Copy)]
+struct PrologueSource {
+    params: BnParams,
+    scale: U64,
+}
+
 impl Prologue {
-    fn load(k: &mut KernelBuilder, p: &BnParams, c: U32) -> Prologue {
-        let inv = inv_std(k, p.var, c, p.eps);
-        let g = k.load(p.gamma, c);
-        let scale = k.mul(g, inv);
+    fn load(k: &mut KernelBuilder, source: &PrologueSource, c: U32) -> Prologue {
         Prologue {
-            mean: k.load(p.mean, c),
-            scale,
-            beta: k.load(p.beta, c),
+            mean: k.load(source.params.mean, c),
+            scale: k.load(source.scale, c),
+            beta: k.load(source.params.beta, c),
         }
     }
 
@@ -207,6 +221,54 @@ impl Prologue {
 /// The prologue's statistics pointers, read from the kernel's parameters.
 fn prologue_params(k: &mut KernelBuilder, prologue: Option<FloatAttr>) -> Option<BnParams> {
     prologue.map(|eps| BnParams::declare(k, eps.0 as f32))
+}
+
+/// The prologue's scale parameter, which must be the kernel's last (see
+/// `with_prologue_scale`).
+fn prologue_source(k: &mut KernelBuilder, params: Option<BnParams>) -> Option<PrologueSource> {
+    params.map(|params| PrologueSource {
+        params,
+        scale: k.ptr_param("prologue_scale"),
+    })
+}
+
+/// Inputs 2 and 3 of a convolution with a prologue: the BN variance and γ.
+const PROLOGUE_VAR: usize = 2;
+const PROLOGUE_GAMMA: usize = 3;
+
+/// Adds the prologue's scale to a lowering whose first launch is the main kernel (with
+/// `prologue_scale` as its last parameter): a first kernel computes γ·(var + ε)^(−½) per
+/// channel, exactly as `bn_apply` does, into a new scratch buffer.
+fn with_prologue_scale(cx: &Cx, lowered: Lowered, eps: FloatAttr, channels: u64) -> Lowered {
+    let Lowered::Kernels {
+        mut launches,
+        scratch: mut buffers,
+    } = lowered
+    else {
+        unreachable!("a convolution lowers to kernels")
+    };
+    let buffer = scratch(buffers.len());
+    buffers.push(4 * channels);
+    launches[0].args.push(buffer);
+    let mut k = cx.builder("prologue_scale");
+    let (var, gamma, out) = (
+        k.ptr_param("var"),
+        k.ptr_param("gamma"),
+        k.ptr_param("scale"),
+    );
+    map(&mut k, channels, |k, c| {
+        let c = k.idx_to_u32(c);
+        let inv = inv_std(k, var, c, eps.0 as f32);
+        let g = k.load(gamma, c);
+        let scale = k.mul(g, inv);
+        k.store(out, c, scale);
+    });
+    let args = vec![input(PROLOGUE_VAR), input(PROLOGUE_GAMMA), buffer];
+    launches.insert(0, launch(k.finish(), grid_for(channels), args));
+    Lowered::Kernels {
+        launches,
+        scratch: buffers,
+    }
 }
 
 /// The forward convolution as an implicit GEMM per example (`gemm.rs`): C[p][o] over the
@@ -237,6 +299,7 @@ fn forward(cx: &Cx, conv: &Conv2d, prologue: Option<FloatAttr>, stats: bool) -> 
     let bias = conv.bias.then(|| k.ptr_param("bias"));
     let y = k.ptr_param("y");
     let partials = stats.then(|| k.ptr_param("partials"));
+    let bn = prologue_source(&mut k, bn);
     let load_a = |k: &mut KernelBuilder, p: U32, kk: U32, n: U32| {
         gather_input(k, &g, (x, bn.as_ref()), n, p, kk)
     };
@@ -503,6 +566,7 @@ fn wgrad(
     } else {
         vec![k.ptr_param("partials")]
     };
+    let bn = prologue_source(&mut k, bn);
     let place = gemm::place(&mut k, shape, tiling, cx.options.tensor_cores);
     // the exact Fisher squares each example's product, so that has its own accumulators,
     // reset per example; the rest accumulate every example straight into the totals
