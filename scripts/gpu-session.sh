@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Everything a device session should run, in order of importance, each part under its own time
-# limit, in one call (the device budget is 15 minutes). Builds nothing: it runs .gpu/fisherc
-# (scripts/build-cuda.sh; carry .gpu, with Fashion-MNIST in .gpu/fashion-mnist for part 3).
+# limit; with the default limits (560 s in all) it fits one 10-minute device call. Builds
+# nothing: it runs .gpu/fisherc (scripts/build-cuda.sh; carry .gpu, with Fashion-MNIST in
+# .gpu/fashion-mnist for part 3).
 #
-#   1. correctness (scripts/gpu-check.sh, checks only): every kernel of resnet20 and resnet44
-#      at batch 32 against the CPU reference, node by node, then 3 noisy steps, for the exact
-#      Fisher and full-Fisher noise, fused and unfused             (LIMIT_CHECK s, ~3 min)
-#   2. speed (scripts/gpu-bench.sh): fisherc bench of resnet44 and vgg16 at batch 4096 and
-#      PyTorch on the same card, side by side                       (LIMIT_BENCH s)
+#   1. correctness (scripts/gpu-check.sh, checks only), every kernel node by node against the
+#      CPU reference, then 3 noisy steps: resnet20 at batch 32, exact Fisher and full-Fisher
+#      noise, fused, fused-tc (tensor cores) and unfused; resnet44, exact, fused-tc and fused
+#                                                                   (LIMIT_CHECK s)
+#   2. speed (scripts/gpu-bench.sh): fisherc bench of resnet44 and vgg16 at batch 4096 (Fisher
+#      none and exact, fused and fused-tc) and PyTorch on the same card, side by side
+#                                                                   (LIMIT_BENCH s)
 #   3. training (scripts/gpu-train.sh): ResNet20 on Fashion-MNIST, one epoch, lb-diagf
 #                                                                   (LIMIT_TRAIN s)
 #
@@ -18,9 +21,9 @@ cd "$(dirname "$0")/.."
 
 OUT=${OUT:-/tmp/gpu-session}
 PARTS=${PARTS:-check bench train}
-LIMIT_CHECK=${LIMIT_CHECK:-240}
-LIMIT_BENCH=${LIMIT_BENCH:-300}
-LIMIT_TRAIN=${LIMIT_TRAIN:-240}
+LIMIT_CHECK=${LIMIT_CHECK:-200}
+LIMIT_BENCH=${LIMIT_BENCH:-240}
+LIMIT_TRAIN=${LIMIT_TRAIN:-120}
 WORK=$(mktemp -d)
 mkdir -p "$OUT"
 : >"$OUT/summary.txt"
@@ -36,9 +39,12 @@ part() { # name limit command... : runs it with OUT=$WORK/name, appends its outp
 
 for p in $PARTS; do
   case $p in
-    check) part check "$LIMIT_CHECK" env CHECK_MODELS="resnet20 resnet44" \
-             CHECK_KINDS="exact full-fisher-true" RUN_MODELS= scripts/gpu-check.sh ;;
-    bench) part bench "$LIMIT_BENCH" scripts/gpu-bench.sh ;;
+    check) part check "$LIMIT_CHECK" bash -c '
+             CHECK_MODELS=resnet20 CHECK_KINDS="exact full-fisher-true" RUN_MODELS= scripts/gpu-check.sh
+             OUT=$OUT/resnet44 CHECK_MODELS=resnet44 CHECK_VARIANTS="fused-tc fused" RUN_MODELS= \
+               scripts/gpu-check.sh' ;;
+    bench) part bench "$LIMIT_BENCH" env FISHER=none,exact VARIANTS=fused,fused-tc STEPS=2 \
+             WARMUP=1 LIMIT_FISHERC=140 LIMIT_TORCH=95 TORCH_MODES="plain a2g2" scripts/gpu-bench.sh ;;
     train) part train "$LIMIT_TRAIN" scripts/gpu-train.sh ;;
     *) echo "gpu-session: unknown part '$p' (check, bench, train)" >&2 ;;
   esac
