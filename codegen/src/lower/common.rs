@@ -30,13 +30,7 @@ impl<'a> Cx<'a> {
         options: LowerOptions,
     ) -> Self {
         let op_key = serde_json::to_string(&kernel_key(op)).unwrap_or_default();
-        // only the kernels the options change get other names
-        let options_key = if options == LowerOptions::default() || !super::uses_options(op) {
-            String::new()
-        } else {
-            format!("|{options:?}")
-        };
-        let key = format!("{op_key}|{inputs:?}|{outputs:?}{options_key}");
+        let key = format!("{op_key}|{inputs:?}|{outputs:?}");
         Cx {
             op,
             inputs,
@@ -52,6 +46,20 @@ impl<'a> Cx<'a> {
             "{}_{part}_{:012x}",
             self.op.name(),
             self.specialisation & 0xffff_ffff_ffff
+        )
+    }
+
+    /// [`Self::name`] for a kernel whose code depends on the [`LowerOptions`]: other options,
+    /// another name (the default options keep the plain name).
+    pub fn name_with_options(&self, part: &str) -> String {
+        if self.options == LowerOptions::default() {
+            return self.name(part);
+        }
+        let key = format!("{:x}|{:?}", self.specialisation, self.options);
+        format!(
+            "{}_{part}_{:012x}",
+            self.op.name(),
+            fnv1a(key.as_bytes()) & 0xffff_ffff_ffff
         )
     }
 

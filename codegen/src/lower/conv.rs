@@ -13,7 +13,7 @@ use super::common::{
     grid_for, input, inv_std, launch, map, normalised, output, scratch, sum_rows,
 };
 use super::gemm::{
-    self, Coordinates, GemmShape, Layout, Products, THREADS, TilePlace, Tiling, column_sums,
+    self, Coordinates, GemmShape, Layout, Products, TilePlace, Tiling, column_sums,
     store_column_sums, tiled_gemm,
 };
 use crate::builder::{F32, KernelBuilder, Pred, S32, U32, U64};
@@ -292,7 +292,7 @@ fn forward(cx: &Cx, conv: &Conv2d, prologue: Option<FloatAttr>, stats: bool) -> 
         k: g.c * g.kernel_area(),
     };
     let tiling = Tiling::for_columns(g.o);
-    let mut k = KernelBuilder::new(cx.name("forward"), THREADS, cx.wide());
+    let mut k = gemm::builder(cx, "forward");
     let x = k.ptr_param("x");
     let bn = prologue_params(&mut k, prologue);
     let w = k.ptr_param("w");
@@ -398,7 +398,7 @@ fn dgrad(cx: &Cx, d: &ConvDgrad, epilogue: Option<(FloatAttr, Squares)>) -> Lowe
         k: g.o * g.kernel_area(),
     };
     let tiling = Tiling::for_columns(g.c);
-    let mut k = KernelBuilder::new(cx.name("dgrad"), THREADS, cx.wide());
+    let mut k = gemm::builder(cx, "dgrad");
     let (dy, w) = (k.ptr_param("dy"), k.ptr_param("w"));
     let bn = epilogue.map(|(eps, squares)| {
         let y = k.ptr_param("y");
@@ -555,7 +555,7 @@ fn wgrad(
     let direct = per_example || chunks == 1;
     let terms = if squares == Squares::None { 1 } else { 2 };
 
-    let mut k = KernelBuilder::new(cx.name("wgrad"), THREADS, cx.wide());
+    let mut k = gemm::builder(cx, "wgrad");
     let x = k.ptr_param("x");
     let bn = prologue_params(&mut k, prologue);
     let dy = k.ptr_param("dy");

@@ -16,7 +16,7 @@
 //! tile sits ([`TilePlace`]) is separate from the product, so a block can run several products
 //! (one per example, say) into the same place. The skeleton knows nothing about convolutions.
 
-use super::common::TileRows;
+use super::common::{Cx, TileRows};
 use crate::builder::{F32, KernelBuilder, Pred, SharedF32, Tf32, U32, U64};
 use crate::kir::{BinOp, Cmp};
 
@@ -162,6 +162,12 @@ impl TilePlace {
             local_cols,
         }
     }
+}
+
+/// A builder for a GEMM kernel of `cx`'s node: [`THREADS`] threads, named after the lowering
+/// options (which change how it multiplies).
+pub fn builder(cx: &Cx, part: &str) -> KernelBuilder {
+    KernelBuilder::new(cx.name_with_options(part), THREADS, cx.wide())
 }
 
 /// The place of this thread's elements, the block's tile being block x; on tensor cores if

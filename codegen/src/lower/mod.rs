@@ -81,20 +81,6 @@ pub struct LowerOptions {
     pub tensor_cores: bool,
 }
 
-/// Whether `op`'s kernels depend on the [`LowerOptions`] (the convolutions, `conv.rs`).
-fn uses_options(op: &Op) -> bool {
-    matches!(
-        op,
-        Op::Conv2d(_)
-            | Op::FusedConv(_)
-            | Op::ConvDgrad(_)
-            | Op::FusedDgrad(_)
-            | Op::ConvWgrad(_)
-            | Op::ConvWgradPerExample(_)
-            | Op::FusedWgrad(_)
-    )
-}
-
 /// Lowers one node.
 pub fn lower(
     op: &Op,
