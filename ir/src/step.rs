@@ -247,7 +247,7 @@ fn mean_fisher(
 /// with [`FullFisherSample`]'s weighted logit gradient (keyed by the step's seed and step).
 fn full_fisher_vectors(
     graph: &mut Graph,
-    network: &Network,
+    (network, params): (&Network, &[PortRef]),
     labels: PortRef,
     [seed, step]: [PortRef; 2],
     kind: FisherKind,
@@ -255,20 +255,31 @@ fn full_fisher_vectors(
     let logits = network.logits;
     let sample = FullFisherSample { kind };
     let dlogits = graph.add1(sample, "loss", &[logits, labels, seed, step])?;
-    let params: Vec<PortRef> = network
-        .params
-        .iter()
-        .map(|p| PortRef::new(p.node, 0))
-        .collect();
-    let grads = autodiff::backward_in(Phase::Fisher, graph, &[(logits, dlogits)], &params)?;
-    let vectors = params.iter().zip(&network.params).map(|(&p, param)| {
+    let grads = autodiff::backward_in(Phase::Fisher, graph, &[(logits, dlogits)], params)?;
+    gradients_of(
+        &grads,
+        (network, params),
+        FullFisherSample::NAME,
+        "the logits",
+    )
+}
+
+/// The gradient of every parameter (`params`, the network's, in order) among `grads`; an
+/// error names a parameter that `seeded` (what the pass started from) does not depend on.
+fn gradients_of(
+    grads: &Gradients,
+    (network, params): (&Network, &[PortRef]),
+    op: &'static str,
+    seeded: &str,
+) -> Result<Vec<PortRef>, ShapeError> {
+    let gradients = params.iter().zip(&network.params).map(|(&p, param)| {
         grads.of(p).ok_or_else(|| ShapeError {
             layer: param.layer.clone(),
-            op: FullFisherSample::NAME,
-            message: format!("parameter '{}' does not affect the logits", param.name),
+            op,
+            message: format!("parameter '{}' does not affect {seeded}", param.name),
         })
     });
-    vectors.collect()
+    gradients.collect()
 }
 
 /// Builds forward, loss, backward, Fisher and update of a training-mode network.
@@ -305,15 +316,9 @@ pub fn build_training_step(
         .map(|p| PortRef::new(p.node, 0))
         .collect();
     let grads = autodiff::backward(&mut graph, &[(loss, one)], &params)?;
-    let mut param_grads = Vec::with_capacity(params.len());
-    for (i, (&p, param)) in params.iter().zip(&network.params).enumerate() {
-        let g = grads.of(p).ok_or_else(|| ShapeError {
-            layer: param.layer.clone(),
-            op: "training_step",
-            message: format!("parameter '{}' does not affect the loss", param.name),
-        })?;
+    let param_grads = gradients_of(&grads, (&network, &params), "training_step", "the loss")?;
+    for (i, &g) in param_grads.iter().enumerate() {
         graph.set_output(Output::Grad(i), g);
-        param_grads.push(g);
     }
 
     let has_fisher = options.fisher != FisherMode::None;
@@ -365,7 +370,8 @@ pub fn build_training_step(
                 FisherKind::Empirical
             };
             let seeds = [hyper[&Hyper::Seed], hyper[&Hyper::Step]];
-            let vectors = full_fisher_vectors(&mut graph, &network, labels, seeds, kind)?;
+            let vectors =
+                full_fisher_vectors(&mut graph, (&network, &params), labels, seeds, kind)?;
             (UpdateNoise::Vector, vectors.into_iter().map(Some).collect())
         }
     };
