@@ -15,10 +15,6 @@ use anyhow::{Context, Result};
 use fisherc_codegen::artifact::{Artifact, Source};
 use fisherc_codegen::compile::{CompileOptions, Compiled, compile};
 use fisherc_ir::model::{self, BuildOptions};
-use fisherc_ir::ops::Role;
-use fisherc_ir::state::TrainState;
-use fisherc_ir::synthetic::random_batch;
-use fisherc_ir::tensor::Value;
 use fisherc_ir::{FisherMode, StepOptions, build_training_step};
 use fisherc_runtime::Session;
 use serde::Serialize;
@@ -27,6 +23,7 @@ use crate::backend_args::{self, BackendKind};
 use crate::hyper_args::HyperArgs;
 use crate::model_args::parse_input;
 use crate::profile::{self, OpRow};
+use crate::run::RandomBatchSteps;
 
 /// Ops printed per configuration.
 const TOP_OPS: usize = 6;
@@ -350,20 +347,13 @@ fn timed_steps(
     if args.backend == BackendKind::Cuda {
         session.backend.capture()?;
     }
-    let net = &session.network;
     let source = &artifact.plan.source;
     let drawn = source.noise.is_drawn(source.fisher);
     let noise_scale = args.hyper.noise_scale(drawn, source.batch);
-    let (images, labels) = random_batch::<f32>(net.batch, net.input, net.classes, args.seed);
-    session.feed(&TrainState::<f32>::init(net, args.seed).state_feeds())?;
+    let feeder = RandomBatchSteps::start(&mut session, args.seed, noise_scale)?;
     let mut steps = Vec::with_capacity(args.steps);
     for k in 0..args.warmup + args.steps {
-        let mut feeds = args.hyper.at(noise_scale, args.seed, k as u64).feeds();
-        if k == 0 {
-            feeds.insert(Role::Images, Value::Float(images.clone()));
-            feeds.insert(Role::Labels, Value::Int(labels.clone()));
-        }
-        session.feed(&feeds)?;
+        feeder.feed(&mut session, &args.hyper, k)?;
         let started = Instant::now();
         let seconds = session.step().with_context(|| format!("step {}", k + 1))?;
         if k < args.warmup {

@@ -9,8 +9,9 @@ use fisherc_codegen::artifact::Artifact;
 use fisherc_ir::ops::Role;
 use fisherc_ir::state::TrainState;
 use fisherc_ir::synthetic::random_batch;
+use fisherc_ir::tensor::Tensor;
 use fisherc_ir::tensor::Value;
-use fisherc_runtime::Session;
+use fisherc_runtime::{Backend, Session};
 
 use crate::backend_args::{self, BackendKind};
 use crate::hyper_args::HyperArgs;
@@ -59,7 +60,6 @@ pub fn run(args: &Args) -> Result<()> {
     if args.graph {
         anyhow::ensure!(session.backend.capture()?, "--graph needs the cuda backend");
     }
-    let net = &session.network;
     let noise_scale = args
         .hyper
         .noise_scale(source.noise.is_drawn(source.fisher), source.batch);
@@ -74,16 +74,10 @@ pub fn run(args: &Args) -> Result<()> {
         session.backend.describe(),
         if args.graph { " (CUDA graph)" } else { "" }
     )?;
-    let (images, labels) = random_batch::<f32>(net.batch, net.input, net.classes, args.seed);
-    session.feed(&TrainState::<f32>::init(net, args.seed).state_feeds())?;
+    let steps = RandomBatchSteps::start(&mut session, args.seed, noise_scale)?;
     let mut times = Vec::with_capacity(args.steps);
     for k in 0..args.steps {
-        let mut feeds = args.hyper.at(noise_scale, args.seed, k as u64).feeds();
-        if k == 0 {
-            feeds.insert(Role::Images, Value::Float(images.clone()));
-            feeds.insert(Role::Labels, Value::Int(labels.clone()));
-        }
-        session.feed(&feeds)?;
+        steps.feed(&mut session, &args.hyper, k)?;
         let seconds = session.step().with_context(|| format!("step {}", k + 1))?;
         let loss = session.loss()?;
         anyhow::ensure!(loss.is_finite(), "step {}: the loss is {loss}", k + 1);
@@ -115,4 +109,49 @@ pub fn run(args: &Args) -> Result<()> {
         crate::profile::print(&mut out, &session.plan, &compiled.graph, &times)?;
     }
     Ok(())
+}
+
+/// Steps on one random batch, as `fisherc run` and `fisherc bench` take them: the initial state
+/// and the batch from `seed`; then step k's hyper-parameters (noise keyed by seed and k). The
+/// batch goes in with the first step and stays (the loss should fall).
+pub struct RandomBatchSteps {
+    images: Tensor<f32>,
+    labels: Tensor<i32>,
+    seed: u64,
+    noise_scale: f32,
+}
+
+impl RandomBatchSteps {
+    /// Feeds the initial state.
+    pub fn start<B: Backend>(
+        session: &mut Session<B>,
+        seed: u64,
+        noise_scale: f32,
+    ) -> Result<RandomBatchSteps> {
+        let net = &session.network;
+        let (images, labels) = random_batch::<f32>(net.batch, net.input, net.classes, seed);
+        session.feed(&TrainState::<f32>::init(net, seed).state_feeds())?;
+        Ok(RandomBatchSteps {
+            images,
+            labels,
+            seed,
+            noise_scale,
+        })
+    }
+
+    /// Feeds step `k` (from 0).
+    pub fn feed<B: Backend>(
+        &self,
+        session: &mut Session<B>,
+        hyper: &HyperArgs,
+        k: usize,
+    ) -> Result<()> {
+        let mut feeds = hyper.at(self.noise_scale, self.seed, k as u64).feeds();
+        if k == 0 {
+            feeds.insert(Role::Images, Value::Float(self.images.clone()));
+            feeds.insert(Role::Labels, Value::Int(self.labels.clone()));
+        }
+        session.feed(&feeds)?;
+        Ok(())
+    }
 }
