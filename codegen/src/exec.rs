@@ -5,7 +5,9 @@
 //! instruction, in lock step over the threads active at that point (structured `If`/`Loop`
 //! narrow the active set, as SIMT divergence does). Barriers therefore hold trivially, and a
 //! barrier reached by only part of the block is reported as the bug it is; shuffles read the
-//! other lanes' registers. Every memory access is bounds- and alignment-checked. Floating-point instructions
+//! other lanes' registers. Lock step would hide a missing barrier, so shared memory is
+//! race-checked instead: a thread touching a word that another thread wrote (or, for a write,
+//! read) since the last barrier is an error, as it would be a race on the GPU. Every memory access is bounds- and alignment-checked. Floating-point instructions
 //! are IEEE-754 correctly rounded, as the PTX `.rn` forms are (the `approx` ones are computed
 //! exactly, which the hardware's are not, within their documented error).
 
@@ -68,6 +70,7 @@ pub fn run(
         for &id in ids {
             block.id = id;
             block.shared.fill(0);
+            block.races.reset();
             block
                 .stmts(&kernel.body, &all, memory, 0)
                 .map_err(|message| ExecError {
@@ -117,6 +120,7 @@ impl<'a> Block<'a> {
             threads,
             regs: vec![0; kernel.regs.len() * threads],
             shared: vec![0; kernel.shared_bytes as usize],
+            races: RaceCheck::new(kernel.shared_bytes as usize),
             grid,
             id: (0, 0),
             pool: Vec::new(),
@@ -130,6 +134,7 @@ struct Block<'a> {
     /// Register `r` of thread `t` is `regs[r·threads + t]`, as raw bits.
     regs: Vec<u64>,
     shared: Vec<u8>,
+    races: RaceCheck,
     grid: [u32; 2],
     id: (u32, u32),
     /// Reused lists of active lanes, one per nesting depth of `If`/`Loop`.
@@ -411,7 +416,11 @@ impl Block<'_> {
                     let at = address(self.get(*addr, t), *offset);
                     let v = match space {
                         Space::Global => memory.load(at, bytes)?,
-                        Space::Shared => shared_load(&self.shared, at, bytes)?,
+                        Space::Shared => {
+                            let v = shared_load(&self.shared, at, bytes)?;
+                            self.races.read(t, at, bytes)?;
+                            v
+                        }
                     };
                     self.set(*dst, t, v);
                 }
@@ -428,7 +437,10 @@ impl Block<'_> {
                     let v = self.read(src, t);
                     match space {
                         Space::Global => memory.store(at, bytes, v)?,
-                        Space::Shared => shared_store(&mut self.shared, at, bytes, v)?,
+                        Space::Shared => {
+                            shared_store(&mut self.shared, at, bytes, v)?;
+                            self.races.write(t, at, bytes)?;
+                        }
                     }
                 }
             }
@@ -440,6 +452,7 @@ impl Block<'_> {
                         self.threads
                     ));
                 }
+                self.races.barrier();
             }
             Inst::CvtTf32 { dst, src } => {
                 let a = Src::Reg(src.id as usize * self.threads);
@@ -591,6 +604,110 @@ fn shared_store(shared: &mut [u8], at: u64, bytes: usize, value: u64) -> Result<
     let start = shared_range(shared.len(), at, bytes)?;
     shared[start..start + bytes].copy_from_slice(&value.to_le_bytes()[..bytes]);
     Ok(())
+}
+
+/// Who touched each 4-byte word of shared memory since the last barrier (epoch), to report
+/// the accesses the GPU would race on. Accesses are checked after `shared_range`, so they lie
+/// inside the array.
+struct RaceCheck {
+    epoch: u32,
+    words: Vec<WordUse>,
+}
+
+#[derive(Clone, Copy, Default)]
+struct WordUse {
+    /// The epoch the fields below belong to; older entries count as untouched.
+    epoch: u32,
+    writer: Option<u32>,
+    reader: Reader,
+}
+
+#[derive(Clone, Copy, Default, PartialEq)]
+enum Reader {
+    #[default]
+    None,
+    One(u32),
+    Many,
+}
+
+impl RaceCheck {
+    fn new(bytes: usize) -> Self {
+        RaceCheck {
+            epoch: 1,
+            words: vec![WordUse::default(); bytes.div_ceil(4)],
+        }
+    }
+
+    fn reset(&mut self) {
+        self.epoch = 1;
+        self.words.fill(WordUse::default());
+    }
+
+    fn barrier(&mut self) {
+        self.epoch += 1;
+    }
+
+    /// This epoch's uses of the words `at..at + bytes` covers.
+    fn uses(&mut self, at: u64, bytes: usize) -> impl Iterator<Item = (u64, &mut WordUse)> {
+        let epoch = self.epoch;
+        let first = (at / 4) as usize;
+        let words = bytes.div_ceil(4);
+        self.words[first..first + words]
+            .iter_mut()
+            .enumerate()
+            .map(move |(i, word)| {
+                if word.epoch != epoch {
+                    *word = WordUse {
+                        epoch,
+                        ..WordUse::default()
+                    };
+                }
+                (4 * (first + i) as u64, word)
+            })
+    }
+
+    fn read(&mut self, thread: u32, at: u64, bytes: usize) -> Result<(), String> {
+        for (word_at, word) in self.uses(at, bytes) {
+            if let Some(writer) = word.writer.filter(|&w| w != thread) {
+                return Err(race("reads", thread, word_at, "written", writer));
+            }
+            word.reader = match word.reader {
+                Reader::None => Reader::One(thread),
+                Reader::One(r) if r == thread => Reader::One(r),
+                _ => Reader::Many,
+            };
+        }
+        Ok(())
+    }
+
+    fn write(&mut self, thread: u32, at: u64, bytes: usize) -> Result<(), String> {
+        for (word_at, word) in self.uses(at, bytes) {
+            if let Some(writer) = word.writer.filter(|&w| w != thread) {
+                return Err(race("writes", thread, word_at, "written", writer));
+            }
+            match word.reader {
+                Reader::One(r) if r != thread => {
+                    return Err(race("writes", thread, word_at, "read", r));
+                }
+                Reader::Many => {
+                    return Err(format!(
+                        "shared-memory race: thread {thread} writes {word_at:#x}, which other \
+                         threads read since the last bar.sync"
+                    ));
+                }
+                _ => {}
+            }
+            word.writer = Some(thread);
+        }
+        Ok(())
+    }
+}
+
+fn race(verb: &str, thread: u32, at: u64, done: &str, other: u32) -> String {
+    format!(
+        "shared-memory race: thread {thread} {verb} {at:#x}, which thread {other} {done} since \
+         the last bar.sync"
+    )
 }
 
 /// Rejects unary operations the executor (and PTX) does not define.

@@ -1,6 +1,6 @@
 //! The kernel IR machinery on small kernels: the typed builder, the executor (grid-stride
-//! loops, divergence, barriers, shuffles, TF32 tensor-core mma, bounds and alignment checks)
-//! and the PTX renderer with ptxas.
+//! loops, divergence, barriers, shuffles, TF32 tensor-core mma, bounds and alignment checks,
+//! shared-memory races) and the PTX renderer with ptxas.
 
 use fisherc_codegen::builder::{KernelBuilder, U32};
 use fisherc_codegen::exec::{Arg, Memory, run, tf32_bits};
@@ -292,4 +292,72 @@ fn ptxas_errors_come_back_as_messages() {
         messages.starts_with("in kernel sum_test:"),
         "the message names the kernel: {messages}"
     );
+}
+
+/// A block of 64 threads: each stores its id at shared[tid], then (after a barrier when
+/// `barrier`) reads its neighbour's word; with `overwrite`, then writes its own word again
+/// (after a barrier when `barrier`).
+fn neighbour_kernel(barrier: bool, overwrite: bool) -> Kernel {
+    let mut k = KernelBuilder::new("neighbours", 64, false);
+    let out = k.ptr_param("out");
+    let area = k.shared(64);
+    let tid = k.tid();
+    let v = k.f32_from_u32(tid);
+    k.store_shared(area, tid, v);
+    if barrier {
+        k.barrier();
+    }
+    let next = k.add_u(tid, 1u32);
+    let next = k.ubin(BinOp::Rem, next, 64u32);
+    let seen = k.load_shared(area, next);
+    if overwrite {
+        if barrier {
+            k.barrier();
+        }
+        k.store_shared(area, tid, seen);
+    }
+    k.store(out, tid, seen);
+    k.finish()
+}
+
+#[test]
+fn shared_memory_races_are_errors() {
+    let mut mem = Memory::new();
+    let out = mem.alloc(4 * 64);
+    let run_it = |kernel, mem: &Memory| run(&kernel, [2, 1], &[Arg::Ptr(out)], mem);
+    // read after another thread's write, no barrier between
+    let err = run_it(neighbour_kernel(false, false), &mem).unwrap_err();
+    assert!(
+        err.message
+            .contains("thread 0 reads 0x4, which thread 1 written since the last bar.sync"),
+        "{err}"
+    );
+    // write over a word another thread read, no barrier between
+    let mut k = KernelBuilder::new("war", 64, false);
+    let area = k.shared(64);
+    let tid = k.tid();
+    let next = k.add_u(tid, 1u32);
+    let next = k.ubin(BinOp::Rem, next, 64u32);
+    let v = k.load_shared(area, next);
+    k.store_shared(area, tid, v);
+    let err = run(&k.finish(), [1, 1], &[], &mem).unwrap_err();
+    assert!(
+        err.message
+            .contains("thread 0 writes 0x0, which thread 63 read since the last bar.sync"),
+        "{err}"
+    );
+    // two threads writing one word
+    let mut k = KernelBuilder::new("waw", 64, false);
+    let area = k.shared(64);
+    let tid = k.tid();
+    let half = k.ubin(BinOp::Div, tid, 2u32);
+    let v = k.f32(1.0);
+    k.store_shared(area, half, v);
+    let err = run(&k.finish(), [1, 1], &[], &mem).unwrap_err();
+    assert!(err.message.contains("which thread 0 written"), "{err}");
+    // with barriers every access is ordered, and each block starts afresh
+    run_it(neighbour_kernel(true, true), &mem).unwrap();
+    let got = mem.read_f32(out, 64);
+    let want: Vec<f32> = (0..64).map(|t| ((t + 1) % 64) as f32).collect();
+    assert_eq!(got, want);
 }
