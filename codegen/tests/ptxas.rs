@@ -79,5 +79,36 @@ fn every_kernel_of_every_model_assembles_for_sm80_and_sm90() {
             busiest.registers,
             busiest.kernel
         );
+        report_tiled(arch, &kernels, &resources);
+    }
+}
+
+/// Prints (with `--nocapture`) the register-tiled kernels' registers and spills by kind of
+/// GEMM, to compare kernel versions.
+fn report_tiled(arch: &str, kernels: &BTreeMap<String, Kernel>, resources: &[ptxas::Resources]) {
+    let mut kinds: BTreeMap<String, (usize, u32, u32, u32)> = BTreeMap::new();
+    for r in resources
+        .iter()
+        .filter(|r| kernels[&r.kernel].register_tiled)
+    {
+        // the name without its shape hash: op, part and options
+        let kind = r.kernel.rsplit_once('_').map_or(&*r.kernel, |(k, _)| k);
+        let entry = kinds.entry(kind.to_string()).or_default();
+        entry.0 += 1;
+        entry.1 = entry.1.max(r.registers);
+        entry.2 += r.spill_stores;
+        entry.3 = entry.3.max(r.spill_stores);
+    }
+    for r in resources.iter().filter(|r| r.spill_stores > 0) {
+        eprintln!(
+            "{arch} spills: {} ({} registers, {} bytes shared, {} bytes spill stores)",
+            r.kernel, r.registers, r.shared_bytes, r.spill_stores
+        );
+    }
+    for (kind, (count, registers, spills, worst)) in kinds {
+        eprintln!(
+            "{arch} {kind:<40} {count:>4} kernels, most registers {registers:>3}, spill \
+             stores {spills:>5} bytes in all, {worst:>3} at most"
+        );
     }
 }

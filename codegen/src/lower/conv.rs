@@ -1,4 +1,4 @@
-//! Convolutions as tiled implicit GEMMs (`gemm.rs`; fp32 FMA, no tensor cores yet): forward
+//! Convolutions as tiled implicit GEMMs (`gemm.rs`; fp32 FMA or TF32 tensor cores): forward
 //! with the BN-apply + ReLU prologue and the BN-statistics epilogue; data gradient with the
 //! ReLU-backward mask and BN-backward reductions (and their squares) in the epilogue; weight
 //! gradient with the prologue recomputed and, in the same pass, the Fisher squares: a block
@@ -13,10 +13,10 @@ use super::common::{
     grid_for, input, inv_std, launch, map, normalised, output, scratch, sum_rows,
 };
 use super::gemm::{
-    self, Coordinates, GemmShape, Layout, Products, TilePlace, Tiling, column_sums,
+    self, Coordinates, GemmShape, Layout, Operand, Products, TilePlace, Tiling, column_sums,
     store_column_sums, tiled_gemm,
 };
-use crate::builder::{F32, KernelBuilder, Pred, S32, U32, U64};
+use crate::builder::{F32, Idx, KernelBuilder, Pred, U32, U64};
 use crate::kir::{BinOp, Cmp};
 
 pub fn lower(cx: &Cx) -> Lowered {
@@ -92,33 +92,17 @@ impl Geometry {
         );
         (channel, ki, kj)
     }
-
-    /// The input coordinate `out·stride + offset − pad` (offset a register) and whether it
-    /// lies in `0..size`.
-    fn input_coordinate(
-        &self,
-        k: &mut KernelBuilder,
-        out: U32,
-        offset: U32,
-        size: u32,
-    ) -> (S32, Pred) {
-        let scaled = k.mad_u(out, self.stride, offset);
-        let scaled = k.s32_from_u32(scaled);
-        let at = k.sbin(BinOp::Sub, scaled, self.pad as i32);
-        let inside = k.in_range_s(at, 0, size as i32);
-        (at, inside)
-    }
 }
 
-/// The GEMM of example `n` = block y (A gathered along m, B along k), with where the thread's
-/// elements sit: (place, n, products, coordinates).
-fn product_per_example(
+/// The GEMM of example `n` = block y (A gathered along m, B along k) of the operands
+/// `operands(k, n)` makes, with where the thread's elements sit: (place, n, products,
+/// coordinates).
+fn product_per_example<A: Operand, B: Operand>(
     k: &mut KernelBuilder,
     cx: &Cx,
     shape: GemmShape,
     tiling: Tiling,
-    load_a: impl Fn(&mut KernelBuilder, U32, U32, U32) -> F32,
-    load_b: impl Fn(&mut KernelBuilder, U32, U32, U32) -> F32,
+    operands: impl FnOnce(&mut KernelBuilder, U32) -> (A, B),
 ) -> (TilePlace, U32, Products, Coordinates) {
     let place = gemm::place(k, shape, tiling, cx.options.tensor_cores);
     let n = k.block_y();
@@ -127,66 +111,295 @@ fn product_per_example(
         b_k_fastest: true,
     };
     let tile = Products::zeros(k, false);
-    tiled_gemm(
-        k,
-        shape,
-        tiling,
-        &place,
-        layout,
-        &tile,
-        |k, m, kk| load_a(k, m, kk, n),
-        |k, kk, col| load_b(k, kk, col, n),
-    );
+    let (a, b) = operands(k, n);
+    tiled_gemm(k, shape, tiling, &place, layout, &tile, &a, &b);
     let coords = place.coordinates(k);
     (place, n, tile, coords)
 }
 
-/// `src[n][c][row][col]` of an `[N, channels, height, width]` tensor, read where `ok` holds
-/// (elsewhere the plane's first element: a valid address, whose value the caller discards).
-fn load_pixel(
-    k: &mut KernelBuilder,
+/// A dense operand: element (line, k) of `src` at `line(line) + depth(k)`.
+struct Dense<L, D> {
     src: U64,
-    [n, c]: [U32; 2],
-    channels: u32,
-    (row, col, ok): (S32, S32, Pred),
-    [height, width]: [u32; 2],
-) -> F32 {
-    let at = k.mad_s(row, width as i32, col);
-    let at = k.select_s(ok, at, 0);
-    let at = k.u32_from_s32(at);
-    let nc = k.mad_u(n, channels, c);
-    let plane = k.idx(nc);
-    let base = k.idx_mul_const(plane, (height * width) as u64);
-    let offset = k.idx(at);
-    let at = k.idx_add(base, offset);
-    k.load(src, at)
+    line: L,
+    depth: D,
 }
 
-/// One element of the im2col matrix of input `x` (with the BN-apply + ReLU prologue of `bn`,
-/// if any): what output position `p` of example `n` sees through column `column` =
-/// (c, ki, kj) of the weight; zero in the padding.
-fn gather_input(
-    k: &mut KernelBuilder,
-    g: &Geometry,
-    (x, bn): (U64, Option<&PrologueSource>),
-    n: U32,
-    p: U32,
-    column: U32,
-) -> F32 {
-    let (oy, ox) = (k.ubin(BinOp::Div, p, g.wo), k.ubin(BinOp::Rem, p, g.wo));
-    let (c, ki, kj) = g.split_column(k, column);
-    let (iy, row_ok) = g.input_coordinate(k, oy, ki, g.h);
-    let (ix, col_ok) = g.input_coordinate(k, ox, kj, g.w);
-    let ok = k.and(row_ok, col_ok);
-    let v = load_pixel(k, x, [n, c], g.c, (iy, ix, ok), [g.h, g.w]);
-    let v = match bn {
-        Some(params) => Prologue::load(k, params, c).apply(k, v),
-        None => v,
-    };
-    k.select(ok, v, 0.0f32)
+impl<L, D> Operand for Dense<L, D>
+where
+    L: Fn(&mut KernelBuilder, U32) -> Idx,
+    D: Fn(&mut KernelBuilder, U32) -> U32,
+{
+    type Line = Idx;
+    type Depth = U32;
+    type Fetched = F32;
+
+    fn line(&self, k: &mut KernelBuilder, index: U32) -> Idx {
+        (self.line)(k, index)
+    }
+
+    fn depth(&self, k: &mut KernelBuilder, kk: U32) -> U32 {
+        (self.depth)(k, kk)
+    }
+
+    fn fetch(&self, k: &mut KernelBuilder, line: Idx, depth: U32) -> F32 {
+        let depth = k.idx(depth);
+        let at = k.idx_add(line, depth);
+        k.load(self.src, at)
+    }
+
+    fn finish(&self, _k: &mut KernelBuilder, value: F32) -> F32 {
+        value
+    }
+}
+
+/// The start of example `n`'s `[per_example]` elements, as an element index.
+fn example_start(k: &mut KernelBuilder, n: U32, per_example: u32) -> Idx {
+    let n = k.idx(n);
+    k.idx_mul_const(n, per_example as u64)
+}
+
+/// The im2col matrix of input `x` for example `n`, with the BN-apply + ReLU prologue applied
+/// if any: element (output position p = (oy, ox), column (c, ki, kj)) is
+/// `x[n][c][oy·stride + ki − pad][ox·stride + kj − pad]`, zero in the padding. What depends
+/// on the position ([`Window`]) and on the column ([`Tap`]) is made apart; their offsets add
+/// up to the element's (u32 arithmetic modulo 2³², exact where the pixel exists).
+struct Im2col<'a> {
+    g: &'a Geometry,
+    x: U64,
+    example: Idx,
+    prologue: Option<PrologueSource>,
+}
+
+/// An output position's window: its top-left input pixel (which may lie in the padding:
+/// "negative" coordinates wrap) and that pixel's offset in the example.
+#[derive(Clone, Copy)]
+struct Window {
+    y0: U32,
+    x0: U32,
+    offset: U32,
+}
+
+/// A weight column (c, ki, kj): the channel, the kernel tap, and its offset
+/// `c·h·w + ki·w + kj`.
+#[derive(Clone, Copy)]
+struct Tap {
+    c: U32,
+    ki: U32,
+    kj: U32,
+    offset: U32,
+}
+
+/// A loaded pixel: its value, whether it exists (else padding), and its channel (whose
+/// prologue is read only when finishing: three values held across a slice's products for
+/// every element would take the registers the products need).
+#[derive(Clone, Copy)]
+struct Pixel {
+    value: F32,
+    exists: Pred,
+    c: U32,
+}
+
+impl<'a> Im2col<'a> {
+    fn new(
+        k: &mut KernelBuilder,
+        g: &'a Geometry,
+        x: U64,
+        prologue: Option<PrologueSource>,
+        n: U32,
+    ) -> Self {
+        let example = example_start(k, n, g.c * g.h * g.w);
+        Im2col {
+            g,
+            x,
+            example,
+            prologue,
+        }
+    }
+
+    fn window(&self, k: &mut KernelBuilder, p: U32) -> Window {
+        let g = self.g;
+        let (oy, ox) = (k.ubin(BinOp::Div, p, g.wo), k.ubin(BinOp::Rem, p, g.wo));
+        let corner = |k: &mut KernelBuilder, out: U32| {
+            let scaled = k.mul_u(out, g.stride);
+            k.ubin(BinOp::Sub, scaled, g.pad)
+        };
+        let (y0, x0) = (corner(k, oy), corner(k, ox));
+        let offset = k.mad_u(y0, g.w, x0);
+        Window { y0, x0, offset }
+    }
+
+    fn tap(&self, k: &mut KernelBuilder, column: U32) -> Tap {
+        let g = self.g;
+        let (c, ki, kj) = g.split_column(k, column);
+        let offset = k.mad_u(ki, g.w, kj);
+        let offset = k.mad_u(c, g.h * g.w, offset);
+        Tap { c, ki, kj, offset }
+    }
+
+    fn fetch(&self, k: &mut KernelBuilder, window: Window, tap: Tap) -> Pixel {
+        let g = self.g;
+        let iy = k.add_u(window.y0, tap.ki);
+        let ix = k.add_u(window.x0, tap.kj);
+        let row_ok = k.cmp_u(Cmp::Lt, iy, g.h);
+        let col_ok = k.cmp_u(Cmp::Lt, ix, g.w);
+        let exists = k.and(row_ok, col_ok);
+        let at = k.add_u(window.offset, tap.offset);
+        let at = k.select_u(exists, at, 0u32);
+        let at = k.idx(at);
+        let at = k.idx_add(self.example, at);
+        Pixel {
+            value: k.load(self.x, at),
+            exists,
+            c: tap.c,
+        }
+    }
+
+    fn finish(&self, k: &mut KernelBuilder, pixel: Pixel) -> F32 {
+        let v = match &self.prologue {
+            Some(source) => Prologue::load(k, source, pixel.c).apply(k, pixel.value),
+            None => pixel.value,
+        };
+        k.select(pixel.exists, v, 0.0f32)
+    }
+}
+
+/// The im2col matrix as A (lines are output positions): the forward convolution's.
+struct Positions<'a>(Im2col<'a>);
+
+impl Operand for Positions<'_> {
+    type Line = Window;
+    type Depth = Tap;
+    type Fetched = Pixel;
+
+    fn line(&self, k: &mut KernelBuilder, p: U32) -> Window {
+        self.0.window(k, p)
+    }
+
+    fn depth(&self, k: &mut KernelBuilder, column: U32) -> Tap {
+        self.0.tap(k, column)
+    }
+
+    fn fetch(&self, k: &mut KernelBuilder, window: Window, tap: Tap) -> Pixel {
+        self.0.fetch(k, window, tap)
+    }
+
+    fn finish(&self, k: &mut KernelBuilder, pixel: Pixel) -> F32 {
+        self.0.finish(k, pixel)
+    }
+}
+
+/// The im2col matrix as B, transposed (lines are weight columns, k runs over output
+/// positions): the weight gradient's.
+struct Taps<'a>(Im2col<'a>);
+
+impl Operand for Taps<'_> {
+    type Line = Tap;
+    type Depth = Window;
+    type Fetched = Pixel;
+
+    fn line(&self, k: &mut KernelBuilder, column: U32) -> Tap {
+        self.0.tap(k, column)
+    }
+
+    fn depth(&self, k: &mut KernelBuilder, p: U32) -> Window {
+        self.0.window(k, p)
+    }
+
+    fn fetch(&self, k: &mut KernelBuilder, tap: Tap, window: Window) -> Pixel {
+        self.0.fetch(k, window, tap)
+    }
+
+    fn finish(&self, k: &mut KernelBuilder, pixel: Pixel) -> F32 {
+        self.0.finish(k, pixel)
+    }
+}
+
+/// dy of example `n` as the data gradient's A: element (input position p = (iy, ix), column
+/// (o, ki, kj)) is `dy[n][o][oy][ox]` at the output position whose window puts tap (ki, kj)
+/// on p, `oy = (iy + pad − ki) / stride` where that divides and lies in `0..ho` (likewise
+/// ox); zero where no window does.
+struct Spread<'a> {
+    g: &'a Geometry,
+    dy: U64,
+    example: Idx,
+}
+
+/// An input position shifted by the padding: `(iy + pad, ix + pad)`.
+#[derive(Clone, Copy)]
+struct Lead {
+    y: U32,
+    x: U32,
+}
+
+/// A column (o, ki, kj) of the data gradient's K: the tap and output channel o's offset.
+#[derive(Clone, Copy)]
+struct OutputTap {
+    ki: U32,
+    kj: U32,
+    offset: U32,
+}
+
+impl Spread<'_> {
+    /// The output coordinate `(lead − offset) / stride` and whether it exists: `lead <
+    /// offset` wraps to a huge value, which fails the range check.
+    fn coordinate(&self, k: &mut KernelBuilder, lead: U32, offset: U32, size: u32) -> (U32, Pred) {
+        let shifted = k.ubin(BinOp::Sub, lead, offset);
+        let stride = self.g.stride;
+        if stride == 1 {
+            return (shifted, k.cmp_u(Cmp::Lt, shifted, size));
+        }
+        let out = k.ubin(BinOp::Div, shifted, stride);
+        let rem = k.ubin(BinOp::Rem, shifted, stride);
+        let divides = k.cmp_u(Cmp::Eq, rem, 0u32);
+        let inside = k.cmp_u(Cmp::Lt, out, size);
+        (out, k.and(divides, inside))
+    }
+}
+
+impl Operand for Spread<'_> {
+    type Line = Lead;
+    type Depth = OutputTap;
+    type Fetched = (F32, Pred);
+
+    fn line(&self, k: &mut KernelBuilder, p: U32) -> Lead {
+        let g = self.g;
+        let (iy, ix) = (k.ubin(BinOp::Div, p, g.w), k.ubin(BinOp::Rem, p, g.w));
+        Lead {
+            y: k.add_u(iy, g.pad),
+            x: k.add_u(ix, g.pad),
+        }
+    }
+
+    fn depth(&self, k: &mut KernelBuilder, column: U32) -> OutputTap {
+        let g = self.g;
+        let (o, ki, kj) = g.split_column(k, column);
+        OutputTap {
+            ki,
+            kj,
+            offset: k.mul_u(o, g.ho * g.wo),
+        }
+    }
+
+    fn fetch(&self, k: &mut KernelBuilder, lead: Lead, tap: OutputTap) -> (F32, Pred) {
+        let g = self.g;
+        let (oy, row_ok) = self.coordinate(k, lead.y, tap.ki, g.ho);
+        let (ox, col_ok) = self.coordinate(k, lead.x, tap.kj, g.wo);
+        let exists = k.and(row_ok, col_ok);
+        let at = k.mad_u(oy, g.wo, ox);
+        let at = k.add_u(at, tap.offset);
+        let at = k.select_u(exists, at, 0u32);
+        let at = k.idx(at);
+        let at = k.idx_add(self.example, at);
+        (k.load(self.dy, at), exists)
+    }
+
+    fn finish(&self, k: &mut KernelBuilder, (value, exists): (F32, Pred)) -> F32 {
+        k.select(exists, value, 0.0f32)
+    }
 }
 
 /// Per-channel BN-apply + ReLU of a prologue: `relu((x − mean)·scale + β)` as the reference.
+#[derive(Clone, Copy)]
 struct Prologue {
     mean: F32,
     scale: F32,
@@ -300,14 +513,18 @@ fn forward(cx: &Cx, conv: &Conv2d, prologue: Option<FloatAttr>, stats: bool) -> 
     let y = k.ptr_param("y");
     let partials = stats.then(|| k.ptr_param("partials"));
     let bn = prologue_source(&mut k, bn);
-    let load_a = |k: &mut KernelBuilder, p: U32, kk: U32, n: U32| {
-        gather_input(k, &g, (x, bn.as_ref()), n, p, kk)
+    let operands = |k: &mut KernelBuilder, n: U32| {
+        let weights = Dense {
+            src: w,
+            line: |k: &mut KernelBuilder, o: U32| {
+                let row = k.mul_u(o, shape.k);
+                k.idx(row)
+            },
+            depth: |_: &mut KernelBuilder, kk: U32| kk,
+        };
+        (Positions(Im2col::new(k, &g, x, bn, n)), weights)
     };
-    let load_b = |k: &mut KernelBuilder, kk: U32, o: U32, _n: U32| {
-        let at = k.mad_u(o, shape.k, kk);
-        k.load(w, at)
-    };
-    let (place, n, tile, coords) = product_per_example(&mut k, cx, shape, tiling, load_a, load_b);
+    let (place, n, tile, coords) = product_per_example(&mut k, cx, shape, tiling, operands);
 
     // y = C (+ bias), stored where the element exists
     let outputs: Vec<Vec<F32>> = tile
@@ -407,25 +624,24 @@ fn dgrad(cx: &Cx, d: &ConvDgrad, epilogue: Option<(FloatAttr, Squares)>) -> Lowe
     });
     let dx = k.ptr_param("dx");
     let partials = bn.as_ref().map(|_| k.ptr_param("partials"));
-    let load_a = |k: &mut KernelBuilder, p: U32, kk: U32, n: U32| {
-        let (iy, ix) = (k.ubin(BinOp::Div, p, g.w), k.ubin(BinOp::Rem, p, g.w));
-        let (o, ki, kj) = g.split_column(k, kk);
-        let (oy, row_ok) = output_coordinate(k, &g, iy, ki, g.ho);
-        let (ox, col_ok) = output_coordinate(k, &g, ix, kj, g.wo);
-        let ok = k.and(row_ok, col_ok);
-        let v = load_pixel(k, dy, [n, o], g.o, (oy, ox, ok), [g.ho, g.wo]);
-        k.select(ok, v, 0.0f32)
+    let operands = |k: &mut KernelBuilder, n: U32| {
+        let example = example_start(k, n, g.o * g.ho * g.wo);
+        let area = g.kernel_area();
+        // w[o][c][tap]: line c, column (o, tap)
+        let weights = Dense {
+            src: w,
+            line: move |k: &mut KernelBuilder, c: U32| {
+                let start = k.mul_u(c, area);
+                k.idx(start)
+            },
+            depth: move |k: &mut KernelBuilder, kk: U32| {
+                let (o, tap) = (k.ubin(BinOp::Div, kk, area), k.ubin(BinOp::Rem, kk, area));
+                k.mad_u(o, g.c * area, tap)
+            },
+        };
+        (Spread { g: &g, dy, example }, weights)
     };
-    let load_b = |k: &mut KernelBuilder, kk: U32, c: U32, _n: U32| {
-        let (o, tap) = (
-            k.ubin(BinOp::Div, kk, g.kernel_area()),
-            k.ubin(BinOp::Rem, kk, g.kernel_area()),
-        );
-        let oc = k.mad_u(o, g.c, c);
-        let at = k.mad_u(oc, g.kernel_area(), tap);
-        k.load(w, at)
-    };
-    let (place, n, tile, coords) = product_per_example(&mut k, cx, shape, tiling, load_a, load_b);
+    let (place, n, tile, coords) = product_per_example(&mut k, cx, shape, tiling, operands);
 
     // every element stored (ReLU-masked under the epilogue), with what its BN terms need
     let mut masked: Vec<Vec<(F32, F32)>> = Vec::new();
@@ -488,28 +704,6 @@ fn dgrad(cx: &Cx, d: &ConvDgrad, epilogue: Option<(FloatAttr, Squares)>) -> Lowe
         ],
         scratch: vec![rows.bytes(count)],
     }
-}
-
-/// The output coordinate whose window puts kernel offset `offset` on input coordinate `at`:
-/// `(at + pad − offset) / stride`, valid when it divides and lies in `0..size`.
-fn output_coordinate(
-    k: &mut KernelBuilder,
-    g: &Geometry,
-    at: U32,
-    offset: U32,
-    size: u32,
-) -> (S32, Pred) {
-    let lead = k.add_u(at, g.pad);
-    let lead = k.s32_from_u32(lead);
-    let offset = k.s32_from_u32(offset);
-    let shifted = k.sbin(BinOp::Sub, lead, offset);
-    let rem = k.sbin(BinOp::Rem, shifted, g.stride as i32);
-    let out = k.sbin(BinOp::Div, shifted, g.stride as i32);
-    let non_negative = k.cmp_s(Cmp::Ge, shifted, 0);
-    let divides = k.cmp_s(Cmp::Eq, rem, 0);
-    let below = k.cmp_s(Cmp::Lt, out, size as i32);
-    let ok = k.and(non_negative, divides);
-    (out, k.and(ok, below))
 }
 
 /// Blocks a weight-gradient launch aims for: enough to fill a GPU (132 SMs on an H100) when
@@ -588,27 +782,30 @@ fn wgrad(
     let end = k.add_u(start, chunk);
     let end = k.ubin(BinOp::Min, end, g.batch);
     k.for_u32(start, end, 1, |k, n| {
-        let load_a = |k: &mut KernelBuilder, o: U32, p: U32| {
-            let no = k.mad_u(n, g.o, o);
-            let plane = k.idx(no);
-            let base = k.idx_mul_const(plane, positions as u64);
-            let p = k.idx(p);
-            let at = k.idx_add(base, p);
-            k.load(dy, at)
+        // dy[n][o][p]: line o, k the position p
+        let example = example_start(k, n, g.o * positions);
+        let dy_rows = Dense {
+            src: dy,
+            line: |k: &mut KernelBuilder, o: U32| {
+                let row = k.mul_u(o, positions);
+                let row = k.idx(row);
+                k.idx_add(example, row)
+            },
+            depth: |_: &mut KernelBuilder, p: U32| p,
         };
-        let load_b = |k: &mut KernelBuilder, p: U32, column: U32| {
-            gather_input(k, &g, (x, bn.as_ref()), n, p, column)
-        };
+        let windows = Taps(Im2col::new(k, &g, x, bn, n));
         if !per_example && squares != Squares::PerExample {
             let into = Products {
                 values: totals.values.clone(),
                 squares: totals.squares.clone().filter(|_| per_position),
             };
-            tiled_gemm(k, shape, tiling, &place, layout, &into, load_a, load_b);
+            tiled_gemm(k, shape, tiling, &place, layout, &into, &dy_rows, &windows);
             return;
         }
         let product = Products::zeros(k, false);
-        tiled_gemm(k, shape, tiling, &place, layout, &product, load_a, load_b);
+        tiled_gemm(
+            k, shape, tiling, &place, layout, &product, &dy_rows, &windows,
+        );
         let coords = place.coordinates(k);
         for (i, row) in product.values.iter().enumerate() {
             for (jj, &v) in row.iter().enumerate() {

@@ -11,10 +11,13 @@
 //!   hi·lo, hi·hi: the small ones first) keep fp32 accuracy ("3xTF32").
 //!
 //! Either way every sum runs in a fixed order, so every run gives the same bits. The operands
-//! are gathered element by element by the caller's closures (im2col on the fly, prologues
-//! applied on load); elements outside `M × K` or `K × N` are zero and never gathered. Where a
-//! tile sits ([`TilePlace`]) is separate from the product, so a block can run several products
-//! (one per example, say) into the same place. The skeleton knows nothing about convolutions.
+//! are gathered element by element by the caller's [`Operand`]s (im2col on the fly, prologues
+//! applied on load), their index arithmetic split so that what depends on a row (column) alone
+//! is made once per product and what depends on k alone once per slice. Slices are
+//! double-buffered: the next slice's loads are in flight while this one multiplies. Elements
+//! outside `M × K` or `K × N` are zero (their loads are clamped inside). Where a tile sits
+//! ([`TilePlace`]) is separate from the product, so a block can run several products (one per
+//! example, say) into the same place. The skeleton knows nothing about convolutions.
 
 use super::common::{Cx, TileRows};
 use crate::builder::{F32, KernelBuilder, Pred, SharedF32, Tf32, U32, U64};
@@ -247,87 +250,115 @@ impl Products {
     }
 }
 
+/// One operand of the GEMM: A, whose lines are its rows, or B, whose lines are its columns.
+/// It is read in steps, so that its index arithmetic runs as seldom as it can and its loads
+/// are in flight while the previous K slice multiplies:
+/// * [`Operand::line`]: what depends on the line alone (once per product, where a thread has
+///   few lines);
+/// * [`Operand::depth`]: what depends on k alone (once per K slice);
+/// * [`Operand::fetch`]: the element's loads, with no branch, so that they stay in flight;
+/// * [`Operand::finish`]: the element's value (prologue, padding) once the loads are back.
+///
+/// Every index passed lies inside the matrix: the skeleton clamps the ones outside and zeroes
+/// their elements itself.
+pub trait Operand {
+    type Line: Copy;
+    type Depth: Copy;
+    type Fetched: Copy;
+    fn line(&self, k: &mut KernelBuilder, index: U32) -> Self::Line;
+    fn depth(&self, k: &mut KernelBuilder, kk: U32) -> Self::Depth;
+    fn fetch(&self, k: &mut KernelBuilder, line: Self::Line, depth: Self::Depth) -> Self::Fetched;
+    fn finish(&self, k: &mut KernelBuilder, fetched: Self::Fetched) -> F32;
+}
+
+/// Lines a thread keeps in registers across the whole product; with more, they are made
+/// again at every slice (registers).
+const HOISTED_LINES: usize = 2;
+
+/// Shared slices are `[BK][width + SLICE_PAD]`: rows 8 words apart in the banks, so the mma
+/// fragment loads (8 lines × 4 k per instruction) hit 32 different banks.
+const SLICE_PAD: u32 = 8;
+
 /// Emits one tiled product at `place`, added into `acc` (so several products can accumulate
-/// into the same registers). `load_a(k, m, kk)` gathers A[m][kk] and `load_b(k, kk, n)`
-/// B[kk][n], each called only for elements inside the matrix.
+/// into the same registers), `a` and `b` read as [`Operand`]s. Double-buffered: slice s + 1's
+/// loads are issued before slice s multiplies and stored after it into the other half of
+/// shared memory, so one barrier per slice orders everything.
 #[allow(clippy::too_many_arguments)]
-pub fn tiled_gemm(
+pub fn tiled_gemm<A: Operand, B: Operand>(
     k: &mut KernelBuilder,
     shape: GemmShape,
     tiling: Tiling,
     place: &TilePlace,
     layout: Layout,
     acc: &Products,
-    load_a: impl Fn(&mut KernelBuilder, U32, U32) -> F32,
-    load_b: impl Fn(&mut KernelBuilder, U32, U32) -> F32,
+    a: &A,
+    b: &B,
 ) {
-    let Tiling { bm, bn } = tiling;
-    // both slices k-major ([BK][bm], [BK][bn]): a thread's TM (TN) operands of one k are
-    // adjacent
-    let (a_slice, b_slice) = (k.shared(BK * bm), k.shared(BK * bn));
-    let acc_sq = &acc.squares;
-    let acc = &acc.values;
-    let steps = shape.k.div_ceil(BK);
-    k.for_u32(0u32, steps, 1, |k, step| {
-        let k0 = k.mul_u(step, BK);
-        let a_side = Side {
-            width: bm,
-            origin: place.m0,
-            size: shape.m,
-            is_a: true,
-            k_fastest: layout.a_k_fastest,
-        };
-        stage(k, a_side, a_slice, k0, shape.k, &load_a);
-        let b_side = Side {
-            width: bn,
-            origin: place.n0,
-            size: shape.n,
-            is_a: false,
-            k_fastest: layout.b_k_fastest,
-        };
-        stage(k, b_side, b_slice, k0, shape.k, &load_b);
-        k.barrier();
-        let slices = (a_slice, b_slice);
+    let a_side = Side::new(k, tiling.bm, place.m0, shape.m, layout.a_k_fastest);
+    let b_side = Side::new(k, tiling.bn, place.n0, shape.n, layout.b_k_fastest);
+    let a_lines = a_side.hoisted_lines(k, a);
+    let b_lines = b_side.hoisted_lines(k, b);
+    let zero = k.u32(0);
+    let fetched = (
+        a_side.fetch(k, a, &a_lines, zero, shape.k),
+        b_side.fetch(k, b, &b_lines, zero, shape.k),
+    );
+    a_side.store(k, a, &fetched.0, zero);
+    b_side.store(k, b, &fetched.1, zero);
+    k.barrier();
+    k.for_u32(0u32, shape.k.div_ceil(BK), 1, |k, step| {
+        // the last slice fetches a clamped, unused one: no branch around the loads
+        let k0 = k.mad_u(step, BK, BK);
+        let fetched = (
+            a_side.fetch(k, a, &a_lines, k0, shape.k),
+            b_side.fetch(k, b, &b_lines, k0, shape.k),
+        );
+        let this = k.ubin(BinOp::And, step, 1u32);
+        let slices = (a_side.slice(k, this), b_side.slice(k, this));
         match place.mapping {
-            Mapping::Simt { ty, tx } => fma_slice(k, tiling, slices, (ty, tx), acc, acc_sq),
-            Mapping::Mma { wm0, wn0, g, t } => {
-                mma_slice(k, tiling, slices, (wm0, wn0, g, t), acc, acc_sq)
-            }
+            Mapping::Simt { ty, tx } => fma_slice(k, slices, (ty, tx), acc),
+            Mapping::Mma { wm0, wn0, g, t } => mma_slice(k, slices, (wm0, wn0, g, t), acc),
         }
+        let other = k.ubin(BinOp::Xor, this, 1u32);
+        a_side.store(k, a, &fetched.0, other);
+        b_side.store(k, b, &fetched.1, other);
         k.barrier();
     });
 }
 
+/// One staged K slice in shared memory: element (kk, i) at `base + kk·stride + i`.
+#[derive(Clone, Copy)]
+struct Slice {
+    array: SharedF32,
+    base: U32,
+    stride: u32,
+}
+
 /// One K slice on fp32 FMA: the thread's TM × TN micro-tile, k in order.
-fn fma_slice(
-    k: &mut KernelBuilder,
-    Tiling { bm, bn }: Tiling,
-    (a_slice, b_slice): (SharedF32, SharedF32),
-    (ty, tx): (U32, U32),
-    acc: &[Vec<F32>],
-    acc_sq: &Option<Vec<Vec<F32>>>,
-) {
+fn fma_slice(k: &mut KernelBuilder, (a, b): (Slice, Slice), (ty, tx): (U32, U32), acc: &Products) {
+    let a_row = k.mad_u(ty, TM, a.base);
+    let b_col = k.mad_u(tx, TN, b.base);
     for kk in 0..BK {
-        let a: Vec<F32> = (0..TM)
+        let a_values: Vec<F32> = (0..TM)
             .map(|i| {
-                let at = k.mad_u(ty, TM, kk * bm + i);
-                k.load_shared(a_slice, at)
+                let at = k.add_u(a_row, kk * a.stride + i);
+                k.load_shared(a.array, at)
             })
             .collect();
-        let b: Vec<F32> = (0..TN)
+        let b_values: Vec<F32> = (0..TN)
             .map(|j| {
-                let at = k.mad_u(tx, TN, kk * bn + j);
-                k.load_shared(b_slice, at)
+                let at = k.add_u(b_col, kk * b.stride + j);
+                k.load_shared(b.array, at)
             })
             .collect();
-        for (row, &av) in acc.iter().zip(&a) {
-            for (&c, &bv) in row.iter().zip(&b) {
+        for (row, &av) in acc.values.iter().zip(&a_values) {
+            for (&c, &bv) in row.iter().zip(&b_values) {
                 k.fma_into(c, av, bv);
             }
         }
-        if let Some(acc_sq) = acc_sq {
-            let a2: Vec<F32> = a.iter().map(|&v| k.mul(v, v)).collect();
-            let b2: Vec<F32> = b.iter().map(|&v| k.mul(v, v)).collect();
+        if let Some(acc_sq) = &acc.squares {
+            let a2: Vec<F32> = a_values.iter().map(|&v| k.mul(v, v)).collect();
+            let b2: Vec<F32> = b_values.iter().map(|&v| k.mul(v, v)).collect();
             for (row, &av) in acc_sq.iter().zip(&a2) {
                 for (&c, &bv) in row.iter().zip(&b2) {
                     k.fma_into(c, av, bv);
@@ -336,7 +367,6 @@ fn fma_slice(
         }
     }
 }
-
 /// An operand split for 3xTF32: its TF32 rounding and the TF32 rounding of the rest.
 struct Split<const N: usize> {
     hi: [Tf32; N],
@@ -356,42 +386,40 @@ fn split<const N: usize>(k: &mut KernelBuilder, v: [F32; N]) -> Split<N> {
 /// One K slice (one k8 step) on tensor cores: the warp's 2 × 2 mma tiles.
 fn mma_slice(
     k: &mut KernelBuilder,
-    Tiling { bm, bn }: Tiling,
-    (a_slice, b_slice): (SharedF32, SharedF32),
+    (a, b): (Slice, Slice),
     (wm0, wn0, g, t): (U32, U32, U32, U32),
-    acc: &[Vec<F32>],
-    acc_sq: &Option<Vec<Vec<F32>>>,
+    acc: &Products,
 ) {
     // register r of row tile tm holds A[wm0 + 16·tm + g + 8·(r % 2)][t + 4·(r / 2)];
     // register r of column tile tn holds B[t + 4·r][wn0 + 8·tn + g]
-    let a: Vec<[F32; 4]> = (0..2u32)
+    let lane = |k: &mut KernelBuilder, side: Slice, w0: U32| {
+        let at = k.mad_u(t, side.stride, side.base);
+        let at = k.add_u(at, w0);
+        k.add_u(at, g)
+    };
+    let (a_lane, b_lane) = (lane(k, a, wm0), lane(k, b, wn0));
+    let a_values: Vec<[F32; 4]> = (0..2u32)
         .map(|tm| {
             std::array::from_fn(|r| {
                 let r = r as u32;
-                let m = k.add_u(wm0, 16 * tm + 8 * (r % 2));
-                let m = k.add_u(m, g);
-                let kk = k.add_u(t, 4 * (r / 2));
-                let at = k.mad_u(kk, bm, m);
-                k.load_shared(a_slice, at)
+                let at = k.add_u(a_lane, 4 * (r / 2) * a.stride + 16 * tm + 8 * (r % 2));
+                k.load_shared(a.array, at)
             })
         })
         .collect();
-    let b: Vec<[F32; 2]> = (0..2u32)
+    let b_values: Vec<[F32; 2]> = (0..2u32)
         .map(|tn| {
             std::array::from_fn(|r| {
-                let n = k.add_u(wn0, 8 * tn);
-                let n = k.add_u(n, g);
-                let kk = k.add_u(t, 4 * r as u32);
-                let at = k.mad_u(kk, bn, n);
-                k.load_shared(b_slice, at)
+                let at = k.add_u(b_lane, 4 * r as u32 * b.stride + 8 * tn);
+                k.load_shared(b.array, at)
             })
         })
         .collect();
-    mma_tiles(k, &a, &b, acc);
-    if let Some(acc_sq) = acc_sq {
+    mma_tiles(k, &a_values, &b_values, &acc.values);
+    if let Some(acc_sq) = &acc.squares {
         let square = |k: &mut KernelBuilder, v: F32| k.mul(v, v);
-        let a2: Vec<[F32; 4]> = a.iter().map(|f| f.map(|v| square(k, v))).collect();
-        let b2: Vec<[F32; 2]> = b.iter().map(|f| f.map(|v| square(k, v))).collect();
+        let a2: Vec<[F32; 4]> = a_values.iter().map(|f| f.map(|v| square(k, v))).collect();
+        let b2: Vec<[F32; 2]> = b_values.iter().map(|f| f.map(|v| square(k, v))).collect();
         mma_tiles(k, &a2, &b2, acc_sq);
     }
 }
@@ -411,56 +439,158 @@ fn mma_tiles(k: &mut KernelBuilder, a: &[[F32; 4]], b: &[[F32; 2]], acc: &[Vec<F
     }
 }
 
-/// One operand's slice: `width` rows of A (or columns of B) from `origin`, of `size` in all.
+/// One operand's side of the tile: `width` lines from `origin` (of `size` in all), staged
+/// through two `[BK][width + SLICE_PAD]` halves of shared memory. Element e = tid + r·THREADS
+/// of a `[BK][width]` slice (round r) is (`lines[l]`, `steps[s]`) for `(l, s) = rounds[r]`:
+/// with k fastest, a thread keeps one k and a line per round, otherwise one line and a k per
+/// round. `exists` is false for the threads beyond a slice smaller than the block.
 struct Side {
+    array: SharedF32,
     width: u32,
     origin: U32,
     size: u32,
-    is_a: bool,
-    k_fastest: bool,
+    lines: Vec<U32>,
+    steps: Vec<U32>,
+    rounds: Vec<(usize, usize)>,
+    exists: Option<Pred>,
 }
 
-/// Fills one k-major shared slice (`[BK][width]`) for the K step at `k0`: outside elements
-/// (or beyond K) are stored as zero without gathering.
-fn stage(
-    k: &mut KernelBuilder,
-    side: Side,
-    slice: SharedF32,
-    k0: U32,
-    depth: u32,
-    load: &impl Fn(&mut KernelBuilder, U32, U32) -> F32,
-) {
-    let tid = k.tid();
-    let elements = BK * side.width;
-    for round in 0..elements.div_ceil(THREADS) {
-        let e = k.add_u(tid, round * THREADS);
-        let exists = k.cmp_u(Cmp::Lt, e, elements);
-        k.when(exists, |k| {
-            let (local, step_k) = if side.k_fastest {
-                (k.ubin(BinOp::Div, e, BK), k.ubin(BinOp::Rem, e, BK))
-            } else {
-                (
-                    k.ubin(BinOp::Rem, e, side.width),
-                    k.ubin(BinOp::Div, e, side.width),
-                )
-            };
-            let index = k.add_u(side.origin, local);
-            let kk = k.add_u(k0, step_k);
-            let inside = k.cmp_u(Cmp::Lt, index, side.size);
-            let in_depth = k.cmp_u(Cmp::Lt, kk, depth);
-            let ok = k.and(inside, in_depth);
-            let value = k.f32(0.0);
-            k.when(ok, |k| {
-                let v = if side.is_a {
-                    load(k, index, kk)
-                } else {
-                    load(k, kk, index)
-                };
-                k.assign(value, v);
-            });
-            let at = k.mad_u(step_k, side.width, local);
-            k.store_shared(slice, at, value);
-        });
+impl Side {
+    fn new(k: &mut KernelBuilder, width: u32, origin: U32, size: u32, k_fastest: bool) -> Side {
+        let elements = BK * width;
+        let rounds = elements.div_ceil(THREADS);
+        let tid = k.tid();
+        let (lines, steps, rounds) = if k_fastest {
+            let step = k.ubin(BinOp::Rem, tid, BK);
+            let first = k.ubin(BinOp::Div, tid, BK);
+            let lines = (0..rounds)
+                .map(|r| k.add_u(first, r * (THREADS / BK)))
+                .collect();
+            (
+                lines,
+                vec![step],
+                (0..rounds as usize).map(|r| (r, 0)).collect(),
+            )
+        } else {
+            let line = k.ubin(BinOp::Rem, tid, width);
+            let first = k.ubin(BinOp::Div, tid, width);
+            let steps = (0..rounds)
+                .map(|r| k.add_u(first, r * (THREADS / width)))
+                .collect();
+            (
+                vec![line],
+                steps,
+                (0..rounds as usize).map(|r| (0, r)).collect(),
+            )
+        };
+        let exists = (elements < THREADS).then(|| k.cmp_u(Cmp::Lt, tid, elements));
+        Side {
+            array: k.shared(2 * BK * (width + SLICE_PAD)),
+            width,
+            origin,
+            size,
+            lines,
+            steps,
+            rounds,
+            exists,
+        }
+    }
+
+    fn stride(&self) -> u32 {
+        self.width + SLICE_PAD
+    }
+
+    /// Half `half` (0 or 1) of the staging area.
+    fn slice(&self, k: &mut KernelBuilder, half: U32) -> Slice {
+        Slice {
+            array: self.array,
+            base: k.mul_u(half, BK * self.stride()),
+            stride: self.stride(),
+        }
+    }
+
+    /// Line `l`'s index, clamped into the matrix, and whether it lies inside.
+    fn line_index(&self, k: &mut KernelBuilder, l: usize) -> (U32, Pred) {
+        let index = k.add_u(self.origin, self.lines[l]);
+        let inside = k.cmp_u(Cmp::Lt, index, self.size);
+        (k.ubin(BinOp::Min, index, self.size - 1), inside)
+    }
+
+    /// The operand's lines, made once before the loop where the thread has few.
+    fn hoisted_lines<O: Operand>(
+        &self,
+        k: &mut KernelBuilder,
+        operand: &O,
+    ) -> Option<Vec<(O::Line, Pred)>> {
+        (self.lines.len() <= HOISTED_LINES).then(|| self.make_lines(k, operand))
+    }
+
+    fn make_lines<O: Operand>(&self, k: &mut KernelBuilder, operand: &O) -> Vec<(O::Line, Pred)> {
+        (0..self.lines.len())
+            .map(|l| {
+                let (index, inside) = self.line_index(k, l);
+                (operand.line(k, index), inside)
+            })
+            .collect()
+    }
+
+    /// Issues the loads of the slice at `k0` (of `depth` in all): per round, what was
+    /// fetched and whether the element lies inside the matrix.
+    fn fetch<O: Operand>(
+        &self,
+        k: &mut KernelBuilder,
+        operand: &O,
+        hoisted: &Option<Vec<(O::Line, Pred)>>,
+        k0: U32,
+        depth: u32,
+    ) -> Vec<(O::Fetched, Pred)> {
+        let lines = match hoisted {
+            Some(lines) => lines.clone(),
+            None => self.make_lines(k, operand),
+        };
+        let depths: Vec<(O::Depth, Pred)> = self
+            .steps
+            .iter()
+            .map(|&step| {
+                let kk = k.add_u(k0, step);
+                let in_depth = k.cmp_u(Cmp::Lt, kk, depth);
+                let kk = k.ubin(BinOp::Min, kk, depth - 1);
+                (operand.depth(k, kk), in_depth)
+            })
+            .collect();
+        self.rounds
+            .iter()
+            .map(|&(l, s)| {
+                let (line, inside) = lines[l];
+                let (d, in_depth) = depths[s];
+                (operand.fetch(k, line, d), k.and(inside, in_depth))
+            })
+            .collect()
+    }
+
+    /// Finishes the fetched elements into half `half` of the staging area (zero outside the
+    /// matrix).
+    fn store<O: Operand>(
+        &self,
+        k: &mut KernelBuilder,
+        operand: &O,
+        fetched: &[(O::Fetched, Pred)],
+        half: U32,
+    ) {
+        let body = |k: &mut KernelBuilder| {
+            let slice = self.slice(k, half);
+            for (&(l, s), &(f, ok)) in self.rounds.iter().zip(fetched) {
+                let v = operand.finish(k, f);
+                let v = k.select(ok, v, 0.0f32);
+                let at = k.mad_u(self.steps[s], slice.stride, slice.base);
+                let at = k.add_u(at, self.lines[l]);
+                k.store_shared(slice.array, at, v);
+            }
+        };
+        match self.exists {
+            Some(exists) => k.when(exists, body),
+            None => body(k),
+        }
     }
 }
 
