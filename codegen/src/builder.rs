@@ -697,6 +697,36 @@ impl KernelBuilder {
         });
     }
 
+    /// Copies f32 element `index` of a global array to `array[at]` with `cp.async` (zero where
+    /// `present` fails); it lands after a [`Self::wait_copies`] covering its group.
+    pub fn copy_async(
+        &mut self,
+        array: SharedF32,
+        at: impl Into<UOp>,
+        src: U64,
+        index: impl Into<AnyIdx>,
+        present: Pred,
+    ) {
+        let src = self.address(src, index.into().0, 4);
+        let dst = self.shared_address(array, at);
+        let size = self.select_u(present, 4u32, 0u32);
+        self.emit(Inst::CpAsync {
+            dst,
+            src,
+            size: size.0,
+        });
+    }
+
+    /// `cp.async.commit_group`: the copies issued since the last commit form a group.
+    pub fn commit_copies(&mut self) {
+        self.emit(Inst::CpAsyncCommit);
+    }
+
+    /// `cp.async.wait_group pending`: all but the `pending` most recent groups have landed.
+    pub fn wait_copies(&mut self, pending: u32) {
+        self.emit(Inst::CpAsyncWait { pending });
+    }
+
     // ---- control flow ----
 
     /// Runs `body` in the threads where `p` holds.

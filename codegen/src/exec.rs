@@ -7,7 +7,9 @@
 //! barrier reached by only part of the block is reported as the bug it is; shuffles read the
 //! other lanes' registers. Lock step would hide a missing barrier, so shared memory is
 //! race-checked instead: a thread touching a word that another thread wrote (or, for a write,
-//! read) since the last barrier is an error, as it would be a race on the GPU. Every memory access is bounds- and alignment-checked. Floating-point instructions
+//! read) since the last barrier is an error, as it would be a race on the GPU. `cp.async`
+//! copies land only at the `wait_group` that covers them: touching their words before, or
+//! ending a block with copies in flight, is an error too. Every memory access is bounds- and alignment-checked. Floating-point instructions
 //! are IEEE-754 correctly rounded, as the PTX `.rn` forms are (the `approx` ones are computed
 //! exactly, which the hardware's are not, within their documented error).
 
@@ -71,8 +73,10 @@ pub fn run(
             block.id = id;
             block.shared.fill(0);
             block.races.reset();
+            block.copies.iter_mut().for_each(Copies::clear);
             block
                 .stmts(&kernel.body, &all, memory, 0)
+                .and_then(|()| block.all_copies_landed())
                 .map_err(|message| ExecError {
                     kernel: kernel.name.clone(),
                     block: id,
@@ -121,6 +125,7 @@ impl<'a> Block<'a> {
             regs: vec![0; kernel.regs.len() * threads],
             shared: vec![0; kernel.shared_bytes as usize],
             races: RaceCheck::new(kernel.shared_bytes as usize),
+            copies: (0..threads).map(|_| Copies::default()).collect(),
             grid,
             id: (0, 0),
             pool: Vec::new(),
@@ -135,10 +140,44 @@ struct Block<'a> {
     regs: Vec<u64>,
     shared: Vec<u8>,
     races: RaceCheck,
+    /// Each thread's `cp.async` copies not yet landed.
+    copies: Vec<Copies>,
     grid: [u32; 2],
     id: (u32, u32),
     /// Reused lists of active lanes, one per nesting depth of `If`/`Loop`.
     pool: Vec<Vec<u32>>,
+}
+
+/// A thread's `cp.async` copies (shared address, value) not yet landed: the open group and
+/// the committed ones, oldest first.
+#[derive(Default)]
+struct Copies {
+    open: Vec<(u64, u64)>,
+    committed: std::collections::VecDeque<Vec<(u64, u64)>>,
+}
+
+impl Copies {
+    fn clear(&mut self) {
+        self.open.clear();
+        self.committed.clear();
+    }
+
+    fn is_empty(&self) -> bool {
+        self.open.is_empty() && self.committed.iter().all(Vec::is_empty)
+    }
+}
+
+impl Block<'_> {
+    /// A block must not end with copies in flight: their data would never be used, and they
+    /// would land on whatever the next kernel keeps there.
+    fn all_copies_landed(&self) -> Result<(), String> {
+        match self.copies.iter().position(|c| !c.is_empty()) {
+            Some(t) => Err(format!(
+                "thread {t} ends with cp.async copies never waited for"
+            )),
+            None => Ok(()),
+        }
+    }
 }
 
 /// An operand resolved for a lane loop: a register's first slot, or an immediate's bits.
@@ -439,7 +478,7 @@ impl Block<'_> {
                         Space::Global => memory.store(at, bytes, v)?,
                         Space::Shared => {
                             shared_store(&mut self.shared, at, bytes, v)?;
-                            self.races.write(t, at, bytes)?;
+                            self.races.store(t, at, bytes)?;
                         }
                     }
                 }
@@ -453,6 +492,37 @@ impl Block<'_> {
                     ));
                 }
                 self.races.barrier();
+            }
+            Inst::CpAsync { dst, src, size } => {
+                for &t in active {
+                    let (at, from) = (self.get(*dst, t), self.get(*src, t));
+                    let value = match self.get(*size, t) {
+                        0 => 0,
+                        4 => memory.load(from, 4)?,
+                        other => return Err(format!("cp.async of {other} source bytes")),
+                    };
+                    shared_range(self.shared.len(), at, 4)?;
+                    self.races.issue(t, at)?;
+                    self.copies[t as usize].open.push((at, value));
+                }
+            }
+            Inst::CpAsyncCommit => {
+                for &t in active {
+                    let copies = &mut self.copies[t as usize];
+                    let group = std::mem::take(&mut copies.open);
+                    copies.committed.push_back(group);
+                }
+            }
+            Inst::CpAsyncWait { pending } => {
+                for &t in active {
+                    while self.copies[t as usize].committed.len() > *pending as usize {
+                        let group = self.copies[t as usize].committed.pop_front();
+                        for (at, value) in group.unwrap_or_default() {
+                            shared_store(&mut self.shared, at, 4, value)?;
+                            self.races.land(t, at)?;
+                        }
+                    }
+                }
             }
             Inst::CvtTf32 { dst, src } => {
                 let a = Src::Reg(src.id as usize * self.threads);
@@ -612,6 +682,8 @@ fn shared_store(shared: &mut [u8], at: u64, bytes: usize, value: u64) -> Result<
 struct RaceCheck {
     epoch: u32,
     words: Vec<WordUse>,
+    /// Words a `cp.async` copy is on its way to (whatever the epoch).
+    pending: Vec<bool>,
 }
 
 #[derive(Clone, Copy, Default)]
@@ -635,12 +707,14 @@ impl RaceCheck {
         RaceCheck {
             epoch: 1,
             words: vec![WordUse::default(); bytes.div_ceil(4)],
+            pending: vec![false; bytes.div_ceil(4)],
         }
     }
 
     fn reset(&mut self) {
         self.epoch = 1;
         self.words.fill(WordUse::default());
+        self.pending.fill(false);
     }
 
     fn barrier(&mut self) {
@@ -666,7 +740,34 @@ impl RaceCheck {
             })
     }
 
+    /// An error if a word of `at..at + bytes` awaits a copy.
+    fn not_pending(&self, thread: u32, at: u64, bytes: usize, verb: &str) -> Result<(), String> {
+        let first = (at / 4) as usize;
+        match (first..first + bytes.div_ceil(4)).find(|&w| self.pending[w]) {
+            Some(w) => Err(format!(
+                "thread {thread} {verb} {:#x} before the cp.async copy to it landed",
+                4 * w
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// A `cp.async` copy issued to the word at `at`: it counts as a write from now on.
+    fn issue(&mut self, thread: u32, at: u64) -> Result<(), String> {
+        self.not_pending(thread, at, 4, "copies to")?;
+        self.write(thread, at, 4)?;
+        self.pending[(at / 4) as usize] = true;
+        Ok(())
+    }
+
+    /// The copy to the word at `at` lands (a write by the waiting thread).
+    fn land(&mut self, thread: u32, at: u64) -> Result<(), String> {
+        self.pending[(at / 4) as usize] = false;
+        self.write(thread, at, 4)
+    }
+
     fn read(&mut self, thread: u32, at: u64, bytes: usize) -> Result<(), String> {
+        self.not_pending(thread, at, bytes, "reads")?;
         for (word_at, word) in self.uses(at, bytes) {
             if let Some(writer) = word.writer.filter(|&w| w != thread) {
                 return Err(race("reads", thread, word_at, "written", writer));
@@ -678,6 +779,11 @@ impl RaceCheck {
             };
         }
         Ok(())
+    }
+
+    fn store(&mut self, thread: u32, at: u64, bytes: usize) -> Result<(), String> {
+        self.not_pending(thread, at, bytes, "writes")?;
+        self.write(thread, at, bytes)
     }
 
     fn write(&mut self, thread: u32, at: u64, bytes: usize) -> Result<(), String> {

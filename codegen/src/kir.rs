@@ -226,6 +226,22 @@ pub enum Inst {
     },
     /// `bar.sync 0`: every thread of the block waits here.
     Bar,
+    /// `cp.async.ca.shared.global [dst], [src], 4, size`: copies the 4 bytes at global `src`
+    /// to shared `dst` (a shared-window address) without going through registers, the bytes
+    /// past `size` (0 or 4) zero. The copy joins the thread's open group; it has landed only
+    /// after a [`Inst::CpAsyncWait`] that covers the group.
+    CpAsync {
+        dst: Reg,
+        src: Reg,
+        size: Reg,
+    },
+    /// `cp.async.commit_group`: closes the thread's open group of copies.
+    CpAsyncCommit,
+    /// `cp.async.wait_group pending`: waits until all but the `pending` most recent committed
+    /// groups of this thread have landed.
+    CpAsyncWait {
+        pending: u32,
+    },
     /// `shfl.sync.down.b32` over the full warp.
     ShflDown {
         dst: Reg,

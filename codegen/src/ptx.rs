@@ -324,6 +324,14 @@ fn instruction(inst: &Inst, kernel: &Kernel) -> String {
             )
         }
         Inst::Bar => "bar.sync 0;".to_string(),
+        Inst::CpAsync { dst, src, size } => format!(
+            "cp.async.ca.shared.global [{}], [{}], 4, {};",
+            reg(*dst),
+            reg(*src),
+            reg(*size)
+        ),
+        Inst::CpAsyncCommit => "cp.async.commit_group;".to_string(),
+        Inst::CpAsyncWait { pending } => format!("cp.async.wait_group {pending};"),
         Inst::CvtTf32 { dst, src } => format!("cvt.rna.tf32.f32 {}, {};", reg(*dst), reg(*src)),
         Inst::MmaTf32 { d, a, b, c } => {
             let list = |regs: &[Reg]| regs.iter().map(|&r| reg(r)).collect::<Vec<_>>().join(", ");

@@ -1,6 +1,6 @@
 //! The kernel IR machinery on small kernels: the typed builder, the executor (grid-stride
-//! loops, divergence, barriers, shuffles, TF32 tensor-core mma, bounds and alignment checks,
-//! shared-memory races) and the PTX renderer with ptxas.
+//! loops, divergence, barriers, shuffles, TF32 tensor-core mma, cp.async, bounds and
+//! alignment checks, shared-memory races) and the PTX renderer with ptxas.
 
 use fisherc_codegen::builder::{KernelBuilder, U32};
 use fisherc_codegen::exec::{Arg, Memory, run, tf32_bits};
@@ -267,10 +267,11 @@ fn rendered_ptx_declares_registers_and_structures_control_flow() {
 fn rendered_kernels_assemble_for_sm80_and_sm90() {
     let ptxas = ptxas::find().expect("ptxas not found: run scripts/install-ptxas.sh");
     let (scale, sum, mma) = (scale_kernel(1 << 20), sum_kernel(1000), mma_kernel());
+    let copy = copy_kernel(Wait::Landed);
     for arch in ["sm_80", "sm_90"] {
-        let module = ptx::module(&[&scale, &sum, &mma], arch);
+        let module = ptx::module(&[&scale, &sum, &mma, &copy], arch);
         let resources = ptxas::assemble(&ptxas, &module, arch).unwrap();
-        assert_eq!(resources.len(), 3);
+        assert_eq!(resources.len(), 4);
         assert!(
             resources
                 .iter()
@@ -360,4 +361,80 @@ fn shared_memory_races_are_errors() {
     let got = mem.read_f32(out, 64);
     let want: Vec<f32> = (0..64).map(|t| ((t + 1) % 64) as f32).collect();
     assert_eq!(got, want);
+}
+
+/// How [`copy_kernel`] waits for its copies.
+#[derive(Clone, Copy, PartialEq)]
+enum Wait {
+    /// wait_group 0, then a barrier: everything landed and visible.
+    Landed,
+    /// wait_group 1: the first group landed, the second is still in flight.
+    AllButLast,
+    /// no wait at all.
+    Never,
+}
+
+/// 64 threads: group 1 copies `src[tid]` to `first[(tid + 1) % 64]` (zero for odd tid), group
+/// 2 copies `src[tid]` to `second[tid]`; after the wait, `out[tid] = first[tid]` and, unless
+/// the second group may be in flight, `out[64 + tid] = second[tid]`.
+fn copy_kernel(wait: Wait) -> Kernel {
+    let mut k = KernelBuilder::new("copies", 64, false);
+    let (src, out) = (k.ptr_param("src"), k.ptr_param("out"));
+    let (first, second) = (k.shared(64), k.shared(64));
+    let tid = k.tid();
+    let next = k.add_u(tid, 1u32);
+    let next = k.ubin(BinOp::Rem, next, 64u32);
+    let parity = k.ubin(BinOp::Rem, tid, 2u32);
+    let even = k.cmp_u(Cmp::Eq, parity, 0u32);
+    k.copy_async(first, next, src, tid, even);
+    k.commit_copies();
+    let always = k.cmp_u(Cmp::Lt, tid, 64u32);
+    k.copy_async(second, tid, src, tid, always);
+    k.commit_copies();
+    match wait {
+        Wait::Landed => k.wait_copies(0),
+        Wait::AllButLast => k.wait_copies(1),
+        Wait::Never => {}
+    }
+    if wait != Wait::Never {
+        k.barrier();
+    }
+    let v = k.load_shared(first, tid);
+    k.store(out, tid, v);
+    if wait != Wait::AllButLast {
+        let v = k.load_shared(second, tid);
+        let at = k.add_u(tid, 64u32);
+        k.store(out, at, v);
+    }
+    k.finish()
+}
+
+#[test]
+fn async_copies_land_at_their_wait_zero_filled() {
+    let mut mem = Memory::new();
+    let values: Vec<f32> = (0..64).map(|i| i as f32 + 0.5).collect();
+    let src = mem.alloc_f32(&values);
+    let out = mem.alloc(4 * 128);
+    let args = [Arg::Ptr(src), Arg::Ptr(out)];
+    run(&copy_kernel(Wait::Landed), [1, 1], &args, &mem).unwrap();
+    let got = mem.read_f32(out, 128);
+    for t in 0..64 {
+        let from = (t + 63) % 64;
+        let want = if from % 2 == 0 { values[from] } else { 0.0 };
+        assert_eq!(got[t], want, "first[{t}]");
+        assert_eq!(got[64 + t], values[t], "second[{t}]");
+    }
+    // the first group alone has landed: reading it is fine, the second is never waited for
+    let err = run(&copy_kernel(Wait::AllButLast), [1, 1], &args, &mem).unwrap_err();
+    assert!(
+        err.message
+            .contains("thread 0 ends with cp.async copies never waited for"),
+        "{err}"
+    );
+    let err = run(&copy_kernel(Wait::Never), [1, 1], &args, &mem).unwrap_err();
+    assert!(
+        err.message
+            .contains("thread 0 reads 0x0 before the cp.async copy to it landed"),
+        "{err}"
+    );
 }

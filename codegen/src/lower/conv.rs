@@ -5,6 +5,8 @@
 //! runs one product per example of its chunk and adds both the product and its square, so no
 //! per-example gradient ever reaches memory.
 
+use std::convert::Infallible;
+
 use fisherc_ir::ops::{Conv2d, ConvDgrad, ConvWgrad, FloatAttr, Op, Squares};
 
 use super::Lowered;
@@ -13,7 +15,7 @@ use super::common::{
     grid_for, input, inv_std, launch, map, normalised, output, scratch, sum_rows,
 };
 use super::gemm::{
-    self, Coordinates, GemmShape, Layout, Operand, Products, TilePlace, Tiling, column_sums,
+    self, Coordinates, Fetch, GemmShape, Layout, Operand, Products, TilePlace, Tiling, column_sums,
     store_column_sums, tiled_gemm,
 };
 use crate::builder::{F32, Idx, KernelBuilder, Pred, U32, U64};
@@ -131,7 +133,7 @@ where
 {
     type Line = Idx;
     type Depth = U32;
-    type Fetched = F32;
+    type Fetched = Infallible;
 
     fn line(&self, k: &mut KernelBuilder, index: U32) -> Idx {
         (self.line)(k, index)
@@ -141,14 +143,23 @@ where
         (self.depth)(k, kk)
     }
 
-    fn fetch(&self, k: &mut KernelBuilder, line: Idx, depth: U32) -> F32 {
+    fn fetch(
+        &self,
+        k: &mut KernelBuilder,
+        line: Idx,
+        depth: U32,
+        inside: Pred,
+    ) -> Fetch<Infallible> {
         let depth = k.idx(depth);
-        let at = k.idx_add(line, depth);
-        k.load(self.src, at)
+        Fetch::Copy {
+            src: self.src,
+            index: k.idx_add(line, depth),
+            exists: inside,
+        }
     }
 
-    fn finish(&self, _k: &mut KernelBuilder, value: F32) -> F32 {
-        value
+    fn finish(&self, _k: &mut KernelBuilder, never: Infallible) -> F32 {
+        match never {}
     }
 }
 
@@ -189,14 +200,14 @@ struct Tap {
     offset: U32,
 }
 
-/// A loaded pixel: its value, whether it exists (else padding), and its channel (whose
-/// prologue is read only when finishing: three values held across a slice's products for
-/// every element would take the registers the products need).
+/// A loaded pixel (of an input with a prologue; without, pixels are copied): its value and
+/// its channel, or the channel count where the element is padding or outside the matrix.
+/// The prologue is read only when finishing: three values, or a predicate, held across a
+/// slice's products for every element would take the registers the products need.
 #[derive(Clone, Copy)]
 struct Pixel {
     value: F32,
-    exists: Pred,
-    c: U32,
+    channel: U32,
 }
 
 impl<'a> Im2col<'a> {
@@ -236,7 +247,7 @@ impl<'a> Im2col<'a> {
         Tap { c, ki, kj, offset }
     }
 
-    fn fetch(&self, k: &mut KernelBuilder, window: Window, tap: Tap) -> Pixel {
+    fn fetch(&self, k: &mut KernelBuilder, window: Window, tap: Tap, inside: Pred) -> Fetch<Pixel> {
         let g = self.g;
         let iy = k.add_u(window.y0, tap.ki);
         let ix = k.add_u(window.x0, tap.kj);
@@ -246,20 +257,30 @@ impl<'a> Im2col<'a> {
         let at = k.add_u(window.offset, tap.offset);
         let at = k.select_u(exists, at, 0u32);
         let at = k.idx(at);
-        let at = k.idx_add(self.example, at);
-        Pixel {
-            value: k.load(self.x, at),
-            exists,
-            c: tap.c,
+        let index = k.idx_add(self.example, at);
+        let exists = k.and(exists, inside);
+        if self.prologue.is_none() {
+            return Fetch::Copy {
+                src: self.x,
+                index,
+                exists,
+            };
         }
+        Fetch::Loaded(Pixel {
+            value: k.load(self.x, index),
+            channel: k.select_u(exists, tap.c, g.c),
+        })
     }
 
     fn finish(&self, k: &mut KernelBuilder, pixel: Pixel) -> F32 {
-        let v = match &self.prologue {
-            Some(source) => Prologue::load(k, source, pixel.c).apply(k, pixel.value),
-            None => pixel.value,
-        };
-        k.select(pixel.exists, v, 0.0f32)
+        let source = self
+            .prologue
+            .as_ref()
+            .expect("only pixels with a prologue are loaded");
+        let exists = k.cmp_u(Cmp::Lt, pixel.channel, self.g.c);
+        let c = k.ubin(BinOp::Min, pixel.channel, self.g.c - 1);
+        let v = Prologue::load(k, source, c).apply(k, pixel.value);
+        k.select(exists, v, 0.0f32)
     }
 }
 
@@ -279,8 +300,8 @@ impl Operand for Positions<'_> {
         self.0.tap(k, column)
     }
 
-    fn fetch(&self, k: &mut KernelBuilder, window: Window, tap: Tap) -> Pixel {
-        self.0.fetch(k, window, tap)
+    fn fetch(&self, k: &mut KernelBuilder, window: Window, tap: Tap, inside: Pred) -> Fetch<Pixel> {
+        self.0.fetch(k, window, tap, inside)
     }
 
     fn finish(&self, k: &mut KernelBuilder, pixel: Pixel) -> F32 {
@@ -305,8 +326,8 @@ impl Operand for Taps<'_> {
         self.0.window(k, p)
     }
 
-    fn fetch(&self, k: &mut KernelBuilder, tap: Tap, window: Window) -> Pixel {
-        self.0.fetch(k, window, tap)
+    fn fetch(&self, k: &mut KernelBuilder, tap: Tap, window: Window, inside: Pred) -> Fetch<Pixel> {
+        self.0.fetch(k, window, tap, inside)
     }
 
     fn finish(&self, k: &mut KernelBuilder, pixel: Pixel) -> F32 {
@@ -359,7 +380,7 @@ impl Spread<'_> {
 impl Operand for Spread<'_> {
     type Line = Lead;
     type Depth = OutputTap;
-    type Fetched = (F32, Pred);
+    type Fetched = Infallible;
 
     fn line(&self, k: &mut KernelBuilder, p: U32) -> Lead {
         let g = self.g;
@@ -380,7 +401,13 @@ impl Operand for Spread<'_> {
         }
     }
 
-    fn fetch(&self, k: &mut KernelBuilder, lead: Lead, tap: OutputTap) -> (F32, Pred) {
+    fn fetch(
+        &self,
+        k: &mut KernelBuilder,
+        lead: Lead,
+        tap: OutputTap,
+        inside: Pred,
+    ) -> Fetch<Infallible> {
         let g = self.g;
         let (oy, row_ok) = self.coordinate(k, lead.y, tap.ki, g.ho);
         let (ox, col_ok) = self.coordinate(k, lead.x, tap.kj, g.wo);
@@ -389,12 +416,15 @@ impl Operand for Spread<'_> {
         let at = k.add_u(at, tap.offset);
         let at = k.select_u(exists, at, 0u32);
         let at = k.idx(at);
-        let at = k.idx_add(self.example, at);
-        (k.load(self.dy, at), exists)
+        Fetch::Copy {
+            src: self.dy,
+            index: k.idx_add(self.example, at),
+            exists: k.and(exists, inside),
+        }
     }
 
-    fn finish(&self, k: &mut KernelBuilder, (value, exists): (F32, Pred)) -> F32 {
-        k.select(exists, value, 0.0f32)
+    fn finish(&self, _k: &mut KernelBuilder, never: Infallible) -> F32 {
+        match never {}
     }
 }
 

@@ -20,7 +20,7 @@
 //! example, say) into the same place. The skeleton knows nothing about convolutions.
 
 use super::common::{Cx, TileRows};
-use crate::builder::{F32, KernelBuilder, Pred, SharedF32, Tf32, U32, U64};
+use crate::builder::{F32, Idx, KernelBuilder, Pred, SharedF32, Tf32, U32, U64};
 use crate::kir::{BinOp, Cmp};
 
 /// Threads per block.
@@ -256,19 +256,39 @@ impl Products {
 /// * [`Operand::line`]: what depends on the line alone (once per product, where a thread has
 ///   few lines);
 /// * [`Operand::depth`]: what depends on k alone (once per K slice);
-/// * [`Operand::fetch`]: the element's loads, with no branch, so that they stay in flight;
-/// * [`Operand::finish`]: the element's value (prologue, padding) once the loads are back.
+/// * [`Operand::fetch`]: the element's loads, with no branch, so that they stay in flight, or
+///   where the element is a plain global value (or zero), its address, copied with `cp.async`;
+/// * [`Operand::finish`]: a loaded element's value (prologue, padding) once the loads are back.
 ///
-/// Every index passed lies inside the matrix: the skeleton clamps the ones outside and zeroes
-/// their elements itself.
+/// Every index passed lies inside the matrix: the skeleton clamps the ones outside, and tells
+/// `fetch` whether the element is `inside`; one that is not must come out zero. (A loaded
+/// element had best carry that in a register rather than a predicate: a slice may hold a
+/// dozen elements across its products, and a thread has 7 predicate registers.)
 pub trait Operand {
     type Line: Copy;
     type Depth: Copy;
+    /// What a loaded element holds until it is finished (`Infallible` for operands that are
+    /// only ever copied).
     type Fetched: Copy;
     fn line(&self, k: &mut KernelBuilder, index: U32) -> Self::Line;
     fn depth(&self, k: &mut KernelBuilder, kk: U32) -> Self::Depth;
-    fn fetch(&self, k: &mut KernelBuilder, line: Self::Line, depth: Self::Depth) -> Self::Fetched;
+    fn fetch(
+        &self,
+        k: &mut KernelBuilder,
+        line: Self::Line,
+        depth: Self::Depth,
+        inside: Pred,
+    ) -> Fetch<Self::Fetched>;
     fn finish(&self, k: &mut KernelBuilder, fetched: Self::Fetched) -> F32;
+}
+
+/// How an element of an [`Operand`] reaches shared memory.
+pub enum Fetch<T> {
+    /// Loaded into registers, finished after the slice's products and stored.
+    Loaded(T),
+    /// A plain copy of element `index` of `src` (zero where `exists` is false), straight into
+    /// shared memory with `cp.async`: no registers held across the products, no store.
+    Copy { src: U64, index: Idx, exists: Pred },
 }
 
 /// Lines a thread keeps in registers across the whole product; with more, they are made
@@ -281,8 +301,10 @@ const SLICE_PAD: u32 = 8;
 
 /// Emits one tiled product at `place`, added into `acc` (so several products can accumulate
 /// into the same registers), `a` and `b` read as [`Operand`]s. Double-buffered: slice s + 1's
-/// loads are issued before slice s multiplies and stored after it into the other half of
-/// shared memory, so one barrier per slice orders everything.
+/// copies and loads are issued before slice s multiplies, into the other half of shared
+/// memory (the loads stored after the products), so one barrier per slice orders everything:
+/// the one at the top of each step, after which slice s has landed and nobody still reads
+/// slice s − 1's half, which s + 1 fills. A last barrier frees the halves for what follows.
 #[allow(clippy::too_many_arguments)]
 pub fn tiled_gemm<A: Operand, B: Operand>(
     k: &mut KernelBuilder,
@@ -300,30 +322,49 @@ pub fn tiled_gemm<A: Operand, B: Operand>(
     let b_lines = b_side.hoisted_lines(k, b);
     let zero = k.u32(0);
     let fetched = (
-        a_side.fetch(k, a, &a_lines, zero, shape.k),
-        b_side.fetch(k, b, &b_lines, zero, shape.k),
+        a_side.fetch(k, a, &a_lines, zero, shape.k, zero),
+        b_side.fetch(k, b, &b_lines, zero, shape.k, zero),
     );
+    let copies = fetched.0.copies || fetched.1.copies;
+    if copies {
+        k.commit_copies();
+    }
     a_side.store(k, a, &fetched.0, zero);
     b_side.store(k, b, &fetched.1, zero);
-    k.barrier();
     k.for_u32(0u32, shape.k.div_ceil(BK), 1, |k, step| {
-        // the last slice fetches a clamped, unused one: no branch around the loads
+        if copies {
+            k.wait_copies(0);
+        }
+        k.barrier();
+        let this = k.ubin(BinOp::And, step, 1u32);
+        let other = k.ubin(BinOp::Xor, this, 1u32);
+        // the last step fetches a clamped, unused slice: no branch around the loads
         let k0 = k.mad_u(step, BK, BK);
         let fetched = (
-            a_side.fetch(k, a, &a_lines, k0, shape.k),
-            b_side.fetch(k, b, &b_lines, k0, shape.k),
+            a_side.fetch(k, a, &a_lines, k0, shape.k, other),
+            b_side.fetch(k, b, &b_lines, k0, shape.k, other),
         );
-        let this = k.ubin(BinOp::And, step, 1u32);
+        if copies {
+            k.commit_copies();
+        }
         let slices = (a_side.slice(k, this), b_side.slice(k, this));
         match place.mapping {
             Mapping::Simt { ty, tx } => fma_slice(k, slices, (ty, tx), acc),
             Mapping::Mma { wm0, wn0, g, t } => mma_slice(k, slices, (wm0, wn0, g, t), acc),
         }
-        let other = k.ubin(BinOp::Xor, this, 1u32);
         a_side.store(k, a, &fetched.0, other);
         b_side.store(k, b, &fetched.1, other);
-        k.barrier();
     });
+    if copies {
+        k.wait_copies(0);
+    }
+    k.barrier();
+}
+
+/// A slice's fetched elements: the loaded ones by round, and whether any went by `cp.async`.
+struct Fetched<T> {
+    loaded: Vec<(usize, T)>,
+    copies: bool,
 }
 
 /// One staged K slice in shared memory: element (kk, i) at `base + kk·stride + i`.
@@ -534,8 +575,8 @@ impl Side {
             .collect()
     }
 
-    /// Issues the loads of the slice at `k0` (of `depth` in all): per round, what was
-    /// fetched and whether the element lies inside the matrix.
+    /// Issues the loads and copies of the slice at `k0` (of `depth` in all), the copies into
+    /// half `half` of the staging area.
     fn fetch<O: Operand>(
         &self,
         k: &mut KernelBuilder,
@@ -543,7 +584,8 @@ impl Side {
         hoisted: &Option<Vec<(O::Line, Pred)>>,
         k0: U32,
         depth: u32,
-    ) -> Vec<(O::Fetched, Pred)> {
+        half: U32,
+    ) -> Fetched<O::Fetched> {
         let lines = match hoisted {
             Some(lines) => lines.clone(),
             None => self.make_lines(k, operand),
@@ -558,39 +600,62 @@ impl Side {
                 (operand.depth(k, kk), in_depth)
             })
             .collect();
-        self.rounds
-            .iter()
-            .map(|&(l, s)| {
-                let (line, inside) = lines[l];
-                let (d, in_depth) = depths[s];
-                (operand.fetch(k, line, d), k.and(inside, in_depth))
-            })
-            .collect()
+        let mut fetched = Fetched {
+            loaded: Vec::new(),
+            copies: false,
+        };
+        for (round, &(l, s)) in self.rounds.iter().enumerate() {
+            let (line, inside) = lines[l];
+            let (d, in_depth) = depths[s];
+            let inside = k.and(inside, in_depth);
+            match operand.fetch(k, line, d, inside) {
+                Fetch::Loaded(f) => fetched.loaded.push((round, f)),
+                Fetch::Copy { src, index, exists } => {
+                    self.for_existing(k, |k| {
+                        let slice = self.slice(k, half);
+                        let at = self.element(k, slice, (l, s));
+                        k.copy_async(slice.array, at, src, index, exists);
+                    });
+                    fetched.copies = true;
+                }
+            }
+        }
+        fetched
     }
 
-    /// Finishes the fetched elements into half `half` of the staging area (zero outside the
-    /// matrix).
-    fn store<O: Operand>(
-        &self,
-        k: &mut KernelBuilder,
-        operand: &O,
-        fetched: &[(O::Fetched, Pred)],
-        half: U32,
-    ) {
-        let body = |k: &mut KernelBuilder| {
-            let slice = self.slice(k, half);
-            for (&(l, s), &(f, ok)) in self.rounds.iter().zip(fetched) {
-                let v = operand.finish(k, f);
-                let v = k.select(ok, v, 0.0f32);
-                let at = k.mad_u(self.steps[s], slice.stride, slice.base);
-                let at = k.add_u(at, self.lines[l]);
-                k.store_shared(slice.array, at, v);
-            }
-        };
+    /// Where element (`lines[l]`, `steps[s]`) sits in `slice`.
+    fn element(&self, k: &mut KernelBuilder, slice: Slice, (l, s): (usize, usize)) -> U32 {
+        let at = k.mad_u(self.steps[s], slice.stride, slice.base);
+        k.add_u(at, self.lines[l])
+    }
+
+    /// Runs `body` in the threads that stage an element.
+    fn for_existing(&self, k: &mut KernelBuilder, body: impl FnOnce(&mut KernelBuilder)) {
         match self.exists {
             Some(exists) => k.when(exists, body),
             None => body(k),
         }
+    }
+
+    /// Finishes the loaded elements into half `half` of the staging area.
+    fn store<O: Operand>(
+        &self,
+        k: &mut KernelBuilder,
+        operand: &O,
+        fetched: &Fetched<O::Fetched>,
+        half: U32,
+    ) {
+        if fetched.loaded.is_empty() {
+            return;
+        }
+        self.for_existing(k, |k| {
+            let slice = self.slice(k, half);
+            for &(round, f) in &fetched.loaded {
+                let v = operand.finish(k, f);
+                let at = self.element(k, slice, self.rounds[round]);
+                k.store_shared(slice.array, at, v);
+            }
+        });
     }
 }
 
@@ -669,4 +734,161 @@ pub fn store_column_sums(
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    //! The skeleton alone, on plain matrices: every way of staging (copied or loaded, k
+    //! fastest or not, lines hoisted or not), both ways of multiplying, and several products
+    //! into one place, whose staging areas are reused (so a missing barrier between products
+    //! is a race the executor reports).
+
+    use super::*;
+    use crate::exec::{Arg, Memory, run};
+    use crate::kir::Kernel;
+
+    /// A row-major `[lines][depth]` matrix from `start`: copied with `cp.async`, or loaded and
+    /// finished (negated, then negated back, so that finishing is real work).
+    struct Matrix {
+        src: U64,
+        start: U32,
+        depth: u32,
+        copied: bool,
+    }
+
+    impl Operand for Matrix {
+        type Line = U32;
+        type Depth = U32;
+        type Fetched = (F32, Pred);
+
+        fn line(&self, k: &mut KernelBuilder, index: U32) -> U32 {
+            k.mad_u(index, self.depth, self.start)
+        }
+
+        fn depth(&self, _k: &mut KernelBuilder, kk: U32) -> U32 {
+            kk
+        }
+
+        fn fetch(
+            &self,
+            k: &mut KernelBuilder,
+            line: U32,
+            kk: U32,
+            inside: Pred,
+        ) -> Fetch<Self::Fetched> {
+            let at = k.add_u(line, kk);
+            if self.copied {
+                let index = k.idx(at);
+                return Fetch::Copy {
+                    src: self.src,
+                    index,
+                    exists: inside,
+                };
+            }
+            let v = k.load(self.src, at);
+            Fetch::Loaded((k.neg(v), inside))
+        }
+
+        fn finish(&self, k: &mut KernelBuilder, (v, inside): (F32, Pred)) -> F32 {
+            let v = k.neg(v);
+            k.select(inside, v, 0.0f32)
+        }
+    }
+
+    /// `C = Σ_r A_r·B_rᵀ` over `PRODUCTS` pairs, `A_r` `[m][k]` and `B_r` `[n][k]`.
+    const PRODUCTS: u32 = 2;
+
+    fn kernel(shape: GemmShape, tiling: Tiling, tensor_cores: bool, layout: Layout) -> Kernel {
+        let mut k = KernelBuilder::new("gemm_test", THREADS, false);
+        let (a, b, c) = (k.ptr_param("a"), k.ptr_param("b"), k.ptr_param("c"));
+        let place = place(&mut k, shape, tiling, tensor_cores);
+        let acc = Products::zeros(&mut k, false);
+        k.for_u32(0u32, PRODUCTS, 1, |k, r| {
+            let a = Matrix {
+                src: a,
+                start: k.mul_u(r, shape.m * shape.k),
+                depth: shape.k,
+                copied: layout.a_k_fastest,
+            };
+            let b = Matrix {
+                src: b,
+                start: k.mul_u(r, shape.n * shape.k),
+                depth: shape.k,
+                copied: !layout.b_k_fastest,
+            };
+            tiled_gemm(k, shape, tiling, &place, layout, &acc, &a, &b);
+        });
+        let at = place.coordinates(&mut k);
+        for (i, row) in acc.values.iter().enumerate() {
+            for (j, &v) in row.iter().enumerate() {
+                let ok = k.and(at.row_ok[i], at.col_ok[j]);
+                k.when(ok, |k| {
+                    let index = k.mad_u(at.rows[i], shape.n, at.cols[j]);
+                    k.store(c, index, v);
+                });
+            }
+        }
+        k.finish()
+    }
+
+    fn values(len: u32, seed: u32) -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.0 - 1.0)
+            .collect()
+    }
+
+    #[test]
+    fn products_match_f64_whatever_the_staging() {
+        // 3 row tiles, columns ragged in the tile, 3 K slices (odd: a product's last slice
+        // is in the half the next product's first fills)
+        let shape = GemmShape {
+            m: 300,
+            n: 24,
+            k: 20,
+        };
+        let a = values(PRODUCTS * shape.m * shape.k, 1);
+        let b = values(PRODUCTS * shape.n * shape.k, 2);
+        let mut want = vec![0f64; (shape.m * shape.n) as usize];
+        for r in 0..PRODUCTS as usize {
+            for i in 0..shape.m as usize {
+                for j in 0..shape.n as usize {
+                    for kk in 0..shape.k as usize {
+                        let av = a[(r * shape.m as usize + i) * shape.k as usize + kk] as f64;
+                        let bv = b[(r * shape.n as usize + j) * shape.k as usize + kk] as f64;
+                        want[i * shape.n as usize + j] += av * bv;
+                    }
+                }
+            }
+        }
+        let tilings = [Tiling::for_columns(shape.n), Tiling { bm: 16, bn: 256 }];
+        for tensor_cores in [false, true] {
+            for tiling in tilings {
+                if tensor_cores && tiling.bm < WARP_M {
+                    continue;
+                }
+                for (a_k_fastest, b_k_fastest) in [(false, true), (true, false), (true, true)] {
+                    let layout = Layout {
+                        a_k_fastest,
+                        b_k_fastest,
+                    };
+                    let kernel = kernel(shape, tiling, tensor_cores, layout);
+                    let mut mem = Memory::new();
+                    let (pa, pb) = (mem.alloc_f32(&a), mem.alloc_f32(&b));
+                    let pc = mem.alloc(4 * want.len());
+                    let grid = [tiling.count(shape), 1];
+                    let args = [Arg::Ptr(pa), Arg::Ptr(pb), Arg::Ptr(pc)];
+                    run(&kernel, grid, &args, &mem).unwrap();
+                    let got = mem.read_f32(pc, want.len());
+                    for (e, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                        let err = (g as f64 - w).abs() / w.abs().max(1.0);
+                        assert!(
+                            err < 1e-5,
+                            "{tiling:?} tensor cores {tensor_cores} {a_k_fastest}/{b_k_fastest}: \
+                             C[{e}] = {g}, want {w}"
+                        );
+                    }
+                }
+            }
+        }
+    }
 }
