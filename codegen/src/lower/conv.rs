@@ -112,7 +112,7 @@ fn product_per_example<A: Operand, B: Operand>(
         a_k_fastest: false,
         b_k_fastest: true,
     };
-    let tile = Products::zeros(k, false);
+    let tile = Products::zeros(k, &place, false);
     let (a, b) = operands(k, n);
     tiled_gemm(k, shape, tiling, &place, layout, &tile, &a, &b);
     let coords = place.coordinates(k);
@@ -774,7 +774,7 @@ fn wgrad(
         k: positions,
     };
     let weights = (shape.m * shape.n) as u64;
-    let tiling = Tiling::for_rows(g.o, cx.options.tensor_cores);
+    let tiling = Tiling::for_rows(g.o);
     let chunks = batch_chunks(tiling.count(shape) as u64, g.batch);
     let direct = per_example || chunks == 1;
     let terms = if squares == Squares::None { 1 } else { 2 };
@@ -795,7 +795,7 @@ fn wgrad(
     // the exact Fisher squares each example's product, so that has its own accumulators,
     // reset per example; the rest accumulate every example straight into the totals
     let per_position = squares == Squares::PerPosition;
-    let totals = Products::zeros(&mut k, squares != Squares::None);
+    let totals = Products::zeros(&mut k, &place, squares != Squares::None);
     // weight element (i, j) of the micro-tile, o·(C·area) + column, and whether it exists;
     // made where used, not kept across the loop (registers)
     let element = |k: &mut KernelBuilder, coords: &Coordinates, i: usize, j: usize| {
@@ -832,7 +832,7 @@ fn wgrad(
             tiled_gemm(k, shape, tiling, &place, layout, &into, &dy_rows, &windows);
             return;
         }
-        let product = Products::zeros(k, false);
+        let product = Products::zeros(k, &place, false);
         tiled_gemm(
             k, shape, tiling, &place, layout, &product, &dy_rows, &windows,
         );

@@ -5,8 +5,9 @@
 //! elements of C in registers. Two ways to multiply (`LowerOptions::tensor_cores`):
 //! * fp32 FMA: a thread owns a [`TM`]` × `[`TN`] micro-tile and adds each product with one
 //!   `fma`, k in order;
-//! * TF32 tensor cores: each warp owns a 32 × 16 warp tile of 2 × 2 `mma.sync` m16n8k8 tiles,
-//!   a thread the 16 accumulator elements the fragment layout gives it. Each operand is split
+//! * TF32 tensor cores: each warp owns a 32 × 16 warp tile of 2 × 2 `mma.sync` m16n8k8 tiles
+//!   (16 × 32, 1 × 4, in block tiles 16 rows high), a thread the 16 accumulator elements the
+//!   fragment layout gives it. Each operand is split
 //!   into its TF32 rounding and the TF32 rounding of the rest, and three products (lo·hi,
 //!   hi·lo, hi·hi: the small ones first) keep fp32 accuracy ("3xTF32").
 //!
@@ -27,14 +28,38 @@ use crate::kir::{BinOp, Cmp};
 pub const THREADS: u32 = 256;
 /// The K slice staged in shared memory per step.
 pub const BK: u32 = 8;
-/// Rows and columns of C each thread computes.
+/// Rows and columns of C each thread computes on fp32 FMA.
 pub const TM: u32 = 4;
 pub const TN: u32 = 4;
 /// Elements of C per block tile.
 const TILE: u32 = THREADS * TM * TN;
-/// A warp's tile on tensor cores: 2 × 2 mma tiles of 16 × 8.
-const WARP_M: u32 = 32;
-const WARP_N: u32 = 16;
+
+/// A warp's tile on tensor cores, in mma tiles of 16 × 8: 2 × 2, or 1 × 4 where the block
+/// tile is only 16 rows high (a weight gradient of 16 output channels). Either way a thread
+/// holds 16 accumulators: `2·m` rows by `2·n` columns.
+#[derive(Clone, Copy, Debug)]
+struct WarpTiles {
+    m: u32,
+    n: u32,
+}
+
+impl WarpTiles {
+    fn for_tiling(tiling: Tiling) -> WarpTiles {
+        if tiling.bm >= 32 {
+            WarpTiles { m: 2, n: 2 }
+        } else {
+            WarpTiles { m: 1, n: 4 }
+        }
+    }
+
+    fn rows(self) -> u32 {
+        16 * self.m
+    }
+
+    fn cols(self) -> u32 {
+        8 * self.n
+    }
+}
 
 /// The GEMM's sizes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,11 +84,9 @@ impl Tiling {
         Tiling { bm: TILE / bn, bn }
     }
 
-    /// The tile for `m` rows: as few idle rows as possible (16 to 256 high; at least 32 on
-    /// tensor cores, whose warp tiles are 32 high).
-    pub fn for_rows(m: u32, tensor_cores: bool) -> Tiling {
-        let least = if tensor_cores { WARP_M } else { 16 };
-        let bm = m.next_power_of_two().clamp(least, 256);
+    /// The tile for `m` rows: as few idle rows as possible (16 to 256 high).
+    pub fn for_rows(m: u32) -> Tiling {
+        let bm = m.next_power_of_two().clamp(16, 256);
         Tiling { bm, bn: TILE / bm }
     }
 
@@ -102,9 +125,15 @@ pub struct TilePlace {
 enum Mapping {
     /// fp32 FMA: thread (ty, tx) owns rows `ty·TM + i` and columns `tx·TN + j`.
     Simt { ty: U32, tx: U32 },
-    /// Tensor cores: the warp's tile starts at (`wm0`, `wn0`) in the block's tile; the lane is
-    /// (`g`, `t`) = (lane / 4, lane % 4) of the mma fragment layout.
-    Mma { wm0: U32, wn0: U32, g: U32, t: U32 },
+    /// Tensor cores: the warp's tile (of `tiles`) starts at (`wm0`, `wn0`) in the block's
+    /// tile; the lane is (`g`, `t`) = (lane / 4, lane % 4) of the mma fragment layout.
+    Mma {
+        wm0: U32,
+        wn0: U32,
+        g: U32,
+        t: U32,
+        tiles: WarpTiles,
+    },
 }
 
 /// A thread's elements: C at (`rows[i]`, `cols[j]`), inside C where `row_ok[i]` and
@@ -118,6 +147,19 @@ pub struct Coordinates {
 }
 
 impl TilePlace {
+    /// How many rows and columns of C the thread holds.
+    fn elements(&self) -> (u32, u32) {
+        match self.mapping {
+            Mapping::Simt { .. } => (TM, TN),
+            Mapping::Mma { tiles, .. } => (2 * tiles.m, 2 * tiles.n),
+        }
+    }
+
+    /// Threads that share a column: the values of `slot`.
+    fn slots(&self, tiling: Tiling) -> u32 {
+        tiling.bm / self.elements().0
+    }
+
     /// Rows and columns (within the block's tile) of the thread's elements.
     fn local(&self, k: &mut KernelBuilder) -> (Vec<U32>, Vec<U32>) {
         match self.mapping {
@@ -126,14 +168,20 @@ impl TilePlace {
                 (0..TN).map(|j| k.mad_u(tx, TN, j)).collect(),
             ),
             // row i: mma tile i / 2, its half i % 2; column j: mma tile j / 2, element j % 2
-            Mapping::Mma { wm0, wn0, g, t } => (
-                (0..TM)
+            Mapping::Mma {
+                wm0,
+                wn0,
+                g,
+                t,
+                tiles,
+            } => (
+                (0..2 * tiles.m)
                     .map(|i| {
                         let base = k.add_u(wm0, 16 * (i / 2) + 8 * (i % 2));
                         k.add_u(base, g)
                     })
                     .collect(),
-                (0..TN)
+                (0..2 * tiles.n)
                     .map(|j| {
                         let base = k.add_u(wn0, 8 * (j / 2) + j % 2);
                         k.mad_u(t, 2u32, base)
@@ -195,8 +243,12 @@ pub fn place(
     let m0 = k.mul_u(tile_row, tiling.bm);
     let n0 = k.mul_u(tile_col, tiling.bn);
     let (slot, mapping) = if tensor_cores {
-        assert!(tiling.bm >= WARP_M && tiling.bn >= WARP_N, "{tiling:?}");
-        let warps_n = tiling.bn / WARP_N;
+        let tiles = WarpTiles::for_tiling(tiling);
+        assert!(
+            tiling.bm >= tiles.rows() && tiling.bn >= tiles.cols(),
+            "{tiling:?}"
+        );
+        let warps_n = tiling.bn / tiles.cols();
         let (warp, lane) = (
             k.ubin(BinOp::Div, tid, 32u32),
             k.ubin(BinOp::Rem, tid, 32u32),
@@ -210,8 +262,15 @@ pub fn place(
             k.ubin(BinOp::Rem, lane, 4u32),
         );
         let slot = k.mad_u(wm, 8u32, g);
-        let (wm0, wn0) = (k.mul_u(wm, WARP_M), k.mul_u(wn, WARP_N));
-        (slot, Mapping::Mma { wm0, wn0, g, t })
+        let (wm0, wn0) = (k.mul_u(wm, tiles.rows()), k.mul_u(wn, tiles.cols()));
+        let mapping = Mapping::Mma {
+            wm0,
+            wn0,
+            g,
+            t,
+            tiles,
+        };
+        (slot, mapping)
     } else {
         let groups_n = tiling.bn / TN;
         let ty = k.ubin(BinOp::Div, tid, groups_n);
@@ -236,11 +295,13 @@ pub struct Products {
 }
 
 impl Products {
-    /// Accumulators set to zero where this is emitted (in a loop: at every iteration).
-    pub fn zeros(k: &mut KernelBuilder, squares: bool) -> Products {
+    /// Accumulators for the thread's elements at `place`, set to zero where this is emitted
+    /// (in a loop: at every iteration).
+    pub fn zeros(k: &mut KernelBuilder, place: &TilePlace, squares: bool) -> Products {
+        let (rows, cols) = place.elements();
         let zeros = |k: &mut KernelBuilder| -> Vec<Vec<F32>> {
-            (0..TM)
-                .map(|_| (0..TN).map(|_| k.f32(0.0)).collect())
+            (0..rows)
+                .map(|_| (0..cols).map(|_| k.f32(0.0)).collect())
                 .collect()
         };
         Products {
@@ -350,7 +411,13 @@ pub fn tiled_gemm<A: Operand, B: Operand>(
         let slices = (a_side.slice(k, this), b_side.slice(k, this));
         match place.mapping {
             Mapping::Simt { ty, tx } => fma_slice(k, slices, (ty, tx), acc),
-            Mapping::Mma { wm0, wn0, g, t } => mma_slice(k, slices, (wm0, wn0, g, t), acc),
+            Mapping::Mma {
+                wm0,
+                wn0,
+                g,
+                t,
+                tiles,
+            } => mma_slice(k, slices, (wm0, wn0, g, t), tiles, acc),
         }
         a_side.store(k, a, &fetched.0, other);
         b_side.store(k, b, &fetched.1, other);
@@ -424,11 +491,12 @@ fn split<const N: usize>(k: &mut KernelBuilder, v: [F32; N]) -> Split<N> {
     Split { hi, lo }
 }
 
-/// One K slice (one k8 step) on tensor cores: the warp's 2 × 2 mma tiles.
+/// One K slice (one k8 step) on tensor cores: the warp's mma tiles.
 fn mma_slice(
     k: &mut KernelBuilder,
     (a, b): (Slice, Slice),
     (wm0, wn0, g, t): (U32, U32, U32, U32),
+    tiles: WarpTiles,
     acc: &Products,
 ) {
     // register r of row tile tm holds A[wm0 + 16·tm + g + 8·(r % 2)][t + 4·(r / 2)];
@@ -439,7 +507,7 @@ fn mma_slice(
         k.add_u(at, g)
     };
     let (a_lane, b_lane) = (lane(k, a, wm0), lane(k, b, wn0));
-    let a_values: Vec<[F32; 4]> = (0..2u32)
+    let a_values: Vec<[F32; 4]> = (0..tiles.m)
         .map(|tm| {
             std::array::from_fn(|r| {
                 let r = r as u32;
@@ -448,7 +516,7 @@ fn mma_slice(
             })
         })
         .collect();
-    let b_values: Vec<[F32; 2]> = (0..2u32)
+    let b_values: Vec<[F32; 2]> = (0..tiles.n)
         .map(|tn| {
             std::array::from_fn(|r| {
                 let at = k.add_u(b_lane, 4 * r as u32 * b.stride + 8 * tn);
@@ -465,8 +533,8 @@ fn mma_slice(
     }
 }
 
-/// acc += A·B over the warp's 2 × 2 mma tiles in 3xTF32: accumulator element c of tile
-/// (tm, tn) is `acc[2·tm + c / 2][2·tn + c % 2]` (the layout `TilePlace::local` gives).
+/// acc += A·B over the warp's mma tiles in 3xTF32: accumulator element c of tile (tm, tn) is
+/// `acc[2·tm + c / 2][2·tn + c % 2]` (the layout `TilePlace::local` gives).
 fn mma_tiles(k: &mut KernelBuilder, a: &[[F32; 4]], b: &[[F32; 2]], acc: &[Vec<F32>]) {
     let a: Vec<Split<4>> = a.iter().map(|&f| split(k, f)).collect();
     let b: Vec<Split<2>> = b.iter().map(|&f| split(k, f)).collect();
@@ -671,15 +739,16 @@ pub fn column_sums(
     terms: usize,
     value: impl Fn(&mut KernelBuilder, usize, usize, usize) -> F32,
 ) -> Vec<Vec<F32>> {
-    let slots = tiling.bm / TM;
+    let slots = place.slots(tiling);
+    let (rows, cols) = place.elements();
     let area = k.shared(slots * tiling.bn);
     let mut sums = Vec::with_capacity(terms);
     for t in 0..terms {
         // each thread's own rows first
-        let own: Vec<F32> = (0..TN as usize)
+        let own: Vec<F32> = (0..cols as usize)
             .map(|j| {
                 let total = k.f32(0.0);
-                for i in 0..TM as usize {
+                for i in 0..rows as usize {
                     let v = value(k, t, i, j);
                     let v = k.select(at.row_ok[i], v, 0.0f32);
                     k.accumulate(total, v);
@@ -693,7 +762,7 @@ pub fn column_sums(
         }
         k.barrier();
         let first_slot = k.cmp_u(Cmp::Eq, place.slot, 0u32);
-        let column: Vec<F32> = (0..TN).map(|_| k.f32(0.0)).collect();
+        let column: Vec<F32> = (0..cols).map(|_| k.f32(0.0)).collect();
         k.when(first_slot, |k| {
             for (&total, &col) in column.iter().zip(&at.local_cols) {
                 for s in 0..slots {
@@ -802,7 +871,7 @@ mod tests {
         let mut k = KernelBuilder::new("gemm_test", THREADS, false);
         let (a, b, c) = (k.ptr_param("a"), k.ptr_param("b"), k.ptr_param("c"));
         let place = place(&mut k, shape, tiling, tensor_cores);
-        let acc = Products::zeros(&mut k, false);
+        let acc = Products::zeros(&mut k, &place, false);
         k.for_u32(0u32, PRODUCTS, 1, |k, r| {
             let a = Matrix {
                 src: a,
@@ -863,9 +932,6 @@ mod tests {
         let tilings = [Tiling::for_columns(shape.n), Tiling { bm: 16, bn: 256 }];
         for tensor_cores in [false, true] {
             for tiling in tilings {
-                if tensor_cores && tiling.bm < WARP_M {
-                    continue;
-                }
                 for (a_k_fastest, b_k_fastest) in [(false, true), (true, false), (true, true)] {
                     let layout = Layout {
                         a_k_fastest,
