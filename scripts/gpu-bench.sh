@@ -4,7 +4,8 @@
 # card in the same call, and prints the two side by side.
 #
 #   1. `fisherc bench` on the cuda backend: MODELS at BATCH, Fisher none/exact/a2g2, VARIANTS
-#      (fused, fused-tc: convolutions on tensor cores, unfused; median of STEPS after WARMUP,
+#      (fused; fused-tc and fused-tf32: convolutions on tensor cores, 3xTF32 and one TF32
+#      product; unfused; median of STEPS after WARMUP,
 #      CUDA graph replay, per-op profile) -> fisherc.json/.md
 #   2. scripts/torch_bench.py: the same models and step in PyTorch (eager fp32 and tf32, plain,
 #      a2g2 and exact; torch.compile tf32 plain) -> torch.jsonl
@@ -24,7 +25,7 @@ BACKEND=${BACKEND:-cuda}
 MODELS=${MODELS:-resnet44 vgg16}
 BATCH=${BATCH:-4096}
 FISHER=${FISHER:-none,exact,a2g2}
-VARIANTS=${VARIANTS:-fused,fused-tc}
+VARIANTS=${VARIANTS:-fused-tc,fused-tf32,fused}
 STEPS=${STEPS:-3}
 WARMUP=${WARMUP:-1}
 TORCH=${TORCH-python3}

@@ -59,10 +59,12 @@ logged() {
 }
 
 compile() { # model batch kind variant -> artifact dir on stdout (kind: a Fisher mode or a noise;
-            # variant: fused, fused-tc (convolutions on tensor cores) or unfused)
+            # variant: fused, fused-tc or fused-tf32 (convolutions on tensor cores, 3xTF32 or
+            # one TF32 product) or unfused)
   local dir="$ART/$1_b$2_$3_$4" flag="" kind="--noise"
   [ "$4" = unfused ] && flag=--unfused
-  [ "$4" = fused-tc ] && flag=--tensor-cores
+  [ "$4" = fused-tc ] && flag=--tensor-cores=3xtf32
+  [ "$4" = fused-tf32 ] && flag=--tensor-cores=tf32
   case $3 in none|exact|a2g2) kind="--fisher";; esac
   logged 120 "$F" compile "models/$1.toml" --batch "$2" "$kind" "$3" $flag --arch sm_90 -o "$dir"
   [ $status = 0 ] && echo "$dir"

@@ -9,7 +9,8 @@
 #      noise, fused, fused-tc (tensor cores) and unfused; resnet44, exact, fused-tc and fused
 #                                                                   (LIMIT_CHECK s)
 #   2. speed (scripts/gpu-bench.sh): fisherc bench of resnet44 and vgg16 at batch 4096 (Fisher
-#      none and exact, fused and fused-tc) and PyTorch on the same card, side by side
+#      none and exact; fused-tc, fused-tf32 and fused) and PyTorch on the same card, side by
+#      side
 #                                                                   (LIMIT_BENCH s)
 #   3. training (scripts/gpu-train.sh): ResNet20 on Fashion-MNIST, one epoch, lb-diagf
 #                                                                   (LIMIT_TRAIN s)
@@ -43,7 +44,7 @@ for p in $PARTS; do
              CHECK_MODELS=resnet20 CHECK_KINDS="exact full-fisher-true" RUN_MODELS= scripts/gpu-check.sh
              OUT=$OUT/resnet44 CHECK_MODELS=resnet44 CHECK_VARIANTS="fused-tc fused" RUN_MODELS= \
                scripts/gpu-check.sh' ;;
-    bench) part bench "$LIMIT_BENCH" env FISHER=none,exact VARIANTS=fused,fused-tc STEPS=2 \
+    bench) part bench "$LIMIT_BENCH" env FISHER=none,exact VARIANTS=fused-tc,fused-tf32,fused STEPS=2 \
              WARMUP=1 LIMIT_FISHERC=140 LIMIT_TORCH=95 TORCH_MODES="plain a2g2" scripts/gpu-bench.sh ;;
     train) part train "$LIMIT_TRAIN" scripts/gpu-train.sh ;;
     *) echo "gpu-session: unknown part '$p' (check, bench, train)" >&2 ;;

@@ -206,7 +206,7 @@ def side_by_side(fisherc_json, torch_jsonl):
         if "median_ms" in r:
             torch_ms[(r["model"], r["batch"], r["mode"], r["precision"])] = r["median_ms"]
     precisions = ["fp32", "tf32", "compile"]
-    variants = ["fused", "fused-tc", "unfused"]
+    variants = ["fused", "fused-tc", "fused-tf32", "unfused"]
     print("| model | batch | fisher | " + " | ".join(f"fisherc {v} ms" for v in variants) + " | "
           + " | ".join(f"torch {p} ms" for p in precisions) + " |")
     print("|---|---|---|" + "---|" * (len(variants) + len(precisions)))

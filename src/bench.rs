@@ -14,6 +14,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use fisherc_codegen::artifact::{Artifact, Source};
 use fisherc_codegen::compile::{CompileOptions, Compiled, compile};
+use fisherc_codegen::lower::TensorCores;
 use fisherc_ir::model::{self, BuildOptions};
 use fisherc_ir::{FisherMode, StepOptions, build_training_step};
 use fisherc_runtime::Session;
@@ -35,6 +36,9 @@ pub enum Variant {
     Fused,
     /// The fused graph with its convolutions on TF32 tensor cores (3xTF32).
     FusedTc,
+    /// The fused graph with its convolutions on TF32 tensor cores, one TF32 product (as
+    /// PyTorch's allow_tf32).
+    FusedTf32,
     /// The step as autodiff built it (per-example gradients materialised).
     Unfused,
 }
@@ -44,6 +48,7 @@ impl Variant {
         match self {
             Variant::Fused => "fused",
             Variant::FusedTc => "fused-tc",
+            Variant::FusedTf32 => "fused-tf32",
             Variant::Unfused => "unfused",
         }
     }
@@ -64,7 +69,8 @@ pub struct Args {
           value_parser = |s: &str| s.parse::<FisherMode>())]
     pub fisher: Vec<FisherMode>,
 
-    /// Variants, comma-separated: fused, fused-tc (convolutions on tensor cores), unfused.
+    /// Variants, comma-separated: fused, fused-tc (convolutions on tensor cores, 3xTF32),
+    /// fused-tf32 (one TF32 product), unfused.
     #[arg(
         long,
         value_delimiter = ',',
@@ -255,7 +261,11 @@ impl Config<'_> {
 /// Compiles, runs and times one configuration.
 fn measure(args: &Args, config: &Config<'_>, out: &mut impl Write) -> Result<Measurement> {
     let fused = config.variant != Variant::Unfused;
-    let tensor_cores = config.variant == Variant::FusedTc;
+    let tensor_cores = match config.variant {
+        Variant::FusedTc => TensorCores::Tf32x3,
+        Variant::FusedTf32 => TensorCores::Tf32,
+        Variant::Fused | Variant::Unfused => TensorCores::Off,
+    };
     writeln!(
         out,
         "{} · batch {} · fisher {} · {}",
@@ -278,10 +288,7 @@ fn measure(args: &Args, config: &Config<'_>, out: &mut impl Write) -> Result<Mea
         compile(&step, options).with_context(|| format!("compiling {}", config.path.display()))?;
     let text = std::fs::read_to_string(config.path)
         .with_context(|| format!("reading {}", config.path.display()))?;
-    let source = Source {
-        tensor_cores,
-        ..Source::of(&step, config.path, text, fused, &args.arch)
-    };
+    let source = Source::of(&step, config.path, text, options, &args.arch);
     let artifact = Artifact::new(&compiled.program, source, compiled.seconds);
     let times = timed_steps(args, &artifact, &compiled, out)?;
 

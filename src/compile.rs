@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use fisherc_codegen::artifact::{Artifact, PLAN_FILE, PTX_FILE, Source, bytes, summary};
 use fisherc_codegen::compile::{CompileOptions, compile};
+use fisherc_codegen::lower::TensorCores;
 use fisherc_ir::Noise;
 
 use crate::model_args::ModelArgs;
@@ -20,9 +21,11 @@ pub struct Args {
     #[arg(long)]
     pub unfused: bool,
 
-    /// Convolutions on TF32 tensor cores (3xTF32: fp32 accuracy) instead of fp32 FMA.
-    #[arg(long)]
-    pub tensor_cores: bool,
+    /// Convolutions on TF32 tensor cores instead of fp32 FMA: `3xtf32` (the default; fp32
+    /// accuracy) or `tf32` (one TF32 product, as PyTorch's allow_tf32: faster, relative errors
+    /// near 1e-3).
+    #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "3xtf32")]
+    pub tensor_cores: Option<Tf32>,
 
     /// PTX target: sm_80 or sm_90.
     #[arg(long, default_value = "sm_90", value_parser = ["sm_80", "sm_90"])]
@@ -33,22 +36,40 @@ pub struct Args {
     pub out: Option<PathBuf>,
 }
 
+/// How tensor cores multiply (`--tensor-cores[=...]`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tf32 {
+    /// Three TF32 products per operand pair: fp32 accuracy.
+    #[value(name = "3xtf32")]
+    Split3,
+    /// One TF32 product.
+    #[value(name = "tf32")]
+    Single,
+}
+
+impl Args {
+    pub fn tensor_cores(&self) -> TensorCores {
+        match self.tensor_cores {
+            None => TensorCores::Off,
+            Some(Tf32::Split3) => TensorCores::Tf32x3,
+            Some(Tf32::Single) => TensorCores::Tf32,
+        }
+    }
+}
+
 pub fn run(args: &Args) -> Result<()> {
     let step = args.model.training_step()?;
     let fused = !args.unfused;
     let options = CompileOptions {
         fused,
-        tensor_cores: args.tensor_cores,
+        tensor_cores: args.tensor_cores(),
     };
     let compiled = compile(&step, options)
         .with_context(|| format!("compiling {}", args.model.model.display()))?;
     let path = &args.model.model;
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let source = Source {
-        tensor_cores: args.tensor_cores,
-        ..Source::of(&step, path, text, fused, &args.arch)
-    };
+    let source = Source::of(&step, path, text, options, &args.arch);
     let artifact = Artifact::new(&compiled.program, source, compiled.seconds);
     let dir = args.out.clone().unwrap_or_else(|| default_dir(args));
     artifact.write(&dir)?;
@@ -74,7 +95,11 @@ fn default_dir(args: &Args) -> PathBuf {
         other => format!("_{other}"),
     };
     let variant = if args.unfused { "_unfused" } else { "" };
-    let cores = if args.tensor_cores { "_tc" } else { "" };
+    let cores = match args.tensor_cores {
+        None => "",
+        Some(Tf32::Split3) => "_tc",
+        Some(Tf32::Single) => "_tf32",
+    };
     PathBuf::from("compiled").join(format!(
         "{stem}_b{}_{}{noise}{variant}{cores}",
         args.model.batch, options.fisher

@@ -313,6 +313,51 @@ fn check_passes_the_kernel_executor_and_explains_a_missing_cuda_backend() {
     }
 }
 
+#[test]
+fn single_tf32_artifacts_are_checked_within_their_own_bounds() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("cnn_tf32");
+    let out_arg = out.to_str().unwrap();
+    let compile = |mode: &str| {
+        fisherc(&[
+            "compile",
+            "models/small_cnn.toml",
+            "--batch",
+            "8",
+            "--input",
+            "1x10x10",
+            &format!("--tensor-cores={mode}"),
+            "-o",
+            out_arg,
+        ])
+    };
+    stdout(&compile("tf32"));
+    let report = stdout(&fisherc(&["check", out_arg, "--steps", "2"]));
+    assert!(
+        report.contains("fused, tensor cores (one TF32 product)"),
+        "{report}"
+    );
+    // convolutions get the TF32 bound, the rest keep theirs
+    let bound_of = |op: &str| {
+        let row = report
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(op))
+            .unwrap_or_else(|| panic!("no {op} row: {report}"));
+        row.split_whitespace().nth(3).unwrap().to_string()
+    };
+    assert_eq!(bound_of("fused_wgrad"), "5e-3", "{report}");
+    assert_eq!(bound_of("linear_dgrad"), "1e-5", "{report}");
+    assert!(
+        report.contains("within 1e-1 of the f32 reference"),
+        "{report}"
+    );
+    assert!(report.trim_end().ends_with("PASS"), "{report}");
+    let wrong = compile("tf16");
+    assert!(!wrong.status.success());
+    let err = String::from_utf8_lossy(&wrong.stderr);
+    assert!(err.contains("3xtf32") && err.contains("tf32"), "{err}");
+}
+
 /// A two-epoch synthetic experiment (small_cnn on 12×12 images), fast enough for a CLI test.
 const SYNTHETIC_EXPERIMENT: &str = r#"
 name = "cli_synthetic"

@@ -23,6 +23,7 @@ use fisherc_ir::{FisherMode, Noise, StepOptions, TrainingStep, build_training_st
 
 use crate::compile::{CompileOptions, Compiled, compile};
 use crate::kir::{Kernel, ParamTy};
+use crate::lower::TensorCores;
 use crate::plan::{Arg, Buffer, PlannedLaunch, PlannedNode, Program};
 use crate::ptx;
 
@@ -51,20 +52,24 @@ pub struct Source {
     #[serde(default)]
     pub noise: Noise,
     pub fused: bool,
-    /// Convolutions on TF32 tensor cores (`CompileOptions::tensor_cores`).
+    /// Convolutions on TF32 tensor cores (`CompileOptions::tensor_cores`)...
     #[serde(default)]
     pub tensor_cores: bool,
+    /// ... with one TF32 product rather than three (`TensorCores::Tf32`).
+    #[serde(default)]
+    pub single_tf32: bool,
     /// The PTX target, e.g. `sm_90`.
     pub arch: String,
 }
 
 impl Source {
-    /// The source of `step`, built from the model file at `path` whose text is `model_text`.
+    /// The source of `step`, built from the model file at `path` whose text is `model_text`
+    /// and compiled with `options`.
     pub fn of(
         step: &TrainingStep,
         path: &Path,
         model_text: String,
-        fused: bool,
+        options: CompileOptions,
         arch: &str,
     ) -> Source {
         let net = &step.network;
@@ -77,8 +82,9 @@ impl Source {
             fisher: step.fisher,
             decay_bn: step.decay_bn,
             noise: step.noise,
-            fused,
-            tensor_cores: false,
+            fused: options.fused,
+            tensor_cores: options.tensor_cores.on(),
+            single_tf32: options.tensor_cores == TensorCores::Tf32,
             arch: arch.to_string(),
         }
     }
@@ -87,7 +93,11 @@ impl Source {
     pub fn compile_options(&self) -> CompileOptions {
         CompileOptions {
             fused: self.fused,
-            tensor_cores: self.tensor_cores,
+            tensor_cores: match (self.tensor_cores, self.single_tf32) {
+                (false, _) => TensorCores::Off,
+                (true, false) => TensorCores::Tf32x3,
+                (true, true) => TensorCores::Tf32,
+            },
         }
     }
 

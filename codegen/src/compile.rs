@@ -7,16 +7,15 @@ use fisherc_ir::optimize::{Limits, OptimizeError, Optimized, Report, optimize_wi
 use fisherc_ir::{Graph, TrainingStep};
 use thiserror::Error;
 
-use crate::lower::LowerOptions;
+use crate::lower::{LowerOptions, TensorCores};
 use crate::plan::{PlanError, Program, plan};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CompileOptions {
     /// Run the fusion rules (`false`: the unfused baseline, every op its own kernels).
     pub fused: bool,
-    /// Convolutions on TF32 tensor cores (three products per operand pair, so fp32 accuracy
-    /// is kept) instead of fp32 FMA.
-    pub tensor_cores: bool,
+    /// Convolutions on fp32 FMA or on TF32 tensor cores.
+    pub tensor_cores: TensorCores,
 }
 
 impl CompileOptions {
@@ -24,7 +23,7 @@ impl CompileOptions {
     pub fn fused(fused: bool) -> CompileOptions {
         CompileOptions {
             fused,
-            tensor_cores: false,
+            tensor_cores: TensorCores::Off,
         }
     }
 

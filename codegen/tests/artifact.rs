@@ -22,7 +22,7 @@ fn artifact(fused: bool) -> Artifact {
         &step,
         &path,
         std::fs::read_to_string(&path).unwrap(),
-        fused,
+        CompileOptions::fused(fused),
         "sm_80",
     );
     Artifact::new(&compiled.program, source, compiled.seconds)

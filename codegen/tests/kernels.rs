@@ -6,7 +6,7 @@
 mod common;
 
 use common::{check, check_with, labels, random, rng, uniform};
-use fisherc_codegen::lower::LowerOptions;
+use fisherc_codegen::lower::{LowerOptions, SINGLE_TF32_ERROR, TensorCores};
 use fisherc_ir::ops::*;
 
 const ELEMENTWISE: f64 = 1e-6;
@@ -399,10 +399,15 @@ const WIDE_CONVS: [(usize, usize, usize, usize, usize, usize); 4] = [
     (3, 1, 1, 6, 70, 3),
 ];
 
-/// A convolution's kernels on fp32 FMA and on TF32 tensor cores (3xTF32: the same bound).
+/// A convolution's kernels on fp32 FMA and on TF32 tensor cores: 3xTF32 within the same
+/// bound, one TF32 product within `SINGLE_TF32_ERROR`.
 fn check_conv(op: impl Into<Op>, inputs: &[fisherc_ir::tensor::Value<f32>], tolerance: f64) {
     let op = op.into();
-    for tensor_cores in [false, true] {
+    for (tensor_cores, tolerance) in [
+        (TensorCores::Off, tolerance),
+        (TensorCores::Tf32x3, tolerance),
+        (TensorCores::Tf32, SINGLE_TF32_ERROR),
+    ] {
         check_with(op.clone(), inputs, tolerance, LowerOptions { tensor_cores });
     }
 }

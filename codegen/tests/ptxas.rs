@@ -1,11 +1,13 @@
 //! Every kernel of every paper model assembles with NVIDIA's ptxas for sm_80 and sm_90: batch
-//! 4096, each Fisher mode, fused (on fp32 FMA and on tensor cores) and unfused. Run by `scripts/test.sh`, which installs ptxas.
+//! 4096, each Fisher mode, fused (on fp32 FMA and on tensor cores, 3xTF32 and TF32) and
+//! unfused. Run by `scripts/test.sh`, which installs ptxas.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use fisherc_codegen::compile::{CompileOptions, compile};
 use fisherc_codegen::kir::Kernel;
+use fisherc_codegen::lower::TensorCores;
 use fisherc_codegen::{ptx, ptxas};
 use fisherc_ir::model::{BuildOptions, load};
 use fisherc_ir::{StepOptions, build_training_step};
@@ -23,7 +25,12 @@ fn all_kernels() -> BTreeMap<String, Kernel> {
         for options in StepOptions::all() {
             let network = load(&path, &BuildOptions::train(4096)).unwrap();
             let step = build_training_step(network, &options).unwrap();
-            let variants = [(true, false), (true, true), (false, false)];
+            let variants = [
+                (true, TensorCores::Off),
+                (true, TensorCores::Tf32x3),
+                (true, TensorCores::Tf32),
+                (false, TensorCores::Off),
+            ];
             for (fused, tensor_cores) in variants {
                 let options = CompileOptions {
                     fused,

@@ -20,6 +20,7 @@ use std::time::Instant;
 
 use fisherc_codegen::artifact::{Artifact, Source};
 use fisherc_codegen::compile::{CompileOptions, Compiled, compile};
+use fisherc_codegen::lower::TensorCores;
 use fisherc_ir::graph::Output;
 use fisherc_ir::interp::{Feeds, evaluate};
 use fisherc_ir::model::{BuildOptions, load};
@@ -61,8 +62,9 @@ impl Case {
     fn what(&self) -> String {
         let variant = match (self.options.fused, self.options.tensor_cores) {
             (false, _) => "unfused",
-            (true, false) => "fused",
-            (true, true) => "fused on tensor cores",
+            (true, TensorCores::Off) => "fused",
+            (true, TensorCores::Tf32x3) => "fused on tensor cores",
+            (true, TensorCores::Tf32) => "fused on tensor cores, one TF32 product",
         };
         format!(
             "{} batch {} {} {} noise {variant}",
@@ -87,10 +89,7 @@ impl Case {
         .unwrap();
         let compiled = compile(&step, self.options).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
-        let source = Source {
-            tensor_cores: self.options.tensor_cores,
-            ..Source::of(&step, &path, text, self.options.fused, "sm_90")
-        };
+        let source = Source::of(&step, &path, text, self.options, "sm_90");
         let artifact = Artifact::new(&compiled.program, source, compiled.seconds);
         (step, artifact, compiled)
     }
@@ -219,7 +218,7 @@ fn small_models_step_on_the_kernel_executor() {
 fn tensor_core_steps_on_the_kernel_executor_match_the_reference() {
     let on_tensor_cores = CompileOptions {
         fused: true,
-        tensor_cores: true,
+        tensor_cores: TensorCores::Tf32x3,
     };
     for mode in [FisherMode::Exact, FisherMode::A2g2] {
         executor_step_matches_the_reference(Case {

@@ -319,7 +319,7 @@ fn standardised_noise(options: StepOptions, variance: Variance) -> Vec<f64> {
         &step,
         &path,
         std::fs::read_to_string(&path).unwrap(),
-        true,
+        CompileOptions::fused(true),
         "sm_90",
     );
     let artifact = Artifact::new(&compiled.program, source, compiled.seconds);
@@ -433,7 +433,13 @@ fn full_fisher_draws(noise: Noise, draws: u64) -> (Vec<Vec<f64>>, [Vec<Vec<f64>>
     let net = build(&spec, &BuildOptions::train(batch)).unwrap();
     let step = build_training_step(net, &StepOptions::with_noise(noise)).unwrap();
     let compiled = compile(&step, CompileOptions::fused(true)).unwrap();
-    let source = Source::of(&step, &path, SOFTMAX_REGRESSION.into(), true, "sm_90");
+    let source = Source::of(
+        &step,
+        &path,
+        SOFTMAX_REGRESSION.into(),
+        CompileOptions::fused(true),
+        "sm_90",
+    );
     let artifact = Artifact::new(&compiled.program, source, compiled.seconds);
     let net = &step.network;
     let mut state = TrainState::<f32>::init(net, 1);

@@ -77,8 +77,47 @@ impl Lowered {
 /// Choices of the lowering that are not the op's: part of every kernel's name.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct LowerOptions {
-    /// Convolution GEMMs on TF32 tensor cores (`gemm.rs`).
-    pub tensor_cores: bool,
+    /// How convolution GEMMs multiply (`gemm.rs`).
+    pub tensor_cores: TensorCores,
+}
+
+/// How convolution GEMMs multiply.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum TensorCores {
+    /// fp32 FMA.
+    #[default]
+    Off,
+    /// TF32 tensor cores, each operand split into a TF32 part and a TF32 remainder and three
+    /// products summed: fp32 accuracy.
+    Tf32x3,
+    /// TF32 tensor cores, one product of the operands rounded to TF32 (what PyTorch's
+    /// `allow_tf32` does): a third of the tensor-core work, relative errors near 10⁻³.
+    Tf32,
+}
+
+impl TensorCores {
+    pub fn on(self) -> bool {
+        self != TensorCores::Off
+    }
+}
+
+/// How far (relative to an output's largest magnitude) a convolution with one TF32 product
+/// per operand pair may be from fp32 (the kernel tests see up to 1.4·10⁻³).
+pub const SINGLE_TF32_ERROR: f64 = 5e-3;
+
+/// Whether the lowering runs the op's products on tensor cores when asked: the convolutions,
+/// whose GEMMs are `gemm.rs`'s.
+pub fn on_tensor_cores(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Conv2d(_)
+            | Op::FusedConv(_)
+            | Op::ConvDgrad(_)
+            | Op::FusedDgrad(_)
+            | Op::ConvWgrad(_)
+            | Op::ConvWgradPerExample(_)
+            | Op::FusedWgrad(_)
+    )
 }
 
 /// Lowers one node.

@@ -179,13 +179,13 @@ pub fn train(
             continue; // done before a resume, or after the stop
         }
         let training = phase_step(&spec, experiment.input, phase, t.decay_bn)?;
-        let compiled =
-            compile(&training, CompileOptions::fused(true)).map_err(|e| e.to_string())?;
+        let options = CompileOptions::fused(true);
+        let compiled = compile(&training, options).map_err(|e| e.to_string())?;
         let source = Source::of(
             &training,
             &experiment.model,
             model_text.clone(),
-            true,
+            options,
             "sm_90",
         );
         let artifact = Artifact::new(&compiled.program, source, compiled.seconds);
