@@ -8,6 +8,10 @@
 use crate::kir::{
     BinOp, Cmp, Inst, Kernel, Operand, ParamTy, Reg, Space, Special, Stmt, Ty, UnOp, WARP,
 };
+use crate::magic::Divide;
+
+/// The bits a TF32 keeps of an f32: sign, exponent and the top 10 mantissa bits.
+const TF32_MASK: u32 = 0xffff_e000;
 
 macro_rules! typed_reg {
     ($($name:ident),*) => {$(
@@ -300,8 +304,52 @@ impl KernelBuilder {
         }))
     }
 
+    /// `a op b`; a division or remainder by a constant becomes multiplies and shifts
+    /// ([`Divide`]).
     pub fn ubin(&mut self, op: BinOp, a: impl Into<UOp>, b: impl Into<UOp>) -> U32 {
-        U32(self.bin(op, Ty::U32, a.into().0, b.into().0))
+        let (a, b) = (a.into().0, b.into().0);
+        match (op, b) {
+            (BinOp::Div | BinOp::Rem, Operand::U32(d)) if d != 0 => {
+                U32(self.divide_const(op, Ty::U32, a, d as u64))
+            }
+            _ => U32(self.bin(op, Ty::U32, a, b)),
+        }
+    }
+
+    /// `a / d` or `a % d` (`op`) for unsigned `a` of type `ty` and a constant `d` ≠ 0, as
+    /// [`Divide`] has it: ptxas would emit its general division.
+    fn divide_const(&mut self, op: BinOp, ty: Ty, a: Operand, d: u64) -> Reg {
+        let bits = if ty == Ty::U64 { 64 } else { 32 };
+        let imm = |v: u64| match ty {
+            Ty::U64 => Operand::U64(v),
+            _ => Operand::U32(v as u32),
+        };
+        if op == BinOp::Rem && d.is_power_of_two() {
+            return self.bin(BinOp::And, ty, a, imm(d - 1));
+        }
+        let shifted = |k: &mut Self, v: Operand, shift: u32| match shift {
+            0 => k.def(ty, |dst| Inst::Mov { dst, src: v }),
+            s => k.bin(BinOp::Shr, ty, v, Operand::U32(s)),
+        };
+        let quotient = match Divide::by(d, bits) {
+            Divide::Shift(shift) => shifted(self, a, shift),
+            Divide::MulHi { magic, shift } => {
+                let high = self.bin(BinOp::MulHi, ty, a, imm(magic));
+                shifted(self, high.into(), shift)
+            }
+            Divide::MulHiAdd { magic, shift } => {
+                let high = self.bin(BinOp::MulHi, ty, a, imm(magic));
+                let rest = self.bin(BinOp::Sub, ty, a, high.into());
+                let half = self.bin(BinOp::Shr, ty, rest.into(), Operand::U32(1));
+                let sum = self.bin(BinOp::Add, ty, half.into(), high.into());
+                shifted(self, sum.into(), shift)
+            }
+        };
+        if op == BinOp::Div {
+            return quotient;
+        }
+        let multiple = self.bin(BinOp::Mul, ty, quotient.into(), imm(d));
+        self.bin(BinOp::Sub, ty, a, multiple.into())
     }
 
     pub fn add_u(&mut self, a: impl Into<UOp>, b: impl Into<UOp>) -> U32 {
@@ -495,13 +543,13 @@ impl KernelBuilder {
     }
 
     pub fn idx_div_const(&mut self, a: Idx, b: u64) -> Idx {
-        let b = self.idx_imm(b);
-        self.ibin(BinOp::Div, a, b)
+        self.idx_imm(b); // checks that it fits
+        Idx(self.divide_const(BinOp::Div, self.index, a.into(), b))
     }
 
     pub fn idx_rem_const(&mut self, a: Idx, b: u64) -> Idx {
-        let b = self.idx_imm(b);
-        self.ibin(BinOp::Rem, a, b)
+        self.idx_imm(b);
+        Idx(self.divide_const(BinOp::Rem, self.index, a.into(), b))
     }
 
     /// `a < bound`.
@@ -618,6 +666,32 @@ impl KernelBuilder {
         let dst = self.reg(Ty::B32);
         self.emit(Inst::CvtTf32 { dst, src: v.0 });
         Tf32(dst)
+    }
+
+    /// `v` truncated to TF32 (toward zero: the low 13 mantissa bits cleared), one `and`.
+    /// Infinities and the GPU's NaN stay what they are.
+    pub fn tf32_truncated(&mut self, v: F32) -> Tf32 {
+        let bits = self.bits_of(v);
+        let kept = self.ubin(BinOp::And, bits, TF32_MASK);
+        self.tf32_of_bits(kept)
+    }
+
+    /// `v` rounded to the nearest TF32, ties away from zero, by adding half a TF32 ulp to the
+    /// bits and clearing the rest: `cvt.rna`'s result for finite values below the largest
+    /// TF32 (ptxas expands `cvt.rna.tf32.f32` to four instructions with an infinity test;
+    /// this is two), so only for values known to be small, such as the remainder of a split.
+    pub fn tf32_rounded_finite(&mut self, v: F32) -> Tf32 {
+        let bits = self.bits_of(v);
+        let up = self.add_u(bits, 1u32 << 12);
+        let kept = self.ubin(BinOp::And, up, TF32_MASK);
+        self.tf32_of_bits(kept)
+    }
+
+    fn tf32_of_bits(&mut self, bits: U32) -> Tf32 {
+        Tf32(self.def(Ty::B32, |dst| Inst::Mov {
+            dst,
+            src: bits.into(),
+        }))
     }
 
     /// A TF32 value as the f32 it equals (a move of the bits).
@@ -886,5 +960,137 @@ impl From<U32> for AnyIdx {
 impl From<u32> for AnyIdx {
     fn from(i: u32) -> AnyIdx {
         AnyIdx(Operand::U32(i))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Division by a constant as emitted (multiplies and shifts) against the division
+    //! instruction, on the executor, for u32 and for u64 indices; TF32 conversions by
+    //! integer operations against `cvt.rna`.
+
+    use super::*;
+    use crate::exec::{Arg, Memory, run};
+
+    const DIVISORS: [u64; 12] = [1, 2, 3, 7, 9, 10, 32, 100, 641, 4095, 65_537, 4_000_000_007];
+
+    /// Thread t of block b hashes (b, t) into a numerator and writes 1 where each constant's
+    /// quotient and remainder equal the division instruction's.
+    fn kernel(wide: bool) -> Kernel {
+        let mut k = KernelBuilder::new("divide_test", 128, wide);
+        let out = k.ptr_param("out");
+        let t = k.global_thread();
+        // spread over the whole range: t·φ (mod 2^bits), and its complement
+        let n = k.idx_mul_const(
+            t,
+            0x9e37_79b9_7f4a_7c15 & if wide { u64::MAX } else { 0xffff_ffff },
+        );
+        let all = k.u32(1);
+        for d in DIVISORS
+            .into_iter()
+            .filter(|&d| wide || d <= u32::MAX as u64)
+        {
+            for op in [BinOp::Div, BinOp::Rem] {
+                let fast = match op {
+                    BinOp::Div => k.idx_div_const(n, d),
+                    _ => k.idx_rem_const(n, d),
+                };
+                let divisor = k.idx_const(d);
+                let slow = k.ibin(op, n, divisor.into());
+                let same = Pred(k.def(Ty::Pred, |dst| Inst::Setp {
+                    cmp: Cmp::Eq,
+                    dst,
+                    a: fast.into(),
+                    b: slow.into(),
+                }));
+                let one = k.select_u(same, 1u32, 0u32);
+                let both = k.ubin(BinOp::And, all, one);
+                k.assign_u(all, both);
+            }
+        }
+        let flag = k.f32_from_u32(all);
+        k.store(out, t, flag);
+        k.finish()
+    }
+
+    #[test]
+    fn constant_divisions_match_the_division_instruction() {
+        for wide in [false, true] {
+            let mut mem = Memory::new();
+            let out = mem.alloc(4 * 128 * 64);
+            run(&kernel(wide), [64, 1], &[Arg::Ptr(out)], &mem).unwrap();
+            let flags = mem.read_f32(out, 128 * 64);
+            assert!(flags.iter().all(|&f| f == 1.0), "wide {wide}: {flags:?}");
+        }
+    }
+
+    #[test]
+    fn tf32_by_integer_operations() {
+        let mut k = KernelBuilder::new("tf32_test", 64, false);
+        let (x, truncated, rounded) = (k.ptr_param("x"), k.ptr_param("t"), k.ptr_param("r"));
+        let t = k.tid();
+        let v = k.load(x, t);
+        let down = k.tf32_truncated(v);
+        let down = k.tf32_value(down);
+        k.store(truncated, t, down);
+        let near = k.tf32_rounded_finite(v);
+        let near = k.tf32_value(near);
+        k.store(rounded, t, near);
+        let kernel = k.finish();
+
+        let mut values: Vec<f32> = vec![1.0, -1.0, 0.0, -0.0, 1e-40, -3.5e-39, 3.0e38, -2.5e-20];
+        // exact ties (half a TF32 ulp above 1 and below -3), their neighbours, and a spread
+        values.extend([
+            f32::from_bits(0x3f80_1000),
+            f32::from_bits(0x3f80_0fff),
+            f32::from_bits(0xc040_1000),
+            f32::from_bits(0x3f80_1001),
+        ]);
+        values.extend((0..40).map(|i| ((i * 7919) % 1000) as f32 * 0.0137 - 6.1));
+        values.extend([
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::from_bits(0x7fff_ffff),
+        ]);
+        let mut mem = Memory::new();
+        let px = mem.alloc_f32(&values);
+        let (pt, pr) = (mem.alloc(4 * 64), mem.alloc(4 * 64));
+        run(
+            &kernel,
+            [1, 1],
+            &[Arg::Ptr(px), Arg::Ptr(pt), Arg::Ptr(pr)],
+            &mem,
+        )
+        .unwrap();
+        let (got_t, got_r) = (
+            mem.read_f32(pt, values.len()),
+            mem.read_f32(pr, values.len()),
+        );
+        for ((&v, &t), &r) in values.iter().zip(&got_t).zip(&got_r) {
+            assert_eq!(t.to_bits(), v.to_bits() & TF32_MASK, "truncating {v:e}");
+            if v.is_finite() {
+                // cvt.rna's result, as the executor computes it
+                assert_eq!(
+                    r.to_bits(),
+                    crate::exec::tf32_bits(v.to_bits()),
+                    "rounding {v:e}"
+                );
+            } else {
+                assert!(t.is_nan() == v.is_nan() && t.is_infinite() == v.is_infinite());
+            }
+        }
+    }
+
+    #[test]
+    #[ignore = "needs ptxas: run scripts/test.sh (it installs ptxas into .tools/)"]
+    fn constant_divisions_assemble() {
+        let ptxas = crate::ptxas::find().expect("ptxas not found: run scripts/install-ptxas.sh");
+        for (wide, multiply) in [(false, "mul.hi.u32"), (true, "mul.hi.u64")] {
+            for arch in ["sm_80", "sm_90"] {
+                let module = crate::ptx::module(&[&kernel(wide)], arch);
+                assert!(module.contains(multiply), "{module}");
+                crate::ptxas::assemble(&ptxas, &module, arch).unwrap();
+            }
+        }
     }
 }

@@ -615,6 +615,7 @@ impl Block<'_> {
             (Ty::U64, BinOp::Add) => lanes!(|x, y| x.wrapping_add(y)),
             (Ty::U64, BinOp::Sub) => lanes!(|x, y| x.wrapping_sub(y)),
             (Ty::U64, BinOp::Mul) => lanes!(|x, y| x.wrapping_mul(y)),
+            (Ty::U64, BinOp::MulHi) => lanes!(|x, y| ((x as u128 * y as u128) >> 64) as u64),
             (Ty::U64, BinOp::Div | BinOp::Rem) => {
                 if self.any_zero(b, active, u64::MAX) {
                     return Err("u64 division by zero".to_string());

@@ -106,7 +106,7 @@ pub enum BinOp {
     Sub,
     /// Low half for integers, `mul.rn` for f32.
     Mul,
-    /// High 32 bits of a u32 product.
+    /// High half of an unsigned product (u32 or u64).
     MulHi,
     /// Integer division, `div.rn` for f32.
     Div,

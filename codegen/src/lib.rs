@@ -20,6 +20,7 @@ pub mod device;
 pub mod exec;
 pub mod kir;
 pub mod lower;
+pub mod magic;
 pub mod plan;
 pub mod ptx;
 pub mod ptxas;

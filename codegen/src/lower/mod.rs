@@ -90,8 +90,9 @@ pub enum TensorCores {
     /// TF32 tensor cores, each operand split into a TF32 part and a TF32 remainder and three
     /// products summed: fp32 accuracy.
     Tf32x3,
-    /// TF32 tensor cores, one product of the operands rounded to TF32 (what PyTorch's
-    /// `allow_tf32` does): a third of the tensor-core work, relative errors near 10⁻³.
+    /// TF32 tensor cores, one product of the operands rounded to TF32 (as PyTorch's
+    /// `allow_tf32` trades accuracy for speed): a third of the tensor-core work, relative
+    /// errors near 10⁻³.
     Tf32,
 }
 
