@@ -29,8 +29,9 @@ use crate::run::RandomBatchSteps;
 /// Ops printed per configuration.
 const TOP_OPS: usize = 6;
 
+/// Named in JSON as on the command line (scripts/torch_bench.py joins on these names).
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(rename_all = "kebab-case")]
 pub enum Variant {
     /// The optimizer's fused graph.
     Fused,

@@ -435,7 +435,7 @@ fn bench_times_each_configuration_and_relates_it_to_the_plain_step() {
         "--fisher",
         "none,exact",
         "--variant",
-        "fused",
+        "fused,fused-tf32",
         "--steps",
         "2",
         "--warmup",
@@ -447,7 +447,17 @@ fn bench_times_each_configuration_and_relates_it_to_the_plain_step() {
     ]));
     let results: Vec<serde_json::Value> =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    assert_eq!(results.len(), 4, "2 batches × 2 Fisher modes: {text}");
+    assert_eq!(
+        results.len(),
+        8,
+        "2 batches × 2 Fisher modes × 2 variants: {text}"
+    );
+    // the JSON names variants as the command line does (the side-by-side script joins on them)
+    let variants: std::collections::BTreeSet<&str> = results
+        .iter()
+        .map(|r| r["variant"].as_str().unwrap())
+        .collect();
+    assert_eq!(variants, ["fused", "fused-tf32"].into());
     for r in &results {
         assert!(r["error"].is_null(), "{r}");
         let median = r["median_ms"].as_f64().unwrap();
@@ -468,7 +478,11 @@ fn bench_times_each_configuration_and_relates_it_to_the_plain_step() {
         } else {
             let plain = results
                 .iter()
-                .find(|p| p["fisher"] == "none" && p["batch"] == r["batch"])
+                .find(|p| {
+                    p["fisher"] == "none"
+                        && p["batch"] == r["batch"]
+                        && p["variant"] == r["variant"]
+                })
                 .unwrap();
             let expected = median / plain["median_ms"].as_f64().unwrap();
             assert!((ratio - expected).abs() < 1e-9, "{r}");
@@ -477,7 +491,7 @@ fn bench_times_each_configuration_and_relates_it_to_the_plain_step() {
     let table = std::fs::read_to_string(&markdown).unwrap();
     assert_eq!(
         table.lines().filter(|l| l.starts_with("| mlp |")).count(),
-        4,
+        8,
         "{table}"
     );
     assert!(text.contains(&table), "the table is printed too");
