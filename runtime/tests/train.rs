@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use fisherc_codegen::artifact::{Artifact, Source};
 use fisherc_codegen::compile::{CompileOptions, Compiled, compile};
+use fisherc_codegen::lower::TensorCores;
 use fisherc_ir::graph::Output;
 use fisherc_ir::graph::PortRef;
 use fisherc_ir::interp::evaluate;
@@ -125,6 +126,26 @@ fn experiment_files_take_overrides_and_refuse_nonsense() {
             .contains("train.batch")
     );
     assert!(parse(&["train"]).unwrap_err().contains("key=value"));
+    // how the steps compile: FMA unless asked, and only the three ways there are
+    assert_eq!(parse(&[]).unwrap().compile.tensor_cores, TensorCores::Off);
+    assert_eq!(
+        parse(&["compile.tensor_cores=3xtf32"])
+            .unwrap()
+            .compile
+            .tensor_cores,
+        TensorCores::Tf32x3
+    );
+    let single = parse(&["compile.tensor_cores=tf32"]).unwrap();
+    assert_eq!(single.compile.tensor_cores, TensorCores::Tf32);
+    assert!(
+        Experiment::parse(&single.to_toml(), &[]).unwrap() == single,
+        "reads back from its own TOML"
+    );
+    let wrong = parse(&["compile.tensor_cores=fp16"]).unwrap_err();
+    assert!(
+        wrong.contains("fp16") && wrong.contains("3xtf32"),
+        "{wrong}"
+    );
 }
 
 #[test]

@@ -19,6 +19,7 @@ mod update;
 
 use fisherc_ir::ops::Op;
 use fisherc_ir::tensor::TensorType;
+use serde::{Deserialize, Serialize};
 
 use crate::kir::Kernel;
 
@@ -81,18 +82,21 @@ pub struct LowerOptions {
     pub tensor_cores: TensorCores,
 }
 
-/// How convolution GEMMs multiply.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+/// How convolution GEMMs multiply (in experiment files: `off`, `3xtf32`, `tf32`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum TensorCores {
     /// fp32 FMA.
     #[default]
+    #[serde(rename = "off")]
     Off,
     /// TF32 tensor cores, each operand split into a TF32 part and a TF32 remainder and three
     /// products summed: fp32 accuracy.
+    #[serde(rename = "3xtf32")]
     Tf32x3,
     /// TF32 tensor cores, one product of the operands rounded to TF32 (as PyTorch's
     /// `allow_tf32` trades accuracy for speed): a third of the tensor-core work, relative
     /// errors near 10⁻³.
+    #[serde(rename = "tf32")]
     Tf32,
 }
 

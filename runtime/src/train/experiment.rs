@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
+use fisherc_codegen::lower::TensorCores;
 use fisherc_ir::FisherMode;
 use serde::{Deserialize, Serialize};
 
@@ -23,6 +24,19 @@ pub struct Experiment {
     pub train: TrainConfig,
     #[serde(default)]
     pub eval: EvalConfig,
+    #[serde(default)]
+    pub compile: CompileConfig,
+}
+
+/// How the training steps are compiled.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompileConfig {
+    /// Convolutions on fp32 FMA (`off`, the default), on TF32 tensor cores with fp32 accuracy
+    /// (`3xtf32`), or with one TF32 product (`tf32`: faster, relative errors near 1e-3).
+    /// What the kernels run on: the CPU reference backend computes in f32 whatever this says.
+    #[serde(default)]
+    pub tensor_cores: TensorCores,
 }
 
 /// How each epoch's test score is taken.

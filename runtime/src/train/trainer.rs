@@ -179,7 +179,10 @@ pub fn train(
             continue; // done before a resume, or after the stop
         }
         let training = phase_step(&spec, experiment.input, phase, t.decay_bn)?;
-        let options = CompileOptions::fused(true);
+        let options = CompileOptions {
+            fused: true,
+            tensor_cores: experiment.compile.tensor_cores,
+        };
         let compiled = compile(&training, options).map_err(|e| e.to_string())?;
         let source = Source::of(
             &training,
