@@ -6,7 +6,8 @@
 #
 #   1. correctness (scripts/gpu-check.sh, checks only), every kernel node by node against the
 #      CPU reference, then 3 noisy steps: resnet20 at batch 32, exact Fisher and full-Fisher
-#      noise, fused, fused-tc (tensor cores) and unfused; resnet44, exact, fused-tc and fused
+#      noise, fused, fused-tc (tensor cores) and unfused; resnet44, exact, fused-tc, fused and
+#      fused-tf32 (one TF32 product: its own bounds)
 #                                                                   (LIMIT_CHECK s)
 #   2. speed (scripts/gpu-bench.sh): fisherc bench of resnet44 and vgg16 at batch 4096 (Fisher
 #      none and exact; fused-tc, fused-tf32 and fused) and PyTorch on the same card, side by
@@ -42,7 +43,7 @@ for p in $PARTS; do
   case $p in
     check) part check "$LIMIT_CHECK" bash -c '
              CHECK_MODELS=resnet20 CHECK_KINDS="exact full-fisher-true" RUN_MODELS= scripts/gpu-check.sh
-             OUT=$OUT/resnet44 CHECK_MODELS=resnet44 CHECK_VARIANTS="fused-tc fused" RUN_MODELS= \
+             OUT=$OUT/resnet44 CHECK_MODELS=resnet44 CHECK_VARIANTS="fused-tc fused fused-tf32" RUN_MODELS= \
                scripts/gpu-check.sh' ;;
     bench) part bench "$LIMIT_BENCH" env FISHER=none,exact VARIANTS=fused-tc,fused-tf32,fused STEPS=2 \
              WARMUP=1 LIMIT_FISHERC=140 LIMIT_TORCH=95 TORCH_MODES="plain a2g2" scripts/gpu-bench.sh ;;
