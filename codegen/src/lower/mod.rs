@@ -110,19 +110,72 @@ impl TensorCores {
 /// per operand pair may be from fp32 (the kernel tests see up to 1.4·10⁻³).
 pub const SINGLE_TF32_ERROR: f64 = 5e-3;
 
-/// Whether the lowering runs the op's products on tensor cores when asked: the convolutions,
-/// whose GEMMs are `gemm.rs`'s.
-pub fn on_tensor_cores(op: &Op) -> bool {
-    matches!(
-        op,
+/// Which lowering file takes an op: the one table of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Family {
+    Input,
+    Constant,
+    Alias,
+    Elementwise,
+    Pool,
+    Reduce,
+    Norm,
+    /// Convolutions: `gemm.rs`'s implicit GEMMs, on tensor cores when asked.
+    Conv,
+    Linear,
+    Loss,
+    Update,
+}
+
+fn family(op: &Op) -> Family {
+    match op {
+        Op::Input(_) => Family::Input,
+        Op::Constant(_) => Family::Constant,
+        Op::Reshape(_) => Family::Alias,
+        Op::Add(_)
+        | Op::Scale(_)
+        | Op::Square(_)
+        | Op::Relu(_)
+        | Op::ReluBackward(_)
+        | Op::Elementwise(_)
+        | Op::ShortcutA(_)
+        | Op::ShortcutABackward(_)
+        | Op::GlobalAvgPoolBackward(_)
+        | Op::BatchMean(_) => Family::Elementwise,
+        Op::MaxPool(_) | Op::MaxPoolBackward(_) | Op::GlobalAvgPool(_) => Family::Pool,
+        Op::ChannelSum(_) | Op::ChannelSumPerExample(_) | Op::ChannelSumSq(_) => Family::Reduce,
+        Op::BatchNorm(_)
+        | Op::BnApply(_)
+        | Op::BnRelu(_)
+        | Op::BnRunningUpdate(_)
+        | Op::BnBackwardReduce(_)
+        | Op::BnBackwardReduceSq(_)
+        | Op::BnBackwardData(_)
+        | Op::BnParamGradsPerExample(_)
+        | Op::BnParamGradsSq(_)
+        | Op::ReluBackwardBnReduce(_) => Family::Norm,
         Op::Conv2d(_)
-            | Op::FusedConv(_)
-            | Op::ConvDgrad(_)
-            | Op::FusedDgrad(_)
-            | Op::ConvWgrad(_)
-            | Op::ConvWgradPerExample(_)
-            | Op::FusedWgrad(_)
-    )
+        | Op::FusedConv(_)
+        | Op::ConvDgrad(_)
+        | Op::FusedDgrad(_)
+        | Op::ConvWgrad(_)
+        | Op::ConvWgradPerExample(_)
+        | Op::FusedWgrad(_) => Family::Conv,
+        Op::Linear(_)
+        | Op::LinearDgrad(_)
+        | Op::LinearWgrad(_)
+        | Op::LinearWgradPerExample(_)
+        | Op::LinearWgradSq(_) => Family::Linear,
+        Op::SoftmaxCrossEntropy(_)
+        | Op::SoftmaxCrossEntropyBackward(_)
+        | Op::FullFisherSample(_) => Family::Loss,
+        Op::NoisySgdUpdate(_) => Family::Update,
+    }
+}
+
+/// Whether the lowering runs the op's products on tensor cores when asked: the convolutions.
+pub fn on_tensor_cores(op: &Op) -> bool {
+    family(op) == Family::Conv
 }
 
 /// Lowers one node.
@@ -133,47 +186,20 @@ pub fn lower(
     options: LowerOptions,
 ) -> Result<Lowered, String> {
     let cx = common::Cx::new(op, inputs, outputs, options);
-    Ok(match op {
-        Op::Input(_) => Lowered::Input,
-        Op::Constant(c) => Lowered::Constant(c.value.0 as f32),
-        Op::Reshape(_) => Lowered::Alias,
-        Op::Add(_)
-        | Op::Scale(_)
-        | Op::Square(_)
-        | Op::Relu(_)
-        | Op::ReluBackward(_)
-        | Op::Elementwise(_) => elementwise::lower(&cx),
-        Op::ShortcutA(_)
-        | Op::ShortcutABackward(_)
-        | Op::GlobalAvgPoolBackward(_)
-        | Op::BatchMean(_) => elementwise::lower(&cx),
-        Op::MaxPool(_) | Op::MaxPoolBackward(_) | Op::GlobalAvgPool(_) => pool::lower(&cx),
-        Op::ChannelSum(_) | Op::ChannelSumPerExample(_) | Op::ChannelSumSq(_) => reduce::lower(&cx),
-        Op::BatchNorm(_)
-        | Op::BnApply(_)
-        | Op::BnRelu(_)
-        | Op::BnRunningUpdate(_)
-        | Op::BnBackwardReduce(_)
-        | Op::BnBackwardReduceSq(_)
-        | Op::BnBackwardData(_)
-        | Op::BnParamGradsPerExample(_)
-        | Op::BnParamGradsSq(_)
-        | Op::ReluBackwardBnReduce(_) => norm::lower(&cx),
-        Op::Conv2d(_)
-        | Op::FusedConv(_)
-        | Op::ConvDgrad(_)
-        | Op::FusedDgrad(_)
-        | Op::ConvWgrad(_)
-        | Op::ConvWgradPerExample(_)
-        | Op::FusedWgrad(_) => conv::lower(&cx),
-        Op::Linear(_)
-        | Op::LinearDgrad(_)
-        | Op::LinearWgrad(_)
-        | Op::LinearWgradPerExample(_)
-        | Op::LinearWgradSq(_) => linear::lower(&cx),
-        Op::SoftmaxCrossEntropy(_)
-        | Op::SoftmaxCrossEntropyBackward(_)
-        | Op::FullFisherSample(_) => loss::lower(&cx),
-        Op::NoisySgdUpdate(_) => update::lower(&cx),
+    Ok(match family(op) {
+        Family::Input => Lowered::Input,
+        Family::Constant => match op {
+            Op::Constant(c) => Lowered::Constant(c.value.0 as f32),
+            _ => unreachable!("only constants are constants"),
+        },
+        Family::Alias => Lowered::Alias,
+        Family::Elementwise => elementwise::lower(&cx),
+        Family::Pool => pool::lower(&cx),
+        Family::Reduce => reduce::lower(&cx),
+        Family::Norm => norm::lower(&cx),
+        Family::Conv => conv::lower(&cx),
+        Family::Linear => linear::lower(&cx),
+        Family::Loss => loss::lower(&cx),
+        Family::Update => update::lower(&cx),
     })
 }
