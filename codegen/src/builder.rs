@@ -980,7 +980,7 @@ mod tests {
         let mut k = KernelBuilder::new("divide_test", 128, wide);
         let out = k.ptr_param("out");
         let t = k.global_thread();
-        // spread over the whole range: t·φ (mod 2^bits), and its complement
+        // spread over the whole range: t·φ (mod 2^bits)
         let n = k.idx_mul_const(
             t,
             0x9e37_79b9_7f4a_7c15 & if wide { u64::MAX } else { 0xffff_ffff },

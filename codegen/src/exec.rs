@@ -9,8 +9,8 @@
 //! race-checked instead: a thread touching a word that another thread wrote (or, for a write,
 //! read) since the last barrier is an error, as it would be a race on the GPU. `cp.async`
 //! copies land only at the `wait_group` that covers them: touching their words before, or
-//! ending a block with copies in flight, is an error too. Every memory access is bounds- and alignment-checked. Floating-point instructions
-//! are IEEE-754 correctly rounded, as the PTX `.rn` forms are (the `approx` ones are computed
+//! ending a block with copies in flight, is an error too. Every memory access is bounds- and
+//! alignment-checked. Floating-point instructions are IEEE-754 correctly rounded, as the PTX `.rn` forms are (the `approx` ones are computed
 //! exactly, which the hardware's are not, within their documented error).
 
 use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
@@ -515,9 +515,9 @@ impl Block<'_> {
             }
             Inst::CpAsyncWait { pending } => {
                 for &t in active {
-                    while self.copies[t as usize].committed.len() > *pending as usize {
-                        let group = self.copies[t as usize].committed.pop_front();
-                        for (at, value) in group.unwrap_or_default() {
+                    let committed = &mut self.copies[t as usize].committed;
+                    while committed.len() > *pending as usize {
+                        for (at, value) in committed.pop_front().unwrap_or_default() {
                             shared_store(&mut self.shared, at, 4, value)?;
                             self.races.land(t, at)?;
                         }

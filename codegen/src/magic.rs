@@ -92,17 +92,21 @@ mod tests {
         n
     }
 
+    fn assert_exact(divisors: impl Iterator<Item = u64>, bits: u32) {
+        for d in divisors {
+            let recipe = Divide::by(d, bits);
+            for n in numerators(d, bits) {
+                assert_eq!(recipe.apply(n, bits), n / d, "{n} / {d} by {recipe:?}");
+            }
+        }
+    }
+
     #[test]
     fn quotients_are_exact_for_32_bits() {
         let divisors = (1..=3000u64)
             .chain([7919, 65_535, 65_537, 1 << 20, 3 << 20, 1_000_003])
             .chain([u32::MAX as u64 - 1, u32::MAX as u64, (1 << 31) + 1]);
-        for d in divisors {
-            let recipe = Divide::by(d, 32);
-            for n in numerators(d, 32) {
-                assert_eq!(recipe.apply(n, 32), n / d, "{n} / {d} by {recipe:?}");
-            }
-        }
+        assert_exact(divisors, 32);
     }
 
     #[test]
@@ -110,12 +114,7 @@ mod tests {
         let divisors = (1..=600u64)
             .chain([7919, 1 << 40, 3 << 40, 1_000_000_007])
             .chain([u64::MAX - 1, u64::MAX, (1 << 63) + 1]);
-        for d in divisors {
-            let recipe = Divide::by(d, 64);
-            for n in numerators(d, 64) {
-                assert_eq!(recipe.apply(n, 64), n / d, "{n} / {d} by {recipe:?}");
-            }
-        }
+        assert_exact(divisors, 64);
     }
 
     #[test]

@@ -429,7 +429,6 @@ impl Operand for Spread<'_> {
 }
 
 /// Per-channel BN-apply + ReLU of a prologue: `relu((x − mean)·scale + β)` as the reference.
-#[derive(Clone, Copy)]
 struct Prologue {
     mean: F32,
     scale: F32,

@@ -389,17 +389,26 @@ pub fn tiled_gemm<A: Operand, B: Operand>(
     let b_side = Side::new(k, tiling.bn, place.n0, shape.n, layout.b_k_fastest);
     let a_lines = a_side.hoisted_lines(k, a);
     let b_lines = b_side.hoisted_lines(k, b);
+    // slice k0's loads and copies (its copies one group, into half `half`)
+    let issue = |k: &mut KernelBuilder, k0: U32, half: U32| {
+        let fetched = (
+            a_side.fetch(k, a, &a_lines, k0, shape.k, half),
+            b_side.fetch(k, b, &b_lines, k0, shape.k, half),
+        );
+        if fetched.0.copies || fetched.1.copies {
+            k.commit_copies();
+        }
+        fetched
+    };
+    let store =
+        |k: &mut KernelBuilder, fetched: &(Fetched<A::Fetched>, Fetched<B::Fetched>), half| {
+            a_side.store(k, a, &fetched.0, half);
+            b_side.store(k, b, &fetched.1, half);
+        };
     let zero = k.u32(0);
-    let fetched = (
-        a_side.fetch(k, a, &a_lines, zero, shape.k, zero),
-        b_side.fetch(k, b, &b_lines, zero, shape.k, zero),
-    );
+    let fetched = issue(k, zero, zero);
     let copies = fetched.0.copies || fetched.1.copies;
-    if copies {
-        k.commit_copies();
-    }
-    a_side.store(k, a, &fetched.0, zero);
-    b_side.store(k, b, &fetched.1, zero);
+    store(k, &fetched, zero);
     k.for_u32(0u32, shape.k.div_ceil(BK), 1, |k, step| {
         if copies {
             k.wait_copies(0);
@@ -409,13 +418,7 @@ pub fn tiled_gemm<A: Operand, B: Operand>(
         let other = k.ubin(BinOp::Xor, this, 1u32);
         // the last step fetches a clamped, unused slice: no branch around the loads
         let k0 = k.mad_u(step, BK, BK);
-        let fetched = (
-            a_side.fetch(k, a, &a_lines, k0, shape.k, other),
-            b_side.fetch(k, b, &b_lines, k0, shape.k, other),
-        );
-        if copies {
-            k.commit_copies();
-        }
+        let fetched = issue(k, k0, other);
         let slices = (a_side.slice(k, this), b_side.slice(k, this));
         match place.mapping {
             Mapping::Simt { ty, tx } => fma_slice(k, slices, (ty, tx), acc),
@@ -428,8 +431,7 @@ pub fn tiled_gemm<A: Operand, B: Operand>(
                 split,
             } => mma_slice(k, slices, (wm0, wn0, g, t), (tiles, split), acc),
         }
-        a_side.store(k, a, &fetched.0, other);
-        b_side.store(k, b, &fetched.1, other);
+        store(k, &fetched, other);
     });
     if copies {
         k.wait_copies(0);
@@ -484,6 +486,7 @@ fn fma_slice(k: &mut KernelBuilder, (a, b): (Slice, Slice), (ty, tx): (U32, U32)
         }
     }
 }
+
 /// An operand split for 3xTF32: its TF32 truncation and the rest rounded to TF32. (Both by
 /// integer operations: ptxas expands `cvt.rna.tf32.f32` to four instructions, which in the
 /// main loop cost more issue slots than the mma.) The rest is below 2⁻¹⁰ of the operand and
@@ -713,6 +716,7 @@ impl Side {
             loaded: Vec::new(),
             copies: false,
         };
+        let slice = self.slice(k, half);
         for (round, &(l, s)) in self.rounds.iter().enumerate() {
             let (line, inside) = lines[l];
             let (d, in_depth) = depths[s];
@@ -721,7 +725,6 @@ impl Side {
                 Fetch::Loaded(f) => fetched.loaded.push((round, f)),
                 Fetch::Copy { src, index, exists } => {
                     self.for_existing(k, |k| {
-                        let slice = self.slice(k, half);
                         let at = self.element(k, slice, (l, s));
                         k.copy_async(slice.array, at, src, index, exists);
                     });
