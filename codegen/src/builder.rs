@@ -616,6 +616,14 @@ impl KernelBuilder {
         addr
     }
 
+    /// The address of f32 element `index` of a global array.
+    pub fn element_ptr(&mut self, base: U64, index: impl Into<AnyIdx>) -> GlobalF32 {
+        GlobalF32 {
+            ptr: U64(self.address(base, index.into().0, 4)),
+            plus: 0,
+        }
+    }
+
     /// f32 element `index` of a global array.
     pub fn load(&mut self, base: U64, index: impl Into<AnyIdx>) -> F32 {
         let addr = self.address(base, index.into().0, 4);
@@ -624,6 +632,17 @@ impl KernelBuilder {
             dst,
             addr,
             offset: 0,
+        }))
+    }
+
+    /// The f32 at `at` (see [`Self::element_ptr`]).
+    pub fn load_from(&mut self, at: GlobalF32) -> F32 {
+        let offset = at.offset_bytes() as i32;
+        F32(self.def(Ty::F32, |dst| Inst::Ld {
+            space: Space::Global,
+            dst,
+            addr: at.ptr.0,
+            offset,
         }))
     }
 
@@ -762,11 +781,22 @@ impl KernelBuilder {
     }
 
     pub fn store_shared(&mut self, array: SharedF32, index: impl Into<UOp>, v: impl Into<FOp>) {
+        self.store_shared_plus(array, index, 0, v);
+    }
+
+    /// Stores `v` at `array[index + plus]`, `plus` a constant the instruction carries.
+    pub fn store_shared_plus(
+        &mut self,
+        array: SharedF32,
+        index: impl Into<UOp>,
+        plus: u32,
+        v: impl Into<FOp>,
+    ) {
         let addr = self.shared_address(array, index);
         self.emit(Inst::St {
             space: Space::Shared,
             addr,
-            offset: 0,
+            offset: 4 * plus as i32,
             src: v.into().0,
         });
     }
@@ -781,12 +811,27 @@ impl KernelBuilder {
         index: impl Into<AnyIdx>,
         present: Pred,
     ) {
-        let src = self.address(src, index.into().0, 4);
+        let src = self.element_ptr(src, index);
+        self.copy_async_from(array, at, 0, src, present);
+    }
+
+    /// [`Self::copy_async`] from `src` (see [`Self::element_ptr`]) to `array[at + plus]`,
+    /// `plus` a constant the instruction carries.
+    pub fn copy_async_from(
+        &mut self,
+        array: SharedF32,
+        at: impl Into<UOp>,
+        plus: u32,
+        src: GlobalF32,
+        present: Pred,
+    ) {
         let dst = self.shared_address(array, at);
         let size = self.select_u(present, 4u32, 0u32);
         self.emit(Inst::CpAsync {
             dst,
-            src,
+            dst_offset: 4 * plus,
+            src: src.ptr.0,
+            src_offset: src.offset_bytes(),
             size: size.0,
         });
     }
@@ -947,6 +992,29 @@ impl KernelBuilder {
 /// An index operand of either width (u32 registers, immediates or `Idx`).
 #[derive(Clone, Copy, Debug)]
 pub struct AnyIdx(Operand);
+
+/// The address of an f32 in global memory: a register plus a constant number of elements,
+/// which the instruction that reads it carries as an immediate offset (an addition of a
+/// constant computed apart is not folded into `cp.async` by ptxas).
+#[derive(Clone, Copy)]
+pub struct GlobalF32 {
+    ptr: U64,
+    plus: u32,
+}
+
+impl GlobalF32 {
+    /// The f32 `elements` further on.
+    pub fn plus(self, elements: u32) -> GlobalF32 {
+        GlobalF32 {
+            ptr: self.ptr,
+            plus: self.plus + elements,
+        }
+    }
+
+    fn offset_bytes(self) -> u32 {
+        4 * self.plus
+    }
+}
 impl From<Idx> for AnyIdx {
     fn from(i: Idx) -> AnyIdx {
         AnyIdx(i.into())

@@ -493,9 +493,16 @@ impl Block<'_> {
                 }
                 self.races.barrier();
             }
-            Inst::CpAsync { dst, src, size } => {
+            Inst::CpAsync {
+                dst,
+                dst_offset,
+                src,
+                src_offset,
+                size,
+            } => {
                 for &t in active {
-                    let (at, from) = (self.get(*dst, t), self.get(*src, t));
+                    let at = self.get(*dst, t).wrapping_add(*dst_offset as u64);
+                    let from = self.get(*src, t).wrapping_add(*src_offset as u64);
                     let value = match self.get(*size, t) {
                         0 => 0,
                         4 => memory.load(from, 4)?,

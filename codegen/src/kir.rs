@@ -226,13 +226,16 @@ pub enum Inst {
     },
     /// `bar.sync 0`: every thread of the block waits here.
     Bar,
-    /// `cp.async.ca.shared.global [dst], [src], 4, size`: copies the 4 bytes at global `src`
-    /// to shared `dst` (a shared-window address) without going through registers, the bytes
+    /// `cp.async.ca.shared.global [dst+dst_offset], [src+src_offset], 4, size`: copies the 4
+    /// bytes at global `src + src_offset` to shared `dst + dst_offset` (a shared-window
+    /// address; the offsets in bytes) without going through registers, the bytes
     /// past `size` (0 or 4) zero. The copy joins the thread's open group; it has landed only
     /// after a [`Inst::CpAsyncWait`] that covers the group.
     CpAsync {
         dst: Reg,
+        dst_offset: u32,
         src: Reg,
+        src_offset: u32,
         size: Reg,
     },
     /// `cp.async.commit_group`: closes the thread's open group of copies.

@@ -324,8 +324,14 @@ fn instruction(inst: &Inst, kernel: &Kernel) -> String {
             )
         }
         Inst::Bar => "bar.sync 0;".to_string(),
-        Inst::CpAsync { dst, src, size } => format!(
-            "cp.async.ca.shared.global [{}], [{}], 4, {};",
+        Inst::CpAsync {
+            dst,
+            dst_offset,
+            src,
+            src_offset,
+            size,
+        } => format!(
+            "cp.async.ca.shared.global [{}+{dst_offset}], [{}+{src_offset}], 4, {};",
             reg(*dst),
             reg(*src),
             reg(*size)

@@ -15,8 +15,8 @@ use super::common::{
     grid_for, input, inv_std, launch, map, normalised, output, scratch, sum_rows,
 };
 use super::gemm::{
-    self, Coordinates, Fetch, GemmShape, Layout, Operand, Products, TilePlace, Tiling, column_sums,
-    store_column_sums, tiled_gemm,
+    self, Coordinates, Fetch, GemmShape, Layout, Operand, Products, SliceK, TilePlace, Tiling,
+    column_sums, store_column_sums, tiled_gemm,
 };
 use crate::builder::{F32, Idx, KernelBuilder, Pred, U32, U64};
 use crate::kir::{BinOp, Cmp};
@@ -81,18 +81,69 @@ impl Geometry {
         self.kh * self.kw
     }
 
-    /// (channel, kernel row, kernel column) of a weight column `channel·kh·kw + ki·kw + kj`.
-    fn split_column(&self, k: &mut KernelBuilder, column: U32) -> (U32, U32, U32) {
-        let area = self.kernel_area();
-        let (channel, tap) = (
-            k.ubin(BinOp::Div, column, area),
-            k.ubin(BinOp::Rem, column, area),
-        );
-        let (ki, kj) = (
+    /// (kernel row, kernel column) of a tap `ki·kw + kj`.
+    fn tap_position(&self, k: &mut KernelBuilder, tap: U32) -> (U32, U32) {
+        (
             k.ubin(BinOp::Div, tap, self.kw),
             k.ubin(BinOp::Rem, tap, self.kw),
-        );
-        (channel, ki, kj)
+        )
+    }
+}
+
+/// The order in which a GEMM's K runs over a convolution's (channel, tap) pairs, the channel
+/// being the input's (forward) or the output's (data gradient): channel-major,
+/// `channel·area + tap` (the weights' own order), or tap-major, `tap·channels + channel`,
+/// where the channels fill whole K slices. Then every slice lies within one tap, so where the
+/// tap puts a line's window, whether that pixel exists and its offset are made once per slice
+/// and line, and an element only adds its channel's offset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Order {
+    ChannelMajor,
+    TapMajor,
+}
+
+impl Order {
+    fn for_channels(channels: u32) -> Order {
+        if channels.is_multiple_of(gemm::BK) {
+            Order::TapMajor
+        } else {
+            Order::ChannelMajor
+        }
+    }
+
+    /// The column of K at `kk`, of `channels × area` in all.
+    fn split(self, k: &mut KernelBuilder, kk: SliceK, channels: u32, area: u32) -> Column {
+        match self {
+            Order::ChannelMajor => Column {
+                lane: k.ubin(BinOp::Div, kk.index, area),
+                round: 0,
+                tap: k.ubin(BinOp::Rem, kk.index, area),
+            },
+            // the slice's start gives the tap; its channels are consecutive
+            Order::TapMajor => {
+                let first = k.ubin(BinOp::Rem, kk.start, channels);
+                Column {
+                    lane: k.add_u(first, kk.lane),
+                    round: kk.round,
+                    tap: k.ubin(BinOp::Div, kk.start, channels),
+                }
+            }
+        }
+    }
+}
+
+/// A column of a convolution's K: channel `lane + round` (a register and a constant, see
+/// `SliceK`) and the tap.
+#[derive(Clone, Copy)]
+struct Column {
+    lane: U32,
+    round: u32,
+    tap: U32,
+}
+
+impl Column {
+    fn channel(&self, k: &mut KernelBuilder) -> U32 {
+        k.add_u(self.lane, self.round)
     }
 }
 
@@ -129,7 +180,7 @@ struct Dense<L, D> {
 impl<L, D> Operand for Dense<L, D>
 where
     L: Fn(&mut KernelBuilder, U32) -> Idx,
-    D: Fn(&mut KernelBuilder, U32) -> U32,
+    D: Fn(&mut KernelBuilder, SliceK) -> U32,
 {
     type Line = Idx;
     type Depth = U32;
@@ -139,7 +190,7 @@ where
         (self.line)(k, index)
     }
 
-    fn depth(&self, k: &mut KernelBuilder, kk: U32) -> U32 {
+    fn depth(&self, k: &mut KernelBuilder, kk: SliceK) -> U32 {
         (self.depth)(k, kk)
     }
 
@@ -151,9 +202,9 @@ where
         inside: Pred,
     ) -> Fetch<Infallible> {
         let depth = k.idx(depth);
+        let at = k.idx_add(line, depth);
         Fetch::Copy {
-            src: self.src,
-            index: k.idx_add(line, depth),
+            src: k.element_ptr(self.src, at),
             exists: inside,
         }
     }
@@ -179,6 +230,7 @@ struct Im2col<'a> {
     x: U64,
     example: Idx,
     prologue: Option<PrologueSource>,
+    order: Order,
 }
 
 /// An output position's window: its top-left input pixel (which may lie in the padding:
@@ -190,14 +242,16 @@ struct Window {
     offset: U32,
 }
 
-/// A weight column (c, ki, kj): the channel, the kernel tap, and its offset
-/// `c·h·w + ki·w + kj`.
+/// A weight column (c, ki, kj): the channel, the kernel tap, the tap's offset `ki·w + kj`
+/// and the channel's `c·h·w` as a register and a constant (`Column`).
 #[derive(Clone, Copy)]
 struct Tap {
     c: U32,
     ki: U32,
     kj: U32,
-    offset: U32,
+    spatial: U32,
+    channel_offset: U32,
+    channel_round: u32,
 }
 
 /// A loaded pixel (of an input with a prologue; without, pixels are copied): its value and
@@ -224,6 +278,7 @@ impl<'a> Im2col<'a> {
             x,
             example,
             prologue,
+            order: Order::for_channels(g.c),
         }
     }
 
@@ -239,12 +294,34 @@ impl<'a> Im2col<'a> {
         Window { y0, x0, offset }
     }
 
-    fn tap(&self, k: &mut KernelBuilder, column: U32) -> Tap {
+    /// Column `kk` of the im2col matrix, in the K order of the forward convolution.
+    fn depth_tap(&self, k: &mut KernelBuilder, kk: SliceK) -> Tap {
+        let column = self.order.split(k, kk, self.g.c, self.g.kernel_area());
+        self.tap(k, column)
+    }
+
+    /// Weight column `column` (channel-major: the weight gradient's columns).
+    fn column_tap(&self, k: &mut KernelBuilder, column: U32) -> Tap {
+        let area = self.g.kernel_area();
+        let column = Column {
+            lane: k.ubin(BinOp::Div, column, area),
+            round: 0,
+            tap: k.ubin(BinOp::Rem, column, area),
+        };
+        self.tap(k, column)
+    }
+
+    fn tap(&self, k: &mut KernelBuilder, column: Column) -> Tap {
         let g = self.g;
-        let (c, ki, kj) = g.split_column(k, column);
-        let offset = k.mad_u(ki, g.w, kj);
-        let offset = k.mad_u(c, g.h * g.w, offset);
-        Tap { c, ki, kj, offset }
+        let (ki, kj) = g.tap_position(k, column.tap);
+        Tap {
+            c: column.channel(k),
+            ki,
+            kj,
+            spatial: k.mad_u(ki, g.w, kj),
+            channel_offset: k.mul_u(column.lane, g.h * g.w),
+            channel_round: column.round * g.h * g.w,
+        }
     }
 
     fn fetch(&self, k: &mut KernelBuilder, window: Window, tap: Tap, inside: Pred) -> Fetch<Pixel> {
@@ -254,20 +331,20 @@ impl<'a> Im2col<'a> {
         let row_ok = k.cmp_u(Cmp::Lt, iy, g.h);
         let col_ok = k.cmp_u(Cmp::Lt, ix, g.w);
         let exists = k.and(row_ok, col_ok);
-        let at = k.add_u(window.offset, tap.offset);
-        let at = k.select_u(exists, at, 0u32);
+        // the pixel's place in its channel, the same for every channel of a tap-major slice;
+        // clamped where it does not exist
+        let pixel = k.add_u(window.offset, tap.spatial);
+        let pixel = k.select_u(exists, pixel, 0u32);
+        let at = k.add_u(pixel, tap.channel_offset);
         let at = k.idx(at);
-        let index = k.idx_add(self.example, at);
+        let at = k.idx_add(self.example, at);
+        let src = k.element_ptr(self.x, at).plus(tap.channel_round);
         let exists = k.and(exists, inside);
         if self.prologue.is_none() {
-            return Fetch::Copy {
-                src: self.x,
-                index,
-                exists,
-            };
+            return Fetch::Copy { src, exists };
         }
         Fetch::Loaded(Pixel {
-            value: k.load(self.x, index),
+            value: k.load_from(src),
             channel: k.select_u(exists, tap.c, g.c),
         })
     }
@@ -277,10 +354,9 @@ impl<'a> Im2col<'a> {
             .prologue
             .as_ref()
             .expect("only pixels with a prologue are loaded");
-        let exists = k.cmp_u(Cmp::Lt, pixel.channel, self.g.c);
-        let c = k.ubin(BinOp::Min, pixel.channel, self.g.c - 1);
-        let v = Prologue::load(k, source, c).apply(k, pixel.value);
-        k.select(exists, v, 0.0f32)
+        // channel C's pair is (0, 0): padding comes out relu(x·0 + 0) = 0, x being a real
+        // (clamped) pixel; were it infinite or NaN, so would the BN statistics be
+        Prologue::load(k, source, pixel.channel).apply(k, pixel.value)
     }
 }
 
@@ -296,8 +372,8 @@ impl Operand for Positions<'_> {
         self.0.window(k, p)
     }
 
-    fn depth(&self, k: &mut KernelBuilder, column: U32) -> Tap {
-        self.0.tap(k, column)
+    fn depth(&self, k: &mut KernelBuilder, kk: SliceK) -> Tap {
+        self.0.depth_tap(k, kk)
     }
 
     fn fetch(&self, k: &mut KernelBuilder, window: Window, tap: Tap, inside: Pred) -> Fetch<Pixel> {
@@ -319,11 +395,11 @@ impl Operand for Taps<'_> {
     type Fetched = Pixel;
 
     fn line(&self, k: &mut KernelBuilder, column: U32) -> Tap {
-        self.0.tap(k, column)
+        self.0.column_tap(k, column)
     }
 
-    fn depth(&self, k: &mut KernelBuilder, p: U32) -> Window {
-        self.0.window(k, p)
+    fn depth(&self, k: &mut KernelBuilder, p: SliceK) -> Window {
+        self.0.window(k, p.index)
     }
 
     fn fetch(&self, k: &mut KernelBuilder, tap: Tap, window: Window, inside: Pred) -> Fetch<Pixel> {
@@ -343,6 +419,7 @@ struct Spread<'a> {
     g: &'a Geometry,
     dy: U64,
     example: Idx,
+    order: Order,
 }
 
 /// An input position shifted by the padding: `(iy + pad, ix + pad)`.
@@ -352,12 +429,14 @@ struct Lead {
     x: U32,
 }
 
-/// A column (o, ki, kj) of the data gradient's K: the tap and output channel o's offset.
+/// A column (o, ki, kj) of the data gradient's K: the tap and output channel o's offset, as
+/// a register and a constant (`Column`).
 #[derive(Clone, Copy)]
 struct OutputTap {
     ki: U32,
     kj: U32,
     offset: U32,
+    round: u32,
 }
 
 impl Spread<'_> {
@@ -391,13 +470,15 @@ impl Operand for Spread<'_> {
         }
     }
 
-    fn depth(&self, k: &mut KernelBuilder, column: U32) -> OutputTap {
+    fn depth(&self, k: &mut KernelBuilder, kk: SliceK) -> OutputTap {
         let g = self.g;
-        let (o, ki, kj) = g.split_column(k, column);
+        let column = self.order.split(k, kk, g.o, g.kernel_area());
+        let (ki, kj) = g.tap_position(k, column.tap);
         OutputTap {
             ki,
             kj,
-            offset: k.mul_u(o, g.ho * g.wo),
+            offset: k.mul_u(column.lane, g.ho * g.wo),
+            round: column.round * g.ho * g.wo,
         }
     }
 
@@ -412,13 +493,14 @@ impl Operand for Spread<'_> {
         let (oy, row_ok) = self.coordinate(k, lead.y, tap.ki, g.ho);
         let (ox, col_ok) = self.coordinate(k, lead.x, tap.kj, g.wo);
         let exists = k.and(row_ok, col_ok);
-        let at = k.mad_u(oy, g.wo, ox);
-        let at = k.add_u(at, tap.offset);
-        let at = k.select_u(exists, at, 0u32);
+        // as with Im2col: the same position for every output channel of a tap-major slice
+        let position = k.mad_u(oy, g.wo, ox);
+        let position = k.select_u(exists, position, 0u32);
+        let at = k.add_u(position, tap.offset);
         let at = k.idx(at);
+        let at = k.idx_add(self.example, at);
         Fetch::Copy {
-            src: self.dy,
-            index: k.idx_add(self.example, at),
+            src: k.element_ptr(self.dy, at).plus(tap.round),
             exists: k.and(exists, inside),
         }
     }
@@ -429,33 +511,34 @@ impl Operand for Spread<'_> {
 }
 
 /// Per-channel BN-apply + ReLU of a prologue: `relu((x − mean)·scale + β)` as the reference.
+/// as `relu(x·scale + shift)`, `scale = γ·invstd` and `shift = β − mean·scale` (one fused
+/// multiply-add where the reference takes three operations: within the GEMM's bounds, and
+/// the same in every convolution that recomputes the activation).
 struct Prologue {
-    mean: F32,
     scale: F32,
-    beta: F32,
+    shift: F32,
 }
 
-/// Where a gather finds its prologue: the BN statistics, and the per-channel scale γ·invstd
-/// that `with_prologue_scale`'s first kernel computes once (not at every gathered element).
+/// Where a gather finds its prologue: the per-channel (scale, shift) pairs that
+/// `with_prologue_scale`'s first kernel computes once (not at every gathered element), and
+/// (0, 0) for channel C, where the gather puts padding.
 #[derive(Clone, Copy)]
 struct PrologueSource {
-    params: BnParams,
-    scale: U64,
+    pairs: U64,
 }
 
 impl Prologue {
     fn load(k: &mut KernelBuilder, source: &PrologueSource, c: U32) -> Prologue {
+        let first = k.mul_u(c, 2u32);
+        let at = k.element_ptr(source.pairs, first);
         Prologue {
-            mean: k.load(source.params.mean, c),
-            scale: k.load(source.scale, c),
-            beta: k.load(source.params.beta, c),
+            scale: k.load_from(at),
+            shift: k.load_from(at.plus(1)),
         }
     }
 
     fn apply(&self, k: &mut KernelBuilder, x: F32) -> F32 {
-        let centred = k.sub(x, self.mean);
-        let scaled = k.mul(centred, self.scale);
-        let z = k.add(scaled, self.beta);
+        let z = k.fma(x, self.scale, self.shift);
         k.max(z, 0.0f32)
     }
 }
@@ -465,22 +548,21 @@ fn prologue_params(k: &mut KernelBuilder, prologue: Option<FloatAttr>) -> Option
     prologue.map(|eps| BnParams::declare(k, eps.0 as f32))
 }
 
-/// The prologue's scale parameter, which must be the kernel's last (see
-/// `with_prologue_scale`).
+/// The prologue's pairs parameter, which must be the kernel's last (see
+/// `with_prologue_scale`); the statistics' own parameters stay declared before it.
 fn prologue_source(k: &mut KernelBuilder, params: Option<BnParams>) -> Option<PrologueSource> {
-    params.map(|params| PrologueSource {
-        params,
-        scale: k.ptr_param("prologue_scale"),
+    params.map(|_| PrologueSource {
+        pairs: k.ptr_param("prologue_pairs"),
     })
 }
 
-/// Inputs 2 and 3 of a convolution with a prologue: the BN variance and γ.
-const PROLOGUE_VAR: usize = 2;
-const PROLOGUE_GAMMA: usize = 3;
+/// Inputs 1 to 4 of a convolution with a prologue: the BN mean, variance, γ and β.
+const PROLOGUE_STATISTICS: std::ops::RangeInclusive<usize> = 1..=4;
 
-/// Adds the prologue's scale to a lowering whose first launch is the main kernel (with
-/// `prologue_scale` as its last parameter): a first kernel computes γ·(var + ε)^(−½) per
-/// channel, exactly as `bn_apply` does, into a new scratch buffer.
+/// Adds the prologue's pairs to a lowering whose first launch is the main kernel (with
+/// `prologue_pairs` as its last parameter): a first kernel computes, per channel, `scale =
+/// γ·(var + ε)^(−½)` (as `bn_apply` does) and `shift = β − mean·scale`, into a new scratch
+/// buffer of `channels + 1` pairs, the last (0, 0).
 fn with_prologue_scale(cx: &Cx, lowered: Lowered, eps: FloatAttr, channels: u64) -> Lowered {
     let Lowered::Kernels {
         mut launches,
@@ -490,23 +572,32 @@ fn with_prologue_scale(cx: &Cx, lowered: Lowered, eps: FloatAttr, channels: u64)
         unreachable!("a convolution lowers to kernels")
     };
     let buffer = scratch(buffers.len());
-    buffers.push(4 * channels);
+    buffers.push(4 * 2 * (channels + 1));
     launches[0].args.push(buffer);
     let mut k = cx.builder("prologue_scale");
-    let (var, gamma, out) = (
-        k.ptr_param("var"),
-        k.ptr_param("gamma"),
-        k.ptr_param("scale"),
-    );
-    map(&mut k, channels, |k, c| {
+    let params = BnParams::declare(&mut k, eps.0 as f32);
+    let out = k.ptr_param("pairs");
+    map(&mut k, channels + 1, |k, c| {
         let c = k.idx_to_u32(c);
-        let inv = inv_std(k, var, c, eps.0 as f32);
-        let g = k.load(gamma, c);
+        let real = k.cmp_u(Cmp::Lt, c, channels as u32);
+        let safe = k.ubin(BinOp::Min, c, channels as u32 - 1);
+        let inv = inv_std(k, params.var, safe, params.eps);
+        let g = k.load(params.gamma, safe);
         let scale = k.mul(g, inv);
-        k.store(out, c, scale);
+        let mean = k.load(params.mean, safe);
+        let beta = k.load(params.beta, safe);
+        let minus_mean = k.neg(mean);
+        let shift = k.fma(minus_mean, scale, beta);
+        let scale = k.select(real, scale, 0.0f32);
+        let shift = k.select(real, shift, 0.0f32);
+        let first = k.mul_u(c, 2u32);
+        k.store(out, first, scale);
+        let second = k.add_u(first, 1u32);
+        k.store(out, second, shift);
     });
-    let args = vec![input(PROLOGUE_VAR), input(PROLOGUE_GAMMA), buffer];
-    launches.insert(0, launch(k.finish(), grid_for(channels), args));
+    let mut args: Vec<_> = PROLOGUE_STATISTICS.map(input).collect();
+    args.push(buffer);
+    launches.insert(0, launch(k.finish(), grid_for(channels + 1), args));
     Lowered::Kernels {
         launches,
         scratch: buffers,
@@ -543,15 +634,23 @@ fn forward(cx: &Cx, conv: &Conv2d, prologue: Option<FloatAttr>, stats: bool) -> 
     let partials = stats.then(|| k.ptr_param("partials"));
     let bn = prologue_source(&mut k, bn);
     let operands = |k: &mut KernelBuilder, n: U32| {
+        let im2col = Im2col::new(k, &g, x, bn, n);
+        let order = im2col.order;
+        // w[o][c][tap]: line o, column (c, tap) in the im2col's order
         let weights = Dense {
             src: w,
             line: |k: &mut KernelBuilder, o: U32| {
                 let row = k.mul_u(o, shape.k);
                 k.idx(row)
             },
-            depth: |_: &mut KernelBuilder, kk: U32| kk,
+            depth: move |k: &mut KernelBuilder, kk: SliceK| {
+                let area = g.kernel_area();
+                let column = order.split(k, kk, g.c, area);
+                let c = column.channel(k);
+                k.mad_u(c, area, column.tap)
+            },
         };
-        (Positions(Im2col::new(k, &g, x, bn, n)), weights)
+        (Positions(im2col), weights)
     };
     let (place, n, tile, coords) = product_per_example(&mut k, cx, shape, tiling, operands);
 
@@ -656,19 +755,27 @@ fn dgrad(cx: &Cx, d: &ConvDgrad, epilogue: Option<(FloatAttr, Squares)>) -> Lowe
     let operands = |k: &mut KernelBuilder, n: U32| {
         let example = example_start(k, n, g.o * g.ho * g.wo);
         let area = g.kernel_area();
-        // w[o][c][tap]: line c, column (o, tap)
+        let order = Order::for_channels(g.o);
+        // w[o][c][tap]: line c, column (o, tap) in the spread's order
         let weights = Dense {
             src: w,
             line: move |k: &mut KernelBuilder, c: U32| {
                 let start = k.mul_u(c, area);
                 k.idx(start)
             },
-            depth: move |k: &mut KernelBuilder, kk: U32| {
-                let (o, tap) = (k.ubin(BinOp::Div, kk, area), k.ubin(BinOp::Rem, kk, area));
-                k.mad_u(o, g.c * area, tap)
+            depth: move |k: &mut KernelBuilder, kk: SliceK| {
+                let column = order.split(k, kk, g.o, area);
+                let o = column.channel(k);
+                k.mad_u(o, g.c * area, column.tap)
             },
         };
-        (Spread { g: &g, dy, example }, weights)
+        let spread = Spread {
+            g: &g,
+            dy,
+            example,
+            order,
+        };
+        (spread, weights)
     };
     let (place, n, tile, coords) = product_per_example(&mut k, cx, shape, tiling, operands);
 
@@ -820,7 +927,7 @@ fn wgrad(
                 let row = k.idx(row);
                 k.idx_add(example, row)
             },
-            depth: |_: &mut KernelBuilder, p: U32| p,
+            depth: |_: &mut KernelBuilder, p: SliceK| p.index,
         };
         let windows = Taps(Im2col::new(k, &g, x, bn, n));
         if !per_example && squares != Squares::PerExample {

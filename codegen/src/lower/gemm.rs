@@ -23,7 +23,7 @@
 
 use super::TensorCores;
 use super::common::{Cx, TileRows};
-use crate::builder::{F32, Idx, KernelBuilder, Pred, SharedF32, Tf32, U32, U64};
+use crate::builder::{F32, GlobalF32, KernelBuilder, Pred, SharedF32, Tf32, U32, U64};
 use crate::kir::{BinOp, Cmp};
 
 /// Threads per block.
@@ -324,7 +324,8 @@ impl Products {
 /// are in flight while the previous K slice multiplies:
 /// * [`Operand::line`]: what depends on the line alone (once per product, where a thread has
 ///   few lines);
-/// * [`Operand::depth`]: what depends on k alone (once per K slice);
+/// * [`Operand::depth`]: what depends on k alone (once per K slice; given as a [`SliceK`], so
+///   that what the whole slice shares can be made once);
 /// * [`Operand::fetch`]: the element's loads, with no branch, so that they stay in flight, or
 ///   where the element is a plain global value (or zero), its address, copied with `cp.async`;
 /// * [`Operand::finish`]: a loaded element's value (prologue, padding) once the loads are back.
@@ -340,7 +341,7 @@ pub trait Operand {
     /// only ever copied).
     type Fetched: Copy;
     fn line(&self, k: &mut KernelBuilder, index: U32) -> Self::Line;
-    fn depth(&self, k: &mut KernelBuilder, kk: U32) -> Self::Depth;
+    fn depth(&self, k: &mut KernelBuilder, kk: SliceK) -> Self::Depth;
     fn fetch(
         &self,
         k: &mut KernelBuilder,
@@ -351,13 +352,26 @@ pub trait Operand {
     fn finish(&self, k: &mut KernelBuilder, fetched: Self::Fetched) -> F32;
 }
 
+/// A k of the K slice being fetched: `start + lane + round`, `start` a multiple of [`BK`]
+/// (the same register for every element of the slice, so what depends on it alone is made
+/// once), `lane` the thread's first step and `round` a constant, `lane + round < BK`.
+/// `index` is that k clamped into `0..K` (a slice past the end repeats the last one); where K
+/// is a multiple of BK it is the sum itself.
+#[derive(Clone, Copy)]
+pub struct SliceK {
+    pub start: U32,
+    pub lane: U32,
+    pub round: u32,
+    pub index: U32,
+}
+
 /// How an element of an [`Operand`] reaches shared memory.
 pub enum Fetch<T> {
     /// Loaded into registers, finished after the slice's products and stored.
     Loaded(T),
-    /// A plain copy of element `index` of `src` (zero where `exists` is false), straight into
+    /// A plain copy of the element at `src` (zero where `exists` is false), straight into
     /// shared memory with `cp.async`: no registers held across the products, no store.
-    Copy { src: U64, index: Idx, exists: Pred },
+    Copy { src: GlobalF32, exists: Pred },
 }
 
 /// Lines a thread keeps in registers across the whole product; with more, they are made
@@ -592,9 +606,28 @@ fn mma_tiles(
     }
 }
 
+/// A thread's lines (or steps) of a slice: `lane + r·every` for rounds r in `0..count`, the
+/// same register plus a constant per round, so that what a round adds can be an immediate.
+#[derive(Clone, Copy)]
+struct Series {
+    lane: U32,
+    every: u32,
+    count: u32,
+}
+
+impl Series {
+    fn constant(&self, r: usize) -> u32 {
+        r as u32 * self.every
+    }
+
+    fn value(&self, k: &mut KernelBuilder, r: usize) -> U32 {
+        k.add_u(self.lane, self.constant(r))
+    }
+}
+
 /// One operand's side of the tile: `width` lines from `origin` (of `size` in all), staged
 /// through two `[BK][width + SLICE_PAD]` halves of shared memory. Element e = tid + r·THREADS
-/// of a `[BK][width]` slice (round r) is (`lines[l]`, `steps[s]`) for `(l, s) = rounds[r]`:
+/// of a `[BK][width]` slice (round r) is (`lines` l, `steps` s) for `(l, s) = rounds[r]`:
 /// with k fastest, a thread keeps one k and a line per round, otherwise one line and a k per
 /// round. `exists` is false for the threads beyond a slice smaller than the block.
 struct Side {
@@ -602,8 +635,8 @@ struct Side {
     width: u32,
     origin: U32,
     size: u32,
-    lines: Vec<U32>,
-    steps: Vec<U32>,
+    lines: Series,
+    steps: Series,
     rounds: Vec<(usize, usize)>,
     exists: Option<Pred>,
 }
@@ -613,26 +646,39 @@ impl Side {
         let elements = BK * width;
         let rounds = elements.div_ceil(THREADS);
         let tid = k.tid();
+        // the thread's first line and step; a whole block's width of lines leaves one step
+        // per round, the same in every thread (a constant, not a register)
+        let (lanes, across) = if k_fastest {
+            (BK, THREADS / BK)
+        } else {
+            (width, THREADS / width)
+        };
+        let lane = k.ubin(BinOp::Rem, tid, lanes);
+        let first = if lanes >= THREADS {
+            k.u32(0)
+        } else {
+            k.ubin(BinOp::Div, tid, lanes)
+        };
+        let one = |lane| Series {
+            lane,
+            every: 0,
+            count: 1,
+        };
+        let many = Series {
+            lane: first,
+            every: across,
+            count: rounds,
+        };
         let (lines, steps, rounds) = if k_fastest {
-            let step = k.ubin(BinOp::Rem, tid, BK);
-            let first = k.ubin(BinOp::Div, tid, BK);
-            let lines = (0..rounds)
-                .map(|r| k.add_u(first, r * (THREADS / BK)))
-                .collect();
             (
-                lines,
-                vec![step],
+                many,
+                one(lane),
                 (0..rounds as usize).map(|r| (r, 0)).collect(),
             )
         } else {
-            let line = k.ubin(BinOp::Rem, tid, width);
-            let first = k.ubin(BinOp::Div, tid, width);
-            let steps = (0..rounds)
-                .map(|r| k.add_u(first, r * (THREADS / width)))
-                .collect();
             (
-                vec![line],
-                steps,
+                one(lane),
+                many,
                 (0..rounds as usize).map(|r| (0, r)).collect(),
             )
         };
@@ -664,7 +710,8 @@ impl Side {
 
     /// Line `l`'s index, clamped into the matrix, and whether it lies inside.
     fn line_index(&self, k: &mut KernelBuilder, l: usize) -> (U32, Pred) {
-        let index = k.add_u(self.origin, self.lines[l]);
+        let line = self.lines.value(k, l);
+        let index = k.add_u(self.origin, line);
         let inside = k.cmp_u(Cmp::Lt, index, self.size);
         (k.ubin(BinOp::Min, index, self.size - 1), inside)
     }
@@ -675,11 +722,11 @@ impl Side {
         k: &mut KernelBuilder,
         operand: &O,
     ) -> Option<Vec<(O::Line, Pred)>> {
-        (self.lines.len() <= HOISTED_LINES).then(|| self.make_lines(k, operand))
+        (self.lines.count as usize <= HOISTED_LINES).then(|| self.make_lines(k, operand))
     }
 
     fn make_lines<O: Operand>(&self, k: &mut KernelBuilder, operand: &O) -> Vec<(O::Line, Pred)> {
-        (0..self.lines.len())
+        (0..self.lines.count as usize)
             .map(|l| {
                 let (index, inside) = self.line_index(k, l);
                 (operand.line(k, index), inside)
@@ -702,13 +749,26 @@ impl Side {
             Some(lines) => lines.clone(),
             None => self.make_lines(k, operand),
         };
-        let depths: Vec<(O::Depth, Pred)> = self
-            .steps
-            .iter()
-            .map(|&step| {
-                let kk = k.add_u(k0, step);
-                let in_depth = k.cmp_u(Cmp::Lt, kk, depth);
-                let kk = k.ubin(BinOp::Min, kk, depth - 1);
+        // the slice after the last (fetched but never used) repeats the last
+        let last = (depth.div_ceil(BK) - 1) * BK;
+        let start = k.ubin(BinOp::Min, k0, last);
+        let whole = depth.is_multiple_of(BK);
+        let depths: Vec<(O::Depth, Option<Pred>)> = (0..self.steps.count as usize)
+            .map(|s| {
+                let offset = self.steps.value(k, s);
+                let sum = k.add_u(start, offset);
+                let (index, in_depth) = if whole {
+                    (sum, None)
+                } else {
+                    let in_depth = k.cmp_u(Cmp::Lt, sum, depth);
+                    (k.ubin(BinOp::Min, sum, depth - 1), Some(in_depth))
+                };
+                let kk = SliceK {
+                    start,
+                    lane: self.steps.lane,
+                    round: self.steps.constant(s),
+                    index,
+                };
                 (operand.depth(k, kk), in_depth)
             })
             .collect();
@@ -720,13 +780,16 @@ impl Side {
         for (round, &(l, s)) in self.rounds.iter().enumerate() {
             let (line, inside) = lines[l];
             let (d, in_depth) = depths[s];
-            let inside = k.and(inside, in_depth);
+            let inside = match in_depth {
+                Some(in_depth) => k.and(inside, in_depth),
+                None => inside,
+            };
             match operand.fetch(k, line, d, inside) {
                 Fetch::Loaded(f) => fetched.loaded.push((round, f)),
-                Fetch::Copy { src, index, exists } => {
+                Fetch::Copy { src, exists } => {
                     self.for_existing(k, |k| {
-                        let at = self.element(k, slice, (l, s));
-                        k.copy_async(slice.array, at, src, index, exists);
+                        let (at, plus) = self.element(k, slice, (l, s));
+                        k.copy_async_from(slice.array, at, plus, src, exists);
                     });
                     fetched.copies = true;
                 }
@@ -735,10 +798,13 @@ impl Side {
         fetched
     }
 
-    /// Where element (`lines[l]`, `steps[s]`) sits in `slice`.
-    fn element(&self, k: &mut KernelBuilder, slice: Slice, (l, s): (usize, usize)) -> U32 {
-        let at = k.mad_u(self.steps[s], slice.stride, slice.base);
-        k.add_u(at, self.lines[l])
+    /// Where element (line l, step s) sits in `slice`: the thread's place in it plus the
+    /// round's constant.
+    fn element(&self, k: &mut KernelBuilder, slice: Slice, (l, s): (usize, usize)) -> (U32, u32) {
+        let at = k.mad_u(self.steps.lane, slice.stride, slice.base);
+        let at = k.add_u(at, self.lines.lane);
+        let plus = self.steps.constant(s) * slice.stride + self.lines.constant(l);
+        (at, plus)
     }
 
     /// Runs `body` in the threads that stage an element.
@@ -764,8 +830,8 @@ impl Side {
             let slice = self.slice(k, half);
             for &(round, f) in &fetched.loaded {
                 let v = operand.finish(k, f);
-                let at = self.element(k, slice, self.rounds[round]);
-                k.store_shared(slice.array, at, v);
+                let (at, plus) = self.element(k, slice, self.rounds[round]);
+                k.store_shared_plus(slice.array, at, plus, v);
             }
         });
     }
@@ -878,8 +944,8 @@ mod tests {
             k.mad_u(index, self.depth, self.start)
         }
 
-        fn depth(&self, _k: &mut KernelBuilder, kk: U32) -> U32 {
-            kk
+        fn depth(&self, _k: &mut KernelBuilder, kk: SliceK) -> U32 {
+            kk.index
         }
 
         fn fetch(
@@ -891,10 +957,8 @@ mod tests {
         ) -> Fetch<Self::Fetched> {
             let at = k.add_u(line, kk);
             if self.copied {
-                let index = k.idx(at);
                 return Fetch::Copy {
-                    src: self.src,
-                    index,
+                    src: k.element_ptr(self.src, at),
                     exists: inside,
                 };
             }
