@@ -391,17 +391,18 @@ const CONVS: [(usize, usize, usize, usize, usize, usize); 7] = [
 /// Wider ones for the GEMM tiles of forward (columns: channels out), data gradient (columns:
 /// channels in) and weight gradient (rows: channels out, columns: c·kh·kw): several tiles
 /// (70 = 64 + 6), the 32-wide tile (33), the 16-wide one with K = 17 (two full K slices and a
-/// ragged one). The last four have channel counts that fill K slices, so K runs tap-major
-/// (forward: channels in; data gradient: channels out), strided, 1×1 and 5×5 among them.
+/// ragged one). The last four have channel counts that fill 16-deep K slices, so K runs
+/// tap-major (forward: channels in, all four; data gradient: channels out, the first three),
+/// strided, 1×1 and 5×5 among them.
 const WIDE_CONVS: [(usize, usize, usize, usize, usize, usize); 8] = [
     (3, 1, 1, 9, 5, 70),
     (3, 2, 1, 10, 9, 33),
     (1, 1, 0, 20, 17, 12),
     (3, 1, 1, 6, 70, 3),
-    (3, 1, 1, 9, 16, 24),
-    (3, 2, 1, 10, 8, 16),
-    (1, 2, 0, 9, 24, 8),
-    (5, 1, 2, 6, 8, 5),
+    (3, 1, 1, 9, 16, 32),
+    (3, 2, 1, 10, 32, 16),
+    (1, 2, 0, 9, 16, 48),
+    (5, 1, 2, 6, 16, 5),
 ];
 
 /// A convolution's kernels on fp32 FMA and on TF32 tensor cores: 3xTF32 within the same

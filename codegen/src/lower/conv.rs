@@ -103,8 +103,8 @@ enum Order {
 }
 
 impl Order {
-    fn for_channels(channels: u32) -> Order {
-        if channels.is_multiple_of(gemm::BK) {
+    fn for_channels(channels: u32, tiling: Tiling) -> Order {
+        if channels.is_multiple_of(tiling.bk) {
             Order::TapMajor
         } else {
             Order::ChannelMajor
@@ -270,7 +270,7 @@ impl<'a> Im2col<'a> {
         g: &'a Geometry,
         x: U64,
         prologue: Option<PrologueSource>,
-        n: U32,
+        (n, tiling): (U32, Tiling),
     ) -> Self {
         let example = example_start(k, n, g.c * g.h * g.w);
         Im2col {
@@ -278,7 +278,7 @@ impl<'a> Im2col<'a> {
             x,
             example,
             prologue,
-            order: Order::for_channels(g.c),
+            order: Order::for_channels(g.c, tiling),
         }
     }
 
@@ -624,7 +624,7 @@ fn forward(cx: &Cx, conv: &Conv2d, prologue: Option<FloatAttr>, stats: bool) -> 
         n: g.o,
         k: g.c * g.kernel_area(),
     };
-    let tiling = Tiling::for_columns(g.o);
+    let tiling = Tiling::for_columns(g.o, cx.options.tensor_cores);
     let mut k = gemm::builder(cx, "forward");
     let x = k.ptr_param("x");
     let bn = prologue_params(&mut k, prologue);
@@ -634,7 +634,7 @@ fn forward(cx: &Cx, conv: &Conv2d, prologue: Option<FloatAttr>, stats: bool) -> 
     let partials = stats.then(|| k.ptr_param("partials"));
     let bn = prologue_source(&mut k, bn);
     let operands = |k: &mut KernelBuilder, n: U32| {
-        let im2col = Im2col::new(k, &g, x, bn, n);
+        let im2col = Im2col::new(k, &g, x, bn, (n, tiling));
         let order = im2col.order;
         // w[o][c][tap]: line o, column (c, tap) in the im2col's order
         let weights = Dense {
@@ -742,7 +742,7 @@ fn dgrad(cx: &Cx, d: &ConvDgrad, epilogue: Option<(FloatAttr, Squares)>) -> Lowe
         n: g.c,
         k: g.o * g.kernel_area(),
     };
-    let tiling = Tiling::for_columns(g.c);
+    let tiling = Tiling::for_columns(g.c, cx.options.tensor_cores);
     let mut k = gemm::builder(cx, "dgrad");
     let (dy, w) = (k.ptr_param("dy"), k.ptr_param("w"));
     let bn = epilogue.map(|(eps, squares)| {
@@ -755,7 +755,7 @@ fn dgrad(cx: &Cx, d: &ConvDgrad, epilogue: Option<(FloatAttr, Squares)>) -> Lowe
     let operands = |k: &mut KernelBuilder, n: U32| {
         let example = example_start(k, n, g.o * g.ho * g.wo);
         let area = g.kernel_area();
-        let order = Order::for_channels(g.o);
+        let order = Order::for_channels(g.o, tiling);
         // w[o][c][tap]: line c, column (o, tap) in the spread's order
         let weights = Dense {
             src: w,
@@ -929,7 +929,7 @@ fn wgrad(
             },
             depth: |_: &mut KernelBuilder, p: SliceK| p.index,
         };
-        let windows = Taps(Im2col::new(k, &g, x, bn, n));
+        let windows = Taps(Im2col::new(k, &g, x, bn, (n, tiling)));
         if !per_example && squares != Squares::PerExample {
             let into = Products {
                 values: totals.values.clone(),

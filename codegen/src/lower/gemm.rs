@@ -1,7 +1,7 @@
 //! A tiled GEMM skeleton for implicit-GEMM convolutions.
 //!
 //! One block computes a `bm × bn` tile of `C = A·B` (`M × K` times `K × N`), stepping through K
-//! in [`BK`]-wide slices staged in shared memory; each of the [`THREADS`] threads keeps 16
+//! in slices `Tiling::bk` deep staged in shared memory; each of the [`THREADS`] threads keeps 16
 //! elements of C in registers. Ways to multiply (`LowerOptions::tensor_cores`):
 //! * fp32 FMA: a thread owns a [`TM`]` × `[`TN`] micro-tile and adds each product with one
 //!   `fma`, k in order;
@@ -28,11 +28,13 @@ use crate::kir::{BinOp, Cmp};
 
 /// Threads per block.
 pub const THREADS: u32 = 256;
-/// The K slice staged in shared memory per step (a multiple of 8, the mma's k). 16 passes
-/// every test too; in machine code it saves about a tenth of the tensor-core loops'
-/// instructions per mma (ResNet44: forward 21.6 → 18.6, dgrad 18.3 → 16.4, wgrad unchanged)
-/// for twice the staging registers and shared memory, so it waits for a timing.
-pub const BK: u32 = 8;
+/// K slices staged in shared memory per step (multiples of 8, the mma's k): wide where a
+/// thread stages few lines, so the slice's fixed work (barrier, wait, a tap-major slice's
+/// window) is shared by more products (ResNet44 3xTF32 in machine code, instructions per mma:
+/// forward 15.3 → 11.4, dgrad 11.2 → 8.8); narrow for the weight gradient, whose wide B side
+/// (up to 256 lines) would stage 16 elements per thread and spill registers.
+const WIDE_SLICE: u32 = 16;
+const NARROW_SLICE: u32 = 8;
 /// Rows and columns of C each thread computes on fp32 FMA.
 pub const TM: u32 = 4;
 pub const TN: u32 = 4;
@@ -74,25 +76,40 @@ pub struct GemmShape {
     pub k: u32,
 }
 
-/// A block tile of `bm × bn` (`bm·bn = THREADS·TM·TN`), each a power of two from 16 to 256.
+/// A block tile of `bm × bn` (`bm·bn = THREADS·TM·TN`), each a power of two from 16 to 256,
+/// stepping through K `bk` at a time (8 or 16).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tiling {
     pub bm: u32,
     pub bn: u32,
+    pub bk: u32,
 }
 
 impl Tiling {
     /// The tile for `n` columns: as few idle columns as possible (16, 32 or 64 wide), the
-    /// rows making up the rest.
-    pub fn for_columns(n: u32) -> Tiling {
+    /// rows making up the rest; wide K slices on tensor cores (on fp32 FMA, whose loop
+    /// unrolls a slice's k, a wide slice spills registers on sm_80).
+    pub fn for_columns(n: u32, tensor_cores: TensorCores) -> Tiling {
         let bn = n.next_power_of_two().clamp(16, 64);
-        Tiling { bm: TILE / bn, bn }
+        Tiling {
+            bm: TILE / bn,
+            bn,
+            bk: if tensor_cores.on() {
+                WIDE_SLICE
+            } else {
+                NARROW_SLICE
+            },
+        }
     }
 
-    /// The tile for `m` rows: as few idle rows as possible (16 to 256 high).
+    /// The tile for `m` rows: as few idle rows as possible (16 to 256 high); narrow K slices.
     pub fn for_rows(m: u32) -> Tiling {
         let bm = m.next_power_of_two().clamp(16, 256);
-        Tiling { bm, bn: TILE / bm }
+        Tiling {
+            bm,
+            bn: TILE / bm,
+            bk: NARROW_SLICE,
+        }
     }
 
     pub fn tiles(&self, shape: GemmShape) -> (u32, u32) {
@@ -352,11 +369,11 @@ pub trait Operand {
     fn finish(&self, k: &mut KernelBuilder, fetched: Self::Fetched) -> F32;
 }
 
-/// A k of the K slice being fetched: `start + lane + round`, `start` a multiple of [`BK`]
-/// (the same register for every element of the slice, so what depends on it alone is made
-/// once), `lane` the thread's first step and `round` a constant, `lane + round < BK`.
+/// A k of the K slice being fetched: `start + lane + round`, `start` a multiple of the slice
+/// depth `bk` (the same register for every element of the slice, so what depends on it alone
+/// is made once), `lane` the thread's first step and `round` a constant, `lane + round < bk`.
 /// `index` is that k clamped into `0..K` (a slice past the end repeats the last one); where K
-/// is a multiple of BK it is the sum itself.
+/// is a multiple of bk it is the sum itself.
 #[derive(Clone, Copy)]
 pub struct SliceK {
     pub start: U32,
@@ -378,7 +395,7 @@ pub enum Fetch<T> {
 /// again at every slice (registers).
 const HOISTED_LINES: usize = 2;
 
-/// Shared slices are `[BK][width + SLICE_PAD]`: rows 8 words apart in the banks, so the mma
+/// Shared slices are `[bk][width + SLICE_PAD]`: rows 8 words apart in the banks, so the mma
 /// fragment loads (8 lines × 4 k per instruction) hit 32 different banks.
 const SLICE_PAD: u32 = 8;
 
@@ -399,8 +416,9 @@ pub fn tiled_gemm<A: Operand, B: Operand>(
     a: &A,
     b: &B,
 ) {
-    let a_side = Side::new(k, tiling.bm, place.m0, shape.m, layout.a_k_fastest);
-    let b_side = Side::new(k, tiling.bn, place.n0, shape.n, layout.b_k_fastest);
+    let bk = tiling.bk;
+    let a_side = Side::new(k, (tiling.bm, bk), place.m0, shape.m, layout.a_k_fastest);
+    let b_side = Side::new(k, (tiling.bn, bk), place.n0, shape.n, layout.b_k_fastest);
     let a_lines = a_side.hoisted_lines(k, a);
     let b_lines = b_side.hoisted_lines(k, b);
     // slice k0's loads and copies (its copies one group, into half `half`)
@@ -423,7 +441,7 @@ pub fn tiled_gemm<A: Operand, B: Operand>(
     let fetched = issue(k, zero, zero);
     let copies = fetched.0.copies || fetched.1.copies;
     store(k, &fetched, zero);
-    k.for_u32(0u32, shape.k.div_ceil(BK), 1, |k, step| {
+    k.for_u32(0u32, shape.k.div_ceil(bk), 1, |k, step| {
         if copies {
             k.wait_copies(0);
         }
@@ -431,7 +449,7 @@ pub fn tiled_gemm<A: Operand, B: Operand>(
         let this = k.ubin(BinOp::And, step, 1u32);
         let other = k.ubin(BinOp::Xor, this, 1u32);
         // the last step fetches a clamped, unused slice: no branch around the loads
-        let k0 = k.mad_u(step, BK, BK);
+        let k0 = k.mad_u(step, bk, bk);
         let fetched = issue(k, k0, other);
         let slices = (a_side.slice(k, this), b_side.slice(k, this));
         match place.mapping {
@@ -459,19 +477,21 @@ struct Fetched<T> {
     copies: bool,
 }
 
-/// One staged K slice in shared memory: element (kk, i) at `base + kk·stride + i`.
+/// One staged K slice of `depth` k in shared memory: element (kk, i) at
+/// `base + kk·stride + i`.
 #[derive(Clone, Copy)]
 struct Slice {
     array: SharedF32,
     base: U32,
     stride: u32,
+    depth: u32,
 }
 
 /// One K slice on fp32 FMA: the thread's TM × TN micro-tile, k in order.
 fn fma_slice(k: &mut KernelBuilder, (a, b): (Slice, Slice), (ty, tx): (U32, U32), acc: &Products) {
     let a_row = k.mad_u(ty, TM, a.base);
     let b_col = k.mad_u(tx, TN, b.base);
-    for kk in 0..BK {
+    for kk in 0..a.depth {
         let a_values: Vec<F32> = (0..TM)
             .map(|i| {
                 let at = k.add_u(a_row, kk * a.stride + i);
@@ -538,7 +558,7 @@ fn mma_slice(
     };
     let (a_lane, b_lane) = (lane(k, a, wm0), lane(k, b, wn0));
     // the slice's k8 steps in order
-    for k8 in 0..BK / 8 {
+    for k8 in 0..a.depth / 8 {
         let a_values: Vec<[F32; 4]> = (0..tiles.m)
             .map(|tm| {
                 std::array::from_fn(|r| {
@@ -626,13 +646,14 @@ impl Series {
 }
 
 /// One operand's side of the tile: `width` lines from `origin` (of `size` in all), staged
-/// through two `[BK][width + SLICE_PAD]` halves of shared memory. Element e = tid + r·THREADS
-/// of a `[BK][width]` slice (round r) is (`lines` l, `steps` s) for `(l, s) = rounds[r]`:
+/// through two `[depth][width + SLICE_PAD]` halves of shared memory. Element e = tid +
+/// r·THREADS of a `[depth][width]` slice (round r) is (`lines` l, `steps` s) for `(l, s) = rounds[r]`:
 /// with k fastest, a thread keeps one k and a line per round, otherwise one line and a k per
 /// round. `exists` is false for the threads beyond a slice smaller than the block.
 struct Side {
     array: SharedF32,
     width: u32,
+    depth: u32,
     origin: U32,
     size: u32,
     lines: Series,
@@ -642,14 +663,20 @@ struct Side {
 }
 
 impl Side {
-    fn new(k: &mut KernelBuilder, width: u32, origin: U32, size: u32, k_fastest: bool) -> Side {
-        let elements = BK * width;
+    fn new(
+        k: &mut KernelBuilder,
+        (width, depth): (u32, u32),
+        origin: U32,
+        size: u32,
+        k_fastest: bool,
+    ) -> Side {
+        let elements = depth * width;
         let rounds = elements.div_ceil(THREADS);
         let tid = k.tid();
         // the thread's first line and step; a whole block's width of lines leaves one step
         // per round, the same in every thread (a constant, not a register)
         let (lanes, across) = if k_fastest {
-            (BK, THREADS / BK)
+            (depth, THREADS / depth)
         } else {
             (width, THREADS / width)
         };
@@ -684,8 +711,9 @@ impl Side {
         };
         let exists = (elements < THREADS).then(|| k.cmp_u(Cmp::Lt, tid, elements));
         Side {
-            array: k.shared(2 * BK * (width + SLICE_PAD)),
+            array: k.shared(2 * depth * (width + SLICE_PAD)),
             width,
+            depth,
             origin,
             size,
             lines,
@@ -703,7 +731,8 @@ impl Side {
     fn slice(&self, k: &mut KernelBuilder, half: U32) -> Slice {
         Slice {
             array: self.array,
-            base: k.mul_u(half, BK * self.stride()),
+            base: k.mul_u(half, self.depth * self.stride()),
+            depth: self.depth,
             stride: self.stride(),
         }
     }
@@ -750,9 +779,10 @@ impl Side {
             None => self.make_lines(k, operand),
         };
         // the slice after the last (fetched but never used) repeats the last
-        let last = (depth.div_ceil(BK) - 1) * BK;
+        let bk = self.depth;
+        let last = (depth.div_ceil(bk) - 1) * bk;
         let start = k.ubin(BinOp::Min, k0, last);
-        let whole = depth.is_multiple_of(BK);
+        let whole = depth.is_multiple_of(bk);
         let depths: Vec<(O::Depth, Option<Pred>)> = (0..self.steps.count as usize)
             .map(|s| {
                 let offset = self.steps.value(k, s);
@@ -1042,7 +1072,16 @@ mod tests {
                 }
             }
         }
-        let tilings = [Tiling::for_columns(shape.n), Tiling { bm: 16, bn: 256 }];
+        // 16-deep slices (as convolutions on tensor cores take them; here in every mode) and
+        // 8-deep ones in the weight gradient's flattest tile
+        let tilings = [
+            Tiling::for_columns(shape.n, TensorCores::Tf32x3),
+            Tiling {
+                bm: 16,
+                bn: 256,
+                bk: 8,
+            },
+        ];
         let modes = [
             (TensorCores::Off, 1e-5),
             (TensorCores::Tf32x3, 1e-5),
