@@ -771,12 +771,17 @@ impl KernelBuilder {
     }
 
     pub fn load_shared(&mut self, array: SharedF32, index: impl Into<UOp>) -> F32 {
+        self.load_shared_plus(array, index, 0)
+    }
+
+    /// The f32 at `array[index + plus]`, `plus` a constant the instruction carries.
+    pub fn load_shared_plus(&mut self, array: SharedF32, index: impl Into<UOp>, plus: u32) -> F32 {
         let addr = self.shared_address(array, index);
         F32(self.def(Ty::F32, |dst| Inst::Ld {
             space: Space::Shared,
             dst,
             addr,
-            offset: 0,
+            offset: 4 * plus as i32,
         }))
     }
 

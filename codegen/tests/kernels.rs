@@ -375,10 +375,9 @@ fn kernel_noise_is_bit_identical_to_the_cpu_stream() {
     }
 }
 
-/// (kernel, stride, padding, size, channels in, channels out)
-/// (kernel, stride, padding, size, in channels, out channels); the last two have planes of
-/// more than one block of positions with a ragged tail (17·17 = 289 = 256 + 33).
-const CONVS: [(usize, usize, usize, usize, usize, usize); 7] = [
+/// (kernel, stride, padding, size, in channels, out channels); two have planes of more than
+/// one block of positions with a ragged tail (17·17 = 289 = 256 + 33); one has a 7×7 kernel.
+const CONVS: [(usize, usize, usize, usize, usize, usize); 8] = [
     (3, 1, 1, 6, 3, 4),
     (3, 2, 1, 7, 2, 5),
     (1, 2, 0, 5, 4, 3),
@@ -386,6 +385,7 @@ const CONVS: [(usize, usize, usize, usize, usize, usize); 7] = [
     (1, 1, 0, 4, 3, 3),
     (3, 1, 1, 17, 2, 3),
     (3, 2, 1, 33, 2, 2),
+    (7, 2, 3, 9, 2, 3),
 ];
 
 /// Wider ones for the GEMM tiles of forward (columns: channels out), data gradient (columns:

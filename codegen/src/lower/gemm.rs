@@ -493,16 +493,10 @@ fn fma_slice(k: &mut KernelBuilder, (a, b): (Slice, Slice), (ty, tx): (U32, U32)
     let b_col = k.mad_u(tx, TN, b.base);
     for kk in 0..a.depth {
         let a_values: Vec<F32> = (0..TM)
-            .map(|i| {
-                let at = k.add_u(a_row, kk * a.stride + i);
-                k.load_shared(a.array, at)
-            })
+            .map(|i| k.load_shared_plus(a.array, a_row, kk * a.stride + i))
             .collect();
         let b_values: Vec<F32> = (0..TN)
-            .map(|j| {
-                let at = k.add_u(b_col, kk * b.stride + j);
-                k.load_shared(b.array, at)
-            })
+            .map(|j| k.load_shared_plus(b.array, b_col, kk * b.stride + j))
             .collect();
         for (row, &av) in acc.values.iter().zip(&a_values) {
             for (&c, &bv) in row.iter().zip(&b_values) {
@@ -564,8 +558,8 @@ fn mma_slice(
                 std::array::from_fn(|r| {
                     let r = r as u32;
                     let kk = 8 * k8 + 4 * (r / 2);
-                    let at = k.add_u(a_lane, kk * a.stride + 16 * tm + 8 * (r % 2));
-                    k.load_shared(a.array, at)
+                    let plus = kk * a.stride + 16 * tm + 8 * (r % 2);
+                    k.load_shared_plus(a.array, a_lane, plus)
                 })
             })
             .collect();
@@ -573,8 +567,7 @@ fn mma_slice(
             .map(|tn| {
                 std::array::from_fn(|r| {
                     let kk = 8 * k8 + 4 * r as u32;
-                    let at = k.add_u(b_lane, kk * b.stride + 8 * tn);
-                    k.load_shared(b.array, at)
+                    k.load_shared_plus(b.array, b_lane, kk * b.stride + 8 * tn)
                 })
             })
             .collect();
