@@ -515,11 +515,15 @@ fn fma_slice(k: &mut KernelBuilder, (a, b): (Slice, Slice), (ty, tx): (U32, U32)
     }
 }
 
-/// An operand split for 3xTF32: its TF32 truncation and the rest rounded to TF32. (Both by
-/// integer operations: ptxas expands `cvt.rna.tf32.f32` to four instructions, which in the
-/// main loop cost more issue slots than the mma.) The rest is below 2⁻¹⁰ of the operand and
-/// rounded to 2⁻¹¹ of itself: the pair holds the operand to about 2⁻²¹. A NaN or infinite
-/// operand is carried by the truncation, which keeps it.
+/// An operand split for 3xTF32: its TF32 truncation and the rest truncated to TF32, both by
+/// clearing bits (ptxas expands `cvt.rna.tf32.f32` to four instructions, which in the main
+/// loop cost more issue slots than the mma; and it drops the clearing itself, as the mma
+/// reads only a TF32 operand's top bits: a split costs one `and` and one subtraction). The
+/// rest is below 2⁻¹⁰ of the operand and kept to 2⁻¹⁰ of itself: the pair holds the operand
+/// to 2⁻²⁰, its truncation biasing magnitudes down by at most that (rounding the rest would
+/// halve it for one more instruction per element: at 2⁻²¹ against 2⁻²⁰, fp32 sums' own
+/// rounding dominates either way). A NaN or infinite operand is carried by the truncation,
+/// which keeps it.
 struct Split<const N: usize> {
     hi: [Tf32; N],
     lo: [Tf32; N],
@@ -530,7 +534,7 @@ fn split<const N: usize>(k: &mut KernelBuilder, v: [F32; N]) -> Split<N> {
     let lo = std::array::from_fn(|i| {
         let high = k.tf32_value(hi[i]);
         let rest = k.sub(v[i], high); // exact: the high part holds the leading bits
-        k.tf32_rounded_finite(rest)
+        k.tf32_truncated(rest)
     });
     Split { hi, lo }
 }
