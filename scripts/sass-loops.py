@@ -9,6 +9,14 @@ async copies, barriers, and the integer/address work around them. A static mix, 
 timing: it shows what each multiply costs in issue slots.
 
     scripts/sass-loops.py compiled/resnet44_b4096_exact_tc [--match wgrad] [--arch sm_90]
+    scripts/sass-loops.py compiled/resnet44_b4096_exact_tc --estimate   # + whole-step bounds
+
+With --estimate (an artifact directory: its plan.json states each GEMM's main loop, trips per
+block and multiplies per warp and trip), every launch's loop is multiplied out: the mma (or
+FMA) instructions the step issues, the loop instructions around them, and two lower bounds on
+the GPU's time for these loops alone: issue (every SM sub-partition issuing one instruction
+per clock) and tensor (mma at the card's dense peak). Not a timing: it leaves out memory
+traffic, latency, occupancy, the loops' prologues and epilogues, and every other kernel.
 
 Needs the ptxas of scripts/install-ptxas.sh; installs cuobjdump and nvdisasm (PyPI wheels)
 into .tools/sass on first use.
@@ -105,13 +113,65 @@ def mix(body):
     return counts
 
 
+# H100 SXM: 132 SMs of 4 sub-partitions; the clock under sustained tensor load; dense TF32
+# tensor peak (494.7 TFLOP/s at the 1.83 GHz boost: 2048 FLOP, one m16n8k8, per SM and clock);
+# fp32 FMA peak 67 TFLOP/s
+H100 = {"sms": 132, "ghz": 1.755, "mma_per_sm_clock": 1.0, "fma_flops": 67e12}
+
+
+def estimate(artifact, code, card=H100):
+    """Per convolution kind: launches, mma/FMA instructions, loop instructions, bounds (ms)."""
+    import json
+    with open(os.path.join(artifact, "plan.json")) as f:
+        plan = json.load(f)
+    rows = collections.OrderedDict()
+    for launch in plan["launches"]:
+        kernel = plan["kernels"][launch["kernel"]]
+        main_loop = kernel.get("main_loop")
+        body = hottest_loop(code.get(kernel["name"], []))
+        if not main_loop or not body:
+            continue
+        counts = mix(body)
+        tensor = counts["mma"] > 0
+        per_multiply = len(body) / (counts["mma"] or counts["fma"])
+        warps = launch["grid"][0] * launch["grid"][1] * launch["block"] // 32
+        multiplies = warps * main_loop["trips"] * main_loop["multiplies"]
+        kind = re.search(r"forward|dgrad|wgrad", kernel["name"])
+        row = rows.setdefault((kind.group(0) if kind else "other", tensor), collections.Counter())
+        row["launches"] += 1
+        row["multiplies"] += multiplies
+        row["instructions"] += multiplies * per_multiply
+    clock = card["sms"] * card["ghz"] * 1e9
+    print(f"\n{'kind':<10} {'unit':>6} {'launches':>8} {'multiplies (G)':>15} "
+          f"{'instructions (G)':>17} {'issue bound ms':>15} {'tensor/FMA bound ms':>20}")
+    totals = collections.Counter()
+    for (kind, tensor), row in rows.items():
+        issue = row["instructions"] / (4 * clock) * 1e3
+        if tensor:
+            work = row["multiplies"] / (card["mma_per_sm_clock"] * clock) * 1e3
+        else:
+            work = row["multiplies"] * 32 * 2 / card["fma_flops"] * 1e3
+        totals.update({"launches": row["launches"], "issue": issue, "work": work,
+                       "multiplies": row["multiplies"], "instructions": row["instructions"]})
+        print(f"{kind:<10} {'mma' if tensor else 'fma':>6} {row['launches']:>8} "
+              f"{row['multiplies'] / 1e9:>15.3f} {row['instructions'] / 1e9:>17.2f} "
+              f"{issue:>15.2f} {work:>20.2f}")
+    print(f"{'all':<10} {'':>6} {totals['launches']:>8} {totals['multiplies'] / 1e9:>15.3f} "
+          f"{totals['instructions'] / 1e9:>17.2f} {totals['issue']:>15.2f} {totals['work']:>20.2f}")
+    print(f"(H100 SXM assumed: {card['sms']} SMs at {card['ghz']} GHz; the loops alone)")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("artifact", help="an artifact directory (module.ptx) or a .ptx file")
     parser.add_argument("--match", default="forward|dgrad|wgrad",
                         help="regex over kernel names (default: the convolution GEMMs)")
     parser.add_argument("--arch", default="sm_90")
+    parser.add_argument("--estimate", action="store_true",
+                        help="multiply the loops out over the step's launches (plan.json)")
     args = parser.parse_args()
+    if args.estimate and args.artifact.endswith(".ptx"):
+        sys.exit("sass-loops: --estimate needs an artifact directory (its plan.json)")
     ptx = args.artifact if args.artifact.endswith(".ptx") else os.path.join(args.artifact, "module.ptx")
     tools()
     code = functions(disassemble(ptx, args.arch))
@@ -137,6 +197,8 @@ def main():
         print(f"{'all ' + str(len(rows)) + ' kernels':<44} {totals['all']:>5} "
               + " ".join(f"{totals[c]:>8}" for c in COLUMNS)
               + f"  {totals['all'] / work if work else 0:>11.2f}")
+    if args.estimate:
+        estimate(args.artifact, code)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ use fisherc_ir::model::{BuildOptions, Mode, ModelSpec, Shortcut, build};
 use fisherc_ir::{FisherMode, Noise, StepOptions, TrainingStep, build_training_step};
 
 use crate::compile::{CompileOptions, Compiled, compile};
-use crate::kir::{Kernel, ParamTy};
+use crate::kir::{Kernel, MainLoop, ParamTy};
 use crate::lower::TensorCores;
 use crate::plan::{Arg, Buffer, PlannedLaunch, PlannedNode, Program};
 use crate::ptx;
@@ -128,6 +128,10 @@ pub struct KernelInfo {
     pub params: Vec<(String, ParamTy)>,
     pub block: u32,
     pub shared_bytes: u32,
+    /// `Kernel::main_loop` (absent in artifacts from before it, and for kernels without a
+    /// main loop).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub main_loop: Option<MainLoop>,
 }
 
 /// A buffer the host writes or reads.
@@ -320,6 +324,7 @@ impl KernelInfo {
             params: k.params.clone(),
             block: k.block,
             shared_bytes: k.shared_bytes,
+            main_loop: k.main_loop,
         }
     }
 }

@@ -6,7 +6,7 @@
 //! addresses: u32 arithmetic is much cheaper on the GPU, u64 is needed past 2³² elements.
 
 use crate::kir::{
-    BinOp, Cmp, Inst, Kernel, Operand, ParamTy, Reg, Space, Special, Stmt, Ty, UnOp, WARP,
+    BinOp, Cmp, Inst, Kernel, MainLoop, Operand, ParamTy, Reg, Space, Special, Stmt, Ty, UnOp, WARP,
 };
 use crate::magic::Divide;
 
@@ -65,6 +65,7 @@ pub struct KernelBuilder {
     block: u32,
     register_tiled: bool,
     shared_bytes: u32,
+    main_loop: Option<MainLoop>,
     regs: Vec<Ty>,
     /// Statement lists being built: the innermost `If`/`Loop` body is last.
     stack: Vec<Vec<Stmt>>,
@@ -80,6 +81,7 @@ impl KernelBuilder {
             block,
             register_tiled: false,
             shared_bytes: 0,
+            main_loop: None,
             regs: Vec::new(),
             stack: vec![Vec::new()],
             index: if wide_index { Ty::U64 } else { Ty::U32 },
@@ -94,6 +96,7 @@ impl KernelBuilder {
             block: self.block,
             register_tiled: self.register_tiled,
             shared_bytes: self.shared_bytes,
+            main_loop: self.main_loop,
             regs: self.regs,
             body: self.stack.into_iter().next().expect("one list"),
         }
@@ -102,6 +105,11 @@ impl KernelBuilder {
     /// Marks the kernel register-tiled (see `Kernel::register_tiled`).
     pub fn register_tiled(&mut self) {
         self.register_tiled = true;
+    }
+
+    /// Records the kernel's main loop (see [`MainLoop`]).
+    pub fn note_main_loop(&mut self, main_loop: MainLoop) {
+        self.main_loop = Some(main_loop);
     }
 
     pub fn block_size(&self) -> u32 {

@@ -306,9 +306,30 @@ pub struct Kernel {
     pub register_tiled: bool,
     /// Bytes of shared memory per block.
     pub shared_bytes: u32,
+    /// The main loop, where the lowering states it.
+    pub main_loop: Option<MainLoop>,
     /// The type of every register, by id.
     pub regs: Vec<Ty>,
     pub body: Vec<Stmt>,
+}
+
+/// A kernel's main loop as its lowering states it, for static cost estimates: each block
+/// takes `trips` steps (a GEMM's K slices, times its products), in each of which every warp
+/// issues `multiplies` tensor-core mma instructions (or, on fp32, FMAs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MainLoop {
+    pub trips: u64,
+    pub multiplies: u32,
+}
+
+impl MainLoop {
+    /// The loop run `products` times over.
+    pub fn times(self, products: u64) -> MainLoop {
+        MainLoop {
+            trips: self.trips * products,
+            ..self
+        }
+    }
 }
 
 /// Threads per warp.

@@ -14,8 +14,12 @@ use fisherc_ir::ops::Hyper;
 use fisherc_ir::{FisherMode, StepOptions, build_training_step};
 
 fn artifact(fused: bool) -> Artifact {
+    artifact_of_batch(fused, 8)
+}
+
+fn artifact_of_batch(fused: bool, batch: usize) -> Artifact {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/small_cnn.toml");
-    let network = load(&path, &BuildOptions::train(8)).unwrap();
+    let network = load(&path, &BuildOptions::train(batch)).unwrap();
     let step = build_training_step(network, &StepOptions::new(FisherMode::Exact)).unwrap();
     let compiled = compile(&step, CompileOptions::fused(fused)).unwrap();
     let source = Source::of(
@@ -152,4 +156,56 @@ fn artifacts_stand_alone_and_compile_again_to_themselves() {
         panic!("an edited model compiled to the same program")
     };
     assert!(err.contains("recompile it"), "{err}");
+}
+
+/// Every convolution GEMM states its main loop, by which cost estimates multiply the loop's
+/// machine code: the forward's trips are its K slices (K = c·kh·kw from its weights), the
+/// weight gradient's its K slices (K = output positions) times the examples of a block's
+/// chunk (several at batch 4096).
+#[test]
+fn convolution_kernels_state_their_main_loop() {
+    let plan = artifact_of_batch(true, 4096).plan;
+    let shape_of = |launch: &fisherc_codegen::plan::PlannedLaunch, param: &str| {
+        let kernel = &plan.kernels[launch.kernel];
+        let at = kernel.params.iter().position(|(p, _)| p == param).unwrap();
+        let Arg::Buffer(b) = launch.args[at] else {
+            panic!("{param} of {} is not a buffer", kernel.name)
+        };
+        plan.buffers[b].shape.clone()
+    };
+    // fp32 FMA (the artifact's options): 8-deep K slices of 4 × 4 FMAs a thread per k
+    let slices = |k: usize| k.div_ceil(8) as u64;
+    let trips = |kernel: &fisherc_codegen::artifact::KernelInfo| {
+        let main_loop = kernel.main_loop?;
+        assert_eq!(main_loop.multiplies % (4 * 4 * 8), 0, "{}", kernel.name);
+        Some(main_loop.trips)
+    };
+    let (mut forwards, mut chunks) = (0, Vec::new());
+    for launch in &plan.launches {
+        let kernel = &plan.kernels[launch.kernel];
+        if kernel.name.contains("forward") && kernel.name.contains("conv") {
+            let w = shape_of(launch, "w");
+            assert_eq!(
+                trips(kernel),
+                Some(slices(w[1] * w[2] * w[3])),
+                "{}",
+                kernel.name
+            );
+            forwards += 1;
+        } else if kernel.name.contains("wgrad_wgrad") {
+            let dy = shape_of(launch, "dy");
+            let chunk = dy[0].div_ceil(launch.grid[1] as usize) as u64;
+            chunks.push(chunk);
+            assert_eq!(
+                trips(kernel),
+                Some(chunk * slices(dy[2] * dy[3])),
+                "{}",
+                kernel.name
+            );
+        } else if kernel.name.contains("prologue_scale") || kernel.name.contains("combine") {
+            assert_eq!(kernel.main_loop, None, "{}", kernel.name);
+        }
+    }
+    assert!(forwards > 0, "no forward convolution");
+    assert!(chunks.iter().any(|&c| c > 1), "chunks {chunks:?}");
 }

@@ -165,7 +165,8 @@ fn product_per_example<A: Operand, B: Operand>(
     };
     let tile = Products::zeros(k, &place, false);
     let (a, b) = operands(k, n);
-    tiled_gemm(k, shape, tiling, &place, layout, &tile, &a, &b);
+    let main_loop = tiled_gemm(k, shape, tiling, &place, layout, &tile, &a, &b);
+    k.note_main_loop(main_loop);
     let coords = place.coordinates(k);
     (place, n, tile, coords)
 }
@@ -913,6 +914,7 @@ fn wgrad(
         b_k_fastest: true,
     };
     let chunk = g.batch.div_ceil(chunks);
+    let mut main_loop = None;
     let j = k.block_y();
     let start = k.mul_u(j, chunk);
     let end = k.add_u(start, chunk);
@@ -935,13 +937,15 @@ fn wgrad(
                 values: totals.values.clone(),
                 squares: totals.squares.clone().filter(|_| per_position),
             };
-            tiled_gemm(k, shape, tiling, &place, layout, &into, &dy_rows, &windows);
+            let one = tiled_gemm(k, shape, tiling, &place, layout, &into, &dy_rows, &windows);
+            main_loop = Some(one);
             return;
         }
         let product = Products::zeros(k, &place, false);
-        tiled_gemm(
+        let one = tiled_gemm(
             k, shape, tiling, &place, layout, &product, &dy_rows, &windows,
         );
+        main_loop = Some(one);
         let coords = place.coordinates(k);
         for (i, row) in product.values.iter().enumerate() {
             for (jj, &v) in row.iter().enumerate() {
@@ -961,6 +965,8 @@ fn wgrad(
             }
         }
     });
+    let main_loop = main_loop.expect("the example loop runs a product");
+    k.note_main_loop(main_loop.times(chunk as u64));
     if !per_example {
         let coords = place.coordinates(&mut k);
         for (i, row) in totals.values.iter().enumerate() {

@@ -24,7 +24,7 @@
 use super::TensorCores;
 use super::common::{Cx, TileRows};
 use crate::builder::{F32, GlobalF32, KernelBuilder, Pred, SharedF32, Tf32, U32, U64};
-use crate::kir::{BinOp, Cmp};
+use crate::kir::{BinOp, Cmp, MainLoop};
 
 /// Threads per block.
 pub const THREADS: u32 = 256;
@@ -116,6 +116,11 @@ impl Tiling {
         (shape.m.div_ceil(self.bm), shape.n.div_ceil(self.bn))
     }
 
+    /// The K slices of one product.
+    pub fn slices(&self, shape: GemmShape) -> u32 {
+        shape.k.div_ceil(self.bk)
+    }
+
     pub fn count(&self, shape: GemmShape) -> u32 {
         let (rows, cols) = self.tiles(shape);
         rows * cols
@@ -170,6 +175,18 @@ pub struct Coordinates {
 }
 
 impl TilePlace {
+    /// The mma (or FMA) instructions a warp issues per K slice of `depth`, with `squares`
+    /// accumulated alongside or not (as `mma_slice` and `fma_slice` issue them).
+    fn multiplies_per_slice(&self, depth: u32, squares: bool) -> u32 {
+        let per_slice = match self.mapping {
+            Mapping::Simt { .. } => TM * TN * depth,
+            Mapping::Mma { tiles, split, .. } => {
+                tiles.m * tiles.n * (depth / 8) * if split { 3 } else { 1 }
+            }
+        };
+        if squares { 2 * per_slice } else { per_slice }
+    }
+
     /// How many rows and columns of C the thread holds.
     fn elements(&self) -> (u32, u32) {
         match self.mapping {
@@ -415,7 +432,7 @@ pub fn tiled_gemm<A: Operand, B: Operand>(
     acc: &Products,
     a: &A,
     b: &B,
-) {
+) -> MainLoop {
     let bk = tiling.bk;
     let a_side = Side::new(k, (tiling.bm, bk), place.m0, shape.m, layout.a_k_fastest);
     let b_side = Side::new(k, (tiling.bn, bk), place.n0, shape.n, layout.b_k_fastest);
@@ -441,7 +458,7 @@ pub fn tiled_gemm<A: Operand, B: Operand>(
     let fetched = issue(k, zero, zero);
     let copies = fetched.0.copies || fetched.1.copies;
     store(k, &fetched, zero);
-    k.for_u32(0u32, shape.k.div_ceil(bk), 1, |k, step| {
+    k.for_u32(0u32, tiling.slices(shape), 1, |k, step| {
         if copies {
             k.wait_copies(0);
         }
@@ -469,6 +486,10 @@ pub fn tiled_gemm<A: Operand, B: Operand>(
         k.wait_copies(0);
     }
     k.barrier();
+    MainLoop {
+        trips: tiling.slices(shape) as u64,
+        multiplies: place.multiplies_per_slice(tiling.bk, acc.squares.is_some()),
+    }
 }
 
 /// A slice's fetched elements: the loaded ones by round, and whether any went by `cp.async`.
