@@ -434,8 +434,19 @@ pub fn tiled_gemm<A: Operand, B: Operand>(
     b: &B,
 ) -> MainLoop {
     let bk = tiling.bk;
-    let a_side = Side::new(k, (tiling.bm, bk), place.m0, shape.m, layout.a_k_fastest);
-    let b_side = Side::new(k, (tiling.bn, bk), place.n0, shape.n, layout.b_k_fastest);
+    let (row_tiles, column_tiles) = tiling.tiles(shape);
+    let a_side = Side::new(
+        k,
+        (tiling.bm, bk),
+        (place.m0, shape.m, row_tiles == 1),
+        layout.a_k_fastest,
+    );
+    let b_side = Side::new(
+        k,
+        (tiling.bn, bk),
+        (place.n0, shape.n, column_tiles == 1),
+        layout.b_k_fastest,
+    );
     let a_lines = a_side.hoisted_lines(k, a);
     let b_lines = b_side.hoisted_lines(k, b);
     // slice k0's loads and copies (its copies one group, into half `half`)
@@ -681,23 +692,29 @@ struct Side {
 }
 
 impl Side {
+    /// The side of `width` lines of a tile at `origin` (of `size`), `depth` k per slice;
+    /// `only_tile` where the tile is the only one along the lines, so at origin 0.
     fn new(
         k: &mut KernelBuilder,
         (width, depth): (u32, u32),
-        origin: U32,
-        size: u32,
+        (origin, size, only_tile): (U32, u32, bool),
         k_fastest: bool,
     ) -> Side {
         let elements = depth * width;
-        let rounds = elements.div_ceil(THREADS);
-        let tid = k.tid();
-        // the thread's first line and step; a whole block's width of lines leaves one step
-        // per round, the same in every thread (a constant, not a register)
         let (lanes, across) = if k_fastest {
             (depth, THREADS / depth)
         } else {
             (width, THREADS / width)
         };
+        let mut rounds = elements.div_ceil(THREADS);
+        if k_fastest && only_tile {
+            // rounds whose lines all lie past the matrix stage nothing anyone keeps: the
+            // products' columns (rows) there are never stored
+            rounds = rounds.min(size.div_ceil(across));
+        }
+        let tid = k.tid();
+        // the thread's first line and step; a whole block's width of lines leaves one step
+        // per round, the same in every thread (a constant, not a register)
         let lane = k.ubin(BinOp::Rem, tid, lanes);
         let first = if lanes >= THREADS {
             k.u32(0)
