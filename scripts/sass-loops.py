@@ -124,12 +124,15 @@ def estimate(artifact, code, card=H100):
     import json
     with open(os.path.join(artifact, "plan.json")) as f:
         plan = json.load(f)
-    rows = collections.OrderedDict()
+    rows, unrolled = collections.OrderedDict(), set()
     for launch in plan["launches"]:
         kernel = plan["kernels"][launch["kernel"]]
         main_loop = kernel.get("main_loop")
+        if not main_loop:
+            continue
         body = hottest_loop(code.get(kernel["name"], []))
-        if not main_loop or not body:
+        if not body:
+            unrolled.add(kernel["name"])
             continue
         counts = mix(body)
         tensor = counts["mma"] > 0
@@ -159,6 +162,8 @@ def estimate(artifact, code, card=H100):
     print(f"{'all':<10} {'':>6} {totals['launches']:>8} {totals['multiplies'] / 1e9:>15.3f} "
           f"{totals['instructions'] / 1e9:>17.2f} {totals['issue']:>15.2f} {totals['work']:>20.2f}")
     print(f"(H100 SXM assumed: {card['sms']} SMs at {card['ghz']} GHz; the loops alone)")
+    if unrolled:
+        print(f"left out, their loop unrolled by ptxas (no backward branch): {sorted(unrolled)}")
 
 
 def main():
