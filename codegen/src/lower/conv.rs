@@ -147,9 +147,85 @@ impl Column {
     }
 }
 
-/// The GEMM of example `n` = block y (A gathered along m, B along k) of the operands
-/// `operands(k, n)` makes, with where the thread's elements sit: (place, n, products,
-/// coordinates).
+/// How the rows of a forward or data-gradient GEMM (an example's positions) meet the batch:
+/// one product per example (block y), or, where an example's positions would fill little of
+/// a tile (VGG16's 4×4 and 2×2 layers: 16 and 4 of 64 rows), rows over every example's
+/// positions, `n·positions + p`. Not where an epilogue squares per-example sums: a tile would
+/// then mix examples.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Rows {
+    PerExample,
+    Batched { positions: u32 },
+}
+
+impl Rows {
+    fn choose(positions: u32, tiling: Tiling, per_example_sums: bool) -> Rows {
+        if positions < tiling.bm && !per_example_sums {
+            Rows::Batched { positions }
+        } else {
+            Rows::PerExample
+        }
+    }
+
+    /// The GEMM's rows for `positions` per example.
+    fn count(self, positions: u32, batch: u32) -> u32 {
+        match self {
+            Rows::PerExample => positions,
+            Rows::Batched { .. } => batch * positions,
+        }
+    }
+
+    /// The launch's grid for `tiles` tiles per product.
+    fn grid(self, tiles: u32, batch: u32) -> [u32; 2] {
+        match self {
+            Rows::PerExample => [tiles, batch],
+            Rows::Batched { .. } => [tiles, 1],
+        }
+    }
+
+    /// (example, position) of `row` in the product of example `n` (block y).
+    fn split(self, k: &mut KernelBuilder, row: U32, n: U32) -> (U32, U32) {
+        match self {
+            Rows::PerExample => (n, row),
+            Rows::Batched { positions } => (
+                k.ubin(BinOp::Div, row, positions),
+                k.ubin(BinOp::Rem, row, positions),
+            ),
+        }
+    }
+
+    /// The layout of per-tile column sums, `row_tiles` a product (with rows over the batch,
+    /// each tile a row of its own); and the row group to store into for block y `n`.
+    fn tile_rows(self, row_tiles: u32, batch: u32, channels: u32) -> TileRows {
+        let (examples, tiles) = match self {
+            Rows::PerExample => (batch, row_tiles),
+            Rows::Batched { .. } => (row_tiles, 1),
+        };
+        TileRows {
+            examples: examples as u64,
+            tiles: tiles as u64,
+            channels: channels as u64,
+        }
+    }
+}
+
+/// Element `p` of plane (`n`, `c`) of an `[n][channels][positions]` tensor.
+fn plane_element(
+    k: &mut KernelBuilder,
+    (n, c): (U32, U32),
+    (channels, positions): (u32, u32),
+    p: U32,
+) -> Idx {
+    let nc = k.mad_u(n, channels, c);
+    let plane = k.idx(nc);
+    let base = k.idx_mul_const(plane, positions as u64);
+    let p = k.idx(p);
+    k.idx_add(base, p)
+}
+
+/// The GEMM of example `n` = block y (A gathered along m, B along k; with rows over the batch,
+/// its only product) of the operands `operands(k, n)` makes, with where the thread's elements
+/// sit: (place, n, products, coordinates).
 fn product_per_example<A: Operand, B: Operand>(
     k: &mut KernelBuilder,
     cx: &Cx,
@@ -229,9 +305,12 @@ fn example_start(k: &mut KernelBuilder, n: U32, per_example: u32) -> Idx {
 struct Im2col<'a> {
     g: &'a Geometry,
     x: U64,
+    /// The product's example's start (rows per example), or 0 (rows over the batch: each
+    /// window adds its own).
     example: Idx,
     prologue: Option<PrologueSource>,
     order: Order,
+    rows: Rows,
 }
 
 /// An output position's window: its top-left input pixel (which may lie in the padding:
@@ -271,8 +350,12 @@ impl<'a> Im2col<'a> {
         g: &'a Geometry,
         x: U64,
         prologue: Option<PrologueSource>,
-        (n, tiling): (U32, Tiling),
+        (n, tiling, rows): (U32, Tiling, Rows),
     ) -> Self {
+        let n = match rows {
+            Rows::PerExample => n,
+            Rows::Batched { .. } => k.u32(0),
+        };
         let example = example_start(k, n, g.c * g.h * g.w);
         Im2col {
             g,
@@ -280,11 +363,16 @@ impl<'a> Im2col<'a> {
             example,
             prologue,
             order: Order::for_channels(g.c, tiling),
+            rows,
         }
     }
 
+    /// The window of output position `p` (of the product's example), or, with rows over the
+    /// batch, of row `p`, its example's start in its offset.
     fn window(&self, k: &mut KernelBuilder, p: U32) -> Window {
         let g = self.g;
+        let zero = k.u32(0);
+        let (n, p) = self.rows.split(k, p, zero);
         let (oy, ox) = (k.ubin(BinOp::Div, p, g.wo), k.ubin(BinOp::Rem, p, g.wo));
         let corner = |k: &mut KernelBuilder, out: U32| {
             let scaled = k.mul_u(out, g.stride);
@@ -292,6 +380,7 @@ impl<'a> Im2col<'a> {
         };
         let (y0, x0) = (corner(k, oy), corner(k, ox));
         let offset = k.mad_u(y0, g.w, x0);
+        let offset = k.mad_u(n, g.c * g.h * g.w, offset);
         Window { y0, x0, offset }
     }
 
@@ -419,15 +508,19 @@ impl Operand for Taps<'_> {
 struct Spread<'a> {
     g: &'a Geometry,
     dy: U64,
+    /// As `Im2col::example`.
     example: Idx,
     order: Order,
+    rows: Rows,
 }
 
-/// An input position shifted by the padding: `(iy + pad, ix + pad)`.
+/// An input position shifted by the padding, `(iy + pad, ix + pad)`, and, with rows over the
+/// batch, its example's start in dy.
 #[derive(Clone, Copy)]
 struct Lead {
     y: U32,
     x: U32,
+    example: U32,
 }
 
 /// A column (o, ki, kj) of the data gradient's K: the tap and output channel o's offset, as
@@ -464,10 +557,13 @@ impl Operand for Spread<'_> {
 
     fn line(&self, k: &mut KernelBuilder, p: U32) -> Lead {
         let g = self.g;
+        let zero = k.u32(0);
+        let (n, p) = self.rows.split(k, p, zero);
         let (iy, ix) = (k.ubin(BinOp::Div, p, g.w), k.ubin(BinOp::Rem, p, g.w));
         Lead {
             y: k.add_u(iy, g.pad),
             x: k.add_u(ix, g.pad),
+            example: k.mul_u(n, g.o * g.ho * g.wo),
         }
     }
 
@@ -496,6 +592,7 @@ impl Operand for Spread<'_> {
         let exists = k.and(row_ok, col_ok);
         // as with Im2col: the same position for every output channel of a tap-major slice
         let position = k.mad_u(oy, g.wo, ox);
+        let position = k.add_u(position, lead.example);
         let position = k.select_u(exists, position, 0u32);
         let at = k.add_u(position, tap.offset);
         let at = k.idx(at);
@@ -620,12 +717,13 @@ fn forward(cx: &Cx, conv: &Conv2d, prologue: Option<FloatAttr>, stats: bool) -> 
         conv.padding,
     );
     let positions = g.ho * g.wo;
+    let tiling = Tiling::for_columns(g.o, cx.options.tensor_cores);
+    let batching = Rows::choose(positions, tiling, false);
     let shape = GemmShape {
-        m: positions,
+        m: batching.count(positions, g.batch),
         n: g.o,
         k: g.c * g.kernel_area(),
     };
-    let tiling = Tiling::for_columns(g.o, cx.options.tensor_cores);
     let mut k = gemm::builder(cx, "forward");
     let x = k.ptr_param("x");
     let bn = prologue_params(&mut k, prologue);
@@ -635,7 +733,7 @@ fn forward(cx: &Cx, conv: &Conv2d, prologue: Option<FloatAttr>, stats: bool) -> 
     let partials = stats.then(|| k.ptr_param("partials"));
     let bn = prologue_source(&mut k, bn);
     let operands = |k: &mut KernelBuilder, n: U32| {
-        let im2col = Im2col::new(k, &g, x, bn, (n, tiling));
+        let im2col = Im2col::new(k, &g, x, bn, (n, tiling, batching));
         let order = im2col.order;
         // w[o][c][tap]: line o, column (c, tap) in the im2col's order
         let weights = Dense {
@@ -675,35 +773,29 @@ fn forward(cx: &Cx, conv: &Conv2d, prologue: Option<FloatAttr>, stats: bool) -> 
         })
         .collect();
     for (i, row) in outputs.iter().enumerate() {
+        let (example, p) = batching.split(&mut k, coords.rows[i], n);
         for (j, &v) in row.iter().enumerate() {
             let ok = k.and(coords.row_ok[i], coords.col_ok[j]);
             k.when(ok, |k| {
-                let no = k.mad_u(n, g.o, coords.cols[j]);
-                let plane = k.idx(no);
-                let base = k.idx_mul_const(plane, positions as u64);
-                let p = k.idx(coords.rows[i]);
-                let at = k.idx_add(base, p);
+                let at = plane_element(k, (example, coords.cols[j]), (g.o, positions), p);
                 k.store(y, at, v);
             });
         }
     }
     let mut args: Vec<_> = (0..cx.inputs.len()).map(input).collect();
     args.push(output(0));
-    let grid = [tiling.count(shape), g.batch];
+    let grid = batching.grid(tiling.count(shape), g.batch);
     let Some(partials) = partials else {
         return Lowered::kernels(vec![launch(k.finish(), grid, args)]);
     };
 
-    // per-(example, row tile) sums of y and y² for each channel
+    // per-(example, row tile) sums of y and y² for each channel (per row tile, with rows
+    // over the batch)
     let sums = column_sums(&mut k, &place, &coords, tiling, 2, |k, t, i, j| {
         let v = outputs[i][j];
         if t == 0 { v } else { k.mul(v, v) }
     });
-    let rows = TileRows {
-        examples: g.batch as u64,
-        tiles: tiling.tiles(shape).0 as u64,
-        channels: g.o as u64,
-    };
+    let rows = batching.tile_rows(tiling.tiles(shape).0, g.batch, g.o);
     store_column_sums(&mut k, &place, &coords, n, partials, rows, &sums);
     args.push(scratch(0));
     let count = (g.batch * positions) as u64;
@@ -738,12 +830,14 @@ fn dgrad(cx: &Cx, d: &ConvDgrad, epilogue: Option<(FloatAttr, Squares)>) -> Lowe
     let x_shape = &cx.outputs[0].shape;
     let g = Geometry::new(x_shape, w_shape, dy_shape, d.stride, d.padding);
     let positions = g.h * g.w;
+    let tiling = Tiling::for_columns(g.c, cx.options.tensor_cores);
+    let per_example_sums = matches!(epilogue, Some((_, Squares::PerExample)));
+    let batching = Rows::choose(positions, tiling, per_example_sums);
     let shape = GemmShape {
-        m: positions,
+        m: batching.count(positions, g.batch),
         n: g.c,
         k: g.o * g.kernel_area(),
     };
-    let tiling = Tiling::for_columns(g.c, cx.options.tensor_cores);
     let mut k = gemm::builder(cx, "dgrad");
     let (dy, w) = (k.ptr_param("dy"), k.ptr_param("w"));
     let bn = epilogue.map(|(eps, squares)| {
@@ -754,6 +848,10 @@ fn dgrad(cx: &Cx, d: &ConvDgrad, epilogue: Option<(FloatAttr, Squares)>) -> Lowe
     let dx = k.ptr_param("dx");
     let partials = bn.as_ref().map(|_| k.ptr_param("partials"));
     let operands = |k: &mut KernelBuilder, n: U32| {
+        let n = match batching {
+            Rows::PerExample => n,
+            Rows::Batched { .. } => k.u32(0),
+        };
         let example = example_start(k, n, g.o * g.ho * g.wo);
         let area = g.kernel_area();
         let order = Order::for_channels(g.o, tiling);
@@ -775,6 +873,7 @@ fn dgrad(cx: &Cx, d: &ConvDgrad, epilogue: Option<(FloatAttr, Squares)>) -> Lowe
             dy,
             example,
             order,
+            rows: batching,
         };
         (spread, weights)
     };
@@ -784,13 +883,10 @@ fn dgrad(cx: &Cx, d: &ConvDgrad, epilogue: Option<(FloatAttr, Squares)>) -> Lowe
     let mut masked: Vec<Vec<(F32, F32)>> = Vec::new();
     for (i, row) in tile.values.iter().enumerate() {
         let mut row_terms = Vec::new();
+        let (example, p) = batching.split(&mut k, coords.rows[i], n);
         for (j, &acc) in row.iter().enumerate() {
             let ok = k.and(coords.row_ok[i], coords.col_ok[j]);
-            let nc = k.mad_u(n, g.c, coords.cols[j]);
-            let plane = k.idx(nc);
-            let base = k.idx_mul_const(plane, positions as u64);
-            let p = k.idx(coords.rows[i]);
-            let at = k.idx_add(base, p);
+            let at = plane_element(&mut k, (example, coords.cols[j]), (g.c, positions), p);
             let Some((y, params, _)) = &bn else {
                 k.when(ok, |k| k.store(dx, at, acc));
                 continue;
@@ -812,7 +908,7 @@ fn dgrad(cx: &Cx, d: &ConvDgrad, epilogue: Option<(FloatAttr, Squares)>) -> Lowe
     }
     let mut args: Vec<_> = (0..cx.inputs.len()).map(input).collect();
     args.push(output(0));
-    let grid = [tiling.count(shape), g.batch];
+    let grid = batching.grid(tiling.count(shape), g.batch);
     let (Some((_, _, squares)), Some(partials)) = (bn, partials) else {
         return Lowered::kernels(vec![launch(k.finish(), grid, args)]);
     };
@@ -823,11 +919,7 @@ fn dgrad(cx: &Cx, d: &ConvDgrad, epilogue: Option<(FloatAttr, Squares)>) -> Lowe
         let (dz, xhat) = masked[i][j];
         bn_terms(k, dz, xhat, squares)[t]
     });
-    let rows = TileRows {
-        examples: g.batch as u64,
-        tiles: tiling.tiles(shape).0 as u64,
-        channels: g.c as u64,
-    };
+    let rows = batching.tile_rows(tiling.tiles(shape).0, g.batch, g.c);
     store_column_sums(&mut k, &place, &coords, n, partials, rows, &sums);
     args.push(scratch(0));
     let outputs: Vec<_> = bn_combine(squares)
@@ -931,7 +1023,7 @@ fn wgrad(
             },
             depth: |_: &mut KernelBuilder, p: SliceK| p.index,
         };
-        let windows = Taps(Im2col::new(k, &g, x, bn, (n, tiling)));
+        let windows = Taps(Im2col::new(k, &g, x, bn, (n, tiling, Rows::PerExample)));
         if !per_example && squares != Squares::PerExample {
             let into = Products {
                 values: totals.values.clone(),
