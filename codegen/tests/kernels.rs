@@ -469,6 +469,35 @@ fn convolution_forward_kernels() {
     }
 }
 
+/// Data gradients whose planes divide a tile run their rows over the batch, and the exact
+/// Fisher's per-example BN sums come from each tile's segments: several tiles of whole
+/// examples here (8·8 = 64 positions, 4 examples to a 256-row tile; batch 6: the second tile
+/// half past the batch), and the 2×2 plane of a wider layer (16 examples to a 64-row tile).
+#[test]
+fn data_gradients_over_the_batch_sum_each_example_apart() {
+    let mut r = rng(12);
+    for (size, c, o, batch) in [(8, 3, 4, 6), (2, 40, 8, 21)] {
+        let bn = bn_inputs(&mut r, &[batch, c, size, size]);
+        let w = random(&mut r, &[o, c, 3, 3]);
+        let dy = random(&mut r, &[batch, o, size, size]);
+        let dgrad = ConvDgrad {
+            stride: 1,
+            padding: 1,
+            input_hw: (size, size),
+        };
+        for squares in [Squares::PerExample, Squares::PerPosition] {
+            let mut inputs = vec![dy.clone(), w.clone()];
+            inputs.extend(bn.iter().cloned());
+            let op = FusedDgrad {
+                dgrad: dgrad.clone(),
+                eps: EPS,
+                squares,
+            };
+            check_conv(op, &inputs, REDUCTION);
+        }
+    }
+}
+
 #[test]
 fn convolution_gradient_kernels() {
     let mut r = rng(11);

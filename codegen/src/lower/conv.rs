@@ -16,7 +16,7 @@ use super::common::{
 };
 use super::gemm::{
     self, Coordinates, Fetch, GemmShape, Layout, Operand, Products, SliceK, TilePlace, Tiling,
-    column_sums, store_column_sums, tiled_gemm,
+    column_sums, store_column_sums, store_segment_sums, tiled_gemm,
 };
 use crate::builder::{F32, Idx, KernelBuilder, Pred, U32, U64};
 use crate::kir::{BinOp, Cmp};
@@ -150,8 +150,8 @@ impl Column {
 /// How the rows of a forward or data-gradient GEMM (an example's positions) meet the batch:
 /// one product per example (block y), or, where an example's positions would fill little of
 /// a tile (VGG16's 4×4 and 2×2 layers: 16 and 4 of 64 rows), rows over every example's
-/// positions, `n·positions + p`. Not where an epilogue squares per-example sums: a tile would
-/// then mix examples.
+/// positions, `n·positions + p`. Where an epilogue squares per-example sums, only where a
+/// tile holds whole examples (its sums then go per example, `store_segment_sums`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Rows {
     PerExample,
@@ -160,7 +160,8 @@ enum Rows {
 
 impl Rows {
     fn choose(positions: u32, tiling: Tiling, per_example_sums: bool) -> Rows {
-        if positions < tiling.bm && !per_example_sums {
+        let whole_examples = tiling.bm.is_multiple_of(positions);
+        if positions < tiling.bm && (whole_examples || !per_example_sums) {
             Rows::Batched { positions }
         } else {
             Rows::PerExample
@@ -915,12 +916,28 @@ fn dgrad(cx: &Cx, d: &ConvDgrad, epilogue: Option<(FloatAttr, Squares)>) -> Lowe
     // the terms are made term by term from (dz, x̂): all of them at once would not fit in
     // registers
     let count = bn_term_count(squares);
-    let sums = column_sums(&mut k, &place, &coords, tiling, count, |k, t, i, j| {
+    let term = |k: &mut KernelBuilder, t: usize, i: usize, j: usize| {
         let (dz, xhat) = masked[i][j];
         bn_terms(k, dz, xhat, squares)[t]
-    });
-    let rows = batching.tile_rows(tiling.tiles(shape).0, g.batch, g.c);
-    store_column_sums(&mut k, &place, &coords, n, partials, rows, &sums);
+    };
+    let rows = match (batching, squares) {
+        // a tile's examples summed apart, for their squares
+        (Rows::Batched { positions }, Squares::PerExample) => {
+            let each = (positions, g.batch);
+            store_segment_sums(&mut k, &place, &coords, tiling, each, partials, count, term);
+            TileRows {
+                examples: g.batch as u64,
+                tiles: 1,
+                channels: g.c as u64,
+            }
+        }
+        _ => {
+            let sums = column_sums(&mut k, &place, &coords, tiling, count, term);
+            let rows = batching.tile_rows(tiling.tiles(shape).0, g.batch, g.c);
+            store_column_sums(&mut k, &place, &coords, n, partials, rows, &sums);
+            rows
+        }
+    };
     args.push(scratch(0));
     let outputs: Vec<_> = bn_combine(squares)
         .into_iter()
