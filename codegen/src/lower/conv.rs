@@ -184,6 +184,15 @@ impl Rows {
         }
     }
 
+    /// The example whose start the operands add to every element: the product's, block y
+    /// `n`; or none (0) where every row carries its own.
+    fn product_example(self, k: &mut KernelBuilder, n: U32) -> U32 {
+        match self {
+            Rows::PerExample => n,
+            Rows::Batched { .. } => k.u32(0),
+        }
+    }
+
     /// (example, position) of `row` in the product of example `n` (block y).
     fn split(self, k: &mut KernelBuilder, row: U32, n: U32) -> (U32, U32) {
         match self {
@@ -196,7 +205,7 @@ impl Rows {
     }
 
     /// The layout of per-tile column sums, `row_tiles` a product (with rows over the batch,
-    /// each tile a row of its own); and the row group to store into for block y `n`.
+    /// each tile a row of its own, block y being 0).
     fn tile_rows(self, row_tiles: u32, batch: u32, channels: u32) -> TileRows {
         let (examples, tiles) = match self {
             Rows::PerExample => (batch, row_tiles),
@@ -353,10 +362,7 @@ impl<'a> Im2col<'a> {
         prologue: Option<PrologueSource>,
         (n, tiling, rows): (U32, Tiling, Rows),
     ) -> Self {
-        let n = match rows {
-            Rows::PerExample => n,
-            Rows::Batched { .. } => k.u32(0),
-        };
+        let n = rows.product_example(k, n);
         let example = example_start(k, n, g.c * g.h * g.w);
         Im2col {
             g,
@@ -704,10 +710,11 @@ fn with_prologue_scale(cx: &Cx, lowered: Lowered, eps: FloatAttr, channels: u64)
 }
 
 /// The forward convolution as an implicit GEMM per example (`gemm.rs`): C[p][o] over the
-/// example's output positions p and output channels o, K running over (c, ki, kj). A gathers
-/// the input window (the BN-apply + ReLU prologue applied on load, padding zero), B reads the
-/// weights. The statistics epilogue sums each tile's columns into per-(example, tile)
-/// partials, which a second kernel adds in order.
+/// example's output positions p and output channels o (or over every example's positions,
+/// `Rows`), K running over (c, ki, kj) in `Order`. A gathers the input window (the BN-apply +
+/// ReLU prologue applied on load, padding zero), B reads the weights. The statistics epilogue
+/// sums each tile's columns into per-(example, tile) partials, which a second kernel adds in
+/// order.
 fn forward(cx: &Cx, conv: &Conv2d, prologue: Option<FloatAttr>, stats: bool) -> Lowered {
     let first = if prologue.is_some() { 5 } else { 1 };
     let g = Geometry::new(
@@ -821,11 +828,12 @@ fn forward(cx: &Cx, conv: &Conv2d, prologue: Option<FloatAttr>, stats: bool) -> 
 }
 
 /// The data gradient as an implicit GEMM per example: C[p][c] over the example's input
-/// positions p and input channels c, K running over (o, ki, kj). A gathers dy at the output
-/// position whose window puts tap (ki, kj) on p (zero where none does), B reads the weights.
-/// The fused epilogue masks by the ReLU of the BN that produced the input and sums the BN
-/// backward terms per (example, row tile); `combine_tiles` adds each example's tiles before
-/// any per-example square.
+/// positions p and input channels c (or over every example's positions, `Rows`), K running
+/// over (o, ki, kj) in `Order`. A gathers dy at the output position whose window puts tap
+/// (ki, kj) on p (zero where none does), B reads the weights. The fused epilogue masks by the
+/// ReLU of the BN that produced the input and sums the BN backward terms per (example, row
+/// tile), or per example of a tile over the batch; `combine_tiles` adds each example's tiles
+/// before any per-example square.
 fn dgrad(cx: &Cx, d: &ConvDgrad, epilogue: Option<(FloatAttr, Squares)>) -> Lowered {
     let (dy_shape, w_shape) = (&cx.inputs[0].shape, &cx.inputs[1].shape);
     let x_shape = &cx.outputs[0].shape;
@@ -849,10 +857,7 @@ fn dgrad(cx: &Cx, d: &ConvDgrad, epilogue: Option<(FloatAttr, Squares)>) -> Lowe
     let dx = k.ptr_param("dx");
     let partials = bn.as_ref().map(|_| k.ptr_param("partials"));
     let operands = |k: &mut KernelBuilder, n: U32| {
-        let n = match batching {
-            Rows::PerExample => n,
-            Rows::Batched { .. } => k.u32(0),
-        };
+        let n = batching.product_example(k, n);
         let example = example_start(k, n, g.o * g.ho * g.wo);
         let area = g.kernel_area();
         let order = Order::for_channels(g.o, tiling);
