@@ -432,9 +432,12 @@ impl<'a> Im2col<'a> {
         // clamped where it does not exist
         let pixel = k.add_u(window.offset, tap.spatial);
         let pixel = k.select_u(exists, pixel, 0u32);
-        let at = k.add_u(pixel, tap.channel_offset);
-        let at = k.idx(at);
-        let at = k.idx_add(self.example, at);
+        // the channel's plane in the example: one sum per line where lines outlive slices
+        // (the weight gradient's columns)
+        let channel = k.idx(tap.channel_offset);
+        let plane = k.idx_add(self.example, channel);
+        let pixel = k.idx(pixel);
+        let at = k.idx_add(plane, pixel);
         let src = k.element_ptr(self.x, at).plus(tap.channel_round);
         let exists = k.and(exists, inside);
         if self.prologue.is_none() {
