@@ -177,7 +177,9 @@ def main():
     args = parser.parse_args()
     if args.estimate and args.artifact.endswith(".ptx"):
         sys.exit("sass-loops: --estimate needs an artifact directory (its plan.json)")
-    ptx = args.artifact if args.artifact.endswith(".ptx") else os.path.join(args.artifact, "module.ptx")
+    ptx = args.artifact
+    if not ptx.endswith(".ptx"):
+        ptx = os.path.join(ptx, "module.ptx")
     tools()
     code = functions(disassemble(ptx, args.arch))
     rows, totals = [], collections.Counter()
@@ -196,7 +198,8 @@ def main():
     for name, length, counts in rows:
         work = counts["mma"] or counts["fma"]
         per = f"{length / work:.2f}" if work else "-"
-        print(f"{name:<44} {length:>5} " + " ".join(f"{counts[c]:>8}" for c in COLUMNS) + f"  {per:>11}")
+        print(f"{name:<44} {length:>5} " + " ".join(f"{counts[c]:>8}" for c in COLUMNS)
+              + f"  {per:>11}")
     work = totals["mma"] or totals["fma"]
     if rows:
         print(f"{'all ' + str(len(rows)) + ' kernels':<44} {totals['all']:>5} "

@@ -634,13 +634,8 @@ impl KernelBuilder {
 
     /// f32 element `index` of a global array.
     pub fn load(&mut self, base: U64, index: impl Into<AnyIdx>) -> F32 {
-        let addr = self.address(base, index.into().0, 4);
-        F32(self.def(Ty::F32, |dst| Inst::Ld {
-            space: Space::Global,
-            dst,
-            addr,
-            offset: 0,
-        }))
+        let at = self.element_ptr(base, index);
+        self.load_from(at)
     }
 
     /// The f32 at `at` (see [`Self::element_ptr`]).
@@ -995,6 +990,22 @@ impl KernelBuilder {
 #[derive(Clone, Copy, Debug)]
 pub struct AnyIdx(Operand);
 
+impl From<Idx> for AnyIdx {
+    fn from(i: Idx) -> AnyIdx {
+        AnyIdx(i.into())
+    }
+}
+impl From<U32> for AnyIdx {
+    fn from(i: U32) -> AnyIdx {
+        AnyIdx(i.into())
+    }
+}
+impl From<u32> for AnyIdx {
+    fn from(i: u32) -> AnyIdx {
+        AnyIdx(Operand::U32(i))
+    }
+}
+
 /// The address of an f32 in global memory: a register plus a constant number of elements,
 /// which the instruction that reads it carries as an immediate offset (an addition of a
 /// constant computed apart is not folded into `cp.async` by ptxas).
@@ -1015,21 +1026,6 @@ impl GlobalF32 {
 
     fn offset_bytes(self) -> u32 {
         4 * self.plus
-    }
-}
-impl From<Idx> for AnyIdx {
-    fn from(i: Idx) -> AnyIdx {
-        AnyIdx(i.into())
-    }
-}
-impl From<U32> for AnyIdx {
-    fn from(i: U32) -> AnyIdx {
-        AnyIdx(i.into())
-    }
-}
-impl From<u32> for AnyIdx {
-    fn from(i: u32) -> AnyIdx {
-        AnyIdx(Operand::U32(i))
     }
 }
 

@@ -10,8 +10,9 @@
 //! read) since the last barrier is an error, as it would be a race on the GPU. `cp.async`
 //! copies land only at the `wait_group` that covers them: touching their words before, or
 //! ending a block with copies in flight, is an error too. Every memory access is bounds- and
-//! alignment-checked. Floating-point instructions are IEEE-754 correctly rounded, as the PTX `.rn` forms are (the `approx` ones are computed
-//! exactly, which the hardware's are not, within their documented error).
+//! alignment-checked. Floating-point instructions are IEEE-754 correctly rounded, as the PTX
+//! `.rn` forms are (the `approx` ones are computed exactly, which the hardware's are not,
+//! within their documented error).
 
 use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
 
@@ -501,8 +502,8 @@ impl Block<'_> {
                 size,
             } => {
                 for &t in active {
-                    let at = self.get(*dst, t).wrapping_add(*dst_offset as u64);
-                    let from = self.get(*src, t).wrapping_add(*src_offset as u64);
+                    let at = address(self.get(*dst, t), *dst_offset as i32);
+                    let from = address(self.get(*src, t), *src_offset as i32);
                     let value = match self.get(*size, t) {
                         0 => 0,
                         4 => memory.load(from, 4)?,

@@ -202,7 +202,7 @@ fn convolution_kernels_state_their_main_loop() {
                 "{}",
                 kernel.name
             );
-        } else if kernel.name.contains("prologue_scale") || kernel.name.contains("combine") {
+        } else if kernel.name.contains("prologue_pairs") || kernel.name.contains("combine") {
             assert_eq!(kernel.main_loop, None, "{}", kernel.name);
         }
     }

@@ -38,7 +38,7 @@ pub fn lower(cx: &Cx) -> Lowered {
         _ => None,
     };
     match prologue {
-        Some(eps) => with_prologue_scale(cx, lowered, eps, cx.inputs[0].shape[1] as u64),
+        Some(eps) => with_prologue_pairs(cx, lowered, eps, cx.inputs[0].shape[1] as u64),
         None => lowered,
     }
 }
@@ -114,11 +114,7 @@ impl Order {
     /// The column of K at `kk`, of `channels × area` in all.
     fn split(self, k: &mut KernelBuilder, kk: SliceK, channels: u32, area: u32) -> Column {
         match self {
-            Order::ChannelMajor => Column {
-                lane: k.ubin(BinOp::Div, kk.index, area),
-                round: 0,
-                tap: k.ubin(BinOp::Rem, kk.index, area),
-            },
+            Order::ChannelMajor => Column::channel_major(k, kk.index, area),
             // the slice's start gives the tap; its channels are consecutive
             Order::TapMajor => {
                 let first = k.ubin(BinOp::Rem, kk.start, channels);
@@ -142,6 +138,15 @@ struct Column {
 }
 
 impl Column {
+    /// Column `index` of a channel-major K (the weights' own order), `area` taps a channel.
+    fn channel_major(k: &mut KernelBuilder, index: U32, area: u32) -> Column {
+        Column {
+            lane: k.ubin(BinOp::Div, index, area),
+            round: 0,
+            tap: k.ubin(BinOp::Rem, index, area),
+        }
+    }
+
     fn channel(&self, k: &mut KernelBuilder) -> U32 {
         k.add_u(self.lane, self.round)
     }
@@ -399,12 +404,7 @@ impl<'a> Im2col<'a> {
 
     /// Weight column `column` (channel-major: the weight gradient's columns).
     fn column_tap(&self, k: &mut KernelBuilder, column: U32) -> Tap {
-        let area = self.g.kernel_area();
-        let column = Column {
-            lane: k.ubin(BinOp::Div, column, area),
-            round: 0,
-            tap: k.ubin(BinOp::Rem, column, area),
-        };
+        let column = Column::channel_major(k, column, self.g.kernel_area());
         self.tap(k, column)
     }
 
@@ -618,7 +618,7 @@ impl Operand for Spread<'_> {
     }
 }
 
-/// Per-channel BN-apply + ReLU of a prologue: `relu((x − mean)·scale + β)` as the reference.
+/// Per-channel BN-apply + ReLU of a prologue, the reference's `relu((x − mean)·scale + β)`
 /// as `relu(x·scale + shift)`, `scale = γ·invstd` and `shift = β − mean·scale` (one fused
 /// multiply-add where the reference takes three operations: within the GEMM's bounds, and
 /// the same in every convolution that recomputes the activation).
@@ -628,7 +628,7 @@ struct Prologue {
 }
 
 /// Where a gather finds its prologue: the per-channel (scale, shift) pairs that
-/// `with_prologue_scale`'s first kernel computes once (not at every gathered element), and
+/// `with_prologue_pairs`' first kernel computes once (not at every gathered element), and
 /// (0, 0) for channel C, where the gather puts padding.
 #[derive(Clone, Copy)]
 struct PrologueSource {
@@ -657,7 +657,7 @@ fn prologue_params(k: &mut KernelBuilder, prologue: Option<FloatAttr>) -> Option
 }
 
 /// The prologue's pairs parameter, which must be the kernel's last (see
-/// `with_prologue_scale`); the statistics' own parameters stay declared before it.
+/// `with_prologue_pairs`); the statistics' own parameters stay declared before it.
 fn prologue_source(k: &mut KernelBuilder, params: Option<BnParams>) -> Option<PrologueSource> {
     params.map(|_| PrologueSource {
         pairs: k.ptr_param("prologue_pairs"),
@@ -668,10 +668,10 @@ fn prologue_source(k: &mut KernelBuilder, params: Option<BnParams>) -> Option<Pr
 const PROLOGUE_STATISTICS: std::ops::RangeInclusive<usize> = 1..=4;
 
 /// Adds the prologue's pairs to a lowering whose first launch is the main kernel (with
-/// `prologue_pairs` as its last parameter): a first kernel computes, per channel, `scale =
-/// γ·(var + ε)^(−½)` (as `bn_apply` does) and `shift = β − mean·scale`, into a new scratch
-/// buffer of `channels + 1` pairs, the last (0, 0).
-fn with_prologue_scale(cx: &Cx, lowered: Lowered, eps: FloatAttr, channels: u64) -> Lowered {
+/// `prologue_pairs` as its last parameter): a first kernel computes, per channel,
+/// `scale = γ·(var + ε)^(−½)` (as `bn_apply` does) and `shift = β − mean·scale`, into a new
+/// scratch buffer of `channels + 1` pairs, the last (0, 0).
+fn with_prologue_pairs(cx: &Cx, lowered: Lowered, eps: FloatAttr, channels: u64) -> Lowered {
     let Lowered::Kernels {
         mut launches,
         scratch: mut buffers,
@@ -682,7 +682,7 @@ fn with_prologue_scale(cx: &Cx, lowered: Lowered, eps: FloatAttr, channels: u64)
     let buffer = scratch(buffers.len());
     buffers.push(4 * 2 * (channels + 1));
     launches[0].args.push(buffer);
-    let mut k = cx.builder("prologue_scale");
+    let mut k = cx.builder("prologue_pairs");
     let params = BnParams::declare(&mut k, eps.0 as f32);
     let out = k.ptr_param("pairs");
     map(&mut k, channels + 1, |k, c| {

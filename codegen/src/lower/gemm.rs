@@ -676,9 +676,9 @@ impl Series {
 
 /// One operand's side of the tile: `width` lines from `origin` (of `size` in all), staged
 /// through two `[depth][width + SLICE_PAD]` halves of shared memory. Element e = tid +
-/// r·THREADS of a `[depth][width]` slice (round r) is (`lines` l, `steps` s) for `(l, s) = rounds[r]`:
-/// with k fastest, a thread keeps one k and a line per round, otherwise one line and a k per
-/// round. `exists` is false for the threads beyond a slice smaller than the block.
+/// r·THREADS of a `[depth][width]` slice (round r) is (`lines` l, `steps` s) for
+/// `(l, s) = rounds[r]`: with k fastest, a thread keeps one k and a line per round, otherwise
+/// one line and a k per round. `exists` is false for the threads beyond a slice smaller than the block.
 struct Side {
     array: SharedF32,
     width: u32,
