@@ -632,6 +632,15 @@ impl KernelBuilder {
         }
     }
 
+    /// The f32 `index` elements past `at` (a register index: made once where `at` serves
+    /// many).
+    pub fn element_ptr_past(&mut self, at: GlobalF32, index: impl Into<AnyIdx>) -> GlobalF32 {
+        GlobalF32 {
+            ptr: U64(self.address(at.ptr, index.into().0, 4)),
+            plus: at.plus,
+        }
+    }
+
     /// f32 element `index` of a global array.
     pub fn load(&mut self, base: U64, index: impl Into<AnyIdx>) -> F32 {
         let at = self.element_ptr(base, index);

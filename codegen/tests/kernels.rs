@@ -532,38 +532,81 @@ fn convolution_gradient_kernels() {
                 REDUCTION,
             );
         }
-        let wgrad = ConvWgrad {
-            stride,
-            padding,
-            kernel: (kernel, kernel),
-        };
-        check_conv(wgrad.clone(), &[bn[0].clone(), dy.clone()], REDUCTION);
+        check_wgrad(&bn, &dy, (kernel, stride, padding));
+    }
+}
+
+/// The weight-gradient kernels of input `bn[0]` (with the BN prologue of `bn`) and `dy`:
+/// plain, per example, and fused with each kind of squares, with and without the prologue.
+fn check_wgrad(
+    bn: &[fisherc_ir::tensor::Value<f32>],
+    dy: &fisherc_ir::tensor::Value<f32>,
+    (kernel, stride, padding): (usize, usize, usize),
+) {
+    let wgrad = ConvWgrad {
+        stride,
+        padding,
+        kernel: (kernel, kernel),
+    };
+    check_conv(wgrad.clone(), &[bn[0].clone(), dy.clone()], REDUCTION);
+    check_conv(
+        ConvWgradPerExample(wgrad.clone()),
+        &[bn[0].clone(), dy.clone()],
+        REDUCTION,
+    );
+    for squares in [Squares::None, Squares::PerExample, Squares::PerPosition] {
         check_conv(
-            ConvWgradPerExample(wgrad.clone()),
+            FusedWgrad {
+                wgrad: wgrad.clone(),
+                prologue: None,
+                squares,
+            },
             &[bn[0].clone(), dy.clone()],
             REDUCTION,
         );
-        for squares in [Squares::None, Squares::PerExample, Squares::PerPosition] {
-            check_conv(
-                FusedWgrad {
-                    wgrad: wgrad.clone(),
-                    prologue: None,
-                    squares,
-                },
-                &[bn[0].clone(), dy.clone()],
-                REDUCTION,
-            );
-            let mut inputs = bn.clone();
-            inputs.push(dy.clone());
-            check_conv(
-                FusedWgrad {
-                    wgrad: wgrad.clone(),
-                    prologue: Some(EPS),
-                    squares,
-                },
-                &inputs,
-                REDUCTION,
-            );
-        }
+        let mut inputs = bn.to_vec();
+        inputs.push(dy.clone());
+        check_conv(
+            FusedWgrad {
+                wgrad: wgrad.clone(),
+                prologue: Some(EPS),
+                squares,
+            },
+            &inputs,
+            REDUCTION,
+        );
+    }
+}
+
+/// Weight gradients whose K slices (8 positions, 16 on tensor cores) are parts of output rows
+/// or whole rows stage the input patch (kernel, stride, padding, size, in channels, out
+/// channels): few channels, 8 wide (one row of a slice, or two); strided (a 17-wide patch);
+/// several tiles whose edges split a channel's taps (360 columns in tiles of 128); a 5×5
+/// kernel; 24 channels in the 256-wide tile; 4 wide (slices of 2 and 4 rows), one strided.
+const PATCH_CONVS: [(usize, usize, usize, usize, usize, usize); 8] = [
+    (3, 1, 1, 8, 3, 4),
+    (3, 2, 1, 16, 5, 6),
+    (3, 1, 1, 16, 40, 32),
+    (5, 1, 2, 8, 7, 20),
+    (3, 1, 1, 8, 24, 16),
+    (3, 2, 1, 16, 16, 32),
+    (3, 1, 1, 4, 6, 8),
+    (3, 2, 1, 8, 12, 24),
+];
+
+#[test]
+fn weight_gradients_from_the_input_patch() {
+    let mut r = rng(12);
+    for (&(kernel, stride, padding, size, c, o), batch) in
+        PATCH_CONVS.iter().zip([2, 1].into_iter().cycle())
+    {
+        let out = conv_out(size, kernel, stride, padding);
+        assert!(
+            out.is_multiple_of(8) || 8usize.is_multiple_of(out),
+            "slices of whole rows or rows of whole slices"
+        );
+        let bn = bn_inputs(&mut r, &[batch, c, size, size]);
+        let dy = random(&mut r, &[batch, o, out, out]);
+        check_wgrad(&bn, &dy, (kernel, stride, padding));
     }
 }

@@ -15,10 +15,11 @@ use super::common::{
     grid_for, input, inv_std, launch, map, normalised, output, scratch, sum_rows,
 };
 use super::gemm::{
-    self, Coordinates, Fetch, GemmShape, Layout, Operand, Products, SliceK, TilePlace, Tiling,
-    column_sums, store_column_sums, store_segment_sums, tiled_gemm,
+    self, Coordinates, Fetch, Gathered, GemmShape, KSteps, Layout, LineAt, LineSet, Operand,
+    Operands, Products, Slice, SliceK, Staging, THREADS, TilePlace, Tiling, column_sums,
+    staged_gemm, store_column_sums, store_segment_sums, tiled_gemm,
 };
-use crate::builder::{F32, Idx, KernelBuilder, Pred, U32, U64};
+use crate::builder::{F32, GlobalF32, Idx, KernelBuilder, Pred, SharedF32, U32, U64};
 use crate::kir::{BinOp, Cmp};
 
 pub fn lower(cx: &Cx) -> Lowered {
@@ -511,6 +512,279 @@ impl Operand for Taps<'_> {
     }
 }
 
+/// The weight gradient's B (the im2col matrix transposed: lines are weight columns
+/// (c, ki, kj), k the output positions) staged as the input patch a K slice reads, where a
+/// slice's positions are whole output rows or part of one (`bk` divides the output width or
+/// it `bk`): for the slice's output rows, `rows = (runs − 1)·stride + kh` input rows ×
+/// `span = (run − 1)·stride + kw` columns of each channel the tile's columns touch, `run` =
+/// min(bk, wo) positions per output row, `runs` = bk / run rows. Each pixel is copied (or
+/// loaded and its prologue applied) once per slice rather than once per tap (9 times for
+/// 3×3), by index arithmetic made once per block; column (c, ki, kj) at the slice's position
+/// (qy, qx) is then `patch[c − c₀][qy·stride + ki][qx·stride + kj]`, so the multiply's lines
+/// are offsets into the patch and its k step through it ([`KSteps`]). The block's layout of it is
+/// made once ([`PatchLayout`]), each example's product stages its own x ([`Patch`]).
+struct PatchLayout<'a> {
+    g: &'a Geometry,
+    dims: PatchDims,
+    array: SharedF32,
+    /// The tile's first column and its channel c₀.
+    first_column: U32,
+    first_channel: U32,
+    elements: Vec<PatchElement>,
+    /// Where the thread's columns start in a half ([`Staging::thread_lines`]).
+    lines: Vec<LineAt>,
+}
+
+/// The patch of one example's x: `source` is its channel c₀.
+struct Patch<'a> {
+    layout: &'a PatchLayout<'a>,
+    source: GlobalF32,
+}
+
+/// A patch's sizes: `channels` planes of `rows × span`, staged in `rounds` of the block's
+/// threads (a half holds `rounds·THREADS` words, so that no thread needs a branch); `run`
+/// positions of a slice per output row.
+#[derive(Clone, Copy)]
+struct PatchDims {
+    channels: u32,
+    rows: u32,
+    span: u32,
+    run: u32,
+    rounds: u32,
+    depth: u32,
+    columns: u32,
+}
+
+/// The most output channels (rows of a weight-gradient tile) for wide K slices.
+const WIDE_PATCH_ROWS: u32 = 64;
+
+/// Rounds of patch elements a thread keeps the index arithmetic of (registers).
+const PATCH_ROUNDS: u32 = 4;
+
+/// A row past every input: where a patch element's channel does not exist, its row lies
+/// there, so that the window check alone leaves it zero.
+const NO_ROW: u32 = 1 << 30;
+
+impl PatchDims {
+    /// The patch of weight-gradient `shape` in `tiling`, if its slices are whole output
+    /// rows or parts of one, of at least 4 positions (the mma's k lanes step evenly through
+    /// 4), and it takes few rounds.
+    fn choose(g: &Geometry, tiling: Tiling, shape: GemmShape) -> Option<PatchDims> {
+        let (area, bk) = (g.kernel_area(), tiling.bk);
+        let run = g.wo.min(bk);
+        let aligned = g.wo.is_multiple_of(bk) || bk.is_multiple_of(g.wo);
+        // the most channels bn consecutive columns touch
+        let channels = ((tiling.bn - 1) / area + 2).min(g.c);
+        let rows = (bk / run - 1) * g.stride + g.kh;
+        let span = (run - 1) * g.stride + g.kw;
+        let rounds = (channels * rows * span).div_ceil(THREADS);
+        let fits = area > 1 && aligned && run.is_multiple_of(4) && rounds <= PATCH_ROUNDS;
+        fits.then_some(PatchDims {
+            channels,
+            rows,
+            span,
+            run,
+            rounds,
+            depth: bk,
+            columns: shape.n,
+        })
+    }
+
+    fn words(&self) -> u32 {
+        self.rounds * THREADS
+    }
+
+    /// Where a column's k lie in the patch: `stride` apart along an output row, the next row
+    /// `stride` input rows down.
+    fn steps(&self, g: &Geometry) -> KSteps {
+        KSteps {
+            stride: g.stride,
+            run: self.run,
+            run_stride: g.stride * self.span,
+        }
+    }
+}
+
+/// A patch element a thread stages at every slice: its row (or `NO_ROW`) and column in the
+/// patch, its offset from the patch's corner in the input (from channel c₀), and its
+/// channel's prologue.
+struct PatchElement {
+    row: U32,
+    col: U32,
+    offset: U32,
+    prologue: Option<Prologue>,
+}
+
+impl<'a> PatchLayout<'a> {
+    /// The block's patch: where its threads' elements lie, made once for every example.
+    fn new(
+        k: &mut KernelBuilder,
+        g: &'a Geometry,
+        dims: PatchDims,
+        place: &TilePlace,
+        prologue: Option<&PrologueSource>,
+    ) -> Self {
+        let first_column = place.first_column();
+        let first_channel = k.ubin(BinOp::Div, first_column, g.kernel_area());
+        let tid = k.tid();
+        let plane = dims.rows * dims.span;
+        let elements = (0..dims.rounds)
+            .map(|r| {
+                let e = k.add_u(tid, r * THREADS);
+                let pc = k.ubin(BinOp::Div, e, plane);
+                let within = k.ubin(BinOp::Rem, e, plane);
+                let (row, col) = (
+                    k.ubin(BinOp::Div, within, dims.span),
+                    k.ubin(BinOp::Rem, within, dims.span),
+                );
+                // elements past the input's channels or past the patch stage zeros (no line
+                // reads them, but their loads would leave x)
+                let channel = k.add_u(first_channel, pc);
+                let exists = k.cmp_u(Cmp::Lt, channel, g.c);
+                let in_patch = k.cmp_u(Cmp::Lt, pc, dims.channels);
+                let exists = k.and(exists, in_patch);
+                let offset = k.mad_u(row, g.w, col);
+                let offset = k.mad_u(pc, g.h * g.w, offset);
+                // channel C's pair is (0, 0)
+                let prologue = prologue.map(|source| {
+                    let c = k.ubin(BinOp::Min, channel, g.c);
+                    Prologue::load(k, source, c)
+                });
+                PatchElement {
+                    row: k.select_u(exists, row, NO_ROW),
+                    col,
+                    offset,
+                    prologue,
+                }
+            })
+            .collect();
+        let mut layout = PatchLayout {
+            g,
+            dims,
+            array: k.shared(2 * dims.words()),
+            first_column,
+            first_channel,
+            elements,
+            lines: Vec::new(),
+        };
+        // the thread's columns are the same in every example's product
+        let set = place.line_set(k, Operands::B);
+        layout.lines = set.offsets(k, dims.steps(g), |k, first, plus| {
+            layout.line_offset(k, first, plus)
+        });
+        layout
+    }
+
+    /// Where column `first + plus` of the tile starts in a half.
+    fn line_offset(&self, k: &mut KernelBuilder, first: U32, plus: u32) -> (U32, u32) {
+        let (g, dims) = (self.g, self.dims);
+        // a column past the weights reads the last one's (its products are never stored)
+        let column = k.add_u(self.first_column, first);
+        let column = k.add_u(column, plus);
+        let column = k.ubin(BinOp::Min, column, dims.columns - 1);
+        let c = k.ubin(BinOp::Div, column, g.kernel_area());
+        let tap = k.ubin(BinOp::Rem, column, g.kernel_area());
+        let (ki, kj) = g.tap_position(k, tap);
+        let pc = k.ubin(BinOp::Sub, c, self.first_channel);
+        let row = k.mad_u(pc, dims.rows, ki);
+        (k.mad_u(row, dims.span, kj), 0)
+    }
+
+    /// The patch of example `n` of input `x`.
+    fn for_example(&'a self, k: &mut KernelBuilder, x: U64, n: U32) -> Patch<'a> {
+        let g = self.g;
+        let example = example_start(k, n, g.c * g.h * g.w);
+        let channel = k.mul_u(self.first_channel, g.h * g.w);
+        let channel = k.idx(channel);
+        let at = k.idx_add(example, channel);
+        Patch {
+            layout: self,
+            source: k.element_ptr(x, at),
+        }
+    }
+}
+
+impl Staging for Patch<'_> {
+    /// Per element round: the loaded pixel, or NaN where none exists (the prologue's ReLU,
+    /// `max`, returns its other operand for NaN: zero).
+    type Fetched = Vec<F32>;
+
+    fn k_steps(&self) -> KSteps {
+        self.layout.dims.steps(self.layout.g)
+    }
+
+    fn thread_lines(&self, _k: &mut KernelBuilder, _set: &LineSet) -> Vec<LineAt> {
+        self.layout.lines.clone()
+    }
+
+    fn slice(&self, k: &mut KernelBuilder, half: U32) -> Slice {
+        let dims = self.layout.dims;
+        Slice {
+            array: self.layout.array,
+            base: k.mul_u(half, dims.words()),
+            steps: self.k_steps(),
+            depth: dims.depth,
+        }
+    }
+
+    fn fetch(&self, k: &mut KernelBuilder, k0: U32, half: U32) -> (Vec<F32>, bool) {
+        let g = self.layout.g;
+        // the slice after the last (fetched, never used) lies past the output: every pixel
+        // is checked anyway
+        let oy = k.ubin(BinOp::Div, k0, g.wo);
+        let ox = k.ubin(BinOp::Rem, k0, g.wo);
+        // the patch's corner in the input, "negative" (wrapped) in the padding
+        let corner = |k: &mut KernelBuilder, out: U32| {
+            let scaled = k.mul_u(out, g.stride);
+            k.ubin(BinOp::Sub, scaled, g.pad)
+        };
+        let (y0, x0) = (corner(k, oy), corner(k, ox));
+        let corner = k.mad_u(y0, g.w, x0);
+        let slice = self.slice(k, half);
+        let tid = k.tid();
+        let at = k.add_u(slice.base, tid);
+        let mut loaded = Vec::new();
+        for (r, element) in self.layout.elements.iter().enumerate() {
+            let iy = k.add_u(y0, element.row);
+            let ix = k.add_u(x0, element.col);
+            let row_ok = k.cmp_u(Cmp::Lt, iy, g.h);
+            let col_ok = k.cmp_u(Cmp::Lt, ix, g.w);
+            let exists = k.and(row_ok, col_ok);
+            let offset = k.add_u(corner, element.offset);
+            let plus = r as u32 * THREADS;
+            if element.prologue.is_none() {
+                let offset = k.select_u(exists, offset, 0u32);
+                let src = k.element_ptr_past(self.source, offset);
+                k.copy_async_from(slice.array, at, plus, src, exists);
+                continue;
+            }
+            let value = k.f32(f32::NAN);
+            k.when(exists, |k| {
+                let src = k.element_ptr_past(self.source, offset);
+                let pixel = k.load_from(src);
+                k.assign(value, pixel);
+            });
+            loaded.push(value);
+        }
+        let copies = loaded.is_empty();
+        (loaded, copies)
+    }
+
+    fn store(&self, k: &mut KernelBuilder, fetched: &Vec<F32>, half: U32) {
+        if fetched.is_empty() {
+            return;
+        }
+        let slice = self.slice(k, half);
+        let tid = k.tid();
+        let at = k.add_u(slice.base, tid);
+        for (r, (&pixel, element)) in fetched.iter().zip(&self.layout.elements).enumerate() {
+            let prologue = element.prologue.as_ref().expect("loaded with a prologue");
+            let value = prologue.apply(k, pixel);
+            k.store_shared_plus(slice.array, at, r as u32 * THREADS, value);
+        }
+    }
+}
+
 /// dy of example `n` as the data gradient's A: element (input position p = (iy, ix), column
 /// (o, ki, kj)) is `dy[n][o][oy][ox]` at the output position whose window puts tap (ki, kj)
 /// on p, `oy = (iy + pad − ki) / stride` where that divides and lies in `0..ho` (likewise
@@ -998,7 +1272,16 @@ fn wgrad(
         k: positions,
     };
     let weights = (shape.m * shape.n) as u64;
-    let tiling = Tiling::for_rows(g.o);
+    // the input patch where it fits, in wide K slices where those fit and dy's side stays
+    // small (at 16 deep, a 256-row tile stages 16 elements per thread: VGG16's 512-channel
+    // layers lose 38%)
+    let narrow = Tiling::for_rows(g.o);
+    let wide = (narrow.bm <= WIDE_PATCH_ROWS).then(|| narrow.widened(cx.options.tensor_cores));
+    let (tiling, patch) = wide
+        .into_iter()
+        .chain([narrow])
+        .find_map(|tiling| Some((tiling, Some(PatchDims::choose(&g, tiling, shape)?))))
+        .unwrap_or((narrow, None));
     let chunks = batch_chunks(tiling.count(shape) as u64, g.batch);
     let direct = per_example || chunks == 1;
     let terms = if squares == Squares::None { 1 } else { 2 };
@@ -1031,6 +1314,7 @@ fn wgrad(
         b_k_fastest: true,
     };
     let chunk = g.batch.div_ceil(chunks);
+    let patch = patch.map(|dims| PatchLayout::new(&mut k, &g, dims, &place, bn.as_ref()));
     let mut main_loop = None;
     let j = k.block_y();
     let start = k.mul_u(j, chunk);
@@ -1048,20 +1332,28 @@ fn wgrad(
             },
             depth: |_: &mut KernelBuilder, p: SliceK| p.index,
         };
-        let windows = Taps(Im2col::new(k, &g, x, bn, (n, tiling, Rows::PerExample)));
+        // B: the input's patch where slices lie in output rows, else its im2col elements
+        let multiply = |k: &mut KernelBuilder, into: &Products| match &patch {
+            Some(patch) => {
+                let dy = Gathered::new(k, (shape, tiling, &place), Operands::A, true, &dy_rows);
+                let x = patch.for_example(k, x, n);
+                staged_gemm(k, shape, tiling, &place, into, (&dy, &x))
+            }
+            None => {
+                let windows = Taps(Im2col::new(k, &g, x, bn, (n, tiling, Rows::PerExample)));
+                tiled_gemm(k, shape, tiling, &place, layout, into, &dy_rows, &windows)
+            }
+        };
         if !per_example && squares != Squares::PerExample {
             let into = Products {
                 values: totals.values.clone(),
                 squares: totals.squares.clone().filter(|_| per_position),
             };
-            let one = tiled_gemm(k, shape, tiling, &place, layout, &into, &dy_rows, &windows);
-            main_loop = Some(one);
+            main_loop = Some(multiply(k, &into));
             return;
         }
         let product = Products::zeros(k, &place, false);
-        let one = tiled_gemm(
-            k, shape, tiling, &place, layout, &product, &dy_rows, &windows,
-        );
+        let one = multiply(k, &product);
         main_loop = Some(one);
         let coords = place.coordinates(k);
         for (i, row) in product.values.iter().enumerate() {

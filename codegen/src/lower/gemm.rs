@@ -112,6 +112,18 @@ impl Tiling {
         }
     }
 
+    /// This tile with wide K slices on tensor cores (for a side staged in few rounds).
+    pub fn widened(self, tensor_cores: TensorCores) -> Tiling {
+        Tiling {
+            bk: if tensor_cores.on() {
+                WIDE_SLICE
+            } else {
+                self.bk
+            },
+            ..self
+        }
+    }
+
     pub fn tiles(&self, shape: GemmShape) -> (u32, u32) {
         (shape.m.div_ceil(self.bm), shape.n.div_ceil(self.bn))
     }
@@ -230,6 +242,49 @@ impl TilePlace {
                     .collect(),
             ),
         }
+    }
+
+    /// The lines of A (its rows) or of B (its columns) the thread multiplies.
+    pub fn line_set(&self, k: &mut KernelBuilder, which: Operands) -> LineSet {
+        match (self.mapping, which) {
+            (Mapping::Simt { ty, .. }, Operands::A) => LineSet {
+                first: k.mul_u(ty, TM),
+                pluses: (0..TM).collect(),
+                own_k: None,
+            },
+            (Mapping::Simt { tx, .. }, Operands::B) => LineSet {
+                first: k.mul_u(tx, TN),
+                pluses: (0..TN).collect(),
+                own_k: None,
+            },
+            // row tile tm's halves g and g + 8
+            (
+                Mapping::Mma {
+                    wm0, g, t, tiles, ..
+                },
+                Operands::A,
+            ) => LineSet {
+                first: k.add_u(wm0, g),
+                pluses: (0..tiles.m).flat_map(|tm| [16 * tm, 16 * tm + 8]).collect(),
+                own_k: Some(t),
+            },
+            // column tile tn's g
+            (
+                Mapping::Mma {
+                    wn0, g, t, tiles, ..
+                },
+                Operands::B,
+            ) => LineSet {
+                first: k.add_u(wn0, g),
+                pluses: (0..tiles.n).map(|tn| 8 * tn).collect(),
+                own_k: Some(t),
+            },
+        }
+    }
+
+    /// The first column of the block's tile.
+    pub fn first_column(&self) -> U32 {
+        self.n0
     }
 
     /// The coordinates of the thread's elements, computed where this is emitted (after a
@@ -416,12 +471,37 @@ const HOISTED_LINES: usize = 2;
 /// fragment loads (8 lines × 4 k per instruction) hit 32 different banks.
 const SLICE_PAD: u32 = 8;
 
+/// One side of the tile as it is staged in shared memory, slice by slice, and where the
+/// multiply finds its elements there: element (kk, line) of the half at `base` sits at
+/// `base + offset(line) + k_steps.offset(kk)`. Gathered element by element from an
+/// [`Operand`] ([`Gathered`], lines contiguous), or staged some other way (a convolution's
+/// input patch, whose lines are offsets into it).
+pub trait Staging {
+    type Fetched;
+    /// Where a line's k lie, from its first.
+    fn k_steps(&self) -> KSteps;
+    /// Where the lines of `set` sit in a half, each a register and a constant (asked once
+    /// per product, before its loop).
+    fn thread_lines(&self, k: &mut KernelBuilder, set: &LineSet) -> Vec<LineAt>;
+    /// Half `half` (0 or 1) of the staging area.
+    fn slice(&self, k: &mut KernelBuilder, half: U32) -> Slice;
+    /// Issues the loads and copies of the slice at `k0` (the last step asks for one past
+    /// the end, which is fetched clamped and never used), the copies into half `half`; and
+    /// whether there were copies.
+    fn fetch(&self, k: &mut KernelBuilder, k0: U32, half: U32) -> (Self::Fetched, bool);
+    /// Finishes the loaded elements into half `half`.
+    fn store(&self, k: &mut KernelBuilder, fetched: &Self::Fetched, half: U32);
+}
+
+/// Which operand of the GEMM a side stages: A (lines are rows) or B (lines are columns).
+#[derive(Clone, Copy)]
+pub enum Operands {
+    A,
+    B,
+}
+
 /// Emits one tiled product at `place`, added into `acc` (so several products can accumulate
-/// into the same registers), `a` and `b` read as [`Operand`]s. Double-buffered: slice s + 1's
-/// copies and loads are issued before slice s multiplies, into the other half of shared
-/// memory (the loads stored after the products), so one barrier per slice orders everything:
-/// the one at the top of each step, after which slice s has landed and nobody still reads
-/// slice s − 1's half, which s + 1 fills. A last barrier frees the halves for what follows.
+/// into the same registers), `a` and `b` gathered as [`Operand`]s (see [`staged_gemm`]).
 #[allow(clippy::too_many_arguments)]
 pub fn tiled_gemm<A: Operand, B: Operand>(
     k: &mut KernelBuilder,
@@ -433,41 +513,57 @@ pub fn tiled_gemm<A: Operand, B: Operand>(
     a: &A,
     b: &B,
 ) -> MainLoop {
-    let bk = tiling.bk;
-    let (row_tiles, column_tiles) = tiling.tiles(shape);
-    let a_side = Side::new(
+    let a = Gathered::new(
         k,
-        (tiling.bm, bk),
-        (place.m0, shape.m, row_tiles == 1),
+        (shape, tiling, place),
+        Operands::A,
         layout.a_k_fastest,
+        a,
     );
-    let b_side = Side::new(
+    let b = Gathered::new(
         k,
-        (tiling.bn, bk),
-        (place.n0, shape.n, column_tiles == 1),
+        (shape, tiling, place),
+        Operands::B,
         layout.b_k_fastest,
+        b,
     );
-    let a_lines = a_side.hoisted_lines(k, a);
-    let b_lines = b_side.hoisted_lines(k, b);
+    staged_gemm(k, shape, tiling, place, acc, (&a, &b))
+}
+
+/// Emits one tiled product at `place`, added into `acc`, its sides staged by `a` and `b`.
+/// Double-buffered: slice s + 1's copies and loads are issued before slice s multiplies,
+/// into the other half of shared memory (the loads stored after the products), so one
+/// barrier per slice orders everything: the one at the top of each step, after which slice s
+/// has landed and nobody still reads slice s − 1's half, which s + 1 fills. A last barrier
+/// frees the halves for what follows.
+pub fn staged_gemm<A: Staging, B: Staging>(
+    k: &mut KernelBuilder,
+    shape: GemmShape,
+    tiling: Tiling,
+    place: &TilePlace,
+    acc: &Products,
+    (a, b): (&A, &B),
+) -> MainLoop {
+    let bk = tiling.bk;
+    let lines = (
+        ThreadLines::new(k, a, place, Operands::A),
+        ThreadLines::new(k, b, place, Operands::B),
+    );
     // slice k0's loads and copies (its copies one group, into half `half`)
     let issue = |k: &mut KernelBuilder, k0: U32, half: U32| {
-        let fetched = (
-            a_side.fetch(k, a, &a_lines, k0, shape.k, half),
-            b_side.fetch(k, b, &b_lines, k0, shape.k, half),
-        );
-        if fetched.0.copies || fetched.1.copies {
+        let (a_fetched, a_copies) = a.fetch(k, k0, half);
+        let (b_fetched, b_copies) = b.fetch(k, k0, half);
+        if a_copies || b_copies {
             k.commit_copies();
         }
-        fetched
+        ((a_fetched, b_fetched), a_copies || b_copies)
     };
-    let store =
-        |k: &mut KernelBuilder, fetched: &(Fetched<A::Fetched>, Fetched<B::Fetched>), half| {
-            a_side.store(k, a, &fetched.0, half);
-            b_side.store(k, b, &fetched.1, half);
-        };
+    let store = |k: &mut KernelBuilder, fetched: &(A::Fetched, B::Fetched), half| {
+        a.store(k, &fetched.0, half);
+        b.store(k, &fetched.1, half);
+    };
     let zero = k.u32(0);
-    let fetched = issue(k, zero, zero);
-    let copies = fetched.0.copies || fetched.1.copies;
+    let (fetched, copies) = issue(k, zero, zero);
     store(k, &fetched, zero);
     k.for_u32(0u32, tiling.slices(shape), 1, |k, step| {
         if copies {
@@ -478,18 +574,12 @@ pub fn tiled_gemm<A: Operand, B: Operand>(
         let other = k.ubin(BinOp::Xor, this, 1u32);
         // the last step fetches a clamped, unused slice: no branch around the loads
         let k0 = k.mad_u(step, bk, bk);
-        let fetched = issue(k, k0, other);
-        let slices = (a_side.slice(k, this), b_side.slice(k, this));
+        let (fetched, _) = issue(k, k0, other);
+        let slices = (a.slice(k, this), b.slice(k, this));
+        let at = (lines.0.in_half(k, slices.0), lines.1.in_half(k, slices.1));
         match place.mapping {
-            Mapping::Simt { ty, tx } => fma_slice(k, slices, (ty, tx), acc),
-            Mapping::Mma {
-                wm0,
-                wn0,
-                g,
-                t,
-                tiles,
-                split,
-            } => mma_slice(k, slices, (wm0, wn0, g, t), (tiles, split), acc),
+            Mapping::Simt { .. } => fma_slice(k, slices, at, acc),
+            Mapping::Mma { tiles, split, .. } => mma_slice(k, slices, at, (tiles, split), acc),
         }
         store(k, &fetched, other);
     });
@@ -503,32 +593,141 @@ pub fn tiled_gemm<A: Operand, B: Operand>(
     }
 }
 
-/// A slice's fetched elements: the loaded ones by round, and whether any went by `cp.async`.
-struct Fetched<T> {
+/// A slice's elements gathered through an [`Operand`]: the loaded ones by round, and
+/// whether any went by `cp.async`.
+pub struct Fetched<T> {
     loaded: Vec<(usize, T)>,
     copies: bool,
 }
 
-/// One staged K slice of `depth` k in shared memory: element (kk, i) at
-/// `base + kk·stride + i`.
+/// One staged K slice of `depth` k in shared memory: element (kk, line) at
+/// `base + offset(line) + steps.offset(kk)`.
 #[derive(Clone, Copy)]
-struct Slice {
-    array: SharedF32,
-    base: U32,
-    stride: u32,
-    depth: u32,
+pub struct Slice {
+    pub array: SharedF32,
+    pub base: U32,
+    pub steps: KSteps,
+    pub depth: u32,
+}
+
+/// Where a staged line's k lie from its first: in runs of `run` k `stride` words apart, each
+/// run `run_stride` words after the one before (evenly spaced: one run).
+#[derive(Clone, Copy, Debug)]
+pub struct KSteps {
+    pub stride: u32,
+    pub run: u32,
+    pub run_stride: u32,
+}
+
+impl KSteps {
+    pub fn even(stride: u32) -> KSteps {
+        KSteps {
+            stride,
+            run: 1 << 30, // longer than any slice
+            run_stride: 0,
+        }
+    }
+
+    pub fn offset(self, kk: u32) -> u32 {
+        (kk / self.run) * self.run_stride + (kk % self.run) * self.stride
+    }
+}
+
+/// Where a staged line sits in shared memory: a register and a constant, in words.
+pub type LineAt = (U32, u32);
+
+/// The lines of one side a thread multiplies, `first + plus` for each plus (a register and
+/// constants), and its own first k where the mma layout gives it one (`t`, below 4).
+pub struct LineSet {
+    pub first: U32,
+    pub pluses: Vec<u32>,
+    pub own_k: Option<U32>,
+}
+
+impl LineSet {
+    /// The lines' places in a half, `offset(first, plus)` each, the thread's own k added
+    /// (within a run of `steps`: runs are a multiple of 4 long).
+    pub fn offsets(
+        &self,
+        k: &mut KernelBuilder,
+        steps: KSteps,
+        mut offset: impl FnMut(&mut KernelBuilder, U32, u32) -> (U32, u32),
+    ) -> Vec<LineAt> {
+        let mut lines: Vec<LineAt> = self
+            .pluses
+            .iter()
+            .map(|&plus| offset(k, self.first, plus))
+            .collect();
+        if let Some(t) = self.own_k {
+            assert!(steps.run.is_multiple_of(4), "{steps:?}");
+            for_each_register(k, &mut lines, |k, r| k.mad_u(t, steps.stride, r));
+        }
+        lines
+    }
+}
+
+/// The staged lines a thread multiplies in a product, each a register and a constant.
+struct ThreadLines {
+    lines: Vec<LineAt>,
+}
+
+impl ThreadLines {
+    fn new(
+        k: &mut KernelBuilder,
+        stage: &impl Staging,
+        place: &TilePlace,
+        which: Operands,
+    ) -> ThreadLines {
+        let set = place.line_set(k, which);
+        ThreadLines {
+            lines: stage.thread_lines(k, &set),
+        }
+    }
+
+    /// The lines in `slice`'s half: its base added to each distinct register.
+    fn in_half(&self, k: &mut KernelBuilder, slice: Slice) -> Vec<LineAt> {
+        let mut lines = self.lines.clone();
+        for_each_register(k, &mut lines, |k, r| k.add_u(r, slice.base));
+        lines
+    }
+}
+
+/// Replaces each distinct register of `lines` by `f` of it (lines that share one, contiguous
+/// lines, still share one).
+fn for_each_register(
+    k: &mut KernelBuilder,
+    lines: &mut [(U32, u32)],
+    mut f: impl FnMut(&mut KernelBuilder, U32) -> U32,
+) {
+    let mut done: Vec<(U32, U32)> = Vec::new();
+    for (r, _) in lines.iter_mut() {
+        let new = match done.iter().find(|(old, _)| old.reg() == r.reg()) {
+            Some(&(_, new)) => new,
+            None => {
+                let new = f(k, *r);
+                done.push((*r, new));
+                new
+            }
+        };
+        *r = new;
+    }
 }
 
 /// One K slice on fp32 FMA: the thread's TM × TN micro-tile, k in order.
-fn fma_slice(k: &mut KernelBuilder, (a, b): (Slice, Slice), (ty, tx): (U32, U32), acc: &Products) {
-    let a_row = k.mad_u(ty, TM, a.base);
-    let b_col = k.mad_u(tx, TN, b.base);
+fn fma_slice(
+    k: &mut KernelBuilder,
+    (a, b): (Slice, Slice),
+    (rows, cols): (Vec<LineAt>, Vec<LineAt>),
+    acc: &Products,
+) {
     for kk in 0..a.depth {
-        let a_values: Vec<F32> = (0..TM)
-            .map(|i| k.load_shared_plus(a.array, a_row, kk * a.stride + i))
+        let a_values: Vec<F32> = rows
+            .iter()
+            .map(|&(at, plus)| k.load_shared_plus(a.array, at, plus + a.steps.offset(kk)))
             .collect();
-        let b_values: Vec<F32> = (0..TN)
-            .map(|j| k.load_shared_plus(b.array, b_col, kk * b.stride + j))
+        let b_values: Vec<F32> = cols
+            .iter()
+            .map(|&(at, plus)| k.load_shared_plus(b.array, at, plus + b.steps.offset(kk)))
             .collect();
         for (row, &av) in acc.values.iter().zip(&a_values) {
             for (&c, &bv) in row.iter().zip(&b_values) {
@@ -571,39 +770,33 @@ fn split<const N: usize>(k: &mut KernelBuilder, v: [F32; N]) -> Split<N> {
     Split { hi, lo }
 }
 
-/// One K slice on tensor cores, k8 step by k8 step: the warp's mma tiles.
+/// One K slice on tensor cores, k8 step by k8 step: the warp's mma tiles. `rows` holds row
+/// tile tm's two halves (g and g + 8) at 2·tm and 2·tm + 1, `cols` column tile tn's lines.
 fn mma_slice(
     k: &mut KernelBuilder,
     (a, b): (Slice, Slice),
-    (wm0, wn0, g, t): (U32, U32, U32, U32),
+    (rows, cols): (Vec<LineAt>, Vec<LineAt>),
     (tiles, split): (WarpTiles, bool),
     acc: &Products,
 ) {
     // register r of row tile tm holds A[wm0 + 16·tm + g + 8·(r % 2)][t + 4·(r / 2)];
-    // register r of column tile tn holds B[t + 4·r][wn0 + 8·tn + g]
-    let lane = |k: &mut KernelBuilder, side: Slice, w0: U32| {
-        let at = k.mad_u(t, side.stride, side.base);
-        let at = k.add_u(at, w0);
-        k.add_u(at, g)
-    };
-    let (a_lane, b_lane) = (lane(k, a, wm0), lane(k, b, wn0));
-    // the slice's k8 steps in order
+    // register r of column tile tn holds B[t + 4·r][wn0 + 8·tn + g] (t in the lines)
     for k8 in 0..a.depth / 8 {
-        let a_values: Vec<[F32; 4]> = (0..tiles.m)
+        let a_values: Vec<[F32; 4]> = (0..tiles.m as usize)
             .map(|tm| {
                 std::array::from_fn(|r| {
-                    let r = r as u32;
-                    let kk = 8 * k8 + 4 * (r / 2);
-                    let plus = kk * a.stride + 16 * tm + 8 * (r % 2);
-                    k.load_shared_plus(a.array, a_lane, plus)
+                    let kk = 8 * k8 + 4 * (r as u32 / 2);
+                    let (at, plus) = rows[2 * tm + r % 2];
+                    k.load_shared_plus(a.array, at, plus + a.steps.offset(kk))
                 })
             })
             .collect();
-        let b_values: Vec<[F32; 2]> = (0..tiles.n)
+        let b_values: Vec<[F32; 2]> = (0..tiles.n as usize)
             .map(|tn| {
                 std::array::from_fn(|r| {
                     let kk = 8 * k8 + 4 * r as u32;
-                    k.load_shared_plus(b.array, b_lane, kk * b.stride + 8 * tn)
+                    let (at, plus) = cols[tn];
+                    k.load_shared_plus(b.array, at, plus + b.steps.offset(kk))
                 })
             })
             .collect();
@@ -652,6 +845,67 @@ fn mma_tiles(
             k.mma_tf32_into(c, a.hi, b.lo);
             k.mma_tf32_into(c, a.hi, b.hi);
         }
+    }
+}
+
+/// A side gathered element by element through an [`Operand`] (see [`Side`]), its lines
+/// contiguous in each `[bk][width + SLICE_PAD]` half.
+pub struct Gathered<'o, O: Operand> {
+    side: Side,
+    operand: &'o O,
+    hoisted: Option<Vec<(O::Line, Pred)>>,
+    depth: u32,
+}
+
+impl<'o, O: Operand> Gathered<'o, O> {
+    pub fn new(
+        k: &mut KernelBuilder,
+        (shape, tiling, place): (GemmShape, Tiling, &TilePlace),
+        which: Operands,
+        k_fastest: bool,
+        operand: &'o O,
+    ) -> Self {
+        let (row_tiles, column_tiles) = tiling.tiles(shape);
+        let (width, origin, size, only_tile) = match which {
+            Operands::A => (tiling.bm, place.m0, shape.m, row_tiles == 1),
+            Operands::B => (tiling.bn, place.n0, shape.n, column_tiles == 1),
+        };
+        let side = Side::new(k, (width, tiling.bk), (origin, size, only_tile), k_fastest);
+        let hoisted = side.hoisted_lines(k, operand);
+        Gathered {
+            side,
+            operand,
+            hoisted,
+            depth: shape.k,
+        }
+    }
+}
+
+impl<O: Operand> Staging for Gathered<'_, O> {
+    type Fetched = Fetched<O::Fetched>;
+
+    fn k_steps(&self) -> KSteps {
+        KSteps::even(self.side.stride())
+    }
+
+    fn thread_lines(&self, k: &mut KernelBuilder, set: &LineSet) -> Vec<LineAt> {
+        set.offsets(k, self.k_steps(), |_, first, plus| (first, plus))
+    }
+
+    fn slice(&self, k: &mut KernelBuilder, half: U32) -> Slice {
+        self.side.slice(k, half)
+    }
+
+    fn fetch(&self, k: &mut KernelBuilder, k0: U32, half: U32) -> (Self::Fetched, bool) {
+        let fetched = self
+            .side
+            .fetch(k, self.operand, &self.hoisted, k0, self.depth, half);
+        let copies = fetched.copies;
+        (fetched, copies)
+    }
+
+    fn store(&self, k: &mut KernelBuilder, fetched: &Self::Fetched, half: U32) {
+        self.side.store(k, self.operand, fetched, half);
     }
 }
 
@@ -768,7 +1022,7 @@ impl Side {
             array: self.array,
             base: k.mul_u(half, self.depth * self.stride()),
             depth: self.depth,
-            stride: self.stride(),
+            steps: KSteps::even(self.stride()),
         }
     }
 
@@ -866,9 +1120,9 @@ impl Side {
     /// Where element (line l, step s) sits in `slice`: the thread's place in it plus the
     /// round's constant.
     fn element(&self, k: &mut KernelBuilder, slice: Slice, (l, s): (usize, usize)) -> (U32, u32) {
-        let at = k.mad_u(self.steps.lane, slice.stride, slice.base);
+        let at = k.mad_u(self.steps.lane, slice.steps.stride, slice.base);
         let at = k.add_u(at, self.lines.lane);
-        let plus = self.steps.constant(s) * slice.stride + self.lines.constant(l);
+        let plus = self.steps.constant(s) * slice.steps.stride + self.lines.constant(l);
         (at, plus)
     }
 
