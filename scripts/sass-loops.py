@@ -105,6 +105,17 @@ def hottest_loop(code):
     return best or []
 
 
+def branched(body):
+    """Instructions of `body` that a forward branch within it jumps over."""
+    end = body[-1][0] if body else 0
+    skipped = set()
+    for address, opcode, operands in body:
+        target = re.search(r"0x([0-9a-f]+)", operands) if opcode.startswith("BRA") else None
+        if target and address < int(target.group(1), 16) <= end:
+            skipped.update(a for a, _, _ in body if address < a < int(target.group(1), 16))
+    return len(skipped)
+
+
 def mix(body):
     counts = collections.Counter()
     for _, opcode, _ in body:
@@ -136,7 +147,13 @@ def estimate(artifact, code, card=H100):
             continue
         counts = mix(body)
         tensor = counts["mma"] > 0
-        per_multiply = len(body) / (counts["mma"] or counts["fma"])
+        # a part behind a branch (a halo's staging) runs in one step of branch_every
+        every = main_loop.get("branch_every", 1)
+        issued = len(body)
+        if every > 1:
+            skipped = branched(body)
+            issued = len(body) - skipped + skipped / every
+        per_multiply = issued / (counts["mma"] or counts["fma"])
         warps = launch["grid"][0] * launch["grid"][1] * launch["block"] // 32
         multiplies = warps * main_loop["trips"] * main_loop["multiplies"]
         kind = re.search(r"forward|dgrad|wgrad", kernel["name"])

@@ -315,11 +315,18 @@ pub struct Kernel {
 
 /// A kernel's main loop as its lowering states it, for static cost estimates: each block
 /// takes `trips` steps (a GEMM's K slices, times its products), in each of which every warp
-/// issues `multiplies` tensor-core mma instructions (or, on fp32, FMAs).
+/// issues `multiplies` tensor-core mma instructions (or, on fp32, FMAs); a part of the loop
+/// behind a branch (staging a convolution's input halo) runs in one step of `branch_every`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MainLoop {
     pub trips: u64,
     pub multiplies: u32,
+    #[serde(default = "every_step")]
+    pub branch_every: u32,
+}
+
+fn every_step() -> u32 {
+    1
 }
 
 impl MainLoop {

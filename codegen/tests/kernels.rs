@@ -426,11 +426,41 @@ fn conv_out(size: usize, kernel: usize, stride: usize, padding: usize) -> usize 
 fn convolution_forward_kernels() {
     let mut r = rng(10);
     for &(kernel, stride, padding, size, c, o) in CONVS.iter().chain(&WIDE_CONVS) {
-        let bn = bn_inputs(&mut r, &[2, c, size, size]);
-        let (w, b) = (
-            random(&mut r, &[o, c, kernel, kernel]),
-            random(&mut r, &[o]),
-        );
+        check_forward(&mut r, (kernel, stride, padding, size, c, o), 2);
+    }
+}
+
+/// Forward convolutions whose tiles hold whole output rows stage the input halo, a group of
+/// channels at a time (kernel, stride, padding, size, in channels, out channels): one group
+/// on tensor cores (two on fp32 FMA) in a 256-row tile of 16 rows; groups in two halves
+/// (32 and 64 channels); strided (a 17 × 17 halo); 5×5; four row tiles of a 32 × 32 plane.
+const HALO_CONVS: [(usize, usize, usize, usize, usize, usize); 6] = [
+    (3, 1, 1, 16, 16, 16),
+    (3, 1, 1, 16, 32, 32),
+    (3, 1, 1, 8, 64, 64),
+    (3, 2, 1, 16, 16, 64),
+    (5, 1, 2, 8, 16, 64),
+    (3, 1, 1, 32, 16, 16),
+];
+
+#[test]
+fn forward_convolutions_from_the_input_halo() {
+    let mut r = rng(13);
+    for &shape in &HALO_CONVS {
+        check_forward(&mut r, shape, 1);
+    }
+}
+
+/// A forward convolution's kernels, plain and fused (prologue or not, statistics or not),
+/// with and without bias.
+fn check_forward(
+    r: &mut rand_chacha::ChaCha8Rng,
+    (kernel, stride, padding, size, c, o): (usize, usize, usize, usize, usize, usize),
+    batch: usize,
+) {
+    {
+        let bn = bn_inputs(r, &[batch, c, size, size]);
+        let (w, b) = (random(r, &[o, c, kernel, kernel]), random(r, &[o]));
         for bias in [false, true] {
             let conv = Conv2d {
                 stride,

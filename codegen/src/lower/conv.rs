@@ -20,7 +20,7 @@ use super::gemm::{
     staged_gemm, store_column_sums, store_segment_sums, tiled_gemm,
 };
 use crate::builder::{F32, GlobalF32, Idx, KernelBuilder, Pred, SharedF32, U32, U64};
-use crate::kir::{BinOp, Cmp};
+use crate::kir::{BinOp, Cmp, MainLoop};
 
 pub fn lower(cx: &Cx) -> Lowered {
     let lowered = match cx.op {
@@ -96,11 +96,14 @@ impl Geometry {
 /// `channel·area + tap` (the weights' own order), or tap-major, `tap·channels + channel`,
 /// where the channels fill whole K slices. Then every slice lies within one tap, so where the
 /// tap puts a line's window, whether that pixel exists and its offset are made once per slice
-/// and line, and an element only adds its channel's offset.
+/// and line, and an element only adds its channel's offset. Or grouped,
+/// `(group·area + tap)·depth + channel in the group`: the taps of one group of `depth`
+/// channels in turn, each a slice (the forward's input halo, staged a group at a time).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Order {
     ChannelMajor,
     TapMajor,
+    Grouped { depth: u32, area: u32 },
 }
 
 impl Order {
@@ -110,6 +113,14 @@ impl Order {
         } else {
             Order::ChannelMajor
         }
+    }
+
+    /// The channel group and the tap of slice `slice` of a grouped K.
+    fn group_and_tap(k: &mut KernelBuilder, slice: U32, area: u32) -> (U32, U32) {
+        (
+            k.ubin(BinOp::Div, slice, area),
+            k.ubin(BinOp::Rem, slice, area),
+        )
     }
 
     /// The column of K at `kk`, of `channels × area` in all.
@@ -123,6 +134,17 @@ impl Order {
                     lane: k.add_u(first, kk.lane),
                     round: kk.round,
                     tap: k.ubin(BinOp::Div, kk.start, channels),
+                }
+            }
+            // the slice gives the group and the tap
+            Order::Grouped { depth, area } => {
+                let slice = k.ubin(BinOp::Div, kk.start, depth);
+                let (group, tap) = Order::group_and_tap(k, slice, area);
+                let first = k.mul_u(group, depth);
+                Column {
+                    lane: k.add_u(first, kk.lane),
+                    round: kk.round,
+                    tap,
                 }
             }
         }
@@ -239,25 +261,26 @@ fn plane_element(
     k.idx_add(base, p)
 }
 
-/// The GEMM of example `n` = block y (A gathered along m, B along k; with rows over the batch,
-/// its only product) of the operands `operands(k, n)` makes, with where the thread's elements
-/// sit: (place, n, products, coordinates).
-fn product_per_example<A: Operand, B: Operand>(
+/// How a forward or data-gradient product gathers its operands: A along m, B along k.
+const ROWS_BY_COLUMNS: Layout = Layout {
+    a_k_fastest: false,
+    b_k_fastest: true,
+};
+
+/// The GEMM of example `n` = block y (with rows over the batch, its only product) that
+/// `multiply(k, place, n, products)` emits, with where the thread's elements sit: (place, n,
+/// products, coordinates).
+fn product_per_example(
     k: &mut KernelBuilder,
     cx: &Cx,
     shape: GemmShape,
     tiling: Tiling,
-    operands: impl FnOnce(&mut KernelBuilder, U32) -> (A, B),
+    multiply: impl FnOnce(&mut KernelBuilder, &TilePlace, U32, &Products) -> MainLoop,
 ) -> (TilePlace, U32, Products, Coordinates) {
     let place = gemm::place(k, shape, tiling, cx.options.tensor_cores);
     let n = k.block_y();
-    let layout = Layout {
-        a_k_fastest: false,
-        b_k_fastest: true,
-    };
     let tile = Products::zeros(k, &place, false);
-    let (a, b) = operands(k, n);
-    let main_loop = tiled_gemm(k, shape, tiling, &place, layout, &tile, &a, &b);
+    let main_loop = multiply(k, &place, n, &tile);
     k.note_main_loop(main_loop);
     let coords = place.coordinates(k);
     (place, n, tile, coords)
@@ -704,6 +727,19 @@ impl<'a> PatchLayout<'a> {
     }
 }
 
+impl Patch<'_> {
+    /// Half `half` of the staging area.
+    fn half(&self, k: &mut KernelBuilder, half: U32) -> Slice {
+        let dims = self.layout.dims;
+        Slice {
+            array: self.layout.array,
+            base: k.mul_u(half, dims.words()),
+            steps: self.layout.dims.steps(self.layout.g),
+            depth: dims.depth,
+        }
+    }
+}
+
 impl Staging for Patch<'_> {
     /// Per element round: the loaded pixel, or NaN where none exists (the prologue's ReLU,
     /// `max`, returns its other operand for NaN: zero).
@@ -717,14 +753,8 @@ impl Staging for Patch<'_> {
         self.layout.lines.clone()
     }
 
-    fn slice(&self, k: &mut KernelBuilder, half: U32) -> Slice {
-        let dims = self.layout.dims;
-        Slice {
-            array: self.layout.array,
-            base: k.mul_u(half, dims.words()),
-            steps: self.k_steps(),
-            depth: dims.depth,
-        }
+    fn slice(&self, k: &mut KernelBuilder, _step: U32, half: U32) -> Slice {
+        self.half(k, half)
     }
 
     fn fetch(&self, k: &mut KernelBuilder, k0: U32, half: U32) -> (Vec<F32>, bool) {
@@ -740,7 +770,7 @@ impl Staging for Patch<'_> {
         };
         let (y0, x0) = (corner(k, oy), corner(k, ox));
         let corner = k.mad_u(y0, g.w, x0);
-        let slice = self.slice(k, half);
+        let slice = self.half(k, half);
         let tid = k.tid();
         let at = k.add_u(slice.base, tid);
         let mut loaded = Vec::new();
@@ -774,7 +804,7 @@ impl Staging for Patch<'_> {
         if fetched.is_empty() {
             return;
         }
-        let slice = self.slice(k, half);
+        let slice = self.half(k, half);
         let tid = k.tid();
         let at = k.add_u(slice.base, tid);
         for (r, (&pixel, element)) in fetched.iter().zip(&self.layout.elements).enumerate() {
@@ -782,6 +812,252 @@ impl Staging for Patch<'_> {
             let value = prologue.apply(k, pixel);
             k.store_shared_plus(slice.array, at, r as u32 * THREADS, value);
         }
+    }
+}
+
+/// The forward convolution's A (the im2col matrix: lines are the tile's output positions, k
+/// the (channel, tap) pairs in `Order::Grouped`) staged as the input halo the tile's windows
+/// cover, a group of `bk` channels at a time, where the tile holds whole output rows:
+/// `rows = (tile rows − 1)·stride + kh` input rows × `span = (wo − 1)·stride + kw` columns
+/// of each of the group's channels. Each pixel is copied (or loaded and its prologue
+/// applied) once for all `area` taps rather than once per tap. A group's slices are its taps:
+/// position (py, px) of the tile, tap (ki, kj), the group's channel c is
+/// `halo[c][py·stride + ki][px·stride + kj]`, so a slice's base adds its tap's offset and the
+/// multiply's lines are offsets of positions. The fetch of a group's first slice stages the
+/// whole group, into the half the group before did not use.
+struct Halo<'a> {
+    g: &'a Geometry,
+    dims: HaloDims,
+    array: SharedF32,
+    /// x at the product's example
+    example: GlobalF32,
+    /// The thread's places in a channel plane, the same for every channel and group.
+    places: Vec<HaloPlace>,
+    prologue: Option<PrologueSource>,
+}
+
+/// Place `q = tid + j·THREADS` of a halo's channel plane (round j): whether it lies in the
+/// plane's `rows × span` (`in_plane`, where a round runs past them), whether its pixel lies
+/// in the input (0 or 1: a register, not a predicate, held across the loop), and the pixel's
+/// offset in a channel of x (0 where none).
+struct HaloPlace {
+    in_plane: Option<Pred>,
+    inside: U32,
+    pixel: U32,
+}
+
+/// A halo's sizes: channel planes of `rows × span` words, `plane` apart (padded); a group of
+/// `depth` channels, staged plane place by plane place in `rounds` of the block's threads
+/// (each all the group's channels), into one half or two (where there are several groups).
+#[derive(Clone, Copy)]
+struct HaloDims {
+    depth: u32,
+    area: u32,
+    groups: u32,
+    tile_rows: u32,
+    rows: u32,
+    span: u32,
+    plane: u32,
+    rounds: u32,
+    halves: u32,
+}
+
+/// The most shared words a halo takes (both halves): with the weights' slices and the
+/// statistics' column sums, within the 48 KiB of static shared memory.
+const HALO_WORDS: u32 = 8192;
+
+impl HaloDims {
+    /// The halo of a forward convolution in `tiling`, if its tiles hold whole output rows of
+    /// one example, its channels fill whole groups and it fits.
+    fn choose(g: &Geometry, tiling: Tiling, rows: Rows) -> Option<HaloDims> {
+        let (depth, area) = (tiling.bk, g.kernel_area());
+        let whole_rows = tiling.bm.is_multiple_of(g.wo) && matches!(rows, Rows::PerExample);
+        if !whole_rows || !g.c.is_multiple_of(depth) || area == 1 {
+            return None;
+        }
+        let tile_rows = tiling.bm / g.wo;
+        let rows = (tile_rows - 1) * g.stride + g.kh;
+        let span = (g.wo - 1) * g.stride + g.kw;
+        // an A fragment load reads 8 positions (adjacent at stride 1) of 4 channels: planes
+        // 8 banks apart keep the 32 words in 32 banks
+        let plane = if g.stride == 1 {
+            (rows * span).next_multiple_of(16) | 8
+        } else {
+            rows * span
+        };
+        let rounds = (rows * span).div_ceil(THREADS);
+        let groups = g.c / depth;
+        let halves = groups.min(2);
+        (halves * depth * plane <= HALO_WORDS).then_some(HaloDims {
+            depth,
+            area,
+            groups,
+            tile_rows,
+            rows,
+            span,
+            plane,
+            rounds,
+            halves,
+        })
+    }
+
+    fn words(&self) -> u32 {
+        self.depth * self.plane
+    }
+
+    fn steps(&self) -> KSteps {
+        KSteps::even(self.plane)
+    }
+}
+
+impl<'a> Halo<'a> {
+    /// The halo of example `n`'s product at `place`.
+    fn new(
+        k: &mut KernelBuilder,
+        g: &'a Geometry,
+        dims: HaloDims,
+        (x, prologue): (U64, Option<PrologueSource>),
+        (place, n): (&TilePlace, U32),
+    ) -> Self {
+        let example = example_start(k, n, g.c * g.h * g.w);
+        let first_row = k.mul_u(place.tile_row, dims.tile_rows);
+        let scaled = k.mul_u(first_row, g.stride);
+        // the halo's first input row ("negative", wrapped, in the padding)
+        let top = k.ubin(BinOp::Sub, scaled, g.pad);
+        let tid = k.tid();
+        let places = (0..dims.rounds)
+            .map(|j| {
+                let q = k.add_u(tid, j * THREADS);
+                let in_plane = ((j + 1) * THREADS > dims.rows * dims.span)
+                    .then(|| k.cmp_u(Cmp::Lt, q, dims.rows * dims.span));
+                let row = k.ubin(BinOp::Div, q, dims.span);
+                let col = k.ubin(BinOp::Rem, q, dims.span);
+                let iy = k.add_u(top, row);
+                let ix = k.ubin(BinOp::Sub, col, g.pad);
+                let row_ok = k.cmp_u(Cmp::Lt, iy, g.h);
+                let col_ok = k.cmp_u(Cmp::Lt, ix, g.w);
+                let inside = k.and(row_ok, col_ok);
+                let pixel = k.mad_u(iy, g.w, ix);
+                HaloPlace {
+                    in_plane,
+                    inside: k.select_u(inside, 1u32, 0u32),
+                    pixel: k.select_u(inside, pixel, 0u32),
+                }
+            })
+            .collect();
+        Halo {
+            g,
+            dims,
+            array: k.shared(dims.halves * dims.words()),
+            example: k.element_ptr(x, example),
+            places,
+            prologue,
+        }
+    }
+
+    /// Where group `group`'s half starts.
+    fn group_half(&self, k: &mut KernelBuilder, group: U32) -> U32 {
+        if self.dims.halves == 1 {
+            return k.u32(0);
+        }
+        let parity = k.ubin(BinOp::And, group, 1u32);
+        k.mul_u(parity, self.dims.words())
+    }
+
+    /// Stages group `group` into its half: each of the thread's plane places in every
+    /// channel of the group (the channel's offsets constants).
+    fn stage(&self, k: &mut KernelBuilder, group: U32) {
+        let (g, dims) = (self.g, self.dims);
+        let half = self.group_half(k, group);
+        let tid = k.tid();
+        let at = k.add_u(half, tid);
+        let first_channel = k.mul_u(group, dims.depth);
+        let channels = k.mul_u(first_channel, g.h * g.w);
+        // channel c's (scale, shift) at pairs + 2c
+        let pairs = self.prologue.map(|source| {
+            let first = k.mul_u(first_channel, 2u32);
+            k.element_ptr(source.pairs, first)
+        });
+        for (j, place) in self.places.iter().enumerate() {
+            let stage_place = |k: &mut KernelBuilder| {
+                let inside = k.cmp_u(Cmp::Ne, place.inside, 0u32);
+                let offset = k.add_u(channels, place.pixel);
+                let src = k.element_ptr_past(self.example, offset);
+                for c in 0..dims.depth {
+                    let (src, plus) =
+                        (src.plus(c * g.h * g.w), j as u32 * THREADS + c * dims.plane);
+                    match pairs {
+                        None => k.copy_async_from(self.array, at, plus, src, inside),
+                        Some(pairs) => {
+                            let prologue = Prologue {
+                                scale: k.load_from(pairs.plus(2 * c)),
+                                shift: k.load_from(pairs.plus(2 * c + 1)),
+                            };
+                            let pixel = k.load_from(src);
+                            let value = prologue.apply(k, pixel);
+                            let value = k.select(inside, value, 0.0f32);
+                            k.store_shared_plus(self.array, at, plus, value);
+                        }
+                    }
+                }
+            };
+            match place.in_plane {
+                Some(in_plane) => k.when(in_plane, stage_place),
+                None => stage_place(k),
+            }
+        }
+    }
+}
+
+impl Staging for Halo<'_> {
+    type Fetched = ();
+
+    fn k_steps(&self) -> KSteps {
+        self.dims.steps()
+    }
+
+    /// Position p of the tile at tap (0, 0): `(p / wo)·stride` rows and `(p % wo)·stride`
+    /// columns into the halo.
+    fn thread_lines(&self, k: &mut KernelBuilder, set: &LineSet) -> Vec<LineAt> {
+        let (g, dims) = (self.g, self.dims);
+        set.offsets(k, dims.steps(), |k, first, plus| {
+            let p = k.add_u(first, plus);
+            let (py, px) = (k.ubin(BinOp::Div, p, g.wo), k.ubin(BinOp::Rem, p, g.wo));
+            let row = k.mul_u(py, g.stride * dims.span);
+            (k.mad_u(px, g.stride, row), 0)
+        })
+    }
+
+    fn slice(&self, k: &mut KernelBuilder, step: U32, _half: U32) -> Slice {
+        let (g, dims) = (self.g, self.dims);
+        let (group, tap) = Order::group_and_tap(k, step, dims.area);
+        let (ki, kj) = g.tap_position(k, tap);
+        let half = self.group_half(k, group);
+        let row = k.mad_u(ki, dims.span, half);
+        Slice {
+            array: self.array,
+            base: k.add_u(row, kj),
+            steps: dims.steps(),
+            depth: dims.depth,
+        }
+    }
+
+    /// Slice `k0` stages its group where it is the group's first.
+    fn fetch(&self, k: &mut KernelBuilder, k0: U32, _half: U32) -> ((), bool) {
+        let dims = self.dims;
+        let slice = k.ubin(BinOp::Div, k0, dims.depth);
+        let (group, tap) = Order::group_and_tap(k, slice, dims.area);
+        let first = k.cmp_u(Cmp::Eq, tap, 0u32);
+        let exists = k.cmp_u(Cmp::Lt, group, dims.groups);
+        let starts = k.and(first, exists);
+        k.when(starts, |k| self.stage(k, group));
+        ((), self.prologue.is_none())
+    }
+
+    fn store(&self, _k: &mut KernelBuilder, _fetched: &(), _half: U32) {}
+
+    fn staged_every(&self) -> u32 {
+        self.dims.area
     }
 }
 
@@ -1017,26 +1293,41 @@ fn forward(cx: &Cx, conv: &Conv2d, prologue: Option<FloatAttr>, stats: bool) -> 
     let y = k.ptr_param("y");
     let partials = stats.then(|| k.ptr_param("partials"));
     let bn = prologue_source(&mut k, bn);
-    let operands = |k: &mut KernelBuilder, n: U32| {
-        let im2col = Im2col::new(k, &g, x, bn, (n, tiling, batching));
-        let order = im2col.order;
-        // w[o][c][tap]: line o, column (c, tap) in the im2col's order
-        let weights = Dense {
-            src: w,
-            line: |k: &mut KernelBuilder, o: U32| {
-                let row = k.mul_u(o, shape.k);
-                k.idx(row)
-            },
-            depth: move |k: &mut KernelBuilder, kk: SliceK| {
-                let area = g.kernel_area();
-                let column = order.split(k, kk, g.c, area);
-                let c = column.channel(k);
-                k.mad_u(c, area, column.tap)
-            },
-        };
-        (Positions(im2col), weights)
+    // A: the input's halo where it fits, else its im2col elements
+    let halo = HaloDims::choose(&g, tiling, batching);
+    let area = g.kernel_area();
+    let order = match halo {
+        Some(_) => Order::Grouped {
+            depth: tiling.bk,
+            area,
+        },
+        None => Order::for_channels(g.c, tiling),
     };
-    let (place, n, tile, coords) = product_per_example(&mut k, cx, shape, tiling, operands);
+    // w[o][c][tap]: line o, column (c, tap) in the A's order
+    let weights = Dense {
+        src: w,
+        line: |k: &mut KernelBuilder, o: U32| {
+            let row = k.mul_u(o, shape.k);
+            k.idx(row)
+        },
+        depth: move |k: &mut KernelBuilder, kk: SliceK| {
+            let column = order.split(k, kk, g.c, area);
+            let c = column.channel(k);
+            k.mad_u(c, area, column.tap)
+        },
+    };
+    let (place, n, tile, coords) =
+        product_per_example(&mut k, cx, shape, tiling, |k, place, n, tile| match halo {
+            Some(dims) => {
+                let a = Halo::new(k, &g, dims, (x, bn), (place, n));
+                let b = Gathered::new(k, (shape, tiling, place), Operands::B, true, &weights);
+                staged_gemm(k, shape, tiling, place, tile, (&a, &b))
+            }
+            None => {
+                let a = Positions(Im2col::new(k, &g, x, bn, (n, tiling, batching)));
+                tiled_gemm(k, shape, tiling, place, ROWS_BY_COLUMNS, tile, &a, &weights)
+            }
+        });
 
     // y = C (+ bias), stored where the element exists
     let outputs: Vec<Vec<F32>> = tile
@@ -1160,7 +1451,11 @@ fn dgrad(cx: &Cx, d: &ConvDgrad, epilogue: Option<(FloatAttr, Squares)>) -> Lowe
         };
         (spread, weights)
     };
-    let (place, n, tile, coords) = product_per_example(&mut k, cx, shape, tiling, operands);
+    let (place, n, tile, coords) =
+        product_per_example(&mut k, cx, shape, tiling, |k, place, n, tile| {
+            let (a, b) = operands(k, n);
+            tiled_gemm(k, shape, tiling, place, ROWS_BY_COLUMNS, tile, &a, &b)
+        });
 
     // every element stored (ReLU-masked under the epilogue), with what its BN terms need
     let mut masked: Vec<Vec<(F32, F32)>> = Vec::new();

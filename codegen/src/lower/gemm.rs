@@ -483,14 +483,18 @@ pub trait Staging {
     /// Where the lines of `set` sit in a half, each a register and a constant (asked once
     /// per product, before its loop).
     fn thread_lines(&self, k: &mut KernelBuilder, set: &LineSet) -> Vec<LineAt>;
-    /// Half `half` (0 or 1) of the staging area.
-    fn slice(&self, k: &mut KernelBuilder, half: U32) -> Slice;
+    /// Where slice `step`, staged in half `half` (0 or 1), lies.
+    fn slice(&self, k: &mut KernelBuilder, step: U32, half: U32) -> Slice;
     /// Issues the loads and copies of the slice at `k0` (the last step asks for one past
     /// the end, which is fetched clamped and never used), the copies into half `half`; and
     /// whether there were copies.
     fn fetch(&self, k: &mut KernelBuilder, k0: U32, half: U32) -> (Self::Fetched, bool);
     /// Finishes the loaded elements into half `half`.
     fn store(&self, k: &mut KernelBuilder, fetched: &Self::Fetched, half: U32);
+    /// Steps in which the side stages once (behind a branch), for cost estimates.
+    fn staged_every(&self) -> u32 {
+        1
+    }
 }
 
 /// Which operand of the GEMM a side stages: A (lines are rows) or B (lines are columns).
@@ -575,7 +579,7 @@ pub fn staged_gemm<A: Staging, B: Staging>(
         // the last step fetches a clamped, unused slice: no branch around the loads
         let k0 = k.mad_u(step, bk, bk);
         let (fetched, _) = issue(k, k0, other);
-        let slices = (a.slice(k, this), b.slice(k, this));
+        let slices = (a.slice(k, step, this), b.slice(k, step, this));
         let at = (lines.0.in_half(k, slices.0), lines.1.in_half(k, slices.1));
         match place.mapping {
             Mapping::Simt { .. } => fma_slice(k, slices, at, acc),
@@ -590,6 +594,7 @@ pub fn staged_gemm<A: Staging, B: Staging>(
     MainLoop {
         trips: tiling.slices(shape) as u64,
         multiplies: place.multiplies_per_slice(tiling.bk, acc.squares.is_some()),
+        branch_every: a.staged_every().max(b.staged_every()),
     }
 }
 
@@ -892,7 +897,7 @@ impl<O: Operand> Staging for Gathered<'_, O> {
         set.offsets(k, self.k_steps(), |_, first, plus| (first, plus))
     }
 
-    fn slice(&self, k: &mut KernelBuilder, half: U32) -> Slice {
+    fn slice(&self, k: &mut KernelBuilder, _step: U32, half: U32) -> Slice {
         self.side.slice(k, half)
     }
 
