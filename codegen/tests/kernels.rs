@@ -543,26 +543,67 @@ fn convolution_gradient_kernels() {
             random(&mut r, &[o, c, kernel, kernel]),
             random(&mut r, &[batch, o, out, out]),
         );
-        let dgrad = ConvDgrad {
-            stride,
-            padding,
-            input_hw: (size, size),
-        };
-        check_conv(dgrad.clone(), &[dy.clone(), w.clone()], REDUCTION);
-        for squares in [Squares::None, Squares::PerExample, Squares::PerPosition] {
-            let mut inputs = vec![dy.clone(), w.clone()];
-            inputs.extend(bn.iter().cloned());
-            check_conv(
-                FusedDgrad {
-                    dgrad: dgrad.clone(),
-                    eps: EPS,
-                    squares,
-                },
-                &inputs,
-                REDUCTION,
-            );
-        }
+        check_dgrad(&bn, (&dy, &w), (stride, padding, size));
         check_wgrad(&bn, &dy, (kernel, stride, padding));
+    }
+}
+
+/// The data-gradient kernels of `dy` and `w`: plain, and fused with the BN backward of `bn`
+/// and each kind of squares.
+fn check_dgrad(
+    bn: &[fisherc_ir::tensor::Value<f32>],
+    (dy, w): (
+        &fisherc_ir::tensor::Value<f32>,
+        &fisherc_ir::tensor::Value<f32>,
+    ),
+    (stride, padding, size): (usize, usize, usize),
+) {
+    let dgrad = ConvDgrad {
+        stride,
+        padding,
+        input_hw: (size, size),
+    };
+    check_conv(dgrad.clone(), &[dy.clone(), w.clone()], REDUCTION);
+    for squares in [Squares::None, Squares::PerExample, Squares::PerPosition] {
+        let mut inputs = vec![dy.clone(), w.clone()];
+        inputs.extend(bn.iter().cloned());
+        check_conv(
+            FusedDgrad {
+                dgrad: dgrad.clone(),
+                eps: EPS,
+                squares,
+            },
+            &inputs,
+            REDUCTION,
+        );
+    }
+}
+
+/// Stride-1 data gradients whose tiles hold whole input rows, and whose output channels fit
+/// one group of a K slice (16 on tensor cores), stage dy's halo (kernel, stride, padding,
+/// size, in channels, out channels): a 256-row tile; 64- and 48-row tiles (64 and 48 input
+/// channels); no padding (the halo starts two rows above the tile's); 5×5; four row tiles of
+/// a 32 × 32 plane.
+const DGRAD_HALO_CONVS: [(usize, usize, usize, usize, usize, usize); 6] = [
+    (3, 1, 1, 16, 16, 16),
+    (3, 1, 1, 16, 48, 16),
+    (3, 1, 1, 8, 64, 16),
+    (3, 1, 0, 16, 16, 16),
+    (5, 1, 2, 16, 16, 16),
+    (3, 1, 1, 32, 16, 16),
+];
+
+#[test]
+fn data_gradients_from_the_dy_halo() {
+    let mut r = rng(14);
+    for &(kernel, stride, padding, size, c, o) in &DGRAD_HALO_CONVS {
+        let out = conv_out(size, kernel, stride, padding);
+        let bn = bn_inputs(&mut r, &[1, c, size, size]);
+        let (w, dy) = (
+            random(&mut r, &[o, c, kernel, kernel]),
+            random(&mut r, &[1, o, out, out]),
+        );
+        check_dgrad(&bn, (&dy, &w), (stride, padding, size));
     }
 }
 

@@ -851,6 +851,7 @@ struct HaloPlace {
 /// (each all the group's channels), into one half or two (where there are several groups).
 #[derive(Clone, Copy)]
 struct HaloDims {
+    frame: HaloFrame,
     depth: u32,
     area: u32,
     groups: u32,
@@ -866,29 +867,90 @@ struct HaloDims {
 /// statistics' column sums, within the 48 KiB of static shared memory.
 const HALO_WORDS: u32 = 8192;
 
+/// Which tensor a halo stages, and how the GEMM's rows and taps meet it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum HaloOf {
+    /// The forward's input x: output position (oy, ox) at tap (ki, kj) reads
+    /// `x[oy·stride + ki − pad][ox·stride + kj − pad]`.
+    Input,
+    /// The data gradient's dy, at stride 1: input position (iy, ix) at tap (ki, kj) reads
+    /// `dy[iy + pad − ki][ix + pad − kj]`, the taps flipped.
+    OutputGradient,
+}
+
+/// The halo's source as a GEMM's rows see it: `channels` planes of `height × width`, rows
+/// of `row_width` positions `stride` apart in the source, the halo's first row `shift` rows
+/// after the tile's first row times the stride (and its first column `shift` columns in).
+#[derive(Clone, Copy)]
+struct HaloFrame {
+    channels: u32,
+    height: u32,
+    width: u32,
+    row_width: u32,
+    stride: u32,
+    shift: i64,
+    flipped: bool,
+}
+
+impl HaloFrame {
+    fn new(g: &Geometry, of: HaloOf) -> HaloFrame {
+        match of {
+            HaloOf::Input => HaloFrame {
+                channels: g.c,
+                height: g.h,
+                width: g.w,
+                row_width: g.wo,
+                stride: g.stride,
+                shift: -(g.pad as i64),
+                flipped: false,
+            },
+            HaloOf::OutputGradient => HaloFrame {
+                channels: g.o,
+                height: g.ho,
+                width: g.wo,
+                row_width: g.w,
+                stride: 1,
+                shift: g.pad as i64 - (g.kh as i64 - 1),
+                flipped: true,
+            },
+        }
+    }
+}
+
 impl HaloDims {
-    /// The halo of a forward convolution in `tiling`, if its tiles hold whole output rows of
-    /// one example, its channels fill whole groups and it fits.
-    fn choose(g: &Geometry, tiling: Tiling, rows: Rows) -> Option<HaloDims> {
+    /// The halo of a forward convolution's input or a stride-1 data gradient's dy in
+    /// `tiling`, if its tiles hold whole rows of one example, its channels fill whole groups
+    /// and it fits.
+    fn choose(g: &Geometry, tiling: Tiling, rows: Rows, of: HaloOf) -> Option<HaloDims> {
+        let frame = HaloFrame::new(g, of);
         let (depth, area) = (tiling.bk, g.kernel_area());
-        let whole_rows = tiling.bm.is_multiple_of(g.wo) && matches!(rows, Rows::PerExample);
-        if !whole_rows || !g.c.is_multiple_of(depth) || area == 1 {
+        let whole_rows =
+            tiling.bm.is_multiple_of(frame.row_width) && matches!(rows, Rows::PerExample);
+        let square = g.kh == g.kw; // one shift serves rows and columns
+        let strided = of == HaloOf::OutputGradient && g.stride != 1;
+        if !whole_rows || !frame.channels.is_multiple_of(depth) || area == 1 || !square || strided {
             return None;
         }
-        let tile_rows = tiling.bm / g.wo;
-        let rows = (tile_rows - 1) * g.stride + g.kh;
-        let span = (g.wo - 1) * g.stride + g.kw;
+        let tile_rows = tiling.bm / frame.row_width;
+        let rows = (tile_rows - 1) * frame.stride + g.kh;
+        let span = (frame.row_width - 1) * frame.stride + g.kw;
         // an A fragment load reads 8 positions (adjacent at stride 1) of 4 channels: planes
         // 8 banks apart keep the 32 words in 32 banks
-        let plane = if g.stride == 1 {
+        let plane = if frame.stride == 1 {
             (rows * span).next_multiple_of(16) | 8
         } else {
             rows * span
         };
         let rounds = (rows * span).div_ceil(THREADS);
-        let groups = g.c / depth;
+        let groups = frame.channels / depth;
+        // dy is copied: with several groups, its halo's per-slice work costs what it saves
+        // (loop estimate: ResNet44's 32- and 64-channel data gradients even or 1% slower)
+        if of == HaloOf::OutputGradient && groups > 1 {
+            return None;
+        }
         let halves = groups.min(2);
         (halves * depth * plane <= HALO_WORDS).then_some(HaloDims {
+            frame,
             depth,
             area,
             groups,
@@ -919,11 +981,13 @@ impl<'a> Halo<'a> {
         (x, prologue): (U64, Option<PrologueSource>),
         (place, n): (&TilePlace, U32),
     ) -> Self {
-        let example = example_start(k, n, g.c * g.h * g.w);
+        let f = dims.frame;
+        let example = example_start(k, n, f.channels * f.height * f.width);
         let first_row = k.mul_u(place.tile_row, dims.tile_rows);
-        let scaled = k.mul_u(first_row, g.stride);
-        // the halo's first input row ("negative", wrapped, in the padding)
-        let top = k.ubin(BinOp::Sub, scaled, g.pad);
+        let scaled = k.mul_u(first_row, f.stride);
+        // the halo's first row and column ("negative", wrapped, in the padding)
+        let shift = f.shift as i32 as u32;
+        let top = k.add_u(scaled, shift);
         let tid = k.tid();
         let places = (0..dims.rounds)
             .map(|j| {
@@ -933,11 +997,11 @@ impl<'a> Halo<'a> {
                 let row = k.ubin(BinOp::Div, q, dims.span);
                 let col = k.ubin(BinOp::Rem, q, dims.span);
                 let iy = k.add_u(top, row);
-                let ix = k.ubin(BinOp::Sub, col, g.pad);
-                let row_ok = k.cmp_u(Cmp::Lt, iy, g.h);
-                let col_ok = k.cmp_u(Cmp::Lt, ix, g.w);
+                let ix = k.add_u(col, shift);
+                let row_ok = k.cmp_u(Cmp::Lt, iy, f.height);
+                let col_ok = k.cmp_u(Cmp::Lt, ix, f.width);
                 let inside = k.and(row_ok, col_ok);
-                let pixel = k.mad_u(iy, g.w, ix);
+                let pixel = k.mad_u(iy, f.width, ix);
                 HaloPlace {
                     in_plane,
                     inside: k.select_u(inside, 1u32, 0u32),
@@ -967,12 +1031,13 @@ impl<'a> Halo<'a> {
     /// Stages group `group` into its half: each of the thread's plane places in every
     /// channel of the group (the channel's offsets constants).
     fn stage(&self, k: &mut KernelBuilder, group: U32) {
-        let (g, dims) = (self.g, self.dims);
+        let dims = self.dims;
         let half = self.group_half(k, group);
         let tid = k.tid();
         let at = k.add_u(half, tid);
+        let plane = dims.frame.height * dims.frame.width;
         let first_channel = k.mul_u(group, dims.depth);
-        let channels = k.mul_u(first_channel, g.h * g.w);
+        let channels = k.mul_u(first_channel, plane);
         // channel c's (scale, shift) at pairs + 2c
         let pairs = self.prologue.map(|source| {
             let first = k.mul_u(first_channel, 2u32);
@@ -984,8 +1049,7 @@ impl<'a> Halo<'a> {
                 let offset = k.add_u(channels, place.pixel);
                 let src = k.element_ptr_past(self.example, offset);
                 for c in 0..dims.depth {
-                    let (src, plus) =
-                        (src.plus(c * g.h * g.w), j as u32 * THREADS + c * dims.plane);
+                    let (src, plus) = (src.plus(c * plane), j as u32 * THREADS + c * dims.plane);
                     match pairs {
                         None => k.copy_async_from(self.array, at, plus, src, inside),
                         Some(pairs) => {
@@ -1019,18 +1083,25 @@ impl Staging for Halo<'_> {
     /// Position p of the tile at tap (0, 0): `(p / wo)·stride` rows and `(p % wo)·stride`
     /// columns into the halo.
     fn thread_lines(&self, k: &mut KernelBuilder, set: &LineSet) -> Vec<LineAt> {
-        let (g, dims) = (self.g, self.dims);
+        let (dims, f) = (self.dims, self.dims.frame);
         set.offsets(k, dims.steps(), |k, first, plus| {
             let p = k.add_u(first, plus);
-            let (py, px) = (k.ubin(BinOp::Div, p, g.wo), k.ubin(BinOp::Rem, p, g.wo));
-            let row = k.mul_u(py, g.stride * dims.span);
-            (k.mad_u(px, g.stride, row), 0)
+            let py = k.ubin(BinOp::Div, p, f.row_width);
+            let px = k.ubin(BinOp::Rem, p, f.row_width);
+            let row = k.mul_u(py, f.stride * dims.span);
+            (k.mad_u(px, f.stride, row), 0)
         })
     }
 
     fn slice(&self, k: &mut KernelBuilder, step: U32, _half: U32) -> Slice {
         let (g, dims) = (self.g, self.dims);
         let (group, tap) = Order::group_and_tap(k, step, dims.area);
+        let tap = if dims.frame.flipped {
+            let last = k.u32(dims.area - 1);
+            k.ubin(BinOp::Sub, last, tap)
+        } else {
+            tap
+        };
         let (ki, kj) = g.tap_position(k, tap);
         let half = self.group_half(k, group);
         let row = k.mad_u(ki, dims.span, half);
@@ -1294,7 +1365,7 @@ fn forward(cx: &Cx, conv: &Conv2d, prologue: Option<FloatAttr>, stats: bool) -> 
     let partials = stats.then(|| k.ptr_param("partials"));
     let bn = prologue_source(&mut k, bn);
     // A: the input's halo where it fits, else its im2col elements
-    let halo = HaloDims::choose(&g, tiling, batching);
+    let halo = HaloDims::choose(&g, tiling, batching, HaloOf::Input);
     let area = g.kernel_area();
     let order = match halo {
         Some(_) => Order::Grouped {
@@ -1424,37 +1495,56 @@ fn dgrad(cx: &Cx, d: &ConvDgrad, epilogue: Option<(FloatAttr, Squares)>) -> Lowe
     });
     let dx = k.ptr_param("dx");
     let partials = bn.as_ref().map(|_| k.ptr_param("partials"));
-    let operands = |k: &mut KernelBuilder, n: U32| {
-        let n = batching.product_example(k, n);
-        let example = example_start(k, n, g.o * g.ho * g.wo);
-        let area = g.kernel_area();
-        let order = Order::for_channels(g.o, tiling);
-        // w[o][c][tap]: line c, column (o, tap) in the spread's order
-        let weights = Dense {
-            src: w,
-            line: move |k: &mut KernelBuilder, c: U32| {
-                let start = k.mul_u(c, area);
-                k.idx(start)
-            },
-            depth: move |k: &mut KernelBuilder, kk: SliceK| {
-                let column = order.split(k, kk, g.o, area);
-                let o = column.channel(k);
-                k.mad_u(o, g.c * area, column.tap)
-            },
-        };
-        let spread = Spread {
-            g: &g,
-            dy,
-            example,
-            order,
-            rows: batching,
-        };
-        (spread, weights)
+    // A: dy's halo where it fits, else its spread elements
+    let halo = HaloDims::choose(&g, tiling, batching, HaloOf::OutputGradient);
+    let area = g.kernel_area();
+    let order = match halo {
+        Some(_) => Order::Grouped {
+            depth: tiling.bk,
+            area,
+        },
+        None => Order::for_channels(g.o, tiling),
+    };
+    // w[o][c][tap]: line c, column (o, tap) in the A's order
+    let weights = Dense {
+        src: w,
+        line: move |k: &mut KernelBuilder, c: U32| {
+            let start = k.mul_u(c, area);
+            k.idx(start)
+        },
+        depth: move |k: &mut KernelBuilder, kk: SliceK| {
+            let column = order.split(k, kk, g.o, area);
+            let o = column.channel(k);
+            k.mad_u(o, g.c * area, column.tap)
+        },
     };
     let (place, n, tile, coords) =
-        product_per_example(&mut k, cx, shape, tiling, |k, place, n, tile| {
-            let (a, b) = operands(k, n);
-            tiled_gemm(k, shape, tiling, place, ROWS_BY_COLUMNS, tile, &a, &b)
+        product_per_example(&mut k, cx, shape, tiling, |k, place, n, tile| match halo {
+            Some(dims) => {
+                let a = Halo::new(k, &g, dims, (dy, None), (place, n));
+                let b = Gathered::new(k, (shape, tiling, place), Operands::B, true, &weights);
+                staged_gemm(k, shape, tiling, place, tile, (&a, &b))
+            }
+            None => {
+                let product = batching.product_example(k, n);
+                let spread = Spread {
+                    g: &g,
+                    dy,
+                    example: example_start(k, product, g.o * g.ho * g.wo),
+                    order,
+                    rows: batching,
+                };
+                tiled_gemm(
+                    k,
+                    shape,
+                    tiling,
+                    place,
+                    ROWS_BY_COLUMNS,
+                    tile,
+                    &spread,
+                    &weights,
+                )
+            }
         });
 
     // every element stored (ReLU-masked under the epilogue), with what its BN terms need
