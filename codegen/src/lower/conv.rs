@@ -578,9 +578,6 @@ struct PatchDims {
     columns: u32,
 }
 
-/// The most output channels (rows of a weight-gradient tile) for wide K slices.
-const WIDE_PATCH_ROWS: u32 = 64;
-
 /// Rounds of patch elements a thread keeps the index arithmetic of (registers).
 const PATCH_ROUNDS: u32 = 4;
 
@@ -1657,14 +1654,10 @@ fn wgrad(
         k: positions,
     };
     let weights = (shape.m * shape.n) as u64;
-    // the input patch where it fits, in wide K slices where those fit and dy's side stays
-    // small (at 16 deep, a 256-row tile stages 16 elements per thread: VGG16's 512-channel
-    // layers lose 38%)
+    // the input patch where it fits, in wide K slices where those fit
     let narrow = Tiling::for_rows(g.o);
-    let wide = (narrow.bm <= WIDE_PATCH_ROWS).then(|| narrow.widened(cx.options.tensor_cores));
-    let (tiling, patch) = wide
+    let (tiling, patch) = [narrow.widened(cx.options.tensor_cores), narrow]
         .into_iter()
-        .chain([narrow])
         .find_map(|tiling| Some((tiling, Some(PatchDims::choose(&g, tiling, shape)?))))
         .unwrap_or((narrow, None));
     let chunks = batch_chunks(tiling.count(shape) as u64, g.batch);
