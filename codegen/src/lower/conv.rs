@@ -4,6 +4,12 @@
 //! gradient with the prologue recomputed and, in the same pass, the Fisher squares: a block
 //! runs one product per example of its chunk and adds both the product and its square, so no
 //! per-example gradient ever reaches memory.
+//!
+//! The gathered operand is staged one of two ways: element by element (im2col and its kin:
+//! `Positions`, `Taps`, `Spread`), or, where the tile's positions are whole rows or runs of
+//! one, as the input pixels they read, each once rather than once per tap (`Halo` for the
+//! forward's input and a stride-1 data gradient's dy, `Patch` for the weight gradient's
+//! input), the multiply reading the taps out of shared memory.
 
 use std::convert::Infallible;
 
@@ -107,6 +113,18 @@ enum Order {
 }
 
 impl Order {
+    /// Grouped where a halo stages A (`area` taps a channel), else as `for_channels`.
+    fn choose(channels: u32, tiling: Tiling, halo: bool, area: u32) -> Order {
+        if halo {
+            Order::Grouped {
+                depth: tiling.bk,
+                area,
+            }
+        } else {
+            Order::for_channels(channels, tiling)
+        }
+    }
+
     fn for_channels(channels: u32, tiling: Tiling) -> Order {
         if channels.is_multiple_of(tiling.bk) {
             Order::TapMajor
@@ -284,6 +302,18 @@ fn product_per_example(
     k.note_main_loop(main_loop);
     let coords = place.coordinates(k);
     (place, n, tile, coords)
+}
+
+/// The product of a halo (A) and the weights (B, gathered along k) at `place`, into `tile`.
+fn halo_product<B: Operand>(
+    k: &mut KernelBuilder,
+    (shape, tiling, place): (GemmShape, Tiling, &TilePlace),
+    tile: &Products,
+    halo: &Halo,
+    weights: &B,
+) -> MainLoop {
+    let b = Gathered::new(k, (shape, tiling, place), Operands::B, true, weights);
+    staged_gemm(k, shape, tiling, place, tile, (halo, &b))
 }
 
 /// A dense operand: element (line, k) of `src` at `line(line) + depth(k)`.
@@ -821,12 +851,13 @@ impl Staging for Patch<'_> {
 /// position (py, px) of the tile, tap (ki, kj), the group's channel c is
 /// `halo[c][py·stride + ki][px·stride + kj]`, so a slice's base adds its tap's offset and the
 /// multiply's lines are offsets of positions. The fetch of a group's first slice stages the
-/// whole group, into the half the group before did not use.
+/// whole group, into the half the group before did not use. A stride-1 data gradient's A
+/// is staged the same way from dy, its taps flipped ([`HaloOf`]).
 struct Halo<'a> {
     g: &'a Geometry,
     dims: HaloDims,
     array: SharedF32,
-    /// x at the product's example
+    /// The source (x, or dy) at the product's example.
     example: GlobalF32,
     /// The thread's places in a channel plane, the same for every channel and group.
     places: Vec<HaloPlace>,
@@ -835,8 +866,8 @@ struct Halo<'a> {
 
 /// Place `q = tid + j·THREADS` of a halo's channel plane (round j): whether it lies in the
 /// plane's `rows × span` (`in_plane`, where a round runs past them), whether its pixel lies
-/// in the input (0 or 1: a register, not a predicate, held across the loop), and the pixel's
-/// offset in a channel of x (0 where none).
+/// in the source (0 or 1: a register, not a predicate, held across the loop), and the pixel's
+/// offset in a channel of the source (0 where none).
 struct HaloPlace {
     in_plane: Option<Pred>,
     inside: U32,
@@ -1364,13 +1395,7 @@ fn forward(cx: &Cx, conv: &Conv2d, prologue: Option<FloatAttr>, stats: bool) -> 
     // A: the input's halo where it fits, else its im2col elements
     let halo = HaloDims::choose(&g, tiling, batching, HaloOf::Input);
     let area = g.kernel_area();
-    let order = match halo {
-        Some(_) => Order::Grouped {
-            depth: tiling.bk,
-            area,
-        },
-        None => Order::for_channels(g.c, tiling),
-    };
+    let order = Order::choose(g.c, tiling, halo.is_some(), area);
     // w[o][c][tap]: line o, column (c, tap) in the A's order
     let weights = Dense {
         src: w,
@@ -1388,8 +1413,7 @@ fn forward(cx: &Cx, conv: &Conv2d, prologue: Option<FloatAttr>, stats: bool) -> 
         product_per_example(&mut k, cx, shape, tiling, |k, place, n, tile| match halo {
             Some(dims) => {
                 let a = Halo::new(k, &g, dims, (x, bn), (place, n));
-                let b = Gathered::new(k, (shape, tiling, place), Operands::B, true, &weights);
-                staged_gemm(k, shape, tiling, place, tile, (&a, &b))
+                halo_product(k, (shape, tiling, place), tile, &a, &weights)
             }
             None => {
                 let a = Positions(Im2col::new(k, &g, x, bn, (n, tiling, batching)));
@@ -1495,13 +1519,7 @@ fn dgrad(cx: &Cx, d: &ConvDgrad, epilogue: Option<(FloatAttr, Squares)>) -> Lowe
     // A: dy's halo where it fits, else its spread elements
     let halo = HaloDims::choose(&g, tiling, batching, HaloOf::OutputGradient);
     let area = g.kernel_area();
-    let order = match halo {
-        Some(_) => Order::Grouped {
-            depth: tiling.bk,
-            area,
-        },
-        None => Order::for_channels(g.o, tiling),
-    };
+    let order = Order::choose(g.o, tiling, halo.is_some(), area);
     // w[o][c][tap]: line c, column (o, tap) in the A's order
     let weights = Dense {
         src: w,
@@ -1519,8 +1537,7 @@ fn dgrad(cx: &Cx, d: &ConvDgrad, epilogue: Option<(FloatAttr, Squares)>) -> Lowe
         product_per_example(&mut k, cx, shape, tiling, |k, place, n, tile| match halo {
             Some(dims) => {
                 let a = Halo::new(k, &g, dims, (dy, None), (place, n));
-                let b = Gathered::new(k, (shape, tiling, place), Operands::B, true, &weights);
-                staged_gemm(k, shape, tiling, place, tile, (&a, &b))
+                halo_product(k, (shape, tiling, place), tile, &a, &weights)
             }
             None => {
                 let product = batching.product_example(k, n);

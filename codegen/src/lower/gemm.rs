@@ -12,14 +12,17 @@
 //!   hi·lo, hi·hi: the small ones first) keep fp32 accuracy ("3xTF32"); or, faster and less
 //!   accurate (`TensorCores::Tf32`), the one product of the TF32 roundings.
 //!
-//! Either way every sum runs in a fixed order, so every run gives the same bits. The operands
-//! are gathered element by element by the caller's [`Operand`]s (im2col on the fly, prologues
-//! applied on load), their index arithmetic split so that what depends on a row (column) alone
-//! is made once per product and what depends on k alone once per slice. Slices are
-//! double-buffered: the next slice's loads are in flight while this one multiplies. Elements
-//! outside `M × K` or `K × N` are zero (their loads are clamped inside). Where a tile sits
-//! ([`TilePlace`]) is separate from the product, so a block can run several products (one per
-//! example, say) into the same place. The skeleton knows nothing about convolutions.
+//! Either way every sum runs in a fixed order, so every run gives the same bits. Each side of
+//! the tile reaches shared memory through a [`Staging`]: gathered element by element by the
+//! caller's [`Operand`]s ([`Gathered`]: im2col on the fly, prologues applied on load), their
+//! index arithmetic split so that what depends on a row (column) alone is made once per
+//! product and what depends on k alone once per slice; or staged some other way by the caller
+//! (a convolution's input patch or halo), the multiply then finding each of its lines at an
+//! offset the staging gives, and its k by [`KSteps`]. Slices are double-buffered: the next
+//! slice's loads are in flight while this one multiplies. Elements outside `M × K` or `K × N`
+//! are zero (their loads are clamped inside). Where a tile sits ([`TilePlace`]) is separate
+//! from the product, so a block can run several products (one per example, say) into the
+//! same place. The skeleton knows nothing about convolutions.
 
 use super::TensorCores;
 use super::common::{Cx, TileRows};
