@@ -375,9 +375,12 @@ fn kernel_noise_is_bit_identical_to_the_cpu_stream() {
     }
 }
 
+/// A convolution to test: (kernel, stride, padding, size, in channels, out channels).
+type ConvShape = (usize, usize, usize, usize, usize, usize);
+
 /// (kernel, stride, padding, size, in channels, out channels); two have planes of more than
 /// one block of positions with a ragged tail (17·17 = 289 = 256 + 33); one has a 7×7 kernel.
-const CONVS: [(usize, usize, usize, usize, usize, usize); 8] = [
+const CONVS: [ConvShape; 8] = [
     (3, 1, 1, 6, 3, 4),
     (3, 2, 1, 7, 2, 5),
     (1, 2, 0, 5, 4, 3),
@@ -394,7 +397,7 @@ const CONVS: [(usize, usize, usize, usize, usize, usize); 8] = [
 /// ragged one). The last four have channel counts that fill 16-deep K slices, so K runs
 /// tap-major (forward: channels in, all four; data gradient: channels out, the first three),
 /// strided, 1×1 and 5×5 among them.
-const WIDE_CONVS: [(usize, usize, usize, usize, usize, usize); 8] = [
+const WIDE_CONVS: [ConvShape; 8] = [
     (3, 1, 1, 9, 5, 70),
     (3, 2, 1, 10, 9, 33),
     (1, 1, 0, 20, 17, 12),
@@ -430,24 +433,29 @@ fn convolution_forward_kernels() {
     }
 }
 
-/// Forward convolutions whose tiles hold whole output rows stage the input halo, a group of
-/// channels at a time (kernel, stride, padding, size, in channels, out channels): one group
-/// on tensor cores (two on fp32 FMA) in a 256-row tile of 16 rows; groups in two halves
-/// (32 and 64 channels); strided (a 17 × 17 halo); 5×5; four row tiles of a 32 × 32 plane.
-const HALO_CONVS: [(usize, usize, usize, usize, usize, usize); 6] = [
-    (3, 1, 1, 16, 16, 16),
-    (3, 1, 1, 16, 32, 32),
-    (3, 1, 1, 8, 64, 64),
-    (3, 2, 1, 16, 16, 64),
-    (5, 1, 2, 8, 16, 64),
-    (3, 1, 1, 32, 16, 16),
+/// Forward convolutions whose tiles hold whole output rows, or whole examples, stage the
+/// input halo, a group of channels at a time (kernel, stride, padding, size, in channels, out
+/// channels; batch): one group on tensor cores (two on fp32 FMA) in a 256-row tile of 16
+/// rows; groups in two halves (32 and 64 channels); strided (a 17 × 17 halo); 5×5; four row
+/// tiles of a 32 × 32 plane; rows over the batch, 4 × 4 planes (4 examples to a 64-row tile,
+/// batch 6: the second tile half past the batch), strided, and 2 × 2 planes.
+const HALO_CONVS: [(ConvShape, usize); 9] = [
+    ((3, 1, 1, 16, 16, 16), 1),
+    ((3, 1, 1, 16, 32, 32), 1),
+    ((3, 1, 1, 8, 64, 64), 1),
+    ((3, 2, 1, 16, 16, 64), 1),
+    ((5, 1, 2, 8, 16, 64), 1),
+    ((3, 1, 1, 32, 16, 16), 1),
+    ((3, 1, 1, 4, 32, 64), 6),
+    ((3, 2, 1, 8, 16, 64), 5),
+    ((3, 1, 1, 2, 16, 64), 20),
 ];
 
 #[test]
 fn forward_convolutions_from_the_input_halo() {
     let mut r = rng(13);
-    for &shape in &HALO_CONVS {
-        check_forward(&mut r, shape, 1);
+    for &(shape, batch) in &HALO_CONVS {
+        check_forward(&mut r, shape, batch);
     }
 }
 
@@ -455,7 +463,7 @@ fn forward_convolutions_from_the_input_halo() {
 /// with and without bias.
 fn check_forward(
     r: &mut rand_chacha::ChaCha8Rng,
-    (kernel, stride, padding, size, c, o): (usize, usize, usize, usize, usize, usize),
+    (kernel, stride, padding, size, c, o): ConvShape,
     batch: usize,
 ) {
     {
@@ -584,7 +592,7 @@ fn check_dgrad(
 /// size, in channels, out channels): a 256-row tile; 64- and 48-row tiles (64 and 48 input
 /// channels); no padding (the halo starts two rows above the tile's); 5×5; four row tiles of
 /// a 32 × 32 plane.
-const DGRAD_HALO_CONVS: [(usize, usize, usize, usize, usize, usize); 6] = [
+const DGRAD_HALO_CONVS: [ConvShape; 6] = [
     (3, 1, 1, 16, 16, 16),
     (3, 1, 1, 16, 48, 16),
     (3, 1, 1, 8, 64, 16),
@@ -654,7 +662,7 @@ fn check_wgrad(
 /// channels): few channels, 8 wide (one row of a slice, or two); strided (a 17-wide patch);
 /// several tiles whose edges split a channel's taps (360 columns in tiles of 128); a 5×5
 /// kernel; 24 channels in the 256-wide tile; 4 wide (slices of 2 and 4 rows), one strided.
-const PATCH_CONVS: [(usize, usize, usize, usize, usize, usize); 8] = [
+const PATCH_CONVS: [ConvShape; 8] = [
     (3, 1, 1, 8, 3, 4),
     (3, 2, 1, 16, 5, 6),
     (3, 1, 1, 16, 40, 32),

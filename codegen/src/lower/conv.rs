@@ -880,6 +880,9 @@ struct HaloPlace {
 #[derive(Clone, Copy)]
 struct HaloDims {
     frame: HaloFrame,
+    /// Examples a tile holds whole (rows over the batch), or 1 (rows of one example).
+    examples: u32,
+    batch: u32,
     depth: u32,
     area: u32,
     groups: u32,
@@ -891,9 +894,10 @@ struct HaloDims {
     halves: u32,
 }
 
-/// The most shared words a halo takes (both halves): with the weights' slices and the
-/// statistics' column sums, within the 48 KiB of static shared memory.
-const HALO_WORDS: u32 = 8192;
+/// The most shared words a halo takes (both halves): with the weights' slices (at most
+/// 2 · 16 · (64 + 8) words) and the statistics' column sums (at most 16 · 64), within the
+/// 48 KiB (12288 words) of static shared memory.
+const HALO_WORDS: u32 = 8960;
 
 /// Which tensor a halo stages, and how the GEMM's rows and taps meet it.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -947,29 +951,37 @@ impl HaloFrame {
 
 impl HaloDims {
     /// The halo of a forward convolution's input or a stride-1 data gradient's dy in
-    /// `tiling`, if its tiles hold whole rows of one example, its channels fill whole groups
-    /// and it fits.
+    /// `tiling`, if its tiles hold whole rows of one example (or, with rows over the batch,
+    /// whole examples), its channels fill whole groups and it fits.
     fn choose(g: &Geometry, tiling: Tiling, rows: Rows, of: HaloOf) -> Option<HaloDims> {
         let frame = HaloFrame::new(g, of);
         let (depth, area) = (tiling.bk, g.kernel_area());
-        let whole_rows =
-            tiling.bm.is_multiple_of(frame.row_width) && matches!(rows, Rows::PerExample);
+        let (examples, tile_rows) = match rows {
+            Rows::PerExample if tiling.bm.is_multiple_of(frame.row_width) => {
+                (1, tiling.bm / frame.row_width)
+            }
+            Rows::Batched { positions } if tiling.bm.is_multiple_of(positions) => {
+                (tiling.bm / positions, positions / frame.row_width)
+            }
+            _ => return None,
+        };
         let square = g.kh == g.kw; // one shift serves rows and columns
         let strided = of == HaloOf::OutputGradient && g.stride != 1;
-        if !whole_rows || !frame.channels.is_multiple_of(depth) || area == 1 || !square || strided {
+        if !frame.channels.is_multiple_of(depth) || area == 1 || !square || strided {
             return None;
         }
-        let tile_rows = tiling.bm / frame.row_width;
         let rows = (tile_rows - 1) * frame.stride + g.kh;
         let span = (frame.row_width - 1) * frame.stride + g.kw;
-        // an A fragment load reads 8 positions (adjacent at stride 1) of 4 channels: planes
-        // 8 banks apart keep the 32 words in 32 banks
+        // an example's rows × span in each channel plane; an A fragment load reads 8
+        // positions (adjacent at stride 1) of 4 channels: planes 8 banks apart keep the 32
+        // words in 32 banks
+        let used = examples * rows * span;
         let plane = if frame.stride == 1 {
-            (rows * span).next_multiple_of(16) | 8
+            used.next_multiple_of(16) | 8
         } else {
-            rows * span
+            used
         };
-        let rounds = (rows * span).div_ceil(THREADS);
+        let rounds = used.div_ceil(THREADS);
         let groups = frame.channels / depth;
         // dy is copied: with several groups, its halo's per-slice work costs what it saves
         // (loop estimate: ResNet44's 32- and 64-channel data gradients even or 1% slower)
@@ -979,6 +991,8 @@ impl HaloDims {
         let halves = groups.min(2);
         (halves * depth * plane <= HALO_WORDS).then_some(HaloDims {
             frame,
+            examples,
+            batch: g.batch,
             depth,
             area,
             groups,
@@ -1010,26 +1024,41 @@ impl<'a> Halo<'a> {
         (place, n): (&TilePlace, U32),
     ) -> Self {
         let f = dims.frame;
-        let example = example_start(k, n, f.channels * f.height * f.width);
-        let first_row = k.mul_u(place.tile_row, dims.tile_rows);
+        let per_example = f.channels * f.height * f.width;
+        // the tile's first example and its first output row there
+        let (first, first_row) = if dims.examples > 1 {
+            let first = k.mul_u(place.tile_row, dims.examples);
+            (first, k.u32(0))
+        } else {
+            (n, k.mul_u(place.tile_row, dims.tile_rows))
+        };
+        let example = example_start(k, first, per_example);
         let scaled = k.mul_u(first_row, f.stride);
         // the halo's first row and column ("negative", wrapped, in the padding)
         let shift = f.shift as i32 as u32;
         let top = k.add_u(scaled, shift);
         let tid = k.tid();
+        let block = dims.rows * dims.span;
         let places = (0..dims.rounds)
             .map(|j| {
                 let q = k.add_u(tid, j * THREADS);
-                let in_plane = ((j + 1) * THREADS > dims.rows * dims.span)
-                    .then(|| k.cmp_u(Cmp::Lt, q, dims.rows * dims.span));
-                let row = k.ubin(BinOp::Div, q, dims.span);
-                let col = k.ubin(BinOp::Rem, q, dims.span);
+                let in_plane = ((j + 1) * THREADS > dims.examples * block)
+                    .then(|| k.cmp_u(Cmp::Lt, q, dims.examples * block));
+                let e = k.ubin(BinOp::Div, q, block);
+                let within = k.ubin(BinOp::Rem, q, block);
+                let row = k.ubin(BinOp::Div, within, dims.span);
+                let col = k.ubin(BinOp::Rem, within, dims.span);
                 let iy = k.add_u(top, row);
                 let ix = k.add_u(col, shift);
                 let row_ok = k.cmp_u(Cmp::Lt, iy, f.height);
                 let col_ok = k.cmp_u(Cmp::Lt, ix, f.width);
                 let inside = k.and(row_ok, col_ok);
+                // a tile's examples past the batch have no pixels
+                let n = k.add_u(first, e);
+                let in_batch = k.cmp_u(Cmp::Lt, n, dims.batch);
+                let inside = k.and(inside, in_batch);
                 let pixel = k.mad_u(iy, f.width, ix);
+                let pixel = k.mad_u(e, per_example, pixel);
                 HaloPlace {
                     in_plane,
                     inside: k.select_u(inside, 1u32, 0u32),
@@ -1112,11 +1141,17 @@ impl Staging for Halo<'_> {
     /// columns into the halo.
     fn thread_lines(&self, k: &mut KernelBuilder, set: &LineSet) -> Vec<LineAt> {
         let (dims, f) = (self.dims, self.dims.frame);
+        let positions = dims.tile_rows * f.row_width;
         set.offsets(k, dims.steps(), |k, first, plus| {
             let p = k.add_u(first, plus);
+            // the example's block of rows (with rows over the batch), then the row
+            let e = k.ubin(BinOp::Div, p, positions);
+            let p = k.ubin(BinOp::Rem, p, positions);
             let py = k.ubin(BinOp::Div, p, f.row_width);
             let px = k.ubin(BinOp::Rem, p, f.row_width);
-            let row = k.mul_u(py, f.stride * dims.span);
+            let row = k.mul_u(py, f.stride);
+            let row = k.mad_u(e, dims.rows, row);
+            let row = k.mul_u(row, dims.span);
             (k.mad_u(px, f.stride, row), 0)
         })
     }
