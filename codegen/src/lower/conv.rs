@@ -567,15 +567,16 @@ impl Operand for Taps<'_> {
 
 /// The weight gradient's B (the im2col matrix transposed: lines are weight columns
 /// (c, ki, kj), k the output positions) staged as the input patch a K slice reads, where a
-/// slice's positions are whole output rows or part of one (`bk` divides the output width or
-/// it `bk`): for the slice's output rows, `rows = (runs − 1)·stride + kh` input rows ×
-/// `span = (run − 1)·stride + kw` columns of each channel the tile's columns touch, `run` =
-/// min(bk, wo) positions per output row, `runs` = bk / run rows. Each pixel is copied (or
-/// loaded and its prologue applied) once per slice rather than once per tap (9 times for
-/// 3×3), by index arithmetic made once per block; column (c, ki, kj) at the slice's position
-/// (qy, qx) is then `patch[c − c₀][qy·stride + ki][qx·stride + kj]`, so the multiply's lines
-/// are offsets into the patch and its k step through it ([`KSteps`]). The block's layout of it is
-/// made once ([`PatchLayout`]), each example's product stages its own x ([`Patch`]).
+/// slice's positions are whole output rows or part of one (`bk` divides the output width,
+/// or the width divides `bk`): for the slice's output rows, `rows = (runs − 1)·stride + kh`
+/// input rows × `span = (run − 1)·stride + kw` columns of each channel the tile's columns
+/// touch, `run` = min(bk, wo) positions per output row, `runs` = bk / run rows. Each pixel
+/// is copied (or loaded and its prologue applied) once per slice rather than once per tap
+/// (9 times for 3×3), by index arithmetic made once per block; column (c, ki, kj) at the
+/// slice's position (qy, qx) is then `patch[c − c₀][qy·stride + ki][qx·stride + kj]`, so the
+/// multiply's lines are offsets into the patch and its k step through it ([`KSteps`]). The
+/// block's layout of it is made once ([`PatchLayout`]), each example's product stages its
+/// own x ([`Patch`]).
 struct PatchLayout<'a> {
     g: &'a Geometry,
     dims: PatchDims,
@@ -823,6 +824,7 @@ impl Staging for Patch<'_> {
             });
             loaded.push(value);
         }
+        // without a prologue, every element went by cp.async
         let copies = loaded.is_empty();
         (loaded, copies)
     }
