@@ -10,13 +10,16 @@ timing: it shows what each multiply costs in issue slots.
 
     scripts/sass-loops.py compiled/resnet44_b4096_exact_tc [--match wgrad] [--arch sm_90]
     scripts/sass-loops.py compiled/resnet44_b4096_exact_tc --estimate   # + whole-step bounds
+    scripts/sass-loops.py compiled/resnet44_b4096_exact_tc --estimate --top 10  # + by kernel
 
 With --estimate (an artifact directory: its plan.json states each GEMM's main loop, trips per
 block and multiplies per warp and trip), every launch's loop is multiplied out: the mma (or
 FMA) instructions the step issues, the loop instructions around them, and two lower bounds on
 the GPU's time for these loops alone: issue (every SM sub-partition issuing one instruction
 per clock) and tensor (mma at the card's dense peak). Not a timing: it leaves out memory
-traffic, latency, occupancy, the loops' prologues and epilogues, and every other kernel.
+traffic, latency, occupancy, the loops' prologues and epilogues, and every other kernel. A
+part of a loop behind a forward branch (a convolution's halo, staged once per channel group)
+counts once in `branch_every` trips, as plan.json states it.
 
 Needs the ptxas of scripts/install-ptxas.sh; installs cuobjdump and nvdisasm (PyPI wheels)
 into .tools/sass on first use.
@@ -130,12 +133,14 @@ def mix(body):
 H100 = {"sms": 132, "ghz": 1.755, "mma_per_sm_clock": 1.0, "fma_flops": 67e12}
 
 
-def estimate(artifact, code, card=H100):
-    """Per convolution kind: launches, mma/FMA instructions, loop instructions, bounds (ms)."""
+def estimate(artifact, code, card=H100, top=0):
+    """Per convolution kind: launches, mma/FMA instructions, loop instructions, bounds (ms);
+    then the `top` kernels by issue bound."""
     import json
     with open(os.path.join(artifact, "plan.json")) as f:
         plan = json.load(f)
     rows, unrolled = collections.OrderedDict(), set()
+    kernels = collections.defaultdict(collections.Counter)
     for launch in plan["launches"]:
         kernel = plan["kernels"][launch["kernel"]]
         main_loop = kernel.get("main_loop")
@@ -161,6 +166,8 @@ def estimate(artifact, code, card=H100):
         row["launches"] += 1
         row["multiplies"] += multiplies
         row["instructions"] += multiplies * per_multiply
+        kernels[kernel["name"]].update({"launches": 1, "instructions": multiplies * per_multiply})
+        kernels[kernel["name"]]["per_multiply"] = per_multiply
     clock = card["sms"] * card["ghz"] * 1e9
     print(f"\n{'kind':<10} {'unit':>6} {'launches':>8} {'multiplies (G)':>15} "
           f"{'instructions (G)':>17} {'issue bound ms':>15} {'tensor/FMA bound ms':>20}")
@@ -181,6 +188,12 @@ def estimate(artifact, code, card=H100):
     print(f"(H100 SXM assumed: {card['sms']} SMs at {card['ghz']} GHz; the loops alone)")
     if unrolled:
         print(f"left out, their loop unrolled by ptxas (no backward branch): {sorted(unrolled)}")
+    if top:
+        print(f"\n{'kernel':<44} {'launches':>8} {'instructions per mma/fma':>25} {'issue ms':>9}")
+        ranked = sorted(kernels.items(), key=lambda kv: -kv[1]["instructions"])
+        for name, k in ranked[:top]:
+            issue = k["instructions"] / (4 * clock) * 1e3
+            print(f"{name:<44} {k['launches']:>8} {k['per_multiply']:>25.2f} {issue:>9.2f}")
 
 
 def main():
@@ -191,6 +204,8 @@ def main():
     parser.add_argument("--arch", default="sm_90")
     parser.add_argument("--estimate", action="store_true",
                         help="multiply the loops out over the step's launches (plan.json)")
+    parser.add_argument("--top", type=int, default=0, metavar="N",
+                        help="with --estimate, the N kernels with the largest issue bound")
     args = parser.parse_args()
     if args.estimate and args.artifact.endswith(".ptx"):
         sys.exit("sass-loops: --estimate needs an artifact directory (its plan.json)")
@@ -223,7 +238,7 @@ def main():
               + " ".join(f"{totals[c]:>8}" for c in COLUMNS)
               + f"  {totals['all'] / work if work else 0:>11.2f}")
     if args.estimate:
-        estimate(args.artifact, code)
+        estimate(args.artifact, code, top=args.top)
 
 
 if __name__ == "__main__":
