@@ -88,6 +88,13 @@ impl Geometry {
         self.kh * self.kw
     }
 
+    /// The first input row (column) of output row (column) `out`'s window: "negative"
+    /// (wrapped) where it lies in the padding.
+    fn window_start(&self, k: &mut KernelBuilder, out: U32) -> U32 {
+        let scaled = k.mul_u(out, self.stride);
+        k.ubin(BinOp::Sub, scaled, self.pad)
+    }
+
     /// (kernel row, kernel column) of a tap `ki·kw + kj`.
     fn tap_position(&self, k: &mut KernelBuilder, tap: U32) -> (U32, U32) {
         (
@@ -440,11 +447,7 @@ impl<'a> Im2col<'a> {
         let zero = k.u32(0);
         let (n, p) = self.rows.split(k, p, zero);
         let (oy, ox) = (k.ubin(BinOp::Div, p, g.wo), k.ubin(BinOp::Rem, p, g.wo));
-        let corner = |k: &mut KernelBuilder, out: U32| {
-            let scaled = k.mul_u(out, g.stride);
-            k.ubin(BinOp::Sub, scaled, g.pad)
-        };
-        let (y0, x0) = (corner(k, oy), corner(k, ox));
+        let (y0, x0) = (g.window_start(k, oy), g.window_start(k, ox));
         let offset = k.mad_u(y0, g.w, x0);
         let offset = k.mad_u(n, g.c * g.h * g.w, offset);
         Window { y0, x0, offset }
@@ -791,12 +794,8 @@ impl Staging for Patch<'_> {
         // is checked anyway
         let oy = k.ubin(BinOp::Div, k0, g.wo);
         let ox = k.ubin(BinOp::Rem, k0, g.wo);
-        // the patch's corner in the input, "negative" (wrapped) in the padding
-        let corner = |k: &mut KernelBuilder, out: U32| {
-            let scaled = k.mul_u(out, g.stride);
-            k.ubin(BinOp::Sub, scaled, g.pad)
-        };
-        let (y0, x0) = (corner(k, oy), corner(k, ox));
+        // the patch's corner in the input
+        let (y0, x0) = (g.window_start(k, oy), g.window_start(k, ox));
         let corner = k.mad_u(y0, g.w, x0);
         let slice = self.half(k, half);
         let tid = k.tid();
@@ -884,7 +883,6 @@ struct HaloDims {
     frame: HaloFrame,
     /// Examples a tile holds whole (rows over the batch), or 1 (rows of one example).
     examples: u32,
-    batch: u32,
     depth: u32,
     area: u32,
     groups: u32,
@@ -994,7 +992,6 @@ impl HaloDims {
         (halves * depth * plane <= HALO_WORDS).then_some(HaloDims {
             frame,
             examples,
-            batch: g.batch,
             depth,
             area,
             groups,
@@ -1057,7 +1054,7 @@ impl<'a> Halo<'a> {
                 let inside = k.and(row_ok, col_ok);
                 // a tile's examples past the batch have no pixels
                 let n = k.add_u(first, e);
-                let in_batch = k.cmp_u(Cmp::Lt, n, dims.batch);
+                let in_batch = k.cmp_u(Cmp::Lt, n, g.batch);
                 let inside = k.and(inside, in_batch);
                 let pixel = k.mad_u(iy, f.width, ix);
                 let pixel = k.mad_u(e, per_example, pixel);
@@ -1112,10 +1109,7 @@ impl<'a> Halo<'a> {
                     match pairs {
                         None => k.copy_async_from(self.array, at, plus, src, inside),
                         Some(pairs) => {
-                            let prologue = Prologue {
-                                scale: k.load_from(pairs.plus(2 * c)),
-                                shift: k.load_from(pairs.plus(2 * c + 1)),
-                            };
+                            let prologue = Prologue::at(k, pairs.plus(2 * c));
                             let pixel = k.load_from(src);
                             let value = prologue.apply(k, pixel);
                             let value = k.select(inside, value, 0.0f32);
@@ -1325,9 +1319,14 @@ impl Prologue {
     fn load(k: &mut KernelBuilder, source: &PrologueSource, c: U32) -> Prologue {
         let first = k.mul_u(c, 2u32);
         let at = k.element_ptr(source.pairs, first);
+        Prologue::at(k, at)
+    }
+
+    /// The pair at `pair`.
+    fn at(k: &mut KernelBuilder, pair: GlobalF32) -> Prologue {
         Prologue {
-            scale: k.load_from(at),
-            shift: k.load_from(at.plus(1)),
+            scale: k.load_from(pair),
+            shift: k.load_from(pair.plus(1)),
         }
     }
 

@@ -708,7 +708,7 @@ impl ThreadLines {
 /// lines, still share one).
 fn for_each_register(
     k: &mut KernelBuilder,
-    lines: &mut [(U32, u32)],
+    lines: &mut [LineAt],
     mut f: impl FnMut(&mut KernelBuilder, U32) -> U32,
 ) {
     let mut done: Vec<(U32, U32)> = Vec::new();
@@ -944,7 +944,8 @@ impl Series {
 /// through two `[depth][width + SLICE_PAD]` halves of shared memory. Element e = tid +
 /// r·THREADS of a `[depth][width]` slice (round r) is (`lines` l, `steps` s) for
 /// `(l, s) = rounds[r]`: with k fastest, a thread keeps one k and a line per round, otherwise
-/// one line and a k per round. `exists` is false for the threads beyond a slice smaller than the block.
+/// one line and a k per round. `exists` is false for the threads beyond a slice smaller than
+/// the block.
 struct Side {
     array: SharedF32,
     width: u32,
