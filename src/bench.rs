@@ -23,7 +23,7 @@ use serde::Serialize;
 use crate::backend_args::{self, BackendKind};
 use crate::hyper_args::HyperArgs;
 use crate::model_args::parse_input;
-use crate::profile::{self, OpRow};
+use crate::profile::{self, NodeRow, OpRow};
 use crate::run::RandomBatchSteps;
 
 /// Ops printed per configuration.
@@ -145,6 +145,8 @@ pub struct Measurement {
     /// variant, when both were measured.
     pub vs_plain: Option<f64>,
     pub ops: Vec<OpRow>,
+    /// The profiled step node by node (kernels named), in schedule order.
+    pub nodes: Vec<NodeRow>,
     pub error: Option<String>,
 }
 
@@ -254,6 +256,7 @@ impl Config<'_> {
             percent_bandwidth: None,
             vs_plain: None,
             ops: Vec::new(),
+            nodes: Vec::new(),
             error: Some(error),
         }
     }
@@ -303,11 +306,9 @@ fn measure(args: &Args, config: &Config<'_>, out: &mut impl Write) -> Result<Mea
         .iter()
         .map(|n| profile::node_bytes(plan, n))
         .sum();
-    let ops = times
-        .profile
-        .as_deref()
-        .map(|t| profile::op_rows(plan, &compiled.graph, t))
-        .unwrap_or_default();
+    let profiled = times.profile.as_deref().unwrap_or_default();
+    let ops = profile::op_rows(plan, &compiled.graph, profiled);
+    let nodes = profile::node_rows(plan, &compiled.graph, profiled);
     let peaks = ceilings(&times.device);
     let (flop_rate, byte_rate) = (flops / median, bytes as f64 / median);
     let measured = Measurement {
@@ -330,6 +331,7 @@ fn measure(args: &Args, config: &Config<'_>, out: &mut impl Write) -> Result<Mea
         percent_bandwidth: peaks.map(|c| 100.0 * byte_rate / c.bandwidth),
         vs_plain: None,
         ops,
+        nodes,
         error: None,
     };
     print_summary(out, &measured)?;

@@ -58,6 +58,18 @@ pub struct OpRow {
     pub gb_per_s: f64,
 }
 
+/// One node's share of a profiled step (for `fisherc bench`'s JSON): its kernels by name, so
+/// that a time can be set beside that kernel's loop estimate (`scripts/sass-loops.py`).
+#[derive(Clone, Debug, Serialize)]
+pub struct NodeRow {
+    pub layer: String,
+    pub op: String,
+    pub kernels: Vec<String>,
+    pub ms: f64,
+    pub gflop_per_s: f64,
+    pub gb_per_s: f64,
+}
+
 /// The bytes node `node` of `plan` reads and writes, each buffer counted once.
 pub fn node_bytes(plan: &Plan, node: &PlannedNode) -> u64 {
     node.inputs
@@ -114,6 +126,29 @@ pub fn op_rows(plan: &Plan, graph: &Graph, times: &[f64]) -> Vec<OpRow> {
         .collect();
     rows.sort_by(|a, b| b.ms.total_cmp(&a.ms));
     rows
+}
+
+/// The nodes of a profiled step that launch kernels, in schedule order.
+pub fn node_rows(plan: &Plan, graph: &Graph, times: &[f64]) -> Vec<NodeRow> {
+    let (_, nodes) = tallies(plan, graph, times);
+    nodes
+        .into_iter()
+        .map(|(node, t)| {
+            let launches = &plan.launches[node.first_launch..][..node.launch_count];
+            let rate = |x: u64| x as f64 / t.seconds.max(1e-12) / 1e9;
+            NodeRow {
+                layer: node.layer.clone(),
+                op: node.op.clone(),
+                kernels: launches
+                    .iter()
+                    .map(|l| plan.kernels[l.kernel].name.clone())
+                    .collect(),
+                ms: t.seconds * 1e3,
+                gflop_per_s: rate(t.flops),
+                gb_per_s: rate(t.bytes),
+            }
+        })
+        .collect()
 }
 
 /// Prints the profile of `times` (seconds per planned node) of `plan`, whose nodes are

@@ -472,6 +472,17 @@ fn bench_times_each_configuration_and_relates_it_to_the_plain_step() {
         assert!(ops.iter().any(|o| o["op"] == "noisy_sgd_update"), "{r}");
         let ms: Vec<f64> = ops.iter().map(|o| o["ms"].as_f64().unwrap()).collect();
         assert!(ms.windows(2).all(|w| w[0] >= w[1]), "{ms:?}");
+        // ... and its nodes, each naming its kernels, adding up to the ops' time
+        let nodes = r["nodes"].as_array().unwrap();
+        assert!(
+            nodes
+                .iter()
+                .all(|n| !n["kernels"].as_array().unwrap().is_empty()),
+            "{r}"
+        );
+        let node_ms: f64 = nodes.iter().map(|n| n["ms"].as_f64().unwrap()).sum();
+        let op_ms: f64 = ms.iter().sum();
+        assert!((node_ms - op_ms).abs() <= 1e-9 * op_ms.max(1.0), "{r}");
         let ratio = r["vs_plain"].as_f64().unwrap();
         if r["fisher"] == "none" {
             assert_eq!(ratio, 1.0);
