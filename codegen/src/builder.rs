@@ -981,8 +981,8 @@ impl KernelBuilder {
         totals
     }
 
-    /// Sums a value over the warp; lane 0 holds the total.
-    fn warp_sum(&mut self, v: F32) -> F32 {
+    /// Sums a value over the warp; lane 0 holds the total. Every lane of the warp must run it.
+    pub fn warp_sum(&mut self, v: F32) -> F32 {
         let acc = self.f32(0.0);
         self.assign(acc, v);
         let mut delta = WARP / 2;

@@ -77,7 +77,15 @@ const REDUCTION: f64 = 1e-5;
 #[test]
 fn channel_sums_and_their_squares() {
     let mut r = rng(3);
-    for shape in [vec![3, 4, 5, 7], vec![6, 5], vec![2, 3, 17, 17]] {
+    // planes of a warp and (33×33) of a block; 530 examples: each thread of a per-channel
+    // combine takes three
+    for shape in [
+        vec![3, 4, 5, 7],
+        vec![6, 5],
+        vec![2, 3, 17, 17],
+        vec![2, 2, 33, 33],
+        vec![530, 2, 3],
+    ] {
         let dy = random(&mut r, &shape);
         check(ChannelSum, std::slice::from_ref(&dy), REDUCTION);
         check(ChannelSumPerExample, std::slice::from_ref(&dy), REDUCTION);
@@ -128,6 +136,8 @@ fn batch_norm_forward_kernels() {
         vec![6, 7],
         vec![2, 5, 9, 11],
         vec![3, 2, 17, 19],
+        vec![2, 2, 33, 31],
+        vec![530, 3],
     ] {
         let bn = bn_inputs(&mut r, &shape);
         check(
@@ -184,6 +194,8 @@ fn batch_norm_backward_kernels() {
         vec![6, 7],
         vec![3, 4, 13, 3],
         vec![2, 3, 16, 17],
+        vec![2, 2, 35, 33],
+        vec![530, 2, 3],
     ] {
         let bn = bn_inputs(&mut r, &shape);
         let dy = random(&mut r, &shape);
