@@ -12,7 +12,7 @@ use fisherc_codegen::lower::TensorCores;
 use fisherc_ir::state::TrainState;
 use fisherc_ir::synthetic::random_batch;
 use fisherc_runtime::Session;
-use fisherc_runtime::check::{Bounds, ORACLE_FACTOR, compare_steps, node_by_node};
+use fisherc_runtime::check::{Bounds, ORACLE_FACTOR, StepBound, compare_steps, node_by_node};
 use fisherc_runtime::cpu::ReferenceBackend;
 
 use crate::backend_args::{self, BackendKind};
@@ -49,12 +49,19 @@ struct OpSummary {
 }
 
 /// Whole steps of an artifact whose convolutions multiply with one TF32 product pass within
-/// this of the f32 reference (or by the oracle criterion). Its kernels may be
-/// `SINGLE_TF32_ERROR` away (node by node is where a wrong kernel shows), a step goes through
-/// dozens of them with batch norms in between, and the Fisher squares per-example gradients
-/// whose terms cancel: ResNet20 at batch 32 on the executor has the Fisher 5.0% and 6.6% from
-/// the f32 reference in its first two steps (the f32 reference is itself 0.6% from f64).
-const SINGLE_TF32_STEP: f64 = 1e-1;
+/// 1e-1 of the f32 reference, or no more than 64× as far from the f64 oracle as the f32
+/// reference is. Its kernels may be `SINGLE_TF32_ERROR` away (node by node is where a wrong
+/// kernel shows), a step goes through dozens of them with batch norms in between, and the
+/// Fisher squares per-example gradients whose terms cancel. The f32 reference's own distance
+/// from f64 measures how much a step amplifies rounding; TF32 rounds each mma operand to 10
+/// mantissa bits (2¹³× f32's unit roundoff) but once, and accumulates in f32. Seen: ResNet20
+/// at batch 32 on the executor, the Fisher 5.0% and 6.6% from the f32 reference in its first
+/// two steps; ResNet44 at batch 32 on the H100 (2026-11-27), parameters 11%, Fisher 21%, each
+/// 5–19× as far from f64 as the f32 reference (itself 0.4–4% away).
+const SINGLE_TF32_STEP: StepBound = StepBound {
+    within: 1e-1,
+    oracle_factor: 64.0,
+};
 
 pub fn run(args: &Args) -> Result<()> {
     let artifact = Artifact::read(&args.artifact)?;
@@ -132,12 +139,16 @@ pub fn run(args: &Args) -> Result<()> {
         args.seed,
         &hyper,
     )?;
-    let step_bound = if tensor_cores == TensorCores::Tf32 {
-        SINGLE_TF32_STEP
-    } else if args.backend == BackendKind::Cuda {
-        1e-3
-    } else {
-        1e-4
+    let step_bound = match (tensor_cores, args.backend) {
+        (TensorCores::Tf32, _) => SINGLE_TF32_STEP,
+        (_, BackendKind::Cuda) => StepBound {
+            within: 1e-3,
+            oracle_factor: ORACLE_FACTOR,
+        },
+        _ => StepBound {
+            within: 1e-4,
+            oracle_factor: ORACLE_FACTOR,
+        },
     };
 
     writeln!(
@@ -166,10 +177,10 @@ pub fn run(args: &Args) -> Result<()> {
     writeln!(
         out,
         "\n{} steps against the CPU reference (noise scale {noise_scale}), each from the reference's state; \
-         a step passes within {step_bound:.0e} of the f32 reference, or no more than {ORACLE_FACTOR}× as far \
+         a step passes within {:.0e} of the f32 reference, or no more than {}× as far \
          from the f64 oracle (the unoptimised step) as the f32 reference is. Then free-running \
          from the same start:",
-        args.steps
+        args.steps, step_bound.within, step_bound.oracle_factor
     )?;
     writeln!(
         out,
