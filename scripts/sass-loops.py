@@ -11,6 +11,7 @@ timing: it shows what each multiply costs in issue slots.
     scripts/sass-loops.py compiled/resnet44_b4096_exact_tc [--match wgrad] [--arch sm_90]
     scripts/sass-loops.py compiled/resnet44_b4096_exact_tc --estimate   # + whole-step bounds
     scripts/sass-loops.py compiled/resnet44_b4096_exact_tc --estimate --top 10  # + by kernel
+    scripts/sass-loops.py DIR --estimate --measured fisherc.json --top 10  # + GPU times by node
 
 With --estimate (an artifact directory: its plan.json states each GEMM's main loop, trips per
 block and multiplies per warp and trip), every launch's loop is multiplied out: the mma (or
@@ -133,14 +134,17 @@ def mix(body):
 H100 = {"sms": 132, "ghz": 1.755, "mma_per_sm_clock": 1.0, "fma_flops": 67e12}
 
 
-def estimate(artifact, code, card=H100, top=0):
+def estimate(artifact, code, card=H100, top=0, measured=None):
     """Per convolution kind: launches, mma/FMA instructions, loop instructions, bounds (ms);
-    then the `top` kernels by issue bound."""
+    then the `top` kernels by issue bound; with `measured` (a `fisherc bench --json` file of
+    the same configuration), each node's measured time beside its loops' bounds."""
     import json
     with open(os.path.join(artifact, "plan.json")) as f:
         plan = json.load(f)
     rows, unrolled = collections.OrderedDict(), set()
     kernels = collections.defaultdict(collections.Counter)
+    clock = card["sms"] * card["ghz"] * 1e9
+    by_node = collections.defaultdict(collections.Counter)  # plan node -> issue/work seconds
     for launch in plan["launches"]:
         kernel = plan["kernels"][launch["kernel"]]
         main_loop = kernel.get("main_loop")
@@ -168,7 +172,10 @@ def estimate(artifact, code, card=H100, top=0):
         row["instructions"] += multiplies * per_multiply
         kernels[kernel["name"]].update({"launches": 1, "instructions": multiplies * per_multiply})
         kernels[kernel["name"]]["per_multiply"] = per_multiply
-    clock = card["sms"] * card["ghz"] * 1e9
+        by_node[launch["node"]]["issue"] += multiplies * per_multiply / (4 * clock)
+        by_node[launch["node"]]["work"] += (
+            multiplies / (card["mma_per_sm_clock"] * clock) if tensor
+            else multiplies * 64 / card["fma_flops"])
     print(f"\n{'kind':<10} {'unit':>6} {'launches':>8} {'multiplies (G)':>15} "
           f"{'instructions (G)':>17} {'issue bound ms':>15} {'tensor/FMA bound ms':>20}")
     totals = collections.Counter()
@@ -194,6 +201,44 @@ def estimate(artifact, code, card=H100, top=0):
         for name, k in ranked[:top]:
             issue = k["instructions"] / (4 * clock) * 1e3
             print(f"{name:<44} {k['launches']:>8} {k['per_multiply']:>25.2f} {issue:>9.2f}")
+    if measured:
+        against_measured(plan, by_node, measured, top)
+
+
+def against_measured(plan, by_node, path, top):
+    """Each node of `plan` with a GEMM loop: its time in the bench record of `path` whose
+    kernels are `plan`'s, its loops' issue and tensor/FMA bounds; by op, then the `top` nodes
+    furthest over their bound."""
+    import json
+    with open(path) as f:
+        records = json.load(f)
+    names = {k["name"] for k in plan["kernels"]}
+    record = max(records, key=lambda r: sum(k in names for n in r.get("nodes", [])
+                                             for k in n["kernels"]))
+    launched = [(i, n) for i, n in enumerate(plan["nodes"]) if n["launch_count"]]
+    if len(launched) != len(record.get("nodes", [])) or any(
+            n["layer"] != m["layer"] for (_, n), m in zip(launched, record["nodes"])):
+        sys.exit(f"sass-loops: {path} holds no measurement of this artifact's nodes")
+    print(f"\nmeasured: {record['model']} batch {record['batch']} fisher {record['fisher']} "
+          f"{record['variant']} on {record['device']}: {record['median_ms']:.1f} ms a step")
+    ops, rows = collections.defaultdict(collections.Counter), []
+    for (i, node), m in zip(launched, record["nodes"]):
+        bound = by_node.get(i)
+        if not bound:
+            continue
+        issue, work = bound["issue"] * 1e3, bound["work"] * 1e3
+        ops[node["op"]].update({"nodes": 1, "ms": m["ms"], "issue": issue, "work": work})
+        rows.append((m["ms"] - max(issue, work), node["layer"], node["op"], m["ms"], issue, work))
+    print(f"{'op':<26} {'nodes':>5} {'measured ms':>12} {'issue bound':>12} {'tensor/FMA':>11} "
+          f"{'measured/issue':>15}")
+    for op, t in sorted(ops.items(), key=lambda kv: -kv[1]["ms"]):
+        print(f"{op:<26} {t['nodes']:>5} {t['ms']:>12.2f} {t['issue']:>12.2f} {t['work']:>11.2f} "
+              f"{t['ms'] / max(t['issue'], 1e-9):>15.1f}")
+    if top:
+        print(f"\n{'layer':<30} {'op':<18} {'measured ms':>12} {'issue bound':>12} "
+              f"{'tensor/FMA':>11}  (furthest over their bounds)")
+        for _, layer, op, ms, issue, work in sorted(rows, reverse=True)[:top]:
+            print(f"{layer:<30} {op:<18} {ms:>12.3f} {issue:>12.3f} {work:>11.3f}")
 
 
 def main():
@@ -206,6 +251,9 @@ def main():
                         help="multiply the loops out over the step's launches (plan.json)")
     parser.add_argument("--top", type=int, default=0, metavar="N",
                         help="with --estimate, the N kernels with the largest issue bound")
+    parser.add_argument("--measured", metavar="BENCH_JSON",
+                        help="with --estimate, a `fisherc bench --json` file of this artifact's "
+                             "configuration: each node's measured time beside its bounds")
     args = parser.parse_args()
     if args.estimate and args.artifact.endswith(".ptx"):
         sys.exit("sass-loops: --estimate needs an artifact directory (its plan.json)")
@@ -238,7 +286,7 @@ def main():
               + " ".join(f"{totals[c]:>8}" for c in COLUMNS)
               + f"  {totals['all'] / work if work else 0:>11.2f}")
     if args.estimate:
-        estimate(args.artifact, code, top=args.top)
+        estimate(args.artifact, code, top=args.top, measured=args.measured)
 
 
 if __name__ == "__main__":
