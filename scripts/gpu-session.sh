@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything a device session should run, in order of importance, each part under its own time
-# limit; with the default limits (560 s in all) it fits one 10-minute device call. Builds
+# limit; with the default limits (580 s in all) it fits one 10-minute device call (the whole
+# run took 279 s on the H100, 2026-11-27, before the profile part). Builds
 # nothing: it runs .gpu/fisherc (scripts/build-cuda.sh; carry .gpu, with Fashion-MNIST in
 # .gpu/fashion-mnist for part 3).
 #
@@ -15,17 +16,22 @@
 #                                                                   (LIMIT_BENCH s)
 #   3. training (scripts/gpu-train.sh): ResNet20 on Fashion-MNIST, one epoch, lb-diagf
 #                                                                   (LIMIT_TRAIN s)
+#   4. why (scripts/gpu-profile.sh): Nsight Compute on the heaviest GEMM kernel of each kind
+#      of resnet44 and vgg16 at batch 4096 (stall reasons, occupancy)
+#                                                                   (LIMIT_PROFILE s)
 #
 # $OUT gets summary.txt (every part's table) and parts.tar.gz (each part's own files), so that
-# the few files the device tool brings back hold everything. PARTS="check bench train" picks.
+# the few files the device tool brings back hold everything. PARTS="check bench train profile"
+# picks.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 OUT=${OUT:-/tmp/gpu-session}
-PARTS=${PARTS:-check bench train}
-LIMIT_CHECK=${LIMIT_CHECK:-200}
+PARTS=${PARTS:-check bench train profile}
+LIMIT_CHECK=${LIMIT_CHECK:-150}
 LIMIT_BENCH=${LIMIT_BENCH:-240}
-LIMIT_TRAIN=${LIMIT_TRAIN:-120}
+LIMIT_TRAIN=${LIMIT_TRAIN:-60}
+LIMIT_PROFILE=${LIMIT_PROFILE:-130}
 WORK=$(mktemp -d)
 mkdir -p "$OUT"
 : >"$OUT/summary.txt"
@@ -45,10 +51,11 @@ for p in $PARTS; do
              CHECK_MODELS=resnet20 CHECK_KINDS="exact full-fisher-true" RUN_MODELS= scripts/gpu-check.sh
              OUT=$OUT/resnet44 CHECK_MODELS=resnet44 CHECK_VARIANTS="fused-tc fused fused-tf32" RUN_MODELS= \
                scripts/gpu-check.sh' ;;
-    bench) part bench "$LIMIT_BENCH" env FISHER=none,exact VARIANTS=fused-tc,fused-tf32,fused STEPS=2 \
-             WARMUP=1 LIMIT_FISHERC=140 LIMIT_TORCH=95 TORCH_MODES="plain a2g2" scripts/gpu-bench.sh ;;
+    bench) part bench "$LIMIT_BENCH" env FISHER=none,exact VARIANTS=fused-tc,fused-tf32,fused STEPS=3 \
+             WARMUP=1 LIMIT_FISHERC=110 LIMIT_TORCH=125 TORCH_MODES="plain a2g2" scripts/gpu-bench.sh ;;
     train) part train "$LIMIT_TRAIN" scripts/gpu-train.sh ;;
-    *) echo "gpu-session: unknown part '$p' (check, bench, train)" >&2 ;;
+    profile) part profile "$LIMIT_PROFILE" env LIMIT=25 scripts/gpu-profile.sh ;;
+    *) echo "gpu-session: unknown part '$p' (check, bench, train, profile)" >&2 ;;
   esac
 done
 tar -czf "$OUT/parts.tar.gz" -C "$WORK" . && rm -rf "$WORK"

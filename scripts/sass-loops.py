@@ -209,8 +209,9 @@ def against_measured(plan, by_node, path, top):
     """Each node of `plan` with a GEMM loop: its time in the bench record of `path` whose
     kernels are `plan`'s, its loops' issue and tensor/FMA bounds; by op, then the `top` nodes
     furthest over their bound."""
+    import gzip
     import json
-    with open(path) as f:
+    with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:
         records = json.load(f)
     names = {k["name"] for k in plan["kernels"]}
     record = max(records, key=lambda r: sum(k in names for n in r.get("nodes", [])
@@ -252,8 +253,9 @@ def main():
     parser.add_argument("--top", type=int, default=0, metavar="N",
                         help="with --estimate, the N kernels with the largest issue bound")
     parser.add_argument("--measured", metavar="BENCH_JSON",
-                        help="with --estimate, a `fisherc bench --json` file of this artifact's "
-                             "configuration: each node's measured time beside its bounds")
+                        help="with --estimate, a `fisherc bench --json` file (or .json.gz) of this "
+                             "artifact's configuration: each node's measured time beside its "
+                             "bounds")
     args = parser.parse_args()
     if args.estimate and args.artifact.endswith(".ptx"):
         sys.exit("sass-loops: --estimate needs an artifact directory (its plan.json)")
