@@ -63,7 +63,7 @@ pub struct KernelBuilder {
     name: String,
     params: Vec<(String, ParamTy)>,
     block: u32,
-    register_tiled: bool,
+    blocks_per_sm: Option<u32>,
     shared_bytes: u32,
     main_loop: Option<MainLoop>,
     regs: Vec<Ty>,
@@ -79,7 +79,7 @@ impl KernelBuilder {
             name: name.into(),
             params: Vec::new(),
             block,
-            register_tiled: false,
+            blocks_per_sm: None,
             shared_bytes: 0,
             main_loop: None,
             regs: Vec::new(),
@@ -94,7 +94,7 @@ impl KernelBuilder {
             name: self.name,
             params: self.params,
             block: self.block,
-            register_tiled: self.register_tiled,
+            blocks_per_sm: self.blocks_per_sm,
             shared_bytes: self.shared_bytes,
             main_loop: self.main_loop,
             regs: self.regs,
@@ -102,9 +102,10 @@ impl KernelBuilder {
         }
     }
 
-    /// Marks the kernel register-tiled (see `Kernel::register_tiled`).
-    pub fn register_tiled(&mut self) {
-        self.register_tiled = true;
+    /// Marks the kernel register-tiled, at most `blocks` blocks to an SM (see
+    /// `Kernel::blocks_per_sm`; the fewest asked for holds).
+    pub fn register_tiled(&mut self, blocks: u32) {
+        self.blocks_per_sm = Some(self.blocks_per_sm.map_or(blocks, |b| b.min(blocks)));
     }
 
     /// Records the kernel's main loop (see [`MainLoop`]).

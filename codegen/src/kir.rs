@@ -300,10 +300,10 @@ pub struct Kernel {
     pub params: Vec<(String, ParamTy)>,
     /// Threads per block.
     pub block: u32,
-    /// Register-tiled kernels (whose tiles must stay in registers) tell ptxas that two blocks
-    /// per SM are enough (`.minnctapersm 2`: up to 128 registers a thread at 256 threads);
-    /// left to itself it spills them to reach a higher occupancy.
-    pub register_tiled: bool,
+    /// Register-tiled kernels (whose tiles must stay in registers) tell ptxas how many blocks
+    /// per SM they need (`.minnctapersm`: at 256 threads, 2 allow 128 registers a thread, 3
+    /// allow 80); left to itself it spills them to reach a higher occupancy.
+    pub blocks_per_sm: Option<u32>,
     /// Bytes of shared memory per block.
     pub shared_bytes: u32,
     /// The main loop, where the lowering states it.
@@ -311,6 +311,12 @@ pub struct Kernel {
     /// The type of every register, by id.
     pub regs: Vec<Ty>,
     pub body: Vec<Stmt>,
+}
+
+impl Kernel {
+    pub fn register_tiled(&self) -> bool {
+        self.blocks_per_sm.is_some()
+    }
 }
 
 /// A kernel's main loop as its lowering states it, for static cost estimates: each block

@@ -100,8 +100,8 @@ pub fn render(kernel: &Kernel) -> String {
         params.join(",\n")
     );
     let _ = writeln!(out, ".maxntid {}, 1, 1", kernel.block);
-    if kernel.register_tiled {
-        let _ = writeln!(out, ".minnctapersm 2");
+    if let Some(blocks) = kernel.blocks_per_sm {
+        let _ = writeln!(out, ".minnctapersm {blocks}");
     }
     let _ = writeln!(out, "{{");
     for ty in [Ty::Pred, Ty::U32, Ty::S32, Ty::U64, Ty::F32, Ty::B32] {

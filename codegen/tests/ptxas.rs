@@ -62,7 +62,7 @@ fn every_kernel_of_every_model_assembles_for_sm80_and_sm90() {
         // register-tiled GEMMs may spill a little: the exact weight gradient's per-chunk
         // totals (touched once per example) when ptxas hoists a whole K slice of operands
         let allowed = |r: &&ptxas::Resources| {
-            if kernels[&r.kernel].register_tiled {
+            if kernels[&r.kernel].register_tiled() {
                 TILED_SPILL_BYTES
             } else {
                 0
@@ -96,7 +96,7 @@ fn report_tiled(arch: &str, kernels: &BTreeMap<String, Kernel>, resources: &[ptx
     let mut kinds: BTreeMap<String, (usize, u32, u32, u32)> = BTreeMap::new();
     for r in resources
         .iter()
-        .filter(|r| kernels[&r.kernel].register_tiled)
+        .filter(|r| kernels[&r.kernel].register_tiled())
     {
         // the name without its shape hash: op, part and options
         let kind = r.kernel.rsplit_once('_').map_or(&*r.kernel, |(k, _)| k);

@@ -1730,6 +1730,10 @@ fn wgrad(
     };
     let bn = prologue_source(&mut k, bn);
     let place = gemm::place(&mut k, shape, tiling, cx.options.tensor_cores);
+    if per_example {
+        // 60 bytes of spills at 80 registers on sm_80
+        k.register_tiled(gemm::BLOCKS_PER_SM_LARGE);
+    }
     // the exact Fisher squares each example's product, so that has its own accumulators,
     // reset per example; the rest accumulate every example straight into the totals
     let per_position = squares == Squares::PerPosition;

@@ -318,6 +318,18 @@ impl TilePlace {
     }
 }
 
+/// Blocks an SM runs of a GEMM kernel: 3 leave 80 registers a thread, which no product of
+/// the paper models' GEMMs outgrows (ptxas 13.5, sm_80 and sm_90: no spills, and loops within
+/// 1% of the instructions they had at 128). At 2 (128 registers) ptxas took 105–125, an SM
+/// ran 16 warps, and the H100 ran these loops at 2–3× their issue bound (benches/RESULTS.md):
+/// 24 warps should hide more of each slice's wait. Not yet timed.
+const BLOCKS_PER_SM: u32 = 3;
+
+/// [`BLOCKS_PER_SM`] for a kernel that keeps more in registers than one product's
+/// accumulators (per-example squares beside the totals; an example's own gradient), which
+/// spills at 80 registers.
+pub const BLOCKS_PER_SM_LARGE: u32 = 2;
+
 /// A builder for a GEMM kernel of `cx`'s node: [`THREADS`] threads, named after the lowering
 /// options (which change how it multiplies).
 pub fn builder(cx: &Cx, part: &str) -> KernelBuilder {
@@ -338,7 +350,7 @@ pub fn place(
         "the GEMM skeleton runs {THREADS} threads"
     );
     assert_eq!(tiling.bm * tiling.bn, TILE, "{tiling:?}");
-    k.register_tiled();
+    k.register_tiled(BLOCKS_PER_SM);
     let (_, tile_cols) = tiling.tiles(shape);
     let (tile, tid) = (k.block_x(), k.tid());
     let tile_row = k.ubin(BinOp::Div, tile, tile_cols);
@@ -402,6 +414,9 @@ impl Products {
     /// Accumulators for the thread's elements at `place`, set to zero where this is emitted
     /// (in a loop: at every iteration).
     pub fn zeros(k: &mut KernelBuilder, place: &TilePlace, squares: bool) -> Products {
+        if squares {
+            k.register_tiled(BLOCKS_PER_SM_LARGE);
+        }
         let (rows, cols) = place.elements();
         let zeros = |k: &mut KernelBuilder| -> Vec<Vec<F32>> {
             (0..rows)
