@@ -20,7 +20,9 @@ the GPU's time for these loops alone: issue (every SM sub-partition issuing one 
 per clock) and tensor (mma at the card's dense peak). Not a timing: it leaves out memory
 traffic, latency, occupancy, the loops' prologues and epilogues, and every other kernel. A
 part of a loop behind a forward branch (a convolution's halo, staged once per channel group)
-counts once in `branch_every` trips, as plan.json states it.
+counts once in `branch_every` trips, as plan.json states it. A third bound, shared: the loops'
+shared-memory accesses (LDS, STS, cp.async) in 128-byte wavefronts, one an SM and clock, bank
+conflicts left out.
 
 Needs the ptxas of scripts/install-ptxas.sh; installs cuobjdump and nvdisasm (PyPI wheels)
 into .tools/sass on first use.
@@ -109,15 +111,39 @@ def hottest_loop(code):
     return best or []
 
 
-def branched(body):
-    """Instructions of `body` that a forward branch within it jumps over."""
+def branched_over(body):
+    """Addresses of `body`'s instructions that a forward branch within it jumps over."""
     end = body[-1][0] if body else 0
     skipped = set()
     for address, opcode, operands in body:
         target = re.search(r"0x([0-9a-f]+)", operands) if opcode.startswith("BRA") else None
         if target and address < int(target.group(1), 16) <= end:
             skipped.update(a for a, _, _ in body if address < a < int(target.group(1), 16))
-    return len(skipped)
+    return skipped
+
+
+def branched(body):
+    """How many instructions of `body` a forward branch within it jumps over."""
+    return len(branched_over(body))
+
+
+# shared-memory instructions: each warp-wide access of `width` bits per lane takes width/32
+# wavefronts of 128 bytes, and an SM serves one wavefront a clock (L1 and shared memory share
+# it; bank conflicts would add more)
+SHARED = ("LDS", "STS", "LDGSTS", "LDSM")
+
+
+def wavefronts(body, every=1):
+    """Shared-memory wavefronts of one trip through `body`, conflict-free; a part behind a
+    forward branch counted once in `every` trips."""
+    skipped = branched_over(body) if every > 1 else set()
+    total = 0.0
+    for address, opcode, _ in body:
+        if not opcode.startswith(SHARED):
+            continue
+        width = 128 if ".128" in opcode else 64 if ".64" in opcode else 32
+        total += width / 32 / (every if address in skipped else 1)
+    return total
 
 
 def mix(body):
@@ -164,20 +190,24 @@ def estimate(artifact, code, card=H100, top=0, measured=None):
             issued = len(body) - skipped + skipped / every
         per_multiply = issued / (counts["mma"] or counts["fma"])
         warps = launch["grid"][0] * launch["grid"][1] * launch["block"] // 32
+        shared = warps * main_loop["trips"] * wavefronts(body, every) / (card["sms"] * card["ghz"] * 1e9)
         multiplies = warps * main_loop["trips"] * main_loop["multiplies"]
         kind = re.search(r"forward|dgrad|wgrad", kernel["name"])
         row = rows.setdefault((kind.group(0) if kind else "other", tensor), collections.Counter())
         row["launches"] += 1
         row["multiplies"] += multiplies
         row["instructions"] += multiplies * per_multiply
+        row["shared"] += shared
         kernels[kernel["name"]].update({"launches": 1, "instructions": multiplies * per_multiply})
         kernels[kernel["name"]]["per_multiply"] = per_multiply
         by_node[launch["node"]]["issue"] += multiplies * per_multiply / (4 * clock)
+        by_node[launch["node"]]["shared"] += shared
         by_node[launch["node"]]["work"] += (
             multiplies / (card["mma_per_sm_clock"] * clock) if tensor
             else multiplies * 64 / card["fma_flops"])
     print(f"\n{'kind':<10} {'unit':>6} {'launches':>8} {'multiplies (G)':>15} "
-          f"{'instructions (G)':>17} {'issue bound ms':>15} {'tensor/FMA bound ms':>20}")
+          f"{'instructions (G)':>17} {'issue bound ms':>15} {'tensor/FMA bound ms':>20} "
+          f"{'shared bound ms':>16}")
     totals = collections.Counter()
     for (kind, tensor), row in rows.items():
         issue = row["instructions"] / (4 * clock) * 1e3
@@ -185,13 +215,16 @@ def estimate(artifact, code, card=H100, top=0, measured=None):
             work = row["multiplies"] / (card["mma_per_sm_clock"] * clock) * 1e3
         else:
             work = row["multiplies"] * 32 * 2 / card["fma_flops"] * 1e3
+        shared = row["shared"] * 1e3
         totals.update({"launches": row["launches"], "issue": issue, "work": work,
-                       "multiplies": row["multiplies"], "instructions": row["instructions"]})
+                       "multiplies": row["multiplies"], "instructions": row["instructions"],
+                       "shared": shared})
         print(f"{kind:<10} {'mma' if tensor else 'fma':>6} {row['launches']:>8} "
               f"{row['multiplies'] / 1e9:>15.3f} {row['instructions'] / 1e9:>17.2f} "
-              f"{issue:>15.2f} {work:>20.2f}")
+              f"{issue:>15.2f} {work:>20.2f} {shared:>16.2f}")
     print(f"{'all':<10} {'':>6} {totals['launches']:>8} {totals['multiplies'] / 1e9:>15.3f} "
-          f"{totals['instructions'] / 1e9:>17.2f} {totals['issue']:>15.2f} {totals['work']:>20.2f}")
+          f"{totals['instructions'] / 1e9:>17.2f} {totals['issue']:>15.2f} {totals['work']:>20.2f} "
+          f"{totals['shared']:>16.2f}")
     print(f"(H100 SXM assumed: {card['sms']} SMs at {card['ghz']} GHz; the loops alone)")
     if unrolled:
         print(f"left out, their loop unrolled by ptxas (no backward branch): {sorted(unrolled)}")
@@ -227,19 +260,22 @@ def against_measured(plan, by_node, path, top):
         bound = by_node.get(i)
         if not bound:
             continue
-        issue, work = bound["issue"] * 1e3, bound["work"] * 1e3
-        ops[node["op"]].update({"nodes": 1, "ms": m["ms"], "issue": issue, "work": work})
-        rows.append((m["ms"] - max(issue, work), node["layer"], node["op"], m["ms"], issue, work))
+        issue, work, shared = (bound[b] * 1e3 for b in ("issue", "work", "shared"))
+        ops[node["op"]].update({"nodes": 1, "ms": m["ms"], "issue": issue, "work": work,
+                                "shared": shared})
+        rows.append((m["ms"] - max(issue, work, shared), node["layer"], node["op"], m["ms"],
+                     issue, work, shared))
     print(f"{'op':<26} {'nodes':>5} {'measured ms':>12} {'issue bound':>12} {'tensor/FMA':>11} "
-          f"{'measured/issue':>15}")
+          f"{'shared':>8} {'measured/largest':>17}")
     for op, t in sorted(ops.items(), key=lambda kv: -kv[1]["ms"]):
+        largest = max(t["issue"], t["work"], t["shared"], 1e-9)
         print(f"{op:<26} {t['nodes']:>5} {t['ms']:>12.2f} {t['issue']:>12.2f} {t['work']:>11.2f} "
-              f"{t['ms'] / max(t['issue'], 1e-9):>15.1f}")
+              f"{t['shared']:>8.2f} {t['ms'] / largest:>17.1f}")
     if top:
         print(f"\n{'layer':<30} {'op':<18} {'measured ms':>12} {'issue bound':>12} "
-              f"{'tensor/FMA':>11}  (furthest over their bounds)")
-        for _, layer, op, ms, issue, work in sorted(rows, reverse=True)[:top]:
-            print(f"{layer:<30} {op:<18} {ms:>12.3f} {issue:>12.3f} {work:>11.3f}")
+              f"{'tensor/FMA':>11} {'shared':>8}  (furthest over their bounds)")
+        for _, layer, op, ms, issue, work, shared in sorted(rows, reverse=True)[:top]:
+            print(f"{layer:<30} {op:<18} {ms:>12.3f} {issue:>12.3f} {work:>11.3f} {shared:>8.3f}")
 
 
 def main():
