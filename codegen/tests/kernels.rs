@@ -566,6 +566,11 @@ fn convolution_gradient_kernels() {
         check_dgrad(&bn, (&dy, &w), (stride, padding, size));
         check_wgrad(&bn, &dy, (kernel, stride, padding));
     }
+    // batch 21: 21 chunks, each of a block's 8 row groups adding two or three
+    let (kernel, stride, padding, size, c, o) = (3, 1, 1, 4, 3, 5);
+    let bn = bn_inputs(&mut r, &[21, c, size, size]);
+    let dy = random(&mut r, &[21, o, size, size]);
+    check_wgrad(&bn, &dy, (kernel, stride, padding));
 }
 
 /// The data-gradient kernels of `dy` and `w`: plain, and fused with the BN backward of `bn`
