@@ -1,5 +1,5 @@
-//! Per-channel reductions (bias gradients and their squares): one block per (channel,
-//! example) plane sums its positions into a partial; one thread per channel then combines the
+//! Per-channel reductions (bias gradients and their squares): a warp or a block per (channel,
+//! example) plane sums its positions into a partial; a block per channel then combines the
 //! partials over the batch (squaring them for the per-example Fisher).
 
 use fisherc_ir::ops::{Op, Squares};
