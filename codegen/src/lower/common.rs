@@ -135,8 +135,9 @@ impl Planes {
 
     /// Whether [`per_plane`] gives each plane one warp (planes of at most
     /// [`WARP_PLANE_POSITIONS`] positions, several to a block) rather than a whole block: at
-    /// batch 4096 a block per 8×8 plane made 262,144 blocks of 64 busy threads, and their
-    /// launch and barriers, not memory, set the time.
+    /// batch 4096 a block per plane makes 262,144 blocks of 64 busy threads at 8×8, and 2
+    /// million of 4 at 2×2 (the H100 ran VGG16's 2×2-plane reduction, serial combine
+    /// included, at 47 GB/s).
     pub fn per_warp(&self) -> bool {
         self.positions <= WARP_PLANE_POSITIONS
     }
