@@ -413,12 +413,17 @@ pub fn combine_tiles(
     let accumulators: Vec<F32> = sums.iter().map(|_| k.f32(0.0)).collect();
     let (start, step) = (k.idx(tid), k.idx_const(BLOCK as u64));
     k.for_idx(start, rows.examples, step, |k, n| {
+        // example n's tiles' slots in term 0; each term's lie `stride` further per term
+        let first_row = k.idx_mul_const(n, rows.tiles);
+        let slots: Vec<Idx> = (0..rows.tiles)
+            .map(|tile| {
+                let row = k.idx_add_const(first_row, tile);
+                k.idx_mad(row, rows.channels, c_idx)
+            })
+            .collect();
         for (&(t, square), &total) in sums.iter().zip(&accumulators) {
             let example = k.f32(0.0);
-            for tile in 0..rows.tiles {
-                let row = k.idx_mul_const(n, rows.tiles);
-                let row = k.idx_add_const(row, tile);
-                let slot = k.idx_mad(row, rows.channels, c_idx);
+            for &slot in &slots {
                 let at = k.idx_add_const(slot, t as u64 * stride);
                 let v = k.load(source, at);
                 k.accumulate(example, v);
@@ -465,14 +470,14 @@ pub fn combine_tiles(
 fn distinct_sums(outputs: &[(Combine, LaunchArg)]) -> Vec<(usize, bool)> {
     let mut sums = Vec::new();
     for (combine, _) in outputs {
-        let needs: &[(usize, bool)] = &match *combine {
-            Combine::Sum(t) | Combine::Mean(t, _) => [(t, false), (t, false)],
-            Combine::SumOfSquares(t) => [(t, true), (t, true)],
-            Combine::Variance { sums, squares, .. } => [(sums, false), (squares, false)],
+        let needs = match *combine {
+            Combine::Sum(t) | Combine::Mean(t, _) => vec![(t, false)],
+            Combine::SumOfSquares(t) => vec![(t, true)],
+            Combine::Variance { sums, squares, .. } => vec![(sums, false), (squares, false)],
         };
         for need in needs {
-            if !sums.contains(need) {
-                sums.push(*need);
+            if !sums.contains(&need) {
+                sums.push(need);
             }
         }
     }
