@@ -128,6 +128,13 @@ fn bn_inputs(
 
 const EPS: FloatAttr = FloatAttr(1e-5);
 
+/// A ReLU's output of `shape`: about half zeros, the rest in (0, 1).
+fn relu_output(r: &mut rand_chacha::ChaCha8Rng, shape: &[usize]) -> fisherc_ir::tensor::Value<f32> {
+    let x = random(r, shape);
+    let data = x.float().data.iter().map(|v| v.max(0.0)).collect();
+    fisherc_ir::tensor::Value::Float(fisherc_ir::tensor::Tensor::from_vec(shape, data))
+}
+
 #[test]
 fn batch_norm_forward_kernels() {
     let mut r = rng(4);
@@ -535,15 +542,25 @@ fn data_gradients_over_the_batch_sum_each_example_apart() {
             padding: 1,
             input_hw: (size, size),
         };
+        let shortcut = random(&mut r, &[batch, c, size, size]);
+        let relu_out = relu_output(&mut r, &[batch, c, size, size]);
         for squares in [Squares::PerExample, Squares::PerPosition] {
-            let mut inputs = vec![dy.clone(), w.clone()];
-            inputs.extend(bn.iter().cloned());
-            let op = FusedDgrad {
-                dgrad: dgrad.clone(),
-                eps: EPS,
-                squares,
-            };
-            check_conv(op, &inputs, REDUCTION);
+            for residual in [false, true] {
+                let mut inputs = vec![dy.clone(), w.clone()];
+                if residual {
+                    inputs.extend(bn[..3].iter().cloned());
+                    inputs.extend([shortcut.clone(), relu_out.clone()]);
+                } else {
+                    inputs.extend(bn.iter().cloned());
+                }
+                let op = FusedDgrad {
+                    dgrad: dgrad.clone(),
+                    eps: EPS,
+                    squares,
+                    residual,
+                };
+                check_conv(op, &inputs, REDUCTION);
+            }
         }
     }
 }
@@ -589,18 +606,27 @@ fn check_dgrad(
         input_hw: (size, size),
     };
     check_conv(dgrad.clone(), &[dy.clone(), w.clone()], REDUCTION);
+    // a residual block's input: the shortcut's gradient, and a ReLU output half zeros
+    let mut r = rng(bn[0].float().data.len() as u64);
+    let shortcut = random(&mut r, bn[0].shape());
+    let relu_out = relu_output(&mut r, bn[0].shape());
     for squares in [Squares::None, Squares::PerExample, Squares::PerPosition] {
-        let mut inputs = vec![dy.clone(), w.clone()];
-        inputs.extend(bn.iter().cloned());
-        check_conv(
-            FusedDgrad {
+        for residual in [false, true] {
+            let mut inputs = vec![dy.clone(), w.clone()];
+            if residual {
+                inputs.extend(bn[..3].iter().cloned());
+                inputs.extend([shortcut.clone(), relu_out.clone()]);
+            } else {
+                inputs.extend(bn.iter().cloned());
+            }
+            let op = FusedDgrad {
                 dgrad: dgrad.clone(),
                 eps: EPS,
                 squares,
-            },
-            &inputs,
-            REDUCTION,
-        );
+                residual,
+            };
+            check_conv(op, &inputs, REDUCTION);
+        }
     }
 }
 

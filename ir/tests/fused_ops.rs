@@ -239,9 +239,54 @@ fn fused_dgrad_is_dgrad_relu_backward_and_bn_reductions() {
                     dgrad: dgrad.clone(),
                     eps: EPS,
                     squares,
+                    residual: false,
                 },
                 &inputs,
             );
+            same("masked data gradient", &out[0], &dz);
+            let expected = bn_reductions_by_parts(&dz, &bn, squares);
+            assert_eq!(out.len(), 1 + expected.len());
+            for (i, e) in expected.iter().enumerate() {
+                same(&format!("{squares:?} output {}", i + 1), &out[i + 1], e);
+            }
+        }
+    }
+}
+
+/// At a residual block's input the data gradient meets the shortcut's gradient r, and the
+/// ReLU that produced the input masks their sum by its stored output.
+#[test]
+fn residual_fused_dgrad_is_dgrad_add_relu_backward_and_bn_reductions() {
+    for (case, &(k, stride, padding, size, c, o)) in CONV_SHAPES.iter().enumerate() {
+        let mut r = rng(50 + case as u64);
+        let bn = bn_inputs(&mut r, &[3, c, size, size]);
+        let w = random(&mut r, &[o, c, k, k]);
+        let conv = Conv2d {
+            stride,
+            padding,
+            bias: false,
+        };
+        let dy = random(&mut r, one(conv, &[&bn[0], &w]).shape());
+        let shortcut = random(&mut r, bn[0].shape());
+        let relu_out = one(Relu, &[&random(&mut r, bn[0].shape())]);
+        let dgrad = ConvDgrad {
+            stride,
+            padding,
+            input_hw: (size, size),
+        };
+        let sum = one(Add, &[&one(dgrad.clone(), &[&dy, &w]), &shortcut]);
+        let dz = one(ReluBackward, &[&sum, &relu_out]);
+        for squares in ALL_SQUARES {
+            let mut inputs = vec![&dy, &w];
+            inputs.extend(refs(&bn[..3]));
+            inputs.extend([&shortcut, &relu_out]);
+            let fused = FusedDgrad {
+                dgrad: dgrad.clone(),
+                eps: EPS,
+                squares,
+                residual: true,
+            };
+            let out = run(fused, &inputs);
             same("masked data gradient", &out[0], &dz);
             let expected = bn_reductions_by_parts(&dz, &bn, squares);
             assert_eq!(out.len(), 1 + expected.len());
@@ -410,4 +455,27 @@ fn malformed_fused_ops_are_shape_errors() {
     };
     let err = Op::from(relu).infer(&[&x, &c4, &c4, &c4, &c4]).unwrap_err();
     assert!(err.contains("mean: expected f32[3], found f32[4]"), "{err}");
+    // a residual data gradient whose shortcut gradient is not the data gradient's shape
+    let (dy, w, c3) = (
+        TensorType::f32(&[2, 5, 4, 4]),
+        TensorType::f32(&[5, 3, 3, 3]),
+        TensorType::f32(&[3]),
+    );
+    let dgrad = FusedDgrad {
+        dgrad: ConvDgrad {
+            stride: 1,
+            padding: 1,
+            input_hw: (4, 4),
+        },
+        eps: EPS,
+        squares: Squares::None,
+        residual: true,
+    };
+    let fits = [&dy, &w, &x, &c3, &c3, &x, &x];
+    assert_eq!(Op::from(dgrad.clone()).infer(&fits).unwrap().len(), 3);
+    let short = TensorType::f32(&[2, 3, 4, 3]);
+    let err = Op::from(dgrad)
+        .infer(&[&dy, &w, &x, &c3, &c3, &short, &x])
+        .unwrap_err();
+    assert!(err.contains("residual gradient"), "{err}");
 }

@@ -367,6 +367,31 @@ fn cases() -> Vec<Case> {
             )),
         ),
         case(
+            "bn-reductions-in-producer",
+            resnet(),
+            Plain,
+            &[],
+            Some((
+                "fused_dgrad with the residual add",
+                |op| matches!(op, Op::FusedDgrad(d) if d.residual && d.squares == Squares::None),
+            )),
+        ),
+        case(
+            "bn-reductions-with-squares-in-producer",
+            resnet(),
+            Exact,
+            &[
+                "square-of-scale",
+                "scale-of-scale",
+                "mean-of-scale",
+                "bn-grads-with-exact-squares",
+            ],
+            Some((
+                "fused_dgrad with the residual add and squares",
+                |op| matches!(op, Op::FusedDgrad(d) if d.residual && d.squares == Squares::PerExample),
+            )),
+        ),
+        case(
             "bn-reductions-with-squares-in-producer",
             small_cnn(),
             Exact,

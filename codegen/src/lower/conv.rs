@@ -13,7 +13,7 @@
 
 use std::convert::Infallible;
 
-use fisherc_ir::ops::{Conv2d, ConvDgrad, ConvWgrad, FloatAttr, Op, Squares};
+use fisherc_ir::ops::{Conv2d, ConvDgrad, ConvWgrad, FloatAttr, FusedDgrad, Op, Squares};
 
 use super::Lowered;
 use super::common::{
@@ -33,7 +33,7 @@ pub fn lower(cx: &Cx) -> Lowered {
         Op::Conv2d(conv) => forward(cx, conv, None, false),
         Op::FusedConv(f) => forward(cx, &f.conv, f.prologue, f.stats),
         Op::ConvDgrad(d) => dgrad(cx, d, None),
-        Op::FusedDgrad(f) => dgrad(cx, &f.dgrad, Some((f.eps, f.squares))),
+        Op::FusedDgrad(f) => dgrad(cx, &f.dgrad, Some(DgradEpilogue::of(f))),
         Op::ConvWgrad(w) => wgrad(cx, w, None, Squares::None, false),
         Op::ConvWgradPerExample(w) => wgrad(cx, &w.0, None, Squares::None, true),
         Op::FusedWgrad(f) => wgrad(cx, &f.wgrad, f.prologue, f.squares, false),
@@ -1523,20 +1523,50 @@ fn forward(cx: &Cx, conv: &Conv2d, prologue: Option<FloatAttr>, stats: bool) -> 
     }
 }
 
+/// What a fused data gradient's epilogue does to each element before it sums the BN terms.
+#[derive(Clone, Copy)]
+struct DgradEpilogue {
+    eps: FloatAttr,
+    squares: Squares,
+    /// Add the shortcut's gradient and mask by the stored ReLU output (else mask by the
+    /// recomputed `γ·ŷ + β > 0`).
+    residual: bool,
+}
+
+impl DgradEpilogue {
+    fn of(f: &FusedDgrad) -> DgradEpilogue {
+        DgradEpilogue {
+            eps: f.eps,
+            squares: f.squares,
+            residual: f.residual,
+        }
+    }
+}
+
+/// The epilogue's mask inputs, declared as kernel parameters in the op's input order (after
+/// y, mean and var).
+enum MaskSource {
+    /// γ and β: the ReLU recomputed from y.
+    Recomputed(BnParams),
+    /// The shortcut's gradient and the ReLU's output.
+    Residual { shortcut: U64, out: U64 },
+}
+
 /// The data gradient as an implicit GEMM per example: C[p][c] over the example's input
 /// positions p and input channels c (or over every example's positions, `Rows`), K running
 /// over (o, ki, kj) in `Order`. A gathers dy at the output position whose window puts tap
 /// (ki, kj) on p (zero where none does), B reads the weights. The fused epilogue masks by the
-/// ReLU of the BN that produced the input and sums the BN backward terms per (example, row
-/// tile), or per example of a tile over the batch; `combine_tiles` adds each example's tiles
-/// before any per-example square.
-fn dgrad(cx: &Cx, d: &ConvDgrad, epilogue: Option<(FloatAttr, Squares)>) -> Lowered {
+/// ReLU of the BN that produced the input (after adding a residual block's shortcut
+/// gradient) and sums the BN backward terms per (example, row tile), or per example of a
+/// tile over the batch; `combine_tiles` adds each example's tiles before any per-example
+/// square.
+fn dgrad(cx: &Cx, d: &ConvDgrad, epilogue: Option<DgradEpilogue>) -> Lowered {
     let (dy_shape, w_shape) = (&cx.inputs[0].shape, &cx.inputs[1].shape);
     let x_shape = &cx.outputs[0].shape;
     let g = Geometry::new(x_shape, w_shape, dy_shape, d.stride, d.padding);
     let positions = g.h * g.w;
     let tiling = Tiling::for_columns(g.c, cx.options.tensor_cores);
-    let per_example_sums = matches!(epilogue, Some((_, Squares::PerExample)));
+    let per_example_sums = matches!(epilogue, Some(e) if e.squares == Squares::PerExample);
     let batching = Rows::choose(positions, tiling, per_example_sums);
     let shape = GemmShape {
         m: batching.count(positions, g.batch),
@@ -1545,10 +1575,24 @@ fn dgrad(cx: &Cx, d: &ConvDgrad, epilogue: Option<(FloatAttr, Squares)>) -> Lowe
     };
     let mut k = gemm::builder(cx, "dgrad");
     let (dy, w) = (k.ptr_param("dy"), k.ptr_param("w"));
-    let bn = epilogue.map(|(eps, squares)| {
+    let bn = epilogue.map(|e| {
         let y = k.ptr_param("y");
-        let params = prologue_params(&mut k, Some(eps)).expect("an epilogue has statistics");
-        (y, params, squares)
+        let (mean, var) = (k.ptr_param("mean"), k.ptr_param("var"));
+        let mask = if e.residual {
+            MaskSource::Residual {
+                shortcut: k.ptr_param("shortcut_gradient"),
+                out: k.ptr_param("relu_out"),
+            }
+        } else {
+            MaskSource::Recomputed(BnParams {
+                mean,
+                var,
+                gamma: k.ptr_param("gamma"),
+                beta: k.ptr_param("beta"),
+                eps: e.eps.0 as f32,
+            })
+        };
+        (y, (mean, var, e.eps.0 as f32), mask, e.squares)
     });
     let dx = k.ptr_param("dx");
     let partials = bn.as_ref().map(|_| k.ptr_param("partials"));
@@ -1605,21 +1649,28 @@ fn dgrad(cx: &Cx, d: &ConvDgrad, epilogue: Option<(FloatAttr, Squares)>) -> Lowe
         for (j, &acc) in row.iter().enumerate() {
             let ok = k.and(coords.row_ok[i], coords.col_ok[j]);
             let at = plane_element(&mut k, (example, coords.cols[j]), (g.c, positions), p);
-            let Some((y, params, _)) = &bn else {
+            let Some((y, (mean, var, eps), mask, _)) = &bn else {
                 k.when(ok, |k| k.store(dx, at, acc));
                 continue;
             };
-            let yv = k.f32(0.0);
-            k.when(ok, |k| {
-                let v = k.load(*y, at);
-                k.assign(yv, v);
-            });
+            let yv = load_inside(&mut k, ok, *y, at);
             let c = k.select_u(coords.col_ok[j], coords.cols[j], 0u32);
-            let z = bn_apply(&mut k, yv, params, c);
-            let active = k.cmp_f32(Cmp::Gt, z, 0.0f32);
-            let dz = k.select(active, acc, 0.0f32);
+            let dz = match mask {
+                MaskSource::Recomputed(params) => {
+                    let z = bn_apply(&mut k, yv, params, c);
+                    let active = k.cmp_f32(Cmp::Gt, z, 0.0f32);
+                    k.select(active, acc, 0.0f32)
+                }
+                MaskSource::Residual { shortcut, out } => {
+                    let r = load_inside(&mut k, ok, *shortcut, at);
+                    let relu = load_inside(&mut k, ok, *out, at);
+                    let sum = k.add(acc, r);
+                    let active = k.cmp_f32(Cmp::Gt, relu, 0.0f32);
+                    k.select(active, sum, 0.0f32)
+                }
+            };
             k.when(ok, |k| k.store(dx, at, dz));
-            let xhat = normalised(&mut k, yv, params.mean, params.var, c, params.eps);
+            let xhat = normalised(&mut k, yv, *mean, *var, c, *eps);
             row_terms.push((dz, xhat));
         }
         masked.push(row_terms);
@@ -1627,7 +1678,7 @@ fn dgrad(cx: &Cx, d: &ConvDgrad, epilogue: Option<(FloatAttr, Squares)>) -> Lowe
     let mut args: Vec<_> = (0..cx.inputs.len()).map(input).collect();
     args.push(output(0));
     let grid = batching.grid(tiling.count(shape), g.batch);
-    let (Some((_, _, squares)), Some(partials)) = (bn, partials) else {
+    let (Some((_, _, _, squares)), Some(partials)) = (bn, partials) else {
         return Lowered::kernels(vec![launch(k.finish(), grid, args)]);
     };
     // the terms are made term by term from (dz, x̂): all of them at once would not fit in
@@ -1667,6 +1718,16 @@ fn dgrad(cx: &Cx, d: &ConvDgrad, epilogue: Option<(FloatAttr, Squares)>) -> Lowe
         ],
         scratch: vec![rows.bytes(count)],
     }
+}
+
+/// `src[at]` where `inside`, else 0 (no load outside the tensor).
+fn load_inside(k: &mut KernelBuilder, inside: Pred, src: U64, at: Idx) -> F32 {
+    let value = k.f32(0.0);
+    k.when(inside, |k| {
+        let v = k.load(src, at);
+        k.assign(value, v);
+    });
+    value
 }
 
 /// Blocks a weight-gradient launch aims for: enough to fill a GPU (132 SMs on an H100) when

@@ -173,15 +173,27 @@ impl OpDef for FusedWgrad {
 }
 
 /// Data gradient with the layer below's ReLU backward and BN backward reductions in its
-/// epilogue. Inputs: dy, w, and y, mean, var, γ, β of the batch norm whose ReLU output this
-/// convolution read. Outputs: `dz = dgrad(dy, w)·[γ·ŷ + β > 0]`, `Σ dz·ŷ`, `Σ dz`, and their
-/// squares per `squares`.
+/// epilogue. Outputs: the masked gradient `dz`, `Σ dz·ŷ`, `Σ dz`, and their squares per
+/// `squares`, ŷ normalising y by mean and var. Inputs: dy, w, then y, mean, var of the batch
+/// norm below, then what the mask needs:
+/// * γ, β (not `residual`): the convolution read `relu(γ·ŷ + β)`, recomputed for the mask:
+///   `dz = dgrad(dy, w)·[γ·ŷ + β > 0]`;
+/// * r, out (`residual`): the convolution read `out = relu(bn(y) + shortcut)`, whose
+///   gradient also flows back through the shortcut as r: `dz = (dgrad(dy, w) + r)·[out > 0]`.
+///   The residual add and the ReLU backward of a residual block's input then cost no pass of
+///   their own.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct FusedDgrad {
     pub dgrad: ConvDgrad,
     pub eps: FloatAttr,
     pub squares: Squares,
+    #[serde(default)]
+    pub residual: bool,
 }
+
+/// The position of the batch norm's input y among a fused data gradient's inputs; mean and
+/// var follow it, then the mask's two inputs.
+const DGRAD_BN_INPUT: usize = 2;
 
 impl OpDef for FusedDgrad {
     const NAME: &'static str = "fused_dgrad";
@@ -190,11 +202,21 @@ impl OpDef for FusedDgrad {
         expect_arity(inputs, 7)?;
         let dx = self.dgrad.infer(&inputs[..2])?.remove(0);
         expect_type(
-            inputs[2],
+            inputs[DGRAD_BN_INPUT],
             &dx,
             "batch-norm input (must match the data gradient)",
         )?;
-        let c = check_channel_inputs(&inputs[2..], &PROLOGUE_INPUTS)?;
+        let c = if self.residual {
+            expect_type(
+                inputs[5],
+                &dx,
+                "residual gradient (must match the data gradient)",
+            )?;
+            expect_type(inputs[6], &dx, "ReLU output (must match the data gradient)")?;
+            check_channel_inputs(&inputs[2..5], &PROLOGUE_INPUTS[..2])?
+        } else {
+            check_channel_inputs(&inputs[2..], &PROLOGUE_INPUTS)?
+        };
         let vector = TensorType::f32(&[c]);
         let mut types = vec![dx];
         types.extend(std::iter::repeat_n(
@@ -214,17 +236,24 @@ impl OpDef for FusedDgrad {
             .eval(&inputs[..2], &outputs[..1])?
             .remove(0)
             .into_float();
-        let y = inputs[2].float();
-        let stats = stats_args(inputs, 3);
-        let dz = relu_mask(&dx, &bn_relu(y, stats, self.eps, None));
-        let [mean, var, _, _] = stats;
+        let y = inputs[DGRAD_BN_INPUT].float();
+        let dz = if self.residual {
+            let r = inputs[5].float();
+            let sum = dx.data.iter().zip(&r.data).map(|(&a, &b)| a + b).collect();
+            relu_mask(&Tensor::from_vec(&dx.shape, sum), inputs[6].float())
+        } else {
+            let stats = stats_args(inputs, 3);
+            relu_mask(&dx, &bn_relu(y, stats, self.eps, None))
+        };
+        let (mean, var) = (&inputs[3].float().data, &inputs[4].float().data);
         let mut results = param_grads_with_squares(&dz, y, mean, var, self.eps, self.squares);
         results.insert(0, Value::Float(dz));
         Ok(results)
     }
 
     fn flops(&self, inputs: &[&TensorType], outputs: &[TensorType]) -> u64 {
-        let epilogue = (10 + 3 * self.squares.extra_outputs() as u64) * outputs[0].numel() as u64;
+        let epilogue = (10 + self.residual as u64 + 3 * self.squares.extra_outputs() as u64)
+            * outputs[0].numel() as u64;
         self.dgrad.flops(&inputs[..2], &outputs[..1]) + epilogue
     }
 }

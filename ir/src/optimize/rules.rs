@@ -666,6 +666,7 @@ fn dgrad_relu_backward(f: &mut Fuse<'_>, s: &Subst) -> Option<()> {
         dgrad,
         eps: f.eps(s, "?e")?,
         squares: Squares::None,
+        residual: false,
     };
     let t = f.add(fused, &inputs)?;
     let dz = f.proj(t, 0);
@@ -681,51 +682,102 @@ fn bn_reductions_with_squares_in_producer(f: &mut Fuse<'_>, s: &Subst) -> Option
 }
 
 /// Moves BN reductions (and their squares) over `du` into the op that produces `du`: a ReLU
-/// backward (→ relu_backward_bn_reduce) or a masked dgrad (→ fused_dgrad with reductions).
+/// backward (→ relu_backward_bn_reduce, and where the ReLU's gradient is a data gradient plus
+/// a residual, → a residual fused_dgrad) or a masked dgrad (→ fused_dgrad with reductions).
 fn bn_reductions_in_producer(f: &mut Fuse<'_>, s: &Subst, squares: Squares) -> Option<()> {
     let eps = f.eps(s, "?e")?;
     let (du, y, m, var) = (s[v("?du")], s[v("?y")], s[v("?m")], s[v("?v")]);
     let same_class = |f: &Fuse<'_>, a: Id, b: Id| f.egraph.find(a) == f.egraph.find(b);
     let producers: Vec<ENode> = f.egraph[du].nodes.clone();
     for node in producers {
-        let fused_tuple = match Types::op_of(f.egraph, &node) {
+        match Types::op_of(f.egraph, &node) {
             Some(Op::ReluBackward(_)) => {
-                let inputs = [node.inputs()[0], node.inputs()[1], y, m, var];
-                f.add(ReluBackwardBnReduce { eps, squares }, &inputs)
+                let (g, out) = (node.inputs()[0], node.inputs()[1]);
+                let inputs = [g, out, y, m, var];
+                if let Some(t) = f.add(ReluBackwardBnReduce { eps, squares }, &inputs) {
+                    same_reductions(f, du, t, squares);
+                }
+                residual_dgrads(f, (du, g, out), [y, m, var], (eps, squares));
             }
             _ if node.name() == super::lang::PROJ => {
                 // proj 0 of a fused dgrad without reductions over the same batch norm
                 let tuple = node.inputs()[0];
                 f.name_after(tuple);
                 let dgrads: Vec<ENode> = f.egraph[tuple].nodes.clone();
-                dgrads.into_iter().find_map(|d| {
+                let fused = dgrads.into_iter().find_map(|d| {
                     let Some(Op::FusedDgrad(fd)) = Types::op_of(f.egraph, &d) else {
                         return None;
                     };
                     let i = d.inputs();
                     let matches = fd.squares == Squares::None
+                        && !fd.residual
                         && fd.eps == eps
                         && same_class(f, i[2], y)
                         && same_class(f, i[3], m)
                         && same_class(f, i[4], var);
                     let fused = FusedDgrad { squares, ..fd };
                     if matches { f.add(fused, i) } else { None }
-                })
+                });
+                if let Some(t) = fused {
+                    same_reductions(f, du, t, squares);
+                }
             }
-            _ => None,
-        };
-        let Some(t) = fused_tuple else {
-            continue;
-        };
-        let masked = f.proj(t, 0);
-        f.same(du, masked);
-        let outputs = 2 + 2 * squares.extra_outputs();
-        for k in 0..outputs {
-            let (old, new) = (f.proj(f.matched, k), f.proj(t, k + 1));
-            f.same(old, new);
+            _ => {}
         }
     }
     Some(())
+}
+
+/// For `du = relu_backward(g, out)` where `g = add(conv_dgrad(dy, w), r)` (either order):
+/// the data gradient with the add, the mask and the reductions over batch norm `bn` (y, mean,
+/// var) in its epilogue, its dz unioned with `du`, named after the convolution.
+fn residual_dgrads(
+    f: &mut Fuse<'_>,
+    (du, g, out): (Id, Id, Id),
+    bn: [Id; 3],
+    (eps, squares): (FloatAttr, Squares),
+) {
+    let sums: Vec<ENode> = f.egraph[g].nodes.clone();
+    for sum in sums {
+        if !matches!(Types::op_of(f.egraph, &sum), Some(Op::Add(_))) {
+            continue;
+        }
+        let (a, b) = (sum.inputs()[0], sum.inputs()[1]);
+        for (gradient, residual) in [(a, b), (b, a)] {
+            let dgrads: Vec<ENode> = f.egraph[gradient].nodes.clone();
+            for d in dgrads {
+                let Some(Op::ConvDgrad(dgrad)) = Types::op_of(f.egraph, &d) else {
+                    continue;
+                };
+                let mut inputs = d.inputs().to_vec();
+                inputs.extend(bn);
+                inputs.extend([residual, out]);
+                let fused = FusedDgrad {
+                    dgrad,
+                    eps,
+                    squares,
+                    residual: true,
+                };
+                let origin = f.origin.clone();
+                f.name_after(gradient);
+                if let Some(t) = f.add(fused, &inputs) {
+                    same_reductions(f, du, t, squares);
+                }
+                f.origin = origin;
+            }
+        }
+    }
+}
+
+/// Records that tuple `t` computes `du` (its output 0) and the matched reductions (the rest).
+fn same_reductions(f: &mut Fuse<'_>, du: Id, t: Id, squares: Squares) {
+    let masked = f.proj(t, 0);
+    f.same(du, masked);
+    let outputs = 2 + 2 * squares.extra_outputs();
+    for k in 0..outputs {
+        let (old, new) = (f.proj(f.matched, k), f.proj(t, k + 1));
+        f.same(old, new);
+    }
 }
 
 // ---- elementwise chains ----
