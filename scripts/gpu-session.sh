@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything a device session should run, in order of importance, each part under its own time
-# limit; with the default limits (580 s in all) it fits one 10-minute device call (the whole
-# run took 279 s on the H100, 2026-11-27, before the profile part). Builds
+# limit; with the default limits (590 s in all) it fits one 10-minute device call (the check,
+# bench and train parts took 279 s on the H100, 2026-11-27). Builds
 # nothing: it runs .gpu/fisherc (scripts/build-cuda.sh; carry .gpu, with Fashion-MNIST in
 # .gpu/fashion-mnist for part 3).
 #
@@ -11,9 +11,12 @@
 #      fused-tf32 (one TF32 product: its own bounds)
 #                                                                   (LIMIT_CHECK s)
 #   2. speed (scripts/gpu-bench.sh): fisherc bench of resnet44 and vgg16 at batch 4096 (Fisher
-#      none and exact; fused-tc, fused-tf32 and fused) and PyTorch on the same card, side by
-#      side
+#      none and exact; fused-tc and fused-tf32; fp32 FMA was timed on 2026-11-27) and PyTorch
+#      on the same card, side by side
 #                                                                   (LIMIT_BENCH s)
+#   2b. the GEMM pipeline's depth: the exact fused-tc step again with `--stages 2` (double
+#      buffering, as timed up to f28ac3b), beside part 2's default
+#                                                                   (LIMIT_STAGES s)
 #   3. training (scripts/gpu-train.sh): ResNet20 on Fashion-MNIST, one epoch, lb-diagf
 #                                                                   (LIMIT_TRAIN s)
 #   4. why (scripts/gpu-profile.sh): Nsight Compute on the heaviest GEMM kernel of each kind
@@ -21,17 +24,18 @@
 #                                                                   (LIMIT_PROFILE s)
 #
 # $OUT gets summary.txt (every part's table) and parts.tar.gz (each part's own files), so that
-# the few files the device tool brings back hold everything. PARTS="check bench train profile"
-# picks.
+# the few files the device tool brings back hold everything. PARTS="check bench stages train
+# profile" picks.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 OUT=${OUT:-/tmp/gpu-session}
-PARTS=${PARTS:-check bench train profile}
+PARTS=${PARTS:-check bench stages train profile}
 LIMIT_CHECK=${LIMIT_CHECK:-150}
-LIMIT_BENCH=${LIMIT_BENCH:-240}
+LIMIT_BENCH=${LIMIT_BENCH:-210}
+LIMIT_STAGES=${LIMIT_STAGES:-60}
 LIMIT_TRAIN=${LIMIT_TRAIN:-60}
-LIMIT_PROFILE=${LIMIT_PROFILE:-130}
+LIMIT_PROFILE=${LIMIT_PROFILE:-110}
 WORK=$(mktemp -d)
 mkdir -p "$OUT"
 : >"$OUT/summary.txt"
@@ -51,11 +55,16 @@ for p in $PARTS; do
              CHECK_MODELS=resnet20 CHECK_KINDS="exact full-fisher-true" RUN_MODELS= scripts/gpu-check.sh
              OUT=$OUT/resnet44 CHECK_MODELS=resnet44 CHECK_VARIANTS="fused-tc fused fused-tf32" RUN_MODELS= \
                scripts/gpu-check.sh' ;;
-    bench) part bench "$LIMIT_BENCH" env FISHER=none,exact VARIANTS=fused-tc,fused-tf32,fused STEPS=3 \
-             WARMUP=1 LIMIT_FISHERC=110 LIMIT_TORCH=125 TORCH_MODES="plain a2g2" scripts/gpu-bench.sh ;;
+    bench) part bench "$LIMIT_BENCH" env FISHER=none,exact VARIANTS=fused-tc,fused-tf32 STEPS=3 \
+             WARMUP=1 LIMIT_FISHERC=80 LIMIT_TORCH=125 TORCH_MODES="plain a2g2" scripts/gpu-bench.sh ;;
+    stages) part stages "$LIMIT_STAGES" bash -c '
+             .gpu/fisherc bench models/resnet44.toml models/vgg16.toml --batch 4096 --fisher exact \
+               --variant fused-tc --stages 2 --backend cuda --steps 3 --warmup 1 --no-profile \
+               --json "$OUT/stages2.json" --markdown "$OUT/stages2.md" >"$OUT/stages2.log" 2>&1
+             echo "fisherc bench --stages 2: exit $?"; cat "$OUT/stages2.md"' ;;
     train) part train "$LIMIT_TRAIN" scripts/gpu-train.sh ;;
     profile) part profile "$LIMIT_PROFILE" env LIMIT=25 scripts/gpu-profile.sh ;;
-    *) echo "gpu-session: unknown part '$p' (check, bench, train, profile)" >&2 ;;
+    *) echo "gpu-session: unknown part '$p' (check, bench, stages, train, profile)" >&2 ;;
   esac
 done
 tar -czf "$OUT/parts.tar.gz" -C "$WORK" . && rm -rf "$WORK"

@@ -14,7 +14,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use fisherc_codegen::artifact::{Artifact, Source};
 use fisherc_codegen::compile::{CompileOptions, Compiled, compile};
-use fisherc_codegen::lower::TensorCores;
+use fisherc_codegen::lower::{DEFAULT_STAGES, TensorCores};
 use fisherc_ir::model::{self, BuildOptions};
 use fisherc_ir::{FisherMode, StepOptions, build_training_step};
 use fisherc_runtime::Session;
@@ -111,6 +111,11 @@ pub struct Args {
     #[arg(long, default_value = "sm_90", value_parser = ["sm_80", "sm_90"])]
     pub arch: String,
 
+    /// K slices the convolutions' GEMMs keep in flight, where shared memory allows: 2 (double
+    /// buffering) to 4.
+    #[arg(long, default_value_t = DEFAULT_STAGES, value_parser = clap::value_parser!(u32).range(2..=4))]
+    pub stages: u32,
+
     /// Seed of the initial parameters, the batch and the noise.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -126,6 +131,8 @@ pub struct Measurement {
     pub batch: usize,
     pub fisher: FisherMode,
     pub variant: Variant,
+    /// K slices in flight in the convolutions' GEMMs (`--stages`).
+    pub stages: u32,
     pub device: String,
     pub compile_s: f64,
     pub launches_per_step: usize,
@@ -193,6 +200,7 @@ pub fn run(args: &Args) -> Result<()> {
                         batch,
                         fisher,
                         variant,
+                        stages: args.stages,
                     };
                     let measured = measure(args, &config, &mut out).unwrap_or_else(|e| {
                         writeln!(out, "  failed: {e:#}").ok();
@@ -226,6 +234,7 @@ struct Config<'a> {
     batch: usize,
     fisher: FisherMode,
     variant: Variant,
+    stages: u32,
 }
 
 impl Config<'_> {
@@ -241,6 +250,7 @@ impl Config<'_> {
             batch: self.batch,
             fisher: self.fisher,
             variant: self.variant,
+            stages: self.stages,
             device: String::new(),
             compile_s: 0.0,
             launches_per_step: 0,
@@ -272,11 +282,12 @@ fn measure(args: &Args, config: &Config<'_>, out: &mut impl Write) -> Result<Mea
     };
     writeln!(
         out,
-        "{} · batch {} · fisher {} · {}",
+        "{} · batch {} · fisher {} · {} · {} stages",
         config.path.display(),
         config.batch,
         config.fisher,
-        config.variant.name()
+        config.variant.name(),
+        config.stages
     )?;
     let options = BuildOptions {
         input: args.input,
@@ -287,6 +298,7 @@ fn measure(args: &Args, config: &Config<'_>, out: &mut impl Write) -> Result<Mea
     let options = CompileOptions {
         fused,
         tensor_cores,
+        stages: config.stages,
     };
     let compiled =
         compile(&step, options).with_context(|| format!("compiling {}", config.path.display()))?;
@@ -316,6 +328,7 @@ fn measure(args: &Args, config: &Config<'_>, out: &mut impl Write) -> Result<Mea
         batch: config.batch,
         fisher: config.fisher,
         variant: config.variant,
+        stages: config.stages,
         device: times.device,
         compile_s: compiled.seconds,
         launches_per_step: plan.launches.len(),

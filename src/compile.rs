@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use fisherc_codegen::artifact::{Artifact, PLAN_FILE, PTX_FILE, Source, bytes, summary};
 use fisherc_codegen::compile::{CompileOptions, compile};
-use fisherc_codegen::lower::TensorCores;
+use fisherc_codegen::lower::{DEFAULT_STAGES, TensorCores};
 use fisherc_ir::Noise;
 
 use crate::model_args::ModelArgs;
@@ -27,11 +27,16 @@ pub struct Args {
     #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "3xtf32")]
     pub tensor_cores: Option<Tf32>,
 
+    /// K slices the convolutions' GEMMs keep in flight, where shared memory allows: 2 (double
+    /// buffering, as measured on the H100 up to f28ac3b) to 4.
+    #[arg(long, default_value_t = DEFAULT_STAGES, value_parser = clap::value_parser!(u32).range(2..=4))]
+    pub stages: u32,
+
     /// PTX target: sm_80 or sm_90.
     #[arg(long, default_value = "sm_90", value_parser = ["sm_80", "sm_90"])]
     pub arch: String,
 
-    /// Output directory [default: compiled/MODEL_b<BATCH>_<FISHER>[_<NOISE>][_unfused][_tc]].
+    /// Output directory [default: compiled/MODEL_b<BATCH>_<FISHER>[_<NOISE>][_unfused][_tc][_s<STAGES>]].
     #[arg(short, long)]
     pub out: Option<PathBuf>,
 }
@@ -63,6 +68,7 @@ pub fn run(args: &Args) -> Result<()> {
     let options = CompileOptions {
         fused,
         tensor_cores: args.tensor_cores(),
+        stages: args.stages,
     };
     let compiled = compile(&step, options)
         .with_context(|| format!("compiling {}", args.model.model.display()))?;
@@ -100,8 +106,13 @@ fn default_dir(args: &Args) -> PathBuf {
         Some(Tf32::Split3) => "_tc",
         Some(Tf32::Single) => "_tf32",
     };
+    let stages = if args.stages == DEFAULT_STAGES {
+        String::new()
+    } else {
+        format!("_s{}", args.stages)
+    };
     PathBuf::from("compiled").join(format!(
-        "{stem}_b{}_{}{noise}{variant}{cores}",
+        "{stem}_b{}_{}{noise}{variant}{cores}{stages}",
         args.model.batch, options.fisher
     ))
 }

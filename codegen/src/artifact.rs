@@ -58,8 +58,16 @@ pub struct Source {
     /// ... with one TF32 product rather than three (`TensorCores::Tf32`).
     #[serde(default)]
     pub single_tf32: bool,
+    /// K slices in flight in the convolutions' GEMMs (artifacts from before it was recorded
+    /// double-buffered).
+    #[serde(default = "double_buffered")]
+    pub stages: u32,
     /// The PTX target, e.g. `sm_90`.
     pub arch: String,
+}
+
+fn double_buffered() -> u32 {
+    2
 }
 
 impl Source {
@@ -85,6 +93,7 @@ impl Source {
             fused: options.fused,
             tensor_cores: options.tensor_cores.on(),
             single_tf32: options.tensor_cores == TensorCores::Tf32,
+            stages: options.stages,
             arch: arch.to_string(),
         }
     }
@@ -98,6 +107,7 @@ impl Source {
                 (true, false) => TensorCores::Tf32x3,
                 (true, true) => TensorCores::Tf32,
             },
+            stages: self.stages,
         }
     }
 

@@ -90,6 +90,13 @@ impl KernelBuilder {
 
     pub fn finish(self) -> Kernel {
         assert_eq!(self.stack.len(), 1, "unclosed If or Loop");
+        // what a block may declare statically; a lowering that asks for more is wrong
+        assert!(
+            self.shared_bytes <= 48 * 1024,
+            "kernel {} declares {} bytes of shared memory, over the 48 KiB static limit",
+            self.name,
+            self.shared_bytes
+        );
         Kernel {
             name: self.name,
             params: self.params,

@@ -7,7 +7,7 @@ use fisherc_ir::optimize::{Limits, OptimizeError, Optimized, Report, optimize_wi
 use fisherc_ir::{Graph, TrainingStep};
 use thiserror::Error;
 
-use crate::lower::{LowerOptions, TensorCores};
+use crate::lower::{DEFAULT_STAGES, LowerOptions, TensorCores};
 use crate::plan::{PlanError, Program, plan};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -16,6 +16,8 @@ pub struct CompileOptions {
     pub fused: bool,
     /// Convolutions on fp32 FMA or on TF32 tensor cores.
     pub tensor_cores: TensorCores,
+    /// K slices in flight in the convolutions' GEMMs (`LowerOptions::stages`).
+    pub stages: u32,
 }
 
 impl CompileOptions {
@@ -24,12 +26,14 @@ impl CompileOptions {
         CompileOptions {
             fused,
             tensor_cores: TensorCores::Off,
+            stages: DEFAULT_STAGES,
         }
     }
 
     fn lowering(&self) -> LowerOptions {
         LowerOptions {
             tensor_cores: self.tensor_cores,
+            stages: self.stages,
         }
     }
 }

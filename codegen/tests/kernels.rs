@@ -6,7 +6,7 @@
 mod common;
 
 use common::{check, check_with, labels, random, rng, uniform};
-use fisherc_codegen::lower::{LowerOptions, SINGLE_TF32_ERROR, TensorCores};
+use fisherc_codegen::lower::{DEFAULT_STAGES, LowerOptions, SINGLE_TF32_ERROR, TensorCores};
 use fisherc_ir::ops::*;
 
 const ELEMENTWISE: f64 = 1e-6;
@@ -428,15 +428,21 @@ const WIDE_CONVS: [ConvShape; 8] = [
 ];
 
 /// A convolution's kernels on fp32 FMA and on TF32 tensor cores: 3xTF32 within the same
-/// bound, one TF32 product within `SINGLE_TF32_ERROR`.
+/// bound (pipelined as by default, and double-buffered), one TF32 product within
+/// `SINGLE_TF32_ERROR`.
 fn check_conv(op: impl Into<Op>, inputs: &[fisherc_ir::tensor::Value<f32>], tolerance: f64) {
     let op = op.into();
-    for (tensor_cores, tolerance) in [
-        (TensorCores::Off, tolerance),
-        (TensorCores::Tf32x3, tolerance),
-        (TensorCores::Tf32, SINGLE_TF32_ERROR),
+    for (tensor_cores, stages, tolerance) in [
+        (TensorCores::Off, DEFAULT_STAGES, tolerance),
+        (TensorCores::Tf32x3, DEFAULT_STAGES, tolerance),
+        (TensorCores::Tf32x3, 2, tolerance),
+        (TensorCores::Tf32, DEFAULT_STAGES, SINGLE_TF32_ERROR),
     ] {
-        check_with(op.clone(), inputs, tolerance, LowerOptions { tensor_cores });
+        let options = LowerOptions {
+            tensor_cores,
+            stages,
+        };
+        check_with(op.clone(), inputs, tolerance, options);
     }
 }
 

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use fisherc_codegen::compile::{CompileOptions, compile};
 use fisherc_codegen::kir::Kernel;
-use fisherc_codegen::lower::TensorCores;
+use fisherc_codegen::lower::{DEFAULT_STAGES, TensorCores};
 use fisherc_codegen::{ptx, ptxas};
 use fisherc_ir::model::{BuildOptions, load};
 use fisherc_ir::{StepOptions, build_training_step};
@@ -25,16 +25,19 @@ fn all_kernels() -> BTreeMap<String, Kernel> {
         for options in StepOptions::all() {
             let network = load(&path, &BuildOptions::train(4096)).unwrap();
             let step = build_training_step(network, &options).unwrap();
+            // the default pipeline, and 3xTF32 double-buffered (`--stages 2`) as well
             let variants = [
-                (true, TensorCores::Off),
-                (true, TensorCores::Tf32x3),
-                (true, TensorCores::Tf32),
-                (false, TensorCores::Off),
+                (true, TensorCores::Off, DEFAULT_STAGES),
+                (true, TensorCores::Tf32x3, DEFAULT_STAGES),
+                (true, TensorCores::Tf32x3, 2),
+                (true, TensorCores::Tf32, DEFAULT_STAGES),
+                (false, TensorCores::Off, DEFAULT_STAGES),
             ];
-            for (fused, tensor_cores) in variants {
+            for (fused, tensor_cores, stages) in variants {
                 let options = CompileOptions {
                     fused,
                     tensor_cores,
+                    stages,
                 };
                 let compiled = compile(&step, options).unwrap();
                 for k in compiled.program.kernels {

@@ -217,8 +217,8 @@ fn small_models_step_on_the_kernel_executor() {
 #[test]
 fn tensor_core_steps_on_the_kernel_executor_match_the_reference() {
     let on_tensor_cores = CompileOptions {
-        fused: true,
         tensor_cores: TensorCores::Tf32x3,
+        ..CompileOptions::fused(true)
     };
     for mode in [FisherMode::Exact, FisherMode::A2g2] {
         executor_step_matches_the_reference(Case {

@@ -21,9 +21,10 @@ use super::common::{
     grid_for, input, inv_std, launch, map, normalised, output, scratch, sum_rows,
 };
 use super::gemm::{
-    self, Coordinates, Fetch, Gathered, GemmShape, KSteps, Layout, LineAt, LineSet, Operand,
-    Operands, Products, Slice, SliceK, Staging, THREADS, TilePlace, Tiling, column_sums,
-    staged_gemm, store_column_sums, store_segment_sums, tiled_gemm,
+    self, COLUMN_SUMS_BYTES, Coordinates, DOUBLE_BUFFERED, Fetch, Gathered, GemmShape, KSteps,
+    Layout, LineAt, LineSet, Operand, Operands, Products, SEGMENT_SUMS_BYTES, Slice, SliceK,
+    Staging, THREADS, TilePlace, Tiling, column_sums, staged_gemm, store_column_sums,
+    store_segment_sums, tiled_gemm,
 };
 use crate::builder::{F32, GlobalF32, Idx, KernelBuilder, Pred, SharedF32, U32, U64};
 use crate::kir::{BinOp, Cmp, MainLoop};
@@ -319,7 +320,8 @@ fn halo_product<B: Operand>(
     halo: &Halo,
     weights: &B,
 ) -> MainLoop {
-    let b = Gathered::new(k, (shape, tiling, place), Operands::B, true, weights);
+    let sides = (Operands::B, halo.stages());
+    let b = Gathered::new(k, (shape, tiling, place), sides, true, weights);
     staged_gemm(k, shape, tiling, place, tile, (halo, &b))
 }
 
@@ -828,6 +830,11 @@ impl Staging for Patch<'_> {
         (loaded, copies)
     }
 
+    /// A patch is double-buffered: its halves are laid out for two.
+    fn stages(&self) -> u32 {
+        DOUBLE_BUFFERED
+    }
+
     fn store(&self, k: &mut KernelBuilder, fetched: &Vec<F32>, half: U32) {
         if fetched.is_empty() {
             return;
@@ -1189,6 +1196,11 @@ impl Staging for Halo<'_> {
     fn staged_every(&self) -> u32 {
         self.dims.area
     }
+
+    /// A halo is staged once per channel group, in halves of its own.
+    fn stages(&self) -> u32 {
+        DOUBLE_BUFFERED
+    }
 }
 
 /// dy of example `n` as the data gradient's A: element (input position p = (iy, ix), column
@@ -1413,7 +1425,8 @@ fn forward(cx: &Cx, conv: &Conv2d, prologue: Option<FloatAttr>, stats: bool) -> 
         conv.padding,
     );
     let positions = g.ho * g.wo;
-    let tiling = Tiling::for_columns(g.o, cx.options.tensor_cores);
+    let tiling = Tiling::for_columns(g.o, cx.options.tensor_cores)
+        .with_stages(cx.options.stages, COLUMN_SUMS_BYTES);
     let batching = Rows::choose(positions, tiling, false);
     let shape = GemmShape {
         m: batching.count(positions, g.batch),
@@ -1568,6 +1581,11 @@ fn dgrad(cx: &Cx, d: &ConvDgrad, epilogue: Option<DgradEpilogue>) -> Lowered {
     let tiling = Tiling::for_columns(g.c, cx.options.tensor_cores);
     let per_example_sums = matches!(epilogue, Some(e) if e.squares == Squares::PerExample);
     let batching = Rows::choose(positions, tiling, per_example_sums);
+    let epilogue_bytes = match batching {
+        Rows::Batched { .. } if per_example_sums => SEGMENT_SUMS_BYTES,
+        _ => COLUMN_SUMS_BYTES,
+    };
+    let tiling = tiling.with_stages(cx.options.stages, epilogue_bytes);
     let shape = GemmShape {
         m: batching.count(positions, g.batch),
         n: g.c,
@@ -1769,7 +1787,7 @@ fn wgrad(
     };
     let weights = (shape.m * shape.n) as u64;
     // the input patch where it fits, in wide K slices where those fit
-    let narrow = Tiling::for_rows(g.o);
+    let narrow = Tiling::for_rows(g.o).with_stages(cx.options.stages, COLUMN_SUMS_BYTES);
     let (tiling, patch) = [narrow.widened(cx.options.tensor_cores), narrow]
         .into_iter()
         .find_map(|tiling| Some((tiling, Some(PatchDims::choose(&g, tiling, shape)?))))
@@ -1831,8 +1849,9 @@ fn wgrad(
         // B: the input's patch where slices lie in output rows, else its im2col elements
         let multiply = |k: &mut KernelBuilder, into: &Products| match &patch {
             Some(patch) => {
-                let dy = Gathered::new(k, (shape, tiling, &place), Operands::A, true, &dy_rows);
                 let x = patch.for_example(k, x, n);
+                let sides = (Operands::A, x.stages());
+                let dy = Gathered::new(k, (shape, tiling, &place), sides, true, &dy_rows);
                 staged_gemm(k, shape, tiling, &place, into, (&dy, &x))
             }
             None => {

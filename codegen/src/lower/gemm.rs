@@ -80,13 +80,28 @@ pub struct GemmShape {
 }
 
 /// A block tile of `bm × bn` (`bm·bn = THREADS·TM·TN`), each a power of two from 16 to 256,
-/// stepping through K `bk` at a time (8 or 16).
+/// stepping through K `bk` at a time (8 or 16), with up to `stages` slices staged at once
+/// (see [`staged_gemm`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tiling {
     pub bm: u32,
     pub bn: u32,
     pub bk: u32,
+    pub stages: u32,
 }
+
+/// Slices in shared memory at once where a lowering does not ask for more: double buffering.
+pub const DOUBLE_BUFFERED: u32 = 2;
+
+/// Shared memory a block may declare statically.
+const STATIC_SHARED: u32 = 48 * 1024;
+
+/// Shared memory an epilogue may take beside the staging where the lowering names no more:
+/// [`column_sums`]' array (a quarter of the tile).
+pub const COLUMN_SUMS_BYTES: u32 = TILE;
+
+/// Shared memory [`store_segment_sums`] takes: the whole tile.
+pub const SEGMENT_SUMS_BYTES: u32 = 4 * TILE;
 
 impl Tiling {
     /// The tile for `n` columns: as few idle columns as possible (16, 32 or 64 wide), the
@@ -102,6 +117,7 @@ impl Tiling {
             } else {
                 NARROW_SLICE
             },
+            stages: DOUBLE_BUFFERED,
         }
     }
 
@@ -116,6 +132,7 @@ impl Tiling {
             bm,
             bn: TILE / bm,
             bk: NARROW_SLICE,
+            stages: DOUBLE_BUFFERED,
         }
     }
 
@@ -127,6 +144,26 @@ impl Tiling {
             } else {
                 self.bk
             },
+            ..self
+        }
+    }
+
+    /// This tile with up to `stages` slices in flight where a product gathers both sides:
+    /// as many as fit in static shared memory beside `epilogue_bytes` of the kernel's other
+    /// arrays, and never fewer than 2 (products with a side staged otherwise stay at 2).
+    /// Where not even 2 fit, the slices narrow (a 256 × 16 data-gradient tile with per-example
+    /// sums over the batch: 36 KiB of wide slices and 16 KiB of sums).
+    pub fn with_stages(self, stages: u32, epilogue_bytes: u32) -> Tiling {
+        let room = STATIC_SHARED.saturating_sub(epilogue_bytes);
+        let per_stage = |bk: u32| 4 * bk * (self.bm + self.bn + 2 * SLICE_PAD);
+        let bk = if DOUBLE_BUFFERED * per_stage(self.bk) > room {
+            NARROW_SLICE.min(self.bk)
+        } else {
+            self.bk
+        };
+        Tiling {
+            bk,
+            stages: (room / per_stage(bk)).min(stages).max(DOUBLE_BUFFERED),
             ..self
         }
     }
@@ -517,6 +554,9 @@ pub trait Staging {
     fn staged_every(&self) -> u32 {
         1
     }
+    /// Slices the side holds at once: `slice`, `fetch` and `store` take halves (stages)
+    /// `0..stages`.
+    fn stages(&self) -> u32;
 }
 
 /// Which operand of the GEMM a side stages: A (lines are rows) or B (lines are columns).
@@ -539,17 +579,18 @@ pub fn tiled_gemm<A: Operand, B: Operand>(
     a: &A,
     b: &B,
 ) -> MainLoop {
+    let stages = tiling.stages;
     let a = Gathered::new(
         k,
         (shape, tiling, place),
-        Operands::A,
+        (Operands::A, stages),
         layout.a_k_fastest,
         a,
     );
     let b = Gathered::new(
         k,
         (shape, tiling, place),
-        Operands::B,
+        (Operands::B, stages),
         layout.b_k_fastest,
         b,
     );
@@ -557,11 +598,14 @@ pub fn tiled_gemm<A: Operand, B: Operand>(
 }
 
 /// Emits one tiled product at `place`, added into `acc`, its sides staged by `a` and `b`.
-/// Double-buffered: slice s + 1's copies and loads are issued before slice s multiplies,
-/// into the other half of shared memory (the loads stored after the products), so one
-/// barrier per slice orders everything: the one at the top of each step, after which slice s
-/// has landed and nobody still reads slice s − 1's half, which s + 1 fills. A last barrier
-/// frees the halves for what follows.
+/// Pipelined over S stages of shared memory (the sides' [`Staging::stages`], 2 or more):
+/// slices 0 to S − 2 are issued before the loop, and step s issues slice s + S − 1 (into
+/// stage (s − 1) mod S; loaded elements stored after the products) before slice s
+/// multiplies from stage s mod S. So S − 1 slices of copies are in flight while one
+/// multiplies, and one barrier per step orders everything: the one at the top, after which
+/// slice s has landed (all but the S − 2 newest copy groups waited for) and nobody still
+/// reads slice s − 1's stage, which s + S − 1 fills. A last barrier frees the stages for
+/// what follows.
 pub fn staged_gemm<A: Staging, B: Staging>(
     k: &mut KernelBuilder,
     shape: GemmShape,
@@ -571,6 +615,8 @@ pub fn staged_gemm<A: Staging, B: Staging>(
     (a, b): (&A, &B),
 ) -> MainLoop {
     let bk = tiling.bk;
+    let stages = a.stages();
+    assert_eq!(stages, b.stages(), "both sides stage alike");
     let lines = (
         ThreadLines::new(k, a, place, Operands::A),
         ThreadLines::new(k, b, place, Operands::B),
@@ -588,18 +634,23 @@ pub fn staged_gemm<A: Staging, B: Staging>(
         a.store(k, &fetched.0, half);
         b.store(k, &fetched.1, half);
     };
-    let zero = k.u32(0);
-    let (fetched, copies) = issue(k, zero, zero);
-    store(k, &fetched, zero);
+    let mut copies = false;
+    for ahead in 0..stages - 1 {
+        let (k0, stage) = (k.u32(ahead * bk), k.u32(ahead));
+        let (fetched, copied) = issue(k, k0, stage);
+        store(k, &fetched, stage);
+        copies |= copied;
+    }
     k.for_u32(0u32, tiling.slices(shape), 1, |k, step| {
         if copies {
-            k.wait_copies(0);
+            k.wait_copies(stages - 2);
         }
         k.barrier();
-        let this = k.ubin(BinOp::And, step, 1u32);
-        let other = k.ubin(BinOp::Xor, this, 1u32);
-        // the last step fetches a clamped, unused slice: no branch around the loads
-        let k0 = k.mad_u(step, bk, bk);
+        let this = k.ubin(BinOp::Rem, step, stages);
+        let ahead = k.add_u(step, stages - 1);
+        let other = k.ubin(BinOp::Rem, ahead, stages);
+        // the last steps fetch clamped, unused slices: no branch around the loads
+        let k0 = k.mul_u(ahead, bk);
         let (fetched, _) = issue(k, k0, other);
         let slices = (a.slice(k, step, this), b.slice(k, step, this));
         let at = (lines.0.in_half(k, slices.0), lines.1.in_half(k, slices.1));
@@ -885,10 +936,12 @@ pub struct Gathered<'o, O: Operand> {
 }
 
 impl<'o, O: Operand> Gathered<'o, O> {
+    /// Side `which` of the product, staged `stages` slices at a time (the other side's
+    /// count, where that is another staging).
     pub fn new(
         k: &mut KernelBuilder,
         (shape, tiling, place): (GemmShape, Tiling, &TilePlace),
-        which: Operands,
+        (which, stages): (Operands, u32),
         k_fastest: bool,
         operand: &'o O,
     ) -> Self {
@@ -897,7 +950,12 @@ impl<'o, O: Operand> Gathered<'o, O> {
             Operands::A => (tiling.bm, place.m0, shape.m, row_tiles == 1),
             Operands::B => (tiling.bn, place.n0, shape.n, column_tiles == 1),
         };
-        let side = Side::new(k, (width, tiling.bk), (origin, size, only_tile), k_fastest);
+        let side = Side::new(
+            k,
+            (width, tiling.bk, stages),
+            (origin, size, only_tile),
+            k_fastest,
+        );
         let hoisted = side.hoisted_lines(k, operand);
         Gathered {
             side,
@@ -934,6 +992,10 @@ impl<O: Operand> Staging for Gathered<'_, O> {
     fn store(&self, k: &mut KernelBuilder, fetched: &Self::Fetched, half: U32) {
         self.side.store(k, self.operand, fetched, half);
     }
+
+    fn stages(&self) -> u32 {
+        self.side.stages
+    }
 }
 
 /// A thread's lines (or steps) of a slice: `lane + r·every` for rounds r in `0..count`, the
@@ -956,7 +1018,8 @@ impl Series {
 }
 
 /// One operand's side of the tile: `width` lines from `origin` (of `size` in all), staged
-/// through two `[depth][width + SLICE_PAD]` halves of shared memory. Element e = tid +
+/// through `stages` `[depth][width + SLICE_PAD]` slices of shared memory ("halves" where
+/// there are two). Element e = tid +
 /// r·THREADS of a `[depth][width]` slice (round r) is (`lines` l, `steps` s) for
 /// `(l, s) = rounds[r]`: with k fastest, a thread keeps one k and a line per round, otherwise
 /// one line and a k per round. `exists` is false for the threads beyond a slice smaller than
@@ -965,6 +1028,7 @@ struct Side {
     array: SharedF32,
     width: u32,
     depth: u32,
+    stages: u32,
     origin: U32,
     size: u32,
     lines: Series,
@@ -978,7 +1042,7 @@ impl Side {
     /// `only_tile` where the tile is the only one along the lines, so at origin 0.
     fn new(
         k: &mut KernelBuilder,
-        (width, depth): (u32, u32),
+        (width, depth, stages): (u32, u32, u32),
         (origin, size, only_tile): (U32, u32, bool),
         k_fastest: bool,
     ) -> Side {
@@ -1028,9 +1092,10 @@ impl Side {
         };
         let exists = (elements < THREADS).then(|| k.cmp_u(Cmp::Lt, tid, elements));
         Side {
-            array: k.shared(2 * depth * (width + SLICE_PAD)),
+            array: k.shared(stages * depth * (width + SLICE_PAD)),
             width,
             depth,
+            stages,
             origin,
             size,
             lines,
@@ -1044,7 +1109,7 @@ impl Side {
         self.width + SLICE_PAD
     }
 
-    /// Half `half` (0 or 1) of the staging area.
+    /// Stage `half` (0 to `stages` − 1) of the staging area.
     fn slice(&self, k: &mut KernelBuilder, half: U32) -> Slice {
         Slice {
             array: self.array,
@@ -1463,14 +1528,19 @@ mod tests {
         }
         // 16-deep slices (as convolutions on tensor cores take them; here in every mode) and
         // 8-deep ones in the weight gradient's flattest tile
-        let tilings = [
-            Tiling::for_columns(shape.n, TensorCores::Tf32x3),
-            Tiling {
-                bm: 16,
-                bn: 256,
-                bk: 8,
-            },
-        ];
+        let flat = Tiling {
+            bm: 16,
+            bn: 256,
+            bk: 8,
+            stages: DOUBLE_BUFFERED,
+        };
+        // double-buffered, and pipelined 3 and 4 deep (the 20-deep products have 3 slices)
+        let tilings = [2, 3, 4].into_iter().flat_map(|stages| {
+            [
+                Tiling::for_columns(shape.n, TensorCores::Tf32x3).with_stages(stages, 0),
+                flat.with_stages(stages, 0),
+            ]
+        });
         let modes = [
             (TensorCores::Off, 1e-5),
             (TensorCores::Tf32x3, 1e-5),
@@ -1479,7 +1549,7 @@ mod tests {
         ];
         let mut worst_single = 0f64;
         for (tensor_cores, bound) in modes {
-            for tiling in tilings {
+            for tiling in tilings.clone() {
                 for (a_k_fastest, b_k_fastest) in [(false, true), (true, false), (true, true)] {
                     let layout = Layout {
                         a_k_fastest,

@@ -76,10 +76,28 @@ impl Lowered {
 }
 
 /// Choices of the lowering that are not the op's: part of every kernel's name.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct LowerOptions {
     /// How convolution GEMMs multiply (`gemm.rs`).
     pub tensor_cores: TensorCores,
+    /// K slices a convolution GEMM gathered on both sides keeps in flight
+    /// (`gemm::staged_gemm`), where its shared memory allows; at least 2.
+    pub stages: u32,
+}
+
+/// Slices in flight in the convolutions' GEMMs by default: two being fetched while one
+/// multiplies. (Up to f28ac3b the GEMMs double-buffered: one being fetched; the H100 ran
+/// their loops at 2–3× their issue bound, and one TF32 product was hardly faster than three,
+/// as a pipeline waiting on its loads would be. Not yet timed.)
+pub const DEFAULT_STAGES: u32 = 3;
+
+impl Default for LowerOptions {
+    fn default() -> LowerOptions {
+        LowerOptions {
+            tensor_cores: TensorCores::default(),
+            stages: DEFAULT_STAGES,
+        }
+    }
 }
 
 /// How convolution GEMMs multiply (in experiment files: `off`, `3xtf32`, `tf32`).

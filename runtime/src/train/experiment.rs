@@ -28,6 +28,9 @@ pub struct Experiment {
     pub compile: CompileConfig,
 }
 
+/// The pipeline depths a compile accepts (`compile.stages`).
+pub const STAGES: std::ops::RangeInclusive<u32> = 2..=4;
+
 /// How the training steps are compiled.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -37,6 +40,10 @@ pub struct CompileConfig {
     /// What the kernels run on: the CPU reference backend computes in f32 whatever this says.
     #[serde(default)]
     pub tensor_cores: TensorCores,
+    /// K slices the convolutions' GEMMs keep in flight, 2 or more [default: 3], where shared
+    /// memory allows: a tuning choice, the same results either way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stages: Option<u32>,
 }
 
 /// How each epoch's test score is taken.
@@ -237,6 +244,13 @@ impl Experiment {
         };
         if let Some(regime) = takes_fisher.filter(|_| t.fisher == Some(FisherMode::None)) {
             return Err(format!("train.fisher: {regime} needs exact or a2g2"));
+        }
+        if let Some(stages) = self.compile.stages.filter(|s| !STAGES.contains(s)) {
+            return Err(format!(
+                "compile.stages is {stages}: K slices in flight, {} to {}",
+                STAGES.start(),
+                STAGES.end()
+            ));
         }
         if self.data.set == DataSet::Synthetic && self.data.synthetic.is_none() {
             return Err(

@@ -13,6 +13,7 @@ use std::time::Instant;
 
 use fisherc_codegen::artifact::{Artifact, Source};
 use fisherc_codegen::compile::{CompileOptions, Compiled, compile};
+use fisherc_codegen::lower::DEFAULT_STAGES;
 use fisherc_ir::model::{BuildOptions, ModelSpec, build};
 use fisherc_ir::ops::Role;
 use fisherc_ir::state::{Hyperparams, TrainState};
@@ -182,6 +183,7 @@ pub fn train(
         let options = CompileOptions {
             fused: true,
             tensor_cores: experiment.compile.tensor_cores,
+            stages: experiment.compile.stages.unwrap_or(DEFAULT_STAGES),
         };
         let compiled = compile(&training, options).map_err(|e| e.to_string())?;
         let source = Source::of(
