@@ -22,9 +22,9 @@ use super::common::{
 };
 use super::gemm::{
     self, COLUMN_SUMS_BYTES, Coordinates, DOUBLE_BUFFERED, Fetch, Gathered, GemmShape, KSteps,
-    Layout, LineAt, LineSet, Operand, Operands, Products, SEGMENT_SUMS_BYTES, Slice, SliceK,
-    Staging, THREADS, TilePlace, Tiling, column_sums, staged_gemm, store_column_sums,
-    store_segment_sums, tiled_gemm,
+    Layout, LineAt, LineSet, Operand, Operands, Products, SEGMENT_SUMS_BYTES, STATIC_SHARED, Slice,
+    SliceK, Staging, THREADS, TilePlace, Tiling, column_sums, stage_bytes, staged_gemm,
+    store_column_sums, store_segment_sums, tiled_gemm,
 };
 use crate::builder::{F32, GlobalF32, Idx, KernelBuilder, Pred, SharedF32, U32, U64};
 use crate::kir::{BinOp, Cmp, MainLoop};
@@ -367,6 +367,10 @@ where
     fn finish(&self, _k: &mut KernelBuilder, never: Infallible) -> F32 {
         match never {}
     }
+
+    fn loads(&self) -> bool {
+        false
+    }
 }
 
 /// The start of example `n`'s `[per_example]` elements, as an element index.
@@ -542,6 +546,10 @@ impl Operand for Positions<'_> {
     fn finish(&self, k: &mut KernelBuilder, pixel: Pixel) -> F32 {
         self.0.finish(k, pixel)
     }
+
+    fn loads(&self) -> bool {
+        self.0.prologue.is_some()
+    }
 }
 
 /// The im2col matrix as B, transposed (lines are weight columns, k runs over output
@@ -567,6 +575,10 @@ impl Operand for Taps<'_> {
 
     fn finish(&self, k: &mut KernelBuilder, pixel: Pixel) -> F32 {
         self.0.finish(k, pixel)
+    }
+
+    fn loads(&self) -> bool {
+        self.0.prologue.is_some()
     }
 }
 
@@ -612,6 +624,10 @@ struct PatchDims {
     rounds: u32,
     depth: u32,
     columns: u32,
+    /// Slices staged at once: the tiling's (a patch of at most [`PATCH_ROUNDS`] rounds and
+    /// dy's slice fit in shared memory 4 deep) where the patch is copied; 2 where its pixels
+    /// are loaded for the prologue, which holds them in registers one step either way.
+    stages: u32,
 }
 
 /// Rounds of patch elements a thread keeps the index arithmetic of (registers).
@@ -643,6 +659,7 @@ impl PatchDims {
             rounds,
             depth: bk,
             columns: shape.n,
+            stages: tiling.stages,
         })
     }
 
@@ -680,6 +697,14 @@ impl<'a> PatchLayout<'a> {
         place: &TilePlace,
         prologue: Option<&PrologueSource>,
     ) -> Self {
+        let dims = PatchDims {
+            stages: if prologue.is_some() {
+                DOUBLE_BUFFERED
+            } else {
+                dims.stages
+            },
+            ..dims
+        };
         let first_column = place.first_column();
         let first_channel = k.ubin(BinOp::Div, first_column, g.kernel_area());
         let tid = k.tid();
@@ -717,7 +742,7 @@ impl<'a> PatchLayout<'a> {
         let mut layout = PatchLayout {
             g,
             dims,
-            array: k.shared(2 * dims.words()),
+            array: k.shared(dims.stages * dims.words()),
             first_column,
             first_channel,
             elements,
@@ -761,7 +786,7 @@ impl<'a> PatchLayout<'a> {
 }
 
 impl Patch<'_> {
-    /// Half `half` of the staging area.
+    /// Stage `half` of the staging area.
     fn half(&self, k: &mut KernelBuilder, half: U32) -> Slice {
         let dims = self.layout.dims;
         Slice {
@@ -830,9 +855,8 @@ impl Staging for Patch<'_> {
         (loaded, copies)
     }
 
-    /// A patch is double-buffered: its halves are laid out for two.
     fn stages(&self) -> u32 {
-        DOUBLE_BUFFERED
+        self.layout.dims.stages
     }
 
     fn store(&self, k: &mut KernelBuilder, fetched: &Vec<F32>, half: U32) {
@@ -899,6 +923,8 @@ struct HaloDims {
     plane: u32,
     rounds: u32,
     halves: u32,
+    /// Slices of the weights in flight beside it.
+    stages: u32,
 }
 
 /// The most shared words a halo takes (both halves): with the weights' slices (at most
@@ -959,8 +985,15 @@ impl HaloFrame {
 impl HaloDims {
     /// The halo of a forward convolution's input or a stride-1 data gradient's dy in
     /// `tiling`, if its tiles hold whole rows of one example (or, with rows over the batch,
-    /// whole examples), its channels fill whole groups and it fits.
-    fn choose(g: &Geometry, tiling: Tiling, rows: Rows, of: HaloOf) -> Option<HaloDims> {
+    /// whole examples), its channels fill whole groups and it fits: within [`HALO_WORDS`],
+    /// and with the weights' slices, `stages` deep (or 2), and `epilogue_bytes` of the
+    /// kernel's other arrays, within static shared memory.
+    fn choose(
+        g: &Geometry,
+        (tiling, rows): (Tiling, Rows),
+        of: HaloOf,
+        (stages, epilogue_bytes): (u32, u32),
+    ) -> Option<HaloDims> {
         let frame = HaloFrame::new(g, of);
         let (depth, area) = (tiling.bk, g.kernel_area());
         let (examples, tile_rows) = match rows {
@@ -996,6 +1029,15 @@ impl HaloDims {
             return None;
         }
         let halves = groups.min(2);
+        let halo_bytes = 4 * halves * depth * plane;
+        let fits = |stages: u32| {
+            halo_bytes + stages * stage_bytes(tiling.bn, depth) + epilogue_bytes <= STATIC_SHARED
+        };
+        // the next group is staged `stages − 1` slices ahead, while its half is still read
+        // unless the group before has ended: a group's taps must outnumber that
+        let stages = [stages, DOUBLE_BUFFERED]
+            .into_iter()
+            .find(|&s| (s == DOUBLE_BUFFERED || area >= s - 1) && fits(s))?;
         (halves * depth * plane <= HALO_WORDS).then_some(HaloDims {
             frame,
             examples,
@@ -1008,6 +1050,7 @@ impl HaloDims {
             plane,
             rounds,
             halves,
+            stages,
         })
     }
 
@@ -1197,9 +1240,10 @@ impl Staging for Halo<'_> {
         self.dims.area
     }
 
-    /// A halo is staged once per channel group, in halves of its own.
+    /// A halo is staged once per channel group, in halves of its own, `stages − 1` slices
+    /// ahead like the weights beside it.
     fn stages(&self) -> u32 {
-        DOUBLE_BUFFERED
+        self.dims.stages
     }
 }
 
@@ -1307,6 +1351,10 @@ impl Operand for Spread<'_> {
 
     fn finish(&self, _k: &mut KernelBuilder, never: Infallible) -> F32 {
         match never {}
+    }
+
+    fn loads(&self) -> bool {
+        false
     }
 }
 
@@ -1442,7 +1490,8 @@ fn forward(cx: &Cx, conv: &Conv2d, prologue: Option<FloatAttr>, stats: bool) -> 
     let partials = stats.then(|| k.ptr_param("partials"));
     let bn = prologue_source(&mut k, bn);
     // A: the input's halo where it fits, else its im2col elements
-    let halo = HaloDims::choose(&g, tiling, batching, HaloOf::Input);
+    let budget = (cx.options.stages, COLUMN_SUMS_BYTES);
+    let halo = HaloDims::choose(&g, (tiling, batching), HaloOf::Input, budget);
     let area = g.kernel_area();
     let order = Order::choose(g.c, tiling, halo.is_some(), area);
     // w[o][c][tap]: line o, column (c, tap) in the A's order
@@ -1615,7 +1664,8 @@ fn dgrad(cx: &Cx, d: &ConvDgrad, epilogue: Option<DgradEpilogue>) -> Lowered {
     let dx = k.ptr_param("dx");
     let partials = bn.as_ref().map(|_| k.ptr_param("partials"));
     // A: dy's halo where it fits, else its spread elements
-    let halo = HaloDims::choose(&g, tiling, batching, HaloOf::OutputGradient);
+    let budget = (cx.options.stages, epilogue_bytes);
+    let halo = HaloDims::choose(&g, (tiling, batching), HaloOf::OutputGradient, budget);
     let area = g.kernel_area();
     let order = Order::choose(g.o, tiling, halo.is_some(), area);
     // w[o][c][tap]: line c, column (o, tap) in the A's order

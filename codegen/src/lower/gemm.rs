@@ -94,7 +94,7 @@ pub struct Tiling {
 pub const DOUBLE_BUFFERED: u32 = 2;
 
 /// Shared memory a block may declare statically.
-const STATIC_SHARED: u32 = 48 * 1024;
+pub const STATIC_SHARED: u32 = 48 * 1024;
 
 /// Shared memory an epilogue may take beside the staging where the lowering names no more:
 /// [`column_sums`]' array (a quarter of the tile).
@@ -155,7 +155,7 @@ impl Tiling {
     /// sums over the batch: 36 KiB of wide slices and 16 KiB of sums).
     pub fn with_stages(self, stages: u32, epilogue_bytes: u32) -> Tiling {
         let room = STATIC_SHARED.saturating_sub(epilogue_bytes);
-        let per_stage = |bk: u32| 4 * bk * (self.bm + self.bn + 2 * SLICE_PAD);
+        let per_stage = |bk: u32| stage_bytes(self.bm, bk) + stage_bytes(self.bn, bk);
         let bk = if DOUBLE_BUFFERED * per_stage(self.bk) > room {
             NARROW_SLICE.min(self.bk)
         } else {
@@ -498,6 +498,10 @@ pub trait Operand {
         inside: Pred,
     ) -> Fetch<Self::Fetched>;
     fn finish(&self, k: &mut KernelBuilder, fetched: Self::Fetched) -> F32;
+    /// Whether `fetch` loads elements into registers ([`Fetch::Loaded`]) rather than
+    /// copying them: a product with such a side waits for its loads within each step, so
+    /// it gains nothing from more than 2 stages.
+    fn loads(&self) -> bool;
 }
 
 /// A k of the K slice being fetched: `start + lane + round`, `start` a multiple of the slice
@@ -529,6 +533,12 @@ const HOISTED_LINES: usize = 2;
 /// Shared slices are `[bk][width + SLICE_PAD]`: rows 8 words apart in the banks, so the mma
 /// fragment loads (8 lines × 4 k per instruction) hit 32 different banks.
 const SLICE_PAD: u32 = 8;
+
+/// The shared memory one stage of a gathered side of `width` lines takes at slice depth
+/// `depth`.
+pub fn stage_bytes(width: u32, depth: u32) -> u32 {
+    4 * depth * (width + SLICE_PAD)
+}
 
 /// One side of the tile as it is staged in shared memory, slice by slice, and where the
 /// multiply finds its elements there: element (kk, line) of the half at `base` sits at
@@ -579,7 +589,11 @@ pub fn tiled_gemm<A: Operand, B: Operand>(
     a: &A,
     b: &B,
 ) -> MainLoop {
-    let stages = tiling.stages;
+    let stages = if a.loads() || b.loads() {
+        DOUBLE_BUFFERED
+    } else {
+        tiling.stages
+    };
     let a = Gathered::new(
         k,
         (shape, tiling, place),
@@ -1197,7 +1211,10 @@ impl Side {
                 None => inside,
             };
             match operand.fetch(k, line, d, inside) {
-                Fetch::Loaded(f) => fetched.loaded.push((round, f)),
+                Fetch::Loaded(f) => {
+                    debug_assert!(operand.loads(), "an operand that says it copies loaded");
+                    fetched.loaded.push((round, f))
+                }
                 Fetch::Copy { src, exists } => {
                     self.for_existing(k, |k| {
                         let (at, plus) = self.element(k, slice, (l, s));
@@ -1453,6 +1470,10 @@ mod tests {
         fn finish(&self, k: &mut KernelBuilder, (v, inside): (F32, Pred)) -> F32 {
             let v = k.neg(v);
             k.select(inside, v, 0.0f32)
+        }
+
+        fn loads(&self) -> bool {
+            !self.copied
         }
     }
 
