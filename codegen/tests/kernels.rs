@@ -548,26 +548,8 @@ fn data_gradients_over_the_batch_sum_each_example_apart() {
             padding: 1,
             input_hw: (size, size),
         };
-        let shortcut = random(&mut r, &[batch, c, size, size]);
-        let relu_out = relu_output(&mut r, &[batch, c, size, size]);
-        for squares in [Squares::PerExample, Squares::PerPosition] {
-            for residual in [false, true] {
-                let mut inputs = vec![dy.clone(), w.clone()];
-                if residual {
-                    inputs.extend(bn[..3].iter().cloned());
-                    inputs.extend([shortcut.clone(), relu_out.clone()]);
-                } else {
-                    inputs.extend(bn.iter().cloned());
-                }
-                let op = FusedDgrad {
-                    dgrad: dgrad.clone(),
-                    eps: EPS,
-                    squares,
-                    residual,
-                };
-                check_conv(op, &inputs, REDUCTION);
-            }
-        }
+        let squares = [Squares::PerExample, Squares::PerPosition];
+        check_fused_dgrads(&dgrad, (&dy, &w), &bn, &squares);
     }
 }
 
@@ -612,11 +594,26 @@ fn check_dgrad(
         input_hw: (size, size),
     };
     check_conv(dgrad.clone(), &[dy.clone(), w.clone()], REDUCTION);
-    // a residual block's input: the shortcut's gradient, and a ReLU output half zeros
+    let squares = [Squares::None, Squares::PerExample, Squares::PerPosition];
+    check_fused_dgrads(&dgrad, (dy, w), bn, &squares);
+}
+
+/// The fused data-gradient kernels of `dy` and `w` with each of `squares` over the BN of
+/// `bn`: masked by its recomputed ReLU, and as at a residual block's input, the shortcut's
+/// gradient added and masked by a stored ReLU output (half zeros).
+fn check_fused_dgrads(
+    dgrad: &ConvDgrad,
+    (dy, w): (
+        &fisherc_ir::tensor::Value<f32>,
+        &fisherc_ir::tensor::Value<f32>,
+    ),
+    bn: &[fisherc_ir::tensor::Value<f32>],
+    squares: &[Squares],
+) {
     let mut r = rng(bn[0].float().data.len() as u64);
     let shortcut = random(&mut r, bn[0].shape());
     let relu_out = relu_output(&mut r, bn[0].shape());
-    for squares in [Squares::None, Squares::PerExample, Squares::PerPosition] {
+    for &squares in squares {
         for residual in [false, true] {
             let mut inputs = vec![dy.clone(), w.clone()];
             if residual {

@@ -212,53 +212,13 @@ fn bn_reductions_by_parts(du: &Value<f64>, bn: &[Value<f64>], squares: Squares) 
 
 const ALL_SQUARES: [Squares; 3] = [Squares::None, Squares::PerExample, Squares::PerPosition];
 
+/// The masked data gradient and its BN reductions: masked by the recomputed ReLU of the BN
+/// below, or (`residual`, a residual block's input) the shortcut's gradient added and
+/// masked by the ReLU's stored output.
 #[test]
 fn fused_dgrad_is_dgrad_relu_backward_and_bn_reductions() {
     for (case, &(k, stride, padding, size, c, o)) in CONV_SHAPES.iter().enumerate() {
         let mut r = rng(20 + case as u64);
-        let bn = bn_inputs(&mut r, &[3, c, size, size]);
-        let w = random(&mut r, &[o, c, k, k]);
-        let conv = Conv2d {
-            stride,
-            padding,
-            bias: false,
-        };
-        let dy = random(&mut r, one(conv, &[&bn[0], &w]).shape());
-        let dgrad = ConvDgrad {
-            stride,
-            padding,
-            input_hw: (size, size),
-        };
-        let dx = one(dgrad.clone(), &[&dy, &w]);
-        let dz = one(ReluBackward, &[&dx, &bn_relu_by_parts(&bn)]);
-        for squares in ALL_SQUARES {
-            let mut inputs = vec![&dy, &w];
-            inputs.extend(refs(&bn));
-            let out = run(
-                FusedDgrad {
-                    dgrad: dgrad.clone(),
-                    eps: EPS,
-                    squares,
-                    residual: false,
-                },
-                &inputs,
-            );
-            same("masked data gradient", &out[0], &dz);
-            let expected = bn_reductions_by_parts(&dz, &bn, squares);
-            assert_eq!(out.len(), 1 + expected.len());
-            for (i, e) in expected.iter().enumerate() {
-                same(&format!("{squares:?} output {}", i + 1), &out[i + 1], e);
-            }
-        }
-    }
-}
-
-/// At a residual block's input the data gradient meets the shortcut's gradient r, and the
-/// ReLU that produced the input masks their sum by its stored output.
-#[test]
-fn residual_fused_dgrad_is_dgrad_add_relu_backward_and_bn_reductions() {
-    for (case, &(k, stride, padding, size, c, o)) in CONV_SHAPES.iter().enumerate() {
-        let mut r = rng(50 + case as u64);
         let bn = bn_inputs(&mut r, &[3, c, size, size]);
         let w = random(&mut r, &[o, c, k, k]);
         let conv = Conv2d {
@@ -274,24 +234,33 @@ fn residual_fused_dgrad_is_dgrad_add_relu_backward_and_bn_reductions() {
             padding,
             input_hw: (size, size),
         };
-        let sum = one(Add, &[&one(dgrad.clone(), &[&dy, &w]), &shortcut]);
-        let dz = one(ReluBackward, &[&sum, &relu_out]);
-        for squares in ALL_SQUARES {
+        let dx = one(dgrad.clone(), &[&dy, &w]);
+        for residual in [false, true] {
             let mut inputs = vec![&dy, &w];
-            inputs.extend(refs(&bn[..3]));
-            inputs.extend([&shortcut, &relu_out]);
-            let fused = FusedDgrad {
-                dgrad: dgrad.clone(),
-                eps: EPS,
-                squares,
-                residual: true,
+            let dz = if residual {
+                inputs.extend(refs(&bn[..3]));
+                inputs.extend([&shortcut, &relu_out]);
+                let sum = one(Add, &[&dx, &shortcut]);
+                one(ReluBackward, &[&sum, &relu_out])
+            } else {
+                inputs.extend(refs(&bn));
+                one(ReluBackward, &[&dx, &bn_relu_by_parts(&bn)])
             };
-            let out = run(fused, &inputs);
-            same("masked data gradient", &out[0], &dz);
-            let expected = bn_reductions_by_parts(&dz, &bn, squares);
-            assert_eq!(out.len(), 1 + expected.len());
-            for (i, e) in expected.iter().enumerate() {
-                same(&format!("{squares:?} output {}", i + 1), &out[i + 1], e);
+            for squares in ALL_SQUARES {
+                let fused = FusedDgrad {
+                    dgrad: dgrad.clone(),
+                    eps: EPS,
+                    squares,
+                    residual,
+                };
+                let out = run(fused, &inputs);
+                same("masked data gradient", &out[0], &dz);
+                let expected = bn_reductions_by_parts(&dz, &bn, squares);
+                assert_eq!(out.len(), 1 + expected.len());
+                for (i, e) in expected.iter().enumerate() {
+                    let what = format!("{squares:?} residual {residual} output {}", i + 1);
+                    same(&what, &out[i + 1], e);
+                }
             }
         }
     }

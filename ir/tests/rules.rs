@@ -109,6 +109,14 @@ fn case(
     }
 }
 
+/// The rules that bring the exact Fisher's BN squares to `bn_backward_reduce_sq`.
+const EXACT_BN_SQUARES: &[&str] = &[
+    "square-of-scale",
+    "scale-of-scale",
+    "mean-of-scale",
+    "bn-grads-with-exact-squares",
+];
+
 fn cases() -> Vec<Case> {
     use FisherMode::{A2g2, Exact, None as Plain};
     use Model::{File, Inline};
@@ -380,12 +388,7 @@ fn cases() -> Vec<Case> {
             "bn-reductions-with-squares-in-producer",
             resnet(),
             Exact,
-            &[
-                "square-of-scale",
-                "scale-of-scale",
-                "mean-of-scale",
-                "bn-grads-with-exact-squares",
-            ],
+            EXACT_BN_SQUARES,
             Some((
                 "fused_dgrad with the residual add and squares",
                 |op| matches!(op, Op::FusedDgrad(d) if d.residual && d.squares == Squares::PerExample),
@@ -395,12 +398,7 @@ fn cases() -> Vec<Case> {
             "bn-reductions-with-squares-in-producer",
             small_cnn(),
             Exact,
-            &[
-                "square-of-scale",
-                "scale-of-scale",
-                "mean-of-scale",
-                "bn-grads-with-exact-squares",
-            ],
+            EXACT_BN_SQUARES,
             Some((
                 "relu_backward_bn_reduce with squares",
                 |op| matches!(op, Op::ReluBackwardBnReduce(r) if r.squares == Squares::PerExample),
