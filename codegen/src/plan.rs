@@ -164,7 +164,8 @@ pub fn plan(graph: &Graph, lowering: LowerOptions) -> Result<Program, PlanError>
             let value = PortRef::new(n, port);
             let shared = match (&low, &node.op) {
                 (Lowered::Alias, _) => Some(value_buffer[&inputs[0]]),
-                (_, Op::NoisySgdUpdate(_) | Op::BnRunningUpdate(_)) => {
+                // the new state in place of the old (an update's Fisher estimate, port 2, is new)
+                (_, Op::NoisySgdUpdate(_) | Op::BnRunningUpdate(_)) if port < 2 => {
                     Some(value_buffer[&inputs[port]])
                 }
                 _ => None,

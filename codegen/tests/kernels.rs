@@ -323,14 +323,21 @@ fn scalar(v: f32) -> fisherc_ir::tensor::Value<f32> {
 #[test]
 fn noisy_update_kernel_matches_the_formula() {
     let mut r = rng(9);
+    // the last: a Fisher estimate made from its sum of squares (and written) in the update
     let cases = [
-        (13, UpdateNoise::Diagonal, true),
-        (1000, UpdateNoise::Diagonal, false),
-        (7, UpdateNoise::None, true),
-        (300, UpdateNoise::Scalar, true),
-        (301, UpdateNoise::Vector, true),
+        (13, UpdateNoise::Diagonal, true, None),
+        (1000, UpdateNoise::Diagonal, false, None),
+        (7, UpdateNoise::None, true, None),
+        (300, UpdateNoise::Scalar, true, None),
+        (301, UpdateNoise::Vector, true, None),
+        (
+            333,
+            UpdateNoise::Diagonal,
+            true,
+            Some(FloatAttr(1.0 / 96.0)),
+        ),
     ];
-    for (n, noise, decay) in cases {
+    for (n, noise, decay, fisher_factor) in cases {
         let mut inputs = vec![
             random(&mut r, &[n]),
             random(&mut r, &[n]),
@@ -352,6 +359,7 @@ fn noisy_update_kernel_matches_the_formula() {
                 param: 7,
                 decay,
                 noise,
+                fisher_factor,
             },
             &inputs,
             ELEMENTWISE,
@@ -383,6 +391,7 @@ fn kernel_noise_is_bit_identical_to_the_cpu_stream() {
             param,
             decay: false,
             noise: UpdateNoise::Diagonal,
+            fisher_factor: None,
         }
         .into(),
         &inputs,

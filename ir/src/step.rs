@@ -388,6 +388,7 @@ pub fn build_training_step(
             param: i as u32,
             decay: options.decay_bn || !param.kind.is_batch_norm(),
             noise: update_noise,
+            fisher_factor: None,
         };
         let mut inputs = vec![params[i], momentum, param_grads[i]];
         inputs.extend(Hyper::ALL.iter().map(|h| hyper[h]));

@@ -8,8 +8,9 @@ use fisherc_ir::ops::{
     Add, BatchMean, BatchNorm, BnApply, BnBackwardReduce, BnBackwardReduceSq,
     BnParamGradsPerExample, BnParamGradsSq, BnRelu, ChannelSum, ChannelSumPerExample, ChannelSumSq,
     Conv2d, ConvDgrad, ConvWgrad, ConvWgradPerExample, Elementwise, FloatAttr, FusedConv,
-    FusedDgrad, FusedWgrad, Instr, LinearWgrad, LinearWgradPerExample, LinearWgradSq, Op, Relu,
-    ReluBackward, ReluBackwardBnReduce, Scale, Square, Squares,
+    FusedDgrad, FusedWgrad, Instr, LinearWgrad, LinearWgradPerExample, LinearWgradSq,
+    NoisySgdUpdate, Op, Relu, ReluBackward, ReluBackwardBnReduce, Scale, Square, Squares,
+    UpdateNoise,
 };
 use fisherc_ir::tensor::{Tensor, TensorType, Value};
 use rand_chacha::ChaCha8Rng;
@@ -403,6 +404,60 @@ fn elementwise_programs_compute_their_chain() {
         &[&a],
     );
     same("relu", &relu, &one(Relu, &[&a]));
+}
+
+/// An update that makes its Fisher estimate from the sum of squares is `scale` then the
+/// update, the estimate its third output; only a diagonal estimate takes a factor.
+#[test]
+fn an_update_with_a_fisher_factor_is_scale_then_the_update() {
+    let mut r = rng(60);
+    let n = 37;
+    let (theta, v, g) = (
+        random(&mut r, &[n]),
+        random(&mut r, &[n]),
+        random(&mut r, &[n]),
+    );
+    let sums = Value::Float(uniform_in(&mut r, &[n], 0.0, 40.0));
+    let scalar = |x: f64| Value::Float(Tensor::scalar(x));
+    let hyper = [scalar(0.05), scalar(0.9), scalar(1e-3), scalar(0.7)];
+    let (seed, step) = (Value::Word(42), Value::Word(7));
+    let factor = 1.0 / 32.0;
+    let estimate = scaled(&sums, factor);
+    let with = |noise: &Value<f64>| {
+        let mut inputs = vec![theta.clone(), v.clone(), g.clone()];
+        inputs.extend(hyper.iter().cloned());
+        inputs.extend([seed.clone(), step.clone(), noise.clone()]);
+        inputs
+    };
+    let update = NoisySgdUpdate {
+        param: 3,
+        decay: true,
+        noise: UpdateNoise::Diagonal,
+        fisher_factor: None,
+    };
+    let plain = run(update.clone(), &refs(&with(&estimate)));
+    let folded = NoisySgdUpdate {
+        fisher_factor: Some(FloatAttr(factor)),
+        ..update.clone()
+    };
+    let got = run(folded.clone(), &refs(&with(&sums)));
+    assert_eq!(got.len(), 3);
+    same("parameters", &got[0], &plain[0]);
+    same("momenta", &got[1], &plain[1]);
+    same("Fisher estimate", &got[2], &estimate);
+    let scalar_noise = NoisySgdUpdate {
+        noise: UpdateNoise::Scalar,
+        ..folded
+    };
+    let variance = Value::Float(Tensor::filled(&[1], 2.0));
+    let types: Vec<TensorType> = with(&variance)
+        .iter()
+        .map(|v| TensorType::new(v.shape().to_vec(), v.dtype()))
+        .collect();
+    let err = Op::from(scalar_noise)
+        .infer(&types.iter().collect::<Vec<_>>())
+        .unwrap_err();
+    assert!(err.contains("diagonal"), "{err}");
 }
 
 #[test]

@@ -8,7 +8,7 @@ use common::assert_close;
 use fisherc_ir::graph::Output;
 use fisherc_ir::interp::evaluate;
 use fisherc_ir::model::{BuildOptions, ModelSpec, ParamKind, build};
-use fisherc_ir::ops::{Op, Squares};
+use fisherc_ir::ops::{NoisySgdUpdate, Op, Squares};
 use fisherc_ir::optimize::cost::H100;
 use fisherc_ir::optimize::{Limits, optimize, optimize_with};
 use fisherc_ir::state::{Hyperparams, TrainState};
@@ -89,12 +89,18 @@ fn model_step(name: &str, batch: usize, mode: FisherMode) -> fisherc_ir::Trainin
     build_training_step(net, &StepOptions::new(mode)).unwrap()
 }
 
-/// Follows `scale` nodes back to the node that computes a value.
+/// Follows scalings back to the node that computes a value: `scale` nodes, and updates that
+/// scale their Fisher estimate (output 2) from their noise input.
 fn through_scales(graph: &fisherc_ir::Graph, mut p: fisherc_ir::PortRef) -> fisherc_ir::PortRef {
-    while let Op::Scale(_) = graph.node(p.node).op {
-        p = graph.inputs(p.node)[0];
+    loop {
+        p = match &graph.node(p.node).op {
+            Op::Scale(_) => graph.inputs(p.node)[0],
+            Op::NoisySgdUpdate(u) if u.fisher_factor.is_some() && p.port == 2 => {
+                graph.inputs(p.node)[NoisySgdUpdate::NOISE]
+            }
+            _ => return p,
+        }
     }
-    p
 }
 
 #[test]

@@ -404,6 +404,16 @@ fn cases() -> Vec<Case> {
                 |op| matches!(op, Op::ReluBackwardBnReduce(r) if r.squares == Squares::PerExample),
             )),
         ),
+        case(
+            "fisher-scale-in-update",
+            small_cnn(),
+            Exact,
+            EXACT_BN_SQUARES,
+            Some((
+                "noisy_sgd_update with a Fisher factor",
+                |op| matches!(op, Op::NoisySgdUpdate(u) if u.fisher_factor.is_some()),
+            )),
+        ),
         case("relu-as-elementwise", mlp(), Plain, &[], None),
         case("add-as-elementwise", resnet(), Plain, &[], None),
         case("square-as-elementwise", mlp(), Exact, &[], None),

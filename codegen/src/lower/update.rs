@@ -21,6 +21,7 @@ pub fn lower(cx: &Cx) -> Lowered {
         .map(|i| k.ptr_param(&format!("in{i}")))
         .collect();
     let (new_theta, new_v) = (k.ptr_param("new_theta"), k.ptr_param("new_v"));
+    let fisher = update.fisher_factor.map(|f| (f, k.ptr_param("fisher")));
     // an argument, not an immediate: parameters of one size share one kernel
     let param = k.u32_param("param");
     let scalar = |k: &mut KernelBuilder, i: usize| k.load(ins[i], 0u32);
@@ -44,7 +45,18 @@ pub fn lower(cx: &Cx) -> Lowered {
         k.assign(d, g);
         let variance = match update.noise {
             UpdateNoise::None => None,
-            UpdateNoise::Diagonal => Some(k.load(ins[U::NOISE], i)),
+            UpdateNoise::Diagonal => {
+                let estimate = k.load(ins[U::NOISE], i);
+                // F̂ = f·S made here, as `scale` makes it, and written for the step's output
+                Some(match fisher {
+                    Some((factor, out)) => {
+                        let scaled = k.mul(estimate, factor.0 as f32);
+                        k.store(out, i, scaled);
+                        scaled
+                    }
+                    None => estimate,
+                })
+            }
             UpdateNoise::Scalar => Some(k.load(ins[U::NOISE], 0u32)),
             UpdateNoise::Vector => {
                 let e = k.load(ins[U::NOISE], i);
@@ -72,6 +84,10 @@ pub fn lower(cx: &Cx) -> Lowered {
         k.store(new_theta, i, theta2);
     });
     let mut args: Vec<_> = (0..cx.inputs.len()).map(input).collect();
-    args.extend([output(0), output(1), LaunchArg::U32(update.param)]);
+    args.extend([output(0), output(1)]);
+    if fisher.is_some() {
+        args.push(output(2));
+    }
+    args.push(LaunchArg::U32(update.param));
     Lowered::kernels(vec![launch(k.finish(), grid_for(n), args)])
 }

@@ -11,8 +11,12 @@
 //! Evaluated in exactly this order, one rounding per operation: `(s·√F̂)·ξ` (or `s·e`), then
 //! `g + ε`, then `+ wd·θ` (when the parameter decays), then `μ·v + d`, then `θ − lr·v`. In f32
 //! that is what the GPU kernel computes bit for bit.
+//!
+//! With a `fisher_factor` f (diagonal noise), the noise input is the sum of squares S and
+//! the update first makes `F̂ = f·S` (as `scale` would, one rounding), uses it, and returns it
+//! as a third output: the Fisher estimate the step reports, without a kernel of its own.
 
-use super::{OpDef, expect_arity, expect_type};
+use super::{FloatAttr, OpDef, expect_arity, expect_type};
 use crate::philox;
 use crate::tensor::{DType, Real, Tensor, TensorType, Value};
 use serde::{Deserialize, Serialize};
@@ -40,6 +44,9 @@ pub struct NoisySgdUpdate {
     /// Whether weight decay applies to this parameter.
     pub decay: bool,
     pub noise: UpdateNoise,
+    /// The factor of a Fisher estimate made here from its sum of squares (see the module).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fisher_factor: Option<FloatAttr>,
 }
 
 /// Input positions (the kernel lowering reads the same ones).
@@ -85,7 +92,13 @@ impl OpDef for NoisySgdUpdate {
             )?,
             UpdateNoise::Vector => expect_type(inputs[Self::NOISE], theta, "noise vector")?,
         }
-        Ok(vec![theta.clone(), theta.clone()])
+        match (self.fisher_factor, self.noise) {
+            (None, _) => Ok(vec![theta.clone(), theta.clone()]),
+            (Some(_), UpdateNoise::Diagonal) => Ok(vec![theta.clone(); 3]),
+            (Some(_), other) => Err(format!(
+                "a Fisher factor scales a diagonal Fisher estimate, not {other:?} noise"
+            )),
+        }
     }
 
     fn eval<T: Real>(
@@ -113,7 +126,15 @@ impl OpDef for NoisySgdUpdate {
             self.param,
             &mut xi,
         );
-        let noise_input = inputs.get(Self::NOISE).map(|v| &v.float().data);
+        let fisher: Option<Vec<T>> = self.fisher_factor.map(|f| {
+            let factor = T::from_f64(f.0);
+            let sums = &inputs[Self::NOISE].float().data;
+            sums.iter().map(|&x| x * factor).collect()
+        });
+        let noise_input = match &fisher {
+            Some(scaled) => Some(scaled),
+            None => inputs.get(Self::NOISE).map(|v| &v.float().data),
+        };
         let epsilon = |i: usize| match (self.noise, noise_input) {
             (UpdateNoise::Diagonal, Some(f)) => Some((s * f[i].sqrt()) * T::from_f32(xi[i])),
             (UpdateNoise::Scalar, Some(f)) => Some((s * f[0].sqrt()) * T::from_f32(xi[i])),
@@ -134,10 +155,14 @@ impl OpDef for NoisySgdUpdate {
             new_v.push(velocity);
             new_theta.push(theta.data[i] - lr * velocity);
         }
-        Ok(vec![
+        let mut outputs = vec![
             Value::Float(Tensor::from_vec(&theta.shape, new_theta)),
             Value::Float(Tensor::from_vec(&theta.shape, new_v)),
-        ])
+        ];
+        if let Some(scaled) = fisher {
+            outputs.push(Value::Float(Tensor::from_vec(&theta.shape, scaled)));
+        }
+        Ok(outputs)
     }
 
     /// 4 per element for momentum SGD, 2 for decay; drawn noise costs about 20 more (Philox's
@@ -148,7 +173,8 @@ impl OpDef for NoisySgdUpdate {
             UpdateNoise::Diagonal | UpdateNoise::Scalar => 24,
             UpdateNoise::Vector => 2,
         };
-        let per_element = 4 + 2 * self.decay as u64 + noise;
+        let scaled = self.fisher_factor.is_some() as u64;
+        let per_element = 4 + 2 * self.decay as u64 + noise + scaled;
         per_element * inputs[0].numel() as u64
     }
 }

@@ -13,8 +13,8 @@ use super::convert::{op_node, proj, set_origin};
 use super::lang::{EGraph, ENode, Origin, Types, attr_symbol, decode, value_type};
 use crate::ops::{
     BnBackwardReduce, BnBackwardReduceSq, BnRelu, ChannelSum, ChannelSumSq, Elementwise, FloatAttr,
-    FusedConv, FusedDgrad, FusedWgrad, Instr, LinearWgrad, LinearWgradSq, Op, ReluBackwardBnReduce,
-    Scale, Square, Squares,
+    FusedConv, FusedDgrad, FusedWgrad, Instr, LinearWgrad, LinearWgradSq, NoisySgdUpdate, Op,
+    ReluBackwardBnReduce, Scale, Square, Squares,
 };
 use crate::tensor::TensorType;
 
@@ -27,6 +27,7 @@ pub fn all() -> Vec<Rule> {
     rules.extend(forward_rules());
     rules.extend(backward_rules());
     rules.extend(elementwise_rules());
+    rules.extend(update_rules());
     rules
 }
 
@@ -251,6 +252,51 @@ pub fn elementwise_rules() -> Vec<Rule> {
         )
         .expect("the chain rule binds its variables"),
     ]
+}
+
+/// The update's fusions: the Fisher estimate's constant factor applied where the update
+/// reads it, the estimate written from there (one launch a parameter fewer).
+pub fn update_rules() -> Vec<Rule> {
+    vec![fusion(
+        "fisher-scale-in-update",
+        "(noisy_sgd_update ?u ?t ?v ?g ?lr ?mu ?wd ?s ?seed ?step ?fisher)",
+        fisher_scale_in_update,
+    )]
+}
+
+fn fisher_scale_in_update(f: &mut Fuse<'_>, s: &Subst) -> Option<()> {
+    let Op::NoisySgdUpdate(update) = f.attrs(s, "?u", "noisy_sgd_update")? else {
+        return None;
+    };
+    if update.fisher_factor.is_some() {
+        return None;
+    }
+    let fisher = s[v("?fisher")];
+    let scales: Vec<ENode> = f.egraph[fisher].nodes.clone();
+    for node in scales {
+        let Some(Op::Scale(scale)) = Types::op_of(f.egraph, &node) else {
+            continue;
+        };
+        let names = [
+            "?t", "?v", "?g", "?lr", "?mu", "?wd", "?s", "?seed", "?step",
+        ];
+        let mut inputs: Vec<Id> = names.iter().map(|n| s[v(n)]).collect();
+        inputs.push(node.inputs()[0]);
+        let fused = NoisySgdUpdate {
+            fisher_factor: Some(scale.factor),
+            ..update.clone()
+        };
+        let Some(t) = f.add(fused, &inputs) else {
+            continue;
+        };
+        for k in 0..2 {
+            let (old, new) = (f.proj(f.matched, k), f.proj(t, k));
+            f.same(old, new);
+        }
+        let estimate = f.proj(t, 2);
+        f.same(fisher, estimate);
+    }
+    Some(())
 }
 
 // ---- the machinery ----
