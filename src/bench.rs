@@ -456,8 +456,14 @@ pub fn markdown(results: &[Measurement]) -> String {
     );
     let percent = |p: Option<f64>| p.map_or("-".to_string(), |p| format!("{p:.1}"));
     for m in results {
+        // the pipeline depth where it is not the default
+        let stages = if m.stages == DEFAULT_STAGES {
+            String::new()
+        } else {
+            format!(", {} stages", m.stages)
+        };
         let head = format!(
-            "| {} | {} | {} | {} |",
+            "| {} | {} | {} | {}{stages} |",
             m.model,
             m.batch,
             m.fisher,
