@@ -84,12 +84,7 @@ pub fn run(args: &Args) -> Result<()> {
         source.model,
         source.batch,
         source.noise.describe(source.fisher),
-        match (source.fused, tensor_cores) {
-            (false, _) => "unfused",
-            (true, TensorCores::Off) => "fused",
-            (true, TensorCores::Tf32x3) => "fused, tensor cores (3xTF32)",
-            (true, TensorCores::Tf32) => "fused, tensor cores (one TF32 product)",
-        },
+        source.describe_compile(),
         session.backend.describe()
     )?;
     let net = &session.network;

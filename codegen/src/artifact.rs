@@ -23,7 +23,7 @@ use fisherc_ir::{FisherMode, Noise, StepOptions, TrainingStep, build_training_st
 
 use crate::compile::{CompileOptions, Compiled, compile};
 use crate::kir::{Kernel, MainLoop, ParamTy};
-use crate::lower::TensorCores;
+use crate::lower::{DEFAULT_STAGES, TensorCores};
 use crate::plan::{Arg, Buffer, PlannedLaunch, PlannedNode, Program};
 use crate::ptx;
 
@@ -109,6 +109,22 @@ impl Source {
             },
             stages: self.stages,
         }
+    }
+
+    /// How it was compiled, in words: fused or not, how convolutions multiply, and the GEMM
+    /// pipeline's depth where it is not the default.
+    pub fn describe_compile(&self) -> String {
+        let options = self.compile_options();
+        let mut words = match (options.fused, options.tensor_cores) {
+            (false, _) => "unfused".to_string(),
+            (true, TensorCores::Off) => "fused".to_string(),
+            (true, TensorCores::Tf32x3) => "fused, tensor cores (3xTF32)".to_string(),
+            (true, TensorCores::Tf32) => "fused, tensor cores (one TF32 product)".to_string(),
+        };
+        if options.stages != DEFAULT_STAGES {
+            words += &format!(", {} stages", options.stages);
+        }
+        words
     }
 
     /// The training step again, from the kept model text.
@@ -473,7 +489,7 @@ pub fn summary(plan: &Plan) -> String {
         s.model,
         s.batch,
         s.fisher,
-        if s.fused { "fused" } else { "unfused" },
+        s.describe_compile(),
         s.arch
     );
     out += &format!(
