@@ -544,11 +544,13 @@ fn check_forward(
 /// Data gradients whose planes divide a tile run their rows over the batch, and the exact
 /// Fisher's per-example BN sums come from each tile's segments: several tiles of whole
 /// examples here (8·8 = 64 positions, 4 examples to a 256-row tile; batch 6: the second tile
-/// half past the batch), and the 2×2 plane of a wider layer (16 examples to a 64-row tile).
+/// half past the batch), gathered (3 channels: on tensor cores the slices narrow to fit the
+/// segments in shared memory) and from dy's halo (16 channels), and the 2×2 plane of a wider
+/// layer (16 examples to a 64-row tile).
 #[test]
 fn data_gradients_over_the_batch_sum_each_example_apart() {
     let mut r = rng(12);
-    for (size, c, o, batch) in [(8, 3, 4, 6), (2, 40, 8, 21)] {
+    for (size, c, o, batch) in [(8, 3, 4, 6), (8, 16, 16, 6), (2, 40, 8, 21)] {
         let bn = bn_inputs(&mut r, &[batch, c, size, size]);
         let w = random(&mut r, &[o, c, 3, 3]);
         let dy = random(&mut r, &[batch, o, size, size]);

@@ -1634,7 +1634,14 @@ fn dgrad(cx: &Cx, d: &ConvDgrad, epilogue: Option<DgradEpilogue>) -> Lowered {
         Rows::Batched { .. } if per_example_sums => SEGMENT_SUMS_BYTES,
         _ => COLUMN_SUMS_BYTES,
     };
-    let tiling = tiling.with_stages(cx.options.stages, epilogue_bytes);
+    // A: dy's halo where it fits, else its spread elements, gathered as deep as shared memory
+    // allows (narrower slices where even two would not fit)
+    let budget = (cx.options.stages, epilogue_bytes);
+    let halo = HaloDims::choose(&g, (tiling, batching), HaloOf::OutputGradient, budget);
+    let tiling = match halo {
+        Some(_) => tiling,
+        None => tiling.with_stages(cx.options.stages, epilogue_bytes),
+    };
     let shape = GemmShape {
         m: batching.count(positions, g.batch),
         n: g.c,
@@ -1663,9 +1670,6 @@ fn dgrad(cx: &Cx, d: &ConvDgrad, epilogue: Option<DgradEpilogue>) -> Lowered {
     });
     let dx = k.ptr_param("dx");
     let partials = bn.as_ref().map(|_| k.ptr_param("partials"));
-    // A: dy's halo where it fits, else its spread elements
-    let budget = (cx.options.stages, epilogue_bytes);
-    let halo = HaloDims::choose(&g, (tiling, batching), HaloOf::OutputGradient, budget);
     let area = g.kernel_area();
     let order = Order::choose(g.o, tiling, halo.is_some(), area);
     // w[o][c][tap]: line c, column (o, tap) in the A's order
