@@ -14,13 +14,14 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use fisherc_codegen::artifact::{Artifact, Source};
 use fisherc_codegen::compile::{CompileOptions, Compiled, compile};
-use fisherc_codegen::lower::{DEFAULT_STAGES, TensorCores};
+use fisherc_codegen::lower::{DEFAULT_STAGES, TensorCores, stages_note};
 use fisherc_ir::model::{self, BuildOptions};
 use fisherc_ir::{FisherMode, StepOptions, build_training_step};
 use fisherc_runtime::Session;
 use serde::Serialize;
 
 use crate::backend_args::{self, BackendKind};
+use crate::compile::parse_stages;
 use crate::hyper_args::HyperArgs;
 use crate::model_args::parse_input;
 use crate::profile::{self, NodeRow, OpRow};
@@ -113,7 +114,7 @@ pub struct Args {
 
     /// K slices the convolutions' GEMMs keep in flight, where shared memory allows: 2 (double
     /// buffering) to 4.
-    #[arg(long, default_value_t = DEFAULT_STAGES, value_parser = clap::value_parser!(u32).range(2..=4))]
+    #[arg(long, default_value_t = DEFAULT_STAGES, value_parser = parse_stages)]
     pub stages: u32,
 
     /// Seed of the initial parameters, the batch and the noise.
@@ -456,18 +457,13 @@ pub fn markdown(results: &[Measurement]) -> String {
     );
     let percent = |p: Option<f64>| p.map_or("-".to_string(), |p| format!("{p:.1}"));
     for m in results {
-        // the pipeline depth where it is not the default
-        let stages = if m.stages == DEFAULT_STAGES {
-            String::new()
-        } else {
-            format!(", {} stages", m.stages)
-        };
         let head = format!(
-            "| {} | {} | {} | {}{stages} |",
+            "| {} | {} | {} | {}{} |",
             m.model,
             m.batch,
             m.fisher,
-            m.variant.name()
+            m.variant.name(),
+            stages_note(m.stages)
         );
         if let Some(error) = &m.error {
             let first = error.lines().next().unwrap_or_default();

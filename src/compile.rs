@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use fisherc_codegen::artifact::{Artifact, PLAN_FILE, PTX_FILE, Source, bytes, summary};
 use fisherc_codegen::compile::{CompileOptions, compile};
-use fisherc_codegen::lower::{DEFAULT_STAGES, TensorCores};
+use fisherc_codegen::lower::{DEFAULT_STAGES, STAGE_RANGE, TensorCores};
 use fisherc_ir::Noise;
 
 use crate::model_args::ModelArgs;
@@ -29,7 +29,7 @@ pub struct Args {
 
     /// K slices the convolutions' GEMMs keep in flight, where shared memory allows: 2 (double
     /// buffering, as measured on the H100 up to f28ac3b) to 4.
-    #[arg(long, default_value_t = DEFAULT_STAGES, value_parser = clap::value_parser!(u32).range(2..=4))]
+    #[arg(long, default_value_t = DEFAULT_STAGES, value_parser = parse_stages)]
     pub stages: u32,
 
     /// PTX target: sm_80 or sm_90.
@@ -39,6 +39,20 @@ pub struct Args {
     /// Output directory [default: compiled/MODEL_b<BATCH>_<FISHER>[_<NOISE>][_unfused][_tc][_s<STAGES>]].
     #[arg(short, long)]
     pub out: Option<PathBuf>,
+}
+
+/// A `--stages` value: a number within [`STAGE_RANGE`].
+pub fn parse_stages(text: &str) -> Result<u32, String> {
+    let stages: u32 = text.parse().map_err(|e| format!("{text}: {e}"))?;
+    if STAGE_RANGE.contains(&stages) {
+        Ok(stages)
+    } else {
+        Err(format!(
+            "{stages}: K slices in flight, {} to {}",
+            STAGE_RANGE.start(),
+            STAGE_RANGE.end()
+        ))
+    }
 }
 
 /// How tensor cores multiply (`--tensor-cores[=...]`).

@@ -23,7 +23,7 @@ use fisherc_ir::{FisherMode, Noise, StepOptions, TrainingStep, build_training_st
 
 use crate::compile::{CompileOptions, Compiled, compile};
 use crate::kir::{Kernel, MainLoop, ParamTy};
-use crate::lower::{DEFAULT_STAGES, TensorCores};
+use crate::lower::{TensorCores, stages_note};
 use crate::plan::{Arg, Buffer, PlannedLaunch, PlannedNode, Program};
 use crate::ptx;
 
@@ -115,16 +115,13 @@ impl Source {
     /// pipeline's depth where it is not the default.
     pub fn describe_compile(&self) -> String {
         let options = self.compile_options();
-        let mut words = match (options.fused, options.tensor_cores) {
-            (false, _) => "unfused".to_string(),
-            (true, TensorCores::Off) => "fused".to_string(),
-            (true, TensorCores::Tf32x3) => "fused, tensor cores (3xTF32)".to_string(),
-            (true, TensorCores::Tf32) => "fused, tensor cores (one TF32 product)".to_string(),
+        let variant = match (options.fused, options.tensor_cores) {
+            (false, _) => "unfused",
+            (true, TensorCores::Off) => "fused",
+            (true, TensorCores::Tf32x3) => "fused, tensor cores (3xTF32)",
+            (true, TensorCores::Tf32) => "fused, tensor cores (one TF32 product)",
         };
-        if options.stages != DEFAULT_STAGES {
-            words += &format!(", {} stages", options.stages);
-        }
-        words
+        format!("{variant}{}", stages_note(options.stages))
     }
 
     /// The training step again, from the kept model text.

@@ -72,6 +72,9 @@ pub struct KernelBuilder {
     index: Ty,
 }
 
+/// Shared memory a block may declare statically (bytes).
+pub const STATIC_SHARED: u32 = 48 * 1024;
+
 impl KernelBuilder {
     /// A kernel of `block` threads per block whose element indices fit `index` (u32 or u64).
     pub fn new(name: impl Into<String>, block: u32, wide_index: bool) -> Self {
@@ -90,9 +93,9 @@ impl KernelBuilder {
 
     pub fn finish(self) -> Kernel {
         assert_eq!(self.stack.len(), 1, "unclosed If or Loop");
-        // what a block may declare statically; a lowering that asks for more is wrong
+        // a lowering that asks for more is wrong
         assert!(
-            self.shared_bytes <= 48 * 1024,
+            self.shared_bytes <= STATIC_SHARED,
             "kernel {} declares {} bytes of shared memory, over the 48 KiB static limit",
             self.name,
             self.shared_bytes

@@ -22,11 +22,13 @@ use super::common::{
 };
 use super::gemm::{
     self, COLUMN_SUMS_BYTES, Coordinates, DOUBLE_BUFFERED, Fetch, Gathered, GemmShape, KSteps,
-    Layout, LineAt, LineSet, Operand, Operands, Products, SEGMENT_SUMS_BYTES, STATIC_SHARED, Slice,
-    SliceK, Staging, THREADS, TilePlace, Tiling, column_sums, stage_bytes, staged_gemm,
-    store_column_sums, store_segment_sums, tiled_gemm,
+    Layout, LineAt, LineSet, Operand, Operands, Products, SEGMENT_SUMS_BYTES, Slice, SliceK,
+    Staging, THREADS, TilePlace, Tiling, column_sums, stage_bytes, staged_gemm, store_column_sums,
+    store_segment_sums, tiled_gemm,
 };
-use crate::builder::{F32, GlobalF32, Idx, KernelBuilder, Pred, SharedF32, U32, U64};
+use crate::builder::{
+    F32, GlobalF32, Idx, KernelBuilder, Pred, STATIC_SHARED, SharedF32, U32, U64,
+};
 use crate::kir::{BinOp, Cmp, MainLoop};
 
 pub fn lower(cx: &Cx) -> Lowered {
@@ -34,7 +36,7 @@ pub fn lower(cx: &Cx) -> Lowered {
         Op::Conv2d(conv) => forward(cx, conv, None, false),
         Op::FusedConv(f) => forward(cx, &f.conv, f.prologue, f.stats),
         Op::ConvDgrad(d) => dgrad(cx, d, None),
-        Op::FusedDgrad(f) => dgrad(cx, &f.dgrad, Some(DgradEpilogue::of(f))),
+        Op::FusedDgrad(f) => dgrad(cx, &f.dgrad, Some(f)),
         Op::ConvWgrad(w) => wgrad(cx, w, None, Squares::None, false),
         Op::ConvWgradPerExample(w) => wgrad(cx, &w.0, None, Squares::None, true),
         Op::FusedWgrad(f) => wgrad(cx, &f.wgrad, f.prologue, f.squares, false),
@@ -624,9 +626,8 @@ struct PatchDims {
     rounds: u32,
     depth: u32,
     columns: u32,
-    /// Slices staged at once: the tiling's (a patch of at most [`PATCH_ROUNDS`] rounds and
-    /// dy's slice fit in shared memory 4 deep) where the patch is copied; 2 where its pixels
-    /// are loaded for the prologue, which holds them in registers one step either way.
+    /// Slices staged at once (a patch of at most [`PATCH_ROUNDS`] rounds and dy's slice fit
+    /// in shared memory 4 deep).
     stages: u32,
 }
 
@@ -641,7 +642,13 @@ impl PatchDims {
     /// The patch of weight-gradient `shape` in `tiling`, if its slices are whole output
     /// rows or parts of one, of at least 4 positions (the mma's k lanes step evenly through
     /// 4), and it takes few rounds.
-    fn choose(g: &Geometry, tiling: Tiling, shape: GemmShape) -> Option<PatchDims> {
+    /// Staged `stages` slices at a time where it is copied; 2 where its pixels are loaded
+    /// for a prologue (`loads`), which holds them in registers one step either way.
+    fn choose(
+        g: &Geometry,
+        (tiling, shape): (Tiling, GemmShape),
+        (stages, loads): (u32, bool),
+    ) -> Option<PatchDims> {
         let (area, bk) = (g.kernel_area(), tiling.bk);
         let run = g.wo.min(bk);
         let aligned = g.wo.is_multiple_of(bk) || bk.is_multiple_of(g.wo);
@@ -659,7 +666,7 @@ impl PatchDims {
             rounds,
             depth: bk,
             columns: shape.n,
-            stages: tiling.stages,
+            stages: if loads { DOUBLE_BUFFERED } else { stages },
         })
     }
 
@@ -697,14 +704,6 @@ impl<'a> PatchLayout<'a> {
         place: &TilePlace,
         prologue: Option<&PrologueSource>,
     ) -> Self {
-        let dims = PatchDims {
-            stages: if prologue.is_some() {
-                DOUBLE_BUFFERED
-            } else {
-                dims.stages
-            },
-            ..dims
-        };
         let first_column = place.first_column();
         let first_channel = k.ubin(BinOp::Div, first_column, g.kernel_area());
         let tid = k.tid();
@@ -1585,26 +1584,6 @@ fn forward(cx: &Cx, conv: &Conv2d, prologue: Option<FloatAttr>, stats: bool) -> 
     }
 }
 
-/// What a fused data gradient's epilogue does to each element before it sums the BN terms.
-#[derive(Clone, Copy)]
-struct DgradEpilogue {
-    eps: FloatAttr,
-    squares: Squares,
-    /// Add the shortcut's gradient and mask by the stored ReLU output (else mask by the
-    /// recomputed `γ·ŷ + β > 0`).
-    residual: bool,
-}
-
-impl DgradEpilogue {
-    fn of(f: &FusedDgrad) -> DgradEpilogue {
-        DgradEpilogue {
-            eps: f.eps,
-            squares: f.squares,
-            residual: f.residual,
-        }
-    }
-}
-
 /// The epilogue's mask inputs, declared as kernel parameters in the op's input order (after
 /// y, mean and var).
 enum MaskSource {
@@ -1622,7 +1601,7 @@ enum MaskSource {
 /// gradient) and sums the BN backward terms per (example, row tile), or per example of a
 /// tile over the batch; `combine_tiles` adds each example's tiles before any per-example
 /// square.
-fn dgrad(cx: &Cx, d: &ConvDgrad, epilogue: Option<DgradEpilogue>) -> Lowered {
+fn dgrad(cx: &Cx, d: &ConvDgrad, epilogue: Option<&FusedDgrad>) -> Lowered {
     let (dy_shape, w_shape) = (&cx.inputs[0].shape, &cx.inputs[1].shape);
     let x_shape = &cx.outputs[0].shape;
     let g = Geometry::new(x_shape, w_shape, dy_shape, d.stride, d.padding);
@@ -1840,12 +1819,17 @@ fn wgrad(
         k: positions,
     };
     let weights = (shape.m * shape.n) as u64;
-    // the input patch where it fits, in wide K slices where those fit
-    let narrow = Tiling::for_rows(g.o).with_stages(cx.options.stages, COLUMN_SUMS_BYTES);
+    // the input patch where it fits, in wide K slices where those fit; else gathered, as
+    // deep as shared memory allows
+    let narrow = Tiling::for_rows(g.o);
+    let staging = (cx.options.stages, prologue.is_some());
     let (tiling, patch) = [narrow.widened(cx.options.tensor_cores), narrow]
         .into_iter()
-        .find_map(|tiling| Some((tiling, Some(PatchDims::choose(&g, tiling, shape)?))))
-        .unwrap_or((narrow, None));
+        .find_map(|t| Some((t, Some(PatchDims::choose(&g, (t, shape), staging)?))))
+        .unwrap_or_else(|| {
+            let gathered = narrow.with_stages(cx.options.stages, COLUMN_SUMS_BYTES);
+            (gathered, None)
+        });
     let chunks = batch_chunks(tiling.count(shape) as u64, g.batch);
     let direct = per_example || chunks == 1;
     let terms = if squares == Squares::None { 1 } else { 2 };

@@ -26,7 +26,9 @@
 
 use super::TensorCores;
 use super::common::{Cx, TileRows};
-use crate::builder::{F32, GlobalF32, KernelBuilder, Pred, SharedF32, Tf32, U32, U64};
+use crate::builder::{
+    F32, GlobalF32, KernelBuilder, Pred, STATIC_SHARED, SharedF32, Tf32, U32, U64,
+};
 use crate::kir::{BinOp, Cmp, MainLoop};
 
 /// Threads per block.
@@ -92,9 +94,6 @@ pub struct Tiling {
 
 /// Slices in shared memory at once where a lowering does not ask for more: double buffering.
 pub const DOUBLE_BUFFERED: u32 = 2;
-
-/// Shared memory a block may declare statically.
-pub const STATIC_SHARED: u32 = 48 * 1024;
 
 /// Shared memory an epilogue may take beside the staging where the lowering names no more:
 /// [`column_sums`]' array (a quarter of the tile).

@@ -91,6 +91,19 @@ pub struct LowerOptions {
 /// as a pipeline waiting on its loads would be. Not yet timed.)
 pub const DEFAULT_STAGES: u32 = 3;
 
+/// The pipeline depths a compile accepts (`--stages`, `compile.stages`): a weight gradient's
+/// input patch and its slice of dy fit in shared memory 4 deep.
+pub const STAGE_RANGE: std::ops::RangeInclusive<u32> = 2..=4;
+
+/// `", N stages"` where `stages` is not the default, else nothing: for describing a compile.
+pub fn stages_note(stages: u32) -> String {
+    if stages == DEFAULT_STAGES {
+        String::new()
+    } else {
+        format!(", {stages} stages")
+    }
+}
+
 impl Default for LowerOptions {
     fn default() -> LowerOptions {
         LowerOptions {

@@ -191,9 +191,15 @@ pub struct FusedDgrad {
     pub residual: bool,
 }
 
-/// The position of the batch norm's input y among a fused data gradient's inputs; mean and
-/// var follow it, then the mask's two inputs.
-const DGRAD_BN_INPUT: usize = 2;
+/// Input positions after dy and w (the lowering declares its parameters in this order).
+impl FusedDgrad {
+    /// The batch norm's input y, then its mean and variance.
+    pub const Y: usize = 2;
+    pub const MEAN: usize = 3;
+    pub const VAR: usize = 4;
+    /// The mask's two inputs: γ and β, or the shortcut's gradient and the ReLU's output.
+    pub const MASK: usize = 5;
+}
 
 impl OpDef for FusedDgrad {
     const NAME: &'static str = "fused_dgrad";
@@ -202,20 +208,21 @@ impl OpDef for FusedDgrad {
         expect_arity(inputs, 7)?;
         let dx = self.dgrad.infer(&inputs[..2])?.remove(0);
         expect_type(
-            inputs[DGRAD_BN_INPUT],
+            inputs[Self::Y],
             &dx,
             "batch-norm input (must match the data gradient)",
         )?;
         let c = if self.residual {
+            let (shortcut, out) = (inputs[Self::MASK], inputs[Self::MASK + 1]);
             expect_type(
-                inputs[5],
+                shortcut,
                 &dx,
                 "residual gradient (must match the data gradient)",
             )?;
-            expect_type(inputs[6], &dx, "ReLU output (must match the data gradient)")?;
-            check_channel_inputs(&inputs[2..5], &PROLOGUE_INPUTS[..2])?
+            expect_type(out, &dx, "ReLU output (must match the data gradient)")?;
+            check_channel_inputs(&inputs[Self::Y..Self::MASK], &PROLOGUE_INPUTS[..2])?
         } else {
-            check_channel_inputs(&inputs[2..], &PROLOGUE_INPUTS)?
+            check_channel_inputs(&inputs[Self::Y..], &PROLOGUE_INPUTS)?
         };
         let vector = TensorType::f32(&[c]);
         let mut types = vec![dx];
@@ -236,16 +243,22 @@ impl OpDef for FusedDgrad {
             .eval(&inputs[..2], &outputs[..1])?
             .remove(0)
             .into_float();
-        let y = inputs[DGRAD_BN_INPUT].float();
+        let y = inputs[Self::Y].float();
         let dz = if self.residual {
-            let r = inputs[5].float();
+            let r = inputs[Self::MASK].float();
             let sum = dx.data.iter().zip(&r.data).map(|(&a, &b)| a + b).collect();
-            relu_mask(&Tensor::from_vec(&dx.shape, sum), inputs[6].float())
+            relu_mask(
+                &Tensor::from_vec(&dx.shape, sum),
+                inputs[Self::MASK + 1].float(),
+            )
         } else {
-            let stats = stats_args(inputs, 3);
+            let stats = stats_args(inputs, Self::MEAN);
             relu_mask(&dx, &bn_relu(y, stats, self.eps, None))
         };
-        let (mean, var) = (&inputs[3].float().data, &inputs[4].float().data);
+        let (mean, var) = (
+            &inputs[Self::MEAN].float().data,
+            &inputs[Self::VAR].float().data,
+        );
         let mut results = param_grads_with_squares(&dz, y, mean, var, self.eps, self.squares);
         results.insert(0, Value::Float(dz));
         Ok(results)

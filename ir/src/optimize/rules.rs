@@ -758,9 +758,9 @@ fn bn_reductions_in_producer(f: &mut Fuse<'_>, s: &Subst, squares: Squares) -> O
                     let matches = fd.squares == Squares::None
                         && !fd.residual
                         && fd.eps == eps
-                        && same_class(f, i[2], y)
-                        && same_class(f, i[3], m)
-                        && same_class(f, i[4], var);
+                        && same_class(f, i[FusedDgrad::Y], y)
+                        && same_class(f, i[FusedDgrad::MEAN], m)
+                        && same_class(f, i[FusedDgrad::VAR], var);
                     let fused = FusedDgrad { squares, ..fd };
                     if matches { f.add(fused, i) } else { None }
                 });

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use fisherc_codegen::lower::TensorCores;
+use fisherc_codegen::lower::{STAGE_RANGE, TensorCores};
 use fisherc_ir::FisherMode;
 use serde::{Deserialize, Serialize};
 
@@ -27,9 +27,6 @@ pub struct Experiment {
     #[serde(default)]
     pub compile: CompileConfig,
 }
-
-/// The pipeline depths a compile accepts (`compile.stages`).
-pub const STAGES: std::ops::RangeInclusive<u32> = 2..=4;
 
 /// How the training steps are compiled.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -245,11 +242,11 @@ impl Experiment {
         if let Some(regime) = takes_fisher.filter(|_| t.fisher == Some(FisherMode::None)) {
             return Err(format!("train.fisher: {regime} needs exact or a2g2"));
         }
-        if let Some(stages) = self.compile.stages.filter(|s| !STAGES.contains(s)) {
+        if let Some(stages) = self.compile.stages.filter(|s| !STAGE_RANGE.contains(s)) {
             return Err(format!(
                 "compile.stages is {stages}: K slices in flight, {} to {}",
-                STAGES.start(),
-                STAGES.end()
+                STAGE_RANGE.start(),
+                STAGE_RANGE.end()
             ));
         }
         if self.data.set == DataSet::Synthetic && self.data.synthetic.is_none() {
