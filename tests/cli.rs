@@ -469,7 +469,10 @@ fn bench_times_each_configuration_and_relates_it_to_the_plain_step() {
         assert!(r["device"].as_str().unwrap().contains("cpu"), "{r}");
         // the profiled step's ops, slowest first
         let ops = r["ops"].as_array().unwrap();
-        assert!(ops.iter().any(|o| o["op"] == "noisy_sgd_update"), "{r}");
+        assert!(
+            ops.iter().any(|o| o["op"] == "noisy_sgd_update_group"),
+            "{r}"
+        );
         let ms: Vec<f64> = ops.iter().map(|o| o["ms"].as_f64().unwrap()).collect();
         assert!(ms.windows(2).all(|w| w[0] >= w[1]), "{ms:?}");
         // ... and its nodes, each naming its kernels, adding up to the ops' time

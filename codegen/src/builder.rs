@@ -75,6 +75,27 @@ pub struct KernelBuilder {
 /// Shared memory a block may declare statically (bytes).
 pub const STATIC_SHARED: u32 = 48 * 1024;
 
+/// Bytes of kernel parameters a launch may pass (PTX ISA 8.0; 8.1 raised it to 32 KiB on
+/// newer drivers, which fisherc does not assume).
+pub const PARAM_SPACE: u32 = 4096;
+
+impl ParamTy {
+    /// Its size (and alignment) in the parameter space.
+    pub fn bytes(self) -> u32 {
+        match self {
+            ParamTy::Ptr => 8,
+            ParamTy::U32 | ParamTy::F32 => 4,
+        }
+    }
+}
+
+/// Bytes `params` take in the parameter space, each aligned to its size.
+pub fn param_bytes(params: impl IntoIterator<Item = ParamTy>) -> u32 {
+    params
+        .into_iter()
+        .fold(0, |end, p| end.next_multiple_of(p.bytes()) + p.bytes())
+}
+
 impl KernelBuilder {
     /// A kernel of `block` threads per block whose element indices fit `index` (u32 or u64).
     pub fn new(name: impl Into<String>, block: u32, wide_index: bool) -> Self {
@@ -99,6 +120,12 @@ impl KernelBuilder {
             "kernel {} declares {} bytes of shared memory, over the 48 KiB static limit",
             self.name,
             self.shared_bytes
+        );
+        let params = param_bytes(self.params.iter().map(|(_, ty)| *ty));
+        assert!(
+            params <= PARAM_SPACE,
+            "kernel {} takes {params} bytes of parameters, over the {PARAM_SPACE}-byte limit",
+            self.name
         );
         Kernel {
             name: self.name,
@@ -383,6 +410,22 @@ impl KernelBuilder {
     pub fn mad_u(&mut self, a: impl Into<UOp>, b: impl Into<UOp>, c: impl Into<UOp>) -> U32 {
         let (a, b, c) = (a.into().0, b.into().0, c.into().0);
         U32(self.def(Ty::U32, |dst| Inst::Fma { dst, a, b, c }))
+    }
+
+    /// A pointer register for [`Self::assign_ptr`] to set (null until then).
+    pub fn null_ptr(&mut self) -> U64 {
+        U64(self.def(Ty::U64, |dst| Inst::Mov {
+            dst,
+            src: Operand::U64(0),
+        }))
+    }
+
+    /// `dst = v` for an existing pointer register.
+    pub fn assign_ptr(&mut self, dst: U64, v: U64) {
+        self.emit(Inst::Mov {
+            dst: dst.0,
+            src: v.into(),
+        });
     }
 
     pub fn assign_u(&mut self, dst: U32, v: impl Into<UOp>) {

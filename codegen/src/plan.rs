@@ -124,10 +124,8 @@ fn align(bytes: u64) -> u64 {
 /// Nodes in an order where each comes after its inputs, the in-place updates last.
 pub fn schedule(graph: &Graph) -> Vec<NodeIndex> {
     let in_place = |n: NodeIndex| {
-        matches!(
-            graph.node(n).op,
-            Op::NoisySgdUpdate(_) | Op::BnRunningUpdate(_)
-        )
+        let node = graph.node(n);
+        (0..node.outputs.len()).any(|port| node.op.in_place(port).is_some())
     };
     let order = graph.topo_order();
     let (mut first, last): (Vec<_>, Vec<_>) = order.into_iter().partition(|&n| !in_place(n));
@@ -162,13 +160,10 @@ pub fn plan(graph: &Graph, lowering: LowerOptions) -> Result<Program, PlanError>
         let op_name = node.op.name();
         for (port, ty) in node.outputs.iter().enumerate() {
             let value = PortRef::new(n, port);
-            let shared = match (&low, &node.op) {
-                (Lowered::Alias, _) => Some(value_buffer[&inputs[0]]),
-                // the new state in place of the old (an update's Fisher estimate, port 2, is new)
-                (_, Op::NoisySgdUpdate(_) | Op::BnRunningUpdate(_)) if port < 2 => {
-                    Some(value_buffer[&inputs[port]])
-                }
-                _ => None,
+            let shared = match &low {
+                Lowered::Alias => Some(value_buffer[&inputs[0]]),
+                // the new state in place of the old
+                _ => node.op.in_place(port).map(|i| value_buffer[&inputs[i]]),
             };
             let id = match shared {
                 Some(id) => id,

@@ -746,3 +746,74 @@ fn weight_gradients_from_the_input_patch() {
         check_wgrad(&bn, &dy, (kernel, stride, padding));
     }
 }
+
+/// 150 parameters' updates as one group: alike members (decay, noise, Fisher factor) share a
+/// launch, as many as a launch's parameter space holds; sizes from one element to several
+/// blocks with ragged tails. Every output is bit for bit the CPU's (which is each member's
+/// alone), and every element is written (outputs start as NaN).
+#[test]
+fn grouped_update_kernels_match_the_cpu_bit_for_bit() {
+    use fisherc_codegen::lower::{Lowered, lower};
+    use fisherc_ir::tensor::{TensorType, Value};
+    let mut r = rng(10);
+    let sizes = [1, 16, 64, 255, 256, 257, 1000, 2305];
+    // launches: 100 members decay, 50 do not; a launch holds (4096 − 6·8) / (8·pointers) of
+    // them: 72 at 7 pointers a member, 84 at 6, 101 at 5 (no noise input)
+    let cases = [
+        (UpdateNoise::Diagonal, Some(FloatAttr(1.0 / 96.0)), 3),
+        (UpdateNoise::Diagonal, None, 3),
+        (UpdateNoise::None, None, 2),
+        (UpdateNoise::Scalar, None, 3),
+        (UpdateNoise::Vector, None, 3),
+    ];
+    for (noise, fisher_factor, launches) in cases {
+        let mut inputs = vec![scalar(0.05), scalar(0.9), scalar(1e-3), scalar(0.7)];
+        inputs.extend([Value::Word(42 + (1 << 40)), Value::Word(3)]);
+        let mut members = Vec::new();
+        for j in 0..150 {
+            let n = sizes[j % sizes.len()];
+            members.push(NoisySgdUpdate {
+                param: 3 * j as u32 + 1,
+                decay: j % 3 != 0,
+                noise,
+                fisher_factor,
+            });
+            inputs.extend([
+                random(&mut r, &[n]),
+                random(&mut r, &[n]),
+                random(&mut r, &[n]),
+            ]);
+            match noise {
+                UpdateNoise::None => {}
+                UpdateNoise::Scalar => inputs.push(uniform(&mut r, &[1], 0.0, 2.0)),
+                _ => inputs.push(uniform(&mut r, &[n], 0.0, 2.0)),
+            }
+        }
+        let op = Op::from(NoisySgdUpdateGroup { members });
+        let types: Vec<TensorType> = inputs
+            .iter()
+            .map(|v| TensorType::new(v.shape().to_vec(), v.dtype()))
+            .collect();
+        let refs: Vec<&TensorType> = types.iter().collect();
+        let outputs = op.infer(&refs).unwrap();
+        let Lowered::Kernels { launches: got, .. } =
+            lower(&op, &refs, &outputs, LowerOptions::default()).unwrap()
+        else {
+            panic!("an update group lowers to kernels")
+        };
+        assert_eq!(got.len(), launches, "{noise:?} {fisher_factor:?}: launches");
+        let want = op
+            .eval(&inputs.iter().collect::<Vec<_>>(), &outputs)
+            .unwrap();
+        let got = common::run_kernels(&op, &inputs);
+        for (port, (g, w)) in got.iter().zip(&want).enumerate() {
+            let w = &w.float().data;
+            let differ = g
+                .data
+                .iter()
+                .zip(w)
+                .position(|(a, b)| a.to_bits() != b.to_bits());
+            assert_eq!(differ, None, "{noise:?} {fisher_factor:?}: output {port}");
+        }
+    }
+}

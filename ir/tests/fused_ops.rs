@@ -9,8 +9,8 @@ use fisherc_ir::ops::{
     BnParamGradsPerExample, BnParamGradsSq, BnRelu, ChannelSum, ChannelSumPerExample, ChannelSumSq,
     Conv2d, ConvDgrad, ConvWgrad, ConvWgradPerExample, Elementwise, FloatAttr, FusedConv,
     FusedDgrad, FusedWgrad, Instr, LinearWgrad, LinearWgradPerExample, LinearWgradSq,
-    NoisySgdUpdate, Op, Relu, ReluBackward, ReluBackwardBnReduce, Scale, Square, Squares,
-    UpdateNoise,
+    NoisySgdUpdate, NoisySgdUpdateGroup, Op, Relu, ReluBackward, ReluBackwardBnReduce, Scale,
+    Square, Squares, UpdateNoise,
 };
 use fisherc_ir::tensor::{Tensor, TensorType, Value};
 use rand_chacha::ChaCha8Rng;
@@ -502,4 +502,108 @@ fn malformed_fused_ops_are_shape_errors() {
         .infer(&[&dy, &w, &x, &c3, &c3, &short, &x])
         .unwrap_err();
     assert!(err.contains("residual gradient"), "{err}");
+}
+
+/// A group of updates computes each member exactly as the member alone would, whatever mix of
+/// decay, noise and Fisher factor it holds; its new parameters and momenta overwrite their
+/// inputs, its Fisher estimates are new.
+#[test]
+fn an_update_group_is_each_member_alone() {
+    let mut r = rng(61);
+    let scalar = |x: f64| Value::Float(Tensor::scalar(x));
+    let shared = vec![
+        scalar(0.05),
+        scalar(0.9),
+        scalar(1e-3),
+        scalar(0.7),
+        Value::Word(42),
+        Value::Word(7),
+    ];
+    let members = [
+        (5, true, UpdateNoise::Diagonal, Some(FloatAttr(1.0 / 8.0))),
+        (1, false, UpdateNoise::Diagonal, None),
+        (17, true, UpdateNoise::None, None),
+        (3, false, UpdateNoise::Scalar, None),
+        (40, true, UpdateNoise::Vector, None),
+    ];
+    let mut group = NoisySgdUpdateGroup { members: vec![] };
+    let mut inputs = shared.clone();
+    let mut alone = Vec::new();
+    for (param, (n, decay, noise, fisher_factor)) in members.into_iter().enumerate() {
+        let update = NoisySgdUpdate {
+            param: 2 * param as u32 + 1,
+            decay,
+            noise,
+            fisher_factor,
+        };
+        let mut own = vec![
+            random(&mut r, &[n]),
+            random(&mut r, &[n]),
+            random(&mut r, &[n]),
+        ];
+        match noise {
+            UpdateNoise::None => {}
+            UpdateNoise::Scalar => own.push(Value::Float(uniform_in(&mut r, &[1], 0.0, 2.0))),
+            _ => own.push(Value::Float(uniform_in(&mut r, &[n], 0.0, 2.0))),
+        }
+        let mut member_inputs = own[..3].to_vec();
+        member_inputs.extend(shared.iter().cloned());
+        member_inputs.extend(own[3..].iter().cloned());
+        alone.extend(run(update.clone(), &refs(&member_inputs)));
+        inputs.extend(own);
+        group.members.push(update);
+    }
+    let together = run(group.clone(), &refs(&inputs));
+    assert_eq!(together.len(), alone.len());
+    for (i, (a, b)) in together.iter().zip(&alone).enumerate() {
+        assert_eq!(a, b, "output {i}");
+    }
+    // θ' and v' of each member in place of its θ and v; the Fisher estimate (output 2) is new
+    let op = Op::from(group.clone());
+    let ports = group.ports();
+    assert_eq!(op.in_place(0), Some(ports[0].inputs[NoisySgdUpdate::THETA]));
+    assert_eq!(
+        op.in_place(1),
+        Some(ports[0].inputs[NoisySgdUpdate::VELOCITY])
+    );
+    assert_eq!(op.in_place(2), None);
+    assert_eq!(op.in_place(3), Some(ports[1].inputs[NoisySgdUpdate::THETA]));
+    assert_eq!(
+        ports[1].inputs[NoisySgdUpdate::LR],
+        0,
+        "shared scalars first"
+    );
+    assert_eq!(op.in_place(together.len()), None);
+}
+
+#[test]
+fn a_malformed_update_group_is_a_shape_error() {
+    let f = |shape: &[usize]| TensorType::f32(shape);
+    let (one_f32, word) = (f(&[]), TensorType::scalar(fisherc_ir::tensor::DType::U64));
+    let member = NoisySgdUpdate {
+        param: 4,
+        decay: true,
+        noise: UpdateNoise::None,
+        fisher_factor: None,
+    };
+    let empty = Op::from(NoisySgdUpdateGroup { members: vec![] });
+    assert!(empty.infer(&[]).unwrap_err().contains("no updates"));
+    let group = Op::from(NoisySgdUpdateGroup {
+        members: vec![member.clone(), member],
+    });
+    let (a, b) = (f(&[3]), f(&[5]));
+    let mut inputs = vec![&one_f32, &one_f32, &one_f32, &one_f32, &word, &word];
+    inputs.extend([&a, &a, &a, &b, &b]);
+    assert!(
+        group
+            .infer(&inputs)
+            .unwrap_err()
+            .contains("expected 12 inputs")
+    );
+    inputs.push(&a);
+    let err = group.infer(&inputs).unwrap_err();
+    assert!(
+        err.contains("parameter 4") && err.contains("gradient"),
+        "{err}"
+    );
 }

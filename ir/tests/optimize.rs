@@ -98,6 +98,12 @@ fn through_scales(graph: &fisherc_ir::Graph, mut p: fisherc_ir::PortRef) -> fish
             Op::NoisySgdUpdate(u) if u.fisher_factor.is_some() && p.port == 2 => {
                 graph.inputs(p.node)[NoisySgdUpdate::NOISE]
             }
+            Op::NoisySgdUpdateGroup(group) => {
+                let ports = group.ports();
+                let member = ports.iter().find(|m| m.outputs.contains(&p.port)).unwrap();
+                assert_eq!(p.port - member.outputs.start, 2, "a Fisher estimate's port");
+                graph.inputs(p.node)[member.inputs[NoisySgdUpdate::NOISE]]
+            }
             _ => return p,
         }
     }
@@ -195,14 +201,33 @@ fn resnet44_moves_far_fewer_bytes_after_optimisation() {
 }
 
 #[test]
-fn without_rules_the_graph_round_trips() {
+fn without_rules_the_graph_round_trips_with_its_updates_grouped() {
     let step = model_step("resnet20", 2, FisherMode::Exact);
     let optimized = optimize_with(&step.graph, &[], &Limits::default(), &H100).unwrap();
-    assert_eq!(optimized.report.ops, optimized.report.ops_before);
+    let (mut ops, ops_before) = (optimized.report.ops.clone(), &optimized.report.ops_before);
+    let updates = ops_before["noisy_sgd_update"];
+    assert_eq!(updates, step.network.params.len());
+    assert_eq!(ops.remove("noisy_sgd_update_group"), Some(1));
+    ops.insert("noisy_sgd_update", updates);
+    assert_eq!(&ops, ops_before);
+    // the group reads the shared scalars (lr, μ, wd, s, seed, step) once, not once a parameter
+    let update = step
+        .graph
+        .node_indices()
+        .find(|&n| matches!(step.graph.node(n).op, Op::NoisySgdUpdate(_)))
+        .unwrap();
+    let shared: u64 = step.graph.inputs(update)[NoisySgdUpdate::LR..NoisySgdUpdate::NOISE]
+        .iter()
+        .map(|&p| step.graph.ty(p).bytes() as u64)
+        .sum();
     let (before, after) = (optimized.report.before, optimized.report.after);
     assert_eq!(
         (after.bytes, after.flops, after.kernels),
-        (before.bytes, before.flops, before.kernels)
+        (
+            before.bytes - (updates as u64 - 1) * shared,
+            before.flops,
+            before.kernels - updates + 1
+        )
     );
     let net = &step.network;
     let feeds = TrainState::<f32>::init(net, 1).feeds(
@@ -226,4 +251,38 @@ fn one_fused_node_serves_both_the_gradient_and_its_squares() {
     let convs = step.network.graph.op_counts()["conv2d"];
     assert_eq!(optimized.report.ops.get("fused_wgrad"), Some(&convs));
     assert!(!optimized.report.ops.contains_key("conv_wgrad"));
+}
+
+/// After optimisation one group updates every parameter; each new parameter and momentum
+/// overwrites the very input (by role) it replaces, and the schedule-relevant structure of the
+/// rest of the graph is untouched.
+#[test]
+fn the_updates_group_into_one_node_each_state_in_place() {
+    use fisherc_ir::ops::{Input, Role};
+    let spec =
+        ModelSpec::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/resnet20.toml"))
+            .unwrap();
+    for options in StepOptions::all() {
+        let mode = format!("{} {} noise", options.fisher, options.noise);
+        let net = build(&spec, &BuildOptions::train(2)).unwrap();
+        let step = build_training_step(net, &options).unwrap();
+        let graph = optimize(&step.graph).unwrap().graph;
+        let ops = graph.op_counts();
+        assert_eq!(ops.get("noisy_sgd_update"), None, "{mode}");
+        assert_eq!(ops.get("noisy_sgd_update_group"), Some(&1), "{mode}");
+        let role_of = |p: fisherc_ir::PortRef| match &graph.node(p.node).op {
+            Op::Input(Input { role, .. }) => role.clone(),
+            other => panic!("{mode}: overwrites the output of {}", other.name()),
+        };
+        for i in 0..step.network.params.len() {
+            for (output, role) in [
+                (Output::NewParam(i), Role::Param(i)),
+                (Output::NewMomentum(i), Role::Momentum(i)),
+            ] {
+                let p = graph.output(&output).unwrap();
+                let overwritten = graph.node(p.node).op.in_place(p.port).unwrap();
+                assert_eq!(role_of(graph.inputs(p.node)[overwritten]), role, "{mode}");
+            }
+        }
+    }
 }

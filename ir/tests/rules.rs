@@ -409,10 +409,11 @@ fn cases() -> Vec<Case> {
             small_cnn(),
             Exact,
             EXACT_BN_SQUARES,
-            Some((
-                "noisy_sgd_update with a Fisher factor",
-                |op| matches!(op, Op::NoisySgdUpdate(u) if u.fisher_factor.is_some()),
-            )),
+            Some(("noisy_sgd_update with a Fisher factor", |op| match op {
+                Op::NoisySgdUpdate(u) => u.fisher_factor.is_some(),
+                Op::NoisySgdUpdateGroup(g) => g.members.iter().any(|u| u.fisher_factor.is_some()),
+                _ => false,
+            })),
         ),
         case("relu-as-elementwise", mlp(), Plain, &[], None),
         case("add-as-elementwise", resnet(), Plain, &[], None),

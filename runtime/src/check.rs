@@ -90,6 +90,7 @@ fn sums_many_terms(op: &Op) -> bool {
             | Op::BnRunningUpdate(_)
             | Op::BnBackwardData(_)
             | Op::NoisySgdUpdate(_)
+            | Op::NoisySgdUpdateGroup(_)
     )
 }
 

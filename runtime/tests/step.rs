@@ -134,6 +134,11 @@ fn to_f64(feeds: &Feeds<f32>) -> Feeds<f64> {
         .collect()
 }
 
+/// A noisy update's op name: one parameter's or a group's.
+fn is_update(op: &str) -> bool {
+    op == "noisy_sgd_update" || op == "noisy_sgd_update_group"
+}
+
 fn executor_step_matches_the_reference(case: Case) {
     let what = case.what();
     let (step, artifact, compiled) = case.build();
@@ -159,20 +164,25 @@ fn executor_step_matches_the_reference(case: Case) {
             c.error,
             c.bound
         );
-        if c.op == "noisy_sgd_update" {
+        if is_update(&c.op) {
             assert!(c.identical, "{what}: {} update not bit-identical", c.layer);
         }
     }
-    let updates = checks
-        .iter()
-        .filter(|c| c.op == "noisy_sgd_update" && c.port < 2)
-        .count();
     // new parameter and new momentum of every parameter (and, where the update makes it,
-    // the Fisher estimate, checked bit for bit above)
-    assert_eq!(
-        updates,
-        2 * step.network.params.len(),
-        "{what}: every update checked"
+    // the Fisher estimate), each checked bit for bit above, whether updates are grouped or not
+    let update_outputs: usize = compiled
+        .graph
+        .node_indices()
+        .map(|n| compiled.graph.node(n))
+        .filter(|node| is_update(node.op.name()))
+        .map(|node| node.outputs.len())
+        .sum();
+    let updates = checks.iter().filter(|c| is_update(&c.op)).count();
+    assert_eq!(updates, update_outputs, "{what}: every update checked");
+    assert!(
+        updates >= 2 * step.network.params.len(),
+        "{what}: {updates} update outputs for {} parameters",
+        step.network.params.len()
     );
 
     let reference = evaluate(&step.graph, &feeds, &[]).unwrap();

@@ -200,7 +200,7 @@ fn family(op: &Op) -> Family {
         Op::SoftmaxCrossEntropy(_)
         | Op::SoftmaxCrossEntropyBackward(_)
         | Op::FullFisherSample(_) => Family::Loss,
-        Op::NoisySgdUpdate(_) => Family::Update,
+        Op::NoisySgdUpdate(_) | Op::NoisySgdUpdateGroup(_) => Family::Update,
     }
 }
 

@@ -1,93 +1,359 @@
 //! The noisy SGD update: one thread per element; drawn noise comes from `rng`, bit-identical
 //! to the CPU's.
+//!
+//! A single parameter's update is a grid-stride map. A group of them
+//! ([`NoisySgdUpdateGroup`]) runs as few launches as the parameter space allows: members that
+//! compute alike (weight decay, noise, Fisher factor) share a launch, each member a run of
+//! whole blocks of the grid, one element a thread; a block finds its member by a binary search
+//! over the members' first blocks (immediates), which loads that member's pointers.
 
-use fisherc_ir::ops::{NoisySgdUpdate, Op, UpdateNoise};
+use fisherc_ir::ops::{NoisySgdUpdate, NoisySgdUpdateGroup, Op, UpdateNoise};
 
 use super::common::{Cx, grid_for, input, launch, map, output};
 use super::rng::{normal, split};
-use super::{LaunchArg, Lowered};
-use crate::builder::{KernelBuilder, U64};
+use super::{BLOCK, Launch, LaunchArg, Lowered};
+use crate::builder::{F32, Idx, KernelBuilder, PARAM_SPACE, U32, U64, param_bytes};
+use crate::kir::{BinOp, Cmp, ParamTy};
 
 /// The op, whose associated constants are its input positions.
 type U = NoisySgdUpdate;
 
 pub fn lower(cx: &Cx) -> Lowered {
-    let Op::NoisySgdUpdate(update) = cx.op else {
-        unreachable!("{} is not the update", cx.op.name())
+    match cx.op {
+        Op::NoisySgdUpdate(update) => lower_one(cx, update),
+        Op::NoisySgdUpdateGroup(group) => lower_group(cx, group),
+        other => unreachable!("{} is not an update", other.name()),
+    }
+}
+
+/// The scalars every element's update reads: lr, μ, wd, s and the Philox key and step.
+struct Scalars {
+    lr: F32,
+    mu: F32,
+    wd: F32,
+    s: F32,
+    seed: [U32; 2],
+    step: [U32; 2],
+}
+
+impl Scalars {
+    /// Loads them from pointers to lr, μ, wd, s, seed and step (the update's order).
+    fn load(k: &mut KernelBuilder, at: &[U64]) -> Scalars {
+        let [lr, mu, wd, s, seed, step] = at else {
+            unreachable!("six shared scalars")
+        };
+        let (lr, mu, wd, s) = (
+            k.load(*lr, 0u32),
+            k.load(*mu, 0u32),
+            k.load(*wd, 0u32),
+            k.load(*s, 0u32),
+        );
+        let (seed, step) = (k.load_u64(*seed, 0), k.load_u64(*step, 0));
+        let (seed_lo, seed_hi) = split(k, seed);
+        let (step_lo, step_hi) = split(k, step);
+        Scalars {
+            lr,
+            mu,
+            wd,
+            s,
+            seed: [seed_lo, seed_hi],
+            step: [step_lo, step_hi],
+        }
+    }
+}
+
+/// One parameter's tensors: inputs θ, v, g and the noise input; outputs θ', v' and F̂.
+#[derive(Clone, Copy)]
+struct Tensors {
+    theta: U64,
+    v: U64,
+    g: U64,
+    noise: Option<U64>,
+    new_theta: U64,
+    new_v: U64,
+    fisher: Option<U64>,
+}
+
+impl Tensors {
+    /// Pointer parameters for `update`'s tensors, named after `tag`, in [`Self::args`] order.
+    fn params(k: &mut KernelBuilder, update: &NoisySgdUpdate, tag: &str) -> Tensors {
+        let mut p = |name: &str| k.ptr_param(&format!("{name}{tag}"));
+        let (theta, v, g) = (p("theta"), p("v"), p("g"));
+        let noise = (update.noise != UpdateNoise::None).then(|| p("noise"));
+        let (new_theta, new_v) = (p("new_theta"), p("new_v"));
+        let fisher = update.fisher_factor.map(|_| p("fisher"));
+        Tensors {
+            theta,
+            v,
+            g,
+            noise,
+            new_theta,
+            new_v,
+            fisher,
+        }
+    }
+
+    /// How many pointers `update` passes.
+    fn count(update: &NoisySgdUpdate) -> usize {
+        5 + (update.noise != UpdateNoise::None) as usize + update.fisher_factor.is_some() as usize
+    }
+
+    /// The launch arguments of [`Self::params`]: the member's own inputs (group positions
+    /// `inputs`, the member's order) and outputs.
+    fn args(
+        update: &NoisySgdUpdate,
+        inputs: &[usize],
+        outputs: std::ops::Range<usize>,
+    ) -> Vec<LaunchArg> {
+        let mut args: Vec<LaunchArg> = [U::THETA, U::VELOCITY, U::GRAD]
+            .iter()
+            .map(|&i| input(inputs[i]))
+            .collect();
+        if update.noise != UpdateNoise::None {
+            args.push(input(inputs[U::NOISE]));
+        }
+        args.extend(outputs.map(output));
+        args
+    }
+
+    /// Fresh registers a group's dispatch fills in.
+    fn unset(k: &mut KernelBuilder, update: &NoisySgdUpdate) -> Tensors {
+        let mut ptr = || k.null_ptr();
+        Tensors {
+            theta: ptr(),
+            v: ptr(),
+            g: ptr(),
+            noise: (update.noise != UpdateNoise::None).then(&mut ptr),
+            new_theta: ptr(),
+            new_v: ptr(),
+            fisher: update.fisher_factor.map(|_| ptr()),
+        }
+    }
+
+    fn assign(self, k: &mut KernelBuilder, from: Tensors) {
+        let pairs = [
+            (Some(self.theta), Some(from.theta)),
+            (Some(self.v), Some(from.v)),
+            (Some(self.g), Some(from.g)),
+            (self.noise, from.noise),
+            (Some(self.new_theta), Some(from.new_theta)),
+            (Some(self.new_v), Some(from.new_v)),
+            (self.fisher, from.fisher),
+        ];
+        for (dst, src) in pairs {
+            if let (Some(dst), Some(src)) = (dst, src) {
+                k.assign_ptr(dst, src);
+            }
+        }
+    }
+}
+
+/// Updates element `i` of the parameter whose noise stream is `param`.
+fn update_element(
+    k: &mut KernelBuilder,
+    update: &NoisySgdUpdate,
+    (x, t): (&Scalars, Tensors),
+    i: Idx,
+    param: U32,
+) {
+    let (theta, v, g) = (k.load(t.theta, i), k.load(t.v, i), k.load(t.g, i));
+    let d = k.f32(0.0);
+    k.assign(d, g);
+    let variance = match (update.noise, t.noise) {
+        (UpdateNoise::None, _) => None,
+        (UpdateNoise::Diagonal, Some(noise)) => {
+            let estimate = k.load(noise, i);
+            // F̂ = f·S made here, as `scale` makes it, and written for the step's output
+            Some(match (update.fisher_factor, t.fisher) {
+                (Some(factor), Some(out)) => {
+                    let scaled = k.mul(estimate, factor.0 as f32);
+                    k.store(out, i, scaled);
+                    scaled
+                }
+                _ => estimate,
+            })
+        }
+        (UpdateNoise::Scalar, Some(noise)) => Some(k.load(noise, 0u32)),
+        (UpdateNoise::Vector, Some(noise)) => {
+            let e = k.load(noise, i);
+            let eps = k.mul(x.s, e);
+            k.accumulate(d, eps);
+            None
+        }
+        (noise, None) => unreachable!("{noise:?} noise without its input"),
     };
+    if let Some(variance) = variance {
+        let xi = normal(k, i, param, x.seed, x.step);
+        let root = k.sqrt(variance);
+        let amplitude = k.mul(x.s, root);
+        let eps = k.mul(amplitude, xi);
+        k.accumulate(d, eps);
+    }
+    if update.decay {
+        let decay = k.mul(x.wd, theta);
+        k.accumulate(d, decay);
+    }
+    let kept = k.mul(x.mu, v);
+    let velocity = k.add(kept, d);
+    let stepped = k.mul(x.lr, velocity);
+    let theta2 = k.sub(theta, stepped);
+    k.store(t.new_v, i, velocity);
+    k.store(t.new_theta, i, theta2);
+}
+
+fn lower_one(cx: &Cx, update: &NoisySgdUpdate) -> Lowered {
     let n = cx.inputs[U::THETA].numel() as u64;
     let mut k = cx.builder("update");
-    let ins: Vec<U64> = (0..cx.inputs.len())
+    let shared: Vec<U64> = (U::LR..U::NOISE)
         .map(|i| k.ptr_param(&format!("in{i}")))
         .collect();
-    let (new_theta, new_v) = (k.ptr_param("new_theta"), k.ptr_param("new_v"));
-    let fisher = update.fisher_factor.map(|f| (f, k.ptr_param("fisher")));
+    let tensors = Tensors::params(&mut k, update, "");
     // an argument, not an immediate: parameters of one size share one kernel
     let param = k.u32_param("param");
-    let scalar = |k: &mut KernelBuilder, i: usize| k.load(ins[i], 0u32);
-    let (lr, mu, wd, s) = (
-        scalar(&mut k, U::LR),
-        scalar(&mut k, U::MOMENTUM),
-        scalar(&mut k, U::WEIGHT_DECAY),
-        scalar(&mut k, U::NOISE_SCALE),
-    );
-    let seed = k.load_u64(ins[U::SEED], 0);
-    let step = k.load_u64(ins[U::STEP], 0);
-    let (seed_lo, seed_hi) = split(&mut k, seed);
-    let (step_lo, step_hi) = split(&mut k, step);
+    let scalars = Scalars::load(&mut k, &shared);
     map(&mut k, n, |k, i| {
-        let (theta, v, g) = (
-            k.load(ins[U::THETA], i),
-            k.load(ins[U::VELOCITY], i),
-            k.load(ins[U::GRAD], i),
-        );
-        let d = k.f32(0.0);
-        k.assign(d, g);
-        let variance = match update.noise {
-            UpdateNoise::None => None,
-            UpdateNoise::Diagonal => {
-                let estimate = k.load(ins[U::NOISE], i);
-                // F̂ = f·S made here, as `scale` makes it, and written for the step's output
-                Some(match fisher {
-                    Some((factor, out)) => {
-                        let scaled = k.mul(estimate, factor.0 as f32);
-                        k.store(out, i, scaled);
-                        scaled
-                    }
-                    None => estimate,
-                })
-            }
-            UpdateNoise::Scalar => Some(k.load(ins[U::NOISE], 0u32)),
-            UpdateNoise::Vector => {
-                let e = k.load(ins[U::NOISE], i);
-                let eps = k.mul(s, e);
-                k.accumulate(d, eps);
-                None
-            }
-        };
-        if let Some(variance) = variance {
-            let xi = normal(k, i, param, [seed_lo, seed_hi], [step_lo, step_hi]);
-            let root = k.sqrt(variance);
-            let amplitude = k.mul(s, root);
-            let eps = k.mul(amplitude, xi);
-            k.accumulate(d, eps);
-        }
-        if update.decay {
-            let decay = k.mul(wd, theta);
-            k.accumulate(d, decay);
-        }
-        let kept = k.mul(mu, v);
-        let velocity = k.add(kept, d);
-        let stepped = k.mul(lr, velocity);
-        let theta2 = k.sub(theta, stepped);
-        k.store(new_v, i, velocity);
-        k.store(new_theta, i, theta2);
+        update_element(k, update, (&scalars, tensors), i, param)
     });
-    let mut args: Vec<_> = (0..cx.inputs.len()).map(input).collect();
-    args.extend([output(0), output(1)]);
-    if fisher.is_some() {
-        args.push(output(2));
-    }
+    let mut args: Vec<LaunchArg> = (U::LR..U::NOISE).map(input).collect();
+    let inputs: Vec<usize> = (0..cx.inputs.len()).collect();
+    args.extend(Tensors::args(update, &inputs, 0..update.output_count()));
     args.push(LaunchArg::U32(update.param));
     Lowered::kernels(vec![launch(k.finish(), grid_for(n), args)])
+}
+
+/// One member of a group's launch: its update, its ports in the group and its elements.
+struct Member<'a> {
+    update: &'a NoisySgdUpdate,
+    inputs: Vec<usize>,
+    outputs: std::ops::Range<usize>,
+    elements: u32,
+}
+
+impl Member<'_> {
+    fn blocks(&self) -> u32 {
+        self.elements.div_ceil(BLOCK).max(1)
+    }
+
+    /// What must match for members to share a kernel body.
+    fn body(&self) -> (bool, UpdateNoise, bool) {
+        let u = self.update;
+        (u.decay, u.noise, u.fisher_factor.is_some())
+    }
+}
+
+fn lower_group(cx: &Cx, group: &NoisySgdUpdateGroup) -> Lowered {
+    let members: Vec<Member> = group
+        .members
+        .iter()
+        .zip(group.ports())
+        .map(|(update, ports)| Member {
+            update,
+            elements: cx.inputs[ports.inputs[U::THETA]].numel() as u32,
+            inputs: ports.inputs,
+            outputs: ports.outputs,
+        })
+        .collect();
+    let launches = launch_sets(&members)
+        .iter()
+        .enumerate()
+        .map(|(j, set)| group_launch(cx, j, set))
+        .collect();
+    Lowered::kernels(launches)
+}
+
+/// The members in launches: alike members together (in parameter order), as many to a launch
+/// as its parameter space holds.
+fn launch_sets<'m, 'a>(members: &'m [Member<'a>]) -> Vec<Vec<&'m Member<'a>>> {
+    let shared = param_bytes([ParamTy::Ptr; U::NOISE - U::LR]);
+    let mut bodies: Vec<(bool, UpdateNoise, bool)> = Vec::new();
+    for body in members.iter().map(Member::body) {
+        if !bodies.contains(&body) {
+            bodies.push(body);
+        }
+    }
+    let mut sets = Vec::new();
+    for body in bodies {
+        let alike: Vec<&Member> = members.iter().filter(|m| m.body() == body).collect();
+        let each = 8 * Tensors::count(alike[0].update) as u32;
+        let per_launch = ((PARAM_SPACE - shared) / each) as usize;
+        sets.extend(alike.chunks(per_launch).map(<[_]>::to_vec));
+    }
+    sets
+}
+
+/// One launch over `set`: member `m` takes blocks `first[m]..first[m + 1]`.
+fn group_launch(cx: &Cx, index: usize, set: &[&Member]) -> Launch {
+    let mut k = cx.builder(&format!("update{index}"));
+    let shared: Vec<U64> = (U::LR..U::NOISE)
+        .map(|i| k.ptr_param(&format!("in{i}")))
+        .collect();
+    let first: Vec<u32> = set
+        .iter()
+        .scan(0, |next, m| {
+            let at = *next;
+            *next += m.blocks();
+            Some(at)
+        })
+        .collect();
+    let blocks = first.last().copied().unwrap_or(0) + set.last().map_or(0, |m| m.blocks());
+    let like = set[0].update;
+    let chosen = Chosen {
+        tensors: Tensors::unset(&mut k, like),
+        elements: k.u32(0),
+        param: k.u32(0),
+        first: k.u32(0),
+    };
+    let block = k.block_x();
+    dispatch(&mut k, block, (set, &first), 0..set.len(), &chosen);
+    let scalars = Scalars::load(&mut k, &shared);
+    let local = k.ubin(BinOp::Sub, block, chosen.first);
+    let tid = k.tid();
+    let i = k.mad_u(local, BLOCK, tid);
+    let inside = k.cmp_u(Cmp::Lt, i, chosen.elements);
+    k.when(inside, |k| {
+        let i = k.idx(i);
+        update_element(k, like, (&scalars, chosen.tensors), i, chosen.param);
+    });
+    let mut args: Vec<LaunchArg> = (0..NoisySgdUpdateGroup::SHARED).map(input).collect();
+    for m in set {
+        args.extend(Tensors::args(m.update, &m.inputs, m.outputs.clone()));
+    }
+    launch(k.finish(), [blocks, 1], args)
+}
+
+/// The registers a block's member fills in: its tensors, element count, noise stream and
+/// first block.
+struct Chosen {
+    tensors: Tensors,
+    elements: U32,
+    param: U32,
+    first: U32,
+}
+
+/// Binary search over `members[range]` by first block; the leaf loads its member's pointers.
+fn dispatch(
+    k: &mut KernelBuilder,
+    block: U32,
+    (set, first): (&[&Member], &[u32]),
+    range: std::ops::Range<usize>,
+    chosen: &Chosen,
+) {
+    if range.len() == 1 {
+        let m = set[range.start];
+        let own = Tensors::params(k, m.update, &range.start.to_string());
+        chosen.tensors.assign(k, own);
+        k.assign_u(chosen.elements, m.elements);
+        k.assign_u(chosen.param, m.update.param);
+        k.assign_u(chosen.first, first[range.start]);
+        return;
+    }
+    let mid = range.start + range.len() / 2;
+    let below = k.cmp_u(Cmp::Lt, block, first[mid]);
+    k.when(below, |k| {
+        dispatch(k, block, (set, first), range.start..mid, chosen)
+    });
+    let above = k.not(below);
+    k.when(above, |k| {
+        dispatch(k, block, (set, first), mid..range.end, chosen)
+    });
 }

@@ -304,6 +304,11 @@ impl OpDef for BnRunningUpdate {
     fn flops(&self, inputs: &[&TensorType], _: &[TensorType]) -> u64 {
         7 * inputs[0].numel() as u64
     }
+
+    /// The new running statistics replace the old.
+    fn in_place(&self, output: usize) -> Option<usize> {
+        (output < 2).then_some(output)
+    }
 }
 
 /// Checks (dy, x, mean, var) with dy and x of one shape.

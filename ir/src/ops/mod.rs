@@ -41,7 +41,7 @@ pub use loss::{FisherKind, FullFisherSample, SoftmaxCrossEntropy, SoftmaxCrossEn
 pub use pool::{GlobalAvgPool, GlobalAvgPoolBackward, MaxPool, MaxPoolBackward};
 pub use reduce::{BatchMean, ChannelSum, ChannelSumPerExample};
 pub use shape::{Reshape, ShortcutA, ShortcutABackward};
-pub use update::{NoisySgdUpdate, UpdateNoise};
+pub use update::{MemberPorts, NoisySgdUpdate, NoisySgdUpdateGroup, UpdateNoise};
 
 use crate::error::ShapeError;
 use crate::graph::{Graph, PortRef};
@@ -66,6 +66,13 @@ pub trait OpDef {
     /// Floating-point operations of one evaluation (a multiply-add counts two).
     fn flops(&self, _inputs: &[&TensorType], _outputs: &[TensorType]) -> u64 {
         0
+    }
+
+    /// The input whose buffer output `output` overwrites in place (an update's new state
+    /// replacing the old), so that the plan gives both one buffer and runs the op after every
+    /// other reader of that input.
+    fn in_place(&self, _output: usize) -> Option<usize> {
+        None
     }
 
     /// Reverse-mode rule: gradients of the inputs from the gradients of the outputs.
@@ -114,6 +121,10 @@ macro_rules! define_ops {
 
             pub fn flops(&self, inputs: &[&TensorType], outputs: &[TensorType]) -> u64 {
                 match self { $(Op::$op(o) => o.flops(inputs, outputs)),* }
+            }
+
+            pub fn in_place(&self, output: usize) -> Option<usize> {
+                match self { $(Op::$op(o) => o.in_place(output)),* }
             }
 
             pub fn vjp(&self, cx: &mut VjpCtx<'_>) -> Result<Vec<Option<PortRef>>, ShapeError> {
@@ -176,6 +187,7 @@ define_ops!(
     FullFisherSample,
     // update
     NoisySgdUpdate,
+    NoisySgdUpdateGroup,
     // fused forms the optimizer produces
     FusedConv,
     FusedWgrad,

@@ -3,6 +3,7 @@
 //! ```text
 //! Graph ──convert::load──▶ e-graph ──egg Runner(rules::all)──▶ saturated e-graph
 //!       ──extract (DAG, cost::H100 roofline)──▶ choices ──convert::rebuild──▶ Graph
+//!       ──group::group_updates──▶ Graph (the noisy updates one node)
 //! ```
 //!
 //! The optimised graph has the same inputs (by role) and outputs (by name) as the original; the
@@ -11,6 +12,7 @@
 pub mod convert;
 pub mod cost;
 pub mod extract;
+pub mod group;
 pub mod lang;
 pub mod rules;
 
@@ -69,6 +71,8 @@ pub enum OptimizeError {
     TypeConflict(usize),
     #[error("extraction failed: {0}")]
     Extraction(String),
+    #[error("grouping the updates: {0}")]
+    Grouping(#[from] crate::error::ShapeError),
 }
 
 /// An optimised graph and the report of how it was found.
@@ -107,8 +111,9 @@ pub fn optimize_with(
     let cost = |class, node: &ENode| own_cost(&egraph, class, node, device);
     let choices =
         extract::extract(&egraph, loaded.root, cost).map_err(OptimizeError::Extraction)?;
-    let optimized = convert::rebuild(&egraph, loaded.root, &choices, &loaded.outputs)
+    let extracted = convert::rebuild(&egraph, loaded.root, &choices, &loaded.outputs)
         .map_err(OptimizeError::Extraction)?;
+    let optimized = group::group_updates(&extracted)?;
 
     let mut fired = BTreeMap::new();
     for iteration in &runner.iterations {
