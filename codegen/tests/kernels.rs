@@ -747,14 +747,49 @@ fn weight_gradients_from_the_input_patch() {
     }
 }
 
+/// Runs a group's kernels: `launches` of them, every output bit for bit the CPU's (which is
+/// each member's alone), every element written (outputs start as NaN).
+fn check_group_bits(
+    op: Op,
+    inputs: &[fisherc_ir::tensor::Value<f32>],
+    launches: usize,
+    what: &str,
+) {
+    use fisherc_codegen::lower::{Lowered, lower};
+    use fisherc_ir::tensor::TensorType;
+    let types: Vec<TensorType> = inputs
+        .iter()
+        .map(|v| TensorType::new(v.shape().to_vec(), v.dtype()))
+        .collect();
+    let refs: Vec<&TensorType> = types.iter().collect();
+    let outputs = op.infer(&refs).unwrap();
+    let Lowered::Kernels { launches: got, .. } =
+        lower(&op, &refs, &outputs, LowerOptions::default()).unwrap()
+    else {
+        panic!("{what}: a group lowers to kernels")
+    };
+    assert_eq!(got.len(), launches, "{what}: launches");
+    let want = op
+        .eval(&inputs.iter().collect::<Vec<_>>(), &outputs)
+        .unwrap();
+    let got = common::run_kernels(&op, inputs);
+    for (port, (g, w)) in got.iter().zip(&want).enumerate() {
+        let w = &w.float().data;
+        let differ = g
+            .data
+            .iter()
+            .zip(w)
+            .position(|(a, b)| a.to_bits() != b.to_bits());
+        assert_eq!(differ, None, "{what}: output {port}");
+    }
+}
+
 /// 150 parameters' updates as one group: alike members (decay, noise, Fisher factor) share a
 /// launch, as many as a launch's parameter space holds; sizes from one element to several
-/// blocks with ragged tails. Every output is bit for bit the CPU's (which is each member's
-/// alone), and every element is written (outputs start as NaN).
+/// blocks with ragged tails.
 #[test]
 fn grouped_update_kernels_match_the_cpu_bit_for_bit() {
-    use fisherc_codegen::lower::{Lowered, lower};
-    use fisherc_ir::tensor::{TensorType, Value};
+    use fisherc_ir::tensor::Value;
     let mut r = rng(10);
     let sizes = [1, 16, 64, 255, 256, 257, 1000, 2305];
     // launches: 100 members decay, 50 do not; a launch holds (4096 − 6·8) / (8·pointers) of
@@ -789,31 +824,40 @@ fn grouped_update_kernels_match_the_cpu_bit_for_bit() {
                 _ => inputs.push(uniform(&mut r, &[n], 0.0, 2.0)),
             }
         }
-        let op = Op::from(NoisySgdUpdateGroup { members });
-        let types: Vec<TensorType> = inputs
-            .iter()
-            .map(|v| TensorType::new(v.shape().to_vec(), v.dtype()))
-            .collect();
-        let refs: Vec<&TensorType> = types.iter().collect();
-        let outputs = op.infer(&refs).unwrap();
-        let Lowered::Kernels { launches: got, .. } =
-            lower(&op, &refs, &outputs, LowerOptions::default()).unwrap()
-        else {
-            panic!("an update group lowers to kernels")
-        };
-        assert_eq!(got.len(), launches, "{noise:?} {fisher_factor:?}: launches");
-        let want = op
-            .eval(&inputs.iter().collect::<Vec<_>>(), &outputs)
-            .unwrap();
-        let got = common::run_kernels(&op, &inputs);
-        for (port, (g, w)) in got.iter().zip(&want).enumerate() {
-            let w = &w.float().data;
-            let differ = g
-                .data
-                .iter()
-                .zip(w)
-                .position(|(a, b)| a.to_bits() != b.to_bits());
-            assert_eq!(differ, None, "{noise:?} {fisher_factor:?}: output {port}");
-        }
+        let what = format!("{noise:?} noise, factor {fisher_factor:?}");
+        check_group_bits(
+            NoisySgdUpdateGroup { members }.into(),
+            &inputs,
+            launches,
+            &what,
+        );
     }
+}
+
+/// 90 BN layers' running statistics as one group: 84 to a launch (6 pointers each), each
+/// layer its own momentum and count; from 1 to 600 channels.
+#[test]
+fn grouped_running_statistics_kernels_match_the_cpu_bit_for_bit() {
+    let mut r = rng(11);
+    let mut members = Vec::new();
+    let mut inputs = Vec::new();
+    for j in 0..90 {
+        let channels = [1, 16, 64, 256, 257, 600][j % 6];
+        members.push(BnRunningUpdate {
+            momentum: FloatAttr([0.1, 0.01, 0.3][j % 3]),
+            count: 1 + 37 * j,
+        });
+        inputs.extend([
+            uniform(&mut r, &[channels], -1.0, 1.0),
+            uniform(&mut r, &[channels], 0.5, 2.0),
+            uniform(&mut r, &[channels], -1.0, 1.0),
+            uniform(&mut r, &[channels], 0.1, 3.0),
+        ]);
+    }
+    check_group_bits(
+        BnRunningUpdateGroup { members }.into(),
+        &inputs,
+        2,
+        "running statistics",
+    );
 }

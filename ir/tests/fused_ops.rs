@@ -587,7 +587,7 @@ fn a_malformed_update_group_is_a_shape_error() {
         fisher_factor: None,
     };
     let empty = Op::from(NoisySgdUpdateGroup { members: vec![] });
-    assert!(empty.infer(&[]).unwrap_err().contains("no updates"));
+    assert!(empty.infer(&[]).unwrap_err().contains("no members"));
     let group = Op::from(NoisySgdUpdateGroup {
         members: vec![member.clone(), member],
     });

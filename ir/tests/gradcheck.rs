@@ -347,6 +347,7 @@ fn every_op_is_gradient_checked_or_needs_no_gradient() {
         "batch_mean",
         "noisy_sgd_update",
         "noisy_sgd_update_group",
+        "bn_running_update_group",
         // fused forms: the optimizer builds them after autodiff
         "fused_conv",
         "fused_wgrad",

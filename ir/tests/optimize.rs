@@ -206,9 +206,13 @@ fn without_rules_the_graph_round_trips_with_its_updates_grouped() {
     let optimized = optimize_with(&step.graph, &[], &Limits::default(), &H100).unwrap();
     let (mut ops, ops_before) = (optimized.report.ops.clone(), &optimized.report.ops_before);
     let updates = ops_before["noisy_sgd_update"];
+    let running = ops_before["bn_running_update"];
     assert_eq!(updates, step.network.params.len());
+    assert_eq!(running, step.network.bn_layers.len());
     assert_eq!(ops.remove("noisy_sgd_update_group"), Some(1));
+    assert_eq!(ops.remove("bn_running_update_group"), Some(1));
     ops.insert("noisy_sgd_update", updates);
+    ops.insert("bn_running_update", running);
     assert_eq!(&ops, ops_before);
     // the group reads the shared scalars (lr, μ, wd, s, seed, step) once, not once a parameter
     let update = step
@@ -226,7 +230,7 @@ fn without_rules_the_graph_round_trips_with_its_updates_grouped() {
         (
             before.bytes - (updates as u64 - 1) * shared,
             before.flops,
-            before.kernels - updates + 1
+            before.kernels - updates + 1 - running + 1
         )
     );
     let net = &step.network;
@@ -253,9 +257,9 @@ fn one_fused_node_serves_both_the_gradient_and_its_squares() {
     assert!(!optimized.report.ops.contains_key("conv_wgrad"));
 }
 
-/// After optimisation one group updates every parameter; each new parameter and momentum
-/// overwrites the very input (by role) it replaces, and the schedule-relevant structure of the
-/// rest of the graph is untouched.
+/// After optimisation one group updates every parameter and one every BN layer's running
+/// statistics; each new parameter, momentum and running statistic overwrites the very input (by
+/// role) it replaces.
 #[test]
 fn the_updates_group_into_one_node_each_state_in_place() {
     use fisherc_ir::ops::{Input, Role};
@@ -268,21 +272,30 @@ fn the_updates_group_into_one_node_each_state_in_place() {
         let step = build_training_step(net, &options).unwrap();
         let graph = optimize(&step.graph).unwrap().graph;
         let ops = graph.op_counts();
-        assert_eq!(ops.get("noisy_sgd_update"), None, "{mode}");
-        assert_eq!(ops.get("noisy_sgd_update_group"), Some(&1), "{mode}");
+        for kind in ["noisy_sgd_update", "bn_running_update"] {
+            assert_eq!(ops.get(kind), None, "{mode}");
+            assert_eq!(ops.get(&*format!("{kind}_group")), Some(&1), "{mode}");
+        }
         let role_of = |p: fisherc_ir::PortRef| match &graph.node(p.node).op {
             Op::Input(Input { role, .. }) => role.clone(),
             other => panic!("{mode}: overwrites the output of {}", other.name()),
         };
-        for i in 0..step.network.params.len() {
-            for (output, role) in [
+        let params = (0..step.network.params.len()).flat_map(|i| {
+            [
                 (Output::NewParam(i), Role::Param(i)),
                 (Output::NewMomentum(i), Role::Momentum(i)),
-            ] {
-                let p = graph.output(&output).unwrap();
-                let overwritten = graph.node(p.node).op.in_place(p.port).unwrap();
-                assert_eq!(role_of(graph.inputs(p.node)[overwritten]), role, "{mode}");
-            }
+            ]
+        });
+        let running = (0..step.network.bn_layers.len()).flat_map(|i| {
+            [
+                (Output::NewRunningMean(i), Role::RunningMean(i)),
+                (Output::NewRunningVar(i), Role::RunningVar(i)),
+            ]
+        });
+        for (output, role) in params.chain(running) {
+            let p = graph.output(&output).unwrap();
+            let overwritten = graph.node(p.node).op.in_place(p.port).unwrap();
+            assert_eq!(role_of(graph.inputs(p.node)[overwritten]), role, "{mode}");
         }
     }
 }

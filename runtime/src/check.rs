@@ -88,6 +88,7 @@ fn sums_many_terms(op: &Op) -> bool {
             | Op::BnApply(_)
             | Op::BnRelu(_)
             | Op::BnRunningUpdate(_)
+            | Op::BnRunningUpdateGroup(_)
             | Op::BnBackwardData(_)
             | Op::NoisySgdUpdate(_)
             | Op::NoisySgdUpdateGroup(_)

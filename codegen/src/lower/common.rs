@@ -7,8 +7,8 @@ use fisherc_ir::ops::{NoisySgdUpdate, Op, Squares};
 use fisherc_ir::tensor::TensorType;
 
 use super::{BLOCK, Buf, Launch, LaunchArg, LowerOptions};
-use crate::builder::{F32, Idx, KernelBuilder, U32, U64};
-use crate::kir::{BinOp, Cmp, Kernel, WARP};
+use crate::builder::{F32, Idx, KernelBuilder, PARAM_SPACE, Pred, U32, U64, param_bytes};
+use crate::kir::{BinOp, Cmp, Kernel, ParamTy, WARP};
 
 /// Most blocks a grid-stride kernel launches along x.
 const MAX_BLOCKS: u64 = 1 << 16;
@@ -573,4 +573,82 @@ pub fn bn_terms(k: &mut KernelBuilder, g: F32, xhat: F32, squares: Squares) -> V
         Squares::PerPosition => vec![gx, g, k.mul(gx, gx), k.mul(g, g)],
         _ => vec![gx, g],
     }
+}
+
+/// Where a thread of a group's kernel works (see [`member_blocks`]).
+pub struct MemberThread {
+    /// Its element of its block's member.
+    pub element: U32,
+    /// Whether that element exists (the member's last block is ragged).
+    pub inside: Pred,
+    /// The launch's grid: every member's blocks.
+    pub grid: [u32; 2],
+}
+
+/// The skeleton of a group's kernel (`ops::Group`): one element a thread, member `m` taking a
+/// run of whole blocks, `elements[m]` elements. A block finds its member by binary search over
+/// the members' first blocks (immediates, so the search is uniform across the block);
+/// `leaf(k, m)` runs in member `m`'s branch, in member order: there it declares the member's
+/// pointer parameters and sets the caller's registers from them.
+pub fn member_blocks(
+    k: &mut KernelBuilder,
+    elements: &[u32],
+    leaf: &mut dyn FnMut(&mut KernelBuilder, usize),
+) -> MemberThread {
+    let blocks: Vec<u32> = elements.iter().map(|&n| n.div_ceil(BLOCK).max(1)).collect();
+    let first: Vec<u32> = blocks
+        .iter()
+        .scan(0, |next, &b| {
+            *next += b;
+            Some(*next - b)
+        })
+        .collect();
+    let (count, start) = (k.u32(0), k.u32(0));
+    let block = k.block_x();
+    let mut choose = |k: &mut KernelBuilder, m: usize| {
+        leaf(k, m);
+        k.assign_u(count, elements[m]);
+        k.assign_u(start, first[m]);
+    };
+    search_members(k, block, &first, 0..elements.len(), &mut choose);
+    let local = k.ubin(BinOp::Sub, block, start);
+    let tid = k.tid();
+    let element = k.mad_u(local, BLOCK, tid);
+    let inside = k.cmp_u(Cmp::Lt, element, count);
+    MemberThread {
+        element,
+        inside,
+        grid: [blocks.iter().sum(), 1],
+    }
+}
+
+/// Binary search over `members` by first block: `choose(k, m)` in the branch of the block's.
+fn search_members(
+    k: &mut KernelBuilder,
+    block: U32,
+    first: &[u32],
+    members: std::ops::Range<usize>,
+    choose: &mut dyn FnMut(&mut KernelBuilder, usize),
+) {
+    if members.len() == 1 {
+        choose(k, members.start);
+        return;
+    }
+    let mid = members.start + members.len() / 2;
+    let below = k.cmp_u(Cmp::Lt, block, first[mid]);
+    k.when(below, |k| {
+        search_members(k, block, first, members.start..mid, choose)
+    });
+    let above = k.not(below);
+    k.when(above, |k| {
+        search_members(k, block, first, mid..members.end, choose)
+    });
+}
+
+/// `members` in launches of as many as the parameter space holds beside `shared` pointers,
+/// `pointers` a member.
+pub fn within_parameter_space<T>(members: &[T], shared: usize, pointers: usize) -> Vec<&[T]> {
+    let used = param_bytes(vec![ParamTy::Ptr; shared]);
+    let per_launch = (PARAM_SPACE - used) / param_bytes(vec![ParamTy::Ptr; pointers]);
+    members.chunks(per_launch as usize).collect()
 }

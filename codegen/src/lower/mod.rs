@@ -179,6 +179,7 @@ fn family(op: &Op) -> Family {
         | Op::BnApply(_)
         | Op::BnRelu(_)
         | Op::BnRunningUpdate(_)
+        | Op::BnRunningUpdateGroup(_)
         | Op::BnBackwardReduce(_)
         | Op::BnBackwardReduceSq(_)
         | Op::BnBackwardData(_)

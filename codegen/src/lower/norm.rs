@@ -2,14 +2,15 @@
 //! without ReLU and residual, the running-statistics update, and the backward reductions
 //! (with the Fisher squares) and data gradient.
 
-use fisherc_ir::ops::{Op, Squares};
+use fisherc_ir::ops::{BnRunningUpdate, BnRunningUpdateGroup, MemberPorts, Op, Squares};
 
 use super::common::{
     BnParams, Combine, Cx, Planes, bn_apply, bn_combine, bn_terms, combine_channels, grid_for,
-    input, launch, map, normalised, output, partials_bytes, per_plane, scratch, store_partials,
+    input, launch, map, member_blocks, normalised, output, partials_bytes, per_plane, scratch,
+    store_partials, within_parameter_space,
 };
 use super::{Launch, Lowered};
-use crate::builder::U64;
+use crate::builder::{FOp, Idx, KernelBuilder, U64};
 use crate::kir::{Cmp, Kernel};
 
 pub fn lower(cx: &Cx) -> Lowered {
@@ -17,7 +18,8 @@ pub fn lower(cx: &Cx) -> Lowered {
         Op::BatchNorm(bn) => batch_norm(cx, bn.eps.0 as f32),
         Op::BnApply(bn) => Lowered::kernels(vec![apply(cx, bn.eps.0 as f32, false, false)]),
         Op::BnRelu(b) => Lowered::kernels(vec![apply(cx, b.eps.0 as f32, true, b.residual)]),
-        Op::BnRunningUpdate(u) => Lowered::kernels(vec![running_update(cx, u.momentum.0, u.count)]),
+        Op::BnRunningUpdate(u) => Lowered::kernels(vec![running_update(cx, u)]),
+        Op::BnRunningUpdateGroup(g) => running_update_group(cx, g),
         Op::BnBackwardReduce(b) => reductions(cx, b.eps.0 as f32, Squares::None, Form::Sums),
         Op::BnBackwardReduceSq(b) => reductions(cx, b.eps.0 as f32, b.squares, Form::Sums),
         Op::BnParamGradsPerExample(b) => {
@@ -147,13 +149,17 @@ fn affine_kernel(cx: &Cx, part: &str, eps: f32, relu: bool, residual: bool) -> K
     k.finish()
 }
 
-fn running_update(cx: &Cx, momentum: f64, count: usize) -> Launch {
-    let channels = cx.inputs[0].numel() as u64;
-    let m = momentum as f32;
-    let keep = 1.0f32 - m;
-    let unbias = count as f32 / (count.max(2) - 1) as f32;
-    let mut k = cx.builder("running");
-    let ptrs: Vec<U64> = [
+/// The blend's factors for `update`: (1 − m, m, the unbiased variance's n/(n − 1)).
+fn blend_factors(update: &BnRunningUpdate) -> [f32; 3] {
+    let m = update.momentum.0 as f32;
+    let count = update.count;
+    [1.0 - m, m, count as f32 / (count.max(2) - 1) as f32]
+}
+
+/// Pointer parameters of one running update, in its launch arguments' order: running mean and
+/// variance, batch mean and variance, new mean and variance.
+fn running_params(k: &mut KernelBuilder, tag: &str) -> [U64; 6] {
+    [
         "running_mean",
         "running_var",
         "mean",
@@ -161,25 +167,74 @@ fn running_update(cx: &Cx, momentum: f64, count: usize) -> Launch {
         "new_mean",
         "new_var",
     ]
-    .iter()
-    .map(|p| k.ptr_param(p))
-    .collect();
-    map(&mut k, channels, |k, c| {
-        for (old, new, out, factor) in [
-            (ptrs[0], ptrs[2], ptrs[4], 1.0f32),
-            (ptrs[1], ptrs[3], ptrs[5], unbias),
-        ] {
-            let o = k.load(old, c);
-            let b = k.load(new, c);
-            let kept = k.mul(keep, o);
-            let corrected = k.mul(b, factor);
-            let fresh = k.mul(m, corrected);
-            let v = k.add(kept, fresh);
-            k.store(out, c, v);
-        }
-    });
+    .map(|p| k.ptr_param(&format!("{p}{tag}")))
+}
+
+/// Blends channel `c`: `(1 − m)·old + m·(new·factor)`, the mean's factor 1.
+fn blend_channel(k: &mut KernelBuilder, c: Idx, ptrs: [U64; 6], [keep, m, unbias]: [FOp; 3]) {
+    for (old, new, out, factor) in [
+        (ptrs[0], ptrs[2], ptrs[4], FOp::from(1.0f32)),
+        (ptrs[1], ptrs[3], ptrs[5], unbias),
+    ] {
+        let o = k.load(old, c);
+        let b = k.load(new, c);
+        let kept = k.mul(keep, o);
+        let corrected = k.mul(b, factor);
+        let fresh = k.mul(m, corrected);
+        let v = k.add(kept, fresh);
+        k.store(out, c, v);
+    }
+}
+
+fn running_update(cx: &Cx, update: &BnRunningUpdate) -> Launch {
+    let channels = cx.inputs[0].numel() as u64;
+    let mut k = cx.builder("running");
+    let ptrs = running_params(&mut k, "");
+    let factors = blend_factors(update).map(FOp::from);
+    map(&mut k, channels, |k, c| blend_channel(k, c, ptrs, factors));
     let args = vec![input(0), input(1), input(2), input(3), output(0), output(1)];
     launch(k.finish(), grid_for(channels), args)
+}
+
+/// Every BN layer's running update in a launch or a few ([`member_blocks`]): a block's member
+/// loads its pointers and factors.
+fn running_update_group(cx: &Cx, group: &BnRunningUpdateGroup) -> Lowered {
+    let members: Vec<(&BnRunningUpdate, MemberPorts)> =
+        group.members.iter().zip(group.ports()).collect();
+    let launches = within_parameter_space(&members, 0, 6)
+        .into_iter()
+        .enumerate()
+        .map(|(index, set)| {
+            let mut k = cx.builder(&format!("running{index}"));
+            let ptrs = [(); 6].map(|_| k.null_ptr());
+            let factors = [(); 3].map(|_| k.f32(0.0));
+            let channels: Vec<u32> = set
+                .iter()
+                .map(|(_, ports)| cx.inputs[ports.inputs[0]].numel() as u32)
+                .collect();
+            let thread = member_blocks(&mut k, &channels, &mut |k, m| {
+                for (dst, src) in ptrs.iter().zip(running_params(k, &m.to_string())) {
+                    k.assign_ptr(*dst, src);
+                }
+                for (dst, v) in factors.iter().zip(blend_factors(set[m].0)) {
+                    k.assign(*dst, v);
+                }
+            });
+            k.when(thread.inside, |k| {
+                let c = k.idx(thread.element);
+                blend_channel(k, c, ptrs, factors.map(FOp::from));
+            });
+            let args = set
+                .iter()
+                .flat_map(|(_, ports)| {
+                    let inputs = ports.inputs.iter().map(|&i| input(i));
+                    inputs.chain(ports.outputs.clone().map(output))
+                })
+                .collect();
+            launch(k.finish(), thread.grid, args)
+        })
+        .collect();
+    Lowered::kernels(launches)
 }
 
 /// What a BN-reduction node outputs.

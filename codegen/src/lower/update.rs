@@ -7,16 +7,22 @@
 //! whole blocks of the grid, one element a thread; a block finds its member by a binary search
 //! over the members' first blocks (immediates), which loads that member's pointers.
 
-use fisherc_ir::ops::{NoisySgdUpdate, NoisySgdUpdateGroup, Op, UpdateNoise};
+use fisherc_ir::ops::{
+    Groupable, MemberPorts, NoisySgdUpdate, NoisySgdUpdateGroup, Op, UpdateNoise,
+};
 
-use super::common::{Cx, grid_for, input, launch, map, output};
+use super::common::{
+    Cx, grid_for, input, launch, map, member_blocks, output, within_parameter_space,
+};
 use super::rng::{normal, split};
-use super::{BLOCK, Launch, LaunchArg, Lowered};
-use crate::builder::{F32, Idx, KernelBuilder, PARAM_SPACE, U32, U64, param_bytes};
-use crate::kir::{BinOp, Cmp, ParamTy};
+use super::{Launch, LaunchArg, Lowered};
+use crate::builder::{F32, Idx, KernelBuilder, U32, U64};
 
 /// The op, whose associated constants are its input positions.
 type U = NoisySgdUpdate;
+
+/// The shared scalars' input positions: lr, μ, wd, s, seed and step (a group's first inputs).
+const SHARED: std::ops::Range<usize> = <U as Groupable>::SHARED;
 
 pub fn lower(cx: &Cx) -> Lowered {
     match cx.op {
@@ -204,9 +210,7 @@ fn update_element(
 fn lower_one(cx: &Cx, update: &NoisySgdUpdate) -> Lowered {
     let n = cx.inputs[U::THETA].numel() as u64;
     let mut k = cx.builder("update");
-    let shared: Vec<U64> = (U::LR..U::NOISE)
-        .map(|i| k.ptr_param(&format!("in{i}")))
-        .collect();
+    let shared: Vec<U64> = SHARED.map(|i| k.ptr_param(&format!("in{i}"))).collect();
     let tensors = Tensors::params(&mut k, update, "");
     // an argument, not an immediate: parameters of one size share one kernel
     let param = k.u32_param("param");
@@ -214,7 +218,7 @@ fn lower_one(cx: &Cx, update: &NoisySgdUpdate) -> Lowered {
     map(&mut k, n, |k, i| {
         update_element(k, update, (&scalars, tensors), i, param)
     });
-    let mut args: Vec<LaunchArg> = (U::LR..U::NOISE).map(input).collect();
+    let mut args: Vec<LaunchArg> = SHARED.map(input).collect();
     let inputs: Vec<usize> = (0..cx.inputs.len()).collect();
     args.extend(Tensors::args(update, &inputs, 0..update.output_count()));
     args.push(LaunchArg::U32(update.param));
@@ -224,16 +228,11 @@ fn lower_one(cx: &Cx, update: &NoisySgdUpdate) -> Lowered {
 /// One member of a group's launch: its update, its ports in the group and its elements.
 struct Member<'a> {
     update: &'a NoisySgdUpdate,
-    inputs: Vec<usize>,
-    outputs: std::ops::Range<usize>,
+    ports: MemberPorts,
     elements: u32,
 }
 
 impl Member<'_> {
-    fn blocks(&self) -> u32 {
-        self.elements.div_ceil(BLOCK).max(1)
-    }
-
     /// What must match for members to share a kernel body.
     fn body(&self) -> (bool, UpdateNoise, bool) {
         let u = self.update;
@@ -249,111 +248,51 @@ fn lower_group(cx: &Cx, group: &NoisySgdUpdateGroup) -> Lowered {
         .map(|(update, ports)| Member {
             update,
             elements: cx.inputs[ports.inputs[U::THETA]].numel() as u32,
-            inputs: ports.inputs,
-            outputs: ports.outputs,
+            ports,
         })
         .collect();
-    let launches = launch_sets(&members)
-        .iter()
-        .enumerate()
-        .map(|(j, set)| group_launch(cx, j, set))
-        .collect();
-    Lowered::kernels(launches)
-}
-
-/// The members in launches: alike members together (in parameter order), as many to a launch
-/// as its parameter space holds.
-fn launch_sets<'m, 'a>(members: &'m [Member<'a>]) -> Vec<Vec<&'m Member<'a>>> {
-    let shared = param_bytes([ParamTy::Ptr; U::NOISE - U::LR]);
-    let mut bodies: Vec<(bool, UpdateNoise, bool)> = Vec::new();
+    // alike members together, in group order
+    let mut bodies = Vec::new();
     for body in members.iter().map(Member::body) {
         if !bodies.contains(&body) {
             bodies.push(body);
         }
     }
-    let mut sets = Vec::new();
+    let mut launches = Vec::new();
     for body in bodies {
         let alike: Vec<&Member> = members.iter().filter(|m| m.body() == body).collect();
-        let each = 8 * Tensors::count(alike[0].update) as u32;
-        let per_launch = ((PARAM_SPACE - shared) / each) as usize;
-        sets.extend(alike.chunks(per_launch).map(<[_]>::to_vec));
+        let pointers = Tensors::count(alike[0].update);
+        for set in within_parameter_space(&alike, SHARED.len(), pointers) {
+            launches.push(group_launch(cx, launches.len(), set));
+        }
     }
-    sets
+    Lowered::kernels(launches)
 }
 
-/// One launch over `set`: member `m` takes blocks `first[m]..first[m + 1]`.
+/// One launch over `set`, members alike.
 fn group_launch(cx: &Cx, index: usize, set: &[&Member]) -> Launch {
     let mut k = cx.builder(&format!("update{index}"));
-    let shared: Vec<U64> = (U::LR..U::NOISE)
-        .map(|i| k.ptr_param(&format!("in{i}")))
-        .collect();
-    let first: Vec<u32> = set
-        .iter()
-        .scan(0, |next, m| {
-            let at = *next;
-            *next += m.blocks();
-            Some(at)
-        })
-        .collect();
-    let blocks = first.last().copied().unwrap_or(0) + set.last().map_or(0, |m| m.blocks());
+    let shared: Vec<U64> = SHARED.map(|i| k.ptr_param(&format!("in{i}"))).collect();
     let like = set[0].update;
-    let chosen = Chosen {
-        tensors: Tensors::unset(&mut k, like),
-        elements: k.u32(0),
-        param: k.u32(0),
-        first: k.u32(0),
-    };
-    let block = k.block_x();
-    dispatch(&mut k, block, (set, &first), 0..set.len(), &chosen);
+    let (tensors, param) = (Tensors::unset(&mut k, like), k.u32(0));
+    let elements: Vec<u32> = set.iter().map(|m| m.elements).collect();
+    let thread = member_blocks(&mut k, &elements, &mut |k, m| {
+        let own = Tensors::params(k, set[m].update, &m.to_string());
+        tensors.assign(k, own);
+        k.assign_u(param, set[m].update.param);
+    });
     let scalars = Scalars::load(&mut k, &shared);
-    let local = k.ubin(BinOp::Sub, block, chosen.first);
-    let tid = k.tid();
-    let i = k.mad_u(local, BLOCK, tid);
-    let inside = k.cmp_u(Cmp::Lt, i, chosen.elements);
-    k.when(inside, |k| {
-        let i = k.idx(i);
-        update_element(k, like, (&scalars, chosen.tensors), i, chosen.param);
+    k.when(thread.inside, |k| {
+        let i = k.idx(thread.element);
+        update_element(k, like, (&scalars, tensors), i, param);
     });
-    let mut args: Vec<LaunchArg> = (0..NoisySgdUpdateGroup::SHARED).map(input).collect();
+    let mut args: Vec<LaunchArg> = (0..SHARED.len()).map(input).collect();
     for m in set {
-        args.extend(Tensors::args(m.update, &m.inputs, m.outputs.clone()));
+        args.extend(Tensors::args(
+            m.update,
+            &m.ports.inputs,
+            m.ports.outputs.clone(),
+        ));
     }
-    launch(k.finish(), [blocks, 1], args)
-}
-
-/// The registers a block's member fills in: its tensors, element count, noise stream and
-/// first block.
-struct Chosen {
-    tensors: Tensors,
-    elements: U32,
-    param: U32,
-    first: U32,
-}
-
-/// Binary search over `members[range]` by first block; the leaf loads its member's pointers.
-fn dispatch(
-    k: &mut KernelBuilder,
-    block: U32,
-    (set, first): (&[&Member], &[u32]),
-    range: std::ops::Range<usize>,
-    chosen: &Chosen,
-) {
-    if range.len() == 1 {
-        let m = set[range.start];
-        let own = Tensors::params(k, m.update, &range.start.to_string());
-        chosen.tensors.assign(k, own);
-        k.assign_u(chosen.elements, m.elements);
-        k.assign_u(chosen.param, m.update.param);
-        k.assign_u(chosen.first, first[range.start]);
-        return;
-    }
-    let mid = range.start + range.len() / 2;
-    let below = k.cmp_u(Cmp::Lt, block, first[mid]);
-    k.when(below, |k| {
-        dispatch(k, block, (set, first), range.start..mid, chosen)
-    });
-    let above = k.not(below);
-    k.when(above, |k| {
-        dispatch(k, block, (set, first), mid..range.end, chosen)
-    });
+    launch(k.finish(), thread.grid, args)
 }

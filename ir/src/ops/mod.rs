@@ -13,6 +13,7 @@ mod elementwise;
 mod fisher;
 mod fused_bn;
 mod fused_conv;
+mod group;
 mod input;
 mod linear;
 mod loss;
@@ -35,13 +36,14 @@ pub use conv::{Conv2d, ConvDgrad, ConvWgrad, ConvWgradPerExample, conv_out_size}
 pub use elementwise::{Add, Constant, Elementwise, Instr, Scale, Square};
 pub use fused_bn::{BnBackwardReduceSq, BnRelu, ChannelSumSq, ReluBackwardBnReduce, Squares};
 pub use fused_conv::{FusedConv, FusedDgrad, FusedWgrad, LinearWgradSq};
+pub use group::{BnRunningUpdateGroup, Group, Groupable, MemberPorts, NoisySgdUpdateGroup};
 pub use input::{Hyper, Input, Role};
 pub use linear::{Linear, LinearDgrad, LinearWgrad, LinearWgradPerExample};
 pub use loss::{FisherKind, FullFisherSample, SoftmaxCrossEntropy, SoftmaxCrossEntropyBackward};
 pub use pool::{GlobalAvgPool, GlobalAvgPoolBackward, MaxPool, MaxPoolBackward};
 pub use reduce::{BatchMean, ChannelSum, ChannelSumPerExample};
 pub use shape::{Reshape, ShortcutA, ShortcutABackward};
-pub use update::{MemberPorts, NoisySgdUpdate, NoisySgdUpdateGroup, UpdateNoise};
+pub use update::{NoisySgdUpdate, UpdateNoise};
 
 use crate::error::ShapeError;
 use crate::graph::{Graph, PortRef};
@@ -187,7 +189,9 @@ define_ops!(
     FullFisherSample,
     // update
     NoisySgdUpdate,
+    // groups the optimizer's last pass makes
     NoisySgdUpdateGroup,
+    BnRunningUpdateGroup,
     // fused forms the optimizer produces
     FusedConv,
     FusedWgrad,

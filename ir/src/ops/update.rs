@@ -16,7 +16,7 @@
 //! the update first makes `F̂ = f·S` (as `scale` would, one rounding), uses it, and returns it
 //! as a third output: the Fisher estimate the step reports, without a kernel of its own.
 
-use super::{FloatAttr, OpDef, expect_arity, expect_type};
+use super::{FloatAttr, Groupable, OpDef, expect_arity, expect_type};
 use crate::philox;
 use crate::tensor::{DType, Real, Tensor, TensorType, Value};
 use serde::{Deserialize, Serialize};
@@ -68,8 +68,7 @@ impl OpDef for NoisySgdUpdate {
     const NAME: &'static str = "noisy_sgd_update";
 
     fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
-        let arity = Self::NOISE + (self.noise != UpdateNoise::None) as usize;
-        expect_arity(inputs, arity)?;
+        expect_arity(inputs, Groupable::input_count(self))?;
         let theta = inputs[Self::THETA];
         if theta.dtype != DType::F32 {
             return Err(format!("parameter: expected an f32 tensor, found {theta}"));
@@ -181,119 +180,5 @@ impl OpDef for NoisySgdUpdate {
     /// θ' and v' replace θ and v; F̂ is new.
     fn in_place(&self, output: usize) -> Option<usize> {
         (output < 2).then_some(output)
-    }
-}
-
-/// Many parameters' noisy updates as one node, so that the device runs them in one kernel (or
-/// a few) instead of one launch per parameter tensor. Made by the optimizer's grouping pass
-/// (`optimize::group`); each member computes exactly what it computes alone.
-///
-/// Inputs: the members' shared scalars lr, μ, wd, s, seed, step ([`Self::SHARED`] of them, in
-/// `NoisySgdUpdate`'s order), then each member's own: θ, v, g and its noise input (if any).
-/// Outputs: each member's outputs (θ', v' and, with a Fisher factor, F̂), member after member.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct NoisySgdUpdateGroup {
-    pub members: Vec<NoisySgdUpdate>,
-}
-
-/// Where one member's inputs and outputs sit in its group's.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MemberPorts {
-    /// The group's input positions of the member's inputs, in the member's own order.
-    pub inputs: Vec<usize>,
-    /// The group's output positions of the member's outputs.
-    pub outputs: std::ops::Range<usize>,
-}
-
-impl NoisySgdUpdate {
-    /// Inputs of this parameter's own (θ, v, g and the noise input, if any).
-    fn own_inputs(&self) -> usize {
-        3 + (self.noise != UpdateNoise::None) as usize
-    }
-
-    /// θ', v' and, with a Fisher factor, F̂.
-    pub fn output_count(&self) -> usize {
-        2 + self.fisher_factor.is_some() as usize
-    }
-}
-
-impl NoisySgdUpdateGroup {
-    /// The shared inputs: lr, μ, wd, s, seed and step.
-    pub const SHARED: usize = NoisySgdUpdate::NOISE - NoisySgdUpdate::LR;
-
-    /// Every member's ports, in member order.
-    pub fn ports(&self) -> Vec<MemberPorts> {
-        let shared = NoisySgdUpdate::LR..NoisySgdUpdate::NOISE;
-        let (mut next_input, mut next_output) = (Self::SHARED, 0);
-        self.members
-            .iter()
-            .map(|m| {
-                let own: Vec<usize> = (next_input..next_input + m.own_inputs()).collect();
-                // the member's order: θ, v, g, the shared scalars, then its noise input
-                let mut inputs = own[..3].to_vec();
-                inputs.extend(shared.clone().map(|i| i - NoisySgdUpdate::LR));
-                inputs.extend(&own[3..]);
-                let outputs = next_output..next_output + m.output_count();
-                next_input += m.own_inputs();
-                next_output += m.output_count();
-                MemberPorts { inputs, outputs }
-            })
-            .collect()
-    }
-
-    /// The group's inputs: the shared scalars and every member's own.
-    pub fn input_count(&self) -> usize {
-        Self::SHARED + self.members.iter().map(|m| m.own_inputs()).sum::<usize>()
-    }
-}
-
-impl OpDef for NoisySgdUpdateGroup {
-    const NAME: &'static str = "noisy_sgd_update_group";
-
-    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
-        if self.members.is_empty() {
-            return Err("a group of no updates".to_string());
-        }
-        expect_arity(inputs, self.input_count())?;
-        let mut outputs = Vec::new();
-        for (m, ports) in self.members.iter().zip(self.ports()) {
-            let own: Vec<&TensorType> = ports.inputs.iter().map(|&i| inputs[i]).collect();
-            let types = m
-                .infer(&own)
-                .map_err(|e| format!("update of parameter {}: {e}", m.param))?;
-            outputs.extend(types);
-        }
-        Ok(outputs)
-    }
-
-    fn eval<T: Real>(
-        &self,
-        inputs: &[&Value<T>],
-        outputs: &[TensorType],
-    ) -> Result<Vec<Value<T>>, String> {
-        let mut values = Vec::with_capacity(outputs.len());
-        for (m, ports) in self.members.iter().zip(self.ports()) {
-            let own: Vec<&Value<T>> = ports.inputs.iter().map(|&i| inputs[i]).collect();
-            values.extend(m.eval(&own, &outputs[ports.outputs])?);
-        }
-        Ok(values)
-    }
-
-    fn flops(&self, inputs: &[&TensorType], outputs: &[TensorType]) -> u64 {
-        self.members
-            .iter()
-            .zip(self.ports())
-            .map(|(m, ports)| {
-                let own: Vec<&TensorType> = ports.inputs.iter().map(|&i| inputs[i]).collect();
-                m.flops(&own, &outputs[ports.outputs])
-            })
-            .sum()
-    }
-
-    fn in_place(&self, output: usize) -> Option<usize> {
-        let ports = self.ports();
-        let member = ports.iter().find(|p| p.outputs.contains(&output))?;
-        let own = output - member.outputs.start;
-        (own < 2).then(|| member.inputs[own])
     }
 }

@@ -1,13 +1,14 @@
-//! The optimizer's last pass: the step's per-parameter noisy updates become one
-//! [`NoisySgdUpdateGroup`] node, so that the device updates every parameter tensor in a kernel
-//! or a few instead of one launch each (ResNet44 has 137 parameter tensors, most of them a BN
-//! layer's 16 to 64 channels: each launch is mostly fixed cost).
+//! The optimizer's last pass: the step's per-tensor updates become [`Group`]s, so that the
+//! device runs them in a kernel or a few instead of one launch each. ResNet44 has 137
+//! parameter tensors and 45 BN layers, most of them 16 to 64 channels: each launch was mostly
+//! fixed cost.
 //!
 //! Not an e-graph rule: a group has as many inputs as its members together, which no pattern of
-//! fixed arity states. The pass rebuilds the graph with every other node as it was (layer and
-//! phase kept) and the groups last, and points the graph's outputs at the groups' ports.
-//! Updates that share their scalars (lr, μ, wd, s, seed, step: in a training step, all of
-//! them) form one group; an update whose outputs another node reads stays alone.
+//! fixed arity states. The pass rebuilds the graph with every other node as it was (layer,
+//! phase and order kept) and the groups last, and points the graph's outputs at the groups'
+//! ports. Nodes group when they are of one [`Groupable`] kind, read the same shared inputs
+//! (an update's lr, μ, wd, s, seed and step: in a training step, all of them) and no other
+//! node reads their outputs; a kind with fewer than two such nodes stays as it was.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -15,21 +16,33 @@ use petgraph::graph::NodeIndex;
 
 use crate::error::ShapeError;
 use crate::graph::{Graph, Phase, PortRef};
-use crate::ops::{NoisySgdUpdate, NoisySgdUpdateGroup, Op};
+use crate::ops::{Group, Groupable, MemberPorts, Op};
 
-/// The layer name of a group's node (its members' layers are their parameters').
+/// The layer name of a group's node (its members' layers are their tensors').
 pub const GROUP_LAYER: &str = "updates";
 
-/// `graph` with its noisy updates grouped; the same graph where fewer than two can group.
+/// Nodes to group, in graph order, the group's op and where each member sits in it.
+struct Grouping {
+    members: Vec<NodeIndex>,
+    op: Op,
+    ports: Vec<MemberPorts>,
+    input_count: usize,
+}
+
+/// `graph` with its updates grouped; the same graph where nothing groups.
 pub fn group_updates(graph: &Graph) -> Result<Graph, ShapeError> {
-    let groups: Vec<Vec<NodeIndex>> = groupable(graph)
-        .into_values()
-        .filter(|members| members.len() >= 2)
-        .collect();
-    if groups.is_empty() {
+    let mut groupings = kind_groupings(graph, |op| match op {
+        Op::NoisySgdUpdate(u) => Some(u),
+        _ => None,
+    });
+    groupings.extend(kind_groupings(graph, |op| match op {
+        Op::BnRunningUpdate(u) => Some(u),
+        _ => None,
+    }));
+    if groupings.is_empty() {
         return Ok(graph.clone());
     }
-    let grouped: HashSet<NodeIndex> = groups.iter().flatten().copied().collect();
+    let grouped: HashSet<NodeIndex> = groupings.iter().flat_map(|g| g.members.clone()).collect();
 
     let mut out = Graph::new();
     let mut moved: HashMap<PortRef, PortRef> = HashMap::new();
@@ -49,15 +62,14 @@ pub fn group_updates(graph: &Graph) -> Result<Graph, ShapeError> {
     }
 
     out.set_phase(Phase::Update);
-    for members in groups {
-        let group = NoisySgdUpdateGroup {
-            members: members
-                .iter()
-                .map(|&n| update_of(graph, n).clone())
-                .collect(),
-        };
-        let ports = group.ports();
-        let mut inputs: Vec<Option<PortRef>> = vec![None; group.input_count()];
+    for Grouping {
+        members,
+        op,
+        ports,
+        input_count,
+    } in groupings
+    {
+        let mut inputs: Vec<Option<PortRef>> = vec![None; input_count];
         for (&n, member) in members.iter().zip(&ports) {
             for (&at, p) in member.inputs.iter().zip(graph.inputs(n)) {
                 inputs[at] = Some(moved[&p]);
@@ -67,7 +79,7 @@ pub fn group_updates(graph: &Graph) -> Result<Graph, ShapeError> {
             .into_iter()
             .map(|p| p.expect("every input of a group is some member's"))
             .collect();
-        let node = out.add(group, GROUP_LAYER, &inputs)?;
+        let node = out.add(op, GROUP_LAYER, &inputs)?;
         for (&n, member) in members.iter().zip(&ports) {
             for (port, at) in member.outputs.clone().enumerate() {
                 moved.insert(PortRef::new(n, port), PortRef::new(node, at));
@@ -81,34 +93,41 @@ pub fn group_updates(graph: &Graph) -> Result<Graph, ShapeError> {
     Ok(out)
 }
 
-fn update_of(graph: &Graph, n: NodeIndex) -> &NoisySgdUpdate {
-    match &graph.node(n).op {
-        Op::NoisySgdUpdate(u) => u,
-        other => unreachable!("groupable() takes updates only, not {}", other.name()),
-    }
-}
-
-/// The updates that may group, by the scalars they share, each group in parameter order.
-fn groupable(graph: &Graph) -> BTreeMap<Vec<PortRef>, Vec<NodeIndex>> {
-    let shared = NoisySgdUpdate::LR..NoisySgdUpdate::NOISE;
-    let mut groups: BTreeMap<Vec<PortRef>, Vec<NodeIndex>> = BTreeMap::new();
+/// The groups of one kind (`member_of` picks its nodes): by the shared inputs they read.
+fn kind_groupings<M>(graph: &Graph, member_of: impl Fn(&Op) -> Option<&M>) -> Vec<Grouping>
+where
+    M: Groupable,
+    Op: From<Group<M>>,
+{
+    let mut by_shared: BTreeMap<Vec<PortRef>, Vec<NodeIndex>> = BTreeMap::new();
     for n in graph.node_indices() {
         let node = graph.node(n);
-        if !matches!(node.op, Op::NoisySgdUpdate(_)) {
+        if member_of(&node.op).is_none() {
             continue;
         }
         let read =
             (0..node.outputs.len()).any(|port| !graph.consumers(PortRef::new(n, port)).is_empty());
         if !read {
-            let inputs = graph.inputs(n);
-            groups
-                .entry(inputs[shared.clone()].to_vec())
-                .or_default()
-                .push(n);
+            let shared = graph.inputs(n)[M::SHARED].to_vec();
+            by_shared.entry(shared).or_default().push(n);
         }
     }
-    for members in groups.values_mut() {
-        members.sort_by_key(|&n| (update_of(graph, n).param, n.index()));
-    }
-    groups
+    by_shared
+        .into_values()
+        .filter(|members| members.len() >= 2)
+        .map(|members| {
+            let group = Group {
+                members: members
+                    .iter()
+                    .map(|&n| member_of(&graph.node(n).op).expect("chosen above").clone())
+                    .collect(),
+            };
+            Grouping {
+                members,
+                ports: group.ports(),
+                input_count: group.input_count(),
+                op: Op::from(group),
+            }
+        })
+        .collect()
 }
