@@ -793,15 +793,18 @@ fn grouped_update_kernels_match_the_cpu_bit_for_bit() {
     let mut r = rng(10);
     let sizes = [1, 16, 64, 255, 256, 257, 1000, 2305];
     // launches: 100 members decay, 50 do not; a launch holds (4096 − 6·8) / (8·pointers) of
-    // them: 72 at 7 pointers a member, 84 at 6, 101 at 5 (no noise input)
+    // them: 72 at 7 pointers a member, 84 at 6, 101 at 5 (no noise input); members of two
+    // Fisher factors (the last case) do not share a launch: 50, 50, 25 and 25 alike
+    let (f1, f2) = (Some(FloatAttr(1.0 / 96.0)), Some(FloatAttr(1.0 / 32.0)));
     let cases = [
-        (UpdateNoise::Diagonal, Some(FloatAttr(1.0 / 96.0)), 3),
-        (UpdateNoise::Diagonal, None, 3),
-        (UpdateNoise::None, None, 2),
-        (UpdateNoise::Scalar, None, 3),
-        (UpdateNoise::Vector, None, 3),
+        (UpdateNoise::Diagonal, [f1, f1], 3),
+        (UpdateNoise::Diagonal, [None, None], 3),
+        (UpdateNoise::None, [None, None], 2),
+        (UpdateNoise::Scalar, [None, None], 3),
+        (UpdateNoise::Vector, [None, None], 3),
+        (UpdateNoise::Diagonal, [f1, f2], 4),
     ];
-    for (noise, fisher_factor, launches) in cases {
+    for (noise, factors, launches) in cases {
         let mut inputs = vec![scalar(0.05), scalar(0.9), scalar(1e-3), scalar(0.7)];
         inputs.extend([Value::Word(42 + (1 << 40)), Value::Word(3)]);
         let mut members = Vec::new();
@@ -811,7 +814,7 @@ fn grouped_update_kernels_match_the_cpu_bit_for_bit() {
                 param: 3 * j as u32 + 1,
                 decay: j % 3 != 0,
                 noise,
-                fisher_factor,
+                fisher_factor: factors[j % 2],
             });
             inputs.extend([
                 random(&mut r, &[n]),
@@ -824,7 +827,7 @@ fn grouped_update_kernels_match_the_cpu_bit_for_bit() {
                 _ => inputs.push(uniform(&mut r, &[n], 0.0, 2.0)),
             }
         }
-        let what = format!("{noise:?} noise, factor {fisher_factor:?}");
+        let what = format!("{noise:?} noise, factors {factors:?}");
         check_group_bits(
             NoisySgdUpdateGroup { members }.into(),
             &inputs,

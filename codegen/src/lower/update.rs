@@ -3,12 +3,12 @@
 //!
 //! A single parameter's update is a grid-stride map. A group of them
 //! ([`NoisySgdUpdateGroup`]) runs as few launches as the parameter space allows: members that
-//! compute alike (weight decay, noise, Fisher factor) share a launch, each member a run of
+//! compute alike (weight decay, noise, the Fisher factor) share a launch, each member a run of
 //! whole blocks of the grid, one element a thread; a block finds its member by a binary search
 //! over the members' first blocks (immediates), which loads that member's pointers.
 
 use fisherc_ir::ops::{
-    Groupable, MemberPorts, NoisySgdUpdate, NoisySgdUpdateGroup, Op, UpdateNoise,
+    FloatAttr, Groupable, MemberPorts, NoisySgdUpdate, NoisySgdUpdateGroup, Op, UpdateNoise,
 };
 
 use super::common::{
@@ -99,9 +99,9 @@ impl Tensors {
         }
     }
 
-    /// How many pointers `update` passes.
+    /// How many pointers `update` passes: its own inputs and its outputs.
     fn count(update: &NoisySgdUpdate) -> usize {
-        5 + (update.noise != UpdateNoise::None) as usize + update.fisher_factor.is_some() as usize
+        update.input_count() - SHARED.len() + update.output_count()
     }
 
     /// The launch arguments of [`Self::params`]: the member's own inputs (group positions
@@ -233,10 +233,10 @@ struct Member<'a> {
 }
 
 impl Member<'_> {
-    /// What must match for members to share a kernel body.
-    fn body(&self) -> (bool, UpdateNoise, bool) {
+    /// What must match for members to share a kernel body (the factor is an immediate).
+    fn body(&self) -> (bool, UpdateNoise, Option<FloatAttr>) {
         let u = self.update;
-        (u.decay, u.noise, u.fisher_factor.is_some())
+        (u.decay, u.noise, u.fisher_factor)
     }
 }
 
