@@ -47,6 +47,12 @@ pub trait Backend {
     fn profile(&mut self) -> Result<Option<Vec<f64>>, RuntimeError> {
         Ok(None)
     }
+
+    /// Whether the step leaves the host's cores free while it runs (a GPU), so that work
+    /// such as the next batch's preparation can overlap it; a CPU backend takes them all.
+    fn frees_the_host(&self) -> bool {
+        false
+    }
 }
 
 impl<B: Backend + ?Sized> Backend for Box<B> {
@@ -76,5 +82,9 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
 
     fn profile(&mut self) -> Result<Option<Vec<f64>>, RuntimeError> {
         (**self).profile()
+    }
+
+    fn frees_the_host(&self) -> bool {
+        (**self).frees_the_host()
     }
 }

@@ -308,6 +308,10 @@ impl Backend for CudaBackend {
         self.description.clone()
     }
 
+    fn frees_the_host(&self) -> bool {
+        true
+    }
+
     fn write(&mut self, buffer: &Buffer, words: &[u32]) -> Result<(), RuntimeError> {
         let bytes = 4 * words.len();
         if bytes as u64 > buffer.bytes {

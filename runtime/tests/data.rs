@@ -296,3 +296,49 @@ fn the_pipeline_normalises_fits_and_augments() {
         "a larger image does not fit"
     );
 }
+
+/// Batches built ahead on a worker thread arrive in order, each what `batch` builds for its
+/// images (augmentation included); the consumer's first error stops the epoch early.
+#[test]
+fn batches_built_ahead_arrive_in_order_and_stop_at_an_error() {
+    let set = synthetic::make(60, [1, 6, 6], 5, 0.5, 4);
+    let pipeline = Pipeline::new(&set, [3, 8, 8]).unwrap();
+    let order = epoch(60, 7, 3, 2, true);
+    let augment = Some((
+        Augment {
+            pad_crop: 2,
+            flip: true,
+        },
+        3,
+        2,
+    ));
+    for ahead in [true, false] {
+        let batches = (&set, order.batches.as_slice());
+        let mut seen = Vec::new();
+        let done: Result<(), String> = pipeline.for_each_batch(batches, augment, ahead, |i, b| {
+            seen.push((i, b));
+            Ok(())
+        });
+        assert_eq!(done, Ok(()));
+        assert_eq!(seen.len(), order.batches.len());
+        for ((i, got), (j, indices)) in seen.iter().zip(order.batches.iter().enumerate()) {
+            assert_eq!(*i, j);
+            assert_eq!(
+                got,
+                &pipeline.batch(&set, indices, augment),
+                "batch {j}, {ahead}"
+            );
+        }
+        let mut taken = 0;
+        let stopped = pipeline.for_each_batch(batches, augment, ahead, |i, _| {
+            taken += 1;
+            if i == 2 {
+                Err(format!("stop at {i}"))
+            } else {
+                Ok(())
+            }
+        });
+        assert_eq!(stopped, Err("stop at 2".to_string()));
+        assert_eq!(taken, 3, "{ahead}");
+    }
+}

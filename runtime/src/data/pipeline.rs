@@ -105,6 +105,41 @@ impl Pipeline {
         )
     }
 
+    /// Gives `consume` the batches of `batches` in order, each as [`Self::batch`] builds it;
+    /// `ahead`, on a worker thread while `consume` still works on the one before, so that a
+    /// GPU's step and the next batch's decoding, augmentation and normalisation overlap (at
+    /// most two batches wait). Not ahead where the step itself takes the host's cores (a CPU
+    /// backend): there the two would only contend. Stops at `consume`'s first error, which it
+    /// returns.
+    pub fn for_each_batch<E>(
+        &self,
+        (set, batches): (&Dataset, &[Vec<usize>]),
+        augment: Option<(Augment, u64, u64)>,
+        ahead: bool,
+        mut consume: impl FnMut(usize, (Tensor<f32>, Tensor<i32>)) -> Result<(), E>,
+    ) -> Result<(), E> {
+        if !ahead {
+            for (index, indices) in batches.iter().enumerate() {
+                consume(index, self.batch(set, indices, augment))?;
+            }
+            return Ok(());
+        }
+        std::thread::scope(|scope| {
+            let (ahead, batches_in_order) = std::sync::mpsc::sync_channel(1);
+            scope.spawn(move || {
+                for indices in batches {
+                    if ahead.send(self.batch(set, indices, augment)).is_err() {
+                        break; // the consumer stopped early
+                    }
+                }
+            });
+            for (index, batch) in batches_in_order.into_iter().enumerate() {
+                consume(index, batch)?;
+            }
+            Ok(())
+        })
+    }
+
     /// Writes image `i`, fitted, augmented and normalised, into `out` (`C × H × W`).
     fn image(&self, set: &Dataset, i: usize, draw: Option<(Augment, [u32; 4])>, out: &mut [f32]) {
         let [sc, sh, sw] = set.shape;

@@ -234,9 +234,10 @@ pub fn train(
             );
             let steps_per_epoch = order.batches.len();
             let mut loss_sum = 0.0f64;
-            for (index, images) in order.batches.iter().enumerate() {
-                let augment = Some((experiment.data.augment, t.seed, epoch as u64));
-                let (x, y) = pipeline.batch(&train_set, images, augment);
+            let augment = Some((experiment.data.augment, t.seed, epoch as u64));
+            let batches = (&train_set, order.batches.as_slice());
+            let ahead = session.backend.frees_the_host();
+            pipeline.for_each_batch(batches, augment, ahead, |index, (x, y)| {
                 let progress = epoch as f64 + (index + 1) as f64 / steps_per_epoch as f64;
                 let hyper = Hyperparams {
                     learning_rate: phase.lr * lr_factor(t, progress),
@@ -282,7 +283,8 @@ pub fn train(
                     seconds,
                 });
                 step += 1;
-            }
+                Ok::<(), String>(())
+            })?;
             let seconds = started.elapsed().as_secs_f64();
             state = session.state().map_err(|e| e.to_string())?;
             let score = match experiment.eval.bn_batches {
