@@ -18,10 +18,10 @@ use fisherc_ir::tensor::DType;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use fisherc_ir::model::{BuildOptions, Mode, ModelSpec, Shortcut, build};
-use fisherc_ir::{FisherMode, Noise, StepOptions, TrainingStep, build_training_step};
+use fisherc_ir::model::{BuildOptions, Mode, ModelSpec, Network, Shortcut, build};
+use fisherc_ir::{FisherMode, Graph, Noise, StepOptions, TrainingStep, build_training_step};
 
-use crate::compile::{CompileOptions, Compiled, compile};
+use crate::compile::{CompileOptions, Compiled, compile_graph};
 use crate::kir::{Kernel, MainLoop, ParamTy};
 use crate::lower::{TensorCores, stages_note};
 use crate::plan::{Arg, Buffer, PlannedLaunch, PlannedNode, Program};
@@ -64,6 +64,29 @@ pub struct Source {
     pub stages: u32,
     /// The PTX target, e.g. `sm_90`.
     pub arch: String,
+    /// What the program runs: a training step (artifacts from before it was recorded) or
+    /// the network's forward pass in evaluation mode.
+    #[serde(default, skip_serializing_if = "ProgramKind::is_step")]
+    pub program: ProgramKind,
+}
+
+/// What an artifact's program runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProgramKind {
+    /// The training step: forward, loss, backward, Fisher, noisy update.
+    #[default]
+    Step,
+    /// The forward pass in evaluation mode (batch norm with its running statistics): logits
+    /// from images, parameters and running statistics. The Fisher and noise settings do not
+    /// apply.
+    Evaluation,
+}
+
+impl ProgramKind {
+    fn is_step(&self) -> bool {
+        *self == ProgramKind::Step
+    }
 }
 
 fn double_buffered() -> u32 {
@@ -95,6 +118,33 @@ impl Source {
             single_tf32: options.tensor_cores == TensorCores::Tf32,
             stages: options.stages,
             arch: arch.to_string(),
+            program: ProgramKind::Step,
+        }
+    }
+
+    /// The source of `network`'s evaluation program (`network` built in evaluation mode),
+    /// from the model file at `path` whose text is `model_text`, compiled with `options`.
+    pub fn of_evaluation(
+        network: &Network,
+        (path, model_text): (&Path, String),
+        options: CompileOptions,
+        arch: &str,
+    ) -> Source {
+        Source {
+            model: path.display().to_string(),
+            model_text,
+            batch: network.batch,
+            input: network.input,
+            shortcut: network.shortcut,
+            fisher: FisherMode::None,
+            decay_bn: false,
+            noise: Noise::default(),
+            fused: options.fused,
+            tensor_cores: options.tensor_cores.on(),
+            single_tf32: options.tensor_cores == TensorCores::Tf32,
+            stages: options.stages,
+            arch: arch.to_string(),
+            program: ProgramKind::Evaluation,
         }
     }
 
@@ -124,17 +174,41 @@ impl Source {
         format!("{variant}{}", stages_note(options.stages))
     }
 
-    /// The training step again, from the kept model text.
-    pub fn training_step(&self) -> Result<TrainingStep, String> {
+    /// The network again, from the kept model text: in training mode for a step, in
+    /// evaluation mode for an evaluation program.
+    pub fn network(&self) -> Result<Network, String> {
         let path = Path::new(&self.model);
         let spec = ModelSpec::parse(&self.model_text, path).map_err(|e| e.to_string())?;
         let options = BuildOptions {
             batch: self.batch,
             input: Some(self.input),
             shortcut: self.shortcut,
-            mode: Mode::Train,
+            mode: match self.program {
+                ProgramKind::Step => Mode::Train,
+                ProgramKind::Evaluation => Mode::Eval,
+            },
         };
-        let network = build(&spec, &options).map_err(|e| e.to_string())?;
+        build(&spec, &options).map_err(|e| e.to_string())
+    }
+
+    /// The graph the program computes before optimisation: the training step's, or the
+    /// evaluation-mode network's.
+    pub fn graph(&self) -> Result<Graph, String> {
+        match self.program {
+            ProgramKind::Step => Ok(self.training_step()?.graph),
+            ProgramKind::Evaluation => Ok(self.network()?.graph),
+        }
+    }
+
+    /// The training step again, from the kept model text.
+    pub fn training_step(&self) -> Result<TrainingStep, String> {
+        if self.program != ProgramKind::Step {
+            return Err(format!(
+                "{} is compiled as an evaluation program, not a training step",
+                self.model
+            ));
+        }
+        let network = self.network()?;
         let options = StepOptions {
             fisher: self.fisher,
             decay_bn: self.decay_bn,
@@ -322,9 +396,9 @@ impl Artifact {
     /// Compiles the source again and checks that it gives this very artifact (same PTX, same
     /// plan): the way to the graph and the kernel IR behind a plan, for the CPU backends.
     pub fn recompile(&self) -> Result<Compiled, String> {
-        let step = self.plan.source.training_step()?;
+        let graph = self.plan.source.graph()?;
         let compiled =
-            compile(&step, self.plan.source.compile_options()).map_err(|e| e.to_string())?;
+            compile_graph(&graph, self.plan.source.compile_options()).map_err(|e| e.to_string())?;
         let again = Artifact::new(
             &compiled.program,
             self.plan.source.clone(),

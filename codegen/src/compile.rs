@@ -58,13 +58,19 @@ pub struct Compiled {
 }
 
 pub fn compile(step: &TrainingStep, options: CompileOptions) -> Result<Compiled, CompileError> {
+    compile_graph(&step.graph, options)
+}
+
+/// [`compile`] for any graph: a training step's, or a network's forward pass alone (the
+/// evaluation program, `artifact::ProgramKind::Evaluation`).
+pub fn compile_graph(graph: &Graph, options: CompileOptions) -> Result<Compiled, CompileError> {
     let started = Instant::now();
     let (graph, report) = if options.fused {
         let Optimized { graph, report } =
-            optimize_with(&step.graph, &rules::all(), &Limits::default(), &H100)?;
+            optimize_with(graph, &rules::all(), &Limits::default(), &H100)?;
         (graph, Some(report))
     } else {
-        (step.graph.clone(), None)
+        (graph.clone(), None)
     };
     let program = plan(&graph, options.lowering())?;
     Ok(Compiled {

@@ -26,14 +26,14 @@ impl<B: Backend> Session<B> {
     /// A session for `artifact` on `backend` (the network is rebuilt from the artifact's kept
     /// model text: parameter shapes, classes, input shape).
     pub fn new(artifact: &Artifact, backend: B) -> Result<Self, RuntimeError> {
-        let step = artifact
+        let network = artifact
             .plan
             .source
-            .training_step()
+            .network()
             .map_err(RuntimeError::Setup)?;
         Ok(Session {
             plan: artifact.plan.clone(),
-            network: step.network,
+            network,
             backend,
         })
     }

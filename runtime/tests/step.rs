@@ -341,3 +341,58 @@ fn several_steps_on_the_executor_follow_the_reference_backend() {
     let now = executor.state().unwrap();
     assert!(initial.params.iter().zip(&now.params).any(|(a, b)| a != b));
 }
+
+/// The evaluation program (the forward pass in evaluation mode, compiled as a training step
+/// is) on the kernel executor: its logits are the CPU reference's, with running statistics
+/// away from the initial ones so that the BN-apply kernels matter.
+#[test]
+fn evaluation_programs_on_the_kernel_executor_match_the_reference() {
+    use fisherc_codegen::compile::compile_graph;
+    use fisherc_ir::model::{Mode, ModelSpec, build};
+    use fisherc_ir::ops::Role;
+    for (model, input, tensor_cores) in [
+        ("small_cnn", [1, 12, 12], TensorCores::Off),
+        ("resnet20", [3, 8, 8], TensorCores::Tf32x3),
+    ] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../models/{model}.toml"));
+        let text = std::fs::read_to_string(&path).unwrap();
+        let spec = ModelSpec::parse(&text, &path).unwrap();
+        let options = BuildOptions {
+            input: Some(input),
+            mode: Mode::Eval,
+            ..BuildOptions::train(3)
+        };
+        let network = build(&spec, &options).unwrap();
+        let compile_options = CompileOptions {
+            tensor_cores,
+            ..CompileOptions::fused(true)
+        };
+        let compiled = compile_graph(&network.graph, compile_options).unwrap();
+        let source = Source::of_evaluation(&network, (&path, text), compile_options, "sm_90");
+        let artifact = Artifact::new(&compiled.program, source, compiled.seconds);
+        assert_eq!(
+            artifact.recompile().unwrap().program.launches.len(),
+            compiled.program.launches.len()
+        );
+        let mut session = Session::new(&artifact, ExecutorBackend::new(&compiled)).unwrap();
+        let mut state = TrainState::<f32>::init(&network, 4);
+        let mut r = 0.3f32;
+        for (m, v) in state.running_means.iter_mut().zip(&mut state.running_vars) {
+            m.data.iter_mut().for_each(|x| *x = r);
+            v.data.iter_mut().for_each(|x| *x = 1.0 + r);
+            r = -r * 0.7;
+        }
+        let (images, _) = random_batch::<f32>(3, input, network.classes, 5);
+        let mut feeds = state.state_feeds();
+        feeds.insert(Role::Images, Value::Float(images));
+        session.feed(&feeds).unwrap();
+        session.step().unwrap();
+        let got = session.output(&Output::Logits).unwrap().into_float();
+        let want = evaluate(&network.graph, &feeds, &[]).unwrap();
+        let want = &want.output(&Output::Logits).unwrap().float().data;
+        let scale = want.iter().fold(1e-30f32, |m, v| m.max(v.abs()));
+        for (g, w) in got.data.iter().zip(want) {
+            assert!((g - w).abs() <= 1e-4 * scale, "{model}: logit {g} vs {w}");
+        }
+    }
+}

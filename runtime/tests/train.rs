@@ -754,7 +754,7 @@ fn precise_bn_recomputes_the_statistics_at_the_current_weights() {
     let spec = ModelSpec::load(&e.model).unwrap();
     let input = e.input.unwrap();
     let pipeline = Pipeline::new(&train_set, input).unwrap();
-    let evaluator = Evaluator::new(&spec, input, test_set.len()).unwrap();
+    let mut evaluator = Evaluator::new(&spec, input, test_set.len()).unwrap();
     // running statistics thrown away: the evaluation-mode network normalises wrongly
     let mut wrecked = trained.clone();
     for (m, v) in wrecked
@@ -765,13 +765,15 @@ fn precise_bn_recomputes_the_statistics_at_the_current_weights() {
         m.data.iter_mut().for_each(|x| *x = 0.0);
         v.data.iter_mut().for_each(|x| *x = 100.0);
     }
-    let score = |s: &TrainState<f32>| evaluator.score(s, &test_set, &pipeline).unwrap().accuracy;
     let precise =
         |s: &TrainState<f32>| evaluator.recalibrated(s, &train_set, &pipeline, 1).unwrap();
     // recomputing depends on the weights only, not on the statistics it replaces
     assert_eq!(precise(&wrecked), precise(&trained));
     assert_eq!(precise(&wrecked).params, trained.params);
-    let (bad, good) = (score(&wrecked), score(&precise(&wrecked)));
+    let (recomputed, recomputed_trained) = (precise(&wrecked), precise(&trained));
+    let mut score =
+        |s: &TrainState<f32>| evaluator.score(s, &test_set, &pipeline).unwrap().accuracy;
+    let (bad, good) = (score(&wrecked), score(&recomputed));
     assert!(
         good > 0.9 && good > bad + 0.2,
         "wrecked {bad}, recomputed {good}"
@@ -792,7 +794,7 @@ fn precise_bn_recomputes_the_statistics_at_the_current_weights() {
     feeds.insert(Role::Labels, Value::Int(labels));
     let direct = evaluate(&net.graph, &feeds, &[port]).unwrap();
     let want = &direct.kept(port).unwrap().float().data;
-    let got = &precise(&trained).running_means[0].data;
+    let got = &recomputed_trained.running_means[0].data;
     for (g, w) in got.iter().zip(want) {
         assert!((g - w).abs() <= 1e-4 * w.abs().max(1.0), "{g} vs {w}");
     }
@@ -847,4 +849,82 @@ fn every_shipped_experiment_file_is_valid() {
         count += 1;
     }
     assert!(count >= 18, "{count} experiment files");
+}
+
+/// The CPU reference behind a backend that says it leaves the host's cores free, as a GPU
+/// does: the trainer then builds each batch ahead on a worker thread and scores the test set
+/// with a compiled evaluation program on the backend.
+struct LikeADevice(ReferenceBackend);
+
+impl Backend for LikeADevice {
+    fn describe(&self) -> String {
+        format!("{} (as a device)", self.0.describe())
+    }
+    fn write(
+        &mut self,
+        buffer: &fisherc_codegen::plan::Buffer,
+        words: &[u32],
+    ) -> Result<(), RuntimeError> {
+        self.0.write(buffer, words)
+    }
+    fn read(&mut self, buffer: &fisherc_codegen::plan::Buffer) -> Result<Vec<u32>, RuntimeError> {
+        self.0.read(buffer)
+    }
+    fn run_node(&mut self, node: usize) -> Result<(), RuntimeError> {
+        self.0.run_node(node)
+    }
+    fn run_step(&mut self) -> Result<f64, RuntimeError> {
+        self.0.run_step()
+    }
+    fn frees_the_host(&self) -> bool {
+        true
+    }
+}
+
+#[test]
+fn on_a_device_batches_come_ahead_and_an_evaluation_program_scores_the_test_set() {
+    let mut e = synthetic("sb", &["train.epochs=2"]);
+    // 620 test images: batches of 500, the last padded on the device
+    e.data.synthetic.as_mut().unwrap().test = 620;
+    let (cpu_dir, device_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let on_cpu = run(&e, cpu_dir.path(), false, None).unwrap();
+    let options = TrainOptions {
+        run_dir: device_dir.path().to_path_buf(),
+        resume: false,
+        until_epoch: None,
+    };
+    let like_a_device =
+        |_: &Artifact, compiled: &Compiled| -> Result<Box<dyn Backend>, RuntimeError> {
+            Ok(Box::new(LikeADevice(ReferenceBackend::new(compiled))))
+        };
+    let mut notes = Vec::new();
+    let on_device = train(&e, &options, &like_a_device, &mut |event| {
+        if let fisherc_runtime::train::trainer::Event::Note(text) = event {
+            notes.push(text);
+        }
+    })
+    .unwrap();
+    assert!(
+        !notes.iter().any(|n| n.contains("CPU")),
+        "no fallback to the CPU: {notes:?}"
+    );
+    // batches built ahead are the very batches: the same training, bit for bit
+    assert_eq!(on_device.state.params, on_cpu.state.params);
+    // the evaluation program (the optimised forward pass) scores as the CPU reference does,
+    // up to its fused ops' rounding
+    assert_eq!(on_device.scores.len(), 2);
+    for ((_, device), (_, cpu)) in on_device.scores.iter().zip(&on_cpu.scores) {
+        assert!(
+            (device.loss - cpu.loss).abs() <= 1e-5 * cpu.loss.max(1.0),
+            "test loss {} on the device, {} on the CPU",
+            device.loss,
+            cpu.loss
+        );
+        assert_eq!(device.accuracy, cpu.accuracy);
+        assert!(
+            cpu.accuracy > 0.5,
+            "a test set the model learned: {}",
+            cpu.accuracy
+        );
+    }
 }

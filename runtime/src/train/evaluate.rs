@@ -1,16 +1,20 @@
-//! Test loss and top-1 accuracy of a training state, on the CPU reference: the model built in
-//! evaluation mode (batch norm with its running statistics), forward only, over the whole
-//! test set in batches.
+//! Test loss and top-1 accuracy of a training state: the model built in evaluation mode (batch
+//! norm with its running statistics), forward only, over the whole test set in batches. On
+//! the CPU reference, or, when training runs on a GPU, as a compiled evaluation program on the
+//! same device (`Evaluator::use_device`), where the CPU would take longer than the epoch's
+//! training. Recomputing the running statistics (`Evaluator::recalibrated`) stays on the CPU.
 
 use fisherc_ir::graph::{Output, PortRef};
-use fisherc_ir::interp::evaluate;
+use fisherc_ir::interp::{Feeds, evaluate};
 use fisherc_ir::model::{BuildOptions, Mode, ModelSpec, Network, build};
 use fisherc_ir::ops::Role;
 use fisherc_ir::state::TrainState;
 use fisherc_ir::tensor::{Tensor, Value};
 
+use crate::backend::{Backend, RuntimeError};
 use crate::data::Dataset;
 use crate::data::pipeline::Pipeline;
+use crate::session::Session;
 
 /// Most images evaluated at once.
 const EVAL_BATCH: usize = 500;
@@ -31,6 +35,8 @@ pub struct Evaluator {
     /// The model in training mode, for [`Evaluator::recalibrated`].
     spec: ModelSpec,
     input: [usize; 3],
+    /// The evaluation program on a device, where [`Evaluator::use_device`] gave one.
+    device: Option<Session<Box<dyn Backend>>>,
 }
 
 impl Evaluator {
@@ -51,6 +57,7 @@ impl Evaluator {
             rest: if rest > 0 { Some(network(rest)?) } else { None },
             spec: spec.clone(),
             input,
+            device: None,
         })
     }
 
@@ -118,14 +125,43 @@ impl Evaluator {
         Ok(out)
     }
 
+    /// The evaluation-mode network whose batch a device program runs (see
+    /// [`Evaluator::use_device`]).
+    pub fn network(&self) -> &Network {
+        &self.full
+    }
+
+    /// Scores from now on with `session`, a compiled evaluation program of
+    /// [`Evaluator::network`] on a device (its last batch padded), where the CPU reference
+    /// would take most of a GPU run's epoch.
+    pub fn use_device(&mut self, session: Session<Box<dyn Backend>>) {
+        self.device = Some(session);
+    }
+
+    /// Whether scores come from a device.
+    pub fn on_device(&self) -> bool {
+        self.device.is_some()
+    }
+
+    /// Goes back to the CPU reference (after a device failure).
+    pub fn forget_device(&mut self) {
+        self.device = None;
+    }
+
+    /// Test loss and accuracy of `state` over `set`: on the device if [`Self::use_device`]
+    /// gave one, else on the CPU reference.
     pub fn score(
-        &self,
+        &mut self,
         state: &TrainState<f32>,
         set: &Dataset,
         pipeline: &Pipeline,
     ) -> Result<Score, String> {
+        let batch = self.full.batch;
+        if let Some(session) = &mut self.device {
+            return score_on(session, batch, (state, set, pipeline)).map_err(|e| e.to_string());
+        }
         let mut feeds = state.state_feeds();
-        let (mut loss, mut correct) = (0.0f64, 0usize);
+        let mut tally = Tally::default();
         let mut start = 0;
         while start < set.len() {
             let net = if set.len() - start >= self.full.batch {
@@ -141,30 +177,77 @@ impl Evaluator {
                 .output(&Output::Logits)
                 .ok_or("the evaluation network has no logits")?
                 .float();
-            let classes = logits.shape[1];
-            for (row, &label) in logits.data.chunks(classes).zip(&labels.data) {
-                let (best, max) =
-                    row.iter()
-                        .enumerate()
-                        .fold(
-                            (0, f32::NEG_INFINITY),
-                            |b, (i, &v)| if v > b.1 { (i, v) } else { b },
-                        );
-                let log_sum = row
-                    .iter()
-                    .map(|&v| ((v - max) as f64).exp())
-                    .sum::<f64>()
-                    .ln()
-                    + max as f64;
-                loss += log_sum - row[label as usize] as f64;
-                correct += (best == label as usize) as usize;
-            }
+            tally.add(logits, &labels.data);
             start += net.batch;
         }
-        let n = set.len().max(1) as f64;
-        Ok(Score {
-            loss: loss / n,
-            accuracy: correct as f64 / n,
-        })
+        Ok(tally.score(set.len()))
+    }
+}
+
+/// [`Evaluator::score`] on a device session of batch `batch`: parameters and running
+/// statistics written once, then the set in batches, the last padded with its last image
+/// (evaluation mode treats every image apart) and only its real rows counted.
+fn score_on(
+    session: &mut Session<Box<dyn Backend>>,
+    batch: usize,
+    (state, set, pipeline): (&TrainState<f32>, &Dataset, &Pipeline),
+) -> Result<Score, RuntimeError> {
+    session.feed(&state.state_feeds())?;
+    let mut tally = Tally::default();
+    for start in (0..set.len()).step_by(batch) {
+        let count = batch.min(set.len() - start);
+        let indices: Vec<usize> = (start..start + batch)
+            .map(|i| i.min(set.len() - 1))
+            .collect();
+        let (images, labels) = pipeline.batch(set, &indices, None);
+        let mut feeds = Feeds::new();
+        feeds.insert(Role::Images, Value::Float(images));
+        session.feed(&feeds)?;
+        session.step()?;
+        let logits = session.output(&Output::Logits)?.into_float();
+        let classes = logits.shape[1];
+        let rows = Tensor::from_vec(&[count, classes], logits.data[..count * classes].to_vec());
+        tally.add(&rows, &labels.data[..count]);
+    }
+    Ok(tally.score(set.len()))
+}
+
+/// Sums of the softmax cross-entropy and of correct top-1 predictions.
+#[derive(Default)]
+struct Tally {
+    loss: f64,
+    correct: usize,
+}
+
+impl Tally {
+    /// Adds rows of `logits` and their labels.
+    fn add(&mut self, logits: &Tensor<f32>, labels: &[i32]) {
+        let classes = logits.shape[1];
+        for (row, &label) in logits.data.chunks(classes).zip(labels) {
+            let (best, max) = row
+                .iter()
+                .enumerate()
+                .fold(
+                    (0, f32::NEG_INFINITY),
+                    |b, (i, &v)| if v > b.1 { (i, v) } else { b },
+                );
+            let log_sum = row
+                .iter()
+                .map(|&v| ((v - max) as f64).exp())
+                .sum::<f64>()
+                .ln()
+                + max as f64;
+            self.loss += log_sum - row[label as usize] as f64;
+            self.correct += (best == label as usize) as usize;
+        }
+    }
+
+    /// Means over `images`.
+    fn score(&self, images: usize) -> Score {
+        let n = images.max(1) as f64;
+        Score {
+            loss: self.loss / n,
+            accuracy: self.correct as f64 / n,
+        }
     }
 }

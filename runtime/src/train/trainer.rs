@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use fisherc_codegen::artifact::{Artifact, Source};
-use fisherc_codegen::compile::{CompileOptions, Compiled, compile};
+use fisherc_codegen::compile::{CompileOptions, Compiled, compile, compile_graph};
 use fisherc_codegen::lower::DEFAULT_STAGES;
 use fisherc_ir::model::{BuildOptions, ModelSpec, build};
 use fisherc_ir::ops::Role;
@@ -143,6 +143,44 @@ fn phase_step(
     build_training_step(network, &step_options).map_err(|e| e.to_string())
 }
 
+/// The evaluation program of `evaluator`'s network, compiled as the training step is and
+/// opened by `open` (on the training step's device).
+fn evaluation_on_device(
+    evaluator: &Evaluator,
+    (path, text): (&Path, &str),
+    options: CompileOptions,
+    open: &OpenBackend,
+) -> Result<Session<Box<dyn Backend>>, String> {
+    let network = evaluator.network();
+    let compiled = compile_graph(&network.graph, options).map_err(|e| e.to_string())?;
+    let source = Source::of_evaluation(network, (path, text.to_string()), options, "sm_90");
+    let artifact = Artifact::new(&compiled.program, source, compiled.seconds);
+    let backend = open(&artifact, &compiled).map_err(|e| e.to_string())?;
+    Session::new(&artifact, backend).map_err(|e| e.to_string())
+}
+
+/// The test score of `state`: on the device where the evaluator has one (a failure there is
+/// reported, and the CPU reference scores from then on), else on the CPU reference.
+fn score(
+    evaluator: &mut Evaluator,
+    state: &TrainState<f32>,
+    (set, pipeline): (&Dataset, &Pipeline),
+    report: &mut dyn FnMut(Event),
+) -> Result<Score, String> {
+    if evaluator.on_device() {
+        match evaluator.score(state, set, pipeline) {
+            Ok(score) => return Ok(score),
+            Err(e) => {
+                report(Event::Note(format!(
+                    "scoring the test set on the device failed ({e}): the CPU reference scores from now on"
+                )));
+                evaluator.forget_device();
+            }
+        }
+    }
+    evaluator.score(state, set, pipeline)
+}
+
 /// Runs (or resumes) `experiment` in `options.run_dir`.
 pub fn train(
     experiment: &Experiment,
@@ -169,7 +207,7 @@ pub fn train(
     let first = phase_step(&spec, experiment.input, &phases[0], t.decay_bn)?;
     let input = first.network.input;
     let pipeline = Pipeline::new(&train_set, input)?;
-    let evaluator = Evaluator::new(&spec, input, test_set.len())?;
+    let mut evaluator = Evaluator::new(&spec, input, test_set.len())?;
     let (mut state, mut epoch, mut step) = start(experiment, options, &first)?;
     let mut metrics = Metrics::open(&dir.join(METRICS_FILE))
         .map_err(|e| format!("{}: {e}", dir.join(METRICS_FILE).display()))?;
@@ -202,6 +240,15 @@ pub fn train(
         session
             .feed(&state.state_feeds())
             .map_err(|e| e.to_string())?;
+        if session.backend.frees_the_host() && !evaluator.on_device() {
+            let model = (experiment.model.as_path(), model_text.as_str());
+            match evaluation_on_device(&evaluator, model, options, open) {
+                Ok(device) => evaluator.use_device(device),
+                Err(e) => report(Event::Note(format!(
+                    "the test set is scored on the CPU: the evaluation program failed on the device: {e}"
+                ))),
+            }
+        }
         let layout = pipeline::epoch(train_set.len(), phase.batch, t.seed, 0, false);
         report(Event::PhaseStart {
             phase: phase.clone(),
@@ -287,13 +334,11 @@ pub fn train(
             })?;
             let seconds = started.elapsed().as_secs_f64();
             state = session.state().map_err(|e| e.to_string())?;
-            let score = match experiment.eval.bn_batches {
-                0 => evaluator.score(&state, &test_set, &pipeline)?,
-                n => {
-                    let precise = evaluator.recalibrated(&state, &train_set, &pipeline, n)?;
-                    evaluator.score(&precise, &test_set, &pipeline)?
-                }
+            let scored = match experiment.eval.bn_batches {
+                0 => state.clone(),
+                n => evaluator.recalibrated(&state, &train_set, &pipeline, n)?,
             };
+            let score = score(&mut evaluator, &scored, (&test_set, &pipeline), report)?;
             let train_loss = loss_sum / steps_per_epoch as f64;
             let images_per_second = (steps_per_epoch * phase.batch) as f64 / seconds;
             let record = Record::Epoch {
