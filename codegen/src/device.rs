@@ -11,10 +11,32 @@ use crate::plan::{Arg, Buffer, Kind, PlannedLaunch, Program};
 /// A value as the words it occupies in device memory (f32 and i32 one word each, u64 two,
 /// little end first).
 pub fn words_of(value: &Value<f32>) -> Vec<u32> {
+    let mut words = vec![0; word_count(value)];
+    store_words(value, &mut words);
+    words
+}
+
+/// How many words [`words_of`] gives.
+pub fn word_count(value: &Value<f32>) -> usize {
     match value {
-        Value::Float(t) => t.data.iter().map(|v| v.to_bits()).collect(),
-        Value::Int(t) => t.data.iter().map(|&v| v as u32).collect(),
-        Value::Word(w) => vec![*w as u32, (*w >> 32) as u32],
+        Value::Float(t) => t.data.len(),
+        Value::Int(t) => t.data.len(),
+        Value::Word(_) => 2,
+    }
+}
+
+/// Writes [`words_of`] into the start of `words` (which must hold them), without a copy first.
+pub fn store_words(value: &Value<f32>, words: &mut [u32]) {
+    match value {
+        Value::Float(t) => words
+            .iter_mut()
+            .zip(&t.data)
+            .for_each(|(w, v)| *w = v.to_bits()),
+        Value::Int(t) => words
+            .iter_mut()
+            .zip(&t.data)
+            .for_each(|(w, &v)| *w = v as u32),
+        Value::Word(v) => words[..2].copy_from_slice(&[*v as u32, (*v >> 32) as u32]),
     }
 }
 
@@ -23,11 +45,14 @@ pub fn value_of(words: &[u32], ty: &TensorType) -> Value<f32> {
     match ty.dtype {
         DType::F32 => Value::Float(Tensor::from_vec(
             &ty.shape,
-            words.iter().map(|&w| f32::from_bits(w)).collect(),
+            words[..ty.numel()]
+                .iter()
+                .map(|&w| f32::from_bits(w))
+                .collect(),
         )),
         DType::I32 => Value::Int(Tensor::from_vec(
             &ty.shape,
-            words.iter().map(|&w| w as i32).collect(),
+            words[..ty.numel()].iter().map(|&w| w as i32).collect(),
         )),
         DType::U64 => Value::Word(words[0] as u64 | (words[1] as u64) << 32),
     }

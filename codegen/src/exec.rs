@@ -977,6 +977,19 @@ impl Memory {
         }
     }
 
+    /// The `len` words from `at` as plain memory (word-aligned, in bounds: a host-side bug
+    /// otherwise), for the host to read or write in bulk while no kernel runs.
+    pub fn words_mut(&mut self, at: u64, len: usize) -> &mut [u32] {
+        assert!(
+            at.is_multiple_of(4),
+            "host access at unaligned address {at:#x}"
+        );
+        let slots = &mut self.words[(at / 4) as usize..][..len];
+        // SAFETY: AtomicU32 has u32's size, alignment and bit validity, and `&mut self` rules
+        // out any other access to these words for the slice's life
+        unsafe { std::slice::from_raw_parts_mut(slots.as_mut_ptr().cast::<u32>(), len) }
+    }
+
     pub fn read_f32(&self, at: u64, len: usize) -> Vec<f32> {
         self.read_words(at, len).map(f32::from_bits).collect()
     }

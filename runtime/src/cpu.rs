@@ -9,7 +9,7 @@
 use std::time::Instant;
 
 use fisherc_codegen::compile::Compiled;
-use fisherc_codegen::device::{CpuDevice, value_of, words_of};
+use fisherc_codegen::device::{CpuDevice, store_words, value_of, word_count};
 use fisherc_codegen::plan::Buffer;
 use fisherc_ir::Graph;
 use fisherc_ir::tensor::Value;
@@ -81,19 +81,23 @@ impl Backend for ReferenceBackend {
     }
 
     fn run_node(&mut self, node: usize) -> Result<(), RuntimeError> {
-        let planned = &self.device.program().nodes[node];
+        let planned = self.device.program().nodes[node].clone();
         if planned.launch_count == 0 {
             return Ok(()); // inputs, constants, reshapes: nothing runs
         }
         let n = NodeIndex::new(planned.graph_node);
         let buffers = &self.device.program().buffers;
-        // typed as the graph types the value: a reshape's buffer holds its input's shape
-        let inputs: Vec<Value<f32>> = planned
+        let places: Vec<(u64, usize)> = planned
             .inputs
             .iter()
+            .map(|&b| (buffers[b].offset, (buffers[b].bytes / 4) as usize))
+            .collect();
+        // typed as the graph types the value: a reshape's buffer holds its input's shape
+        let inputs: Vec<Value<f32>> = places
+            .into_iter()
             .zip(&self.graph.inputs(n))
-            .map(|(&b, &port)| {
-                value_of(&read_words(&self.device, &buffers[b]), self.graph.ty(port))
+            .map(|((at, len), &port)| {
+                value_of(self.device.memory.words_mut(at, len), self.graph.ty(port))
             })
             .collect();
         let graph_node = self.graph.node(n);
@@ -111,7 +115,7 @@ impl Backend for ReferenceBackend {
         let targets = planned.outputs.clone();
         for (value, b) in outputs.iter().zip(targets) {
             let buffer = self.device.program().buffers[b].clone();
-            write_words(&mut self.device, &buffer, &words_of(value))?;
+            write_value(&mut self.device, &buffer, value)?;
         }
         Ok(())
     }
@@ -126,17 +130,33 @@ impl Backend for ReferenceBackend {
 }
 
 fn write_words(device: &mut CpuDevice, buffer: &Buffer, words: &[u32]) -> Result<(), RuntimeError> {
-    if 4 * words.len() as u64 > buffer.bytes {
-        return Err(RuntimeError::Setup(format!(
-            "{} words for buffer {} of {} bytes",
-            words.len(),
-            buffer.name,
-            buffer.bytes
-        )));
-    }
+    fits(buffer, words.len())?;
     device
         .memory
         .write_words(buffer.offset, words.iter().copied());
+    Ok(())
+}
+
+/// Writes `value` into `buffer` ([`store_words`]: no copy of it first).
+fn write_value(
+    device: &mut CpuDevice,
+    buffer: &Buffer,
+    value: &Value<f32>,
+) -> Result<(), RuntimeError> {
+    let len = word_count(value);
+    fits(buffer, len)?;
+    store_words(value, device.memory.words_mut(buffer.offset, len));
+    Ok(())
+}
+
+/// `words` words fit in `buffer`.
+fn fits(buffer: &Buffer, words: usize) -> Result<(), RuntimeError> {
+    if 4 * words as u64 > buffer.bytes {
+        return Err(RuntimeError::Setup(format!(
+            "{words} words for buffer {} of {} bytes",
+            buffer.name, buffer.bytes
+        )));
+    }
     Ok(())
 }
 

@@ -6,6 +6,7 @@ use super::{OpDef, VjpCtx, conv_out_size, expect_arity, expect_rank, float_out, 
 use crate::error::ShapeError;
 use crate::graph::PortRef;
 use crate::tensor::{Real, Tensor, TensorType, Value};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -29,28 +30,37 @@ impl MaxPool {
         }
     }
 
-    /// For every output element, the flat index of the input element it takes.
+    /// For every output element, the flat index of the input element it takes (planes in
+    /// parallel; within a window the first maximum in row-major order).
     fn argmax<T: Real>(&self, x: &Tensor<T>, out_h: usize, out_w: usize) -> Vec<usize> {
         let (h, w) = (x.shape[2], x.shape[3]);
+        let (k, stride) = (self.kernel, self.stride);
         let planes = x.shape[0] * x.shape[1];
-        let mut winners = Vec::with_capacity(planes * out_h * out_w);
-        for plane in 0..planes {
-            let base = plane * h * w;
-            for oy in 0..out_h {
-                for ox in 0..out_w {
-                    let mut best = base + oy * self.stride * w + ox * self.stride;
-                    for ky in 0..self.kernel {
-                        for kx in 0..self.kernel {
-                            let i = base + (oy * self.stride + ky) * w + ox * self.stride + kx;
-                            if x.data[i] > x.data[best] {
-                                best = i;
+        let mut winners = vec![0; planes * out_h * out_w];
+        if winners.is_empty() {
+            return winners;
+        }
+        winners
+            .par_chunks_mut(out_h * out_w)
+            .zip(x.data.par_chunks(h * w))
+            .enumerate()
+            .for_each(|(plane, (out, xs))| {
+                for (oy, row_out) in out.chunks_mut(out_w).enumerate() {
+                    for (ox, winner) in row_out.iter_mut().enumerate() {
+                        let first = oy * stride * w + ox * stride;
+                        let mut best = first;
+                        for ky in 0..k {
+                            let row = first + ky * w;
+                            for (kx, &v) in xs[row..row + k].iter().enumerate() {
+                                if v > xs[best] {
+                                    best = row + kx;
+                                }
                             }
                         }
+                        *winner = plane * h * w + best;
                     }
-                    winners.push(best);
                 }
-            }
-        }
+            });
         winners
     }
 }
