@@ -39,7 +39,7 @@ impl Backend for ExecutorBackend {
     }
 
     fn read(&mut self, buffer: &Buffer) -> Result<Vec<u32>, RuntimeError> {
-        Ok(read_words(&self.device, buffer))
+        Ok(read_words(&mut self.device, buffer))
     }
 
     fn run_node(&mut self, node: usize) -> Result<(), RuntimeError> {
@@ -77,7 +77,7 @@ impl Backend for ReferenceBackend {
     }
 
     fn read(&mut self, buffer: &Buffer) -> Result<Vec<u32>, RuntimeError> {
-        Ok(read_words(&self.device, buffer))
+        Ok(read_words(&mut self.device, buffer))
     }
 
     fn run_node(&mut self, node: usize) -> Result<(), RuntimeError> {
@@ -112,8 +112,7 @@ impl Backend for ReferenceBackend {
                     graph_node.op.name()
                 ))
             })?;
-        let targets = planned.outputs.clone();
-        for (value, b) in outputs.iter().zip(targets) {
+        for (value, &b) in outputs.iter().zip(&planned.outputs) {
             let buffer = self.device.program().buffers[b].clone();
             write_value(&mut self.device, &buffer, value)?;
         }
@@ -133,7 +132,8 @@ fn write_words(device: &mut CpuDevice, buffer: &Buffer, words: &[u32]) -> Result
     fits(buffer, words.len())?;
     device
         .memory
-        .write_words(buffer.offset, words.iter().copied());
+        .words_mut(buffer.offset, words.len())
+        .copy_from_slice(words);
     Ok(())
 }
 
@@ -160,11 +160,9 @@ fn fits(buffer: &Buffer, words: usize) -> Result<(), RuntimeError> {
     Ok(())
 }
 
-fn read_words(device: &CpuDevice, buffer: &Buffer) -> Vec<u32> {
-    device
-        .memory
-        .read_words(buffer.offset, (buffer.bytes / 4) as usize)
-        .collect()
+fn read_words(device: &mut CpuDevice, buffer: &Buffer) -> Vec<u32> {
+    let len = (buffer.bytes / 4) as usize;
+    device.memory.words_mut(buffer.offset, len).to_vec()
 }
 
 fn rayon_threads() -> usize {

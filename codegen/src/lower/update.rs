@@ -136,20 +136,27 @@ impl Tensors {
         }
     }
 
+    /// The pointers it has, in [`Self::params`] order.
+    fn pointers(self) -> Vec<U64> {
+        let t = self;
+        [
+            Some(t.theta),
+            Some(t.v),
+            Some(t.g),
+            t.noise,
+            Some(t.new_theta),
+            Some(t.new_v),
+            t.fisher,
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+
+    /// Sets these registers (from [`Self::unset`]) to `from`'s pointers.
     fn assign(self, k: &mut KernelBuilder, from: Tensors) {
-        let pairs = [
-            (Some(self.theta), Some(from.theta)),
-            (Some(self.v), Some(from.v)),
-            (Some(self.g), Some(from.g)),
-            (self.noise, from.noise),
-            (Some(self.new_theta), Some(from.new_theta)),
-            (Some(self.new_v), Some(from.new_v)),
-            (self.fisher, from.fisher),
-        ];
-        for (dst, src) in pairs {
-            if let (Some(dst), Some(src)) = (dst, src) {
-                k.assign_ptr(dst, src);
-            }
+        for (dst, src) in self.pointers().into_iter().zip(from.pointers()) {
+            k.assign_ptr(dst, src);
         }
     }
 }

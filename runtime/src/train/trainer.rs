@@ -8,6 +8,7 @@
 //! on exactly as if it had not stopped: data order, augmentation and noise are all keyed by
 //! (seed, epoch or step), and the checkpoint holds the step counter.
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -161,7 +162,7 @@ fn evaluation_on_device(
 
 /// The test score of `state`: on the device where the evaluator has one (a failure there is
 /// reported, and the CPU reference scores from then on), else on the CPU reference.
-fn score(
+fn test_score(
     evaluator: &mut Evaluator,
     state: &TrainState<f32>,
     (set, pipeline): (&Dataset, &Pipeline),
@@ -335,10 +336,10 @@ pub fn train(
             let seconds = started.elapsed().as_secs_f64();
             state = session.state().map_err(|e| e.to_string())?;
             let scored = match experiment.eval.bn_batches {
-                0 => state.clone(),
-                n => evaluator.recalibrated(&state, &train_set, &pipeline, n)?,
+                0 => Cow::Borrowed(&state),
+                n => Cow::Owned(evaluator.recalibrated(&state, &train_set, &pipeline, n)?),
             };
-            let score = score(&mut evaluator, &scored, (&test_set, &pipeline), report)?;
+            let score = test_score(&mut evaluator, &scored, (&test_set, &pipeline), report)?;
             let train_loss = loss_sum / steps_per_epoch as f64;
             let images_per_second = (steps_per_epoch * phase.batch) as f64 / seconds;
             let record = Record::Epoch {
