@@ -423,8 +423,8 @@ const CONVS: [ConvShape; 8] = [
 /// channels in) and weight gradient (rows: channels out, columns: c·kh·kw): several tiles
 /// (70 = 64 + 6), the 32-wide tile (33), the 16-wide one with K = 17 (two full K slices and a
 /// ragged one). The last four have channel counts that fill 16-deep K slices, so K runs
-/// tap-major (forward: channels in, all four; data gradient: channels out, the first three),
-/// strided, 1×1 and 5×5 among them.
+/// grouped, a slice per tap of 16 channels (forward: channels in, all four; data gradient:
+/// channels out, the first three), strided, 1×1 and 5×5 among them.
 const WIDE_CONVS: [ConvShape; 8] = [
     (3, 1, 1, 9, 5, 70),
     (3, 2, 1, 10, 9, 33),
@@ -545,12 +545,13 @@ fn check_forward(
 /// Fisher's per-example BN sums come from each tile's segments: several tiles of whole
 /// examples here (8·8 = 64 positions, 4 examples to a 256-row tile; batch 6: the second tile
 /// half past the batch), gathered (3 channels: on tensor cores the slices narrow to fit the
-/// segments in shared memory) and from dy's halo (16 channels), and the 2×2 plane of a wider
-/// layer (16 examples to a 64-row tile).
+/// segments in shared memory) and from dy's halo (16 channels), the 2×2 plane of a wider
+/// layer (16 examples to a 64-row tile), and a 4×4 plane with 32 channels out (K grouped, a
+/// slice per tap of 16 channels, as VGG16's 512-channel layers).
 #[test]
 fn data_gradients_over_the_batch_sum_each_example_apart() {
     let mut r = rng(12);
-    for (size, c, o, batch) in [(8, 3, 4, 6), (8, 16, 16, 6), (2, 40, 8, 21)] {
+    for (size, c, o, batch) in [(8, 3, 4, 6), (8, 16, 16, 6), (2, 40, 8, 21), (4, 24, 32, 7)] {
         let bn = bn_inputs(&mut r, &[batch, c, size, size]);
         let w = random(&mut r, &[o, c, 3, 3]);
         let dy = random(&mut r, &[batch, o, size, size]);

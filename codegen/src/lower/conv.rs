@@ -109,35 +109,33 @@ impl Geometry {
 
 /// The order in which a GEMM's K runs over a convolution's (channel, tap) pairs, the channel
 /// being the input's (forward) or the output's (data gradient): channel-major,
-/// `channel·area + tap` (the weights' own order), or tap-major, `tap·channels + channel`,
-/// where the channels fill whole K slices. Then every slice lies within one tap, so where the
-/// tap puts a line's window, whether that pixel exists and its offset are made once per slice
-/// and line, and an element only adds its channel's offset. Or grouped,
-/// `(group·area + tap)·depth + channel in the group`: the taps of one group of `depth`
-/// channels in turn, each a slice (the forward's input halo, staged a group at a time).
+/// `channel·area + tap` (the weights' own order), or grouped,
+/// `(group·area + tap)·depth + channel in the group`, where the channels fill whole K slices:
+/// the taps of one group of `depth` channels in turn, each a slice. Then every slice lies
+/// within one tap, so where the tap puts a line's window, whether that pixel exists and its
+/// offset are made once per slice and line, and an element only adds its channel's offset;
+/// and the next `area` slices read the same weights' sectors (`w[o][c][tap]`: a slice's
+/// elements lie `area` words apart, one 32-byte sector each) and the same input pixels,
+/// shifted, while the L1 cache still holds them. Tap-major (`tap·channels + channel`, the
+/// order before 2026-11-28) came back to a sector only a whole pass over the channels later:
+/// the H200 profile of VGG16's 512-channel data gradients showed 1–2% L1 hits and the L2 86–90%
+/// busy. A halo (the forward's input, a stride-1 data gradient's dy) is staged a group at a
+/// time, so it needs the grouped order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Order {
     ChannelMajor,
-    TapMajor,
     Grouped { depth: u32, area: u32 },
 }
 
 impl Order {
-    /// Grouped where a halo stages A (`area` taps a channel), else as `for_channels`.
+    /// Grouped where the channels fill whole K slices (always where a halo stages A: its
+    /// groups are `bk` channels), else channel-major; `area` taps a channel.
     fn choose(channels: u32, tiling: Tiling, halo: bool, area: u32) -> Order {
-        if halo {
+        if halo || channels.is_multiple_of(tiling.bk) {
             Order::Grouped {
                 depth: tiling.bk,
                 area,
             }
-        } else {
-            Order::for_channels(channels, tiling)
-        }
-    }
-
-    fn for_channels(channels: u32, tiling: Tiling) -> Order {
-        if channels.is_multiple_of(tiling.bk) {
-            Order::TapMajor
         } else {
             Order::ChannelMajor
         }
@@ -151,19 +149,10 @@ impl Order {
         )
     }
 
-    /// The column of K at `kk`, of `channels × area` in all.
-    fn split(self, k: &mut KernelBuilder, kk: SliceK, channels: u32, area: u32) -> Column {
+    /// The column of K at `kk` (`area` taps a channel).
+    fn split(self, k: &mut KernelBuilder, kk: SliceK, area: u32) -> Column {
         match self {
             Order::ChannelMajor => Column::channel_major(k, kk.index, area),
-            // the slice's start gives the tap; its channels are consecutive
-            Order::TapMajor => {
-                let first = k.ubin(BinOp::Rem, kk.start, channels);
-                Column {
-                    lane: k.add_u(first, kk.lane),
-                    round: kk.round,
-                    tap: k.ubin(BinOp::Div, kk.start, channels),
-                }
-            }
             // the slice gives the group and the tap
             Order::Grouped { depth, area } => {
                 let slice = k.ubin(BinOp::Div, kk.start, depth);
@@ -443,7 +432,7 @@ impl<'a> Im2col<'a> {
             x,
             example,
             prologue,
-            order: Order::for_channels(g.c, tiling),
+            order: Order::choose(g.c, tiling, false, g.kernel_area()),
             rows,
         }
     }
@@ -463,7 +452,7 @@ impl<'a> Im2col<'a> {
 
     /// Column `kk` of the im2col matrix, in the K order of the forward convolution.
     fn depth_tap(&self, k: &mut KernelBuilder, kk: SliceK) -> Tap {
-        let column = self.order.split(k, kk, self.g.c, self.g.kernel_area());
+        let column = self.order.split(k, kk, self.g.kernel_area());
         self.tap(k, column)
     }
 
@@ -493,7 +482,7 @@ impl<'a> Im2col<'a> {
         let row_ok = k.cmp_u(Cmp::Lt, iy, g.h);
         let col_ok = k.cmp_u(Cmp::Lt, ix, g.w);
         let exists = k.and(row_ok, col_ok);
-        // the pixel's place in its channel, the same for every channel of a tap-major slice;
+        // the pixel's place in its channel, the same for every channel of a one-tap slice (grouped K);
         // clamped where it does not exist
         let pixel = k.add_u(window.offset, tap.spatial);
         let pixel = k.select_u(exists, pixel, 0u32);
@@ -1314,7 +1303,7 @@ impl Operand for Spread<'_> {
 
     fn depth(&self, k: &mut KernelBuilder, kk: SliceK) -> OutputTap {
         let g = self.g;
-        let column = self.order.split(k, kk, g.o, g.kernel_area());
+        let column = self.order.split(k, kk, g.kernel_area());
         let (ki, kj) = g.tap_position(k, column.tap);
         OutputTap {
             ki,
@@ -1335,7 +1324,7 @@ impl Operand for Spread<'_> {
         let (oy, row_ok) = self.coordinate(k, lead.y, tap.ki, g.ho);
         let (ox, col_ok) = self.coordinate(k, lead.x, tap.kj, g.wo);
         let exists = k.and(row_ok, col_ok);
-        // as with Im2col: the same position for every output channel of a tap-major slice
+        // as with Im2col: the same position for every output channel of a one-tap slice (grouped K)
         let position = k.mad_u(oy, g.wo, ox);
         let position = k.add_u(position, lead.example);
         let position = k.select_u(exists, position, 0u32);
@@ -1501,7 +1490,7 @@ fn forward(cx: &Cx, conv: &Conv2d, prologue: Option<FloatAttr>, stats: bool) -> 
             k.idx(row)
         },
         depth: move |k: &mut KernelBuilder, kk: SliceK| {
-            let column = order.split(k, kk, g.c, area);
+            let column = order.split(k, kk, area);
             let c = column.channel(k);
             k.mad_u(c, area, column.tap)
         },
@@ -1659,7 +1648,7 @@ fn dgrad(cx: &Cx, d: &ConvDgrad, epilogue: Option<&FusedDgrad>) -> Lowered {
             k.idx(start)
         },
         depth: move |k: &mut KernelBuilder, kk: SliceK| {
-            let column = order.split(k, kk, g.o, area);
+            let column = order.split(k, kk, area);
             let o = column.channel(k);
             k.mad_u(o, g.c * area, column.tap)
         },

@@ -34,7 +34,7 @@ use crate::kir::{BinOp, Cmp, MainLoop};
 /// Threads per block.
 pub const THREADS: u32 = 256;
 /// K slices staged in shared memory per step (multiples of 8, the mma's k): wide where a
-/// thread stages few lines, so the slice's fixed work (barrier, wait, a tap-major slice's
+/// thread stages few lines, so the slice's fixed work (barrier, wait, a one-tap slice's
 /// window) is shared by more products (ResNet44 3xTF32 in machine code, instructions per mma:
 /// forward 15.3 → 11.4, dgrad 11.2 → 8.8); narrow for the weight gradient, whose wide B side
 /// (up to 256 lines) would stage 16 elements per thread and spill registers.
