@@ -192,9 +192,14 @@ pub fn run(args: &Args) -> Result<()> {
             Some((a, b)) => (format!("{a:.2e}"), format!("{b:.2e}")),
             None => (String::new(), String::new()),
         };
+        // where a row fails, the tensor it fails in
+        let tensor = match (&row.worst_tensor, verdict) {
+            (Some(tensor), "FAIL") => format!(" (worst: {tensor})"),
+            _ => String::new(),
+        };
         writeln!(
             out,
-            "{:<36} {:>10.2e} {this:>10} {reference:>10} {verdict}",
+            "{:<36} {:>10.2e} {this:>10} {reference:>10} {verdict}{tensor}",
             row.what, row.error
         )?;
     }

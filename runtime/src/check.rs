@@ -193,6 +193,9 @@ pub struct StepComparison {
     pub what: String,
     /// Between the two sessions.
     pub error: f64,
+    /// The tensor that error is in (e.g. `conv_bn_relu13.conv1.weight`, `conv_bn_relu13.bn
+    /// running variance`), where the quantity has several.
+    pub worst_tensor: Option<String>,
     /// Whether the row answers to a bound: true for steps from a shared state; false for the
     /// free-running steps, whose differences compound (see [`compare_steps`]).
     pub bounded: bool,
@@ -271,11 +274,13 @@ pub fn compare_steps<A: Backend, B: Backend>(
                     .find(|(n, _)| *n == name)
                     .expect("the oracle has it")
                     .1;
-                (worst(&x, want), worst(&y, want))
+                (worst(&x, want).0, worst(&y, want).0)
             });
+            let (error, at) = worst(&x, &y);
             rows.push(StepComparison {
                 what: format!("{label} {name}"),
-                error: worst(&x, &y),
+                error,
+                worst_tensor: tensor_name(&a.network, name, at),
                 bounded: true,
                 oracle: oracle_errors,
             });
@@ -288,9 +293,11 @@ pub fn compare_steps<A: Backend, B: Backend>(
         step_both(a, b, &images, &labels, &hyper)?;
     }
     for ((name, x), (_, y)) in quantities(a)?.into_iter().zip(quantities(b)?) {
+        let (error, at) = worst(&x, &y);
         rows.push(StepComparison {
             what: format!("{steps} free steps {name}"),
-            error: worst(&x, &y),
+            error,
+            worst_tensor: tensor_name(&a.network, name, at),
             bounded: false,
             oracle: None,
         });
@@ -335,6 +342,23 @@ fn step_both<A: Backend, B: Backend>(
 /// Named lists of tensors after a step, as f64: parameters, momenta, BN running statistics
 /// (means then variances) where there are BN layers, Fisher where the step has one.
 type Quantities = Vec<(&'static str, Vec<Vec<f64>>)>;
+
+/// The name of tensor `index` of quantity `name` (as [`quantities`] lists them), where it has
+/// several.
+fn tensor_name(net: &Network, name: &str, index: usize) -> Option<String> {
+    let bns = net.bn_layers.len();
+    match name {
+        "parameters" | "momenta" | "fisher" => net.params.get(index).map(|p| p.name.clone()),
+        "running statistics" if index < bns => {
+            Some(format!("{} running mean", net.bn_layers[index].name))
+        }
+        "running statistics" => net
+            .bn_layers
+            .get(index - bns)
+            .map(|b| format!("{} running variance", b.name)),
+        _ => None,
+    }
+}
 
 fn wide(tensors: &[Tensor<f32>]) -> Vec<Vec<f64>> {
     tensors
@@ -402,12 +426,16 @@ fn oracle_step(
     Ok(quantities)
 }
 
-/// The worst [`relative_error`] over paired tensors.
-fn worst(got: &[Vec<f64>], want: &[Vec<f64>]) -> f64 {
+/// The worst [`relative_error`] over paired tensors, and which pair it is in.
+fn worst(got: &[Vec<f64>], want: &[Vec<f64>]) -> (f64, usize) {
     got.iter()
         .zip(want)
         .map(|(g, w)| relative_error_wide(g, w))
-        .fold(0.0, f64::max)
+        .enumerate()
+        .fold(
+            (0.0, 0),
+            |(e, at), (i, x)| if x > e { (x, i) } else { (e, at) },
+        )
 }
 
 /// The Fisher estimate of every parameter after the last step (empty without Fisher).
@@ -427,15 +455,27 @@ fn fisher_of<B: Backend>(s: &mut Session<B>) -> Result<Vec<Tensor<f32>>, Runtime
 
 #[cfg(test)]
 mod tests {
-    use super::{ORACLE_FACTOR, StepBound, StepComparison};
+    use super::{ORACLE_FACTOR, StepBound, StepComparison, worst};
 
     fn row(error: f64, bounded: bool, oracle: Option<(f64, f64)>) -> StepComparison {
         StepComparison {
             what: "step 0 parameters".into(),
             error,
+            worst_tensor: None,
             bounded,
             oracle,
         }
+    }
+
+    #[test]
+    fn the_worst_tensor_is_the_one_with_the_largest_relative_error() {
+        let want = vec![vec![1.0, 2.0], vec![100.0, 0.0], vec![1.0, 1.0]];
+        // absolute errors 0.2, 1.0 and 0.05 against largest magnitudes 2, 100 and 1
+        let got = vec![vec![1.2, 2.0], vec![100.0, 1.0], vec![1.0, 1.05]];
+        let (error, at) = worst(&got, &want);
+        assert_eq!(at, 0);
+        assert!((error - 0.1).abs() < 1e-12, "{error}");
+        assert_eq!(worst(&want, &want), (0.0, 0));
     }
 
     #[test]
