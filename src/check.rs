@@ -2,17 +2,21 @@
 //! step's own data (each node's outputs against its reference op on the very inputs the backend
 //! read), then whole noisy steps from the same state (loss, parameters, momenta, Fisher).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, Write};
 use std::path::PathBuf;
 
 use anyhow::Result;
 use fisherc_codegen::artifact::Artifact;
 use fisherc_codegen::lower::TensorCores;
+use fisherc_ir::ops::Op;
 use fisherc_ir::state::TrainState;
 use fisherc_ir::synthetic::random_batch;
 use fisherc_runtime::Session;
-use fisherc_runtime::check::{Bounds, ORACLE_FACTOR, StepBound, compare_steps, node_by_node};
+use fisherc_runtime::check::{
+    Bounds, ORACLE_FACTOR, StepBound, StepComparison, compare_steps, node_by_node, reference_state,
+    step_with_pooling_aligned,
+};
 use fisherc_runtime::cpu::ReferenceBackend;
 
 use crate::backend_args::{self, BackendKind};
@@ -177,13 +181,82 @@ pub fn run(args: &Args) -> Result<()> {
          from the same start:",
         args.steps, step_bound.within, step_bound.oracle_factor
     )?;
+    write_rows(&mut out, &rows, step_bound)?;
+    let failing: BTreeSet<u64> = rows
+        .iter()
+        .filter(|r| !r.passes(step_bound))
+        .filter_map(|r| r.step)
+        .collect();
+    let has_pooling = compiled
+        .graph
+        .node_indices()
+        .any(|n| matches!(compiled.graph.node(n).op, Op::MaxPool(_)));
+    // failing steps whose rows pass once both take the same window maxima
+    let mut explained = BTreeSet::new();
+    if has_pooling && !failing.is_empty() {
+        writeln!(
+            out,
+            "\nThe failing steps again, node by node, the reference's max pooling given the \
+             backend's inputs (where a window's two largest values lie closer than the two \
+             agree, each may take another, and the gradient flows through the one taken: a \
+             discrete difference, not rounding); aligned, a step passes within {:.0e}:",
+            step_bound.within
+        )?;
+        for &step in &failing {
+            let state = reference_state(&mut reference, step, args.seed, &hyper)?;
+            let (choices, aligned) = step_with_pooling_aligned(
+                (&mut backend_steps, &mut reference),
+                &compiled.graph,
+                &state,
+                (step, args.seed),
+                &hyper,
+            )?;
+            for c in choices.iter().filter(|c| c.differing > 0) {
+                writeln!(
+                    out,
+                    "step {step} {}: another maximum in {} of {} windows (closest pair {:.1e} \
+                     apart, relative)",
+                    c.layer, c.differing, c.windows, c.closest
+                )?;
+            }
+            // no oracle here (its f64 step would take its own maxima): the bound alone
+            write_rows(&mut out, &aligned, step_bound)?;
+            let agree = aligned.iter().all(|r| r.passes(step_bound));
+            if choices.iter().any(|c| c.differing > 0) && agree {
+                explained.insert(step);
+            }
+        }
+    }
+    let failed_nodes: usize = by_op.values().map(|s| s.failed).sum();
+    let failed_steps = rows
+        .iter()
+        .filter(|r| !r.passes(step_bound) && !r.step.is_some_and(|s| explained.contains(&s)))
+        .count();
+    anyhow::ensure!(
+        failed_nodes == 0 && failed_steps == 0,
+        "{failed_nodes} node outputs and {failed_steps} step quantities out of bounds"
+    );
+    match explained.len() {
+        0 => writeln!(out, "PASS")?,
+        n => writeln!(
+            out,
+            "PASS ({n} step(s) out of bounds only through max pooling's choice of window \
+             maxima: with the same choices they agree)"
+        )?,
+    }
+    Ok(())
+}
+
+/// The step rows as a table: each error against the other session, against the f64 oracle
+/// where there is one, and the verdict under `bound`.
+fn write_rows(out: &mut impl Write, rows: &[StepComparison], bound: StepBound) -> Result<()> {
     writeln!(
         out,
         "{:<36} {:>10} {:>10} {:>10}",
         "quantity", "vs f32 ref", "f64: this", "f64: ref"
     )?;
-    for row in &rows {
-        let verdict = match (row.bounded, row.passes(step_bound)) {
+    for row in rows {
+        let verdict = match (row.bounded, row.passes(bound)) {
             (false, _) => "drift, not bounded",
             (true, true) => "ok",
             (true, false) => "FAIL",
@@ -203,13 +276,6 @@ pub fn run(args: &Args) -> Result<()> {
             row.what, row.error
         )?;
     }
-    let failed_nodes: usize = by_op.values().map(|s| s.failed).sum();
-    let failed_steps = rows.iter().filter(|r| !r.passes(step_bound)).count();
-    anyhow::ensure!(
-        failed_nodes == 0 && failed_steps == 0,
-        "{failed_nodes} node outputs and {failed_steps} step quantities out of bounds"
-    );
-    writeln!(out, "PASS")?;
     Ok(())
 }
 

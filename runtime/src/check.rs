@@ -6,6 +6,11 @@
 //!   update is also compared bit for bit (the noise is the CPU's, or it is not).
 //! * [`compare_steps`]: whole steps on two sessions with the same batches, each step from the
 //!   same state (bounded), then free-running from the same initial state (the drift, reported).
+//! * [`step_with_pooling_aligned`]: a step again, node by node, the second session's max
+//!   pooling given the first's inputs, so that both route the gradient through the same window
+//!   maxima. Where two values of a window are closer than two backends agree, each may take a
+//!   different one; the gradient then flows elsewhere, a discrete difference that no rounding
+//!   bound covers (VGG16 at batch 8: a window's two largest values 4·10⁻⁷ apart, relative).
 //!
 //! Errors are relative: the largest absolute difference over the largest reference magnitude.
 
@@ -13,9 +18,9 @@ use fisherc_codegen::compile::Compiled;
 use fisherc_codegen::device::value_of;
 use fisherc_codegen::lower::{SINGLE_TF32_ERROR, TensorCores, on_tensor_cores};
 use fisherc_ir::graph::{Graph, Output};
-use fisherc_ir::interp::evaluate;
+use fisherc_ir::interp::{Feeds, evaluate};
 use fisherc_ir::model::Network;
-use fisherc_ir::ops::{Op, Role};
+use fisherc_ir::ops::{MaxPool, Op, Role};
 use fisherc_ir::state::{Hyperparams, TrainState};
 use fisherc_ir::synthetic::random_batch;
 use fisherc_ir::tensor::{Tensor, TensorType, Value};
@@ -191,6 +196,8 @@ pub fn node_by_node<B: Backend>(
 pub struct StepComparison {
     /// e.g. `step 2 loss`, `step 2 parameters`, `3 free steps fisher`.
     pub what: String,
+    /// The step it measures, for rows of one step from a shared state.
+    pub step: Option<u64>,
     /// Between the two sessions.
     pub error: f64,
     /// The tensor that error is in (e.g. `conv_bn_relu13.conv1.weight`, `conv_bn_relu13.bn
@@ -279,6 +286,7 @@ pub fn compare_steps<A: Backend, B: Backend>(
             let (error, at) = worst(&x, &y);
             rows.push(StepComparison {
                 what: format!("{label} {name}"),
+                step: Some(step),
                 error,
                 worst_tensor: tensor_name(&a.network, name, at),
                 bounded: true,
@@ -296,6 +304,7 @@ pub fn compare_steps<A: Backend, B: Backend>(
         let (error, at) = worst(&x, &y);
         rows.push(StepComparison {
             what: format!("{steps} free steps {name}"),
+            step: None,
             error,
             worst_tensor: tensor_name(&a.network, name, at),
             bounded: false,
@@ -303,6 +312,137 @@ pub fn compare_steps<A: Backend, B: Backend>(
         });
     }
     Ok(rows)
+}
+
+/// The reference's state before step `steps` of [`compare_steps`] (seed `seed`): the state it
+/// gave the other session there.
+pub fn reference_state<B: Backend>(
+    b: &mut Session<B>,
+    steps: u64,
+    seed: u64,
+    hyper: &Hyperparams,
+) -> Result<TrainState<f32>, RuntimeError> {
+    b.feed(&TrainState::<f32>::init(&b.network, seed).state_feeds())?;
+    for step in 0..steps {
+        let (images, labels, hyper) = step_inputs(&b.network, seed, step, hyper);
+        b.feed(&batch_feeds(&images, &labels, &hyper))?;
+        b.step()?;
+    }
+    b.state()
+}
+
+/// One max-pooling layer's choices in [`step_with_pooling_aligned`].
+#[derive(Clone, Debug)]
+pub struct PoolingChoices {
+    pub layer: String,
+    pub windows: usize,
+    /// Windows whose maximum the two sessions took at different positions.
+    pub differing: usize,
+    /// Of those windows, the smallest distance between the two positions' values in the second
+    /// session, relative to its largest |value| in the layer's input.
+    pub closest: f64,
+}
+
+/// Step `step` of [`compare_steps`] again from `state`, node by node on both sessions, with
+/// `b`'s max-pooling inputs replaced by `a`'s before each pooling node (its backward recomputes
+/// the maxima from the same buffer), so that both route the gradient through the same window
+/// maxima. Returns what each pooling layer chose before the replacement, and the step's rows
+/// (a, then b, unbounded by any oracle: its f64 step would take its own maxima).
+pub fn step_with_pooling_aligned<A: Backend, B: Backend>(
+    (a, b): (&mut Session<A>, &mut Session<B>),
+    graph: &Graph,
+    state: &TrainState<f32>,
+    (step, seed): (u64, u64),
+    hyper: &Hyperparams,
+) -> Result<(Vec<PoolingChoices>, Vec<StepComparison>), RuntimeError> {
+    let (images, labels, hyper) = step_inputs(&a.network, seed, step, hyper);
+    for feeds in [state.state_feeds(), batch_feeds(&images, &labels, &hyper)] {
+        a.feed(&feeds)?;
+        b.feed(&feeds)?;
+    }
+    let plan = a.plan.clone();
+    let mut choices = Vec::new();
+    for (i, node) in plan.nodes.iter().enumerate() {
+        if node.launch_count == 0 {
+            continue;
+        }
+        if let Op::MaxPool(pool) = &graph.node(NodeIndex::new(node.graph_node)).op {
+            let buffer = &plan.buffers[node.inputs[0]];
+            let (ours, theirs) = (a.backend.read(buffer)?, b.backend.read(buffer)?);
+            let values =
+                |words: &[u32]| -> Vec<f32> { words.iter().map(|&w| f32::from_bits(w)).collect() };
+            let mut layer = pooling_choices(pool, &buffer.shape, &values(&ours), &values(&theirs));
+            layer.layer = node.layer.clone();
+            choices.push(layer);
+            b.backend.write(buffer, &ours)?;
+        }
+        a.backend.run_node(i)?;
+        b.backend.run_node(i)?;
+    }
+    let mut rows = Vec::new();
+    for ((name, x), (_, y)) in quantities(a)?.into_iter().zip(quantities(b)?) {
+        let (error, at) = worst(&x, &y);
+        rows.push(StepComparison {
+            what: format!("step {step} {name}, pooling aligned"),
+            step: Some(step),
+            error,
+            worst_tensor: tensor_name(&a.network, name, at),
+            bounded: true,
+            oracle: None,
+        });
+    }
+    Ok((choices, rows))
+}
+
+/// Where the maxima of `pool`'s windows over `[n][c][h][w]` inputs `a` and `b` lie apart (each
+/// the first maximum in row-major order, as the kernels and the reference take it).
+fn pooling_choices(pool: &MaxPool, shape: &[usize], a: &[f32], b: &[f32]) -> PoolingChoices {
+    let (planes, h, w) = (shape[0] * shape[1], shape[2], shape[3]);
+    let (ho, wo) = (
+        (h - pool.kernel) / pool.stride + 1,
+        (w - pool.kernel) / pool.stride + 1,
+    );
+    let scale = b.iter().fold(f32::MIN_POSITIVE, |m, v| m.max(v.abs())) as f64;
+    let argmax = |x: &[f32], base: usize, oy: usize, ox: usize| {
+        let mut best = base + oy * pool.stride * w + ox * pool.stride;
+        for ky in 0..pool.kernel {
+            for kx in 0..pool.kernel {
+                let at = base + (oy * pool.stride + ky) * w + ox * pool.stride + kx;
+                if x[at] > x[best] {
+                    best = at;
+                }
+            }
+        }
+        best
+    };
+    let mut choices = PoolingChoices {
+        layer: String::new(),
+        windows: planes * ho * wo,
+        differing: 0,
+        closest: f64::INFINITY,
+    };
+    for plane in 0..planes {
+        for (oy, ox) in (0..ho).flat_map(|oy| (0..wo).map(move |ox| (oy, ox))) {
+            let (pa, pb) = (
+                argmax(a, plane * h * w, oy, ox),
+                argmax(b, plane * h * w, oy, ox),
+            );
+            if pa != pb {
+                choices.differing += 1;
+                let gap = (b[pa] as f64 - b[pb] as f64).abs() / scale;
+                choices.closest = choices.closest.min(gap);
+            }
+        }
+    }
+    choices
+}
+
+/// A step's batch and hyper-parameters as feeds.
+fn batch_feeds(images: &Tensor<f32>, labels: &Tensor<i32>, hyper: &Hyperparams) -> Feeds<f32> {
+    let mut feeds = hyper.feeds();
+    feeds.insert(Role::Images, Value::Float(images.clone()));
+    feeds.insert(Role::Labels, Value::Int(labels.clone()));
+    feeds
 }
 
 /// Step `step`'s batch and hyper-parameters.
@@ -329,9 +469,7 @@ fn step_both<A: Backend, B: Backend>(
     labels: &Tensor<i32>,
     hyper: &Hyperparams,
 ) -> Result<(f32, f32), RuntimeError> {
-    let mut feeds = hyper.feeds();
-    feeds.insert(Role::Images, Value::Float(images.clone()));
-    feeds.insert(Role::Labels, Value::Int(labels.clone()));
+    let feeds = batch_feeds(images, labels, hyper);
     a.feed(&feeds)?;
     b.feed(&feeds)?;
     a.step()?;
@@ -460,6 +598,7 @@ mod tests {
     fn row(error: f64, bounded: bool, oracle: Option<(f64, f64)>) -> StepComparison {
         StepComparison {
             what: "step 0 parameters".into(),
+            step: Some(0),
             error,
             worst_tensor: None,
             bounded,

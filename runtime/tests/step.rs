@@ -21,6 +21,7 @@ use std::time::Instant;
 use fisherc_codegen::artifact::{Artifact, Source};
 use fisherc_codegen::compile::{CompileOptions, Compiled, compile};
 use fisherc_codegen::lower::TensorCores;
+use fisherc_codegen::plan::Buffer;
 use fisherc_ir::graph::Output;
 use fisherc_ir::interp::{Feeds, evaluate};
 use fisherc_ir::model::{BuildOptions, load};
@@ -29,7 +30,10 @@ use fisherc_ir::synthetic::random_batch;
 use fisherc_ir::tensor::Value;
 use fisherc_ir::{FisherMode, Noise, StepOptions, TrainingStep, build_training_step};
 use fisherc_runtime::Session;
-use fisherc_runtime::check::{Bounds, compare_steps, node_by_node};
+use fisherc_runtime::backend::{Backend, RuntimeError};
+use fisherc_runtime::check::{
+    Bounds, compare_steps, node_by_node, reference_state, step_with_pooling_aligned,
+};
 use fisherc_runtime::cpu::{ExecutorBackend, ReferenceBackend};
 
 /// See the module documentation.
@@ -395,4 +399,156 @@ fn evaluation_programs_on_the_kernel_executor_match_the_reference() {
             assert!((g - w).abs() <= 1e-4 * scale, "{model}: logit {g} vs {w}");
         }
     }
+}
+
+/// The reference backend, except that the node producing a max-pooling input lifts one
+/// window's second-largest value just above its largest (by 10⁻⁶ of it): it takes another
+/// maximum there, as a device whose rounding lands on the other side of a near-tie does.
+struct TakesAnotherMaximum {
+    inner: ReferenceBackend,
+    plan: fisherc_codegen::artifact::Plan,
+    /// (producing node, the pooling input buffer, window side)
+    producers: Vec<(usize, usize, usize)>,
+    /// Each lifted window's gap (largest − second largest) relative to the largest |value| of
+    /// its buffer, in the order lifted.
+    gaps: Vec<f64>,
+}
+
+impl TakesAnotherMaximum {
+    fn new(artifact: &Artifact, compiled: &Compiled) -> TakesAnotherMaximum {
+        use fisherc_ir::ops::Op;
+        let plan = artifact.plan.clone();
+        let mut producers = Vec::new();
+        for node in &plan.nodes {
+            let graph_node = compiled.graph.node((node.graph_node as u32).into());
+            if let Op::MaxPool(pool) = &graph_node.op {
+                let input = node.inputs[0];
+                let producer = plan.nodes.iter().position(|n| n.outputs.contains(&input));
+                producers.push((producer.unwrap(), input, pool.kernel));
+            }
+        }
+        TakesAnotherMaximum {
+            inner: ReferenceBackend::new(compiled),
+            plan,
+            producers,
+            gaps: Vec::new(),
+        }
+    }
+
+    /// In the first window (of plane 0's row-major windows) whose two largest values are
+    /// positive and apart, the second becomes the largest; the gap it overcame is kept.
+    fn lift(&mut self, buffer: usize, side: usize) -> Result<(), RuntimeError> {
+        let buffer = self.plan.buffers[buffer].clone();
+        let mut x: Vec<f32> = self
+            .inner
+            .read(&buffer)?
+            .into_iter()
+            .map(f32::from_bits)
+            .collect();
+        let w = buffer.shape[3];
+        for (oy, ox) in (0..buffer.shape[2] / side).flat_map(|y| (0..w / side).map(move |x| (y, x)))
+        {
+            let mut at: Vec<usize> = (0..side * side)
+                .map(|i| (oy * side + i / side) * w + ox * side + i % side)
+                .collect();
+            at.sort_by(|&a, &b| x[b].total_cmp(&x[a]));
+            let (first, second) = (x[at[0]], x[at[1]]);
+            if second > 0.0 && first > second {
+                let scale = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                self.gaps.push((first - second) as f64 / scale as f64);
+                x[at[1]] = first * (1.0 + 1e-6);
+                let words: Vec<u32> = x.iter().map(|v| v.to_bits()).collect();
+                return self.inner.write(&buffer, &words);
+            }
+        }
+        panic!("no window to lift in buffer {}", buffer.name)
+    }
+}
+
+impl Backend for TakesAnotherMaximum {
+    fn describe(&self) -> String {
+        "the reference, another maximum in one window".into()
+    }
+    fn write(&mut self, buffer: &Buffer, words: &[u32]) -> Result<(), RuntimeError> {
+        self.inner.write(buffer, words)
+    }
+    fn read(&mut self, buffer: &Buffer) -> Result<Vec<u32>, RuntimeError> {
+        self.inner.read(buffer)
+    }
+    fn run_node(&mut self, node: usize) -> Result<(), RuntimeError> {
+        self.inner.run_node(node)?;
+        let lifted: Vec<(usize, usize)> = self
+            .producers
+            .iter()
+            .filter(|p| p.0 == node)
+            .map(|p| (p.1, p.2))
+            .collect();
+        for (buffer, side) in lifted {
+            self.lift(buffer, side)?;
+        }
+        Ok(())
+    }
+    fn run_step(&mut self) -> Result<f64, RuntimeError> {
+        for node in 0..self.plan.nodes.len() {
+            if self.plan.nodes[node].launch_count > 0 {
+                self.run_node(node)?;
+            }
+        }
+        Ok(0.0)
+    }
+}
+
+/// A step whose max pooling takes another maximum in one window differs by a discrete amount
+/// (the gradient flows through the other element); `step_with_pooling_aligned` finds that
+/// window, and with the reference given the same pooling inputs the two steps agree.
+#[test]
+fn a_step_that_takes_another_window_maximum_agrees_once_pooling_is_aligned() {
+    let case = Case::small("small_cnn", FisherMode::Exact, true);
+    let (_, artifact, compiled) = case.build();
+    let mut other =
+        Session::new(&artifact, TakesAnotherMaximum::new(&artifact, &compiled)).unwrap();
+    let mut reference = Session::new(&artifact, ReferenceBackend::new(&compiled)).unwrap();
+    let hyper = Hyperparams {
+        noise_scale: 0.5,
+        seed: 5,
+        ..Hyperparams::default()
+    };
+    let rows = compare_steps(&mut other, &mut reference, None, 1, 11, &hyper).unwrap();
+    let parameters = rows.iter().find(|r| r.what == "step 0 parameters").unwrap();
+    assert!(
+        parameters.error > 1e-3,
+        "the lifted window moves the step: {rows:?}"
+    );
+
+    let state = reference_state(&mut reference, 0, 11, &hyper).unwrap();
+    assert_eq!(
+        state.params,
+        TrainState::<f32>::init(&reference.network, 11).params
+    );
+    let (choices, aligned) = step_with_pooling_aligned(
+        (&mut other, &mut reference),
+        &compiled.graph,
+        &state,
+        (0, 11),
+        &hyper,
+    )
+    .unwrap();
+    assert_eq!(choices.len(), 2, "small_cnn pools twice: {choices:?}");
+    // found: the one window lifted in each layer, the gap it overcame
+    let gaps = &other.backend.gaps[other.backend.gaps.len() - 2..];
+    for (c, gap) in choices.iter().zip(gaps) {
+        assert_eq!(c.differing, 1, "{c:?}");
+        assert!(
+            (c.closest - gap).abs() <= 1e-6 * gap,
+            "{c:?}: lifted over {gap}"
+        );
+    }
+    // the same pooling inputs, the same reference ops: the same bits
+    for row in &aligned {
+        assert_eq!(row.error, 0.0, "{}", row.what);
+    }
+    assert_eq!(
+        aligned.len(),
+        rows.iter().filter(|r| r.step == Some(0)).count() - 1
+    );
 }
