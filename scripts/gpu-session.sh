@@ -14,8 +14,8 @@
 #      none and exact; fused-tc and fused-tf32; fp32 FMA was timed on 2026-11-27) and PyTorch
 #      on the same card, side by side
 #                                                                   (LIMIT_BENCH s)
-#   2b. the GEMM pipeline's depth: the exact fused-tc step again with `--stages 2` (double
-#      buffering, as timed up to f28ac3b), beside part 2's default
+#   2b. the GEMM pipeline's depth: the exact fused-tc step again with `--stages 3` (three
+#      slices in flight; the default, 2, double-buffers), beside part 2's default
 #                                                                   (LIMIT_STAGES s)
 #   3. training (scripts/gpu-train.sh): ResNet20 on Fashion-MNIST, one epoch, lb-diagf
 #                                                                   (LIMIT_TRAIN s)
@@ -59,9 +59,9 @@ for p in $PARTS; do
              WARMUP=1 LIMIT_FISHERC=80 LIMIT_TORCH=125 TORCH_MODES="plain a2g2" scripts/gpu-bench.sh ;;
     stages) part stages "$LIMIT_STAGES" bash -c '
              .gpu/fisherc bench models/resnet44.toml models/vgg16.toml --batch 4096 --fisher exact \
-               --variant fused-tc --stages 2 --backend cuda --steps 3 --warmup 1 --no-profile \
-               --json "$OUT/stages2.json" --markdown "$OUT/stages2.md" >"$OUT/stages2.log" 2>&1
-             echo "fisherc bench --stages 2: exit $?"; cat "$OUT/stages2.md"' ;;
+               --variant fused-tc --stages 3 --backend cuda --steps 3 --warmup 1 --no-profile \
+               --json "$OUT/stages3.json" --markdown "$OUT/stages3.md" >"$OUT/stages3.log" 2>&1
+             echo "fisherc bench --stages 3: exit $?"; cat "$OUT/stages3.md"' ;;
     train) part train "$LIMIT_TRAIN" scripts/gpu-train.sh ;;
     profile) part profile "$LIMIT_PROFILE" env LIMIT=25 scripts/gpu-profile.sh ;;
     *) echo "gpu-session: unknown part '$p' (check, bench, stages, train, profile)" >&2 ;;

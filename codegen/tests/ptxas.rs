@@ -25,11 +25,11 @@ fn all_kernels() -> BTreeMap<String, Kernel> {
         for options in StepOptions::all() {
             let network = load(&path, &BuildOptions::train(4096)).unwrap();
             let step = build_training_step(network, &options).unwrap();
-            // the default pipeline, and 3xTF32 double-buffered (`--stages 2`) as well
+            // the default pipeline, and 3xTF32 three deep (`--stages 3`) as well
             let variants = [
                 (true, TensorCores::Off, DEFAULT_STAGES),
                 (true, TensorCores::Tf32x3, DEFAULT_STAGES),
-                (true, TensorCores::Tf32x3, 2),
+                (true, TensorCores::Tf32x3, 3),
                 (true, TensorCores::Tf32, DEFAULT_STAGES),
                 (false, TensorCores::Off, DEFAULT_STAGES),
             ];

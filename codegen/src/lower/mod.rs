@@ -85,11 +85,14 @@ pub struct LowerOptions {
     pub stages: u32,
 }
 
-/// Slices in flight in the convolutions' GEMMs by default: two being fetched while one
-/// multiplies. (Up to f28ac3b the GEMMs double-buffered: one being fetched; the H100 ran
-/// their loops at 2–3× their issue bound, and one TF32 product was hardly faster than three,
-/// as a pipeline waiting on its loads would be. Not yet timed.)
-pub const DEFAULT_STAGES: u32 = 3;
+/// Slices in flight in the convolutions' GEMMs by default: double buffering, one being fetched
+/// while one multiplies. Three (two fetched ahead, the default from b11b257 to 2026-11-28)
+/// timed no faster on the H200: exact 3xTF32 steps at batch 4096, ResNet44 96.4 ms at 3
+/// against 96.1 at 2, VGG16 266.1 against 261.6 (the same card, the same call; an earlier
+/// call 96.7/96.3 and 269.9/266.5). Nsight's stall reasons say why: the data gradients wait
+/// on the shared-memory instruction queue (MIO) and the L2, not on a slice's loads, and a
+/// third slice only takes shared memory. `--stages 3` still builds it.
+pub const DEFAULT_STAGES: u32 = 2;
 
 /// The pipeline depths a compile accepts (`--stages`, `compile.stages`): a weight gradient's
 /// input patch and its slice of dy fit in shared memory 4 deep.
