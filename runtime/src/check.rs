@@ -283,14 +283,10 @@ pub fn compare_steps<A: Backend, B: Backend>(
                     .1;
                 (worst(&x, want).0, worst(&y, want).0)
             });
-            let (error, at) = worst(&x, &y);
             rows.push(StepComparison {
-                what: format!("{label} {name}"),
                 step: Some(step),
-                error,
-                worst_tensor: tensor_name(&a.network, name, at),
-                bounded: true,
                 oracle: oracle_errors,
+                ..compared(&a.network, format!("{label} {name}"), name, (&x, &y))
             });
         }
     }
@@ -301,14 +297,10 @@ pub fn compare_steps<A: Backend, B: Backend>(
         step_both(a, b, &images, &labels, &hyper)?;
     }
     for ((name, x), (_, y)) in quantities(a)?.into_iter().zip(quantities(b)?) {
-        let (error, at) = worst(&x, &y);
+        let what = format!("{steps} free steps {name}");
         rows.push(StepComparison {
-            what: format!("{steps} free steps {name}"),
-            step: None,
-            error,
-            worst_tensor: tensor_name(&a.network, name, at),
             bounded: false,
-            oracle: None,
+            ..compared(&a.network, what, name, (&x, &y))
         });
     }
     Ok(rows)
@@ -381,14 +373,10 @@ pub fn step_with_pooling_aligned<A: Backend, B: Backend>(
     }
     let mut rows = Vec::new();
     for ((name, x), (_, y)) in quantities(a)?.into_iter().zip(quantities(b)?) {
-        let (error, at) = worst(&x, &y);
+        let what = format!("step {step} {name}, pooling aligned");
         rows.push(StepComparison {
-            what: format!("step {step} {name}, pooling aligned"),
             step: Some(step),
-            error,
-            worst_tensor: tensor_name(&a.network, name, at),
-            bounded: true,
-            oracle: None,
+            ..compared(&a.network, what, name, (&x, &y))
         });
     }
     Ok((choices, rows))
@@ -562,6 +550,25 @@ fn oracle_step(
         quantities.push(("fisher", fisher));
     }
     Ok(quantities)
+}
+
+/// A bounded row `what` for quantity `name` of two sessions (`x`, `y`), its worst tensor
+/// named; no step, no oracle.
+fn compared(
+    net: &Network,
+    what: String,
+    name: &str,
+    (x, y): (&[Vec<f64>], &[Vec<f64>]),
+) -> StepComparison {
+    let (error, at) = worst(x, y);
+    StepComparison {
+        what,
+        step: None,
+        error,
+        worst_tensor: tensor_name(net, name, at),
+        bounded: true,
+        oracle: None,
+    }
 }
 
 /// The worst [`relative_error`] over paired tensors, and which pair it is in.

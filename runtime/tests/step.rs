@@ -309,17 +309,22 @@ fn the_reference_backend_over_the_memory_plan_is_bit_identical_to_the_interprete
     }
 }
 
+/// Hyper-parameters of the step comparisons: noise drawn (scale 0.5), seed 5.
+fn noisy_hyper() -> Hyperparams {
+    Hyperparams {
+        noise_scale: 0.5,
+        seed: 5,
+        ..Hyperparams::default()
+    }
+}
+
 #[test]
 fn several_steps_on_the_executor_follow_the_reference_backend() {
     let case = Case::small("small_cnn", FisherMode::Exact, true);
     let (_, artifact, compiled) = case.build();
     let mut executor = Session::new(&artifact, ExecutorBackend::new(&compiled)).unwrap();
     let mut reference = Session::new(&artifact, ReferenceBackend::new(&compiled)).unwrap();
-    let hyper = Hyperparams {
-        noise_scale: 0.5,
-        seed: 5,
-        ..Hyperparams::default()
-    };
+    let hyper = noisy_hyper();
     let rows = compare_steps(&mut executor, &mut reference, None, 3, 11, &hyper).unwrap();
     let losses = rows.iter().filter(|r| r.what.ends_with("loss")).count();
     assert_eq!(losses, 3, "one loss per step: {rows:?}");
@@ -508,11 +513,7 @@ fn a_step_that_takes_another_window_maximum_agrees_once_pooling_is_aligned() {
     let mut other =
         Session::new(&artifact, TakesAnotherMaximum::new(&artifact, &compiled)).unwrap();
     let mut reference = Session::new(&artifact, ReferenceBackend::new(&compiled)).unwrap();
-    let hyper = Hyperparams {
-        noise_scale: 0.5,
-        seed: 5,
-        ..Hyperparams::default()
-    };
+    let hyper = noisy_hyper();
     let rows = compare_steps(&mut other, &mut reference, None, 1, 11, &hyper).unwrap();
     let parameters = rows.iter().find(|r| r.what == "step 0 parameters").unwrap();
     assert!(
