@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Everything a device session should run, in order of importance, each part under its own time
-# limit; with the default limits (590 s in all) it fits one 10-minute device call (the check,
-# bench and train parts took 279 s on the H100, 2026-11-27). Builds
+# limit; with the default limits (590 s in all) it fits one 10-minute device call (all five
+# parts took 287 s on the H200, 2026-11-28, before VGG16 joined the check). Builds
 # nothing: it runs .gpu/fisherc (scripts/build-cuda.sh; carry .gpu, with Fashion-MNIST in
 # .gpu/fashion-mnist for part 3).
 #
 #   1. correctness (scripts/gpu-check.sh, checks only), every kernel node by node against the
 #      CPU reference, then 3 noisy steps: resnet20 at batch 32, exact Fisher and full-Fisher
 #      noise, fused, fused-tc (tensor cores) and unfused; resnet44, exact, fused-tc, fused and
-#      fused-tf32 (one TF32 product: its own bounds)
+#      fused-tf32 (one TF32 product: its own bounds); vgg16 at batch 8, exact, fused-tc and
+#      unfused (max pooling: a step out of bounds is run again given the GPU's forward pass)
 #                                                                   (LIMIT_CHECK s)
 #   2. speed (scripts/gpu-bench.sh): fisherc bench of resnet44 and vgg16 at batch 4096 (Fisher
 #      none and exact; fused-tc and fused-tf32; fp32 FMA was timed on 2026-11-27) and PyTorch
@@ -31,11 +32,11 @@ cd "$(dirname "$0")/.."
 
 OUT=${OUT:-/tmp/gpu-session}
 PARTS=${PARTS:-check bench stages train profile}
-LIMIT_CHECK=${LIMIT_CHECK:-150}
+LIMIT_CHECK=${LIMIT_CHECK:-200}
 LIMIT_BENCH=${LIMIT_BENCH:-210}
-LIMIT_STAGES=${LIMIT_STAGES:-60}
-LIMIT_TRAIN=${LIMIT_TRAIN:-60}
-LIMIT_PROFILE=${LIMIT_PROFILE:-110}
+LIMIT_STAGES=${LIMIT_STAGES:-50}
+LIMIT_TRAIN=${LIMIT_TRAIN:-50}
+LIMIT_PROFILE=${LIMIT_PROFILE:-80}
 WORK=$(mktemp -d)
 mkdir -p "$OUT"
 : >"$OUT/summary.txt"
@@ -54,6 +55,8 @@ for p in $PARTS; do
     check) part check "$LIMIT_CHECK" bash -c '
              CHECK_MODELS=resnet20 CHECK_KINDS="exact full-fisher-true" RUN_MODELS= scripts/gpu-check.sh
              OUT=$OUT/resnet44 CHECK_MODELS=resnet44 CHECK_VARIANTS="fused-tc fused fused-tf32" RUN_MODELS= \
+               scripts/gpu-check.sh
+             OUT=$OUT/vgg16 CHECK_MODELS=vgg16 CHECK_BATCH=8 CHECK_VARIANTS="fused-tc unfused" RUN_MODELS= \
                scripts/gpu-check.sh' ;;
     bench) part bench "$LIMIT_BENCH" env FISHER=none,exact VARIANTS=fused-tc,fused-tf32 STEPS=3 \
              WARMUP=1 LIMIT_FISHERC=80 LIMIT_TORCH=125 TORCH_MODES="plain a2g2" scripts/gpu-bench.sh ;;
@@ -63,7 +66,7 @@ for p in $PARTS; do
                --json "$OUT/stages3.json" --markdown "$OUT/stages3.md" >"$OUT/stages3.log" 2>&1
              echo "fisherc bench --stages 3: exit $?"; cat "$OUT/stages3.md"' ;;
     train) part train "$LIMIT_TRAIN" scripts/gpu-train.sh ;;
-    profile) part profile "$LIMIT_PROFILE" env LIMIT=25 scripts/gpu-profile.sh ;;
+    profile) part profile "$LIMIT_PROFILE" env LIMIT=20 scripts/gpu-profile.sh ;;
     *) echo "gpu-session: unknown part '$p' (check, bench, stages, train, profile)" >&2 ;;
   esac
 done

@@ -6,18 +6,21 @@
 //!   update is also compared bit for bit (the noise is the CPU's, or it is not).
 //! * [`compare_steps`]: whole steps on two sessions with the same batches, each step from the
 //!   same state (bounded), then free-running from the same initial state (the drift, reported).
-//! * [`step_with_pooling_aligned`]: a step again, node by node, the second session's max
-//!   pooling given the first's inputs, so that both route the gradient through the same window
-//!   maxima. Where two values of a window are closer than two backends agree, each may take a
-//!   different one; the gradient then flows elsewhere, a discrete difference that no rounding
-//!   bound covers (VGG16 at batch 8: a window's two largest values 4·10⁻⁷ apart, relative).
+//! * [`step_with_forward_aligned`]: a step again, node by node, the second session given the
+//!   first's forward pass (each forward node's outputs), so that both differentiate the same
+//!   one. The forward pass makes discrete choices: a max-pooling window's maximum, a ReLU's
+//!   mask. Where two values lie closer than two backends agree, each may choose differently,
+//!   and the gradient flows elsewhere: a difference no rounding bound covers (VGG16 at batch 8
+//!   on the H200: a window's two largest values 2.4·10⁻⁷ apart, relative, 8.5% on a layer's
+//!   weights). Aligned, what remains is the backward pass's and the update's arithmetic.
 //!
 //! Errors are relative: the largest absolute difference over the largest reference magnitude.
 
 use fisherc_codegen::compile::Compiled;
 use fisherc_codegen::device::value_of;
 use fisherc_codegen::lower::{SINGLE_TF32_ERROR, TensorCores, on_tensor_cores};
-use fisherc_ir::graph::{Graph, Output};
+use fisherc_codegen::plan::PlannedNode;
+use fisherc_ir::graph::{Graph, Output, Phase};
 use fisherc_ir::interp::{Feeds, evaluate};
 use fisherc_ir::model::Network;
 use fisherc_ir::ops::{MaxPool, Op, Role};
@@ -323,7 +326,7 @@ pub fn reference_state<B: Backend>(
     b.state()
 }
 
-/// One max-pooling layer's choices in [`step_with_pooling_aligned`].
+/// One max-pooling layer's choices in [`step_with_forward_aligned`].
 #[derive(Clone, Debug)]
 pub struct PoolingChoices {
     pub layer: String,
@@ -335,12 +338,12 @@ pub struct PoolingChoices {
     pub closest: f64,
 }
 
-/// Step `step` of [`compare_steps`] again from `state`, node by node on both sessions, with
-/// `b`'s max-pooling inputs replaced by `a`'s before each pooling node (its backward recomputes
-/// the maxima from the same buffer), so that both route the gradient through the same window
-/// maxima. Returns what each pooling layer chose before the replacement, and the step's rows
-/// (a, then b, unbounded by any oracle: its f64 step would take its own maxima).
-pub fn step_with_pooling_aligned<A: Backend, B: Backend>(
+/// Step `step` of [`compare_steps`] again from `state`, node by node on both sessions, `b`'s
+/// outputs of every forward node replaced by `a`'s as it runs, so that both differentiate `a`'s
+/// forward pass (masks and maxima are recomputed from these buffers). Returns what each
+/// max-pooling layer chose before the replacement (on its input as each session computed it),
+/// and the step's rows (`a` against `b`, with no oracle: its f64 step makes its own choices).
+pub fn step_with_forward_aligned<A: Backend, B: Backend>(
     (a, b): (&mut Session<A>, &mut Session<B>),
     graph: &Graph,
     state: &TrainState<f32>,
@@ -353,27 +356,46 @@ pub fn step_with_pooling_aligned<A: Backend, B: Backend>(
         b.feed(&feeds)?;
     }
     let plan = a.plan.clone();
+    let of = |node: &PlannedNode| graph.node(NodeIndex::new(node.graph_node));
+    // the buffers max pooling reads: (buffer, the pooling node)
+    let pooled: Vec<(usize, &PlannedNode)> = plan
+        .nodes
+        .iter()
+        .filter(|node| matches!(of(node).op, Op::MaxPool(_)))
+        .map(|node| (node.inputs[0], node))
+        .collect();
     let mut choices = Vec::new();
     for (i, node) in plan.nodes.iter().enumerate() {
         if node.launch_count == 0 {
             continue;
         }
-        if let Op::MaxPool(pool) = &graph.node(NodeIndex::new(node.graph_node)).op {
-            let buffer = &plan.buffers[node.inputs[0]];
-            let (ours, theirs) = (a.backend.read(buffer)?, b.backend.read(buffer)?);
-            let values =
-                |words: &[u32]| -> Vec<f32> { words.iter().map(|&w| f32::from_bits(w)).collect() };
-            let mut layer = pooling_choices(pool, &buffer.shape, &values(&ours), &values(&theirs));
-            layer.layer = node.layer.clone();
-            choices.push(layer);
-            b.backend.write(buffer, &ours)?;
-        }
         a.backend.run_node(i)?;
         b.backend.run_node(i)?;
+        if of(node).phase != Phase::Forward {
+            continue;
+        }
+        for &out in &node.outputs {
+            let buffer = &plan.buffers[out];
+            let ours = a.backend.read(buffer)?;
+            for (_, pool_node) in pooled.iter().filter(|(input, _)| *input == out) {
+                let Op::MaxPool(pool) = &of(pool_node).op else {
+                    unreachable!("filtered above")
+                };
+                let theirs = b.backend.read(buffer)?;
+                let values = |words: &[u32]| -> Vec<f32> {
+                    words.iter().map(|&w| f32::from_bits(w)).collect()
+                };
+                choices.push(PoolingChoices {
+                    layer: pool_node.layer.clone(),
+                    ..pooling_choices(pool, &buffer.shape, &values(&ours), &values(&theirs))
+                });
+            }
+            b.backend.write(buffer, &ours)?;
+        }
     }
     let mut rows = Vec::new();
     for ((name, x), (_, y)) in quantities(a)?.into_iter().zip(quantities(b)?) {
-        let what = format!("step {step} {name}, pooling aligned");
+        let what = format!("step {step} {name}, forward aligned");
         rows.push(StepComparison {
             step: Some(step),
             ..compared(&a.network, what, name, (&x, &y))

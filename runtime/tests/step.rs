@@ -32,7 +32,7 @@ use fisherc_ir::{FisherMode, Noise, StepOptions, TrainingStep, build_training_st
 use fisherc_runtime::Session;
 use fisherc_runtime::backend::{Backend, RuntimeError};
 use fisherc_runtime::check::{
-    Bounds, compare_steps, node_by_node, reference_state, step_with_pooling_aligned,
+    Bounds, compare_steps, node_by_node, reference_state, step_with_forward_aligned,
 };
 use fisherc_runtime::cpu::{ExecutorBackend, ReferenceBackend};
 
@@ -504,10 +504,10 @@ impl Backend for TakesAnotherMaximum {
 }
 
 /// A step whose max pooling takes another maximum in one window differs by a discrete amount
-/// (the gradient flows through the other element); `step_with_pooling_aligned` finds that
-/// window, and with the reference given the same pooling inputs the two steps agree.
+/// (the gradient flows through the other element); `step_with_forward_aligned` finds that
+/// window, and with the reference given the same forward pass the two steps agree.
 #[test]
-fn a_step_that_takes_another_window_maximum_agrees_once_pooling_is_aligned() {
+fn a_step_that_takes_another_window_maximum_agrees_once_the_forward_pass_is_aligned() {
     let case = Case::small("small_cnn", FisherMode::Exact, true);
     let (_, artifact, compiled) = case.build();
     let mut other =
@@ -526,7 +526,7 @@ fn a_step_that_takes_another_window_maximum_agrees_once_pooling_is_aligned() {
         state.params,
         TrainState::<f32>::init(&reference.network, 11).params
     );
-    let (choices, aligned) = step_with_pooling_aligned(
+    let (choices, aligned) = step_with_forward_aligned(
         (&mut other, &mut reference),
         &compiled.graph,
         &state,
@@ -544,7 +544,7 @@ fn a_step_that_takes_another_window_maximum_agrees_once_pooling_is_aligned() {
             "{c:?}: lifted over {gap}"
         );
     }
-    // the same pooling inputs, the same reference ops: the same bits
+    // the same forward pass, the same reference ops after it: the same bits
     for row in &aligned {
         assert_eq!(row.error, 0.0, "{}", row.what);
     }
