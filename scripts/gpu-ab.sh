@@ -8,12 +8,12 @@
 #      CHECK_STEPS noisy steps)
 #   2. speed: `fisherc bench` of MODELS at BATCH (Fisher $FISHER, $VARIANT) with BASE, NEW,
 #      BASE, NEW (alternating, so that a drift of the card's clocks falls on both), then each
-#      of EXTRA's flag sets with NEW (e.g. EXTRA="--stages 2")
+#      of EXTRA's flag sets with NEW (e.g. EXTRA="--stages 3")
 #   3. the table: each model's median step per binary and run, NEW / BASE, printed last
 #
 # $OUT (default /tmp/gpu-ab) gets machine.txt, check_<model>.txt, and per run its bench log,
 # JSON (every node's time) and Markdown.
-# Usage: BASE=.gpu/fisherc-6745c54 NEW=.gpu/fisherc EXTRA="--stages 2" scripts/gpu-ab.sh
+# Usage: BASE=.gpu/fisherc-6745c54 NEW=.gpu/fisherc EXTRA="--stages 3" scripts/gpu-ab.sh
 # A dry run on a CPU machine: BACKEND=reference BATCH=8 MODELS=resnet20 CHECK_MODELS=
 #   BASE=target/release/fisherc NEW=target/release/fisherc scripts/gpu-ab.sh
 set -uo pipefail

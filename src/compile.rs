@@ -28,7 +28,7 @@ pub struct Args {
     pub tensor_cores: Option<Tf32>,
 
     /// K slices the convolutions' GEMMs keep in flight, where shared memory allows: 2 (double
-    /// buffering, as measured on the H100 up to f28ac3b) to 4.
+    /// buffering) to 4; 3 timed no faster on the H200 (benches/RESULTS.md).
     #[arg(long, default_value_t = DEFAULT_STAGES, value_parser = parse_stages)]
     pub stages: u32,
 

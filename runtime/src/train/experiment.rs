@@ -37,7 +37,7 @@ pub struct CompileConfig {
     /// What the kernels run on: the CPU reference backend computes in f32 whatever this says.
     #[serde(default)]
     pub tensor_cores: TensorCores,
-    /// K slices the convolutions' GEMMs keep in flight, 2 or more [default: 3], where shared
+    /// K slices the convolutions' GEMMs keep in flight, 2 or more [default: 2], where shared
     /// memory allows: a tuning choice, the same results either way.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stages: Option<u32>,
