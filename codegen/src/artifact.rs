@@ -68,6 +68,11 @@ pub struct Source {
     /// the network's forward pass in evaluation mode.
     #[serde(default, skip_serializing_if = "ProgramKind::is_step")]
     pub program: ProgramKind,
+    /// The classifier's width it was built with, which may differ from the model file's (the
+    /// trainer widens it to the data set's classes); artifacts from before it was recorded
+    /// have the file's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classes: Option<usize>,
 }
 
 /// What an artifact's program runs.
@@ -119,6 +124,7 @@ impl Source {
             stages: options.stages,
             arch: arch.to_string(),
             program: ProgramKind::Step,
+            classes: Some(net.classes),
         }
     }
 
@@ -145,6 +151,7 @@ impl Source {
             stages: options.stages,
             arch: arch.to_string(),
             program: ProgramKind::Evaluation,
+            classes: Some(network.classes),
         }
     }
 
@@ -174,11 +181,14 @@ impl Source {
         format!("{variant}{}", stages_note(options.stages))
     }
 
-    /// The network again, from the kept model text: in training mode for a step, in
-    /// evaluation mode for an evaluation program.
+    /// The network again, from the kept model text (with the classifier's width it was built
+    /// with): in training mode for a step, in evaluation mode for an evaluation program.
     pub fn network(&self) -> Result<Network, String> {
         let path = Path::new(&self.model);
-        let spec = ModelSpec::parse(&self.model_text, path).map_err(|e| e.to_string())?;
+        let mut spec = ModelSpec::parse(&self.model_text, path).map_err(|e| e.to_string())?;
+        if let Some(classes) = self.classes {
+            spec.classes = classes;
+        }
         let options = BuildOptions {
             batch: self.batch,
             input: Some(self.input),

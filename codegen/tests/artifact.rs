@@ -9,7 +9,7 @@ use fisherc_codegen::artifact::{
 };
 use fisherc_codegen::compile::{CompileOptions, compile};
 use fisherc_codegen::plan::Arg;
-use fisherc_ir::model::{BuildOptions, load};
+use fisherc_ir::model::{BuildOptions, ModelSpec, build, load};
 use fisherc_ir::ops::Hyper;
 use fisherc_ir::{FisherMode, StepOptions, build_training_step};
 
@@ -156,6 +156,31 @@ fn artifacts_stand_alone_and_compile_again_to_themselves() {
         panic!("an edited model compiled to the same program")
     };
     assert!(err.contains("recompile it"), "{err}");
+}
+
+/// A classifier widened to the data (as the trainer does: VGG16's file is for CIFAR-10, the
+/// data CIFAR-100) stays widened in the artifact: read back, its network and its recompiled
+/// program are the widened ones, though the kept model text says otherwise.
+#[test]
+fn an_artifact_keeps_the_classifier_width_it_was_built_with() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/small_cnn.toml");
+    let text = fs::read_to_string(&path).unwrap();
+    let mut spec = ModelSpec::parse(&text, &path).unwrap();
+    assert_ne!(spec.classes, 4, "a width the file does not have");
+    spec.classes = 4;
+    let network = build(&spec, &BuildOptions::train(8)).unwrap();
+    let step = build_training_step(network, &StepOptions::new(FisherMode::Exact)).unwrap();
+    let options = CompileOptions::fused(true);
+    let compiled = compile(&step, options).unwrap();
+    let source = Source::of(&step, &path, text, options, "sm_90");
+    let a = Artifact::new(&compiled.program, source, compiled.seconds);
+    let back = Artifact::read(written(&a).path()).unwrap();
+    let network = back.plan.source.network().unwrap();
+    assert_eq!(network.classes, 4);
+    let classifier = network.params.iter().rev().find(|p| p.shape.len() == 2);
+    assert_eq!(classifier.unwrap().shape[0], 4, "{:?}", network.params);
+    let again = back.recompile().unwrap();
+    assert_eq!(again.program.launches.len(), a.plan.launches.len());
 }
 
 /// Every convolution GEMM states its main loop, by which cost estimates multiply the loop's
