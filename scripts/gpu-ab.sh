@@ -11,8 +11,9 @@
 #      of EXTRA's flag sets with NEW (e.g. EXTRA="--stages 3")
 #   3. the table: each model's median step per binary and run, NEW / BASE, printed last
 #
-# $OUT (default /tmp/gpu-ab) gets machine.txt, check_<model>.txt, and per run its bench log,
-# JSON (every node's time) and Markdown.
+# $OUT (default /tmp/gpu-ab) gets machine.txt, check_<model>.txt, ab.md (the table) and
+# runs.tar.gz (per run its bench log, JSON with every node's time, and Markdown: one file, as
+# the device tool brings back only a few).
 # Usage: BASE=.gpu/fisherc-6745c54 NEW=.gpu/fisherc EXTRA="--stages 3" scripts/gpu-ab.sh
 # A dry run on a CPU machine: BACKEND=reference BATCH=8 MODELS=resnet20 CHECK_MODELS=
 #   BASE=target/release/fisherc NEW=target/release/fisherc scripts/gpu-ab.sh
@@ -94,4 +95,5 @@ for model, by in times.items():
         ratio = f"{min(by['new']) / min(by['base']):.3f}"
     print(f"| {model} | " + " | ".join(cells) + f" | {ratio} |")
 EOF
+tar -czf "$OUT/runs.tar.gz" -C "$OUT" $(cd "$OUT" && ls run[0-9]*.*) && rm -f "$OUT"/run[0-9]*.*
 exit $status
