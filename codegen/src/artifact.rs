@@ -108,23 +108,11 @@ impl Source {
         options: CompileOptions,
         arch: &str,
     ) -> Source {
-        let net = &step.network;
         Source {
-            model: path.display().to_string(),
-            model_text,
-            batch: net.batch,
-            input: net.input,
-            shortcut: net.shortcut,
             fisher: step.fisher,
             decay_bn: step.decay_bn,
             noise: step.noise,
-            fused: options.fused,
-            tensor_cores: options.tensor_cores.on(),
-            single_tf32: options.tensor_cores == TensorCores::Tf32,
-            stages: options.stages,
-            arch: arch.to_string(),
-            program: ProgramKind::Step,
-            classes: Some(net.classes),
+            ..Source::of_network(&step.network, (path, model_text), (options, arch))
         }
     }
 
@@ -135,6 +123,19 @@ impl Source {
         (path, model_text): (&Path, String),
         options: CompileOptions,
         arch: &str,
+    ) -> Source {
+        Source {
+            program: ProgramKind::Evaluation,
+            ..Source::of_network(network, (path, model_text), (options, arch))
+        }
+    }
+
+    /// What a program of `network` records of it and of its compile: a training step's
+    /// source without Fisher, decay of BN parameters or noise.
+    fn of_network(
+        network: &Network,
+        (path, model_text): (&Path, String),
+        (options, arch): (CompileOptions, &str),
     ) -> Source {
         Source {
             model: path.display().to_string(),
@@ -150,7 +151,7 @@ impl Source {
             single_tf32: options.tensor_cores == TensorCores::Tf32,
             stages: options.stages,
             arch: arch.to_string(),
-            program: ProgramKind::Evaluation,
+            program: ProgramKind::Step,
             classes: Some(network.classes),
         }
     }

@@ -205,9 +205,7 @@ fn score_on(
         session.feed(&feeds)?;
         session.step()?;
         let logits = session.output(&Output::Logits)?.into_float();
-        let classes = logits.shape[1];
-        let rows = Tensor::from_vec(&[count, classes], logits.data[..count * classes].to_vec());
-        tally.add(&rows, &labels.data[..count]);
+        tally.add(&logits, &labels.data[..count]);
     }
     Ok(tally.score(set.len()))
 }
@@ -220,7 +218,8 @@ struct Tally {
 }
 
 impl Tally {
-    /// Adds rows of `logits` and their labels.
+    /// Adds rows of `logits` and their labels; rows past the labels (a padded batch's) are
+    /// not counted.
     fn add(&mut self, logits: &Tensor<f32>, labels: &[i32]) {
         let classes = logits.shape[1];
         for (row, &label) in logits.data.chunks(classes).zip(labels) {
