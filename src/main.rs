@@ -62,6 +62,10 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
+    if let Err(e) = fisherc_ir::matmul::Isa::from_env() {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
     let result = match cli.command {
         Command::Inspect(args) => inspect::run(&args),
         Command::Compile(args) => compile::run(&args),

@@ -1,98 +1,12 @@
-//! Numeric building blocks of the CPU reference: strided matrix products through the `gemm`
-//! crate, im2col/col2im for convolutions, and a batch reduction whose summation order does not
-//! depend on the number of threads (so CPU runs are bit-for-bit repeatable).
+//! Numeric building blocks of the CPU reference besides the matrix product ([`crate::matmul`]):
+//! im2col/col2im for convolutions, and a batch reduction whose summation order does not depend
+//! on the number of threads (so CPU runs are bit-for-bit repeatable).
 //!
 //! Ops' `eval` functions call these; nothing here knows about graphs.
 
-use gemm::Parallelism;
 use rayon::prelude::*;
 
 use crate::tensor::Real;
-
-/// A read-only matrix view with arbitrary strides (so transposes are free).
-#[derive(Clone, Copy)]
-pub struct Mat<'a, T> {
-    pub data: &'a [T],
-    pub rows: usize,
-    pub cols: usize,
-    pub row_stride: usize,
-    pub col_stride: usize,
-}
-
-impl<'a, T> Mat<'a, T> {
-    /// A row-major `rows × cols` matrix.
-    pub fn new(data: &'a [T], rows: usize, cols: usize) -> Self {
-        Mat {
-            data,
-            rows,
-            cols,
-            row_stride: cols,
-            col_stride: 1,
-        }
-    }
-
-    /// The transposed view.
-    pub fn t(self) -> Self {
-        Mat {
-            data: self.data,
-            rows: self.cols,
-            cols: self.rows,
-            row_stride: self.col_stride,
-            col_stride: self.row_stride,
-        }
-    }
-
-    fn last_index(&self) -> usize {
-        (self.rows.max(1) - 1) * self.row_stride + (self.cols.max(1) - 1) * self.col_stride
-    }
-}
-
-/// `c = a·b` (or `c += a·b` when `accumulate`), with `c` row-major `a.rows × b.cols`.
-/// `parallel` lets the GEMM use all threads; leave it off inside already-parallel loops.
-pub fn matmul<T: Real>(a: Mat<T>, b: Mat<T>, c: &mut [T], accumulate: bool, parallel: bool) {
-    assert_eq!(a.cols, b.rows, "matmul: inner dimensions differ");
-    assert_eq!(c.len(), a.rows * b.cols, "matmul: output size");
-    if a.rows == 0 || b.cols == 0 {
-        return;
-    }
-    if a.cols == 0 {
-        if !accumulate {
-            c.fill(T::zero());
-        }
-        return;
-    }
-    assert!(a.last_index() < a.data.len() && b.last_index() < b.data.len());
-    let parallelism = if parallel {
-        Parallelism::Rayon(0)
-    } else {
-        Parallelism::None
-    };
-    // SAFETY: the asserts above keep every index the GEMM touches inside the three slices,
-    // and `c` is borrowed mutably, so it does not alias `a` or `b`.
-    unsafe {
-        gemm::gemm(
-            a.rows,
-            b.cols,
-            a.cols,
-            c.as_mut_ptr(),
-            1,
-            b.cols as isize,
-            accumulate,
-            a.data.as_ptr(),
-            a.col_stride as isize,
-            a.row_stride as isize,
-            b.data.as_ptr(),
-            b.col_stride as isize,
-            b.row_stride as isize,
-            T::one(),
-            T::one(),
-            false,
-            false,
-            false,
-            parallelism,
-        );
-    }
-}
 
 /// Geometry of a 2-D convolution over one example.
 #[derive(Clone, Copy, Debug)]

@@ -9,7 +9,8 @@
 //! ```
 //!
 //! * [`graph`]: the typed petgraph DAG; [`ops`]: every op's shape rule, CPU reference, gradient
-//!   rule and Fisher rule, one definition each; [`cpu`]: the numeric kernels those use.
+//!   rule and Fisher rule, one definition each; [`cpu`] and [`matmul`]: the numeric kernels
+//!   those use ([`matmul`]'s products have the same bits on every CPU).
 //! * [`autodiff`]: reverse mode over the graph; [`step`]: the training step; [`philox`]: the
 //!   bit-reproducible noise stream.
 //! * [`model`]: model files; [`interp`]: the reference interpreter; [`state`]: training state.
@@ -19,6 +20,7 @@ pub mod cpu;
 pub mod error;
 pub mod graph;
 pub mod interp;
+pub mod matmul;
 pub mod model;
 pub mod ops;
 pub mod optimize;

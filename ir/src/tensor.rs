@@ -102,7 +102,15 @@ impl fmt::Display for ShapeDisplay<'_> {
 
 /// Float type the reference interpreter computes in.
 pub trait Real:
-    num_traits::Float + Sum + Send + Sync + fmt::Debug + fmt::Display + Default + 'static
+    num_traits::Float
+    + Sum
+    + Send
+    + Sync
+    + fmt::Debug
+    + fmt::Display
+    + Default
+    + 'static
+    + crate::matmul::Element
 {
     fn from_f64(x: f64) -> Self;
     fn from_f32(x: f32) -> Self;
@@ -110,6 +118,11 @@ pub trait Real:
     fn from_usize(x: usize) -> Self {
         Self::from_f64(x as f64)
     }
+    /// `eˣ` from the `libm` crate: the same bits on every CPU (std's calls the C library, which
+    /// may choose its code by instruction set).
+    fn portable_exp(self) -> Self;
+    /// `ln x` from the `libm` crate, like [`Real::portable_exp`].
+    fn portable_ln(self) -> Self;
 }
 
 impl Real for f32 {
@@ -122,6 +135,12 @@ impl Real for f32 {
     fn as_f64(self) -> f64 {
         self as f64
     }
+    fn portable_exp(self) -> Self {
+        libm::expf(self)
+    }
+    fn portable_ln(self) -> Self {
+        libm::logf(self)
+    }
 }
 
 impl Real for f64 {
@@ -133,6 +152,12 @@ impl Real for f64 {
     }
     fn as_f64(self) -> f64 {
         self
+    }
+    fn portable_exp(self) -> Self {
+        libm::exp(self)
+    }
+    fn portable_ln(self) -> Self {
+        libm::log(self)
     }
 }
 

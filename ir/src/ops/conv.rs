@@ -7,9 +7,10 @@ use super::{
     ChannelSum, ChannelSumPerExample, FisherCtx, OpDef, VjpCtx, expect_arity, expect_rank,
     expect_type, float_out, flop_product, shape_str,
 };
-use crate::cpu::{ConvGeom, Mat, for_each_example, matmul, sum_over_batch};
+use crate::cpu::{ConvGeom, for_each_example, sum_over_batch};
 use crate::error::ShapeError;
 use crate::graph::PortRef;
+use crate::matmul::{Mat, matmul};
 use crate::step::FisherMode;
 use crate::tensor::{Real, Tensor, TensorType, Value};
 use serde::{Deserialize, Serialize};

@@ -6,9 +6,10 @@ use super::{
     ChannelSum, FisherCtx, OpDef, VjpCtx, expect_arity, expect_rank, expect_type, float_out,
     flop_product, shape_str,
 };
-use crate::cpu::{Mat, for_each_example, matmul};
+use crate::cpu::for_each_example;
 use crate::error::ShapeError;
 use crate::graph::PortRef;
+use crate::matmul::{Mat, matmul};
 use crate::step::FisherMode;
 use crate::tensor::{Real, Tensor, TensorType, Value};
 use serde::{Deserialize, Serialize};

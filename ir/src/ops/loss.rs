@@ -31,7 +31,7 @@ fn softmax_checked<T: Real>(logits: &Tensor<T>, labels: &Tensor<i32>) -> Result<
     let mut probs = Vec::with_capacity(logits.data.len());
     for row in logits.data.chunks(classes) {
         let max = row.iter().copied().fold(T::neg_infinity(), T::max);
-        let exps: Vec<T> = row.iter().map(|&z| (z - max).exp()).collect();
+        let exps: Vec<T> = row.iter().map(|&z| (z - max).portable_exp()).collect();
         let total: T = exps.iter().copied().sum();
         probs.extend(exps.into_iter().map(|e| e / total));
     }
@@ -62,7 +62,12 @@ impl OpDef for SoftmaxCrossEntropy {
         let mut total = T::zero();
         for (row, &y) in logits.data.chunks(classes).zip(&labels.data) {
             let max = row.iter().copied().fold(T::neg_infinity(), T::max);
-            let log_sum: T = row.iter().map(|&z| (z - max).exp()).sum::<T>().ln() + max;
+            let log_sum: T = row
+                .iter()
+                .map(|&z| (z - max).portable_exp())
+                .sum::<T>()
+                .portable_ln()
+                + max;
             total = total + log_sum - row[y as usize];
         }
         let batch = T::from_usize(logits.shape[0]);

@@ -9,7 +9,7 @@ use fisherc_ir::interp::{Feeds, evaluate};
 use fisherc_ir::model::{BuildOptions, Mode, ModelSpec, Network, build};
 use fisherc_ir::ops::Role;
 use fisherc_ir::state::TrainState;
-use fisherc_ir::tensor::{Tensor, Value};
+use fisherc_ir::tensor::{Real, Tensor, Value};
 
 use crate::backend::{Backend, RuntimeError};
 use crate::data::Dataset;
@@ -232,9 +232,9 @@ impl Tally {
                 );
             let log_sum = row
                 .iter()
-                .map(|&v| ((v - max) as f64).exp())
+                .map(|&v| ((v - max) as f64).portable_exp())
                 .sum::<f64>()
-                .ln()
+                .portable_ln()
                 + max as f64;
             self.loss += log_sum - row[label as usize] as f64;
             self.correct += (best == label as usize) as usize;
