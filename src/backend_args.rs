@@ -22,6 +22,12 @@ impl BackendKind {
     pub fn needs_compiled(self) -> bool {
         self != BackendKind::Cuda
     }
+
+    /// Whether the backend runs the generated kernels (the reference backend runs the CPU
+    /// reference ops: how the kernels are tiled or pipelined does not apply to it).
+    pub fn runs_kernels(self) -> bool {
+        self != BackendKind::Reference
+    }
 }
 
 /// A backend of `kind` for `artifact`; `compiled` is the artifact compiled again, which the

@@ -22,6 +22,7 @@ use serde::Serialize;
 
 use crate::backend_args::{self, BackendKind};
 use crate::compile::parse_stages;
+use crate::format::grouped_rounded;
 use crate::hyper_args::HyperArgs;
 use crate::model_args::parse_input;
 use crate::profile::{self, NodeRow, OpRow};
@@ -283,12 +284,15 @@ fn measure(args: &Args, config: &Config<'_>, out: &mut impl Write) -> Result<Mea
     };
     writeln!(
         out,
-        "{} · batch {} · fisher {} · {} · {} stages",
+        "{} · batch {} · fisher {} · {}{}",
         config.path.display(),
         config.batch,
         config.fisher,
         config.variant.name(),
-        config.stages
+        match args.backend.runs_kernels() {
+            true => format!(" · {} stages", config.stages),
+            false => String::new(),
+        }
     )?;
     let options = BuildOptions {
         input: args.input,
@@ -309,9 +313,7 @@ fn measure(args: &Args, config: &Config<'_>, out: &mut impl Write) -> Result<Mea
     let artifact = Artifact::new(&compiled.program, source, compiled.seconds);
     let times = timed_steps(args, &artifact, &compiled, out)?;
 
-    let mut sorted = times.steps.clone();
-    sorted.sort_by(f64::total_cmp);
-    let median = sorted[sorted.len() / 2];
+    let median = crate::timing::median(&times.steps).context("no timed steps")?;
     let flops = step.graph.flops() as f64;
     let plan = &artifact.plan;
     let bytes: u64 = plan
@@ -334,7 +336,7 @@ fn measure(args: &Args, config: &Config<'_>, out: &mut impl Write) -> Result<Mea
         compile_s: compiled.seconds,
         launches_per_step: plan.launches.len(),
         median_ms: median * 1e3,
-        min_ms: sorted[0] * 1e3,
+        min_ms: times.steps.iter().copied().fold(f64::INFINITY, f64::min) * 1e3,
         images_per_s: config.batch as f64 / median,
         gflop_per_step: flops / 1e9,
         tflop_per_s: flop_rate / 1e12,
@@ -408,10 +410,10 @@ fn timed_steps(
 fn print_summary(out: &mut impl Write, m: &Measurement) -> Result<()> {
     writeln!(
         out,
-        "  median {:.3} ms (min {:.3}) · {:.0} images/s · {:.3} TFLOP/s · {:.1} GB/s · {} launches · on {}",
+        "  median {:.3} ms (min {:.3}) · {} images/s · {:.3} TFLOP/s · {:.1} GB/s · {} launches · on {}",
         m.median_ms,
         m.min_ms,
-        m.images_per_s,
+        grouped_rounded(m.images_per_s),
         m.tflop_per_s,
         m.gb_per_s,
         m.launches_per_step,

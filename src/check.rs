@@ -22,6 +22,10 @@ use crate::backend_args::{self, BackendKind};
 use crate::hyper_args::HyperArgs;
 
 #[derive(clap::Args, Debug)]
+#[command(mut_arg("noise_scale", |a| a.help(
+    "Noise scale s [default: 0.5 for a step that draws noise, so that the noise is checked \
+     (the training default sqrt(1/small_batch − 1/batch) is 0 at small batches); 0 otherwise]"
+)))]
 pub struct Args {
     /// A directory written by `fisherc compile`.
     pub artifact: PathBuf,
@@ -210,9 +214,13 @@ pub fn run(args: &Args) -> Result<()> {
             for c in choices.iter().filter(|c| c.differing > 0) {
                 writeln!(
                     out,
-                    "step {step} {}: another maximum in {} of {} windows (closest pair {:.1e} \
+                    "step {} {}: another maximum in {} of {} windows (closest pair {:.1e} \
                      apart, relative)",
-                    c.layer, c.differing, c.windows, c.closest
+                    step + 1,
+                    c.layer,
+                    c.differing,
+                    c.windows,
+                    c.closest
                 )?;
             }
             // no oracle here (its f64 step would make its own choices): the bound alone

@@ -13,6 +13,14 @@ pub fn grouped(n: u64) -> String {
     out
 }
 
+/// A rate or count rounded to a whole number, grouped: `41653.8` → `41,654`.
+pub fn grouped_rounded(x: f64) -> String {
+    match x.is_finite() && x >= 0.0 {
+        true => grouped(x.round() as u64),
+        false => format!("{x}"),
+    }
+}
+
 /// A count with an SI prefix: `2.39e12` → `2.39 T`.
 pub fn si(x: f64) -> String {
     let prefixes = [(1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")];
@@ -35,6 +43,13 @@ mod tests {
         assert_eq!(grouped(1000), "1,000");
         assert_eq!(grouped(661338), "661,338");
         assert_eq!(grouped(14724042), "14,724,042");
+    }
+
+    #[test]
+    fn rounds_then_groups() {
+        assert_eq!(grouped_rounded(41653.8), "41,654");
+        assert_eq!(grouped_rounded(0.4), "0");
+        assert_eq!(grouped_rounded(f64::INFINITY), "inf");
     }
 
     #[test]

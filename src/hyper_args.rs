@@ -4,16 +4,20 @@ use fisherc_ir::state::{Hyperparams, default_noise_scale};
 
 #[derive(clap::Args, Debug)]
 pub struct HyperArgs {
+    /// Learning rate α of θ ← θ − α·v.
     #[arg(long, default_value_t = 0.1)]
     pub lr: f32,
 
+    /// Momentum μ of v ← μ·v + (g + ε + wd·θ).
     #[arg(long, default_value_t = 0.9)]
     pub momentum: f32,
 
+    /// Weight decay wd (L2, on weights; not on batch-norm parameters).
     #[arg(long, default_value_t = 5e-4)]
     pub weight_decay: f32,
 
-    /// Noise scale s [default: sqrt(1/small_batch - 1/batch); 0 for a step without noise].
+    /// Noise scale s [default: sqrt(1/small_batch − 1/batch), which is 0, no noise, at a batch
+    /// of small_batch or less; 0 for a step without noise].
     #[arg(long)]
     pub noise_scale: Option<f32>,
 

@@ -15,6 +15,9 @@ use crate::format::{grouped, si};
 use crate::model_args::ModelArgs;
 
 #[derive(clap::Args, Debug)]
+#[command(mut_arg("model", |a| a.value_name("MODEL|DIR").help(
+    "Model file (TOML), e.g. models/resnet44.toml; or a directory `fisherc compile` wrote"
+)))]
 pub struct Args {
     #[command(flatten)]
     pub model: ModelArgs,

@@ -20,6 +20,7 @@ mod plot;
 mod profile;
 mod run;
 mod step;
+mod timing;
 mod train;
 
 use clap::{Parser, Subcommand};

@@ -131,17 +131,13 @@ fn curves(dir: &Path) -> Result<Curves> {
             let k = seen.entry(epoch).or_default();
             *k += 1;
             (
-                epoch as f64 + *k as f64 / per_epoch[&epoch] as f64,
+                (epoch - 1) as f64 + *k as f64 / per_epoch[&epoch] as f64,
                 loss as f64,
             )
         })
         .collect();
-    let at_end = |f: fn(&(f64, f64)) -> f64| {
-        epochs
-            .iter()
-            .map(|(&e, v)| ((e + 1) as f64, f(v)))
-            .collect()
-    };
+    let at_end =
+        |f: fn(&(f64, f64)) -> f64| epochs.iter().map(|(&e, v)| (e as f64, f(v))).collect();
     Ok(Curves {
         name: run_name(dir),
         step_loss,
@@ -177,14 +173,22 @@ where
     };
     panel(
         &panels[0],
-        "training loss (per step, and its moving average)",
+        (
+            "training loss (per step, and its moving average)",
+            "cross-entropy",
+        ),
         &pick(|r| &r.step_loss),
         false,
     )?;
-    panel(&panels[1], "test loss", &pick(|r| &r.test_loss), true)?;
+    panel(
+        &panels[1],
+        ("test loss", "cross-entropy"),
+        &pick(|r| &r.test_loss),
+        true,
+    )?;
     panel(
         &panels[2],
-        "test accuracy (%)",
+        ("test accuracy", "top-1 accuracy (%)"),
         &pick(|r| &r.test_accuracy),
         true,
     )?;
@@ -192,10 +196,11 @@ where
     Ok(())
 }
 
-/// One chart: a line per run (with points where `points`), x in epochs.
+/// One chart, titled and with its y axis named: a line per run (with points where `points`),
+/// x in epochs.
 fn panel<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
-    title: &str,
+    (title, y_axis): (&str, &str),
     series: &[(&str, &[(f64, f64)])],
     points: bool,
 ) -> Result<()>
@@ -222,11 +227,12 @@ where
         .caption(title, ("sans-serif", 22))
         .margin(12)
         .x_label_area_size(36)
-        .y_label_area_size(56)
+        .y_label_area_size(72)
         .build_cartesian_2d(0.0..x_max, y_min..y_max)?;
     chart
         .configure_mesh()
         .x_desc("epoch")
+        .y_desc(y_axis)
         .label_style(("sans-serif", 14))
         .draw()?;
     for (i, (name, data)) in series.iter().enumerate() {

@@ -14,7 +14,9 @@ use fisherc_ir::tensor::Value;
 use fisherc_runtime::{Backend, Session};
 
 use crate::backend_args::{self, BackendKind};
+use crate::format::grouped_rounded;
 use crate::hyper_args::HyperArgs;
+use crate::timing::{duration, median};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -24,7 +26,7 @@ pub struct Args {
     #[arg(long, value_enum, default_value = "reference")]
     pub backend: BackendKind,
 
-    /// Number of steps (on the same batch, as `fisherc step`: the loss should fall).
+    /// Number of steps, all on the same random batch, as `fisherc step` takes them.
     #[arg(long, default_value_t = 3)]
     pub steps: usize,
 
@@ -32,7 +34,8 @@ pub struct Args {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 
-    /// Steps left out of the median step time (the first launches load and warm up).
+    /// Steps left out of the median step time (the first launches load and warm up; at least
+    /// one step is timed).
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
 
@@ -52,7 +55,20 @@ pub struct Args {
 pub fn run(args: &Args) -> Result<()> {
     let artifact = Artifact::read(&args.artifact)?;
     let source = artifact.plan.source.clone();
-    let compiled = (args.backend.needs_compiled() || args.profile)
+    let mut out = io::stdout().lock();
+    let needs_compiled = args.backend.needs_compiled() || args.profile;
+    if needs_compiled {
+        writeln!(
+            out,
+            "compiling {} again: {} the graph behind the plan",
+            source.model,
+            match args.backend.needs_compiled() {
+                true => "the CPU backends run",
+                false => "the profile reports on",
+            }
+        )?;
+    }
+    let compiled = needs_compiled
         .then(|| backend_args::recompile(&artifact))
         .transpose()?;
     let backend = backend_args::open(args.backend, &artifact, compiled.as_ref())?;
@@ -63,14 +79,18 @@ pub fn run(args: &Args) -> Result<()> {
     let noise_scale = args
         .hyper
         .noise_scale(source.noise.is_drawn(source.fisher), source.batch);
-    let mut out = io::stdout().lock();
     writeln!(
         out,
-        "{} · batch {} · {} · {} · noise scale {noise_scale:.5} · on {}{}",
+        "{} · batch {} · {} · {} · {} · on {}{}",
         source.model,
         source.batch,
         source.noise.describe(source.fisher),
         if source.fused { "fused" } else { "unfused" },
+        noise_note(
+            &args.hyper,
+            source.noise.is_drawn(source.fisher),
+            noise_scale
+        ),
         session.backend.describe(),
         if args.graph { " (CUDA graph)" } else { "" }
     )?;
@@ -84,24 +104,20 @@ pub fn run(args: &Args) -> Result<()> {
         times.push(seconds);
         writeln!(
             out,
-            "step {:>3}  loss {loss:.6}  {:.3} ms",
+            "step {:>3}  loss {loss:.6}  {}",
             k + 1,
-            seconds * 1e3
+            duration(seconds)
         )?;
+        out.flush()?;
     }
-    let mut measured: Vec<f64> = times
-        .iter()
-        .skip(args.warmup.min(times.len().saturating_sub(1)))
-        .copied()
-        .collect();
-    measured.sort_by(f64::total_cmp);
-    if let Some(&median) = measured.get(measured.len() / 2) {
+    let warmup = args.warmup.min(times.len().saturating_sub(1));
+    if let Some(median) = median(&times[warmup..]) {
         writeln!(
             out,
-            "median step {:.3} ms over {} steps, {:.0} images/s",
-            median * 1e3,
-            measured.len(),
-            source.batch as f64 / median
+            "{}: {} a step, {} images/s",
+            summarised_steps(warmup, times.len()),
+            duration(median),
+            grouped_rounded(source.batch as f64 / median)
         )?;
     }
     if let Some(compiled) = compiled.as_ref().filter(|_| args.profile) {
@@ -109,6 +125,32 @@ pub fn run(args: &Args) -> Result<()> {
         crate::profile::print(&mut out, &session.plan, &compiled.graph, &times)?;
     }
     Ok(())
+}
+
+/// Which steps a median covers: `median of steps 2–5 (step 1 left out: warm-up)`.
+pub fn summarised_steps(warmup: usize, steps: usize) -> String {
+    let range = match steps - warmup {
+        1 => format!("step {steps}"),
+        _ => format!("median of steps {}–{steps}", warmup + 1),
+    };
+    match warmup {
+        0 => range,
+        1 => format!("{range} (step 1 left out: warm-up)"),
+        n => format!("{range} (steps 1–{n} left out: warm-up)"),
+    }
+}
+
+/// The noise scale as a report gives it, saying why it is 0 where the default makes it so.
+pub fn noise_note(hyper: &HyperArgs, drawn: bool, scale: f32) -> String {
+    match (drawn, hyper.noise_scale) {
+        (false, _) => "no noise".to_string(),
+        (true, None) if scale == 0.0 => format!(
+            "noise off: the default scale sqrt(1/{} − 1/batch) is 0 at this batch (set \
+             --noise-scale or a smaller --small-batch)",
+            hyper.small_batch
+        ),
+        (true, _) => format!("noise scale {scale:.5}"),
+    }
 }
 
 /// Steps on one random batch, as `fisherc run` and `fisherc bench` take them: the initial state

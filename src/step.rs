@@ -9,8 +9,11 @@ use fisherc_ir::interp::evaluate;
 use fisherc_ir::state::TrainState;
 use fisherc_ir::synthetic::random_batch;
 
+use crate::format::{grouped, grouped_rounded};
 use crate::hyper_args::HyperArgs;
 use crate::model_args::ModelArgs;
+use crate::run::{noise_note, summarised_steps};
+use crate::timing::{duration, median};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -21,7 +24,8 @@ pub struct Args {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 
-    /// Number of steps (on the same batch; the loss should fall).
+    /// Number of steps, all on the same random batch (which the model learns by heart: at a
+    /// learning rate it suits, the loss falls).
     #[arg(long, default_value_t = 1)]
     pub steps: usize,
 
@@ -45,17 +49,17 @@ pub fn run(args: &Args) -> Result<()> {
     let net = &step.network;
     let build_time = started.elapsed();
 
-    let noise_scale = args
-        .hyper
-        .noise_scale(step.noise.is_drawn(step.fisher), net.batch);
+    let drawn = step.noise.is_drawn(step.fisher);
+    let noise_scale = args.hyper.noise_scale(drawn, net.batch);
     let mut out = io::stdout().lock();
     writeln!(
         out,
-        "{}: batch {}, {} parameters, {}, noise scale {noise_scale:.5}, {} threads; built in {:.3} s",
+        "{}: batch {}, {} parameters, {}, {}, {} threads; built in {:.3} s",
         net.name,
         net.batch,
-        net.param_count(),
+        grouped(net.param_count() as u64),
         step.noise.describe(step.fisher),
+        noise_note(&args.hyper, drawn, noise_scale),
         rayon::current_num_threads(),
         build_time.as_secs_f64()
     )?;
@@ -73,14 +77,22 @@ pub fn run(args: &Args) -> Result<()> {
         anyhow::ensure!(loss.is_finite(), "step {}: the loss is {loss}", k + 1);
         state.advance(&result);
         times.push(elapsed);
-        writeln!(out, "step {:>3}  loss {loss:.6}  {elapsed:.3} s", k + 1)?;
+        writeln!(
+            out,
+            "step {:>3}  loss {loss:.6}  {}",
+            k + 1,
+            duration(elapsed)
+        )?;
+        out.flush()?;
     }
-    times.sort_by(f64::total_cmp);
-    let median = times[times.len() / 2];
-    writeln!(
-        out,
-        "median step {median:.3} s, {:.1} images/s",
-        net.batch as f64 / median
-    )?;
+    if let Some(median) = median(&times) {
+        writeln!(
+            out,
+            "{}: {} a step, {} images/s",
+            summarised_steps(0, times.len()),
+            duration(median),
+            grouped_rounded(net.batch as f64 / median)
+        )?;
+    }
     Ok(())
 }

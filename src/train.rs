@@ -13,6 +13,7 @@ use fisherc_runtime::train::trainer::{Event, TrainOptions, noisy, train};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::backend_args::{self, BackendKind};
+use crate::format::grouped_rounded;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -41,7 +42,7 @@ pub struct Args {
 }
 
 pub fn run(args: &Args) -> Result<()> {
-    let experiment = Experiment::load(&args.config, &args.overrides).map_err(anyhow::Error::msg)?;
+    let experiment = Experiment::load(&args.config, &args.overrides)?;
     let run_dir = args
         .run_dir
         .clone()
@@ -67,6 +68,7 @@ pub fn run(args: &Args) -> Result<()> {
         Event::Note(text) => bar.suspend(|| println!("{text}")),
         Event::PhaseStart {
             phase,
+            first_epoch,
             backend,
             steps_per_epoch,
         } => {
@@ -85,6 +87,8 @@ pub fn run(args: &Args) -> Result<()> {
                     phase.lr
                 )
             });
+            // the bar's first frame already names the epoch it counts
+            bar.set_prefix((first_epoch + 1).to_string());
             bar.set_length(steps_per_epoch as u64);
             bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
             bar.set_style(
@@ -113,11 +117,13 @@ pub fn run(args: &Args) -> Result<()> {
             images_per_second,
         } => {
             bar.suspend(|| println!(
-                "epoch {:>3}  train loss {train_loss:.4}  test loss {:.4}  test accuracy {:.2}%  {seconds:.1} s  {images_per_second:.0} images/s",
+                "epoch {:>3}  train loss {train_loss:.4}  test loss {:.4}  test accuracy {:.2}%  {seconds:.1} s  {} images/s",
                 epoch + 1,
                 score.loss,
-                100.0 * score.accuracy
+                100.0 * score.accuracy,
+                grouped_rounded(images_per_second)
             ));
+            bar.set_prefix((epoch + 2).to_string());
             bar.set_position(0);
         }
     };

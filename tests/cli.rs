@@ -19,6 +19,22 @@ fn stdout(out: &Output) -> String {
     String::from_utf8(out.stdout.clone()).unwrap()
 }
 
+/// The loss of each `step N  loss L  time` line that `step` and `run` print, as printed.
+fn printed_losses(text: &str) -> Vec<String> {
+    text.lines()
+        .filter(|l| l.starts_with("step "))
+        .map(|l| l.split_whitespace().nth(3).unwrap().to_string())
+        .collect()
+}
+
+/// [`printed_losses`] as numbers.
+fn losses(text: &str) -> Vec<f64> {
+    printed_losses(text)
+        .iter()
+        .map(|l| l.parse().unwrap())
+        .collect()
+}
+
 fn inspect_json(args: &[&str]) -> serde_json::Value {
     let mut all = vec!["inspect"];
     all.extend(args);
@@ -144,14 +160,147 @@ fn step_runs_and_reports_loss_and_time() {
         "--noise-scale",
         "0.1",
     ]));
-    let losses: Vec<f64> = text
-        .lines()
-        .filter(|l| l.starts_with("step "))
-        .map(|l| l.split_whitespace().nth(3).unwrap().parse().unwrap())
-        .collect();
+    let losses = losses(&text);
     assert_eq!(losses.len(), 2, "{text}");
     assert!(losses.iter().all(|l| l.is_finite() && *l > 0.0), "{text}");
-    assert!(text.contains("median step"), "{text}");
+    assert!(text.contains("noise scale 0.10000"), "{text}");
+    assert!(text.contains("median of steps 1–2: "), "{text}");
+}
+
+/// What README's `step` example claims: on its random batch the loss falls, and at the
+/// default noise scale, which is 0 at a batch of 128 or less, the step says the noise is off.
+#[test]
+fn step_says_when_the_default_noise_is_off_and_the_readme_example_learns() {
+    let text = stdout(&fisherc(&[
+        "step",
+        "models/small_cnn.toml",
+        "--batch",
+        "64",
+        "--seed",
+        "3",
+        "--steps",
+        "5",
+        "--lr",
+        "0.005",
+    ]));
+    assert!(text.contains("421,738 parameters"), "{text}");
+    assert!(text.contains("noise off: the default scale"), "{text}");
+    let losses = losses(&text);
+    assert_eq!(losses.len(), 5, "{text}");
+    assert!(
+        losses.windows(2).all(|w| w[1] < w[0]),
+        "the loss falls step by step: {text}"
+    );
+    let help = stdout(&fisherc(&["step", "--help"]));
+    for flag in ["Learning rate", "Momentum", "Weight decay"] {
+        assert!(help.contains(flag), "{help}");
+    }
+}
+
+/// The CPU reference's results do not depend on the instruction set: steps with the products
+/// on every kernel this CPU runs print the same losses (bit-for-bit equality of the products is
+/// `fisherc_ir::matmul`'s own test).
+#[test]
+fn steps_give_the_same_losses_on_every_instruction_set() {
+    let args = [
+        "step",
+        "models/small_cnn.toml",
+        "--batch",
+        "16",
+        "--steps",
+        "3",
+        "--lr",
+        "0.005",
+        "--noise-scale",
+        "0.2",
+    ];
+    let losses_on = |isa: &str| -> Vec<String> {
+        let out = Command::new(env!("CARGO_BIN_EXE_fisherc"))
+            .args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env("FISHERC_MATMUL_ISA", isa)
+            .output()
+            .unwrap();
+        printed_losses(&stdout(&out))
+    };
+    let baseline = losses_on("baseline");
+    assert_eq!(baseline.len(), 3);
+    let supported = fisherc_ir::matmul::Isa::supported();
+    for (isa, name) in [
+        (fisherc_ir::matmul::Isa::Avx2, "avx2"),
+        (fisherc_ir::matmul::Isa::Avx512, "avx512"),
+    ] {
+        if supported.contains(&isa) {
+            assert_eq!(losses_on(name), baseline, "{name}");
+        }
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_fisherc"))
+        .args(args)
+        .env("FISHERC_MATMUL_ISA", "sse9")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("expected baseline, avx2 or avx512"), "{err}");
+}
+
+#[test]
+fn a_model_file_that_cannot_be_read_is_named_without_a_line() {
+    let out = fisherc(&["inspect", "models/nope.toml"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with("error: models/nope.toml: cannot read the model file"),
+        "{err}"
+    );
+}
+
+#[test]
+fn run_on_a_directory_that_holds_no_artifact_says_so_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = fisherc(&["run", dir.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is not a compiled artifact"), "{err}");
+    assert!(err.contains("fisherc compile"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    // a path that is not there at all: the OS error, once
+    let gone = dir.path().join("gone");
+    let out = fisherc(&["run", gone.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.matches("os error").count(), 1, "{err}");
+}
+
+#[test]
+fn a_bad_override_is_blamed_on_the_override() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("experiment.toml");
+    std::fs::write(&config, SYNTHETIC_EXPERIMENT).unwrap();
+    let config = config.display().to_string();
+    let run_dir = dir.path().join("run").display().to_string();
+    for (set, says) in [
+        ("train.lrr=1", "unknown field `lrr`"),
+        ("train.lr=fast", "invalid type"),
+        ("train.epochs=0", "train.epochs must be at least 1"),
+    ] {
+        let out = fisherc(&[
+            "train",
+            "--config",
+            &config,
+            "--run-dir",
+            &run_dir,
+            "--set",
+            set,
+        ]);
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.starts_with(&format!("error: --set {set}: ")), "{err}");
+        assert!(err.contains(says), "{err}");
+        assert!(
+            !err.contains("experiment.toml"),
+            "the file is not to blame: {err}"
+        );
+    }
 }
 
 #[test]
@@ -254,12 +403,6 @@ fn run_on_the_reference_backend_repeats_fisherc_step() {
     stdout(&fisherc(
         &[&["compile"][..], &base, &["-o", out.to_str().unwrap()]].concat(),
     ));
-    let losses = |text: &str| -> Vec<String> {
-        text.lines()
-            .filter(|l| l.starts_with("step "))
-            .map(|l| l.split_whitespace().nth(3).unwrap().to_string())
-            .collect()
-    };
     let run = stdout(&fisherc(&[
         "run",
         out.to_str().unwrap(),
@@ -279,9 +422,19 @@ fn run_on_the_reference_backend_repeats_fisherc_step() {
         .concat(),
     ));
     assert!(run.contains("on cpu reference ops"), "{run}");
-    assert_eq!(losses(&run).len(), 3, "{run}");
+    assert!(run.contains("noise scale 0.30000"), "{run}");
+    assert_eq!(printed_losses(&run).len(), 3, "{run}");
+    // the summary says which steps its median covers
+    assert!(
+        run.contains("median of steps 2–3 (step 1 left out: warm-up): "),
+        "{run}"
+    );
     // the same ops in the same order on the same data: the same losses to the printed digit
-    assert_eq!(losses(&run), losses(&step), "run:\n{run}\nstep:\n{step}");
+    assert_eq!(
+        printed_losses(&run),
+        printed_losses(&step),
+        "run:\n{run}\nstep:\n{step}"
+    );
 }
 
 #[test]
@@ -305,6 +458,14 @@ fn check_passes_the_kernel_executor_and_explains_a_missing_cuda_backend() {
         "{report}"
     );
     assert!(report.trim_end().ends_with("PASS"), "{report}");
+    // steps counted from 1, as `run` counts them
+    assert!(
+        report.contains("step 1 loss") && report.contains("step 2 loss"),
+        "{report}"
+    );
+    assert!(!report.contains("step 0 "), "{report}");
+    let help = stdout(&fisherc(&["check", "--help"]));
+    assert!(help.contains("0.5 for a step that draws noise"), "{help}");
     if !cfg!(feature = "cuda") {
         let failed = fisherc(&["run", out_arg, "--backend", "cuda"]);
         assert!(!failed.status.success());
@@ -415,7 +576,9 @@ fn train_then_plot_overlays_runs_as_svg_and_png() {
     for name in ["sb", "lb"] {
         assert!(svg.contains(&run_dir(name)), "legend entry for {name}");
     }
-    assert!(svg.contains("test accuracy (%)"));
+    for axis in ["epoch", "cross-entropy", "top-1 accuracy (%)"] {
+        assert!(svg.contains(axis), "an axis named {axis}");
+    }
     // a run without metrics is an error that names the file
     let out = fisherc(&["plot", &dir.path().display().to_string()]);
     assert!(!out.status.success());
@@ -458,6 +621,8 @@ fn bench_times_each_configuration_and_relates_it_to_the_plain_step() {
         .map(|r| r["variant"].as_str().unwrap())
         .collect();
     assert_eq!(variants, ["fused", "fused-tf32"].into());
+    // the CPU reference runs no kernels: how they would pipeline is not its to say
+    assert!(!text.contains("stages"), "{text}");
     for r in &results {
         assert!(r["error"].is_null(), "{r}");
         let median = r["median_ms"].as_f64().unwrap();

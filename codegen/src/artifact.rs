@@ -281,11 +281,16 @@ pub struct Plan {
 
 #[derive(Debug, Error)]
 pub enum ArtifactError {
-    #[error("{path}: {source}")]
+    /// The OS error is part of the message (not a `source`), so it is printed once.
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
+    #[error(
+        "{dir} is not a compiled artifact: it has no {PLAN_FILE} (`fisherc compile MODEL -o {dir}` writes one)"
+    )]
+    NotAnArtifact { dir: PathBuf },
     #[error("{path}:{line}:{column}: {message}")]
     Json {
         path: PathBuf,
@@ -353,9 +358,9 @@ impl Artifact {
 
     /// Writes `module.ptx`, `plan.json` and `summary.txt` into `dir` (created if needed).
     pub fn write(&self, dir: &Path) -> Result<(), ArtifactError> {
-        fs::create_dir_all(dir).map_err(|source| ArtifactError::Io {
+        fs::create_dir_all(dir).map_err(|error| ArtifactError::Io {
             path: dir.to_path_buf(),
-            source,
+            error,
         })?;
         let json = serde_json::to_string_pretty(&self.plan).expect("plans serialise");
         write_atomically(&dir.join(PTX_FILE), &self.ptx)?;
@@ -367,9 +372,14 @@ impl Artifact {
     pub fn read(dir: &Path) -> Result<Artifact, ArtifactError> {
         let read = |name: &str| {
             let path = dir.join(name);
-            fs::read_to_string(&path).map_err(|source| ArtifactError::Io { path, source })
+            fs::read_to_string(&path).map_err(|error| ArtifactError::Io { path, error })
         };
         let plan_path = dir.join(PLAN_FILE);
+        if dir.exists() && !plan_path.exists() {
+            return Err(ArtifactError::NotAnArtifact {
+                dir: dir.to_path_buf(),
+            });
+        }
         let text = read(PLAN_FILE)?;
         let plan: Plan = serde_json::from_str(&text).map_err(|e| ArtifactError::Json {
             path: plan_path.clone(),
@@ -523,9 +533,9 @@ impl Plan {
 
 fn write_atomically(path: &Path, text: &str) -> Result<(), ArtifactError> {
     let temporary = path.with_extension("partial");
-    let io = |source| ArtifactError::Io {
+    let io = |error| ArtifactError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     };
     fs::write(&temporary, text).map_err(io)?;
     fs::rename(&temporary, path).map_err(io)

@@ -24,10 +24,20 @@ pub struct EvalError {
 
 /// A model file that cannot be turned into a graph: where, and what is wrong.
 #[derive(Debug, Clone, Error, PartialEq)]
-#[error("{}:{line}: {message}", file.display())]
+#[error("{}: {message}", self.place())]
 pub struct ModelError {
     pub file: PathBuf,
     /// 1-based line of the offending entry (0 when the file could not be read at all).
     pub line: usize,
     pub message: String,
+}
+
+impl ModelError {
+    /// `file:line`, or the file alone where no line is to blame.
+    fn place(&self) -> String {
+        match self.line {
+            0 => self.file.display().to_string(),
+            line => format!("{}:{line}", self.file.display()),
+        }
+    }
 }

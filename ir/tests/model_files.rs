@@ -32,6 +32,25 @@ fn parameter_counts_match_pytorch() {
 }
 
 #[test]
+fn each_parameter_is_counted_on_one_layer_row() {
+    // a projection shortcut's convolution and BN have rows of their own; the add does not
+    // count them again
+    for (name, shortcut) in [
+        ("resnet44", None),
+        ("resnet44", Some(Shortcut::A)),
+        ("resnet20", None),
+        ("vgg16", None),
+    ] {
+        let net = shipped(name, shortcut);
+        let rows: usize = net.layers.iter().map(|l| l.params).sum();
+        assert_eq!(rows, net.param_count(), "{name} {shortcut:?}");
+        let adds = net.layers.iter().filter(|l| l.op == "add");
+        assert!(adds.clone().count() > 0 || name == "vgg16");
+        adds.for_each(|l| assert_eq!(l.params, 0, "{name} {}", l.name));
+    }
+}
+
+#[test]
 fn every_shipped_model_builds_with_its_default_and_alternative_inputs() {
     let mut names: Vec<String> = std::fs::read_dir(models_dir())
         .unwrap()
@@ -263,8 +282,9 @@ fn add_from_an_unknown_layer() {
 fn unreadable_file_is_an_error_not_a_panic() {
     let err = ModelSpec::load(Path::new("/nonexistent/model.toml")).unwrap_err();
     assert!(
-        err.to_string().contains("cannot read the model file"),
-        "{err}"
+        err.to_string()
+            .starts_with("/nonexistent/model.toml: cannot read the model file"),
+        "no line is to blame: {err}"
     );
 }
 

@@ -269,7 +269,8 @@ pub fn compare_steps<A: Backend, B: Backend>(
             .transpose()?;
         let (la, lb) = step_both(a, b, &images, &labels, &hyper)?;
         let (qa, qb) = (quantities(a)?, quantities(b)?);
-        let label = format!("step {step}");
+        // steps are counted from 1 in reports, as `fisherc run` counts them
+        let label = format!("step {}", step + 1);
         let losses = (vec![vec![la as f64]], vec![vec![lb as f64]]);
         let mut all = vec![("loss", losses.0, losses.1)];
         all.extend(
@@ -395,7 +396,7 @@ pub fn step_with_forward_aligned<A: Backend, B: Backend>(
     }
     let mut rows = Vec::new();
     for ((name, x), (_, y)) in quantities(a)?.into_iter().zip(quantities(b)?) {
-        let what = format!("step {step} {name}, forward aligned");
+        let what = format!("step {} {name}, forward aligned", step + 1);
         rows.push(StepComparison {
             step: Some(step),
             ..compared(&a.network, what, name, (&x, &y))
@@ -626,7 +627,7 @@ mod tests {
 
     fn row(error: f64, bounded: bool, oracle: Option<(f64, f64)>) -> StepComparison {
         StepComparison {
-            what: "step 0 parameters".into(),
+            what: "step 1 parameters".into(),
             step: Some(0),
             error,
             worst_tensor: None,

@@ -515,7 +515,7 @@ fn a_step_that_takes_another_window_maximum_agrees_once_the_forward_pass_is_alig
     let mut reference = Session::new(&artifact, ReferenceBackend::new(&compiled)).unwrap();
     let hyper = noisy_hyper();
     let rows = compare_steps(&mut other, &mut reference, None, 1, 11, &hyper).unwrap();
-    let parameters = rows.iter().find(|r| r.what == "step 0 parameters").unwrap();
+    let parameters = rows.iter().find(|r| r.what == "step 1 parameters").unwrap();
     assert!(
         parameters.error > 1e-3,
         "the lifted window moves the step: {rows:?}"

@@ -21,7 +21,7 @@ use fisherc_runtime::cpu::ReferenceBackend;
 use fisherc_runtime::data::pipeline::Pipeline;
 use fisherc_runtime::train::checkpoint;
 use fisherc_runtime::train::evaluate::Evaluator;
-use fisherc_runtime::train::experiment::{Experiment, Regime};
+use fisherc_runtime::train::experiment::{Experiment, ExperimentError, Regime};
 use fisherc_runtime::train::regime::{lr_factor, phases};
 use fisherc_runtime::train::trainer::{
     CHECKPOINT_FILE, METRICS_FILE, Outcome, TrainOptions, load_data, train,
@@ -103,6 +103,7 @@ fn experiment_files_take_overrides_and_refuse_nonsense() {
             &synthetic("sb", &[]).to_toml(),
             &extra.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
         )
+        .map_err(|e| e.to_string())
     };
     assert!(
         parse(&["train.lr=0.3"]).is_ok(),
@@ -145,6 +146,49 @@ fn experiment_files_take_overrides_and_refuse_nonsense() {
     assert!(
         wrong.contains("fp16") && wrong.contains("3xtf32"),
         "{wrong}"
+    );
+}
+
+#[test]
+fn an_error_an_override_brings_in_names_the_override_not_the_file() {
+    let text = synthetic("sb", &[]).to_toml();
+    let parse = |extra: &[&str]| {
+        let overrides: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        Experiment::parse(&text, &overrides).unwrap_err()
+    };
+    let blamed = |error: ExperimentError| match error {
+        ExperimentError::Override { assignment, .. } => Some(assignment),
+        ExperimentError::Text { .. } => None,
+    };
+    // a misspelt field, in a table or at the top; a value of the wrong type; out of range
+    for bad in [
+        "train.lrr=1",
+        "trian.lr=1",
+        "data.sett=1",
+        "train.lr=abc",
+        "train.batch=0",
+        "train.noise_until=2",
+        "train",
+    ] {
+        let error = parse(&["train.lr=0.3", bad, "train.seed=4"]);
+        assert_eq!(blamed(error.clone()), Some(bad.to_string()), "{error}");
+        assert!(
+            error.to_string().starts_with(&format!("--set {bad}: ")),
+            "{error}"
+        );
+    }
+    // the file's own mistake stays the file's, whatever the overrides
+    let broken = text.replace("[train]", "[train]\nlrr = 1");
+    let error = Experiment::parse(&broken, &["train.lr=0.3".to_string()]).unwrap_err();
+    assert_eq!(blamed(error.clone()), None, "{error}");
+    assert!(error.to_string().contains("lrr"), "{error}");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("e.toml");
+    std::fs::write(&path, &broken).unwrap();
+    let error = Experiment::load(&path, &[]).unwrap_err().to_string();
+    assert!(
+        error.starts_with(&format!("{}: ", path.display())),
+        "{error}"
     );
 }
 
@@ -207,7 +251,8 @@ fn regimes_become_phases() {
         &synthetic("fisher-trace", &[]).to_toml(),
         &["train.fisher=\"none\"".into()],
     )
-    .unwrap_err();
+    .unwrap_err()
+    .to_string();
     assert!(
         refused.contains("fisher-trace needs exact or a2g2"),
         "{refused}"
@@ -246,7 +291,20 @@ fn a_synthetic_run_learns_and_records_steps_epochs_and_checkpoints() {
     let records = records(dir.path());
     let steps = records.iter().filter(|r| r["kind"] == "step").count();
     assert_eq!(steps, 4 * 200 / 20);
-    assert_eq!(records.iter().filter(|r| r["kind"] == "epoch").count(), 4);
+    // counted from 1, as on the console: the first step is step 1 of epoch 1, and an epoch's
+    // record gives the steps done by its end
+    let first = &records[0];
+    assert_eq!(
+        (first["epoch"].as_u64(), first["step"].as_u64()),
+        (Some(1), Some(1))
+    );
+    let epochs: Vec<_> = records.iter().filter(|r| r["kind"] == "epoch").collect();
+    let numbers: Vec<_> = epochs
+        .iter()
+        .map(|r| r["epoch"].as_u64().unwrap())
+        .collect();
+    assert_eq!(numbers, [1, 2, 3, 4]);
+    assert_eq!(epochs[3]["step"].as_u64(), Some(steps as u64));
     assert!(dir.path().join(CHECKPOINT_FILE).is_file());
     // a second fresh run into the same directory would overwrite it: refused
     let err = run(&e, dir.path(), false, None).err().unwrap();
@@ -264,7 +322,8 @@ fn batch_change_switches_programs_at_its_epoch_and_noise_stops_at_its_fraction()
     )
     .unwrap();
     for r in records(dir.path()).iter().filter(|r| r["kind"] == "step") {
-        let want = if r["epoch"].as_u64().unwrap() < 3 {
+        // epochs are counted from 1 in the metrics, as on the console
+        let want = if r["epoch"].as_u64().unwrap() <= 3 {
             20
         } else {
             40
@@ -286,7 +345,7 @@ fn batch_change_switches_programs_at_its_epoch_and_noise_stops_at_its_fraction()
     assert_eq!(steps.len(), 4 * 200 / 40);
     for r in &steps {
         let noisy = r["noise_scale"].as_f64().unwrap() > 0.0;
-        assert_eq!(noisy, r["epoch"].as_u64().unwrap() < 2, "{r}");
+        assert_eq!(noisy, r["epoch"].as_u64().unwrap() <= 2, "{r}");
     }
 }
 
@@ -303,7 +362,7 @@ fn full_fisher_regimes_learn_with_noise_until_their_fraction() {
         assert_eq!(steps.len(), 4 * 200 / 40, "{regime}");
         for r in &steps {
             let noisy = r["noise_scale"].as_f64().unwrap() > 0.0;
-            assert_eq!(noisy, r["epoch"].as_u64().unwrap() < 2, "{regime}: {r}");
+            assert_eq!(noisy, r["epoch"].as_u64().unwrap() <= 2, "{regime}: {r}");
         }
         let (_, last) = outcome.scores.last().unwrap();
         assert!(
@@ -739,8 +798,16 @@ fn the_small_cnn_learns_fashion_mnist_from_10000_images_in_one_epoch() {
     let dir = tempfile::tempdir().unwrap();
     let outcome = run(&e, dir.path(), false, None).unwrap();
     let accuracy = outcome.scores[0].1.accuracy;
+    // The bound's margin, measured: this run with train.seed = 0..15 (initial weights, order,
+    // augmentation) reached 79.04% to 83.93%, mean 81.76%, standard deviation 1.44 points
+    // (`fisherc train --config experiments/fashion_small_cnn_sb.toml --set
+    // data.train_subset=10000 --set train.epochs=1 --set train.seed=S`). 76% is four standard
+    // deviations under the mean and 3 points under the lowest seed: a change of rounding, which
+    // reshuffles the run as another seed does, stays above it; a step or pipeline that learns
+    // markedly worse than that spread does not (chance is 10%). The CPU reference gives the
+    // same bits on every x86-64 CPU (`fisherc_ir::matmul`), and so does this run.
     assert!(
-        accuracy >= 0.80,
+        accuracy >= 0.76,
         "test accuracy {accuracy} after one epoch on 10,000 images"
     );
 }

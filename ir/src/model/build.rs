@@ -496,6 +496,7 @@ impl Builder<'_> {
         self.check_keys(at, &format!("op '{op}'"), keys)?;
         let name = format!("{}{local}", scope.prefix);
         let params_before = self.params.len();
+        let rows_before = self.layers.len();
         let y = match op {
             "conv" => self.conv(at, scope, &name, x)?,
             "bn" => self.batch_norm(at, &name, x)?,
@@ -520,8 +521,10 @@ impl Builder<'_> {
             "add" => self.residual_add(at, scope, &name, x)?,
             _ => unreachable!("op names come from OPS"),
         };
-        let params = self.params[params_before..].iter().map(Param::numel).sum();
-        self.record(&name, op, y, params, at.entry.line);
+        // A projection shortcut's convolution and BN are rows of their own, before this one.
+        let params: usize = self.params[params_before..].iter().map(Param::numel).sum();
+        let own_rows: usize = self.layers[rows_before..].iter().map(|l| l.params).sum();
+        self.record(&name, op, y, params - own_rows, at.entry.line);
         Ok(y)
     }
 

@@ -190,23 +190,79 @@ fn default_weight_decay() -> f32 {
     5e-4
 }
 
+/// An experiment that cannot be read, blaming the file or the `--set` override at fault.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ExperimentError {
+    /// The experiment text itself: syntax, fields or values (`file` where it was read from one).
+    #[error("{}{message}", located(.file))]
+    Text {
+        file: Option<PathBuf>,
+        message: String,
+    },
+    /// A command-line override: malformed, naming no field there is, or giving a bad value.
+    #[error("--set {assignment}: {message}")]
+    Override { assignment: String, message: String },
+}
+
+fn located(file: &Option<PathBuf>) -> String {
+    file.as_ref()
+        .map(|f| format!("{}: ", f.display()))
+        .unwrap_or_default()
+}
+
 impl Experiment {
     /// Reads an experiment file and applies `overrides` (`section.key=value`, the value in
     /// TOML syntax, or a bare string).
-    pub fn load(path: &Path, overrides: &[String]) -> Result<Experiment, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        Experiment::parse(&text, overrides).map_err(|e| format!("{}: {e}", path.display()))
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Experiment, ExperimentError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ExperimentError::Text {
+            file: Some(path.to_path_buf()),
+            message: e.to_string(),
+        })?;
+        Experiment::parse(&text, overrides).map_err(|e| match e {
+            ExperimentError::Text { message, .. } => ExperimentError::Text {
+                file: Some(path.to_path_buf()),
+                message,
+            },
+            blamed => blamed,
+        })
     }
 
-    pub fn parse(text: &str, overrides: &[String]) -> Result<Experiment, String> {
-        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| e.to_string())?;
-        for o in overrides {
-            set(&mut table, o)?;
+    /// An experiment from its TOML text and `overrides`. An error that an override brings in
+    /// (a field that does not exist, a value of the wrong type or out of range) names it.
+    pub fn parse(text: &str, overrides: &[String]) -> Result<Experiment, ExperimentError> {
+        let in_text = |message: String| ExperimentError::Text {
+            file: None,
+            message,
+        };
+        let mut table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| in_text(e.to_string()))?;
+        let mut error = deserialize(&table).err();
+        for assignment in overrides {
+            let key = set(&mut table, assignment)?;
+            let after = deserialize(&table).err();
+            let brought_in = after.as_ref().filter(|m| Some(*m) != error.as_ref());
+            if let Some(message) = brought_in.filter(|m| names_key(m, &key)) {
+                return Err(ExperimentError::Override {
+                    assignment: assignment.clone(),
+                    message: message.clone(),
+                });
+            }
+            error = after;
         }
-        let experiment: Experiment = table
-            .try_into()
-            .map_err(|e: toml::de::Error| e.to_string())?;
-        experiment.check()?;
+        if let Some(message) = error {
+            return Err(in_text(message));
+        }
+        let experiment = deserialize(&table).map_err(in_text)?;
+        experiment.check().map_err(|message| {
+            match overrides.iter().rev().find(|o| leads_with_key(&message, o)) {
+                Some(assignment) => ExperimentError::Override {
+                    assignment: assignment.clone(),
+                    message,
+                },
+                None => in_text(message),
+            }
+        })?;
         Ok(experiment)
     }
 
@@ -258,30 +314,70 @@ impl Experiment {
     }
 }
 
-/// Applies one `a.b.c=value` override.
-fn set(table: &mut toml::Table, assignment: &str) -> Result<(), String> {
+fn deserialize(table: &toml::Table) -> Result<Experiment, String> {
+    table
+        .clone()
+        .try_into()
+        .map_err(|e: toml::de::Error| e.to_string().trim_end().to_string())
+}
+
+/// Whether a deserialisation error is about `key` (`train.lr`): toml names the path of a
+/// field with a bad value (``in `train.lr` ``), and an unknown field with the table it is in.
+fn names_key(message: &str, key: &str) -> bool {
+    if message.contains(&format!("in `{key}`")) {
+        return true;
+    }
+    let parts: Vec<&str> = key.split('.').collect();
+    (0..parts.len()).any(|i| {
+        let in_table = match i {
+            0 => !message.contains("\nin `"),
+            _ => message.contains(&format!("in `{}`", parts[..i].join("."))),
+        };
+        in_table && message.contains(&format!("unknown field `{}`", parts[i]))
+    })
+}
+
+/// Whether a check's message (`train.batch must be at least 1`) is about the key `assignment`
+/// sets.
+fn leads_with_key(message: &str, assignment: &str) -> bool {
+    let key = assignment
+        .split_once('=')
+        .map_or(assignment, |(k, _)| k)
+        .trim();
+    message
+        .strip_prefix(key)
+        .is_some_and(|rest| rest.starts_with([' ', ':']))
+}
+
+/// Applies one `a.b.c=value` override; returns its key.
+fn set(table: &mut toml::Table, assignment: &str) -> Result<String, ExperimentError> {
+    let blame = |message: String| ExperimentError::Override {
+        assignment: assignment.to_string(),
+        message,
+    };
     let (key, raw) = assignment
         .split_once('=')
-        .ok_or_else(|| format!("--set {assignment}: expected key=value"))?;
+        .ok_or_else(|| blame("expected key=value".into()))?;
     // the value in TOML syntax if it parses as such, else a string
     let value = format!("v = {raw}")
         .parse::<toml::Table>()
         .ok()
         .and_then(|mut t| t.remove("v"))
         .unwrap_or_else(|| toml::Value::String(raw.to_string()));
-    let mut parts: Vec<&str> = key.trim().split('.').collect();
+    let key = key.trim();
+    let mut parts: Vec<&str> = key.split('.').collect();
     let last = parts
         .pop()
         .filter(|k| !k.is_empty())
-        .ok_or_else(|| format!("--set {assignment}: empty key"))?;
+        .ok_or_else(|| blame("empty key".into()))?;
     let mut node = table;
     for part in parts {
         node = node
             .entry(part)
             .or_insert_with(|| toml::Value::Table(toml::Table::new()))
             .as_table_mut()
-            .ok_or_else(|| format!("--set {assignment}: {part} is not a table"))?;
+            .ok_or_else(|| blame(format!("{part} is not a table")))?;
     }
     node.insert(last.to_string(), value);
-    Ok(())
+    Ok(key.to_string())
 }

@@ -7,11 +7,15 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+/// Epochs and steps are counted from 1, as the console counts them. (Files written before
+/// that counted from 0; [`read`] tells them apart and renumbers them.)
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Record {
     Step {
+        /// The epoch the step is in.
         epoch: usize,
+        /// The step's number in the run.
         step: u64,
         batch: usize,
         loss: f32,
@@ -20,7 +24,9 @@ pub enum Record {
         seconds: f64,
     },
     Epoch {
+        /// The epoch that ended.
         epoch: usize,
+        /// Steps done by its end.
         step: u64,
         train_loss: f64,
         test_loss: f64,
@@ -51,15 +57,84 @@ impl Metrics {
     }
 }
 
-/// The records of a metrics file, in order; an unreadable line is an error naming the file
-/// and line.
+/// The records of a metrics file, in order, epochs and steps counted from 1; an unreadable
+/// line is an error naming the file and line.
 pub fn read(path: &Path) -> Result<Vec<Record>, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    text.lines()
+    let mut records: Vec<Record> = text
+        .lines()
         .enumerate()
         .filter(|(_, line)| !line.trim().is_empty())
         .map(|(i, line)| {
             serde_json::from_str(line).map_err(|e| format!("{}:{}: {e}", path.display(), i + 1))
         })
-        .collect()
+        .collect::<Result<_, String>>()?;
+    // an earlier file counted epochs, and steps within steps records, from 0
+    let counted_from_zero = records.iter().any(|r| match r {
+        Record::Step { epoch, .. } | Record::Epoch { epoch, .. } => *epoch == 0,
+    });
+    if counted_from_zero {
+        for record in &mut records {
+            match record {
+                Record::Step { epoch, step, .. } => (*epoch, *step) = (*epoch + 1, *step + 1),
+                Record::Epoch { epoch, .. } => *epoch += 1,
+            }
+        }
+    }
+    Ok(records)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(epoch: usize, step: u64) -> String {
+        let record = Record::Step {
+            epoch,
+            step,
+            batch: 8,
+            loss: 1.0,
+            lr: 0.1,
+            noise_scale: 0.0,
+            seconds: 0.1,
+        };
+        serde_json::to_string(&record).unwrap()
+    }
+
+    fn epoch(epoch: usize, step: u64) -> String {
+        let record = Record::Epoch {
+            epoch,
+            step,
+            train_loss: 1.0,
+            test_loss: 1.0,
+            test_accuracy: 0.5,
+            seconds: 1.0,
+            images_per_second: 8.0,
+        };
+        serde_json::to_string(&record).unwrap()
+    }
+
+    fn numbers(lines: &[String]) -> Vec<(usize, u64)> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.jsonl");
+        std::fs::write(&path, lines.join("\n")).unwrap();
+        read(&path)
+            .unwrap()
+            .iter()
+            .map(|r| match r {
+                Record::Step { epoch, step, .. } | Record::Epoch { epoch, step, .. } => {
+                    (*epoch, *step)
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn files_counting_from_zero_read_as_counted_from_one() {
+        let from_one = [step(1, 1), step(1, 2), epoch(1, 2), step(2, 3)];
+        let from_zero = [step(0, 0), step(0, 1), epoch(0, 2), step(1, 2)];
+        let want = vec![(1, 1), (1, 2), (1, 2), (2, 3)];
+        assert_eq!(numbers(&from_one), want);
+        assert_eq!(numbers(&from_zero), want);
+    }
 }

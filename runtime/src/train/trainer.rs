@@ -54,6 +54,8 @@ pub enum Event {
     Note(String),
     PhaseStart {
         phase: Phase,
+        /// The epoch the phase starts with here (later than its first after a resume).
+        first_epoch: usize,
         backend: String,
         steps_per_epoch: usize,
     },
@@ -253,6 +255,7 @@ pub fn train(
         let layout = pipeline::epoch(train_set.len(), phase.batch, t.seed, 0, false);
         report(Event::PhaseStart {
             phase: phase.clone(),
+            first_epoch: epoch.max(phase.epochs.start),
             backend: session.backend.describe(),
             steps_per_epoch: layout.batches.len(),
         });
@@ -313,8 +316,8 @@ pub fn train(
                 }
                 loss_sum += loss as f64;
                 let record = Record::Step {
-                    epoch,
-                    step,
+                    epoch: epoch + 1,
+                    step: step + 1,
                     batch: phase.batch,
                     loss,
                     lr: hyper.learning_rate,
@@ -343,7 +346,7 @@ pub fn train(
             let train_loss = loss_sum / steps_per_epoch as f64;
             let images_per_second = (steps_per_epoch * phase.batch) as f64 / seconds;
             let record = Record::Epoch {
-                epoch,
+                epoch: epoch + 1,
                 step,
                 train_loss,
                 test_loss: score.loss,
