@@ -3,7 +3,7 @@
 # two commands there as a new user would (the main job, its build timed apart from its
 # training; then the tests, which reuse that build), and writes what they gave (machine,
 # commit, times, accuracies) into README.md between its `main-job` markers, the curves into
-# docs/fashion_small_cnn_sb.png, and the raw logs into docs/main-job/.
+# docs/fashion_small_cnn_sb.png, and the commands' output into docs/main-job/.
 #
 #   scripts/readme-numbers.sh            # both commands (about 15 minutes on 2 cores)
 #   scripts/readme-numbers.sh --no-tests # the main job only; the tests' time is left as it is
@@ -41,7 +41,6 @@ if [ $with_tests = 1 ]; then
 fi
 target/release/fisherc plot runs/fashion_small_cnn_sb -o "$work/curves" >/dev/null
 cp "$work/curves.png" "$repo/docs/fashion_small_cnn_sb.png"
-cp runs/fashion_small_cnn_sb/metrics.jsonl "$logs/metrics.jsonl"
 
 accuracy() { grep -m1 "^epoch *$1 " "$logs/main-job.log" | sed 's/.*test accuracy \([0-9.]*%\).*/\1/'; }
 epochs=$(grep -c '^epoch ' "$logs/main-job.log")

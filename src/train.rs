@@ -13,7 +13,7 @@ use fisherc_runtime::train::trainer::{Event, TrainOptions, noisy, train};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::backend_args::{self, BackendKind};
-use crate::format::grouped_rounded;
+use crate::format::{grouped, grouped_rounded};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -135,7 +135,7 @@ pub fn run(args: &Args) -> Result<()> {
             "after epoch {}: test accuracy {:.2}% ({} steps in all)",
             epoch + 1,
             100.0 * score.accuracy,
-            outcome.steps
+            grouped(outcome.steps)
         );
     }
     Ok(())
