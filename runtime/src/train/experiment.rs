@@ -237,23 +237,22 @@ impl Experiment {
         let mut table: toml::Table = text
             .parse()
             .map_err(|e: toml::de::Error| in_text(e.to_string()))?;
-        let mut error = deserialize(&table).err();
+        let mut read = deserialize(&table);
         for assignment in overrides {
             let key = set(&mut table, assignment)?;
-            let after = deserialize(&table).err();
-            let brought_in = after.as_ref().filter(|m| Some(*m) != error.as_ref());
-            if let Some(message) = brought_in.filter(|m| names_key(m, &key)) {
+            let after = deserialize(&table);
+            if let Err(message) = &after
+                && read.as_ref().err() != Some(message)
+                && names_key(message, &key)
+            {
                 return Err(ExperimentError::Override {
                     assignment: assignment.clone(),
                     message: message.clone(),
                 });
             }
-            error = after;
+            read = after;
         }
-        if let Some(message) = error {
-            return Err(in_text(message));
-        }
-        let experiment = deserialize(&table).map_err(in_text)?;
+        let experiment = read.map_err(in_text)?;
         experiment.check().map_err(|message| {
             match overrides.iter().rev().find(|o| leads_with_key(&message, o)) {
                 Some(assignment) => ExperimentError::Override {
