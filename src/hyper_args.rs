@@ -37,6 +37,20 @@ impl HyperArgs {
         }
     }
 
+    /// The noise as a report gives it: its scale, or why there is none (the default scale is
+    /// 0 at a batch of `small_batch` or less).
+    pub fn describe_noise(&self, drawn: bool, batch: usize) -> String {
+        match (drawn, self.noise_scale) {
+            (false, _) => "no noise".to_string(),
+            (true, None) if self.noise_scale(drawn, batch) == 0.0 => format!(
+                "noise off: the default scale sqrt(1/{} − 1/batch) is 0 at this batch (set \
+                 --noise-scale or a smaller --small-batch)",
+                self.small_batch
+            ),
+            (true, _) => format!("noise scale {:.5}", self.noise_scale(drawn, batch)),
+        }
+    }
+
     /// The hyper-parameters of step `step` (counted from 0), noise keyed by `seed`.
     pub fn at(&self, noise_scale: f32, seed: u64, step: u64) -> Hyperparams {
         Hyperparams {

@@ -14,9 +14,8 @@ use fisherc_ir::tensor::Value;
 use fisherc_runtime::{Backend, Session};
 
 use crate::backend_args::{self, BackendKind};
-use crate::format::grouped_rounded;
 use crate::hyper_args::HyperArgs;
-use crate::timing::{duration, median};
+use crate::timing::{step_line, summary};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -76,9 +75,8 @@ pub fn run(args: &Args) -> Result<()> {
     if args.graph {
         anyhow::ensure!(session.backend.capture()?, "--graph needs the cuda backend");
     }
-    let noise_scale = args
-        .hyper
-        .noise_scale(source.noise.is_drawn(source.fisher), source.batch);
+    let drawn = source.noise.is_drawn(source.fisher);
+    let noise_scale = args.hyper.noise_scale(drawn, source.batch);
     writeln!(
         out,
         "{} · batch {} · {} · {} · {} · on {}{}",
@@ -86,11 +84,7 @@ pub fn run(args: &Args) -> Result<()> {
         source.batch,
         source.noise.describe(source.fisher),
         if source.fused { "fused" } else { "unfused" },
-        noise_note(
-            &args.hyper,
-            source.noise.is_drawn(source.fisher),
-            noise_scale
-        ),
+        args.hyper.describe_noise(drawn, source.batch),
         session.backend.describe(),
         if args.graph { " (CUDA graph)" } else { "" }
     )?;
@@ -102,23 +96,11 @@ pub fn run(args: &Args) -> Result<()> {
         let loss = session.loss()?;
         anyhow::ensure!(loss.is_finite(), "step {}: the loss is {loss}", k + 1);
         times.push(seconds);
-        writeln!(
-            out,
-            "step {:>3}  loss {loss:.6}  {}",
-            k + 1,
-            duration(seconds)
-        )?;
+        writeln!(out, "{}", step_line(k + 1, loss, seconds))?;
         out.flush()?;
     }
-    let warmup = args.warmup.min(times.len().saturating_sub(1));
-    if let Some(median) = median(&times[warmup..]) {
-        writeln!(
-            out,
-            "{}: {} a step, {} images/s",
-            summarised_steps(warmup, times.len()),
-            duration(median),
-            grouped_rounded(source.batch as f64 / median)
-        )?;
+    if let Some(summary) = summary(&times, args.warmup, source.batch) {
+        writeln!(out, "{summary}")?;
     }
     if let Some(compiled) = compiled.as_ref().filter(|_| args.profile) {
         let times = session.profile().context("the profiled step")?;
@@ -127,35 +109,9 @@ pub fn run(args: &Args) -> Result<()> {
     Ok(())
 }
 
-/// Which steps a median covers: `median of steps 2–5 (step 1 left out: warm-up)`.
-pub fn summarised_steps(warmup: usize, steps: usize) -> String {
-    let range = match steps - warmup {
-        1 => format!("step {steps}"),
-        _ => format!("median of steps {}–{steps}", warmup + 1),
-    };
-    match warmup {
-        0 => range,
-        1 => format!("{range} (step 1 left out: warm-up)"),
-        n => format!("{range} (steps 1–{n} left out: warm-up)"),
-    }
-}
-
-/// The noise scale as a report gives it, saying why it is 0 where the default makes it so.
-pub fn noise_note(hyper: &HyperArgs, drawn: bool, scale: f32) -> String {
-    match (drawn, hyper.noise_scale) {
-        (false, _) => "no noise".to_string(),
-        (true, None) if scale == 0.0 => format!(
-            "noise off: the default scale sqrt(1/{} − 1/batch) is 0 at this batch (set \
-             --noise-scale or a smaller --small-batch)",
-            hyper.small_batch
-        ),
-        (true, _) => format!("noise scale {scale:.5}"),
-    }
-}
-
 /// Steps on one random batch, as `fisherc run` and `fisherc bench` take them: the initial state
 /// and the batch from `seed`; then step k's hyper-parameters (noise keyed by seed and k). The
-/// batch goes in with the first step and stays (the loss should fall).
+/// batch goes in with the first step and stays (the model learns it by heart).
 pub struct RandomBatchSteps {
     images: Tensor<f32>,
     labels: Tensor<i32>,

@@ -9,11 +9,10 @@ use fisherc_ir::interp::evaluate;
 use fisherc_ir::state::TrainState;
 use fisherc_ir::synthetic::random_batch;
 
-use crate::format::{grouped, grouped_rounded};
+use crate::format::grouped;
 use crate::hyper_args::HyperArgs;
 use crate::model_args::ModelArgs;
-use crate::run::{noise_note, summarised_steps};
-use crate::timing::{duration, median};
+use crate::timing::{step_line, summary};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -59,7 +58,7 @@ pub fn run(args: &Args) -> Result<()> {
         net.batch,
         grouped(net.param_count() as u64),
         step.noise.describe(step.fisher),
-        noise_note(&args.hyper, drawn, noise_scale),
+        args.hyper.describe_noise(drawn, net.batch),
         rayon::current_num_threads(),
         build_time.as_secs_f64()
     )?;
@@ -77,22 +76,11 @@ pub fn run(args: &Args) -> Result<()> {
         anyhow::ensure!(loss.is_finite(), "step {}: the loss is {loss}", k + 1);
         state.advance(&result);
         times.push(elapsed);
-        writeln!(
-            out,
-            "step {:>3}  loss {loss:.6}  {}",
-            k + 1,
-            duration(elapsed)
-        )?;
+        writeln!(out, "{}", step_line(k + 1, loss, elapsed))?;
         out.flush()?;
     }
-    if let Some(median) = median(&times) {
-        writeln!(
-            out,
-            "{}: {} a step, {} images/s",
-            summarised_steps(0, times.len()),
-            duration(median),
-            grouped_rounded(net.batch as f64 / median)
-        )?;
+    if let Some(summary) = summary(&times, 0, net.batch) {
+        writeln!(out, "{summary}")?;
     }
     Ok(())
 }
