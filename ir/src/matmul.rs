@@ -397,6 +397,8 @@ fn blocked<V: Lanes, const MR: usize, const NV: usize>(
     let zero = <V::Elem as num_traits::Zero>::zero();
     let mut a_pack = vec![zero; MC.min(m).next_multiple_of(MR) * KC.min(k)];
     let mut b_pack = vec![zero; NC.min(n).next_multiple_of(nr) * KC.min(k)];
+    // an edge tile's rows, full width, so that the registers always move whole
+    let mut edge = vec![zero; MR * nr];
     for j0 in (0..n).step_by(NC) {
         let nc = NC.min(n - j0);
         for p0 in (0..k).step_by(KC) {
@@ -418,7 +420,9 @@ fn blocked<V: Lanes, const MR: usize, const NV: usize>(
                         };
                         let a_panel = &a_pack[ir * kc..][..MR * kc];
                         // SAFETY: the caller runs this on a CPU with `V`'s instruction set.
-                        unsafe { kernel::<V, MR, NV>(a_panel, b_panel, c, tile, resume) };
+                        unsafe {
+                            kernel::<V, MR, NV>((a_panel, b_panel), c, &mut edge, tile, resume)
+                        };
                     }
                 }
             }
@@ -473,37 +477,36 @@ struct Tile {
 }
 
 /// One register block: `kc` fused multiply-adds into each accumulator, in k order, starting
-/// from zero or (`resume`) from the output's value.
+/// from zero or (`resume`) from the output's value. A tile at the output's edge goes through
+/// `edge` (`MR` rows of `NV·LANES`); what lies outside the output there is never stored.
 ///
 /// # Safety
 /// The CPU supports `V`'s instruction set; the panels hold `kc` steps of `MR` and
-/// `NV·LANES` elements, and the tile lies inside `c`.
+/// `NV·LANES` elements.
 #[inline(always)]
 unsafe fn kernel<V: Lanes, const MR: usize, const NV: usize>(
-    a_panel: &[V::Elem],
-    b_panel: &[V::Elem],
+    (a_panel, b_panel): (&[V::Elem], &[V::Elem]),
     c: &mut [V::Elem],
+    edge: &mut [V::Elem],
     tile: Tile,
     resume: bool,
 ) {
     let nr = NV * V::LANES;
     let kc = a_panel.len() / MR;
     assert_eq!(b_panel.len(), kc * nr);
+    assert_eq!(edge.len(), MR * nr);
     let full = tile.rows == MR && tile.cols == nr;
     let origin = tile.row * tile.stride + tile.col;
     assert!(origin + (tile.rows - 1) * tile.stride + tile.cols <= c.len());
-    // A partial tile goes through a full-size copy, so the registers always move whole.
-    let mut edge = [[<V::Elem as num_traits::Zero>::zero(); 64]; MR];
-    assert!(nr <= 64);
     let (base, stride) = if full {
         (c.as_mut_ptr().wrapping_add(origin), tile.stride)
     } else {
         if resume {
-            for (i, row) in edge.iter_mut().enumerate().take(tile.rows) {
+            for (i, row) in edge.chunks_exact_mut(nr).enumerate().take(tile.rows) {
                 row[..tile.cols].copy_from_slice(&c[origin + i * tile.stride..][..tile.cols]);
             }
         }
-        (edge.as_mut_ptr().cast::<V::Elem>(), 64)
+        (edge.as_mut_ptr(), nr)
     };
     unsafe {
         let mut acc = [[V::zero(); NV]; MR];
@@ -531,7 +534,7 @@ unsafe fn kernel<V: Lanes, const MR: usize, const NV: usize>(
         }
     }
     if !full {
-        for (i, row) in edge.iter().enumerate().take(tile.rows) {
+        for (i, row) in edge.chunks_exact(nr).enumerate().take(tile.rows) {
             c[origin + i * tile.stride..][..tile.cols].copy_from_slice(&row[..tile.cols]);
         }
     }
