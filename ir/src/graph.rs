@@ -17,25 +17,13 @@ use petgraph::visit::EdgeRef;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ShapeError;
-use crate::ops::Op;
+use crate::ops::{Op, RuleGraph};
+pub use crate::port::PortRef;
 use crate::tensor::TensorType;
 
 /// Largest tensor a graph may hold (4 TiB of f32): far beyond any device, small enough that
 /// sizes and FLOP counts cannot overflow.
 pub const MAX_ELEMENTS: usize = 1 << 40;
-
-/// One output of one node: the value an edge carries.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PortRef {
-    pub node: NodeIndex,
-    pub port: usize,
-}
-
-impl PortRef {
-    pub fn new(node: NodeIndex, port: usize) -> Self {
-        PortRef { node, port }
-    }
-}
 
 /// An edge: which output of the source feeds which input of the target.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -203,6 +191,13 @@ impl Graph {
         &self.graph[p.node].outputs[p.port]
     }
 
+    /// Every output of node `n`.
+    pub fn outputs_of(&self, n: NodeIndex) -> Vec<PortRef> {
+        (0..self.graph[n].outputs.len())
+            .map(|port| PortRef::new(n, port))
+            .collect()
+    }
+
     /// The node's inputs, in input-port order.
     pub fn inputs(&self, n: NodeIndex) -> Vec<PortRef> {
         let mut edges: Vec<(usize, PortRef)> = self
@@ -301,5 +296,22 @@ impl Graph {
     /// Edge index, for passes that need to see raw petgraph structure.
     pub fn petgraph(&self) -> &DiGraph<Node, Edge> {
         &self.graph
+    }
+}
+
+/// The graph as the ops' gradient and Fisher rules see it.
+impl RuleGraph for Graph {
+    fn add_node(
+        &mut self,
+        op: Op,
+        layer: &str,
+        inputs: &[PortRef],
+    ) -> Result<Vec<PortRef>, ShapeError> {
+        let node = self.add(op, layer, inputs)?;
+        Ok(self.outputs_of(node))
+    }
+
+    fn ty(&self, p: PortRef) -> &TensorType {
+        Graph::ty(self, p)
     }
 }

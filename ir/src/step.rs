@@ -14,146 +14,21 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
-use std::fmt;
-use std::str::FromStr;
 
 use petgraph::graph::NodeIndex;
-use serde::{Deserialize, Serialize};
 
 use crate::autodiff::{self, Gradients};
+
 use crate::error::ShapeError;
 use crate::graph::{Graph, Output, Phase, PortRef};
 use crate::model::{Mode, Network};
+use crate::noise::{FisherMode, Noise};
 use crate::ops::{Add, ChannelSum, Reshape, Scale};
 use crate::ops::{
     BnRunningUpdate, Constant, FisherCtx, FisherKind, FloatAttr, FullFisherSample, Hyper, Input,
     NoisySgdUpdate, Op, OpDef, Role, SoftmaxCrossEntropy, Square, UpdateNoise, VjpCtx,
 };
 use crate::tensor::{DType, TensorType};
-
-/// Which diagonal Fisher estimate the step computes for its noise.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FisherMode {
-    /// No Fisher, no noise: plain momentum SGD.
-    None,
-    /// `(1/M) Σₙ (∇ℓₙ)²` from per-example gradients.
-    Exact,
-    /// The supplement's `Σₜ a²·g²` approximation for convolutions (exact for linear layers).
-    A2g2,
-}
-
-/// The covariance of the update's noise ε (its scale s is the `noise_scale` hyper-parameter).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Noise {
-    /// `ε = s·√diag F̂ ⊙ ξ`, F̂ the step's [`FisherMode`] (none: no noise).
-    #[default]
-    DiagonalFisher,
-    /// `ε = s·g ⊙ ξ`: the gradient times Gaussian noise of constant diagonal covariance s²I
-    /// (supplement A.8's "multiplicative"). The update draws `s·√(g²)·ξ`, which has the same
-    /// law (ξ is symmetric), so it is the Fisher update with g² in F̂'s place; no Fisher.
-    Multiplicative,
-    /// `ε = s·√(Tr F̂ / D)·ξ` with D the number of parameters: isotropic noise of the same
-    /// total variance as the diagonal-Fisher noise (supplement A.8's "Fisher trace", the
-    /// trace over the whole model spread evenly over its D elements). Needs a Fisher estimate.
-    FisherTrace,
-    /// `ε = s·e` with `e = (1/√M) Σₙ σₙ ∇ℓₙ`, σₙ = ±1 Rademacher: covariance s² times the full
-    /// empirical Fisher `(1/M) Σₙ ∇ℓₙ ∇ℓₙᵀ` (supplement A.9). One more backward pass, from
-    /// the logits with signed loss weights; no diagonal Fisher.
-    FullFisherEmpirical,
-    /// `ε = s·e` with `e = (1/√M) Σₙ ∇ℓₙ(ỹₙ)`, ỹₙ drawn from the model's predictive
-    /// distribution: covariance s² times the full true Fisher (supplement A.9). One more
-    /// backward pass at the sampled labels; no diagonal Fisher.
-    FullFisherTrue,
-}
-
-impl Noise {
-    /// Whether this noise is drawn from a diagonal Fisher estimate, so needs one (exact or
-    /// a2g2); the others take none.
-    pub fn needs_fisher(self) -> bool {
-        matches!(self, Noise::DiagonalFisher | Noise::FisherTrace)
-    }
-
-    /// Whether a step with this noise and Fisher estimate adds noise at all (diagonal-Fisher
-    /// noise without an estimate is plain SGD).
-    pub fn is_drawn(self, fisher: FisherMode) -> bool {
-        !self.needs_fisher() || fisher != FisherMode::None
-    }
-
-    /// The step kind in words: "fisher exact", "full-fisher-true noise", "fisher-trace noise
-    /// (fisher a2g2)".
-    pub fn describe(self, fisher: FisherMode) -> String {
-        match self {
-            Noise::DiagonalFisher => format!("fisher {fisher}"),
-            _ if self.needs_fisher() => format!("{self} noise (fisher {fisher})"),
-            _ => format!("{self} noise"),
-        }
-    }
-
-    pub const ALL: [Noise; 5] = [
-        Noise::DiagonalFisher,
-        Noise::Multiplicative,
-        Noise::FisherTrace,
-        Noise::FullFisherEmpirical,
-        Noise::FullFisherTrue,
-    ];
-}
-
-impl FromStr for Noise {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        Noise::ALL
-            .into_iter()
-            .find(|n| n.to_string() == s)
-            .ok_or_else(|| {
-                let names: Vec<String> = Noise::ALL.iter().map(Noise::to_string).collect();
-                format!("unknown noise '{s}' (expected {})", names.join(", "))
-            })
-    }
-}
-
-impl fmt::Display for Noise {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Noise::DiagonalFisher => "diagonal-fisher",
-            Noise::Multiplicative => "multiplicative",
-            Noise::FisherTrace => "fisher-trace",
-            Noise::FullFisherEmpirical => "full-fisher-empirical",
-            Noise::FullFisherTrue => "full-fisher-true",
-        })
-    }
-}
-
-impl FisherMode {
-    pub const ALL: [FisherMode; 3] = [FisherMode::None, FisherMode::Exact, FisherMode::A2g2];
-}
-
-impl fmt::Display for FisherMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            FisherMode::None => "none",
-            FisherMode::Exact => "exact",
-            FisherMode::A2g2 => "a2g2",
-        })
-    }
-}
-
-impl FromStr for FisherMode {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "none" => Ok(FisherMode::None),
-            "exact" => Ok(FisherMode::Exact),
-            "a2g2" => Ok(FisherMode::A2g2),
-            _ => Err(format!(
-                "unknown Fisher mode '{s}' (expected none, exact or a2g2)"
-            )),
-        }
-    }
-}
 
 #[derive(Clone, Debug)]
 pub struct StepOptions {

@@ -18,12 +18,12 @@
 
 use fisherc_codegen::compile::Compiled;
 use fisherc_codegen::device::value_of;
-use fisherc_codegen::lower::{SINGLE_TF32_ERROR, TensorCores, on_tensor_cores};
+use fisherc_codegen::lower::{SINGLE_TF32_ERROR, TensorCores, uses_tensor_cores};
 use fisherc_codegen::plan::PlannedNode;
 use fisherc_ir::graph::{Graph, Output, Phase};
 use fisherc_ir::interp::{Feeds, evaluate};
 use fisherc_ir::model::Network;
-use fisherc_ir::ops::{MaxPool, Op, Role};
+use fisherc_ir::ops::{MaxPool, Op, Role, Rounding};
 use fisherc_ir::state::{Hyperparams, TrainState};
 use fisherc_ir::synthetic::random_batch;
 use fisherc_ir::tensor::{Tensor, TensorType, Value};
@@ -68,39 +68,14 @@ impl Bounds {
     }
 
     fn of(&self, op: &Op) -> f64 {
-        if let Some(bound) = self.single_tf32.filter(|_| on_tensor_cores(op)) {
+        if let Some(bound) = self.single_tf32.filter(|_| uses_tensor_cores(op)) {
             return bound;
         }
-        if sums_many_terms(op) {
-            self.reduction
-        } else {
-            self.elementwise
+        match op.rounding() {
+            Rounding::ManyTerms => self.reduction,
+            Rounding::FewTerms => self.elementwise,
         }
     }
-}
-
-fn sums_many_terms(op: &Op) -> bool {
-    !matches!(
-        op,
-        Op::Add(_)
-            | Op::Scale(_)
-            | Op::Square(_)
-            | Op::Relu(_)
-            | Op::ReluBackward(_)
-            | Op::Elementwise(_)
-            | Op::ShortcutA(_)
-            | Op::ShortcutABackward(_)
-            | Op::GlobalAvgPoolBackward(_)
-            | Op::MaxPool(_)
-            | Op::MaxPoolBackward(_)
-            | Op::BnApply(_)
-            | Op::BnRelu(_)
-            | Op::BnRunningUpdate(_)
-            | Op::BnRunningUpdateGroup(_)
-            | Op::BnBackwardData(_)
-            | Op::NoisySgdUpdate(_)
-            | Op::NoisySgdUpdateGroup(_)
-    )
 }
 
 /// One output of one node.

@@ -13,7 +13,9 @@
 
 use std::convert::Infallible;
 
-use fisherc_ir::ops::{Conv2d, ConvDgrad, ConvWgrad, FloatAttr, FusedDgrad, Op, Squares};
+use fisherc_ir::ops::{
+    Conv2d, ConvDgrad, ConvWgrad, FloatAttr, FusedDgrad, Op, Squares, prologue_len,
+};
 
 use super::Lowered;
 use super::common::{
@@ -1452,7 +1454,7 @@ fn with_prologue_pairs(cx: &Cx, lowered: Lowered, eps: FloatAttr, channels: u64)
 /// sums each tile's columns into per-(example, tile) partials, which a second kernel adds in
 /// order.
 fn forward(cx: &Cx, conv: &Conv2d, prologue: Option<FloatAttr>, stats: bool) -> Lowered {
-    let first = if prologue.is_some() { 5 } else { 1 };
+    let first = prologue_len(prologue);
     let g = Geometry::new(
         &cx.inputs[0].shape,
         &cx.inputs[first].shape,
@@ -1797,7 +1799,7 @@ fn wgrad(
     squares: Squares,
     per_example: bool,
 ) -> Lowered {
-    let first = if prologue.is_some() { 5 } else { 1 };
+    let first = prologue_len(prologue);
     let (x_shape, dy_shape) = (&cx.inputs[0].shape, &cx.inputs[first].shape);
     let w_shape = [dy_shape[1], x_shape[1], wg.kernel.0, wg.kernel.1];
     let g = Geometry::new(x_shape, &w_shape, dy_shape, wg.stride, wg.padding);

@@ -3,7 +3,7 @@
 //! `lower` looks at an op with its input and output types and returns kernels (specialised
 //! to the shapes: sizes are immediates), their grids and arguments. Arguments name the node's
 //! inputs, outputs and scratch buffers; the memory plan binds them to addresses. One file per
-//! op family, as in `ir/src/ops`.
+//! [`OpClass`]: the op says its class, the class picks the file.
 
 mod common;
 mod conv;
@@ -17,7 +17,7 @@ mod reduce;
 mod rng;
 mod update;
 
-use fisherc_ir::ops::Op;
+use fisherc_ir::ops::{Op, OpClass};
 use fisherc_ir::tensor::TensorType;
 use serde::{Deserialize, Serialize};
 
@@ -144,73 +144,10 @@ impl TensorCores {
 /// per operand pair may be from fp32 (the kernel tests see up to 1.4·10⁻³).
 pub const SINGLE_TF32_ERROR: f64 = 5e-3;
 
-/// Which lowering file takes an op: the one table of it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Family {
-    Input,
-    Constant,
-    Alias,
-    Elementwise,
-    Pool,
-    Reduce,
-    Norm,
-    /// Convolutions: `gemm.rs`'s implicit GEMMs, on tensor cores when asked.
-    Conv,
-    Linear,
-    Loss,
-    Update,
-}
-
-fn family(op: &Op) -> Family {
-    match op {
-        Op::Input(_) => Family::Input,
-        Op::Constant(_) => Family::Constant,
-        Op::Reshape(_) => Family::Alias,
-        Op::Add(_)
-        | Op::Scale(_)
-        | Op::Square(_)
-        | Op::Relu(_)
-        | Op::ReluBackward(_)
-        | Op::Elementwise(_)
-        | Op::ShortcutA(_)
-        | Op::ShortcutABackward(_)
-        | Op::GlobalAvgPoolBackward(_)
-        | Op::BatchMean(_) => Family::Elementwise,
-        Op::MaxPool(_) | Op::MaxPoolBackward(_) | Op::GlobalAvgPool(_) => Family::Pool,
-        Op::ChannelSum(_) | Op::ChannelSumPerExample(_) | Op::ChannelSumSq(_) => Family::Reduce,
-        Op::BatchNorm(_)
-        | Op::BnApply(_)
-        | Op::BnRelu(_)
-        | Op::BnRunningUpdate(_)
-        | Op::BnRunningUpdateGroup(_)
-        | Op::BnBackwardReduce(_)
-        | Op::BnBackwardReduceSq(_)
-        | Op::BnBackwardData(_)
-        | Op::BnParamGradsPerExample(_)
-        | Op::BnParamGradsSq(_)
-        | Op::ReluBackwardBnReduce(_) => Family::Norm,
-        Op::Conv2d(_)
-        | Op::FusedConv(_)
-        | Op::ConvDgrad(_)
-        | Op::FusedDgrad(_)
-        | Op::ConvWgrad(_)
-        | Op::ConvWgradPerExample(_)
-        | Op::FusedWgrad(_) => Family::Conv,
-        Op::Linear(_)
-        | Op::LinearDgrad(_)
-        | Op::LinearWgrad(_)
-        | Op::LinearWgradPerExample(_)
-        | Op::LinearWgradSq(_) => Family::Linear,
-        Op::SoftmaxCrossEntropy(_)
-        | Op::SoftmaxCrossEntropyBackward(_)
-        | Op::FullFisherSample(_) => Family::Loss,
-        Op::NoisySgdUpdate(_) | Op::NoisySgdUpdateGroup(_) => Family::Update,
-    }
-}
-
-/// Whether the lowering runs the op's products on tensor cores when asked: the convolutions.
-pub fn on_tensor_cores(op: &Op) -> bool {
-    family(op) == Family::Conv
+/// Whether the lowering runs the op's products on tensor cores when asked: the convolutions'
+/// implicit GEMMs (`gemm.rs`). Linear layers' products stay fp32 FMA.
+pub fn uses_tensor_cores(op: &Op) -> bool {
+    op.class() == OpClass::Conv
 }
 
 /// Lowers one node.
@@ -221,20 +158,20 @@ pub fn lower(
     options: LowerOptions,
 ) -> Result<Lowered, String> {
     let cx = common::Cx::new(op, inputs, outputs, options);
-    Ok(match family(op) {
-        Family::Input => Lowered::Input,
-        Family::Constant => match op {
+    Ok(match op.class() {
+        OpClass::Source => Lowered::Input,
+        OpClass::Constant => match op {
             Op::Constant(c) => Lowered::Constant(c.value.0 as f32),
-            _ => unreachable!("only constants are constants"),
+            _ => return Err(format!("{} is no constant", op.name())),
         },
-        Family::Alias => Lowered::Alias,
-        Family::Elementwise => elementwise::lower(&cx),
-        Family::Pool => pool::lower(&cx),
-        Family::Reduce => reduce::lower(&cx),
-        Family::Norm => norm::lower(&cx),
-        Family::Conv => conv::lower(&cx),
-        Family::Linear => linear::lower(&cx),
-        Family::Loss => loss::lower(&cx),
-        Family::Update => update::lower(&cx),
+        OpClass::View => Lowered::Alias,
+        OpClass::Elementwise => elementwise::lower(&cx),
+        OpClass::Pool => pool::lower(&cx),
+        OpClass::Reduce => reduce::lower(&cx),
+        OpClass::Norm => norm::lower(&cx),
+        OpClass::Conv => conv::lower(&cx),
+        OpClass::Linear => linear::lower(&cx),
+        OpClass::Loss => loss::lower(&cx),
+        OpClass::Update => update::lower(&cx),
     })
 }

@@ -1,9 +1,9 @@
 //! ReLU and its backward. The backward reads the forward *output* (y > 0 ⇔ x > 0), so the
 //! pre-activation need not be kept.
 
-use super::{OpDef, VjpCtx, expect_arity, expect_type, float_out};
+use super::{OpClass, OpDef, Rounding, VjpCtx, expect_arity, expect_type, float_out};
 use crate::error::ShapeError;
-use crate::graph::PortRef;
+use crate::port::PortRef;
 use crate::tensor::{DType, Real, Tensor, TensorType, Value};
 use serde::{Deserialize, Serialize};
 
@@ -12,6 +12,8 @@ pub struct Relu;
 
 impl OpDef for Relu {
     const NAME: &'static str = "relu";
+    const CLASS: OpClass = OpClass::Elementwise;
+    const ROUNDING: Rounding = Rounding::FewTerms;
 
     fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
         expect_arity(inputs, 1)?;
@@ -51,6 +53,8 @@ pub struct ReluBackward;
 
 impl OpDef for ReluBackward {
     const NAME: &'static str = "relu_backward";
+    const CLASS: OpClass = OpClass::Elementwise;
+    const ROUNDING: Rounding = Rounding::FewTerms;
 
     fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
         expect_arity(inputs, 2)?;

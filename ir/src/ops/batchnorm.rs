@@ -10,10 +10,12 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::fisher::{a2g2_mean, exact_from_contributions, per_example_upstream};
-use super::{FisherCtx, FloatAttr, OpDef, VjpCtx, expect_arity, expect_type, float_out};
+use super::{
+    FisherCtx, FloatAttr, OpClass, OpDef, Rounding, VjpCtx, expect_arity, expect_type, float_out,
+};
 use crate::error::ShapeError;
-use crate::graph::PortRef;
-use crate::step::FisherMode;
+use crate::noise::FisherMode;
+use crate::port::PortRef;
 use crate::tensor::{DType, Real, Tensor, TensorType, Value};
 
 /// `[N, C, positions...]` viewed as N·C planes of `positions` elements.
@@ -127,6 +129,8 @@ pub struct BatchNorm {
 
 impl OpDef for BatchNorm {
     const NAME: &'static str = "batch_norm";
+    const CLASS: OpClass = OpClass::Norm;
+    const ROUNDING: Rounding = Rounding::ManyTerms;
 
     fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
         expect_arity(inputs, 3)?;
@@ -214,6 +218,8 @@ pub struct BnApply {
 
 impl OpDef for BnApply {
     const NAME: &'static str = "bn_apply";
+    const CLASS: OpClass = OpClass::Norm;
+    const ROUNDING: Rounding = Rounding::FewTerms;
 
     fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
         expect_arity(inputs, 5)?;
@@ -256,6 +262,8 @@ pub struct BnRunningUpdate {
 
 impl OpDef for BnRunningUpdate {
     const NAME: &'static str = "bn_running_update";
+    const CLASS: OpClass = OpClass::Norm;
+    const ROUNDING: Rounding = Rounding::FewTerms;
 
     fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
         expect_arity(inputs, 4)?;
@@ -384,6 +392,8 @@ pub struct BnBackwardReduce {
 
 impl OpDef for BnBackwardReduce {
     const NAME: &'static str = "bn_backward_reduce";
+    const CLASS: OpClass = OpClass::Norm;
+    const ROUNDING: Rounding = Rounding::ManyTerms;
 
     fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
         expect_arity(inputs, 4)?;
@@ -415,6 +425,8 @@ pub struct BnBackwardData {
 
 impl OpDef for BnBackwardData {
     const NAME: &'static str = "bn_backward_data";
+    const CLASS: OpClass = OpClass::Norm;
+    const ROUNDING: Rounding = Rounding::FewTerms;
 
     fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
         expect_arity(inputs, 7)?;
@@ -464,6 +476,8 @@ pub struct BnParamGradsPerExample {
 
 impl OpDef for BnParamGradsPerExample {
     const NAME: &'static str = "bn_param_grads_per_example";
+    const CLASS: OpClass = OpClass::Norm;
+    const ROUNDING: Rounding = Rounding::ManyTerms;
 
     fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
         expect_arity(inputs, 4)?;
@@ -499,6 +513,8 @@ pub struct BnParamGradsSq {
 
 impl OpDef for BnParamGradsSq {
     const NAME: &'static str = "bn_param_grads_sq";
+    const CLASS: OpClass = OpClass::Norm;
+    const ROUNDING: Rounding = Rounding::ManyTerms;
 
     fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
         expect_arity(inputs, 4)?;

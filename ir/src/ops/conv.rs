@@ -4,14 +4,14 @@
 
 use super::fisher::{a2g2_bias, a2g2_weight, exact_from_contributions};
 use super::{
-    ChannelSum, ChannelSumPerExample, FisherCtx, OpDef, VjpCtx, expect_arity, expect_rank,
-    expect_type, float_out, flop_product, shape_str,
+    ChannelSum, ChannelSumPerExample, FisherCtx, OpClass, OpDef, Rounding, VjpCtx, expect_arity,
+    expect_rank, expect_type, float_out, flop_product, shape_str,
 };
 use crate::cpu::{ConvGeom, for_each_example, sum_over_batch};
 use crate::error::ShapeError;
-use crate::graph::PortRef;
 use crate::matmul::{Mat, matmul};
-use crate::step::FisherMode;
+use crate::noise::FisherMode;
+use crate::port::PortRef;
 use crate::tensor::{Real, Tensor, TensorType, Value};
 use serde::{Deserialize, Serialize};
 
@@ -70,6 +70,8 @@ impl Conv2d {
 
 impl OpDef for Conv2d {
     const NAME: &'static str = "conv2d";
+    const CLASS: OpClass = OpClass::Conv;
+    const ROUNDING: Rounding = Rounding::ManyTerms;
 
     fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
         expect_arity(inputs, if self.bias { 3 } else { 2 })?;
@@ -239,6 +241,8 @@ impl ConvDgrad {
 
 impl OpDef for ConvDgrad {
     const NAME: &'static str = "conv_dgrad";
+    const CLASS: OpClass = OpClass::Conv;
+    const ROUNDING: Rounding = Rounding::ManyTerms;
 
     fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
         expect_arity(inputs, 2)?;
@@ -349,6 +353,8 @@ impl ConvWgrad {
 
 impl OpDef for ConvWgrad {
     const NAME: &'static str = "conv_wgrad";
+    const CLASS: OpClass = OpClass::Conv;
+    const ROUNDING: Rounding = Rounding::ManyTerms;
 
     fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
         self.check(inputs)?;
@@ -388,6 +394,8 @@ pub struct ConvWgradPerExample(pub ConvWgrad);
 
 impl OpDef for ConvWgradPerExample {
     const NAME: &'static str = "conv_wgrad_per_example";
+    const CLASS: OpClass = OpClass::Conv;
+    const ROUNDING: Rounding = Rounding::ManyTerms;
 
     fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
         let mut shape = self.0.infer(inputs)?.remove(0).shape;

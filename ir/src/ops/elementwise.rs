@@ -1,9 +1,9 @@
 //! Elementwise ops: constants, addition (residuals, gradient sums), scaling and squaring (the
 //! Fisher's building blocks).
 
-use super::{FloatAttr, OpDef, VjpCtx, expect_arity, float_out};
+use super::{FloatAttr, OpClass, OpDef, Rounding, VjpCtx, expect_arity, float_out};
 use crate::error::ShapeError;
-use crate::graph::PortRef;
+use crate::port::PortRef;
 use crate::tensor::{DType, Real, Tensor, TensorType, Value};
 use serde::{Deserialize, Serialize};
 
@@ -15,6 +15,8 @@ pub struct Constant {
 
 impl OpDef for Constant {
     const NAME: &'static str = "constant";
+    const CLASS: OpClass = OpClass::Constant;
+    const ROUNDING: Rounding = Rounding::FewTerms;
 
     fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
         expect_arity(inputs, 0)?;
@@ -56,6 +58,8 @@ pub struct Add;
 
 impl OpDef for Add {
     const NAME: &'static str = "add";
+    const CLASS: OpClass = OpClass::Elementwise;
+    const ROUNDING: Rounding = Rounding::FewTerms;
 
     fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
         expect_arity(inputs, 2)?;
@@ -90,6 +94,8 @@ pub struct Scale {
 
 impl OpDef for Scale {
     const NAME: &'static str = "scale";
+    const CLASS: OpClass = OpClass::Elementwise;
+    const ROUNDING: Rounding = Rounding::FewTerms;
 
     fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
         expect_arity(inputs, 1)?;
@@ -121,6 +127,8 @@ pub struct Square;
 
 impl OpDef for Square {
     const NAME: &'static str = "square";
+    const CLASS: OpClass = OpClass::Elementwise;
+    const ROUNDING: Rounding = Rounding::FewTerms;
 
     fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
         expect_arity(inputs, 1)?;
@@ -203,6 +211,8 @@ pub struct Elementwise {
 
 impl OpDef for Elementwise {
     const NAME: &'static str = "elementwise";
+    const CLASS: OpClass = OpClass::Elementwise;
+    const ROUNDING: Rounding = Rounding::FewTerms;
 
     fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
         if inputs.is_empty() || self.program.is_empty() {

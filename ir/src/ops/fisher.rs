@@ -15,7 +15,7 @@
 
 use super::{BatchMean, ChannelSum, FisherCtx, FloatAttr, Op, Scale, Square};
 use crate::error::ShapeError;
-use crate::graph::PortRef;
+use crate::port::PortRef;
 
 /// `M·dy`: the gradient of each example's own loss.
 pub(crate) fn per_example_upstream(

@@ -11,7 +11,7 @@ use super::batchnorm::{
     Planes, backward_args, channel_totals, check_backward_inputs, check_channel_inputs, inv_std,
     plane_sums,
 };
-use super::{FloatAttr, OpDef, expect_arity, expect_type, float_out};
+use super::{FloatAttr, OpClass, OpDef, Rounding, expect_arity, expect_type, float_out};
 use crate::tensor::{DType, Real, Tensor, TensorType, Value};
 
 /// Which squares a fused gradient op also produces.
@@ -107,6 +107,8 @@ pub struct BnBackwardReduceSq {
 
 impl OpDef for BnBackwardReduceSq {
     const NAME: &'static str = "bn_backward_reduce_sq";
+    const CLASS: OpClass = OpClass::Norm;
+    const ROUNDING: Rounding = Rounding::ManyTerms;
 
     fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
         expect_arity(inputs, 4)?;
@@ -144,6 +146,8 @@ pub struct ChannelSumSq {
 
 impl OpDef for ChannelSumSq {
     const NAME: &'static str = "channel_sum_sq";
+    const CLASS: OpClass = OpClass::Reduce;
+    const ROUNDING: Rounding = Rounding::ManyTerms;
 
     fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
         expect_arity(inputs, 1)?;
@@ -196,6 +200,8 @@ pub struct BnRelu {
 
 impl OpDef for BnRelu {
     const NAME: &'static str = "bn_relu";
+    const CLASS: OpClass = OpClass::Norm;
+    const ROUNDING: Rounding = Rounding::FewTerms;
 
     fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
         expect_arity(inputs, if self.residual { 6 } else { 5 })?;
@@ -232,6 +238,8 @@ pub struct ReluBackwardBnReduce {
 
 impl OpDef for ReluBackwardBnReduce {
     const NAME: &'static str = "relu_backward_bn_reduce";
+    const CLASS: OpClass = OpClass::Norm;
+    const ROUNDING: Rounding = Rounding::ManyTerms;
 
     fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
         expect_arity(inputs, 5)?;

@@ -16,8 +16,8 @@ use super::activation::relu_mask;
 use super::batchnorm::{batch_stats, check_channel_inputs};
 use super::fused_bn::{Squares, bn_relu, param_grads_with_squares, stats_args};
 use super::{
-    Conv2d, ConvDgrad, ConvWgrad, ConvWgradPerExample, FloatAttr, LinearWgrad, OpDef, expect_arity,
-    expect_type, flop_product,
+    Conv2d, ConvDgrad, ConvWgrad, ConvWgradPerExample, FloatAttr, LinearWgrad, OpClass, OpDef,
+    Rounding, expect_arity, expect_type, flop_product,
 };
 use crate::tensor::{Real, Tensor, TensorType, Value};
 
@@ -26,7 +26,7 @@ const PROLOGUE_INPUTS: [&str; 4] = ["mean", "variance", "gamma", "beta"];
 
 /// Number of inputs the (optional) prologue puts in front of an op's own: the pre-BN tensor
 /// and its four per-channel vectors, or just the tensor.
-fn prologue_len(prologue: Option<FloatAttr>) -> usize {
+pub fn prologue_len(prologue: Option<FloatAttr>) -> usize {
     if prologue.is_some() { 5 } else { 1 }
 }
 
@@ -73,6 +73,8 @@ impl FusedConv {
 
 impl OpDef for FusedConv {
     const NAME: &'static str = "fused_conv";
+    const CLASS: OpClass = OpClass::Conv;
+    const ROUNDING: Rounding = Rounding::ManyTerms;
 
     fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
         expect_arity(
@@ -126,6 +128,8 @@ pub struct FusedWgrad {
 
 impl OpDef for FusedWgrad {
     const NAME: &'static str = "fused_wgrad";
+    const CLASS: OpClass = OpClass::Conv;
+    const ROUNDING: Rounding = Rounding::ManyTerms;
 
     fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
         let first = prologue_len(self.prologue);
@@ -203,6 +207,8 @@ impl FusedDgrad {
 
 impl OpDef for FusedDgrad {
     const NAME: &'static str = "fused_dgrad";
+    const CLASS: OpClass = OpClass::Conv;
+    const ROUNDING: Rounding = Rounding::ManyTerms;
 
     fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
         expect_arity(inputs, 7)?;
@@ -279,6 +285,8 @@ pub struct LinearWgradSq;
 
 impl OpDef for LinearWgradSq {
     const NAME: &'static str = "linear_wgrad_sq";
+    const CLASS: OpClass = OpClass::Linear;
+    const ROUNDING: Rounding = Rounding::ManyTerms;
 
     fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
         let dw = LinearWgrad.infer(inputs)?.remove(0);

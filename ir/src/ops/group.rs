@@ -12,7 +12,7 @@ use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
 
-use super::{BnRunningUpdate, NoisySgdUpdate, OpDef, UpdateNoise, expect_arity};
+use super::{BnRunningUpdate, NoisySgdUpdate, OpClass, OpDef, Rounding, UpdateNoise, expect_arity};
 use crate::tensor::{Real, TensorType, Value};
 
 /// An op whose nodes may stand side by side in a [`Group`].
@@ -85,6 +85,8 @@ impl<M: Groupable> Group<M> {
 
 impl<M: Groupable> OpDef for Group<M> {
     const NAME: &'static str = M::GROUP_NAME;
+    const CLASS: OpClass = M::CLASS;
+    const ROUNDING: Rounding = M::ROUNDING;
 
     fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
         if self.members.is_empty() {

@@ -5,9 +5,9 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use super::{OpDef, VjpCtx};
+use super::{OpClass, OpDef, Rounding, VjpCtx};
 use crate::error::ShapeError;
-use crate::graph::PortRef;
+use crate::port::PortRef;
 use crate::tensor::{Real, TensorType, Value};
 
 /// Hyper-parameters of the noisy update, fed as scalars every step.
@@ -78,6 +78,8 @@ pub struct Input {
 
 impl OpDef for Input {
     const NAME: &'static str = "input";
+    const CLASS: OpClass = OpClass::Source;
+    const ROUNDING: Rounding = Rounding::FewTerms;
 
     fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
         super::expect_arity(inputs, 0)?;

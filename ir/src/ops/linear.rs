@@ -3,14 +3,14 @@
 
 use super::fisher::{a2g2_bias, a2g2_weight, exact_from_contributions};
 use super::{
-    ChannelSum, FisherCtx, OpDef, VjpCtx, expect_arity, expect_rank, expect_type, float_out,
-    flop_product, shape_str,
+    ChannelSum, FisherCtx, OpClass, OpDef, Rounding, VjpCtx, expect_arity, expect_rank,
+    expect_type, float_out, flop_product, shape_str,
 };
 use crate::cpu::for_each_example;
 use crate::error::ShapeError;
-use crate::graph::PortRef;
 use crate::matmul::{Mat, matmul};
-use crate::step::FisherMode;
+use crate::noise::FisherMode;
+use crate::port::PortRef;
 use crate::tensor::{Real, Tensor, TensorType, Value};
 use serde::{Deserialize, Serialize};
 
@@ -21,6 +21,8 @@ pub struct Linear {
 
 impl OpDef for Linear {
     const NAME: &'static str = "linear";
+    const CLASS: OpClass = OpClass::Linear;
+    const ROUNDING: Rounding = Rounding::ManyTerms;
 
     fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
         expect_arity(inputs, if self.bias { 3 } else { 2 })?;
@@ -115,6 +117,8 @@ pub struct LinearDgrad;
 
 impl OpDef for LinearDgrad {
     const NAME: &'static str = "linear_dgrad";
+    const CLASS: OpClass = OpClass::Linear;
+    const ROUNDING: Rounding = Rounding::ManyTerms;
 
     fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
         expect_arity(inputs, 2)?;
@@ -176,6 +180,8 @@ pub struct LinearWgrad;
 
 impl OpDef for LinearWgrad {
     const NAME: &'static str = "linear_wgrad";
+    const CLASS: OpClass = OpClass::Linear;
+    const ROUNDING: Rounding = Rounding::ManyTerms;
 
     fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
         let (_, i, o) = check_wgrad(inputs)?;
@@ -212,6 +218,8 @@ pub struct LinearWgradPerExample;
 
 impl OpDef for LinearWgradPerExample {
     const NAME: &'static str = "linear_wgrad_per_example";
+    const CLASS: OpClass = OpClass::Linear;
+    const ROUNDING: Rounding = Rounding::ManyTerms;
 
     fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
         let (n, i, o) = check_wgrad(inputs)?;

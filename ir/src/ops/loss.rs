@@ -1,10 +1,10 @@
 //! Softmax cross-entropy, averaged over the batch, its backward, and the logit gradient that
 //! draws full-Fisher noise.
 
-use super::{OpDef, VjpCtx, expect_arity, expect_rank, float_out};
+use super::{OpClass, OpDef, Rounding, VjpCtx, expect_arity, expect_rank, float_out};
 use crate::error::ShapeError;
-use crate::graph::PortRef;
 use crate::philox;
+use crate::port::PortRef;
 use crate::tensor::{DType, Real, Tensor, TensorType, Value};
 use serde::{Deserialize, Serialize};
 
@@ -44,6 +44,8 @@ pub struct SoftmaxCrossEntropy;
 
 impl OpDef for SoftmaxCrossEntropy {
     const NAME: &'static str = "softmax_cross_entropy";
+    const CLASS: OpClass = OpClass::Loss;
+    const ROUNDING: Rounding = Rounding::ManyTerms;
 
     fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
         expect_arity(inputs, 2)?;
@@ -92,6 +94,8 @@ pub struct SoftmaxCrossEntropyBackward;
 
 impl OpDef for SoftmaxCrossEntropyBackward {
     const NAME: &'static str = "softmax_cross_entropy_backward";
+    const CLASS: OpClass = OpClass::Loss;
+    const ROUNDING: Rounding = Rounding::ManyTerms;
 
     fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
         expect_arity(inputs, 3)?;
@@ -165,6 +169,8 @@ impl FullFisherSample {
 
 impl OpDef for FullFisherSample {
     const NAME: &'static str = "full_fisher_sample";
+    const CLASS: OpClass = OpClass::Loss;
+    const ROUNDING: Rounding = Rounding::ManyTerms;
 
     fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
         expect_arity(inputs, 4)?;

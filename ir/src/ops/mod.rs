@@ -1,13 +1,19 @@
 //! Every op of the IR, one definition each.
 //!
 //! An op is a struct implementing [`OpDef`]: its shape rule (`infer`), its CPU reference (`eval`,
-//! the correctness oracle), its FLOP count, its autodiff rule (`vjp`) and, for ops that consume
-//! parameters, its Fisher rule (`fisher`). Backward ops are ops too, defined in the same file as
-//! the forward op they differentiate. Adding an op means writing its struct in the file of its
-//! family and listing it once in [`define_ops!`] below; the kernel lowering lives in `codegen/`.
+//! the correctness oracle), its FLOP count, its autodiff rule (`vjp`), for ops that consume
+//! parameters its Fisher rule (`fisher`), and the facts other layers ask of it: its [`OpClass`]
+//! (which lowering file takes it, whether it is a kernel, whether its FLOPs are matrix
+//! products) and its [`Rounding`] (the bound a backend is checked against). Backward ops are
+//! ops too, defined in the same file as the forward op they differentiate.
+//!
+//! Adding an op: its struct and `OpDef` in the file of its family, its name once in
+//! [`define_ops!`] below, and its kernels in the `codegen/src/lower` file of its class. No other
+//! code lists ops; only the optimizer's rules name the ops they rewrite.
 
 mod activation;
 mod batchnorm;
+mod class;
 mod conv;
 mod elementwise;
 mod fisher;
@@ -32,10 +38,11 @@ pub use batchnorm::{
     BatchNorm, BnApply, BnBackwardData, BnBackwardReduce, BnParamGradsPerExample, BnParamGradsSq,
     BnRunningUpdate,
 };
+pub use class::{OpClass, Rounding};
 pub use conv::{Conv2d, ConvDgrad, ConvWgrad, ConvWgradPerExample, conv_out_size};
 pub use elementwise::{Add, Constant, Elementwise, Instr, Scale, Square};
 pub use fused_bn::{BnBackwardReduceSq, BnRelu, ChannelSumSq, ReluBackwardBnReduce, Squares};
-pub use fused_conv::{FusedConv, FusedDgrad, FusedWgrad, LinearWgradSq};
+pub use fused_conv::{FusedConv, FusedDgrad, FusedWgrad, LinearWgradSq, prologue_len};
 pub use group::{BnRunningUpdateGroup, Group, Groupable, MemberPorts, NoisySgdUpdateGroup};
 pub use input::{Hyper, Input, Role};
 pub use linear::{Linear, LinearDgrad, LinearWgrad, LinearWgradPerExample};
@@ -46,14 +53,22 @@ pub use shape::{Reshape, ShortcutA, ShortcutABackward};
 pub use update::{NoisySgdUpdate, UpdateNoise};
 
 use crate::error::ShapeError;
-use crate::graph::{Graph, PortRef};
-use crate::step::FisherMode;
+use crate::noise::FisherMode;
+use crate::port::PortRef;
+
 use crate::tensor::{DType, Real, ShapeDisplay, TensorType, Value};
 
 /// The definition of one op. See the module docs for what belongs here.
 pub trait OpDef {
     /// Name used in reports, errors and node counts.
     const NAME: &'static str;
+
+    /// The op's family: which lowering file takes it, whether it is a kernel, whether its
+    /// FLOPs are matrix products.
+    const CLASS: OpClass;
+
+    /// How its outputs round: the bound a backend's results are checked against.
+    const ROUNDING: Rounding;
 
     /// Output types from input types, or a message saying which input is wrong and how.
     fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String>;
@@ -107,6 +122,14 @@ macro_rules! define_ops {
 
             pub fn name(&self) -> &'static str {
                 match self { $(Op::$op(_) => <$op as OpDef>::NAME),* }
+            }
+
+            pub fn class(&self) -> OpClass {
+                match self { $(Op::$op(_) => <$op as OpDef>::CLASS),* }
+            }
+
+            pub fn rounding(&self) -> Rounding {
+                match self { $(Op::$op(_) => <$op as OpDef>::ROUNDING),* }
             }
 
             pub fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
@@ -224,10 +247,25 @@ impl fmt::Display for FloatAttr {
     }
 }
 
+/// The graph as a gradient or Fisher rule sees it: the types of its values, and new nodes.
+/// Implemented by `graph::Graph`; a trait here so that the ops do not depend on the graph.
+pub trait RuleGraph {
+    /// Adds a node (its output types inferred), returning its outputs.
+    fn add_node(
+        &mut self,
+        op: Op,
+        layer: &str,
+        inputs: &[PortRef],
+    ) -> Result<Vec<PortRef>, ShapeError>;
+
+    /// The static type of a value.
+    fn ty(&self, p: PortRef) -> &TensorType;
+}
+
 /// What an op's gradient rule sees: its inputs and outputs, the gradients arriving at its
 /// outputs, and which input gradients are wanted. New nodes get the op's layer name.
 pub struct VjpCtx<'a> {
-    pub graph: &'a mut Graph,
+    pub graph: &'a mut dyn RuleGraph,
     pub layer: String,
     pub inputs: Vec<PortRef>,
     pub outputs: Vec<PortRef>,
@@ -238,7 +276,13 @@ pub struct VjpCtx<'a> {
 impl VjpCtx<'_> {
     /// Adds a single-output node for this layer.
     pub fn add(&mut self, op: impl Into<Op>, inputs: &[PortRef]) -> Result<PortRef, ShapeError> {
-        self.graph.add1(op, &self.layer, inputs)
+        let op = op.into();
+        let name = op.name();
+        let outputs = self.add_multi(op, inputs)?;
+        outputs
+            .first()
+            .copied()
+            .ok_or_else(|| self.error(name, "the op has no output".to_string()))
     }
 
     /// Adds a node for this layer and returns all its outputs.
@@ -247,9 +291,7 @@ impl VjpCtx<'_> {
         op: impl Into<Op>,
         inputs: &[PortRef],
     ) -> Result<Vec<PortRef>, ShapeError> {
-        let node = self.graph.add(op, &self.layer, inputs)?;
-        let count = self.graph.node(node).outputs.len();
-        Ok((0..count).map(|port| PortRef::new(node, port)).collect())
+        self.graph.add_node(op.into(), &self.layer, inputs)
     }
 
     pub fn ty(&self, p: PortRef) -> &TensorType {

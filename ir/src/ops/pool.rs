@@ -2,9 +2,12 @@
 //! Max-pool backward recomputes the arg-max from the input (the first maximum in row-major
 //! window order wins ties), so no index tensor is stored.
 
-use super::{OpDef, VjpCtx, conv_out_size, expect_arity, expect_rank, float_out, shape_str};
+use super::{
+    OpClass, OpDef, Rounding, VjpCtx, conv_out_size, expect_arity, expect_rank, float_out,
+    shape_str,
+};
 use crate::error::ShapeError;
-use crate::graph::PortRef;
+use crate::port::PortRef;
 use crate::tensor::{Real, Tensor, TensorType, Value};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -67,6 +70,8 @@ impl MaxPool {
 
 impl OpDef for MaxPool {
     const NAME: &'static str = "max_pool";
+    const CLASS: OpClass = OpClass::Pool;
+    const ROUNDING: Rounding = Rounding::FewTerms;
 
     fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
         expect_arity(inputs, 1)?;
@@ -123,6 +128,8 @@ impl MaxPoolBackward {
 
 impl OpDef for MaxPoolBackward {
     const NAME: &'static str = "max_pool_backward";
+    const CLASS: OpClass = OpClass::Pool;
+    const ROUNDING: Rounding = Rounding::FewTerms;
 
     fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
         expect_arity(inputs, 2)?;
@@ -156,6 +163,8 @@ pub struct GlobalAvgPool;
 
 impl OpDef for GlobalAvgPool {
     const NAME: &'static str = "global_avg_pool";
+    const CLASS: OpClass = OpClass::Pool;
+    const ROUNDING: Rounding = Rounding::ManyTerms;
 
     fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
         expect_arity(inputs, 1)?;
@@ -203,6 +212,8 @@ pub struct GlobalAvgPoolBackward {
 
 impl OpDef for GlobalAvgPoolBackward {
     const NAME: &'static str = "global_avg_pool_backward";
+    const CLASS: OpClass = OpClass::Elementwise;
+    const ROUNDING: Rounding = Rounding::FewTerms;
 
     fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
         expect_arity(inputs, 1)?;

@@ -1,7 +1,7 @@
 //! Reductions: per-channel sums (bias gradients, with and without the batch axis) and the mean
 //! over the batch axis (the Fisher's average of squares).
 
-use super::{OpDef, expect_arity, float_out, shape_str};
+use super::{OpClass, OpDef, Rounding, expect_arity, float_out, shape_str};
 use crate::tensor::{DType, Real, Tensor, TensorType, Value};
 use serde::{Deserialize, Serialize};
 
@@ -21,6 +21,8 @@ pub struct ChannelSum;
 
 impl OpDef for ChannelSum {
     const NAME: &'static str = "channel_sum";
+    const CLASS: OpClass = OpClass::Reduce;
+    const ROUNDING: Rounding = Rounding::ManyTerms;
 
     fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
         expect_arity(inputs, 1)?;
@@ -64,6 +66,8 @@ pub struct ChannelSumPerExample;
 
 impl OpDef for ChannelSumPerExample {
     const NAME: &'static str = "channel_sum_per_example";
+    const CLASS: OpClass = OpClass::Reduce;
+    const ROUNDING: Rounding = Rounding::ManyTerms;
 
     fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
         expect_arity(inputs, 1)?;
@@ -91,6 +95,8 @@ pub struct BatchMean;
 
 impl OpDef for BatchMean {
     const NAME: &'static str = "batch_mean";
+    const CLASS: OpClass = OpClass::Elementwise;
+    const ROUNDING: Rounding = Rounding::ManyTerms;
 
     fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
         expect_arity(inputs, 1)?;

@@ -1,9 +1,9 @@
 //! Data-movement ops: reshape (flatten) and the option-A residual shortcut (strided identity
 //! with zero channel padding, as in He et al.'s CIFAR ResNets), with their backward ops.
 
-use super::{OpDef, VjpCtx, expect_arity, expect_rank, float_out, shape_str};
+use super::{OpClass, OpDef, Rounding, VjpCtx, expect_arity, expect_rank, float_out, shape_str};
 use crate::error::ShapeError;
-use crate::graph::PortRef;
+use crate::port::PortRef;
 use crate::tensor::{DType, Real, Tensor, TensorType, Value};
 use serde::{Deserialize, Serialize};
 
@@ -15,6 +15,8 @@ pub struct Reshape {
 
 impl OpDef for Reshape {
     const NAME: &'static str = "reshape";
+    const CLASS: OpClass = OpClass::View;
+    const ROUNDING: Rounding = Rounding::FewTerms;
 
     fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
         expect_arity(inputs, 1)?;
@@ -85,6 +87,8 @@ impl ShortcutA {
 
 impl OpDef for ShortcutA {
     const NAME: &'static str = "shortcut_a";
+    const CLASS: OpClass = OpClass::Elementwise;
+    const ROUNDING: Rounding = Rounding::FewTerms;
 
     fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
         expect_arity(inputs, 1)?;
@@ -125,6 +129,8 @@ pub struct ShortcutABackward {
 
 impl OpDef for ShortcutABackward {
     const NAME: &'static str = "shortcut_a_backward";
+    const CLASS: OpClass = OpClass::Elementwise;
+    const ROUNDING: Rounding = Rounding::FewTerms;
 
     fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
         expect_arity(inputs, 1)?;

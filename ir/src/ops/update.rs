@@ -16,7 +16,7 @@
 //! the update first makes `F̂ = f·S` (as `scale` would, one rounding), uses it, and returns it
 //! as a third output: the Fisher estimate the step reports, without a kernel of its own.
 
-use super::{FloatAttr, Groupable, OpDef, expect_arity, expect_type};
+use super::{FloatAttr, Groupable, OpClass, OpDef, Rounding, expect_arity, expect_type};
 use crate::philox;
 use crate::tensor::{DType, Real, Tensor, TensorType, Value};
 use serde::{Deserialize, Serialize};
@@ -66,6 +66,8 @@ impl NoisySgdUpdate {
 
 impl OpDef for NoisySgdUpdate {
     const NAME: &'static str = "noisy_sgd_update";
+    const CLASS: OpClass = OpClass::Update;
+    const ROUNDING: Rounding = Rounding::FewTerms;
 
     fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
         expect_arity(inputs, Groupable::input_count(self))?;

@@ -59,39 +59,15 @@ impl AddAssign for Cost {
     }
 }
 
-/// Whether the op runs as a kernel: inputs and constants are data, a reshape is a view.
-pub fn is_kernel(op: &Op) -> bool {
-    !matches!(op, Op::Input(_) | Op::Constant(_) | Op::Reshape(_))
-}
-
-/// Whether the op's FLOPs run on tensor cores: convolutions and matrix products.
-pub fn on_tensor_cores(op: &Op) -> bool {
-    matches!(
-        op,
-        Op::Conv2d(_)
-            | Op::ConvDgrad(_)
-            | Op::ConvWgrad(_)
-            | Op::ConvWgradPerExample(_)
-            | Op::Linear(_)
-            | Op::LinearDgrad(_)
-            | Op::LinearWgrad(_)
-            | Op::LinearWgradPerExample(_)
-            | Op::FusedConv(_)
-            | Op::FusedWgrad(_)
-            | Op::FusedDgrad(_)
-            | Op::LinearWgradSq(_)
-    )
-}
-
 /// The cost of one node as a kernel (zero if it is not one).
 pub fn node_cost(op: &Op, inputs: &[&TensorType], outputs: &[TensorType], device: &Device) -> Cost {
-    if !is_kernel(op) {
+    if !op.class().is_kernel() {
         return Cost::default();
     }
     let bytes: usize = inputs.iter().map(|t| t.bytes()).sum::<usize>()
         + outputs.iter().map(TensorType::bytes).sum::<usize>();
     let flops = op.flops(inputs, outputs);
-    let peak = if on_tensor_cores(op) {
+    let peak = if op.class().is_matrix_product() {
         device.tensor_flops
     } else {
         device.vector_flops
