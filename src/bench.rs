@@ -12,9 +12,11 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use fisherc_codegen::artifact::{Artifact, Source};
-use fisherc_codegen::compile::{CompileOptions, Compiled, compile};
-use fisherc_codegen::lower::{DEFAULT_STAGES, TensorCores, stages_note};
+use clap::builder::PossibleValue;
+use fisherc_codegen::artifact::{Artifact, compile_step};
+use fisherc_codegen::compile::{CompileOptions, Compiled};
+use fisherc_codegen::lower::LowerOptions;
+use fisherc_codegen::options::{Arch, DEFAULT_STAGES, Precision, stages_note};
 use fisherc_ir::model::{self, BuildOptions};
 use fisherc_ir::{FisherMode, StepOptions, build_training_step};
 use fisherc_runtime::Session;
@@ -31,29 +33,79 @@ use crate::run::RandomBatchSteps;
 /// Ops printed per configuration.
 const TOP_OPS: usize = 6;
 
-/// Named in JSON as on the command line (scripts/torch_bench.py joins on these names).
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Variant {
-    /// The optimizer's fused graph.
-    Fused,
-    /// The fused graph with its convolutions on TF32 tensor cores (3xTF32).
-    FusedTc,
-    /// The fused graph with its convolutions on TF32 tensor cores, one TF32 product (as
-    /// PyTorch's allow_tf32).
-    FusedTf32,
-    /// The step as autodiff built it (per-example gradients materialised).
-    Unfused,
+/// A way to compile the step: fused on one precision, or unfused. Named in JSON as on the
+/// command line (scripts/torch_bench.py joins on these names): `Precision::variant`'s names,
+/// and `unfused`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Variant {
+    pub fused: bool,
+    pub precision: Precision,
 }
 
 impl Variant {
-    fn name(self) -> &'static str {
-        match self {
-            Variant::Fused => "fused",
-            Variant::FusedTc => "fused-tc",
-            Variant::FusedTf32 => "fused-tf32",
-            Variant::Unfused => "unfused",
+    const UNFUSED: Variant = Variant {
+        fused: false,
+        precision: Precision::Fp32,
+    };
+
+    const ALL: [Variant; 4] = [
+        Variant::fused(Precision::Fp32),
+        Variant::fused(Precision::Tf32x3),
+        Variant::fused(Precision::Tf32),
+        Variant::UNFUSED,
+    ];
+
+    const fn fused(precision: Precision) -> Variant {
+        Variant {
+            fused: true,
+            precision,
         }
+    }
+
+    fn name(self) -> &'static str {
+        if self.fused {
+            self.precision.variant()
+        } else {
+            "unfused"
+        }
+    }
+
+    fn help(self) -> String {
+        match (self.fused, self.precision.words()) {
+            (false, _) => {
+                "The step as autodiff built it (per-example gradients materialised)".into()
+            }
+            (true, "") => "The optimizer's fused graph".into(),
+            (true, words) => format!("The optimizer's fused graph, convolutions on {words}"),
+        }
+    }
+
+    /// The compile options of this variant.
+    fn options(self, stages: u32, arch: Arch) -> CompileOptions {
+        CompileOptions {
+            fused: self.fused,
+            lowering: LowerOptions {
+                precision: self.precision,
+                stages,
+            },
+            arch,
+        }
+    }
+}
+
+impl clap::ValueEnum for Variant {
+    fn value_variants<'a>() -> &'a [Variant] {
+        &Variant::ALL
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        Some(PossibleValue::new(self.name()).help(self.help()))
+    }
+}
+
+impl Serialize for Variant {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.name())
     }
 }
 
@@ -110,8 +162,8 @@ pub struct Args {
     pub markdown: Option<PathBuf>,
 
     /// PTX target: sm_80 or sm_90.
-    #[arg(long, default_value = "sm_90", value_parser = ["sm_80", "sm_90"])]
-    pub arch: String,
+    #[arg(long, default_value = "sm_90", value_parser = crate::compile::arch())]
+    pub arch: Arch,
 
     /// K slices the convolutions' GEMMs keep in flight, where shared memory allows: 2 (double
     /// buffering) to 4.
@@ -276,12 +328,6 @@ impl Config<'_> {
 
 /// Compiles, runs and times one configuration.
 fn measure(args: &Args, config: &Config<'_>, out: &mut impl Write) -> Result<Measurement> {
-    let fused = config.variant != Variant::Unfused;
-    let tensor_cores = match config.variant {
-        Variant::FusedTc => TensorCores::Tf32x3,
-        Variant::FusedTf32 => TensorCores::Tf32,
-        Variant::Fused | Variant::Unfused => TensorCores::Off,
-    };
     writeln!(
         out,
         "{} · batch {} · fisher {} · {}{}",
@@ -300,17 +346,11 @@ fn measure(args: &Args, config: &Config<'_>, out: &mut impl Write) -> Result<Mea
     };
     let network = model::load(config.path, &options)?;
     let step = build_training_step(network, &StepOptions::new(config.fisher))?;
-    let options = CompileOptions {
-        fused,
-        tensor_cores,
-        stages: config.stages,
-    };
-    let compiled =
-        compile(&step, options).with_context(|| format!("compiling {}", config.path.display()))?;
     let text = std::fs::read_to_string(config.path)
         .with_context(|| format!("reading {}", config.path.display()))?;
-    let source = Source::of(&step, config.path, text, options, &args.arch);
-    let artifact = Artifact::new(&compiled.program, source, compiled.seconds);
+    let options = config.variant.options(config.stages, args.arch);
+    let (compiled, artifact) = compile_step(&step, (config.path, text), options)
+        .with_context(|| format!("compiling {}", config.path.display()))?;
     let times = timed_steps(args, &artifact, &compiled, out)?;
 
     let median = crate::timing::median(&times.steps).context("no timed steps")?;

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use fisherc_codegen::artifact::Artifact;
-use fisherc_codegen::lower::TensorCores;
+use fisherc_codegen::options::Precision;
 use fisherc_ir::state::TrainState;
 use fisherc_ir::synthetic::random_batch;
 use fisherc_runtime::Session;
@@ -74,13 +74,13 @@ pub fn run(args: &Args) -> Result<()> {
     let artifact = Artifact::read(&args.artifact)?;
     let compiled = backend_args::recompile(&artifact)?;
     let source = artifact.plan.source.clone();
-    let tensor_cores = source.compile_options().tensor_cores;
+    let precision = source.compile.precision();
     let bounds = if args.backend == BackendKind::Cuda {
         Bounds::GPU
     } else {
         Bounds::CPU
     }
-    .compiled_with(tensor_cores);
+    .compiled_with(precision);
     let mut out = io::stdout().lock();
 
     let backend = backend_args::open(args.backend, &artifact, Some(&compiled))?;
@@ -91,7 +91,7 @@ pub fn run(args: &Args) -> Result<()> {
         source.model,
         source.batch,
         source.noise.describe(source.fisher),
-        source.describe_compile(),
+        source.compile.describe(),
         session.backend.describe()
     )?;
     let net = &session.network;
@@ -141,8 +141,8 @@ pub fn run(args: &Args) -> Result<()> {
         args.seed,
         &hyper,
     )?;
-    let step_bound = match (tensor_cores, args.backend) {
-        (TensorCores::Tf32, _) => SINGLE_TF32_STEP,
+    let step_bound = match (precision, args.backend) {
+        (Precision::Tf32, _) => SINGLE_TF32_STEP,
         (_, BackendKind::Cuda) => StepBound {
             within: 1e-3,
             oracle_factor: ORACLE_FACTOR,

@@ -4,9 +4,10 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use fisherc_codegen::artifact::{Artifact, PLAN_FILE, PTX_FILE, Source, bytes, summary};
-use fisherc_codegen::compile::{CompileOptions, compile};
-use fisherc_codegen::lower::{DEFAULT_STAGES, STAGE_RANGE, TensorCores};
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
+use fisherc_codegen::artifact::{PLAN_FILE, PTX_FILE, bytes, compile_step, summary};
+use fisherc_codegen::lower::LowerOptions;
+use fisherc_codegen::options::{Arch, CompileOptions, DEFAULT_STAGES, Precision, STAGE_RANGE};
 use fisherc_ir::Noise;
 
 use crate::model_args::ModelArgs;
@@ -24,8 +25,9 @@ pub struct Args {
     /// Convolutions on TF32 tensor cores instead of fp32 FMA: `3xtf32` (the default; fp32
     /// accuracy) or `tf32` (one TF32 product, as PyTorch's allow_tf32: faster, relative errors
     /// near 1e-3).
-    #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "3xtf32")]
-    pub tensor_cores: Option<Tf32>,
+    #[arg(long, num_args = 0..=1, default_missing_value = "3xtf32",
+          value_parser = tensor_core_precision())]
+    pub tensor_cores: Option<Precision>,
 
     /// K slices the convolutions' GEMMs keep in flight, where shared memory allows: 2 (double
     /// buffering) to 4; 3 timed no faster on the H200 (benches/RESULTS.md).
@@ -33,8 +35,8 @@ pub struct Args {
     pub stages: u32,
 
     /// PTX target: sm_80 or sm_90.
-    #[arg(long, default_value = "sm_90", value_parser = ["sm_80", "sm_90"])]
-    pub arch: String,
+    #[arg(long, default_value = "sm_90", value_parser = arch())]
+    pub arch: Arch,
 
     /// Output directory [default: compiled/MODEL_b<BATCH>_<FISHER>[_<NOISE>][_unfused][_tc][_s<STAGES>]].
     #[arg(short, long)]
@@ -55,42 +57,41 @@ pub fn parse_stages(text: &str) -> Result<u32, String> {
     }
 }
 
-/// How tensor cores multiply (`--tensor-cores[=...]`).
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Tf32 {
-    /// Three TF32 products per operand pair: fp32 accuracy.
-    #[value(name = "3xtf32")]
-    Split3,
-    /// One TF32 product.
-    #[value(name = "tf32")]
-    Single,
+/// The `--tensor-cores` values: the precisions on tensor cores.
+fn tensor_core_precision() -> impl TypedValueParser<Value = Precision> {
+    let values = Precision::ALL
+        .into_iter()
+        .filter(|p| p.on_tensor_cores())
+        .map(|p| PossibleValue::new(p.value()).help(p.help()));
+    PossibleValuesParser::new(values).try_map(|s| s.parse::<Precision>())
+}
+
+/// The `--arch` values: every PTX target.
+pub fn arch() -> impl TypedValueParser<Value = Arch> {
+    PossibleValuesParser::new(Arch::ALL.map(Arch::name)).try_map(|s| s.parse::<Arch>())
 }
 
 impl Args {
-    pub fn tensor_cores(&self) -> TensorCores {
-        match self.tensor_cores {
-            None => TensorCores::Off,
-            Some(Tf32::Split3) => TensorCores::Tf32x3,
-            Some(Tf32::Single) => TensorCores::Tf32,
+    /// The options this compile asks for.
+    pub fn options(&self) -> CompileOptions {
+        CompileOptions {
+            fused: !self.unfused,
+            lowering: LowerOptions {
+                precision: self.tensor_cores.unwrap_or_default(),
+                stages: self.stages,
+            },
+            arch: self.arch,
         }
     }
 }
 
 pub fn run(args: &Args) -> Result<()> {
     let step = args.model.training_step()?;
-    let fused = !args.unfused;
-    let options = CompileOptions {
-        fused,
-        tensor_cores: args.tensor_cores(),
-        stages: args.stages,
-    };
-    let compiled = compile(&step, options)
-        .with_context(|| format!("compiling {}", args.model.model.display()))?;
     let path = &args.model.model;
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let source = Source::of(&step, path, text, options, &args.arch);
-    let artifact = Artifact::new(&compiled.program, source, compiled.seconds);
+    let (_, artifact) = compile_step(&step, (path, text), args.options())
+        .with_context(|| format!("compiling {}", path.display()))?;
     let dir = args.out.clone().unwrap_or_else(|| default_dir(args));
     artifact.write(&dir)?;
     print!("{}", summary(&artifact.plan));
@@ -114,19 +115,10 @@ fn default_dir(args: &Args) -> PathBuf {
         Noise::DiagonalFisher => String::new(),
         other => format!("_{other}"),
     };
-    let variant = if args.unfused { "_unfused" } else { "" };
-    let cores = match args.tensor_cores {
-        None => "",
-        Some(Tf32::Split3) => "_tc",
-        Some(Tf32::Single) => "_tf32",
-    };
-    let stages = if args.stages == DEFAULT_STAGES {
-        String::new()
-    } else {
-        format!("_s{}", args.stages)
-    };
     PathBuf::from("compiled").join(format!(
-        "{stem}_b{}_{}{noise}{variant}{cores}{stages}",
-        args.model.batch, options.fisher
+        "{stem}_b{}_{}{noise}{}",
+        args.model.batch,
+        options.fisher,
+        args.options().dir_suffix()
     ))
 }

@@ -39,13 +39,15 @@ pub fn run(dir: &Path, json: bool) -> Result<()> {
             Vec::new(),
             Some("ptxas not found: run scripts/install-ptxas.sh or set FISHERC_PTXAS".to_string()),
         ),
-        Some(path) => match ptxas::assemble(&path, &artifact.ptx, &plan.source.arch) {
-            Ok(r) => (r, None),
-            Err(messages) => anyhow::bail!(
-                "ptxas rejected {}:\n{messages}",
-                dir.join("module.ptx").display()
-            ),
-        },
+        Some(path) => {
+            match ptxas::assemble(&path, &artifact.ptx, plan.source.compile.arch.name()) {
+                Ok(r) => (r, None),
+                Err(messages) => anyhow::bail!(
+                    "ptxas rejected {}:\n{messages}",
+                    dir.join("module.ptx").display()
+                ),
+            }
+        }
     };
     let rows: Vec<KernelRow> = plan
         .kernels
@@ -104,7 +106,7 @@ pub fn run(dir: &Path, json: bool) -> Result<()> {
         writeln!(
             out,
             "\nregisters and spill bytes from ptxas -v for {}",
-            plan.source.arch
+            plan.source.compile.arch
         )?;
     }
     Ok(())

@@ -83,7 +83,11 @@ pub fn run(args: &Args) -> Result<()> {
         source.model,
         source.batch,
         source.noise.describe(source.fisher),
-        if source.fused { "fused" } else { "unfused" },
+        if source.compile.fused {
+            "fused"
+        } else {
+            "unfused"
+        },
         args.hyper.describe_noise(drawn, source.batch),
         session.backend.describe(),
         if args.graph { " (CUDA graph)" } else { "" }

@@ -21,9 +21,8 @@ use thiserror::Error;
 use fisherc_ir::model::{BuildOptions, Mode, ModelSpec, Network, Shortcut, build};
 use fisherc_ir::{FisherMode, Graph, Noise, StepOptions, TrainingStep, build_training_step};
 
-use crate::compile::{CompileOptions, Compiled, compile_graph};
+use crate::compile::{CompileError, CompileOptions, Compiled, compile, compile_graph};
 use crate::kir::{Kernel, MainLoop, ParamTy};
-use crate::lower::{TensorCores, stages_note};
 use crate::plan::{Arg, Buffer, PlannedLaunch, PlannedNode, Program};
 use crate::ptx;
 
@@ -51,19 +50,10 @@ pub struct Source {
     /// The noise's covariance (artifacts from before it was recorded have diagonal Fisher).
     #[serde(default)]
     pub noise: Noise,
-    pub fused: bool,
-    /// Convolutions on TF32 tensor cores (`CompileOptions::tensor_cores`)...
-    #[serde(default)]
-    pub tensor_cores: bool,
-    /// ... with one TF32 product rather than three (`TensorCores::Tf32`).
-    #[serde(default)]
-    pub single_tf32: bool,
-    /// K slices in flight in the convolutions' GEMMs (artifacts from before it was recorded
-    /// double-buffered).
-    #[serde(default = "double_buffered")]
-    pub stages: u32,
-    /// The PTX target, e.g. `sm_90`.
-    pub arch: String,
+    /// How it was compiled: recorded as `fused`, `tensor_cores`, `single_tf32`, `stages`,
+    /// `arch` (`options::Recorded`).
+    #[serde(flatten)]
+    pub compile: CompileOptions,
     /// What the program runs: a training step (artifacts from before it was recorded) or
     /// the network's forward pass in evaluation mode.
     #[serde(default, skip_serializing_if = "ProgramKind::is_step")]
@@ -94,10 +84,6 @@ impl ProgramKind {
     }
 }
 
-fn double_buffered() -> u32 {
-    2
-}
-
 impl Source {
     /// The source of `step`, built from the model file at `path` whose text is `model_text`
     /// and compiled with `options`.
@@ -106,13 +92,12 @@ impl Source {
         path: &Path,
         model_text: String,
         options: CompileOptions,
-        arch: &str,
     ) -> Source {
         Source {
             fisher: step.fisher,
             decay_bn: step.decay_bn,
             noise: step.noise,
-            ..Source::of_network(&step.network, (path, model_text), (options, arch))
+            ..Source::of_network(&step.network, (path, model_text), options)
         }
     }
 
@@ -122,11 +107,10 @@ impl Source {
         network: &Network,
         (path, model_text): (&Path, String),
         options: CompileOptions,
-        arch: &str,
     ) -> Source {
         Source {
             program: ProgramKind::Evaluation,
-            ..Source::of_network(network, (path, model_text), (options, arch))
+            ..Source::of_network(network, (path, model_text), options)
         }
     }
 
@@ -135,7 +119,7 @@ impl Source {
     fn of_network(
         network: &Network,
         (path, model_text): (&Path, String),
-        (options, arch): (CompileOptions, &str),
+        options: CompileOptions,
     ) -> Source {
         Source {
             model: path.display().to_string(),
@@ -146,40 +130,10 @@ impl Source {
             fisher: FisherMode::None,
             decay_bn: false,
             noise: Noise::default(),
-            fused: options.fused,
-            tensor_cores: options.tensor_cores.on(),
-            single_tf32: options.tensor_cores == TensorCores::Tf32,
-            stages: options.stages,
-            arch: arch.to_string(),
+            compile: options,
             program: ProgramKind::Step,
             classes: Some(network.classes),
         }
-    }
-
-    /// The options it was compiled with.
-    pub fn compile_options(&self) -> CompileOptions {
-        CompileOptions {
-            fused: self.fused,
-            tensor_cores: match (self.tensor_cores, self.single_tf32) {
-                (false, _) => TensorCores::Off,
-                (true, false) => TensorCores::Tf32x3,
-                (true, true) => TensorCores::Tf32,
-            },
-            stages: self.stages,
-        }
-    }
-
-    /// How it was compiled, in words: fused or not, how convolutions multiply, and the GEMM
-    /// pipeline's depth where it is not the default.
-    pub fn describe_compile(&self) -> String {
-        let options = self.compile_options();
-        let variant = match (options.fused, options.tensor_cores) {
-            (false, _) => "unfused",
-            (true, TensorCores::Off) => "fused",
-            (true, TensorCores::Tf32x3) => "fused, tensor cores (3xTF32)",
-            (true, TensorCores::Tf32) => "fused, tensor cores (one TF32 product)",
-        };
-        format!("{variant}{}", stages_note(options.stages))
     }
 
     /// The network again, from the kept model text (with the classifier's width it was built
@@ -309,11 +263,36 @@ pub struct Artifact {
     pub ptx: String,
 }
 
+/// A training step compiled with `options`, and its artifact: the one way from a model to an
+/// artifact (`model` is the model file's path and text, kept in the artifact).
+pub fn compile_step(
+    step: &TrainingStep,
+    (path, model_text): (&Path, String),
+    options: CompileOptions,
+) -> Result<(Compiled, Artifact), CompileError> {
+    let compiled = compile(step, options)?;
+    let source = Source::of(step, path, model_text, options);
+    let artifact = Artifact::new(&compiled.program, source, compiled.seconds);
+    Ok((compiled, artifact))
+}
+
+/// [`compile_step`] for `network`'s evaluation program (`network` built in evaluation mode).
+pub fn compile_evaluation(
+    network: &Network,
+    (path, model_text): (&Path, String),
+    options: CompileOptions,
+) -> Result<(Compiled, Artifact), CompileError> {
+    let compiled = compile_graph(&network.graph, options)?;
+    let source = Source::of_evaluation(network, (path, model_text), options);
+    let artifact = Artifact::new(&compiled.program, source, compiled.seconds);
+    Ok((compiled, artifact))
+}
+
 impl Artifact {
     /// Packages a compiled program.
     pub fn new(program: &Program, source: Source, compile_seconds: f64) -> Artifact {
         let kernels: Vec<&Kernel> = program.kernels.iter().collect();
-        let ptx = ptx::module(&kernels, &source.arch);
+        let ptx = ptx::module(&kernels, source.compile.arch.name());
         let slot = |(role, &buffer): (&Role, &usize)| Slot {
             role: role.clone(),
             buffer,
@@ -419,7 +398,7 @@ impl Artifact {
     pub fn recompile(&self) -> Result<Compiled, String> {
         let graph = self.plan.source.graph()?;
         let compiled =
-            compile_graph(&graph, self.plan.source.compile_options()).map_err(|e| e.to_string())?;
+            compile_graph(&graph, self.plan.source.compile).map_err(|e| e.to_string())?;
         let again = Artifact::new(
             &compiled.program,
             self.plan.source.clone(),
@@ -581,8 +560,8 @@ pub fn summary(plan: &Plan) -> String {
         s.model,
         s.batch,
         s.fisher,
-        s.describe_compile(),
-        s.arch
+        s.compile.describe(),
+        s.compile.arch
     );
     out += &format!(
         "compiled by fisherc {} in {:.2} s\n",

@@ -2,41 +2,12 @@
 
 use std::time::Instant;
 
-use fisherc_ir::optimize::cost::H100;
 use fisherc_ir::optimize::{Limits, OptimizeError, Optimized, Report, optimize_with, rules};
 use fisherc_ir::{Graph, TrainingStep};
 use thiserror::Error;
 
-use crate::lower::{DEFAULT_STAGES, LowerOptions, TensorCores};
+pub use crate::options::CompileOptions;
 use crate::plan::{PlanError, Program, plan};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CompileOptions {
-    /// Run the fusion rules (`false`: the unfused baseline, every op its own kernels).
-    pub fused: bool,
-    /// Convolutions on fp32 FMA or on TF32 tensor cores.
-    pub tensor_cores: TensorCores,
-    /// K slices in flight in the convolutions' GEMMs (`LowerOptions::stages`).
-    pub stages: u32,
-}
-
-impl CompileOptions {
-    /// Fused or not, on fp32 FMA.
-    pub fn fused(fused: bool) -> CompileOptions {
-        CompileOptions {
-            fused,
-            tensor_cores: TensorCores::Off,
-            stages: DEFAULT_STAGES,
-        }
-    }
-
-    fn lowering(&self) -> LowerOptions {
-        LowerOptions {
-            tensor_cores: self.tensor_cores,
-            stages: self.stages,
-        }
-    }
-}
 
 #[derive(Debug, Error)]
 pub enum CompileError {
@@ -66,13 +37,17 @@ pub fn compile(step: &TrainingStep, options: CompileOptions) -> Result<Compiled,
 pub fn compile_graph(graph: &Graph, options: CompileOptions) -> Result<Compiled, CompileError> {
     let started = Instant::now();
     let (graph, report) = if options.fused {
-        let Optimized { graph, report } =
-            optimize_with(graph, &rules::all(), &Limits::default(), &H100)?;
+        let Optimized { graph, report } = optimize_with(
+            graph,
+            &rules::all(),
+            &Limits::default(),
+            options.arch.device(),
+        )?;
         (graph, Some(report))
     } else {
         (graph.clone(), None)
     };
-    let program = plan(&graph, options.lowering())?;
+    let program = plan(&graph, options.lowering)?;
     Ok(Compiled {
         graph,
         program,

@@ -21,6 +21,7 @@ pub mod exec;
 pub mod kir;
 pub mod lower;
 pub mod magic;
+pub mod options;
 pub mod plan;
 pub mod ptx;
 pub mod ptxas;

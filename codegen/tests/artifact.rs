@@ -5,9 +5,10 @@ use std::fs;
 use std::path::Path;
 
 use fisherc_codegen::artifact::{
-    Artifact, ArtifactError, PLAN_FILE, PTX_FILE, SUMMARY_FILE, Source,
+    Artifact, ArtifactError, PLAN_FILE, PTX_FILE, SUMMARY_FILE, Source, compile_step,
 };
 use fisherc_codegen::compile::{CompileOptions, compile};
+use fisherc_codegen::options::Arch;
 use fisherc_codegen::plan::Arg;
 use fisherc_ir::model::{BuildOptions, ModelSpec, build, load};
 use fisherc_ir::ops::Hyper;
@@ -21,15 +22,12 @@ fn artifact_of_batch(fused: bool, batch: usize) -> Artifact {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/small_cnn.toml");
     let network = load(&path, &BuildOptions::train(batch)).unwrap();
     let step = build_training_step(network, &StepOptions::new(FisherMode::Exact)).unwrap();
-    let compiled = compile(&step, CompileOptions::fused(fused)).unwrap();
-    let source = Source::of(
-        &step,
-        &path,
-        std::fs::read_to_string(&path).unwrap(),
-        CompileOptions::fused(fused),
-        "sm_80",
-    );
-    Artifact::new(&compiled.program, source, compiled.seconds)
+    let options = CompileOptions {
+        arch: Arch::Sm80,
+        ..CompileOptions::fused(fused)
+    };
+    let text = std::fs::read_to_string(&path).unwrap();
+    compile_step(&step, (&path, text), options).unwrap().1
 }
 
 fn written(a: &Artifact) -> tempfile::TempDir {
@@ -172,7 +170,7 @@ fn an_artifact_keeps_the_classifier_width_it_was_built_with() {
     let step = build_training_step(network, &StepOptions::new(FisherMode::Exact)).unwrap();
     let options = CompileOptions::fused(true);
     let compiled = compile(&step, options).unwrap();
-    let source = Source::of(&step, &path, text, options, "sm_90");
+    let source = Source::of(&step, &path, text, options);
     let a = Artifact::new(&compiled.program, source, compiled.seconds);
     let back = Artifact::read(written(&a).path()).unwrap();
     let network = back.plan.source.network().unwrap();

@@ -6,7 +6,8 @@
 mod common;
 
 use common::{check, check_with, labels, random, rng, uniform};
-use fisherc_codegen::lower::{DEFAULT_STAGES, LowerOptions, SINGLE_TF32_ERROR, TensorCores};
+use fisherc_codegen::lower::{LowerOptions, SINGLE_TF32_ERROR};
+use fisherc_codegen::options::{DEFAULT_STAGES, Precision};
 use fisherc_ir::ops::*;
 
 const ELEMENTWISE: f64 = 1e-6;
@@ -441,16 +442,13 @@ const WIDE_CONVS: [ConvShape; 8] = [
 /// `SINGLE_TF32_ERROR`.
 fn check_conv(op: impl Into<Op>, inputs: &[fisherc_ir::tensor::Value<f32>], tolerance: f64) {
     let op = op.into();
-    for (tensor_cores, stages, tolerance) in [
-        (TensorCores::Off, DEFAULT_STAGES, tolerance),
-        (TensorCores::Tf32x3, DEFAULT_STAGES, tolerance),
-        (TensorCores::Tf32x3, 3, tolerance),
-        (TensorCores::Tf32, DEFAULT_STAGES, SINGLE_TF32_ERROR),
+    for (precision, stages, tolerance) in [
+        (Precision::Fp32, DEFAULT_STAGES, tolerance),
+        (Precision::Tf32x3, DEFAULT_STAGES, tolerance),
+        (Precision::Tf32x3, 3, tolerance),
+        (Precision::Tf32, DEFAULT_STAGES, SINGLE_TF32_ERROR),
     ] {
-        let options = LowerOptions {
-            tensor_cores,
-            stages,
-        };
+        let options = LowerOptions { precision, stages };
         check_with(op.clone(), inputs, tolerance, options);
     }
 }

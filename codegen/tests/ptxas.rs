@@ -7,7 +7,8 @@ use std::path::Path;
 
 use fisherc_codegen::compile::{CompileOptions, compile};
 use fisherc_codegen::kir::Kernel;
-use fisherc_codegen::lower::{DEFAULT_STAGES, TensorCores};
+use fisherc_codegen::lower::LowerOptions;
+use fisherc_codegen::options::{DEFAULT_STAGES, Precision};
 use fisherc_codegen::{ptx, ptxas};
 use fisherc_ir::model::{BuildOptions, load};
 use fisherc_ir::{StepOptions, build_training_step};
@@ -27,17 +28,17 @@ fn all_kernels() -> BTreeMap<String, Kernel> {
             let step = build_training_step(network, &options).unwrap();
             // the default pipeline, and 3xTF32 three deep (`--stages 3`) as well
             let variants = [
-                (true, TensorCores::Off, DEFAULT_STAGES),
-                (true, TensorCores::Tf32x3, DEFAULT_STAGES),
-                (true, TensorCores::Tf32x3, 3),
-                (true, TensorCores::Tf32, DEFAULT_STAGES),
-                (false, TensorCores::Off, DEFAULT_STAGES),
+                (true, Precision::Fp32, DEFAULT_STAGES),
+                (true, Precision::Tf32x3, DEFAULT_STAGES),
+                (true, Precision::Tf32x3, 3),
+                (true, Precision::Tf32, DEFAULT_STAGES),
+                (false, Precision::Fp32, DEFAULT_STAGES),
             ];
-            for (fused, tensor_cores, stages) in variants {
+            for (fused, precision, stages) in variants {
                 let options = CompileOptions {
                     fused,
-                    tensor_cores,
-                    stages,
+                    lowering: LowerOptions { precision, stages },
+                    ..CompileOptions::default()
                 };
                 let compiled = compile(&step, options).unwrap();
                 for k in compiled.program.kernels {

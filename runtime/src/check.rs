@@ -18,7 +18,8 @@
 
 use fisherc_codegen::compile::Compiled;
 use fisherc_codegen::device::value_of;
-use fisherc_codegen::lower::{SINGLE_TF32_ERROR, TensorCores, uses_tensor_cores};
+use fisherc_codegen::lower::{SINGLE_TF32_ERROR, uses_tensor_cores};
+use fisherc_codegen::options::Precision;
 use fisherc_codegen::plan::PlannedNode;
 use fisherc_ir::graph::{Graph, Output, Phase};
 use fisherc_ir::interp::{Feeds, evaluate};
@@ -40,7 +41,7 @@ pub struct Bounds {
     /// Kernels that sum many terms (convolutions, linear layers, BN statistics and backward
     /// reductions, losses): their order of summation differs from the reference's.
     pub reduction: f64,
-    /// Convolutions, where they multiply with one TF32 product (`TensorCores::Tf32`).
+    /// Convolutions, where they multiply with one TF32 product (`Precision::Tf32`).
     pub single_tf32: Option<f64>,
 }
 
@@ -58,11 +59,11 @@ impl Bounds {
         single_tf32: None,
     };
 
-    /// These bounds for an artifact compiled with `tensor_cores`: one TF32 product is as far
+    /// These bounds for an artifact compiled with `precision`: one TF32 product is as far
     /// from fp32 as `SINGLE_TF32_ERROR`.
-    pub fn compiled_with(self, tensor_cores: TensorCores) -> Bounds {
+    pub fn compiled_with(self, precision: Precision) -> Bounds {
         Bounds {
-            single_tf32: (tensor_cores == TensorCores::Tf32).then_some(SINGLE_TF32_ERROR),
+            single_tf32: (precision == Precision::Tf32).then_some(SINGLE_TF32_ERROR),
             ..self
         }
     }

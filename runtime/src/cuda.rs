@@ -95,16 +95,10 @@ impl CudaBackend {
             .get_attribute(DeviceAttribute::ComputeCapabilityMinor)
             .map_err(cust_error("reading the compute capability"))?;
         let plan = artifact.plan.clone();
-        let target: i32 = plan
-            .source
-            .arch
-            .trim_start_matches("sm_")
-            .parse()
-            .unwrap_or(0);
-        if major * 10 + minor < target {
+        let target = plan.source.compile.arch;
+        if major * 10 + minor < target.compute_capability() as i32 {
             return Err(RuntimeError::Setup(format!(
-                "the artifact targets {}, and {name} is sm_{major}{minor}: compile with --arch sm_{major}{minor}",
-                plan.source.arch
+                "the artifact targets {target}, and {name} is sm_{major}{minor}: compile with --arch sm_{major}{minor}"
             )));
         }
         let module = load_module(&artifact.ptx)?;

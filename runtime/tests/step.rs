@@ -20,7 +20,8 @@ use std::time::Instant;
 
 use fisherc_codegen::artifact::{Artifact, Source};
 use fisherc_codegen::compile::{CompileOptions, Compiled, compile};
-use fisherc_codegen::lower::TensorCores;
+use fisherc_codegen::lower::LowerOptions;
+use fisherc_codegen::options::Precision;
 use fisherc_codegen::plan::Buffer;
 use fisherc_ir::graph::Output;
 use fisherc_ir::interp::{Feeds, evaluate};
@@ -64,12 +65,7 @@ impl Case {
     }
 
     fn what(&self) -> String {
-        let variant = match (self.options.fused, self.options.tensor_cores) {
-            (false, _) => "unfused",
-            (true, TensorCores::Off) => "fused",
-            (true, TensorCores::Tf32x3) => "fused on tensor cores",
-            (true, TensorCores::Tf32) => "fused on tensor cores, one TF32 product",
-        };
+        let variant = self.options.describe();
         format!(
             "{} batch {} {} {} noise {variant}",
             self.model, self.batch, self.mode, self.noise
@@ -93,7 +89,7 @@ impl Case {
         .unwrap();
         let compiled = compile(&step, self.options).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
-        let source = Source::of(&step, &path, text, self.options, "sm_90");
+        let source = Source::of(&step, &path, text, self.options);
         let artifact = Artifact::new(&compiled.program, source, compiled.seconds);
         (step, artifact, compiled)
     }
@@ -235,7 +231,10 @@ fn small_models_step_on_the_kernel_executor() {
 #[test]
 fn tensor_core_steps_on_the_kernel_executor_match_the_reference() {
     let on_tensor_cores = CompileOptions {
-        tensor_cores: TensorCores::Tf32x3,
+        lowering: LowerOptions {
+            precision: Precision::Tf32x3,
+            ..LowerOptions::default()
+        },
         ..CompileOptions::fused(true)
     };
     for mode in [FisherMode::Exact, FisherMode::A2g2] {
@@ -359,9 +358,9 @@ fn evaluation_programs_on_the_kernel_executor_match_the_reference() {
     use fisherc_codegen::compile::compile_graph;
     use fisherc_ir::model::{Mode, ModelSpec, build};
     use fisherc_ir::ops::Role;
-    for (model, input, tensor_cores) in [
-        ("small_cnn", [1, 12, 12], TensorCores::Off),
-        ("resnet20", [3, 8, 8], TensorCores::Tf32x3),
+    for (model, input, precision) in [
+        ("small_cnn", [1, 12, 12], Precision::Fp32),
+        ("resnet20", [3, 8, 8], Precision::Tf32x3),
     ] {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../models/{model}.toml"));
         let text = std::fs::read_to_string(&path).unwrap();
@@ -373,11 +372,14 @@ fn evaluation_programs_on_the_kernel_executor_match_the_reference() {
         };
         let network = build(&spec, &options).unwrap();
         let compile_options = CompileOptions {
-            tensor_cores,
+            lowering: LowerOptions {
+                precision,
+                ..LowerOptions::default()
+            },
             ..CompileOptions::fused(true)
         };
         let compiled = compile_graph(&network.graph, compile_options).unwrap();
-        let source = Source::of_evaluation(&network, (&path, text), compile_options, "sm_90");
+        let source = Source::of_evaluation(&network, (&path, text), compile_options);
         let artifact = Artifact::new(&compiled.program, source, compiled.seconds);
         assert_eq!(
             artifact.recompile().unwrap().program.launches.len(),

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use fisherc_codegen::artifact::{Artifact, Source};
 use fisherc_codegen::compile::{CompileOptions, Compiled, compile};
-use fisherc_codegen::lower::TensorCores;
+use fisherc_codegen::options::Precision;
 use fisherc_ir::graph::Output;
 use fisherc_ir::graph::PortRef;
 use fisherc_ir::interp::evaluate;
@@ -128,16 +128,16 @@ fn experiment_files_take_overrides_and_refuse_nonsense() {
     );
     assert!(parse(&["train"]).unwrap_err().contains("key=value"));
     // how the steps compile: FMA unless asked, and only the three ways there are
-    assert_eq!(parse(&[]).unwrap().compile.tensor_cores, TensorCores::Off);
+    assert_eq!(parse(&[]).unwrap().compile.tensor_cores, Precision::Fp32);
     assert_eq!(
         parse(&["compile.tensor_cores=3xtf32"])
             .unwrap()
             .compile
             .tensor_cores,
-        TensorCores::Tf32x3
+        Precision::Tf32x3
     );
     let single = parse(&["compile.tensor_cores=tf32"]).unwrap();
-    assert_eq!(single.compile.tensor_cores, TensorCores::Tf32);
+    assert_eq!(single.compile.tensor_cores, Precision::Tf32);
     assert!(
         Experiment::parse(&single.to_toml(), &[]).unwrap() == single,
         "reads back from its own TOML"
@@ -400,7 +400,6 @@ fn standardised_noise(options: StepOptions, variance: Variance) -> Vec<f64> {
         &path,
         std::fs::read_to_string(&path).unwrap(),
         CompileOptions::fused(true),
-        "sm_90",
     );
     let artifact = Artifact::new(&compiled.program, source, compiled.seconds);
     let net = &step.network;
@@ -518,7 +517,6 @@ fn full_fisher_draws(noise: Noise, draws: u64) -> (Vec<Vec<f64>>, [Vec<Vec<f64>>
         &path,
         SOFTMAX_REGRESSION.into(),
         CompileOptions::fused(true),
-        "sm_90",
     );
     let artifact = Artifact::new(&compiled.program, source, compiled.seconds);
     let net = &step.network;

@@ -55,7 +55,7 @@ impl<'a> Cx<'a> {
         if self.options == LowerOptions::default() {
             return self.name(part);
         }
-        let key = format!("{:x}|{:?}", self.specialisation, self.options);
+        let key = format!("{:x}|{}", self.specialisation, self.options.name_key());
         format!(
             "{}_{part}_{:012x}",
             self.op.name(),

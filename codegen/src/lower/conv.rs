@@ -296,7 +296,7 @@ fn product_per_example(
     tiling: Tiling,
     multiply: impl FnOnce(&mut KernelBuilder, &TilePlace, U32, &Products) -> MainLoop,
 ) -> (TilePlace, U32, Products, Coordinates) {
-    let place = gemm::place(k, shape, tiling, cx.options.tensor_cores);
+    let place = gemm::place(k, shape, tiling, cx.options.precision);
     let n = k.block_y();
     let tile = Products::zeros(k, &place, false);
     let main_loop = multiply(k, &place, n, &tile);
@@ -1463,7 +1463,7 @@ fn forward(cx: &Cx, conv: &Conv2d, prologue: Option<FloatAttr>, stats: bool) -> 
         conv.padding,
     );
     let positions = g.ho * g.wo;
-    let tiling = Tiling::for_columns(g.o, cx.options.tensor_cores)
+    let tiling = Tiling::for_columns(g.o, cx.options.precision)
         .with_stages(cx.options.stages, COLUMN_SUMS_BYTES);
     let batching = Rows::choose(positions, tiling, false);
     let shape = GemmShape {
@@ -1597,7 +1597,7 @@ fn dgrad(cx: &Cx, d: &ConvDgrad, epilogue: Option<&FusedDgrad>) -> Lowered {
     let x_shape = &cx.outputs[0].shape;
     let g = Geometry::new(x_shape, w_shape, dy_shape, d.stride, d.padding);
     let positions = g.h * g.w;
-    let tiling = Tiling::for_columns(g.c, cx.options.tensor_cores);
+    let tiling = Tiling::for_columns(g.c, cx.options.precision);
     let per_example_sums = matches!(epilogue, Some(e) if e.squares == Squares::PerExample);
     let batching = Rows::choose(positions, tiling, per_example_sums);
     let epilogue_bytes = match batching {
@@ -1814,7 +1814,7 @@ fn wgrad(
     // deep as shared memory allows
     let narrow = Tiling::for_rows(g.o);
     let staging = (cx.options.stages, prologue.is_some());
-    let (tiling, patch) = [narrow.widened(cx.options.tensor_cores), narrow]
+    let (tiling, patch) = [narrow.widened(cx.options.precision), narrow]
         .into_iter()
         .find_map(|t| Some((t, Some(PatchDims::choose(&g, (t, shape), staging)?))))
         .unwrap_or_else(|| {
@@ -1837,7 +1837,7 @@ fn wgrad(
         vec![k.ptr_param("partials")]
     };
     let bn = prologue_source(&mut k, bn);
-    let place = gemm::place(&mut k, shape, tiling, cx.options.tensor_cores);
+    let place = gemm::place(&mut k, shape, tiling, cx.options.precision);
     if per_example {
         // 60 bytes of spills at 80 registers on sm_80
         k.register_tiled(gemm::BLOCKS_PER_SM_LARGE);

@@ -2,7 +2,7 @@
 //!
 //! One block computes a `bm × bn` tile of `C = A·B` (`M × K` times `K × N`), stepping through K
 //! in slices `Tiling::bk` deep staged in shared memory; each of the [`THREADS`] threads keeps 16
-//! elements of C in registers. Ways to multiply (`LowerOptions::tensor_cores`):
+//! elements of C in registers. Ways to multiply (`LowerOptions::precision`):
 //! * fp32 FMA: a thread owns a [`TM`]` × `[`TN`] micro-tile and adds each product with one
 //!   `fma`, k in order;
 //! * TF32 tensor cores: each warp owns a 32 × 16 warp tile of 2 × 2 `mma.sync` m16n8k8 tiles
@@ -10,7 +10,7 @@
 //!   fragment layout gives it. Each operand is split
 //!   into its TF32 rounding and the TF32 rounding of the rest, and three products (lo·hi,
 //!   hi·lo, hi·hi: the small ones first) keep fp32 accuracy ("3xTF32"); or, faster and less
-//!   accurate (`TensorCores::Tf32`), the one product of the TF32 roundings.
+//!   accurate (`Precision::Tf32`), the one product of the TF32 roundings.
 //!
 //! Either way every sum runs in a fixed order, so every run gives the same bits. Each side of
 //! the tile reaches shared memory through a [`Staging`]: gathered element by element by the
@@ -24,12 +24,12 @@
 //! from the product, so a block can run several products (one per example, say) into the
 //! same place. The skeleton knows nothing about convolutions.
 
-use super::TensorCores;
 use super::common::{Cx, TileRows};
 use crate::builder::{
     F32, GlobalF32, KernelBuilder, Pred, STATIC_SHARED, SharedF32, Tf32, U32, U64,
 };
 use crate::kir::{BinOp, Cmp, MainLoop};
+use crate::options::Precision;
 
 /// Threads per block.
 pub const THREADS: u32 = 256;
@@ -106,12 +106,12 @@ impl Tiling {
     /// The tile for `n` columns: as few idle columns as possible (16, 32 or 64 wide), the
     /// rows making up the rest; wide K slices on tensor cores (on fp32 FMA, whose loop
     /// unrolls a slice's k, a wide slice spills registers on sm_80).
-    pub fn for_columns(n: u32, tensor_cores: TensorCores) -> Tiling {
+    pub fn for_columns(n: u32, precision: Precision) -> Tiling {
         let bn = n.next_power_of_two().clamp(16, 64);
         Tiling {
             bm: TILE / bn,
             bn,
-            bk: if tensor_cores.on() {
+            bk: if precision.on_tensor_cores() {
                 WIDE_SLICE
             } else {
                 NARROW_SLICE
@@ -136,9 +136,9 @@ impl Tiling {
     }
 
     /// This tile with wide K slices on tensor cores (for a side staged in few rounds).
-    pub fn widened(self, tensor_cores: TensorCores) -> Tiling {
+    pub fn widened(self, precision: Precision) -> Tiling {
         Tiling {
-            bk: if tensor_cores.on() {
+            bk: if precision.on_tensor_cores() {
                 WIDE_SLICE
             } else {
                 self.bk
@@ -372,13 +372,13 @@ pub fn builder(cx: &Cx, part: &str) -> KernelBuilder {
     KernelBuilder::new(cx.name_with_options(part), THREADS, cx.wide())
 }
 
-/// The place of this thread's elements, the block's tile being block x; on tensor cores if
-/// `tensor_cores`.
+/// The place of this thread's elements, the block's tile being block x; on tensor cores where
+/// `precision` says.
 pub fn place(
     k: &mut KernelBuilder,
     shape: GemmShape,
     tiling: Tiling,
-    tensor_cores: TensorCores,
+    precision: Precision,
 ) -> TilePlace {
     assert_eq!(
         k.block_size(),
@@ -393,7 +393,7 @@ pub fn place(
     let tile_col = k.ubin(BinOp::Rem, tile, tile_cols);
     let m0 = k.mul_u(tile_row, tiling.bm);
     let n0 = k.mul_u(tile_col, tiling.bn);
-    let (slot, mapping) = if tensor_cores.on() {
+    let (slot, mapping) = if precision.on_tensor_cores() {
         let tiles = WarpTiles::for_tiling(tiling);
         assert!(
             tiling.bm >= tiles.rows() && tiling.bn >= tiles.cols(),
@@ -420,7 +420,7 @@ pub fn place(
             g,
             t,
             tiles,
-            split: tensor_cores == TensorCores::Tf32x3,
+            split: precision == Precision::Tf32x3,
         };
         (slot, mapping)
     } else {
@@ -1479,15 +1479,10 @@ mod tests {
     /// `C = Σ_r A_r·B_rᵀ` over `PRODUCTS` pairs, `A_r` `[m][k]` and `B_r` `[n][k]`.
     const PRODUCTS: u32 = 2;
 
-    fn kernel(
-        shape: GemmShape,
-        tiling: Tiling,
-        tensor_cores: TensorCores,
-        layout: Layout,
-    ) -> Kernel {
+    fn kernel(shape: GemmShape, tiling: Tiling, precision: Precision, layout: Layout) -> Kernel {
         let mut k = KernelBuilder::new("gemm_test", THREADS, false);
         let (a, b, c) = (k.ptr_param("a"), k.ptr_param("b"), k.ptr_param("c"));
-        let place = place(&mut k, shape, tiling, tensor_cores);
+        let place = place(&mut k, shape, tiling, precision);
         let acc = Products::zeros(&mut k, &place, false);
         k.for_u32(0u32, PRODUCTS, 1, |k, r| {
             let a = Matrix {
@@ -1557,25 +1552,25 @@ mod tests {
         // double-buffered, and pipelined 3 and 4 deep (the 20-deep products have 3 slices)
         let tilings = [2, 3, 4].into_iter().flat_map(|stages| {
             [
-                Tiling::for_columns(shape.n, TensorCores::Tf32x3).with_stages(stages, 0),
+                Tiling::for_columns(shape.n, Precision::Tf32x3).with_stages(stages, 0),
                 flat.with_stages(stages, 0),
             ]
         });
         let modes = [
-            (TensorCores::Off, 1e-5),
-            (TensorCores::Tf32x3, 1e-5),
+            (Precision::Fp32, 1e-5),
+            (Precision::Tf32x3, 1e-5),
             // operands rounded to 10 bits: 2⁻¹¹ each, over sums of 40 products of ~1
-            (TensorCores::Tf32, 1e-2),
+            (Precision::Tf32, 1e-2),
         ];
         let mut worst_single = 0f64;
-        for (tensor_cores, bound) in modes {
+        for (precision, bound) in modes {
             for tiling in tilings.clone() {
                 for (a_k_fastest, b_k_fastest) in [(false, true), (true, false), (true, true)] {
                     let layout = Layout {
                         a_k_fastest,
                         b_k_fastest,
                     };
-                    let kernel = kernel(shape, tiling, tensor_cores, layout);
+                    let kernel = kernel(shape, tiling, precision, layout);
                     let mut mem = Memory::new();
                     let (pa, pb) = (mem.alloc_f32(&a), mem.alloc_f32(&b));
                     let pc = mem.alloc(4 * want.len());
@@ -1587,10 +1582,10 @@ mod tests {
                         let err = (g as f64 - w).abs() / w.abs().max(1.0);
                         assert!(
                             err < bound,
-                            "{tiling:?} {tensor_cores:?} {a_k_fastest}/{b_k_fastest}: \
+                            "{tiling:?} {precision:?} {a_k_fastest}/{b_k_fastest}: \
                              C[{e}] = {g}, want {w}"
                         );
-                        if tensor_cores == TensorCores::Tf32 {
+                        if precision == Precision::Tf32 {
                             worst_single = worst_single.max(err);
                         }
                     }

@@ -19,9 +19,9 @@ mod update;
 
 use fisherc_ir::ops::{Op, OpClass};
 use fisherc_ir::tensor::TensorType;
-use serde::{Deserialize, Serialize};
 
 use crate::kir::Kernel;
+use crate::options::{DEFAULT_STAGES, Precision};
 
 /// Threads per block of every kernel lowered here.
 pub const BLOCK: u32 = 256;
@@ -79,64 +79,30 @@ impl Lowered {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct LowerOptions {
     /// How convolution GEMMs multiply (`gemm.rs`).
-    pub tensor_cores: TensorCores,
+    pub precision: Precision,
     /// K slices a convolution GEMM gathered on both sides keeps in flight
     /// (`gemm::staged_gemm`), where its shared memory allows; at least 2.
     pub stages: u32,
 }
 
-/// Slices in flight in the convolutions' GEMMs by default: double buffering, one being fetched
-/// while one multiplies. Three (two fetched ahead, the default from b11b257 to 2026-11-28)
-/// timed no faster on the H200: exact 3xTF32 steps at batch 4096, ResNet44 96.4 ms at 3
-/// against 96.1 at 2, VGG16 266.1 against 261.6 (the same card, the same call; an earlier
-/// call 96.7/96.3 and 269.9/266.5). Nsight's stall reasons say why: the data gradients wait
-/// on the shared-memory instruction queue (MIO) and the L2, not on a slice's loads, and a
-/// third slice only takes shared memory. `--stages 3` still builds it.
-pub const DEFAULT_STAGES: u32 = 2;
-
-/// The pipeline depths a compile accepts (`--stages`, `compile.stages`): a weight gradient's
-/// input patch and its slice of dy fit in shared memory 4 deep.
-pub const STAGE_RANGE: std::ops::RangeInclusive<u32> = 2..=4;
-
-/// `", N stages"` where `stages` is not the default, else nothing: for describing a compile.
-pub fn stages_note(stages: u32) -> String {
-    if stages == DEFAULT_STAGES {
-        String::new()
-    } else {
-        format!(", {stages} stages")
+impl LowerOptions {
+    /// The text a kernel's name hashes with its shapes when these options are not the
+    /// defaults: fixed, so that kernel names do not follow the types' names.
+    pub fn name_key(&self) -> String {
+        format!(
+            "LowerOptions {{ tensor_cores: {}, stages: {} }}",
+            self.precision.key(),
+            self.stages
+        )
     }
 }
 
 impl Default for LowerOptions {
     fn default() -> LowerOptions {
         LowerOptions {
-            tensor_cores: TensorCores::default(),
+            precision: Precision::default(),
             stages: DEFAULT_STAGES,
         }
-    }
-}
-
-/// How convolution GEMMs multiply (in experiment files: `off`, `3xtf32`, `tf32`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum TensorCores {
-    /// fp32 FMA.
-    #[default]
-    #[serde(rename = "off")]
-    Off,
-    /// TF32 tensor cores, each operand split into a TF32 part and a TF32 remainder and three
-    /// products summed: fp32 accuracy.
-    #[serde(rename = "3xtf32")]
-    Tf32x3,
-    /// TF32 tensor cores, one product of the operands rounded to TF32 (as PyTorch's
-    /// `allow_tf32` trades accuracy for speed): a third of the tensor-core work, relative
-    /// errors near 10⁻³.
-    #[serde(rename = "tf32")]
-    Tf32,
-}
-
-impl TensorCores {
-    pub fn on(self) -> bool {
-        self != TensorCores::Off
     }
 }
 

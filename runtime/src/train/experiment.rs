@@ -4,7 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
-use fisherc_codegen::lower::{STAGE_RANGE, TensorCores};
+use fisherc_codegen::lower::LowerOptions;
+use fisherc_codegen::options::{Arch, CompileOptions, DEFAULT_STAGES, Precision, STAGE_RANGE};
 use fisherc_ir::FisherMode;
 use serde::{Deserialize, Serialize};
 
@@ -32,15 +33,33 @@ pub struct Experiment {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CompileConfig {
-    /// Convolutions on fp32 FMA (`off`, the default), on TF32 tensor cores with fp32 accuracy
-    /// (`3xtf32`), or with one TF32 product (`tf32`: faster, relative errors near 1e-3).
-    /// What the kernels run on: the CPU reference backend computes in f32 whatever this says.
+    /// Convolutions on fp32 FMA (`fp32` or `off`, the default), on TF32 tensor cores with fp32
+    /// accuracy (`3xtf32`), or with one TF32 product (`tf32`: faster, relative errors near
+    /// 1e-3). What the kernels run on: the CPU reference backend computes in f32 whatever this
+    /// says.
     #[serde(default)]
-    pub tensor_cores: TensorCores,
+    pub tensor_cores: Precision,
     /// K slices the convolutions' GEMMs keep in flight, 2 or more [default: 2], where shared
     /// memory allows: a tuning choice, the same results either way.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stages: Option<u32>,
+    /// The PTX target: `sm_90` [default] or `sm_80`.
+    #[serde(default)]
+    pub arch: Arch,
+}
+
+impl CompileConfig {
+    /// The options every program of the experiment is compiled with: fused, as configured.
+    pub fn options(&self) -> CompileOptions {
+        CompileOptions {
+            fused: true,
+            lowering: LowerOptions {
+                precision: self.tensor_cores,
+                stages: self.stages.unwrap_or(DEFAULT_STAGES),
+            },
+            arch: self.arch,
+        }
+    }
 }
 
 /// How each epoch's test score is taken.

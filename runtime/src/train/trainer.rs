@@ -12,9 +12,8 @@ use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use fisherc_codegen::artifact::{Artifact, Source};
-use fisherc_codegen::compile::{CompileOptions, Compiled, compile, compile_graph};
-use fisherc_codegen::lower::DEFAULT_STAGES;
+use fisherc_codegen::artifact::{Artifact, compile_evaluation, compile_step};
+use fisherc_codegen::compile::{CompileOptions, Compiled};
 use fisherc_ir::model::{BuildOptions, ModelSpec, build};
 use fisherc_ir::ops::Role;
 use fisherc_ir::state::{Hyperparams, TrainState};
@@ -154,10 +153,9 @@ fn evaluation_on_device(
     options: CompileOptions,
     open: &OpenBackend,
 ) -> Result<Session<Box<dyn Backend>>, String> {
-    let network = evaluator.network();
-    let compiled = compile_graph(&network.graph, options).map_err(|e| e.to_string())?;
-    let source = Source::of_evaluation(network, (path, text.to_string()), options, "sm_90");
-    let artifact = Artifact::new(&compiled.program, source, compiled.seconds);
+    let (compiled, artifact) =
+        compile_evaluation(evaluator.network(), (path, text.to_string()), options)
+            .map_err(|e| e.to_string())?;
     let backend = open(&artifact, &compiled).map_err(|e| e.to_string())?;
     Session::new(&artifact, backend).map_err(|e| e.to_string())
 }
@@ -221,20 +219,10 @@ pub fn train(
             continue; // done before a resume, or after the stop
         }
         let training = phase_step(&spec, experiment.input, phase, t.decay_bn)?;
-        let options = CompileOptions {
-            fused: true,
-            tensor_cores: experiment.compile.tensor_cores,
-            stages: experiment.compile.stages.unwrap_or(DEFAULT_STAGES),
-        };
-        let compiled = compile(&training, options).map_err(|e| e.to_string())?;
-        let source = Source::of(
-            &training,
-            &experiment.model,
-            model_text.clone(),
-            options,
-            "sm_90",
-        );
-        let artifact = Artifact::new(&compiled.program, source, compiled.seconds);
+        let options = experiment.compile.options();
+        let (compiled, artifact) =
+            compile_step(&training, (&experiment.model, model_text.clone()), options)
+                .map_err(|e| e.to_string())?;
         let mut session = Session::new(
             &artifact,
             open(&artifact, &compiled).map_err(|e| e.to_string())?,
