@@ -63,8 +63,8 @@ struct OpSummary {
 /// from f64 measures how much a step amplifies rounding; TF32 rounds each mma operand to 10
 /// mantissa bits (2¹³× f32's unit roundoff) but once, and accumulates in f32. Seen: ResNet20
 /// at batch 32 on the executor, the Fisher 5.0% and 6.6% from the f32 reference in its first
-/// two steps; ResNet44 at batch 32 on the H100 (2026-11-27), parameters 11%, Fisher 21%, each
-/// 5–19× as far from f64 as the f32 reference (itself 0.4–4% away).
+/// two steps; ResNet44 at batch 32 on the H100, parameters 11%, Fisher 21%, each 5–19× as
+/// far from f64 as the f32 reference (itself 0.4–4% away; benches/RESULTS.md).
 const SINGLE_TF32_STEP: StepBound = StepBound {
     within: 1e-1,
     oracle_factor: 64.0,

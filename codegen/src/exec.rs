@@ -21,6 +21,7 @@ use thiserror::Error;
 use crate::kir::{
     BinOp, Cmp, Inst, Kernel, Operand, ParamTy, Reg, Space, Special, Stmt, Ty, UnOp, WARP,
 };
+use crate::plan::ALIGN;
 
 /// A kernel argument: a device address (a byte offset in the executor's memory) or a scalar.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -904,9 +905,6 @@ pub struct Memory {
     words: Vec<AtomicU32>,
 }
 
-/// Alignment of every buffer.
-pub const ALIGN: u64 = 256;
-
 impl Memory {
     pub fn new() -> Self {
         Memory::default()
@@ -934,7 +932,7 @@ impl Memory {
             .resize_with(words.max(self.words.len()), || AtomicU32::new(0));
     }
 
-    /// A zeroed buffer of `bytes` bytes.
+    /// A zeroed buffer of `bytes` bytes, aligned as the arena's buffers ([`ALIGN`]).
     pub fn alloc(&mut self, bytes: usize) -> u64 {
         let start = self.len().div_ceil(ALIGN) * ALIGN;
         self.grow(start + bytes.max(1) as u64);

