@@ -19,7 +19,10 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use fisherc_ir::model::{BuildOptions, Mode, ModelSpec, Network, Shortcut, build};
-use fisherc_ir::{FisherMode, Graph, Noise, StepOptions, TrainingStep, build_training_step};
+use fisherc_ir::{
+    FisherMode, Graph, ModelError, Noise, ShapeError, StepOptions, TrainingStep,
+    build_training_step,
+};
 
 use crate::compile::{CompileError, CompileOptions, Compiled, compile, compile_graph};
 use crate::kir::{Kernel, MainLoop, ParamTy};
@@ -138,9 +141,9 @@ impl Source {
 
     /// The network again, from the kept model text (with the classifier's width it was built
     /// with): in training mode for a step, in evaluation mode for an evaluation program.
-    pub fn network(&self) -> Result<Network, String> {
+    pub fn network(&self) -> Result<Network, SourceError> {
         let path = Path::new(&self.model);
-        let mut spec = ModelSpec::parse(&self.model_text, path).map_err(|e| e.to_string())?;
+        let mut spec = ModelSpec::parse(&self.model_text, path)?;
         if let Some(classes) = self.classes {
             spec.classes = classes;
         }
@@ -153,12 +156,12 @@ impl Source {
                 ProgramKind::Evaluation => Mode::Eval,
             },
         };
-        build(&spec, &options).map_err(|e| e.to_string())
+        Ok(build(&spec, &options)?)
     }
 
     /// The graph the program computes before optimisation: the training step's, or the
     /// evaluation-mode network's.
-    pub fn graph(&self) -> Result<Graph, String> {
+    pub fn graph(&self) -> Result<Graph, SourceError> {
         match self.program {
             ProgramKind::Step => Ok(self.training_step()?.graph),
             ProgramKind::Evaluation => Ok(self.network()?.graph),
@@ -166,12 +169,11 @@ impl Source {
     }
 
     /// The training step again, from the kept model text.
-    pub fn training_step(&self) -> Result<TrainingStep, String> {
+    pub fn training_step(&self) -> Result<TrainingStep, SourceError> {
         if self.program != ProgramKind::Step {
-            return Err(format!(
-                "{} is compiled as an evaluation program, not a training step",
-                self.model
-            ));
+            return Err(SourceError::NotAStep {
+                model: self.model.clone(),
+            });
         }
         let network = self.network()?;
         let options = StepOptions {
@@ -179,7 +181,7 @@ impl Source {
             decay_bn: self.decay_bn,
             noise: self.noise,
         };
-        build_training_step(network, &options).map_err(|e| e.to_string())
+        Ok(build_training_step(network, &options)?)
     }
 }
 
@@ -254,6 +256,34 @@ pub enum ArtifactError {
     },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
+}
+
+/// Why an artifact's source cannot be compiled again into the artifact.
+#[derive(Debug, Error)]
+pub enum SourceError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Shape(#[from] ShapeError),
+    #[error(transparent)]
+    Compile(#[from] CompileError),
+    #[error("{model} is compiled as an evaluation program, not a training step")]
+    NotAStep { model: String },
+    #[error(
+        "compiling {model} again gives another program (the artifact comes from another fisherc: {fisherc}); recompile it"
+    )]
+    Changed { model: String, fisherc: String },
+}
+
+/// What is wrong in a plan that a runtime would trip over: which index, buffer or launch.
+#[derive(Debug, Error)]
+#[error("{0}")]
+pub struct InvalidPlan(pub String);
+
+impl From<String> for InvalidPlan {
+    fn from(message: String) -> InvalidPlan {
+        InvalidPlan(message)
+    }
 }
 
 /// A plan and its PTX module.
@@ -376,7 +406,7 @@ impl Artifact {
                 plan.format
             )));
         }
-        plan.check().map_err(invalid)?;
+        plan.check().map_err(|e| invalid(e.0))?;
         let ptx = read(PTX_FILE)?;
         if let Some(missing) = plan
             .kernels
@@ -395,20 +425,19 @@ impl Artifact {
 impl Artifact {
     /// Compiles the source again and checks that it gives this very artifact (same PTX, same
     /// plan): the way to the graph and the kernel IR behind a plan, for the CPU backends.
-    pub fn recompile(&self) -> Result<Compiled, String> {
+    pub fn recompile(&self) -> Result<Compiled, SourceError> {
         let graph = self.plan.source.graph()?;
-        let compiled =
-            compile_graph(&graph, self.plan.source.compile).map_err(|e| e.to_string())?;
+        let compiled = compile_graph(&graph, self.plan.source.compile)?;
         let again = Artifact::new(
             &compiled.program,
             self.plan.source.clone(),
             self.plan.compile_seconds,
         );
         if again.ptx != self.ptx || again.plan != self.plan {
-            return Err(format!(
-                "compiling {} again gives another program (the artifact comes from another fisherc: {}); recompile it",
-                self.plan.source.model, self.plan.fisherc
-            ));
+            return Err(SourceError::Changed {
+                model: self.plan.source.model.clone(),
+                fisherc: self.plan.fisherc.clone(),
+            });
         }
         Ok(compiled)
     }
@@ -429,7 +458,7 @@ impl KernelInfo {
 impl Plan {
     /// Every index in range, every buffer inside the arena, every launch's arguments of its
     /// kernel's parameter types, every node's launches where it says.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), InvalidPlan> {
         for b in &self.buffers {
             if b.offset
                 .checked_add(b.bytes)
@@ -438,14 +467,15 @@ impl Plan {
                 return Err(format!(
                     "buffer {} ({} bytes at {}) outside the arena of {} bytes",
                     b.name, b.bytes, b.offset, self.arena_bytes
-                ));
+                )
+                .into());
             }
         }
         let buffer = |i: usize, what: &str| {
             if i < self.buffers.len() {
                 Ok(())
             } else {
-                Err(format!("{what}: buffer {i} of {}", self.buffers.len()))
+                Err(format!("{what}: buffer {i} of {}", self.buffers.len()).into())
             }
         };
         for (i, launch) in self.launches.iter().enumerate() {
@@ -462,7 +492,8 @@ impl Plan {
                     kernel.name,
                     launch.args.len(),
                     kernel.params.len()
-                ));
+                )
+                .into());
             }
             for (arg, (name, ty)) in launch.args.iter().zip(&kernel.params) {
                 match (arg, ty) {
@@ -472,16 +503,15 @@ impl Plan {
                         return Err(format!(
                             "launch {i} of {}: {name} ({ty:?}) given {arg:?}",
                             kernel.name
-                        ));
+                        )
+                        .into());
                     }
                 }
             }
             if launch.node >= self.nodes.len() {
-                return Err(format!(
-                    "launch {i}: node {} of {}",
-                    launch.node,
-                    self.nodes.len()
-                ));
+                return Err(
+                    format!("launch {i}: node {} of {}", launch.node, self.nodes.len()).into(),
+                );
             }
         }
         for (i, node) in self.nodes.iter().enumerate() {
@@ -496,7 +526,8 @@ impl Plan {
                     "{what}: its launches {}..{} are not its own",
                     node.first_launch,
                     node.first_launch + node.launch_count
-                ));
+                )
+                .into());
             }
         }
         let slots = self

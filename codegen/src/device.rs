@@ -2,7 +2,6 @@
 //! outputs read by name, the launches run in order. The CPU twin of the CUDA runtime.
 
 use fisherc_ir::graph::Output;
-use fisherc_ir::ops::Role;
 use fisherc_ir::tensor::{DType, Tensor, TensorType, Value};
 
 use crate::exec::{self, ExecError, Memory};
@@ -77,24 +76,6 @@ impl CpuDevice {
 
     pub fn program(&self) -> &Program {
         &self.program
-    }
-
-    /// Writes an input; `false` if the program has no such input (e.g. an unused one).
-    pub fn upload(&mut self, role: &Role, value: &Value<f32>) -> Result<bool, String> {
-        let Some(buffer) = self.program.input(role) else {
-            return Ok(false);
-        };
-        let words = words_of(value);
-        if 4 * words.len() as u64 != buffer.bytes || value.shape() != buffer.shape.as_slice() {
-            return Err(format!(
-                "input {role}: {} bytes of {:?} for a {:?} buffer",
-                4 * words.len(),
-                value.shape(),
-                buffer.shape
-            ));
-        }
-        self.memory.write_words(buffer.offset, words);
-        Ok(true)
     }
 
     /// Reads an f32 output.

@@ -310,13 +310,13 @@ struct Recorded {
     /// ... with one TF32 product rather than three.
     #[serde(default)]
     single_tf32: bool,
-    #[serde(default = "double_buffered")]
+    #[serde(default = "default_stages")]
     stages: u32,
     arch: Arch,
 }
 
-fn double_buffered() -> u32 {
-    2
+fn default_stages() -> u32 {
+    DEFAULT_STAGES
 }
 
 impl From<Recorded> for CompileOptions {

@@ -159,7 +159,8 @@ pub fn plan(graph: &Graph, lowering: LowerOptions) -> Result<Program, PlanError>
             op: node.op.name().to_string(),
             message,
         };
-        let low = lower(&node.op, &input_types, &node.outputs, lowering).map_err(error)?;
+        let low = lower(&node.op, &input_types, &node.outputs, lowering)
+            .map_err(|e| error(e.to_string()))?;
         let op_name = node.op.name();
         for (port, ty) in node.outputs.iter().enumerate() {
             let value = PortRef::new(n, port);

@@ -7,6 +7,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use thiserror::Error;
+
 /// Where ptxas is: `$FISHERC_PTXAS`, the project's `.tools/` install, `/usr/local/cuda`, or
 /// the `PATH`.
 pub fn find() -> Option<PathBuf> {
@@ -37,14 +39,44 @@ pub struct Resources {
     pub spill_loads: u32,
 }
 
+/// Why a module did not assemble.
+#[derive(Debug, Error)]
+pub enum PtxasError {
+    /// Writing the module or running ptxas failed: `what` says which, on which path.
+    #[error("{what} {}: {error}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    /// ptxas refused the module: its messages, and the kernels they name.
+    #[error("{}{messages}", in_kernels(kernels))]
+    Refused {
+        kernels: Vec<String>,
+        messages: String,
+    },
+}
+
+fn in_kernels(kernels: &[String]) -> String {
+    if kernels.is_empty() {
+        String::new()
+    } else {
+        format!("in kernel {}:\n", kernels.join(", "))
+    }
+}
+
 /// Assembles `ptx` for `arch` (e.g. `sm_90`); returns the per-kernel resources, or ptxas's
 /// messages on failure.
-pub fn assemble(ptxas: &Path, ptx: &str, arch: &str) -> Result<Vec<Resources>, String> {
+pub fn assemble(ptxas: &Path, ptx: &str, arch: &str) -> Result<Vec<Resources>, PtxasError> {
+    let io = |what, path: &Path| {
+        let path = path.to_path_buf();
+        move |error| PtxasError::Io { what, path, error }
+    };
     let dir =
         std::env::temp_dir().join(format!("fisherc-ptxas-{}-{}", std::process::id(), unique()));
-    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    std::fs::create_dir_all(&dir).map_err(io("creating", &dir))?;
     let source = dir.join("module.ptx");
-    std::fs::write(&source, ptx).map_err(|e| format!("writing {}: {e}", source.display()))?;
+    std::fs::write(&source, ptx).map_err(io("writing", &source))?;
     let output = Command::new(ptxas)
         .arg(format!("-arch={arch}"))
         .arg("-v")
@@ -52,16 +84,14 @@ pub fn assemble(ptxas: &Path, ptx: &str, arch: &str) -> Result<Vec<Resources>, S
         .arg("-o")
         .arg(dir.join("module.cubin"))
         .output()
-        .map_err(|e| format!("running {}: {e}", ptxas.display()));
+        .map_err(io("running", ptxas));
     let _ = std::fs::remove_dir_all(&dir);
     let output = output?;
     let messages = String::from_utf8_lossy(&output.stderr).into_owned();
     if !output.status.success() {
         let kernels = crate::ptx::kernels_in_log(ptx, &messages);
-        if kernels.is_empty() {
-            return Err(messages);
-        }
-        return Err(format!("in kernel {}:\n{messages}", kernels.join(", ")));
+        let kernels = kernels.into_iter().map(str::to_string).collect();
+        return Err(PtxasError::Refused { kernels, messages });
     }
     Ok(parse_resources(&messages))
 }

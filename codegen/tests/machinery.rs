@@ -287,7 +287,9 @@ fn ptxas_errors_come_back_as_messages() {
     let ptxas = ptxas::find().expect("ptxas not found: run scripts/install-ptxas.sh");
     let broken =
         ptx::module(&[&sum_kernel(1000)], "sm_90").replace("bar.sync 0;", "bar.sync %undefined;");
-    let messages = ptxas::assemble(&ptxas, &broken, "sm_90").unwrap_err();
+    let messages = ptxas::assemble(&ptxas, &broken, "sm_90")
+        .unwrap_err()
+        .to_string();
     assert!(messages.contains("undefined"), "{messages}");
     assert!(
         messages.starts_with("in kernel sum_test:"),

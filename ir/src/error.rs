@@ -4,6 +4,35 @@ use std::path::PathBuf;
 
 use thiserror::Error;
 
+/// What an op's shape rule or CPU reference says is wrong with its inputs: which input and how.
+/// Whoever asked adds where (layer and op: [`ShapeError`], [`EvalError`]).
+#[derive(Debug, Clone, Error, PartialEq)]
+#[error("{0}")]
+pub struct OpError(pub String);
+
+impl From<String> for OpError {
+    fn from(message: String) -> OpError {
+        OpError(message)
+    }
+}
+
+impl From<&str> for OpError {
+    fn from(message: &str) -> OpError {
+        OpError(message.to_string())
+    }
+}
+
+/// A name that is none of the values a setting takes.
+#[derive(Debug, Clone, Error, PartialEq)]
+#[error("unknown {what} '{found}' (expected {expected})")]
+pub struct UnknownName {
+    /// The setting: "noise", "Fisher mode".
+    pub what: &'static str,
+    pub found: String,
+    /// The values it takes, in words.
+    pub expected: String,
+}
+
 /// A node whose inputs do not fit its op: raised while the graph is built.
 #[derive(Debug, Clone, Error, PartialEq)]
 #[error("layer '{layer}' ({op}): {message}")]

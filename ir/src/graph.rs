@@ -138,7 +138,7 @@ impl Graph {
             op: op.name(),
             message,
         };
-        let outputs = op.infer(&input_types).map_err(error)?;
+        let outputs = op.infer(&input_types).map_err(|e| error(e.0))?;
         if let Some(t) = outputs
             .iter()
             .find(|t| t.checked_numel().is_none_or(|n| n > MAX_ELEMENTS))

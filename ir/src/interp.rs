@@ -89,7 +89,9 @@ pub fn evaluate<T: Real>(
             op => {
                 let inputs = graph.inputs(n);
                 let args: Vec<&Value<T>> = inputs.iter().map(|p| &values[p]).collect();
-                let outputs = op.eval(&args, &node.outputs).map_err(|m| error(node, m))?;
+                let outputs = op
+                    .eval(&args, &node.outputs)
+                    .map_err(|e| error(node, e.0))?;
                 release(&inputs, &mut remaining_uses, &pinned, &mut values);
                 outputs
             }

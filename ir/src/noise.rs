@@ -7,6 +7,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::error::UnknownName;
+
 /// Which diagonal Fisher estimate the step computes for its noise.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -77,15 +79,19 @@ impl Noise {
 }
 
 impl FromStr for Noise {
-    type Err = String;
+    type Err = UnknownName;
 
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> Result<Self, UnknownName> {
         Noise::ALL
             .into_iter()
             .find(|n| n.to_string() == s)
             .ok_or_else(|| {
                 let names: Vec<String> = Noise::ALL.iter().map(Noise::to_string).collect();
-                format!("unknown noise '{s}' (expected {})", names.join(", "))
+                UnknownName {
+                    what: "noise",
+                    found: s.to_string(),
+                    expected: names.join(", "),
+                }
             })
     }
 }
@@ -117,16 +123,18 @@ impl fmt::Display for FisherMode {
 }
 
 impl FromStr for FisherMode {
-    type Err = String;
+    type Err = UnknownName;
 
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> Result<Self, UnknownName> {
         match s {
             "none" => Ok(FisherMode::None),
             "exact" => Ok(FisherMode::Exact),
             "a2g2" => Ok(FisherMode::A2g2),
-            _ => Err(format!(
-                "unknown Fisher mode '{s}' (expected none, exact or a2g2)"
-            )),
+            _ => Err(UnknownName {
+                what: "Fisher mode",
+                found: s.to_string(),
+                expected: "none, exact or a2g2".to_string(),
+            }),
         }
     }
 }

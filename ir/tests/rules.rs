@@ -521,6 +521,7 @@ fn unknown_rule_names_are_an_error() {
     assert!(
         rules::named(&["no-such-rule"])
             .unwrap_err()
+            .to_string()
             .contains("no-such-rule")
     );
 }

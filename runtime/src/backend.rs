@@ -1,5 +1,6 @@
 //! The backend interface: a device that holds one compiled step's arena and runs it.
 
+use fisherc_codegen::artifact::SourceError;
 use fisherc_codegen::exec::ExecError;
 use fisherc_codegen::plan::Buffer;
 use thiserror::Error;
@@ -11,6 +12,9 @@ pub enum RuntimeError {
     Device { what: String, message: String },
     #[error(transparent)]
     Exec(#[from] ExecError),
+    /// The artifact's source does not compile again into it.
+    #[error(transparent)]
+    Source(#[from] SourceError),
     /// The artifact cannot run here (stale, wrong backend, bad input).
     #[error("{0}")]
     Setup(String),

@@ -145,7 +145,9 @@ pub fn node_by_node<B: Backend>(
         let expected = graph_node
             .op
             .eval(&refs, &graph_node.outputs)
-            .map_err(RuntimeError::Setup)?;
+            .map_err(|e| {
+                RuntimeError::Setup(format!("layer '{}' ({}): {e}", node.layer, node.op))
+            })?;
         for (port, (&b, want)) in node.outputs.iter().zip(&expected).enumerate() {
             let buffer = &plan.buffers[b];
             let got = value_of(

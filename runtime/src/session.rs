@@ -26,11 +26,7 @@ impl<B: Backend> Session<B> {
     /// A session for `artifact` on `backend` (the network is rebuilt from the artifact's kept
     /// model text: parameter shapes, classes, input shape).
     pub fn new(artifact: &Artifact, backend: B) -> Result<Self, RuntimeError> {
-        let network = artifact
-            .plan
-            .source
-            .network()
-            .map_err(RuntimeError::Setup)?;
+        let network = artifact.plan.source.network()?;
         Ok(Session {
             plan: artifact.plan.clone(),
             network,

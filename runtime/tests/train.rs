@@ -72,7 +72,7 @@ fn run(
         resume,
         until_epoch,
     };
-    train(experiment, &options, &reference_backend, &mut |_| {})
+    train(experiment, &options, &reference_backend, &mut |_| {}).map_err(|e| e.to_string())
 }
 
 /// The step and epoch records of a run's metrics.

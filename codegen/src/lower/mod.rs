@@ -116,19 +116,32 @@ pub fn uses_tensor_cores(op: &Op) -> bool {
     op.class() == OpClass::Conv
 }
 
+/// An op whose class names a lowering that does not take it.
+#[derive(Debug, thiserror::Error)]
+#[error("{op} is of class {class:?}, whose lowering does not take it")]
+pub struct LowerError {
+    pub op: &'static str,
+    pub class: OpClass,
+}
+
 /// Lowers one node.
 pub fn lower(
     op: &Op,
     inputs: &[&TensorType],
     outputs: &[TensorType],
     options: LowerOptions,
-) -> Result<Lowered, String> {
+) -> Result<Lowered, LowerError> {
     let cx = common::Cx::new(op, inputs, outputs, options);
     Ok(match op.class() {
         OpClass::Source => Lowered::Input,
         OpClass::Constant => match op {
             Op::Constant(c) => Lowered::Constant(c.value.0 as f32),
-            _ => return Err(format!("{} is no constant", op.name())),
+            _ => {
+                return Err(LowerError {
+                    op: op.name(),
+                    class: op.class(),
+                });
+            }
         },
         OpClass::View => Lowered::Alias,
         OpClass::Elementwise => elementwise::lower(&cx),

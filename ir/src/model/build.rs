@@ -9,7 +9,7 @@ use petgraph::graph::NodeIndex;
 use serde::Serialize;
 
 use super::spec::{Entry, ModelSpec, Shortcut};
-use crate::error::{ModelError, ShapeError};
+use crate::error::{ModelError, ShapeError, UnknownName};
 use crate::graph::{Graph, Output, Phase, PortRef};
 use crate::ops::{
     Add, BatchNorm, BnApply, Conv2d, FloatAttr, GlobalAvgPool, Input, Linear, MaxPool, Op, Relu,
@@ -706,7 +706,11 @@ impl Builder<'_> {
                     ),
                 )
             })?),
-            other => Some(other.parse().map_err(|m: String| self.at_error(at, m))?),
+            other => Some(
+                other
+                    .parse()
+                    .map_err(|e: UnknownName| self.at_error(at, e.to_string()))?,
+            ),
         };
         let matched = match shortcut {
             None => other,

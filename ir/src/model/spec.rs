@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::error::ModelError;
+use crate::error::{ModelError, UnknownName};
 
 /// How a residual `add` matches shapes when its two inputs differ.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -38,13 +38,17 @@ pub enum Shortcut {
 }
 
 impl std::str::FromStr for Shortcut {
-    type Err = String;
+    type Err = UnknownName;
 
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> Result<Self, UnknownName> {
         match s {
             "A" | "a" => Ok(Shortcut::A),
             "B" | "b" => Ok(Shortcut::B),
-            _ => Err(format!("unknown shortcut '{s}' (expected \"A\" or \"B\")")),
+            _ => Err(UnknownName {
+                what: "shortcut",
+                found: s.to_string(),
+                expected: "\"A\" or \"B\"".to_string(),
+            }),
         }
     }
 }
@@ -163,7 +167,11 @@ impl ModelSpec {
         }
         let shortcut = match raw.shortcut {
             None => None,
-            Some(s) => Some(s.get_ref().parse().map_err(|m| error(s.span().start, m))?),
+            Some(s) => Some(
+                s.get_ref()
+                    .parse()
+                    .map_err(|e: UnknownName| error(s.span().start, e.to_string()))?,
+            ),
         };
         let blocks = raw
             .blocks

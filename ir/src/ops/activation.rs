@@ -2,7 +2,7 @@
 //! pre-activation need not be kept.
 
 use super::{OpClass, OpDef, Rounding, VjpCtx, expect_arity, expect_type, float_out};
-use crate::error::ShapeError;
+use crate::error::{OpError, ShapeError};
 use crate::port::PortRef;
 use crate::tensor::{DType, Real, Tensor, TensorType, Value};
 use serde::{Deserialize, Serialize};
@@ -15,13 +15,10 @@ impl OpDef for Relu {
     const CLASS: OpClass = OpClass::Elementwise;
     const ROUNDING: Rounding = Rounding::FewTerms;
 
-    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, OpError> {
         expect_arity(inputs, 1)?;
         if inputs[0].dtype != DType::F32 {
-            return Err(format!(
-                "input: expected an f32 tensor, found {}",
-                inputs[0]
-            ));
+            return Err(format!("input: expected an f32 tensor, found {}", inputs[0]).into());
         }
         Ok(vec![inputs[0].clone()])
     }
@@ -30,7 +27,7 @@ impl OpDef for Relu {
         &self,
         inputs: &[&Value<T>],
         _: &[TensorType],
-    ) -> Result<Vec<Value<T>>, String> {
+    ) -> Result<Vec<Value<T>>, OpError> {
         let x = inputs[0].float();
         let y = x.data.iter().map(|&v| v.max(T::zero())).collect();
         Ok(float_out(Tensor::from_vec(&x.shape, y)))
@@ -56,7 +53,7 @@ impl OpDef for ReluBackward {
     const CLASS: OpClass = OpClass::Elementwise;
     const ROUNDING: Rounding = Rounding::FewTerms;
 
-    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, OpError> {
         expect_arity(inputs, 2)?;
         expect_type(
             inputs[1],
@@ -70,7 +67,7 @@ impl OpDef for ReluBackward {
         &self,
         inputs: &[&Value<T>],
         _: &[TensorType],
-    ) -> Result<Vec<Value<T>>, String> {
+    ) -> Result<Vec<Value<T>>, OpError> {
         Ok(float_out(relu_mask(inputs[0].float(), inputs[1].float())))
     }
 

@@ -13,7 +13,7 @@ use super::fisher::{a2g2_mean, exact_from_contributions, per_example_upstream};
 use super::{
     FisherCtx, FloatAttr, OpClass, OpDef, Rounding, VjpCtx, expect_arity, expect_type, float_out,
 };
-use crate::error::ShapeError;
+use crate::error::{OpError, ShapeError};
 use crate::noise::FisherMode;
 use crate::port::PortRef;
 use crate::tensor::{DType, Real, Tensor, TensorType, Value};
@@ -66,12 +66,10 @@ impl Planes {
 pub(super) fn check_channel_inputs(
     inputs: &[&TensorType],
     names: &[&str],
-) -> Result<usize, String> {
+) -> Result<usize, OpError> {
     let x = inputs[0];
     if x.dtype != DType::F32 || x.rank() < 2 {
-        return Err(format!(
-            "input: expected an f32 tensor [N, C, ...], found {x}"
-        ));
+        return Err(format!("input: expected an f32 tensor [N, C, ...], found {x}").into());
     }
     let c = x.shape[1];
     let vector = TensorType::f32(&[c]);
@@ -132,7 +130,7 @@ impl OpDef for BatchNorm {
     const CLASS: OpClass = OpClass::Norm;
     const ROUNDING: Rounding = Rounding::ManyTerms;
 
-    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, OpError> {
         expect_arity(inputs, 3)?;
         let c = check_channel_inputs(inputs, &["gamma", "beta"])?;
         let stats = TensorType::f32(&[c]);
@@ -143,7 +141,7 @@ impl OpDef for BatchNorm {
         &self,
         inputs: &[&Value<T>],
         _: &[TensorType],
-    ) -> Result<Vec<Value<T>>, String> {
+    ) -> Result<Vec<Value<T>>, OpError> {
         let x = inputs[0].float();
         let (gamma, beta) = (&inputs[1].float().data, &inputs[2].float().data);
         let (mean, var) = batch_stats(x);
@@ -221,7 +219,7 @@ impl OpDef for BnApply {
     const CLASS: OpClass = OpClass::Norm;
     const ROUNDING: Rounding = Rounding::FewTerms;
 
-    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, OpError> {
         expect_arity(inputs, 5)?;
         check_channel_inputs(inputs, &["mean", "variance", "gamma", "beta"])?;
         Ok(vec![inputs[0].clone()])
@@ -231,7 +229,7 @@ impl OpDef for BnApply {
         &self,
         inputs: &[&Value<T>],
         _: &[TensorType],
-    ) -> Result<Vec<Value<T>>, String> {
+    ) -> Result<Vec<Value<T>>, OpError> {
         let [x, mean, var, gamma, beta] = inputs else {
             unreachable!("arity checked")
         };
@@ -265,7 +263,7 @@ impl OpDef for BnRunningUpdate {
     const CLASS: OpClass = OpClass::Norm;
     const ROUNDING: Rounding = Rounding::FewTerms;
 
-    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, OpError> {
         expect_arity(inputs, 4)?;
         expect_type(
             inputs[0],
@@ -273,7 +271,7 @@ impl OpDef for BnRunningUpdate {
             "running mean",
         )?;
         if inputs[0].rank() != 1 {
-            return Err(format!("running mean: expected [C], found {}", inputs[0]));
+            return Err(format!("running mean: expected [C], found {}", inputs[0]).into());
         }
         for (t, name) in inputs[1..]
             .iter()
@@ -288,7 +286,7 @@ impl OpDef for BnRunningUpdate {
         &self,
         inputs: &[&Value<T>],
         _: &[TensorType],
-    ) -> Result<Vec<Value<T>>, String> {
+    ) -> Result<Vec<Value<T>>, OpError> {
         let [run_mean, run_var, mean, var] = inputs else {
             unreachable!("arity checked")
         };
@@ -320,7 +318,7 @@ impl OpDef for BnRunningUpdate {
 }
 
 /// Checks (dy, x, mean, var) with dy and x of one shape.
-pub(super) fn check_backward_inputs(inputs: &[&TensorType]) -> Result<usize, String> {
+pub(super) fn check_backward_inputs(inputs: &[&TensorType]) -> Result<usize, OpError> {
     expect_type(
         inputs[0],
         inputs[1],
@@ -395,7 +393,7 @@ impl OpDef for BnBackwardReduce {
     const CLASS: OpClass = OpClass::Norm;
     const ROUNDING: Rounding = Rounding::ManyTerms;
 
-    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, OpError> {
         expect_arity(inputs, 4)?;
         let c = check_backward_inputs(inputs)?;
         Ok(vec![TensorType::f32(&[c]), TensorType::f32(&[c])])
@@ -405,7 +403,7 @@ impl OpDef for BnBackwardReduce {
         &self,
         inputs: &[&Value<T>],
         _: &[TensorType],
-    ) -> Result<Vec<Value<T>>, String> {
+    ) -> Result<Vec<Value<T>>, OpError> {
         let (dy, x, mean, var) = backward_args(inputs);
         let (planes, sums) = plane_sums(dy, x, mean, var, self.eps, |g, xhat| (g * xhat, g));
         Ok(channel_totals(planes, &sums))
@@ -428,7 +426,7 @@ impl OpDef for BnBackwardData {
     const CLASS: OpClass = OpClass::Norm;
     const ROUNDING: Rounding = Rounding::FewTerms;
 
-    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, OpError> {
         expect_arity(inputs, 7)?;
         check_backward_inputs(&inputs[..4])?;
         check_channel_inputs(
@@ -442,7 +440,7 @@ impl OpDef for BnBackwardData {
         &self,
         inputs: &[&Value<T>],
         _: &[TensorType],
-    ) -> Result<Vec<Value<T>>, String> {
+    ) -> Result<Vec<Value<T>>, OpError> {
         let [dy, x, mean, var, gamma, dgamma, dbeta] = inputs else {
             unreachable!("arity checked")
         };
@@ -479,7 +477,7 @@ impl OpDef for BnParamGradsPerExample {
     const CLASS: OpClass = OpClass::Norm;
     const ROUNDING: Rounding = Rounding::ManyTerms;
 
-    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, OpError> {
         expect_arity(inputs, 4)?;
         check_backward_inputs(inputs)?;
         let per_example = TensorType::f32(&inputs[0].shape[..2]);
@@ -490,7 +488,7 @@ impl OpDef for BnParamGradsPerExample {
         &self,
         inputs: &[&Value<T>],
         out: &[TensorType],
-    ) -> Result<Vec<Value<T>>, String> {
+    ) -> Result<Vec<Value<T>>, OpError> {
         let (dy, x, mean, var) = backward_args(inputs);
         let (_, sums) = plane_sums(dy, x, mean, var, self.eps, |g, xhat| (g * xhat, g));
         let (gamma, beta): (Vec<T>, Vec<T>) = sums.into_iter().unzip();
@@ -516,7 +514,7 @@ impl OpDef for BnParamGradsSq {
     const CLASS: OpClass = OpClass::Norm;
     const ROUNDING: Rounding = Rounding::ManyTerms;
 
-    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, OpError> {
         expect_arity(inputs, 4)?;
         let c = check_backward_inputs(inputs)?;
         Ok(vec![TensorType::f32(&[c]), TensorType::f32(&[c])])
@@ -526,7 +524,7 @@ impl OpDef for BnParamGradsSq {
         &self,
         inputs: &[&Value<T>],
         _: &[TensorType],
-    ) -> Result<Vec<Value<T>>, String> {
+    ) -> Result<Vec<Value<T>>, OpError> {
         let (g, x, mean, var) = backward_args(inputs);
         let (planes, sums) = plane_sums(g, x, mean, var, self.eps, |g, xhat| {
             ((g * xhat) * (g * xhat), g * g)
@@ -552,6 +550,6 @@ mod tests {
         let gamma = TensorType::f32(&[5]);
         let beta = TensorType::f32(&[4]);
         let err = bn.infer(&[&x, &gamma, &beta]).unwrap_err();
-        assert_eq!(err, "gamma: expected f32[4], found f32[5]");
+        assert_eq!(err.to_string(), "gamma: expected f32[4], found f32[5]");
     }
 }

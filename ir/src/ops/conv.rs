@@ -8,7 +8,7 @@ use super::{
     expect_rank, expect_type, float_out, flop_product, shape_str,
 };
 use crate::cpu::{ConvGeom, for_each_example, sum_over_batch};
-use crate::error::ShapeError;
+use crate::error::{OpError, ShapeError};
 use crate::matmul::{Mat, matmul};
 use crate::noise::FisherMode;
 use crate::port::PortRef;
@@ -27,7 +27,7 @@ fn geometry(
     kernel: (usize, usize),
     stride: usize,
     padding: usize,
-) -> Result<ConvGeom, String> {
+) -> Result<ConvGeom, OpError> {
     let (h, w) = (x[2], x[3]);
     let out_h = conv_out_size(h, kernel.0, stride, padding);
     let out_w = conv_out_size(w, kernel.1, stride, padding);
@@ -46,7 +46,8 @@ fn geometry(
         _ => Err(format!(
             "the {}×{} input (padding {padding}) is smaller than the {}×{} kernel",
             h, w, kernel.0, kernel.1
-        )),
+        )
+        .into()),
     }
 }
 
@@ -63,7 +64,7 @@ pub struct Conv2d {
 }
 
 impl Conv2d {
-    fn geometry(&self, x: &[usize], w: &[usize]) -> Result<ConvGeom, String> {
+    fn geometry(&self, x: &[usize], w: &[usize]) -> Result<ConvGeom, OpError> {
         geometry(x, (w[2], w[3]), self.stride, self.padding)
     }
 }
@@ -73,7 +74,7 @@ impl OpDef for Conv2d {
     const CLASS: OpClass = OpClass::Conv;
     const ROUNDING: Rounding = Rounding::ManyTerms;
 
-    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, OpError> {
         expect_arity(inputs, if self.bias { 3 } else { 2 })?;
         let (x, w) = (inputs[0], inputs[1]);
         expect_rank(x, 4, "input")?;
@@ -84,7 +85,8 @@ impl OpDef for Conv2d {
                 x.shape[1],
                 x.shape[1],
                 shape_str(&w.shape)
-            ));
+            )
+            .into());
         }
         let out_channels = w.shape[0];
         if self.bias {
@@ -103,7 +105,7 @@ impl OpDef for Conv2d {
         &self,
         inputs: &[&Value<T>],
         out: &[TensorType],
-    ) -> Result<Vec<Value<T>>, String> {
+    ) -> Result<Vec<Value<T>>, OpError> {
         let (x, w) = (inputs[0].float(), inputs[1].float());
         let g = self.geometry(&x.shape, &w.shape)?;
         let out_channels = w.shape[0];
@@ -222,7 +224,7 @@ pub struct ConvDgrad {
 }
 
 impl ConvDgrad {
-    fn geometry(&self, dy: &[usize], w: &[usize]) -> Result<ConvGeom, String> {
+    fn geometry(&self, dy: &[usize], w: &[usize]) -> Result<ConvGeom, OpError> {
         let x = [dy[0], w[1], self.input_hw.0, self.input_hw.1];
         let g = geometry(&x, (w[2], w[3]), self.stride, self.padding)?;
         if [g.out_h, g.out_w] != dy[2..] {
@@ -233,7 +235,8 @@ impl ConvDgrad {
                 g.out_h,
                 g.out_w,
                 shape_str(dy)
-            ));
+            )
+            .into());
         }
         Ok(g)
     }
@@ -244,7 +247,7 @@ impl OpDef for ConvDgrad {
     const CLASS: OpClass = OpClass::Conv;
     const ROUNDING: Rounding = Rounding::ManyTerms;
 
-    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, OpError> {
         expect_arity(inputs, 2)?;
         let (dy, w) = (inputs[0], inputs[1]);
         expect_rank(dy, 4, "output gradient")?;
@@ -253,7 +256,8 @@ impl OpDef for ConvDgrad {
             return Err(format!(
                 "output gradient has {} channels but the weight has {} filters",
                 dy.shape[1], w.shape[0]
-            ));
+            )
+            .into());
         }
         self.geometry(&dy.shape, &w.shape)?;
         Ok(vec![TensorType::f32(&[
@@ -268,7 +272,7 @@ impl OpDef for ConvDgrad {
         &self,
         inputs: &[&Value<T>],
         out: &[TensorType],
-    ) -> Result<Vec<Value<T>>, String> {
+    ) -> Result<Vec<Value<T>>, OpError> {
         let (dy, w) = (inputs[0].float(), inputs[1].float());
         let g = self.geometry(&dy.shape, &w.shape)?;
         let out_channels = w.shape[0];
@@ -309,7 +313,7 @@ pub struct ConvWgrad {
 }
 
 impl ConvWgrad {
-    fn check(&self, inputs: &[&TensorType]) -> Result<ConvGeom, String> {
+    fn check(&self, inputs: &[&TensorType]) -> Result<ConvGeom, OpError> {
         expect_arity(inputs, 2)?;
         let (x, dy) = (inputs[0], inputs[1]);
         expect_rank(x, 4, "input")?;
@@ -322,7 +326,8 @@ impl ConvWgrad {
                 g.out_h,
                 g.out_w,
                 shape_str(&dy.shape)
-            ));
+            )
+            .into());
         }
         Ok(g)
     }
@@ -356,7 +361,7 @@ impl OpDef for ConvWgrad {
     const CLASS: OpClass = OpClass::Conv;
     const ROUNDING: Rounding = Rounding::ManyTerms;
 
-    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, OpError> {
         self.check(inputs)?;
         let (c, o) = (inputs[0].shape[1], inputs[1].shape[1]);
         Ok(vec![TensorType::f32(&[o, c, self.kernel.0, self.kernel.1])])
@@ -366,7 +371,7 @@ impl OpDef for ConvWgrad {
         &self,
         inputs: &[&Value<T>],
         out: &[TensorType],
-    ) -> Result<Vec<Value<T>>, String> {
+    ) -> Result<Vec<Value<T>>, OpError> {
         let (x, dy) = (inputs[0].float(), inputs[1].float());
         let g = geometry(&x.shape, self.kernel, self.stride, self.padding)?;
         let out_channels = dy.shape[1];
@@ -397,7 +402,7 @@ impl OpDef for ConvWgradPerExample {
     const CLASS: OpClass = OpClass::Conv;
     const ROUNDING: Rounding = Rounding::ManyTerms;
 
-    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, OpError> {
         let mut shape = self.0.infer(inputs)?.remove(0).shape;
         shape.insert(0, inputs[0].shape[0]);
         Ok(vec![TensorType::f32(&shape)])
@@ -407,7 +412,7 @@ impl OpDef for ConvWgradPerExample {
         &self,
         inputs: &[&Value<T>],
         out: &[TensorType],
-    ) -> Result<Vec<Value<T>>, String> {
+    ) -> Result<Vec<Value<T>>, OpError> {
         let (x, dy) = (inputs[0].float(), inputs[1].float());
         let wg = &self.0;
         let g = geometry(&x.shape, wg.kernel, wg.stride, wg.padding)?;
@@ -451,7 +456,7 @@ mod tests {
         };
         let x = TensorType::f32(&[1, 3, 2, 2]);
         let w = TensorType::f32(&[4, 3, 3, 3]);
-        let err = conv.infer(&[&x, &w]).unwrap_err();
+        let err = conv.infer(&[&x, &w]).unwrap_err().to_string();
         assert!(err.contains("smaller than the 3×3 kernel"), "{err}");
     }
 
@@ -464,7 +469,7 @@ mod tests {
         };
         let x = TensorType::f32(&[1, 3, 8, 8]);
         let w = TensorType::f32(&[4, 5, 3, 3]);
-        let err = conv.infer(&[&x, &w]).unwrap_err();
+        let err = conv.infer(&[&x, &w]).unwrap_err().to_string();
         assert!(
             err.contains("expected [O, 3, kh, kw]") && err.contains("[4, 5, 3, 3]"),
             "{err}"

@@ -2,7 +2,7 @@
 //! Fisher's building blocks).
 
 use super::{FloatAttr, OpClass, OpDef, Rounding, VjpCtx, expect_arity, float_out};
-use crate::error::ShapeError;
+use crate::error::{OpError, ShapeError};
 use crate::port::PortRef;
 use crate::tensor::{DType, Real, Tensor, TensorType, Value};
 use serde::{Deserialize, Serialize};
@@ -18,12 +18,12 @@ impl OpDef for Constant {
     const CLASS: OpClass = OpClass::Constant;
     const ROUNDING: Rounding = Rounding::FewTerms;
 
-    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, OpError> {
         expect_arity(inputs, 0)?;
         Ok(vec![TensorType::scalar(DType::F32)])
     }
 
-    fn eval<T: Real>(&self, _: &[&Value<T>], _: &[TensorType]) -> Result<Vec<Value<T>>, String> {
+    fn eval<T: Real>(&self, _: &[&Value<T>], _: &[TensorType]) -> Result<Vec<Value<T>>, OpError> {
         Ok(float_out(Tensor::scalar(T::from_f64(self.value.0))))
     }
 
@@ -33,10 +33,10 @@ impl OpDef for Constant {
 }
 
 /// Checks that all inputs are float tensors of one shape, and returns that type.
-fn same_float_type(inputs: &[&TensorType]) -> Result<TensorType, String> {
+fn same_float_type(inputs: &[&TensorType]) -> Result<TensorType, OpError> {
     let first = inputs[0];
     if first.dtype != DType::F32 {
-        return Err(format!("input 0: expected an f32 tensor, found {first}"));
+        return Err(format!("input 0: expected an f32 tensor, found {first}").into());
     }
     for (i, t) in inputs.iter().enumerate().skip(1) {
         super::expect_type(t, first, &format!("input {i} (must match input 0)"))?;
@@ -61,7 +61,7 @@ impl OpDef for Add {
     const CLASS: OpClass = OpClass::Elementwise;
     const ROUNDING: Rounding = Rounding::FewTerms;
 
-    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, OpError> {
         expect_arity(inputs, 2)?;
         Ok(vec![same_float_type(inputs)?])
     }
@@ -70,7 +70,7 @@ impl OpDef for Add {
         &self,
         inputs: &[&Value<T>],
         _: &[TensorType],
-    ) -> Result<Vec<Value<T>>, String> {
+    ) -> Result<Vec<Value<T>>, OpError> {
         let (a, b) = (inputs[0].float(), inputs[1].float());
         let sum = a.data.iter().zip(&b.data).map(|(&x, &y)| x + y).collect();
         Ok(float_out(Tensor::from_vec(&a.shape, sum)))
@@ -97,7 +97,7 @@ impl OpDef for Scale {
     const CLASS: OpClass = OpClass::Elementwise;
     const ROUNDING: Rounding = Rounding::FewTerms;
 
-    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, OpError> {
         expect_arity(inputs, 1)?;
         Ok(vec![same_float_type(inputs)?])
     }
@@ -106,7 +106,7 @@ impl OpDef for Scale {
         &self,
         inputs: &[&Value<T>],
         _: &[TensorType],
-    ) -> Result<Vec<Value<T>>, String> {
+    ) -> Result<Vec<Value<T>>, OpError> {
         let factor = T::from_f64(self.factor.0);
         Ok(map(inputs[0], |v| v * factor))
     }
@@ -130,7 +130,7 @@ impl OpDef for Square {
     const CLASS: OpClass = OpClass::Elementwise;
     const ROUNDING: Rounding = Rounding::FewTerms;
 
-    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, OpError> {
         expect_arity(inputs, 1)?;
         Ok(vec![same_float_type(inputs)?])
     }
@@ -139,7 +139,7 @@ impl OpDef for Square {
         &self,
         inputs: &[&Value<T>],
         _: &[TensorType],
-    ) -> Result<Vec<Value<T>>, String> {
+    ) -> Result<Vec<Value<T>>, OpError> {
         Ok(map(inputs[0], |v| v * v))
     }
 
@@ -214,15 +214,17 @@ impl OpDef for Elementwise {
     const CLASS: OpClass = OpClass::Elementwise;
     const ROUNDING: Rounding = Rounding::FewTerms;
 
-    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, OpError> {
         if inputs.is_empty() || self.program.is_empty() {
-            return Err("an elementwise program needs inputs and steps".to_string());
+            return Err("an elementwise program needs inputs and steps"
+                .to_string()
+                .into());
         }
         let ty = same_float_type(inputs)?;
         for (k, instr) in self.program.iter().enumerate() {
             let bad_input = matches!(instr, Instr::Input(i) if *i >= inputs.len());
             if bad_input || instr.operands().iter().any(|&o| o >= k) {
-                return Err(format!("step {k} ({instr:?}) reads a value it cannot see"));
+                return Err(format!("step {k} ({instr:?}) reads a value it cannot see").into());
             }
         }
         Ok(vec![ty])
@@ -232,7 +234,7 @@ impl OpDef for Elementwise {
         &self,
         inputs: &[&Value<T>],
         _: &[TensorType],
-    ) -> Result<Vec<Value<T>>, String> {
+    ) -> Result<Vec<Value<T>>, OpError> {
         let tensors: Vec<&Tensor<T>> = inputs.iter().map(|v| v.float()).collect();
         let mut scratch = vec![T::zero(); self.program.len()];
         let mut args = vec![T::zero(); tensors.len()];

@@ -12,6 +12,7 @@ use super::batchnorm::{
     plane_sums,
 };
 use super::{FloatAttr, OpClass, OpDef, Rounding, expect_arity, expect_type, float_out};
+use crate::error::OpError;
 use crate::tensor::{DType, Real, Tensor, TensorType, Value};
 
 /// Which squares a fused gradient op also produces.
@@ -110,7 +111,7 @@ impl OpDef for BnBackwardReduceSq {
     const CLASS: OpClass = OpClass::Norm;
     const ROUNDING: Rounding = Rounding::ManyTerms;
 
-    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, OpError> {
         expect_arity(inputs, 4)?;
         let c = check_backward_inputs(inputs)?;
         Ok(param_grad_types(c, self.squares))
@@ -120,7 +121,7 @@ impl OpDef for BnBackwardReduceSq {
         &self,
         inputs: &[&Value<T>],
         _: &[TensorType],
-    ) -> Result<Vec<Value<T>>, String> {
+    ) -> Result<Vec<Value<T>>, OpError> {
         let (dy, x, mean, var) = backward_args(inputs);
         Ok(param_grads_with_squares(
             dy,
@@ -149,13 +150,11 @@ impl OpDef for ChannelSumSq {
     const CLASS: OpClass = OpClass::Reduce;
     const ROUNDING: Rounding = Rounding::ManyTerms;
 
-    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, OpError> {
         expect_arity(inputs, 1)?;
         let t = inputs[0];
         if t.dtype != DType::F32 || t.rank() < 2 {
-            return Err(format!(
-                "input: expected an f32 tensor [N, C, ...], found {t}"
-            ));
+            return Err(format!("input: expected an f32 tensor [N, C, ...], found {t}").into());
         }
         let vector = TensorType::f32(&[t.shape[1]]);
         Ok(vec![vector; 1 + self.squares.extra_outputs()])
@@ -165,7 +164,7 @@ impl OpDef for ChannelSumSq {
         &self,
         inputs: &[&Value<T>],
         _: &[TensorType],
-    ) -> Result<Vec<Value<T>>, String> {
+    ) -> Result<Vec<Value<T>>, OpError> {
         let dy = inputs[0].float();
         let p = Planes::of(&dy.shape);
         // per plane: (Σₜ dy, the plane's share of the squares)
@@ -203,7 +202,7 @@ impl OpDef for BnRelu {
     const CLASS: OpClass = OpClass::Norm;
     const ROUNDING: Rounding = Rounding::FewTerms;
 
-    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, OpError> {
         expect_arity(inputs, if self.residual { 6 } else { 5 })?;
         check_channel_inputs(&inputs[..5], &["mean", "variance", "gamma", "beta"])?;
         if self.residual {
@@ -216,7 +215,7 @@ impl OpDef for BnRelu {
         &self,
         inputs: &[&Value<T>],
         _: &[TensorType],
-    ) -> Result<Vec<Value<T>>, String> {
+    ) -> Result<Vec<Value<T>>, OpError> {
         let residual = self.residual.then(|| inputs[5].float());
         let y = bn_relu(inputs[0].float(), stats_args(inputs, 1), self.eps, residual);
         Ok(float_out(y))
@@ -241,7 +240,7 @@ impl OpDef for ReluBackwardBnReduce {
     const CLASS: OpClass = OpClass::Norm;
     const ROUNDING: Rounding = Rounding::ManyTerms;
 
-    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, OpError> {
         expect_arity(inputs, 5)?;
         expect_type(
             inputs[1],
@@ -258,7 +257,7 @@ impl OpDef for ReluBackwardBnReduce {
         &self,
         inputs: &[&Value<T>],
         _: &[TensorType],
-    ) -> Result<Vec<Value<T>>, String> {
+    ) -> Result<Vec<Value<T>>, OpError> {
         let du = relu_mask(inputs[0].float(), inputs[1].float());
         let (y, mean, var) = (
             inputs[2].float(),

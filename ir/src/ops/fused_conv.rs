@@ -19,6 +19,7 @@ use super::{
     Conv2d, ConvDgrad, ConvWgrad, ConvWgradPerExample, FloatAttr, LinearWgrad, OpClass, OpDef,
     Rounding, expect_arity, expect_type, flop_product,
 };
+use crate::error::OpError;
 use crate::tensor::{Real, Tensor, TensorType, Value};
 
 /// Names of the per-channel inputs of a BN-apply + ReLU prologue.
@@ -31,7 +32,7 @@ pub fn prologue_len(prologue: Option<FloatAttr>) -> usize {
 }
 
 /// Checks the prologue's per-channel inputs, if any.
-fn check_prologue(inputs: &[&TensorType], prologue: Option<FloatAttr>) -> Result<(), String> {
+fn check_prologue(inputs: &[&TensorType], prologue: Option<FloatAttr>) -> Result<(), OpError> {
     if prologue.is_some() {
         check_channel_inputs(&inputs[..5], &PROLOGUE_INPUTS)?;
     }
@@ -76,7 +77,7 @@ impl OpDef for FusedConv {
     const CLASS: OpClass = OpClass::Conv;
     const ROUNDING: Rounding = Rounding::ManyTerms;
 
-    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, OpError> {
         expect_arity(
             inputs,
             prologue_len(self.prologue) + 1 + self.conv.bias as usize,
@@ -94,7 +95,7 @@ impl OpDef for FusedConv {
         &self,
         inputs: &[&Value<T>],
         outputs: &[TensorType],
-    ) -> Result<Vec<Value<T>>, String> {
+    ) -> Result<Vec<Value<T>>, OpError> {
         let a = activation(inputs, self.prologue);
         let mut results = self
             .conv
@@ -131,7 +132,7 @@ impl OpDef for FusedWgrad {
     const CLASS: OpClass = OpClass::Conv;
     const ROUNDING: Rounding = Rounding::ManyTerms;
 
-    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, OpError> {
         let first = prologue_len(self.prologue);
         expect_arity(inputs, first + 1)?;
         check_prologue(inputs, self.prologue)?;
@@ -143,7 +144,7 @@ impl OpDef for FusedWgrad {
         &self,
         inputs: &[&Value<T>],
         outputs: &[TensorType],
-    ) -> Result<Vec<Value<T>>, String> {
+    ) -> Result<Vec<Value<T>>, OpError> {
         let a = activation(inputs, self.prologue);
         let dy = inputs[prologue_len(self.prologue)];
         let mut results = self.wgrad.eval(&[&a, dy], &outputs[..1])?;
@@ -210,7 +211,7 @@ impl OpDef for FusedDgrad {
     const CLASS: OpClass = OpClass::Conv;
     const ROUNDING: Rounding = Rounding::ManyTerms;
 
-    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, OpError> {
         expect_arity(inputs, 7)?;
         let dx = self.dgrad.infer(&inputs[..2])?.remove(0);
         expect_type(
@@ -243,7 +244,7 @@ impl OpDef for FusedDgrad {
         &self,
         inputs: &[&Value<T>],
         outputs: &[TensorType],
-    ) -> Result<Vec<Value<T>>, String> {
+    ) -> Result<Vec<Value<T>>, OpError> {
         let dx = self
             .dgrad
             .eval(&inputs[..2], &outputs[..1])?
@@ -288,7 +289,7 @@ impl OpDef for LinearWgradSq {
     const CLASS: OpClass = OpClass::Linear;
     const ROUNDING: Rounding = Rounding::ManyTerms;
 
-    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, OpError> {
         let dw = LinearWgrad.infer(inputs)?.remove(0);
         Ok(vec![dw.clone(), dw])
     }
@@ -297,7 +298,7 @@ impl OpDef for LinearWgradSq {
         &self,
         inputs: &[&Value<T>],
         outputs: &[TensorType],
-    ) -> Result<Vec<Value<T>>, String> {
+    ) -> Result<Vec<Value<T>>, OpError> {
         let mut results = LinearWgrad.eval(inputs, &outputs[..1])?;
         let (x2, dy2) = (squared(inputs[0]), squared(inputs[1]));
         results.extend(LinearWgrad.eval(&[&x2, &dy2], &outputs[..1])?);

@@ -13,6 +13,7 @@ use std::ops::Range;
 use serde::{Deserialize, Serialize};
 
 use super::{BnRunningUpdate, NoisySgdUpdate, OpClass, OpDef, Rounding, UpdateNoise, expect_arity};
+use crate::error::OpError;
 use crate::tensor::{Real, TensorType, Value};
 
 /// An op whose nodes may stand side by side in a [`Group`].
@@ -88,9 +89,9 @@ impl<M: Groupable> OpDef for Group<M> {
     const CLASS: OpClass = M::CLASS;
     const ROUNDING: Rounding = M::ROUNDING;
 
-    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, OpError> {
         if self.members.is_empty() {
-            return Err("a group of no members".to_string());
+            return Err("a group of no members".to_string().into());
         }
         expect_arity(inputs, self.input_count())?;
         let mut outputs = Vec::new();
@@ -108,7 +109,7 @@ impl<M: Groupable> OpDef for Group<M> {
         &self,
         inputs: &[&Value<T>],
         outputs: &[TensorType],
-    ) -> Result<Vec<Value<T>>, String> {
+    ) -> Result<Vec<Value<T>>, OpError> {
         let mut values = Vec::with_capacity(outputs.len());
         for (m, ports) in self.members.iter().zip(self.ports()) {
             let own: Vec<&Value<T>> = ports.inputs.iter().map(|&i| inputs[i]).collect();

@@ -6,7 +6,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use super::{OpClass, OpDef, Rounding, VjpCtx};
-use crate::error::ShapeError;
+use crate::error::{OpError, ShapeError};
 use crate::port::PortRef;
 use crate::tensor::{Real, TensorType, Value};
 
@@ -81,13 +81,13 @@ impl OpDef for Input {
     const CLASS: OpClass = OpClass::Source;
     const ROUNDING: Rounding = Rounding::FewTerms;
 
-    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, OpError> {
         super::expect_arity(inputs, 0)?;
         Ok(vec![self.ty.clone()])
     }
 
-    fn eval<T: Real>(&self, _: &[&Value<T>], _: &[TensorType]) -> Result<Vec<Value<T>>, String> {
-        Err(format!("input '{}' was not fed", self.role))
+    fn eval<T: Real>(&self, _: &[&Value<T>], _: &[TensorType]) -> Result<Vec<Value<T>>, OpError> {
+        Err(format!("input '{}' was not fed", self.role).into())
     }
 
     /// Gradients stop at inputs: autodiff reads them off the input's value directly.

@@ -7,7 +7,7 @@ use super::{
     expect_type, float_out, flop_product, shape_str,
 };
 use crate::cpu::for_each_example;
-use crate::error::ShapeError;
+use crate::error::{OpError, ShapeError};
 use crate::matmul::{Mat, matmul};
 use crate::noise::FisherMode;
 use crate::port::PortRef;
@@ -24,7 +24,7 @@ impl OpDef for Linear {
     const CLASS: OpClass = OpClass::Linear;
     const ROUNDING: Rounding = Rounding::ManyTerms;
 
-    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, OpError> {
         expect_arity(inputs, if self.bias { 3 } else { 2 })?;
         let (x, w) = (inputs[0], inputs[1]);
         expect_rank(x, 2, "input")?;
@@ -35,7 +35,8 @@ impl OpDef for Linear {
                 x.shape[1],
                 x.shape[1],
                 shape_str(&w.shape)
-            ));
+            )
+            .into());
         }
         if self.bias {
             expect_type(inputs[2], &TensorType::f32(&[w.shape[0]]), "bias")?;
@@ -47,7 +48,7 @@ impl OpDef for Linear {
         &self,
         inputs: &[&Value<T>],
         out: &[TensorType],
-    ) -> Result<Vec<Value<T>>, String> {
+    ) -> Result<Vec<Value<T>>, OpError> {
         let (x, w) = (inputs[0].float(), inputs[1].float());
         let (n, i, o) = (x.shape[0], x.shape[1], w.shape[0]);
         let mut y = Tensor::zeros(&out[0].shape);
@@ -120,7 +121,7 @@ impl OpDef for LinearDgrad {
     const CLASS: OpClass = OpClass::Linear;
     const ROUNDING: Rounding = Rounding::ManyTerms;
 
-    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, OpError> {
         expect_arity(inputs, 2)?;
         let (dy, w) = (inputs[0], inputs[1]);
         expect_rank(dy, 2, "output gradient")?;
@@ -130,7 +131,8 @@ impl OpDef for LinearDgrad {
                 "output gradient: expected [N, {}], found {}",
                 w.shape[0],
                 shape_str(&dy.shape)
-            ));
+            )
+            .into());
         }
         Ok(vec![TensorType::f32(&[dy.shape[0], w.shape[1]])])
     }
@@ -139,7 +141,7 @@ impl OpDef for LinearDgrad {
         &self,
         inputs: &[&Value<T>],
         out: &[TensorType],
-    ) -> Result<Vec<Value<T>>, String> {
+    ) -> Result<Vec<Value<T>>, OpError> {
         let (dy, w) = (inputs[0].float(), inputs[1].float());
         let (n, o, i) = (dy.shape[0], w.shape[0], w.shape[1]);
         let mut dx = Tensor::zeros(&out[0].shape);
@@ -159,7 +161,7 @@ impl OpDef for LinearDgrad {
 }
 
 /// Checks (x `[N, I]`, dy `[N, O]`) and returns (N, I, O).
-fn check_wgrad(inputs: &[&TensorType]) -> Result<(usize, usize, usize), String> {
+fn check_wgrad(inputs: &[&TensorType]) -> Result<(usize, usize, usize), OpError> {
     expect_arity(inputs, 2)?;
     let (x, dy) = (inputs[0], inputs[1]);
     expect_rank(x, 2, "input")?;
@@ -169,7 +171,8 @@ fn check_wgrad(inputs: &[&TensorType]) -> Result<(usize, usize, usize), String> 
             "output gradient: expected [{}, O], found {}",
             x.shape[0],
             shape_str(&dy.shape)
-        ));
+        )
+        .into());
     }
     Ok((x.shape[0], x.shape[1], dy.shape[1]))
 }
@@ -183,7 +186,7 @@ impl OpDef for LinearWgrad {
     const CLASS: OpClass = OpClass::Linear;
     const ROUNDING: Rounding = Rounding::ManyTerms;
 
-    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, OpError> {
         let (_, i, o) = check_wgrad(inputs)?;
         Ok(vec![TensorType::f32(&[o, i])])
     }
@@ -192,7 +195,7 @@ impl OpDef for LinearWgrad {
         &self,
         inputs: &[&Value<T>],
         out: &[TensorType],
-    ) -> Result<Vec<Value<T>>, String> {
+    ) -> Result<Vec<Value<T>>, OpError> {
         let (x, dy) = (inputs[0].float(), inputs[1].float());
         let (n, i, o) = (x.shape[0], x.shape[1], dy.shape[1]);
         let mut dw = Tensor::zeros(&out[0].shape);
@@ -221,7 +224,7 @@ impl OpDef for LinearWgradPerExample {
     const CLASS: OpClass = OpClass::Linear;
     const ROUNDING: Rounding = Rounding::ManyTerms;
 
-    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, OpError> {
         let (n, i, o) = check_wgrad(inputs)?;
         Ok(vec![TensorType::f32(&[n, o, i])])
     }
@@ -230,7 +233,7 @@ impl OpDef for LinearWgradPerExample {
         &self,
         inputs: &[&Value<T>],
         out: &[TensorType],
-    ) -> Result<Vec<Value<T>>, String> {
+    ) -> Result<Vec<Value<T>>, OpError> {
         let (x, dy) = (inputs[0].float(), inputs[1].float());
         let (i, o) = (x.shape[1], dy.shape[1]);
         let mut per_example = Tensor::zeros(&out[0].shape);

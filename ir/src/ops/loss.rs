@@ -2,30 +2,28 @@
 //! draws full-Fisher noise.
 
 use super::{OpClass, OpDef, Rounding, VjpCtx, expect_arity, expect_rank, float_out};
-use crate::error::ShapeError;
+use crate::error::{OpError, ShapeError};
 use crate::philox;
 use crate::port::PortRef;
 use crate::tensor::{DType, Real, Tensor, TensorType, Value};
 use serde::{Deserialize, Serialize};
 
 /// Checks logits `[N, K]` and labels `[N]` (i32).
-fn check_logits_labels(logits: &TensorType, labels: &TensorType) -> Result<(), String> {
+fn check_logits_labels(logits: &TensorType, labels: &TensorType) -> Result<(), OpError> {
     expect_rank(logits, 2, "logits")?;
     let expected = TensorType::i32(&logits.shape[..1]);
     if labels != &expected {
-        return Err(format!("labels: expected {expected}, found {labels}"));
+        return Err(format!("labels: expected {expected}, found {labels}").into());
     }
     Ok(())
 }
 
 /// Per-example softmax probabilities, after checking every label is a valid class.
-fn softmax_checked<T: Real>(logits: &Tensor<T>, labels: &Tensor<i32>) -> Result<Vec<T>, String> {
+fn softmax_checked<T: Real>(logits: &Tensor<T>, labels: &Tensor<i32>) -> Result<Vec<T>, OpError> {
     let classes = logits.shape[1];
     for (n, &y) in labels.data.iter().enumerate() {
         if y < 0 || y as usize >= classes {
-            return Err(format!(
-                "label {y} of example {n} is outside [0, {classes})"
-            ));
+            return Err(format!("label {y} of example {n} is outside [0, {classes})").into());
         }
     }
     let mut probs = Vec::with_capacity(logits.data.len());
@@ -47,7 +45,7 @@ impl OpDef for SoftmaxCrossEntropy {
     const CLASS: OpClass = OpClass::Loss;
     const ROUNDING: Rounding = Rounding::ManyTerms;
 
-    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, OpError> {
         expect_arity(inputs, 2)?;
         check_logits_labels(inputs[0], inputs[1])?;
         Ok(vec![TensorType::scalar(DType::F32)])
@@ -57,7 +55,7 @@ impl OpDef for SoftmaxCrossEntropy {
         &self,
         inputs: &[&Value<T>],
         _: &[TensorType],
-    ) -> Result<Vec<Value<T>>, String> {
+    ) -> Result<Vec<Value<T>>, OpError> {
         let (logits, labels) = (inputs[0].float(), inputs[1].int());
         let classes = logits.shape[1];
         softmax_checked(logits, labels)?;
@@ -97,14 +95,13 @@ impl OpDef for SoftmaxCrossEntropyBackward {
     const CLASS: OpClass = OpClass::Loss;
     const ROUNDING: Rounding = Rounding::ManyTerms;
 
-    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, OpError> {
         expect_arity(inputs, 3)?;
         check_logits_labels(inputs[0], inputs[1])?;
         if inputs[2] != &TensorType::scalar(DType::F32) {
-            return Err(format!(
-                "loss gradient: expected an f32 scalar, found {}",
-                inputs[2]
-            ));
+            return Err(
+                format!("loss gradient: expected an f32 scalar, found {}", inputs[2]).into(),
+            );
         }
         Ok(vec![inputs[0].clone()])
     }
@@ -113,7 +110,7 @@ impl OpDef for SoftmaxCrossEntropyBackward {
         &self,
         inputs: &[&Value<T>],
         _: &[TensorType],
-    ) -> Result<Vec<Value<T>>, String> {
+    ) -> Result<Vec<Value<T>>, OpError> {
         let (logits, labels) = (inputs[0].float(), inputs[1].int());
         let scale = inputs[2].float_scalar() / T::from_usize(logits.shape[0]);
         let classes = logits.shape[1];
@@ -172,12 +169,12 @@ impl OpDef for FullFisherSample {
     const CLASS: OpClass = OpClass::Loss;
     const ROUNDING: Rounding = Rounding::ManyTerms;
 
-    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, OpError> {
         expect_arity(inputs, 4)?;
         check_logits_labels(inputs[0], inputs[1])?;
         for (t, what) in [(inputs[2], "seed"), (inputs[3], "step")] {
             if t != &TensorType::scalar(DType::U64) {
-                return Err(format!("{what}: expected a u64 scalar, found {t}"));
+                return Err(format!("{what}: expected a u64 scalar, found {t}").into());
             }
         }
         Ok(vec![inputs[0].clone()])
@@ -187,7 +184,7 @@ impl OpDef for FullFisherSample {
         &self,
         inputs: &[&Value<T>],
         _: &[TensorType],
-    ) -> Result<Vec<Value<T>>, String> {
+    ) -> Result<Vec<Value<T>>, OpError> {
         let (logits, labels) = (inputs[0].float(), inputs[1].int());
         let (seed, step) = (inputs[2].word(), inputs[3].word());
         let draw = |i: usize| philox::word(seed, step, philox::stream::FULL_FISHER, i as u64);

@@ -52,7 +52,7 @@ pub use reduce::{BatchMean, ChannelSum, ChannelSumPerExample};
 pub use shape::{Reshape, ShortcutA, ShortcutABackward};
 pub use update::{NoisySgdUpdate, UpdateNoise};
 
-use crate::error::ShapeError;
+use crate::error::{OpError, ShapeError};
 use crate::noise::FisherMode;
 use crate::port::PortRef;
 
@@ -71,14 +71,14 @@ pub trait OpDef {
     const ROUNDING: Rounding;
 
     /// Output types from input types, or a message saying which input is wrong and how.
-    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String>;
+    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, OpError>;
 
     /// CPU reference: computes the outputs (whose types `infer` gave) from the inputs.
     fn eval<T: Real>(
         &self,
         inputs: &[&Value<T>],
         outputs: &[TensorType],
-    ) -> Result<Vec<Value<T>>, String>;
+    ) -> Result<Vec<Value<T>>, OpError>;
 
     /// Floating-point operations of one evaluation (a multiply-add counts two).
     fn flops(&self, _inputs: &[&TensorType], _outputs: &[TensorType]) -> u64 {
@@ -132,7 +132,7 @@ macro_rules! define_ops {
                 match self { $(Op::$op(_) => <$op as OpDef>::ROUNDING),* }
             }
 
-            pub fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+            pub fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, OpError> {
                 match self { $(Op::$op(o) => o.infer(inputs)),* }
             }
 
@@ -140,7 +140,7 @@ macro_rules! define_ops {
                 &self,
                 inputs: &[&Value<T>],
                 outputs: &[TensorType],
-            ) -> Result<Vec<Value<T>>, String> {
+            ) -> Result<Vec<Value<T>>, OpError> {
                 match self { $(Op::$op(o) => o.eval(inputs, outputs)),* }
             }
 
@@ -323,9 +323,9 @@ pub struct FisherCtx<'a> {
 // ---- shape-rule helpers shared by the op files ----
 
 /// `what` must be a float tensor of rank `rank`.
-pub(crate) fn expect_rank(t: &TensorType, rank: usize, what: &str) -> Result<(), String> {
+pub(crate) fn expect_rank(t: &TensorType, rank: usize, what: &str) -> Result<(), OpError> {
     if t.dtype != DType::F32 {
-        return Err(format!("{what}: expected an f32 tensor, found {t}"));
+        return Err(format!("{what}: expected an f32 tensor, found {t}").into());
     }
     if t.rank() != rank {
         return Err(format!(
@@ -336,23 +336,28 @@ pub(crate) fn expect_rank(t: &TensorType, rank: usize, what: &str) -> Result<(),
                 1 => " [C]",
                 _ => "",
             }
-        ));
+        )
+        .into());
     }
     Ok(())
 }
 
 /// `what` must have exactly the type `expected`.
-pub(crate) fn expect_type(t: &TensorType, expected: &TensorType, what: &str) -> Result<(), String> {
+pub(crate) fn expect_type(
+    t: &TensorType,
+    expected: &TensorType,
+    what: &str,
+) -> Result<(), OpError> {
     if t != expected {
-        return Err(format!("{what}: expected {expected}, found {t}"));
+        return Err(format!("{what}: expected {expected}, found {t}").into());
     }
     Ok(())
 }
 
 /// The op takes exactly `n` inputs.
-pub(crate) fn expect_arity(inputs: &[&TensorType], n: usize) -> Result<(), String> {
+pub(crate) fn expect_arity(inputs: &[&TensorType], n: usize) -> Result<(), OpError> {
     if inputs.len() != n {
-        return Err(format!("expected {n} inputs, found {}", inputs.len()));
+        return Err(format!("expected {n} inputs, found {}", inputs.len()).into());
     }
     Ok(())
 }

@@ -6,7 +6,7 @@ use super::{
     OpClass, OpDef, Rounding, VjpCtx, conv_out_size, expect_arity, expect_rank, float_out,
     shape_str,
 };
-use crate::error::ShapeError;
+use crate::error::{OpError, ShapeError};
 use crate::port::PortRef;
 use crate::tensor::{Real, Tensor, TensorType, Value};
 use rayon::prelude::*;
@@ -19,7 +19,7 @@ pub struct MaxPool {
 }
 
 impl MaxPool {
-    fn out_hw(&self, x: &[usize]) -> Result<(usize, usize), String> {
+    fn out_hw(&self, x: &[usize]) -> Result<(usize, usize), OpError> {
         let h = conv_out_size(x[2], self.kernel, self.stride, 0);
         let w = conv_out_size(x[3], self.kernel, self.stride, 0);
         match (h, w) {
@@ -29,7 +29,8 @@ impl MaxPool {
                 x[2],
                 x[3],
                 k = self.kernel
-            )),
+            )
+            .into()),
         }
     }
 
@@ -73,7 +74,7 @@ impl OpDef for MaxPool {
     const CLASS: OpClass = OpClass::Pool;
     const ROUNDING: Rounding = Rounding::FewTerms;
 
-    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, OpError> {
         expect_arity(inputs, 1)?;
         let x = inputs[0];
         expect_rank(x, 4, "input")?;
@@ -85,7 +86,7 @@ impl OpDef for MaxPool {
         &self,
         inputs: &[&Value<T>],
         out: &[TensorType],
-    ) -> Result<Vec<Value<T>>, String> {
+    ) -> Result<Vec<Value<T>>, OpError> {
         let x = inputs[0].float();
         let (h, w) = (out[0].shape[2], out[0].shape[3]);
         let y = self
@@ -131,7 +132,7 @@ impl OpDef for MaxPoolBackward {
     const CLASS: OpClass = OpClass::Pool;
     const ROUNDING: Rounding = Rounding::FewTerms;
 
-    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, OpError> {
         expect_arity(inputs, 2)?;
         let expected = self.forward().infer(&inputs[1..])?.remove(0);
         super::expect_type(inputs[0], &expected, "output gradient")?;
@@ -142,7 +143,7 @@ impl OpDef for MaxPoolBackward {
         &self,
         inputs: &[&Value<T>],
         _: &[TensorType],
-    ) -> Result<Vec<Value<T>>, String> {
+    ) -> Result<Vec<Value<T>>, OpError> {
         let (dy, x) = (inputs[0].float(), inputs[1].float());
         let winners = self.forward().argmax(x, dy.shape[2], dy.shape[3]);
         let mut dx = Tensor::zeros(&x.shape);
@@ -166,7 +167,7 @@ impl OpDef for GlobalAvgPool {
     const CLASS: OpClass = OpClass::Pool;
     const ROUNDING: Rounding = Rounding::ManyTerms;
 
-    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, OpError> {
         expect_arity(inputs, 1)?;
         expect_rank(inputs[0], 4, "input")?;
         Ok(vec![TensorType::f32(&inputs[0].shape[..2])])
@@ -176,7 +177,7 @@ impl OpDef for GlobalAvgPool {
         &self,
         inputs: &[&Value<T>],
         out: &[TensorType],
-    ) -> Result<Vec<Value<T>>, String> {
+    ) -> Result<Vec<Value<T>>, OpError> {
         let x = inputs[0].float();
         let positions = x.shape[2] * x.shape[3];
         let inv = T::one() / T::from_usize(positions);
@@ -215,7 +216,7 @@ impl OpDef for GlobalAvgPoolBackward {
     const CLASS: OpClass = OpClass::Elementwise;
     const ROUNDING: Rounding = Rounding::FewTerms;
 
-    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, OpError> {
         expect_arity(inputs, 1)?;
         let dy = inputs[0];
         expect_rank(dy, 2, "output gradient")?;
@@ -223,7 +224,8 @@ impl OpDef for GlobalAvgPoolBackward {
             return Err(format!(
                 "empty spatial size {}",
                 shape_str(&[self.height, self.width])
-            ));
+            )
+            .into());
         }
         Ok(vec![TensorType::f32(&[
             dy.shape[0],
@@ -237,7 +239,7 @@ impl OpDef for GlobalAvgPoolBackward {
         &self,
         inputs: &[&Value<T>],
         out: &[TensorType],
-    ) -> Result<Vec<Value<T>>, String> {
+    ) -> Result<Vec<Value<T>>, OpError> {
         let dy = inputs[0].float();
         let positions = self.height * self.width;
         let inv = T::one() / T::from_usize(positions);

@@ -2,15 +2,14 @@
 //! over the batch axis (the Fisher's average of squares).
 
 use super::{OpClass, OpDef, Rounding, expect_arity, float_out, shape_str};
+use crate::error::OpError;
 use crate::tensor::{DType, Real, Tensor, TensorType, Value};
 use serde::{Deserialize, Serialize};
 
 /// Checks a `[N, C, ...]` float tensor and returns (N, C, elements per channel per example).
-fn batch_channel_layout(t: &TensorType) -> Result<(usize, usize, usize), String> {
+fn batch_channel_layout(t: &TensorType) -> Result<(usize, usize, usize), OpError> {
     if t.dtype != DType::F32 || t.rank() < 2 {
-        return Err(format!(
-            "input: expected an f32 tensor [N, C, ...], found {t}"
-        ));
+        return Err(format!("input: expected an f32 tensor [N, C, ...], found {t}").into());
     }
     Ok((t.shape[0], t.shape[1], t.shape[2..].iter().product()))
 }
@@ -24,7 +23,7 @@ impl OpDef for ChannelSum {
     const CLASS: OpClass = OpClass::Reduce;
     const ROUNDING: Rounding = Rounding::ManyTerms;
 
-    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, OpError> {
         expect_arity(inputs, 1)?;
         let (_, c, _) = batch_channel_layout(inputs[0])?;
         Ok(vec![TensorType::f32(&[c])])
@@ -34,7 +33,7 @@ impl OpDef for ChannelSum {
         &self,
         inputs: &[&Value<T>],
         _: &[TensorType],
-    ) -> Result<Vec<Value<T>>, String> {
+    ) -> Result<Vec<Value<T>>, OpError> {
         let x = inputs[0].float();
         let per_example = channel_sums_per_example(x);
         let c = x.shape[1];
@@ -69,7 +68,7 @@ impl OpDef for ChannelSumPerExample {
     const CLASS: OpClass = OpClass::Reduce;
     const ROUNDING: Rounding = Rounding::ManyTerms;
 
-    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, OpError> {
         expect_arity(inputs, 1)?;
         let (n, c, _) = batch_channel_layout(inputs[0])?;
         Ok(vec![TensorType::f32(&[n, c])])
@@ -79,7 +78,7 @@ impl OpDef for ChannelSumPerExample {
         &self,
         inputs: &[&Value<T>],
         out: &[TensorType],
-    ) -> Result<Vec<Value<T>>, String> {
+    ) -> Result<Vec<Value<T>>, OpError> {
         let sums = channel_sums_per_example(inputs[0].float());
         Ok(float_out(Tensor::from_vec(&out[0].shape, sums)))
     }
@@ -98,14 +97,15 @@ impl OpDef for BatchMean {
     const CLASS: OpClass = OpClass::Elementwise;
     const ROUNDING: Rounding = Rounding::ManyTerms;
 
-    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, OpError> {
         expect_arity(inputs, 1)?;
         let t = inputs[0];
         if t.dtype != DType::F32 || t.rank() < 1 || t.shape[0] == 0 {
             return Err(format!(
                 "input: expected an f32 tensor with a batch axis, found {t} ({})",
                 shape_str(&t.shape)
-            ));
+            )
+            .into());
         }
         Ok(vec![TensorType::f32(&t.shape[1..])])
     }
@@ -114,7 +114,7 @@ impl OpDef for BatchMean {
         &self,
         inputs: &[&Value<T>],
         out: &[TensorType],
-    ) -> Result<Vec<Value<T>>, String> {
+    ) -> Result<Vec<Value<T>>, OpError> {
         let x = inputs[0].float();
         let len = out[0].numel();
         let mut mean = vec![T::zero(); len];

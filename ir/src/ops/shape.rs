@@ -2,7 +2,7 @@
 //! with zero channel padding, as in He et al.'s CIFAR ResNets), with their backward ops.
 
 use super::{OpClass, OpDef, Rounding, VjpCtx, expect_arity, expect_rank, float_out, shape_str};
-use crate::error::ShapeError;
+use crate::error::{OpError, ShapeError};
 use crate::port::PortRef;
 use crate::tensor::{DType, Real, Tensor, TensorType, Value};
 use serde::{Deserialize, Serialize};
@@ -18,7 +18,7 @@ impl OpDef for Reshape {
     const CLASS: OpClass = OpClass::View;
     const ROUNDING: Rounding = Rounding::FewTerms;
 
-    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, OpError> {
         expect_arity(inputs, 1)?;
         let x = inputs[0];
         if x.dtype != DType::F32 || x.numel() != self.shape.iter().product::<usize>() {
@@ -26,7 +26,8 @@ impl OpDef for Reshape {
                 "cannot reshape {x} to {} elements {}",
                 self.shape.iter().product::<usize>(),
                 shape_str(&self.shape)
-            ));
+            )
+            .into());
         }
         Ok(vec![TensorType::f32(&self.shape)])
     }
@@ -35,7 +36,7 @@ impl OpDef for Reshape {
         &self,
         inputs: &[&Value<T>],
         _: &[TensorType],
-    ) -> Result<Vec<Value<T>>, String> {
+    ) -> Result<Vec<Value<T>>, OpError> {
         Ok(float_out(Tensor::from_vec(
             &self.shape,
             inputs[0].float().data.clone(),
@@ -90,11 +91,11 @@ impl OpDef for ShortcutA {
     const CLASS: OpClass = OpClass::Elementwise;
     const ROUNDING: Rounding = Rounding::FewTerms;
 
-    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, OpError> {
         expect_arity(inputs, 1)?;
         expect_rank(inputs[0], 4, "input")?;
         if self.stride == 0 {
-            return Err("stride must be at least 1".to_string());
+            return Err("stride must be at least 1".to_string().into());
         }
         Ok(vec![TensorType::f32(&self.out_shape(&inputs[0].shape))])
     }
@@ -103,7 +104,7 @@ impl OpDef for ShortcutA {
         &self,
         inputs: &[&Value<T>],
         out: &[TensorType],
-    ) -> Result<Vec<Value<T>>, String> {
+    ) -> Result<Vec<Value<T>>, OpError> {
         let x = inputs[0].float();
         let mut y = Tensor::zeros(&out[0].shape);
         self.for_each_copy(&x.shape, |src, dst| y.data[dst] = x.data[src]);
@@ -132,7 +133,7 @@ impl OpDef for ShortcutABackward {
     const CLASS: OpClass = OpClass::Elementwise;
     const ROUNDING: Rounding = Rounding::FewTerms;
 
-    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, OpError> {
         expect_arity(inputs, 1)?;
         let expected = TensorType::f32(&self.forward.out_shape(&self.input_shape));
         super::expect_type(inputs[0], &expected, "output gradient")?;
@@ -143,7 +144,7 @@ impl OpDef for ShortcutABackward {
         &self,
         inputs: &[&Value<T>],
         _: &[TensorType],
-    ) -> Result<Vec<Value<T>>, String> {
+    ) -> Result<Vec<Value<T>>, OpError> {
         let dy = inputs[0].float();
         let mut dx = Tensor::zeros(&self.input_shape);
         self.forward

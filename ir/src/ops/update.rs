@@ -17,6 +17,7 @@
 //! as a third output: the Fisher estimate the step reports, without a kernel of its own.
 
 use super::{FloatAttr, Groupable, OpClass, OpDef, Rounding, expect_arity, expect_type};
+use crate::error::OpError;
 use crate::philox;
 use crate::tensor::{DType, Real, Tensor, TensorType, Value};
 use serde::{Deserialize, Serialize};
@@ -69,11 +70,11 @@ impl OpDef for NoisySgdUpdate {
     const CLASS: OpClass = OpClass::Update;
     const ROUNDING: Rounding = Rounding::FewTerms;
 
-    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, OpError> {
         expect_arity(inputs, Groupable::input_count(self))?;
         let theta = inputs[Self::THETA];
         if theta.dtype != DType::F32 {
-            return Err(format!("parameter: expected an f32 tensor, found {theta}"));
+            return Err(format!("parameter: expected an f32 tensor, found {theta}").into());
         }
         expect_type(inputs[Self::VELOCITY], theta, "momentum buffer")?;
         expect_type(inputs[Self::GRAD], theta, "gradient")?;
@@ -98,7 +99,8 @@ impl OpDef for NoisySgdUpdate {
             (Some(_), UpdateNoise::Diagonal) => Ok(vec![theta.clone(); 3]),
             (Some(_), other) => Err(format!(
                 "a Fisher factor scales a diagonal Fisher estimate, not {other:?} noise"
-            )),
+            )
+            .into()),
         }
     }
 
@@ -106,7 +108,7 @@ impl OpDef for NoisySgdUpdate {
         &self,
         inputs: &[&Value<T>],
         _: &[TensorType],
-    ) -> Result<Vec<Value<T>>, String> {
+    ) -> Result<Vec<Value<T>>, OpError> {
         let (theta, v, g) = (
             inputs[Self::THETA].float(),
             inputs[Self::VELOCITY].float(),

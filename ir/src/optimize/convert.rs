@@ -6,6 +6,7 @@ use std::collections::{HashMap, HashSet};
 use egg::Id;
 use petgraph::graph::NodeIndex;
 
+use super::ExtractionError;
 use super::lang::{EGraph, ENode, Origin, PROJ, ROOT, Types, attr_symbol, decode, encode};
 use crate::graph::{Graph, Output, Phase, PortRef};
 use crate::ops::Op;
@@ -101,7 +102,7 @@ pub fn rebuild(
     root: Id,
     choices: &HashMap<Id, ENode>,
     outputs: &[Output],
-) -> Result<Graph, String> {
+) -> Result<Graph, ExtractionError> {
     let root_node = &choices[&egraph.find(root)];
     let mut graph = Graph::new();
     let mut built: HashMap<Id, Built> = HashMap::new();
@@ -120,7 +121,7 @@ pub fn rebuild(
         let node = &choices[&class];
         if !children_done {
             if !on_path.insert(class) {
-                return Err(format!("the extraction has a cycle through {node}"));
+                return Err(format!("the extraction has a cycle through {node}").into());
             }
             stack.push((class, true));
             stack.extend(node.inputs().iter().rev().map(|&c| (c, false)));
@@ -133,7 +134,7 @@ pub fn rebuild(
     for (name, &class) in outputs.iter().zip(root_node.inputs()) {
         match built[&egraph.find(class)] {
             Built::Value(p) => graph.set_output(name.clone(), p),
-            Built::Tuple(_) => return Err(format!("output {name} is a tuple")),
+            Built::Tuple(_) => return Err(format!("output {name} is a tuple").into()),
         }
     }
     Ok(graph)
@@ -145,7 +146,7 @@ fn build_node(
     class: Id,
     node: &ENode,
     built: &HashMap<Id, Built>,
-) -> Result<Built, String> {
+) -> Result<Built, ExtractionError> {
     let input = |c: &Id| built[&egraph.find(*c)];
     let attrs = node
         .attr_leaf()
@@ -155,7 +156,7 @@ fn build_node(
         let index: usize = attrs.as_str().parse().map_err(|_| "bad projection index")?;
         return match input(&node.inputs()[0]) {
             Built::Tuple(n) => Ok(Built::Value(PortRef::new(n, index))),
-            Built::Value(_) => Err("a projection of a single value".to_string()),
+            Built::Value(_) => Err("a projection of a single value".into()),
         };
     }
     let op = decode(node.name(), attrs.as_str())?;
@@ -164,7 +165,10 @@ fn build_node(
         .iter()
         .map(|c| match input(c) {
             Built::Value(p) => Ok(p),
-            Built::Tuple(_) => Err(format!("{} reads a whole tuple", op.name())),
+            Built::Tuple(_) => Err(ExtractionError(format!(
+                "{} reads a whole tuple",
+                op.name()
+            ))),
         })
         .collect::<Result<Vec<_>, _>>()?;
     let origin = egraph[class].data.origin.clone().unwrap_or(Origin {
@@ -174,7 +178,7 @@ fn build_node(
     graph.set_phase(origin.phase);
     let n = graph
         .add(op, &origin.layer, &inputs)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| ExtractionError(e.to_string()))?;
     Ok(if graph.node(n).outputs.len() > 1 {
         Built::Tuple(n)
     } else {

@@ -16,6 +16,7 @@ use std::collections::{HashMap, VecDeque};
 use egg::{Id, Language};
 use fixedbitset::FixedBitSet;
 
+use super::ExtractionError;
 use super::lang::{EGraph, ENode, PROJ};
 
 /// Chooses a node for every class reachable from `root`, minimising the summed own cost of the
@@ -25,7 +26,7 @@ pub fn extract(
     egraph: &EGraph,
     root: Id,
     own_cost: impl Fn(Id, &ENode) -> f64,
-) -> Result<HashMap<Id, ENode>, String> {
+) -> Result<HashMap<Id, ENode>, ExtractionError> {
     let problem = Problem::new(egraph, root, own_cost);
     let mut choice = problem.greedy();
     if problem.is_acyclic() {

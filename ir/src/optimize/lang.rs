@@ -112,10 +112,22 @@ pub fn encode(op: &Op) -> (Symbol, Symbol) {
     }
 }
 
+/// An attribute leaf that is no op's attributes.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot decode op '{name}' from {attrs}: {error}")]
+pub struct DecodeError {
+    pub name: String,
+    pub attrs: String,
+    pub error: serde_json::Error,
+}
+
 /// The op with this name and attribute JSON.
-pub fn decode(name: &str, attrs: &str) -> Result<Op, String> {
-    serde_json::from_str(&format!("{{\"{name}\":{attrs}}}"))
-        .map_err(|e| format!("cannot decode op '{name}' from {attrs}: {e}"))
+pub fn decode(name: &str, attrs: &str) -> Result<Op, DecodeError> {
+    serde_json::from_str(&format!("{{\"{name}\":{attrs}}}")).map_err(|error| DecodeError {
+        name: name.to_string(),
+        attrs: attrs.to_string(),
+        error,
+    })
 }
 
 /// Where an e-class came from: the layer and phase of the IR node (or rule match) behind it.

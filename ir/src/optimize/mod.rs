@@ -65,12 +65,36 @@ pub struct Report {
     pub seconds: f64,
 }
 
+/// What went wrong choosing and rebuilding the optimised graph: a cycle, a node that does not
+/// type-check, an undecodable op. Each would be an optimizer bug; the message says where.
+#[derive(Debug, Error)]
+#[error("{0}")]
+pub struct ExtractionError(pub String);
+
+impl From<String> for ExtractionError {
+    fn from(message: String) -> ExtractionError {
+        ExtractionError(message)
+    }
+}
+
+impl From<&str> for ExtractionError {
+    fn from(message: &str) -> ExtractionError {
+        ExtractionError(message.to_string())
+    }
+}
+
+impl From<lang::DecodeError> for ExtractionError {
+    fn from(e: lang::DecodeError) -> ExtractionError {
+        ExtractionError(e.to_string())
+    }
+}
+
 #[derive(Debug, Error)]
 pub enum OptimizeError {
     #[error("a rewrite merged values of different types ({0} times): a rule is not an equality")]
     TypeConflict(usize),
     #[error("extraction failed: {0}")]
-    Extraction(String),
+    Extraction(#[from] ExtractionError),
     #[error("grouping the updates: {0}")]
     Grouping(#[from] crate::error::ShapeError),
 }
@@ -109,10 +133,8 @@ pub fn optimize_with(
     inherit_origins(&mut egraph, loaded.root);
 
     let cost = |class, node: &ENode| own_cost(&egraph, class, node, device);
-    let choices =
-        extract::extract(&egraph, loaded.root, cost).map_err(OptimizeError::Extraction)?;
-    let extracted = convert::rebuild(&egraph, loaded.root, &choices, &loaded.outputs)
-        .map_err(OptimizeError::Extraction)?;
+    let choices = extract::extract(&egraph, loaded.root, cost)?;
+    let extracted = convert::rebuild(&egraph, loaded.root, &choices, &loaded.outputs)?;
     let optimized = group::group_updates(&extracted)?;
 
     let mut fired = BTreeMap::new();

@@ -32,7 +32,7 @@ pub fn all() -> Vec<Rule> {
 }
 
 /// The rules with these names, in this order.
-pub fn named(names: &[&str]) -> Result<Vec<Rule>, String> {
+pub fn named(names: &[&str]) -> Result<Vec<Rule>, UnknownRule> {
     let mut rules: Vec<Option<Rule>> = all().into_iter().map(Some).collect();
     names
         .iter()
@@ -41,10 +41,15 @@ pub fn named(names: &[&str]) -> Result<Vec<Rule>, String> {
                 .iter_mut()
                 .find(|r| r.as_ref().is_some_and(|r| r.name.as_str() == *name))
                 .and_then(Option::take)
-                .ok_or_else(|| format!("no rule named '{name}'"))
+                .ok_or_else(|| UnknownRule(name.to_string()))
         })
         .collect()
 }
+
+/// A rule name that [`all`] does not have.
+#[derive(Debug, thiserror::Error)]
+#[error("no rule named '{0}'")]
+pub struct UnknownRule(pub String);
 
 /// Rules that keep the fusion rules, which match on plain squares of gradients, from being
 /// blocked by constant factors (1/M of the mean loss, M of the per-example gradient).

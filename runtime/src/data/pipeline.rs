@@ -57,6 +57,18 @@ fn key(seed: u64) -> [u32; 2] {
 }
 
 /// How a set's images become network inputs.
+/// A data set whose images do not fit a model's input.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error(
+    "{set} has {}×{}×{} images, which do not fit the model's {}×{}×{} input",
+    images[0], images[1], images[2], input[0], input[1], input[2]
+)]
+pub struct InputMismatch {
+    pub set: String,
+    pub images: [usize; 3],
+    pub input: [usize; 3],
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Pipeline {
     /// Channels, height and width the network takes.
@@ -68,14 +80,15 @@ pub struct Pipeline {
 
 impl Pipeline {
     /// A pipeline for `train`'s images into `input`, normalised by `train`'s statistics.
-    pub fn new(train: &Dataset, input: [usize; 3]) -> Result<Pipeline, String> {
+    pub fn new(train: &Dataset, input: [usize; 3]) -> Result<Pipeline, InputMismatch> {
         let [c, h, w] = train.shape;
         let channels_fit = c == input[0] || (c == 1 && input[0] == 3);
         if !channels_fit || h > input[1] || w > input[2] {
-            return Err(format!(
-                "{} has {c}×{h}×{w} images, which do not fit the model's {}×{}×{} input",
-                train.name, input[0], input[1], input[2]
-            ));
+            return Err(InputMismatch {
+                set: train.name.clone(),
+                images: train.shape,
+                input,
+            });
         }
         let (mean, std) = channel_statistics(train);
         Ok(Pipeline { input, mean, std })

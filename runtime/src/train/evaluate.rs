@@ -4,6 +4,7 @@
 //! same device (`Evaluator::use_device`), where the CPU would take longer than the epoch's
 //! training. Recomputing the running statistics (`Evaluator::recalibrated`) stays on the CPU.
 
+use fisherc_ir::ModelError;
 use fisherc_ir::graph::{Output, PortRef};
 use fisherc_ir::interp::{Feeds, evaluate};
 use fisherc_ir::model::{BuildOptions, Mode, ModelSpec, Network, build};
@@ -11,6 +12,7 @@ use fisherc_ir::ops::Role;
 use fisherc_ir::state::TrainState;
 use fisherc_ir::tensor::{Real, Tensor, Value};
 
+use super::error::TrainError;
 use crate::backend::{Backend, RuntimeError};
 use crate::data::Dataset;
 use crate::data::pipeline::Pipeline;
@@ -40,7 +42,11 @@ pub struct Evaluator {
 }
 
 impl Evaluator {
-    pub fn new(spec: &ModelSpec, input: [usize; 3], test_len: usize) -> Result<Evaluator, String> {
+    pub fn new(
+        spec: &ModelSpec,
+        input: [usize; 3],
+        test_len: usize,
+    ) -> Result<Evaluator, ModelError> {
         let batch = EVAL_BATCH.min(test_len).max(1);
         let network = |batch| {
             let options = BuildOptions {
@@ -49,7 +55,7 @@ impl Evaluator {
                 shortcut: None,
                 mode: Mode::Eval,
             };
-            build(spec, &options).map_err(|e| e.to_string())
+            build(spec, &options)
         };
         let rest = test_len % batch;
         Ok(Evaluator {
@@ -70,7 +76,7 @@ impl Evaluator {
         train: &Dataset,
         pipeline: &Pipeline,
         batches: usize,
-    ) -> Result<TrainState<f32>, String> {
+    ) -> Result<TrainState<f32>, TrainError> {
         let batch = EVAL_BATCH.min(train.len());
         let batches = batches.min(train.len() / batch);
         let options = BuildOptions {
@@ -79,7 +85,7 @@ impl Evaluator {
             shortcut: None,
             mode: Mode::Train,
         };
-        let net = build(&self.spec, &options).map_err(|e| e.to_string())?;
+        let net = build(&self.spec, &options)?;
         let stats: Vec<PortRef> = net
             .bn_layers
             .iter()
@@ -95,11 +101,11 @@ impl Evaluator {
             let (images, labels) = pipeline.batch(train, &indices, None);
             feeds.insert(Role::Images, Value::Float(images));
             feeds.insert(Role::Labels, Value::Int(labels));
-            let out = evaluate(&net.graph, &feeds, &stats).map_err(|e| e.to_string())?;
+            let out = evaluate(&net.graph, &feeds, &stats)?;
             for (sum, &port) in sums.iter_mut().zip(&stats) {
                 let value = out
                     .kept(port)
-                    .ok_or("a batch statistic was not kept")?
+                    .ok_or(TrainError::Evaluation("kept no batch statistic"))?
                     .float();
                 sum.iter_mut()
                     .zip(&value.data)
@@ -155,10 +161,10 @@ impl Evaluator {
         state: &TrainState<f32>,
         set: &Dataset,
         pipeline: &Pipeline,
-    ) -> Result<Score, String> {
+    ) -> Result<Score, TrainError> {
         let batch = self.full.batch;
         if let Some(session) = &mut self.device {
-            return score_on(session, batch, (state, set, pipeline)).map_err(|e| e.to_string());
+            return Ok(score_on(session, batch, (state, set, pipeline))?);
         }
         let mut feeds = state.state_feeds();
         let mut tally = Tally::default();
@@ -172,10 +178,10 @@ impl Evaluator {
             let indices: Vec<usize> = (start..start + net.batch).collect();
             let (images, labels) = pipeline.batch(set, &indices, None);
             feeds.insert(Role::Images, Value::Float(images));
-            let out = evaluate(&net.graph, &feeds, &[]).map_err(|e| e.to_string())?;
+            let out = evaluate(&net.graph, &feeds, &[])?;
             let logits = out
                 .output(&Output::Logits)
-                .ok_or("the evaluation network has no logits")?
+                .ok_or(TrainError::Evaluation("network has no logits"))?
                 .float();
             tally.add(logits, &labels.data);
             start += net.batch;

@@ -3,7 +3,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -57,18 +57,41 @@ impl Metrics {
     }
 }
 
+/// A metrics file that cannot be read: the file, and the line where one is to blame.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("{}: {error}", path.display())]
+    Io {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("{}:{line}: {error}", path.display())]
+    Line {
+        path: PathBuf,
+        line: usize,
+        error: serde_json::Error,
+    },
+}
+
 /// The records of a metrics file, in order, epochs and steps counted from 1; an unreadable
 /// line is an error naming the file and line.
-pub fn read(path: &Path) -> Result<Vec<Record>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+pub fn read(path: &Path) -> Result<Vec<Record>, MetricsError> {
+    let text = std::fs::read_to_string(path).map_err(|error| MetricsError::Io {
+        path: path.to_path_buf(),
+        error,
+    })?;
     let mut records: Vec<Record> = text
         .lines()
         .enumerate()
         .filter(|(_, line)| !line.trim().is_empty())
         .map(|(i, line)| {
-            serde_json::from_str(line).map_err(|e| format!("{}:{}: {e}", path.display(), i + 1))
+            serde_json::from_str(line).map_err(|error| MetricsError::Line {
+                path: path.to_path_buf(),
+                line: i + 1,
+                error,
+            })
         })
-        .collect::<Result<_, String>>()?;
+        .collect::<Result<_, _>>()?;
     // an earlier file counted epochs, and steps within steps records, from 0
     let counted_from_zero = records.iter().any(|r| match r {
         Record::Step { epoch, .. } | Record::Epoch { epoch, .. } => *epoch == 0,

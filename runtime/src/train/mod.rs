@@ -8,9 +8,10 @@
 //! * [`evaluate`]: test loss and top-1 accuracy with the batch-norm running statistics;
 //! * [`checkpoint`]: training state and position in safetensors, written atomically;
 //! * [`metrics`]: JSON lines per step and per epoch;
-//! * [`trainer`]: the loop.
+//! * [`trainer`]: the loop; [`error`]: what stops it.
 
 pub mod checkpoint;
+pub mod error;
 pub mod evaluate;
 pub mod experiment;
 pub mod metrics;

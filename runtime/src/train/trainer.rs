@@ -21,6 +21,7 @@ use fisherc_ir::tensor::Value;
 use fisherc_ir::{StepOptions, TrainingStep, build_training_step};
 
 use super::checkpoint::{self, Checkpoint};
+use super::error::TrainError;
 use super::evaluate::{Evaluator, Score};
 use super::experiment::{DataSet, Experiment};
 use super::metrics::{Metrics, Record};
@@ -81,7 +82,7 @@ pub struct Outcome {
 }
 
 /// Loads the experiment's training and test sets.
-pub fn load_data(data: &super::experiment::DataConfig) -> Result<(Dataset, Dataset), String> {
+pub fn load_data(data: &super::experiment::DataConfig) -> Result<(Dataset, Dataset), TrainError> {
     let dir = |default: &str| data.dir.clone().unwrap_or_else(|| PathBuf::from(default));
     let (mut train, mut test) = match data.set {
         DataSet::FashionMnist | DataSet::Mnist => {
@@ -90,10 +91,8 @@ pub fn load_data(data: &super::experiment::DataConfig) -> Result<(Dataset, Datas
                 _ => ("data/mnist", "mnist"),
             };
             let dir = dir(default);
-            let train = idx::load_pair(&dir, "train", 10, &format!("{name} train"))
-                .map_err(|e| e.to_string())?;
-            let test = idx::load_pair(&dir, "t10k", 10, &format!("{name} test"))
-                .map_err(|e| e.to_string())?;
+            let train = idx::load_pair(&dir, "train", 10, &format!("{name} train"))?;
+            let test = idx::load_pair(&dir, "t10k", 10, &format!("{name} test"))?;
             (train, test)
         }
         DataSet::Cifar10 | DataSet::Cifar100 => {
@@ -102,14 +101,13 @@ pub fn load_data(data: &super::experiment::DataConfig) -> Result<(Dataset, Datas
                 _ => (cifar::Cifar::Hundred, "data/cifar-100-binary"),
             };
             let dir = dir(default);
-            let train = cifar::load(&dir, which, true).map_err(|e| e.to_string())?;
             (
-                train,
-                cifar::load(&dir, which, false).map_err(|e| e.to_string())?,
+                cifar::load(&dir, which, true)?,
+                cifar::load(&dir, which, false)?,
             )
         }
         DataSet::Synthetic => {
-            let s = data.synthetic.as_ref().ok_or("data.synthetic missing")?;
+            let s = data.synthetic.as_ref().ok_or(TrainError::NoSyntheticSet)?;
             let train = synthetic::make(s.train, s.shape, s.classes, s.noise, 1);
             // the same class templates (seed), other draws (an offset past the training images)
             let test = synthetic::make_from(s.train, s.test, s.shape, s.classes, s.noise, 1);
@@ -131,18 +129,18 @@ fn phase_step(
     input: Option<[usize; 3]>,
     phase: &Phase,
     decay_bn: bool,
-) -> Result<TrainingStep, String> {
+) -> Result<TrainingStep, TrainError> {
     let options = BuildOptions {
         input,
         ..BuildOptions::train(phase.batch)
     };
-    let network = build(spec, &options).map_err(|e| e.to_string())?;
+    let network = build(spec, &options)?;
     let step_options = StepOptions {
         noise: phase.noise,
         fisher: phase.fisher,
         decay_bn,
     };
-    build_training_step(network, &step_options).map_err(|e| e.to_string())
+    Ok(build_training_step(network, &step_options)?)
 }
 
 /// The evaluation program of `evaluator`'s network, compiled as the training step is and
@@ -152,12 +150,11 @@ fn evaluation_on_device(
     (path, text): (&Path, &str),
     options: CompileOptions,
     open: &OpenBackend,
-) -> Result<Session<Box<dyn Backend>>, String> {
+) -> Result<Session<Box<dyn Backend>>, TrainError> {
     let (compiled, artifact) =
-        compile_evaluation(evaluator.network(), (path, text.to_string()), options)
-            .map_err(|e| e.to_string())?;
-    let backend = open(&artifact, &compiled).map_err(|e| e.to_string())?;
-    Session::new(&artifact, backend).map_err(|e| e.to_string())
+        compile_evaluation(evaluator.network(), (path, text.to_string()), options)?;
+    let backend = open(&artifact, &compiled)?;
+    Ok(Session::new(&artifact, backend)?)
 }
 
 /// The test score of `state`: on the device where the evaluator has one (a failure there is
@@ -167,7 +164,7 @@ fn test_score(
     state: &TrainState<f32>,
     (set, pipeline): (&Dataset, &Pipeline),
     report: &mut dyn FnMut(Event),
-) -> Result<Score, String> {
+) -> Result<Score, TrainError> {
     if evaluator.on_device() {
         match evaluator.score(state, set, pipeline) {
             Ok(score) => return Ok(score),
@@ -182,130 +179,236 @@ fn test_score(
     evaluator.score(state, set, pipeline)
 }
 
-/// Runs (or resumes) `experiment` in `options.run_dir`.
+/// Runs (or resumes) `experiment` in `options.run_dir`: phase after phase of its regime, each
+/// compiled and opened on a backend, until the last epoch or `options.until_epoch`.
 pub fn train(
     experiment: &Experiment,
     options: &TrainOptions,
     open: &OpenBackend,
     report: &mut dyn FnMut(Event),
-) -> Result<Outcome, String> {
-    let t = &experiment.train;
-    let dir = &options.run_dir;
-    let (train_set, test_set) = load_data(&experiment.data)?;
-    let model_text = std::fs::read_to_string(&experiment.model)
-        .map_err(|e| format!("{}: {e}", experiment.model.display()))?;
-    let mut spec = ModelSpec::parse(&model_text, &experiment.model).map_err(|e| e.to_string())?;
-    if spec.classes != train_set.classes {
-        // the classifier's width follows the data: VGG16 is written for CIFAR-10 and trains
-        // on CIFAR-100 as well
-        report(Event::Note(format!(
-            "{} has {} classes: {} is built with a {}-way classifier (its file says {})",
-            train_set.name, train_set.classes, spec.name, train_set.classes, spec.classes
-        )));
-        spec.classes = train_set.classes;
-    }
-    let phases = phases(t);
-    let first = phase_step(&spec, experiment.input, &phases[0], t.decay_bn)?;
-    let input = first.network.input;
-    let pipeline = Pipeline::new(&train_set, input)?;
-    let mut evaluator = Evaluator::new(&spec, input, test_set.len())?;
-    let (mut state, mut epoch, mut step) = start(experiment, options, &first)?;
-    let mut metrics = Metrics::open(&dir.join(METRICS_FILE))
-        .map_err(|e| format!("{}: {e}", dir.join(METRICS_FILE).display()))?;
-    let stop = options.until_epoch.unwrap_or(t.epochs).min(t.epochs);
-    let mut scores = Vec::new();
+) -> Result<Outcome, TrainError> {
+    let phases = phases(&experiment.train);
+    let mut run = Run::start(experiment, options, &phases[0], report)?;
     for phase in &phases {
-        if phase.epochs.end <= epoch || phase.epochs.start >= stop {
+        if phase.epochs.end <= run.epoch || phase.epochs.start >= run.stop {
             continue; // done before a resume, or after the stop
         }
-        let training = phase_step(&spec, experiment.input, phase, t.decay_bn)?;
+        run.run_phase(phase, open, report)?;
+        if run.epoch >= run.stop {
+            break;
+        }
+    }
+    Ok(Outcome {
+        state: run.state,
+        scores: run.scores,
+        steps: run.step,
+    })
+}
+
+/// A run in progress: what it trains on and with, where it writes, and where it stands.
+struct Run<'a> {
+    experiment: &'a Experiment,
+    dir: &'a Path,
+    model_text: String,
+    /// The model, its classifier as wide as the data's classes.
+    spec: ModelSpec,
+    train_set: Dataset,
+    test_set: Dataset,
+    pipeline: Pipeline,
+    evaluator: Evaluator,
+    metrics: Metrics,
+    state: TrainState<f32>,
+    /// Epochs done.
+    epoch: usize,
+    /// Steps done.
+    step: u64,
+    scores: Vec<(usize, Score)>,
+    /// The epoch count the run stops at.
+    stop: usize,
+}
+
+/// One epoch's training: the mean loss over its steps, and how long it took.
+struct EpochTrained {
+    train_loss: f64,
+    steps: usize,
+    seconds: f64,
+}
+
+impl<'a> Run<'a> {
+    /// Data, model and state (fresh, or resumed from the checkpoint), with `first` the
+    /// regime's first phase.
+    fn start(
+        experiment: &'a Experiment,
+        options: &'a TrainOptions,
+        first: &Phase,
+        report: &mut dyn FnMut(Event),
+    ) -> Result<Run<'a>, TrainError> {
+        let t = &experiment.train;
+        let dir = options.run_dir.as_path();
+        let (train_set, test_set) = load_data(&experiment.data)?;
+        let model_text = std::fs::read_to_string(&experiment.model)
+            .map_err(TrainError::io(&experiment.model))?;
+        let mut spec = ModelSpec::parse(&model_text, &experiment.model)?;
+        if spec.classes != train_set.classes {
+            // the classifier's width follows the data: VGG16 is written for CIFAR-10 and
+            // trains on CIFAR-100 as well
+            report(Event::Note(format!(
+                "{} has {} classes: {} is built with a {}-way classifier (its file says {})",
+                train_set.name, train_set.classes, spec.name, train_set.classes, spec.classes
+            )));
+            spec.classes = train_set.classes;
+        }
+        let first = phase_step(&spec, experiment.input, first, t.decay_bn)?;
+        let input = first.network.input;
+        let pipeline = Pipeline::new(&train_set, input)?;
+        let evaluator = Evaluator::new(&spec, input, test_set.len())?;
+        let (state, epoch, step) = start(experiment, options, &first)?;
+        let metrics_path = dir.join(METRICS_FILE);
+        let metrics = Metrics::open(&metrics_path).map_err(TrainError::io(metrics_path))?;
+        Ok(Run {
+            experiment,
+            dir,
+            model_text,
+            spec,
+            train_set,
+            test_set,
+            pipeline,
+            evaluator,
+            metrics,
+            state,
+            epoch,
+            step,
+            scores: Vec::new(),
+            stop: options.until_epoch.unwrap_or(t.epochs).min(t.epochs),
+        })
+    }
+
+    /// The epochs of `phase` this run has still to do.
+    fn run_phase(
+        &mut self,
+        phase: &Phase,
+        open: &OpenBackend,
+        report: &mut dyn FnMut(Event),
+    ) -> Result<(), TrainError> {
+        let (mut session, training) = self.open_phase(phase, open, report)?;
+        while self.epoch < phase.epochs.end.min(self.stop) {
+            let trained = self.run_epoch(&mut session, phase, report)?;
+            self.end_epoch(&mut session, &training, phase, trained, report)?;
+        }
+        Ok(())
+    }
+
+    /// `phase`'s step compiled and opened on a backend, holding the run's state; the test
+    /// set's evaluation program on the same device where the step leaves the host free.
+    fn open_phase(
+        &mut self,
+        phase: &Phase,
+        open: &OpenBackend,
+        report: &mut dyn FnMut(Event),
+    ) -> Result<(Session<Box<dyn Backend>>, TrainingStep), TrainError> {
+        let experiment = self.experiment;
+        let training = phase_step(
+            &self.spec,
+            experiment.input,
+            phase,
+            experiment.train.decay_bn,
+        )?;
         let options = experiment.compile.options();
-        let (compiled, artifact) =
-            compile_step(&training, (&experiment.model, model_text.clone()), options)
-                .map_err(|e| e.to_string())?;
-        let mut session = Session::new(
-            &artifact,
-            open(&artifact, &compiled).map_err(|e| e.to_string())?,
-        )
-        .map_err(|e| e.to_string())?;
-        session
-            .feed(&state.state_feeds())
-            .map_err(|e| e.to_string())?;
-        if session.backend.frees_the_host() && !evaluator.on_device() {
-            let model = (experiment.model.as_path(), model_text.as_str());
-            match evaluation_on_device(&evaluator, model, options, open) {
-                Ok(device) => evaluator.use_device(device),
+        let model = (experiment.model.as_path(), self.model_text.clone());
+        let (compiled, artifact) = compile_step(&training, model, options)?;
+        let mut session = Session::new(&artifact, open(&artifact, &compiled)?)?;
+        session.feed(&self.state.state_feeds())?;
+        if session.backend.frees_the_host() && !self.evaluator.on_device() {
+            let model = (experiment.model.as_path(), self.model_text.as_str());
+            match evaluation_on_device(&self.evaluator, model, options, open) {
+                Ok(device) => self.evaluator.use_device(device),
                 Err(e) => report(Event::Note(format!(
                     "the test set is scored on the CPU: the evaluation program failed on the device: {e}"
                 ))),
             }
         }
-        let layout = pipeline::epoch(train_set.len(), phase.batch, t.seed, 0, false);
+        let images = self.train_set.len();
+        let layout = pipeline::epoch(images, phase.batch, experiment.train.seed, 0, false);
         report(Event::PhaseStart {
             phase: phase.clone(),
-            first_epoch: epoch.max(phase.epochs.start),
+            first_epoch: self.epoch.max(phase.epochs.start),
             backend: session.backend.describe(),
             steps_per_epoch: layout.batches.len(),
         });
         if layout.dropped > 0 {
             report(Event::Note(format!(
-                "batch {}: the last {} of {} training images do not fill a batch and are left out each epoch",
-                phase.batch,
-                layout.dropped,
-                train_set.len()
+                "batch {}: the last {} of {images} training images do not fill a batch and are left out each epoch",
+                phase.batch, layout.dropped,
             )));
         }
         if layout.batches.is_empty() {
-            return Err(format!(
-                "batch {} is larger than the {} training images",
-                phase.batch,
-                train_set.len()
-            ));
+            return Err(TrainError::BatchTooLarge {
+                batch: phase.batch,
+                images,
+            });
         }
-        while epoch < phase.epochs.end.min(stop) {
-            let started = Instant::now();
-            let order = pipeline::epoch(
-                train_set.len(),
-                phase.batch,
-                t.seed,
-                epoch as u64,
-                experiment.data.shuffle,
-            );
-            let steps_per_epoch = order.batches.len();
-            let mut loss_sum = 0.0f64;
-            let augment = Some((experiment.data.augment, t.seed, epoch as u64));
-            let batches = (&train_set, order.batches.as_slice());
-            let ahead = session.backend.frees_the_host();
-            pipeline.for_each_batch(batches, augment, ahead, |index, (x, y)| {
-                let progress = epoch as f64 + (index + 1) as f64 / steps_per_epoch as f64;
+        Ok((session, training))
+    }
+
+    /// Every step of the next epoch: a batch and the schedules' hyper-parameters fed, the
+    /// step run, its loss checked and recorded.
+    fn run_epoch(
+        &mut self,
+        session: &mut Session<Box<dyn Backend>>,
+        phase: &Phase,
+        report: &mut dyn FnMut(Event),
+    ) -> Result<EpochTrained, TrainError> {
+        let (t, epoch) = (&self.experiment.train, self.epoch);
+        let data = &self.experiment.data;
+        let started = Instant::now();
+        let order = pipeline::epoch(
+            self.train_set.len(),
+            phase.batch,
+            t.seed,
+            epoch as u64,
+            data.shuffle,
+        );
+        let steps = order.batches.len();
+        let mut loss_sum = 0.0f64;
+        let augment = Some((data.augment, t.seed, epoch as u64));
+        let batches = (&self.train_set, order.batches.as_slice());
+        let ahead = session.backend.frees_the_host();
+        let (metrics, step, dir) = (&mut self.metrics, &mut self.step, self.dir);
+        self.pipeline
+            .for_each_batch(batches, augment, ahead, |index, (x, y)| {
+                let progress = epoch as f64 + (index + 1) as f64 / steps as f64;
                 let hyper = Hyperparams {
                     learning_rate: phase.lr * lr_factor(t, progress),
                     momentum: t.momentum,
                     weight_decay: t.weight_decay,
                     noise_scale: phase.noise_scale,
                     seed: t.seed,
-                    step,
+                    step: *step,
                 };
                 let mut feeds = hyper.feeds();
                 feeds.insert(Role::Images, Value::Float(x));
                 feeds.insert(Role::Labels, Value::Int(y));
-                session.feed(&feeds).map_err(|e| e.to_string())?;
-                let seconds = session
-                    .step()
-                    .map_err(|e| format!("epoch {}, step {}: {e}", epoch + 1, index + 1))?;
-                let loss = session.loss().map_err(|e| e.to_string())?;
+                session.feed(&feeds)?;
+                let seconds = session.step().map_err(|error| TrainError::Step {
+                    epoch: epoch + 1,
+                    step: index + 1,
+                    error,
+                })?;
+                let loss = session.loss()?;
                 if !loss.is_finite() {
-                    return Err(format!(
-                        "epoch {}, step {} (step {step} of the run): the loss is {loss}; stopped. The last good checkpoint (after epoch {epoch}) is kept in {}",
-                        epoch + 1,
-                        index + 1,
-                        dir.join(CHECKPOINT_FILE).display()
-                    ));
+                    return Err(TrainError::NonFiniteLoss {
+                        epoch: epoch + 1,
+                        step: index + 1,
+                        run_step: *step,
+                        loss,
+                        last_epoch: epoch,
+                        checkpoint: dir.join(CHECKPOINT_FILE),
+                    });
                 }
                 loss_sum += loss as f64;
                 let record = Record::Step {
                     epoch: epoch + 1,
-                    step: step + 1,
+                    step: *step + 1,
                     batch: phase.batch,
                     loss,
                     lr: hyper.learning_rate,
@@ -314,64 +417,80 @@ pub fn train(
                 };
                 metrics
                     .write(&record)
-                    .map_err(|e| format!("{}: {e}", dir.join(METRICS_FILE).display()))?;
+                    .map_err(TrainError::io(dir.join(METRICS_FILE)))?;
                 report(Event::Step {
                     epoch,
                     index,
                     loss,
                     seconds,
                 });
-                step += 1;
-                Ok::<(), String>(())
+                *step += 1;
+                Ok(())
             })?;
-            let seconds = started.elapsed().as_secs_f64();
-            state = session.state().map_err(|e| e.to_string())?;
-            let scored = match experiment.eval.bn_batches {
-                0 => Cow::Borrowed(&state),
-                n => Cow::Owned(evaluator.recalibrated(&state, &train_set, &pipeline, n)?),
-            };
-            let score = test_score(&mut evaluator, &scored, (&test_set, &pipeline), report)?;
-            let train_loss = loss_sum / steps_per_epoch as f64;
-            let images_per_second = (steps_per_epoch * phase.batch) as f64 / seconds;
-            let record = Record::Epoch {
-                epoch: epoch + 1,
-                step,
-                train_loss,
-                test_loss: score.loss,
-                test_accuracy: score.accuracy,
-                seconds,
-                images_per_second,
-            };
-            metrics
-                .write(&record)
-                .map_err(|e| format!("{}: {e}", dir.join(METRICS_FILE).display()))?;
-            epoch += 1;
-            let checkpoint = Checkpoint {
-                state: state.clone(),
-                epoch,
-                step,
-                experiment: experiment.to_toml(),
-            };
-            checkpoint::write(&dir.join(CHECKPOINT_FILE), &training.network, &checkpoint)
-                .map_err(|e| e.to_string())?;
-            scores.push((epoch - 1, score));
-            report(Event::EpochEnd {
-                epoch: epoch - 1,
-                train_loss,
-                score,
-                seconds,
-                images_per_second,
-            });
-        }
-        if epoch >= stop {
-            break;
-        }
+        Ok(EpochTrained {
+            train_loss: loss_sum / steps as f64,
+            steps,
+            seconds: started.elapsed().as_secs_f64(),
+        })
     }
-    Ok(Outcome {
-        state,
-        scores,
-        steps: step,
-    })
+
+    /// The epoch's end: the state read back and scored on the test set, the epoch's record
+    /// and the checkpoint written.
+    fn end_epoch(
+        &mut self,
+        session: &mut Session<Box<dyn Backend>>,
+        training: &TrainingStep,
+        phase: &Phase,
+        trained: EpochTrained,
+        report: &mut dyn FnMut(Event),
+    ) -> Result<(), TrainError> {
+        self.state = session.state()?;
+        let scored = match self.experiment.eval.bn_batches {
+            0 => Cow::Borrowed(&self.state),
+            n => Cow::Owned(self.evaluator.recalibrated(
+                &self.state,
+                &self.train_set,
+                &self.pipeline,
+                n,
+            )?),
+        };
+        let test = (&self.test_set, &self.pipeline);
+        let score = test_score(&mut self.evaluator, &scored, test, report)?;
+        let images_per_second = (trained.steps * phase.batch) as f64 / trained.seconds;
+        let record = Record::Epoch {
+            epoch: self.epoch + 1,
+            step: self.step,
+            train_loss: trained.train_loss,
+            test_loss: score.loss,
+            test_accuracy: score.accuracy,
+            seconds: trained.seconds,
+            images_per_second,
+        };
+        self.metrics
+            .write(&record)
+            .map_err(TrainError::io(self.dir.join(METRICS_FILE)))?;
+        self.epoch += 1;
+        let checkpoint = Checkpoint {
+            state: self.state.clone(),
+            epoch: self.epoch,
+            step: self.step,
+            experiment: self.experiment.to_toml(),
+        };
+        checkpoint::write(
+            &self.dir.join(CHECKPOINT_FILE),
+            &training.network,
+            &checkpoint,
+        )?;
+        self.scores.push((self.epoch - 1, score));
+        report(Event::EpochEnd {
+            epoch: self.epoch - 1,
+            train_loss: trained.train_loss,
+            score,
+            seconds: trained.seconds,
+            images_per_second,
+        });
+        Ok(())
+    }
 }
 
 /// The state, epoch and step a run starts from: fresh (the run directory must not hold
@@ -380,19 +499,17 @@ fn start(
     experiment: &Experiment,
     options: &TrainOptions,
     first: &TrainingStep,
-) -> Result<(TrainState<f32>, usize, u64), String> {
+) -> Result<(TrainState<f32>, usize, u64), TrainError> {
     let dir = &options.run_dir;
     let checkpoint_path = dir.join(CHECKPOINT_FILE);
     let toml = experiment.to_toml();
     if options.resume {
-        let checkpoint =
-            checkpoint::read(&checkpoint_path, &first.network).map_err(|e| e.to_string())?;
+        let checkpoint = checkpoint::read(&checkpoint_path, &first.network)?;
         if checkpoint.experiment != toml {
-            return Err(format!(
-                "{}: written by another experiment; resuming needs the same one (see {})",
-                checkpoint_path.display(),
-                dir.join(EXPERIMENT_FILE).display()
-            ));
+            return Err(TrainError::OtherExperiment {
+                checkpoint: checkpoint_path,
+                experiment: dir.join(EXPERIMENT_FILE),
+            });
         }
         return Ok((checkpoint.state, checkpoint.epoch, checkpoint.step));
     }
@@ -400,23 +517,17 @@ fn start(
         .iter()
         .map(|f| dir.join(f))
         .find(|p| p.exists());
-    if let Some(existing) = existing {
-        return Err(format!(
-            "{} already exists: resume that run with --resume, or choose another run directory",
-            existing.display()
-        ));
+    if let Some(path) = existing {
+        return Err(TrainError::RunExists { path });
     }
-    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    write_new(&dir.join(EXPERIMENT_FILE), &toml)?;
+    std::fs::create_dir_all(dir).map_err(TrainError::io(dir))?;
+    let experiment_path = dir.join(EXPERIMENT_FILE);
+    std::fs::write(&experiment_path, &toml).map_err(TrainError::io(experiment_path))?;
     Ok((
         TrainState::init(&first.network, experiment.train.seed),
         0,
         0,
     ))
-}
-
-fn write_new(path: &Path, text: &str) -> Result<(), String> {
-    std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// Whether a regime phase adds noise (for reports).
