@@ -15,6 +15,9 @@
 //!   weights). Aligned, what remains is the backward pass's and the update's arithmetic.
 //!
 //! Errors are relative: the largest absolute difference over the largest reference magnitude.
+//! [`report`] runs the whole check and holds its verdict.
+
+pub mod report;
 
 use fisherc_codegen::compile::Compiled;
 use fisherc_codegen::device::value_of;
