@@ -136,59 +136,147 @@ pub fn schedule(graph: &Graph) -> Vec<NodeIndex> {
     first
 }
 
-/// Lowers every node and plans memory.
+/// Lowers every node and plans memory, in named passes: [`lower_nodes`] (kernels per node),
+/// [`Buffers::assign`] (a buffer per value, shared by views and in-place updates, then each
+/// node's scratch), [`liveness`] (each transient buffer's span in the schedule),
+/// `Planner::place` (the arena's offsets) and [`launches`] (arguments bound to buffers, kernels
+/// deduplicated by name).
 pub fn plan(graph: &Graph, lowering: LowerOptions) -> Result<Program, PlanError> {
     let order = schedule(graph);
-    let position: HashMap<NodeIndex, usize> =
-        order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
-    let outputs: HashMap<PortRef, Output> = graph
+    let lowered = lower_nodes(graph, &order, lowering)?;
+    let mut buffers = Buffers::assign(graph, &lowered);
+    let live = liveness(graph, &order, &buffers);
+    let (persistent_bytes, arena_bytes) = buffers.planner.place(&live);
+    let (kernels, nodes, launches) = launches(graph, lowered, &buffers);
+    let inputs = buffers
+        .planner
+        .buffers
+        .iter()
+        .enumerate()
+        .filter_map(|(i, b)| match &b.kind {
+            Kind::Input(role) => Some((role.clone(), i)),
+            _ => None,
+        })
+        .collect();
+    let outputs = graph
         .outputs()
         .iter()
-        .map(|(o, p)| (*p, o.clone()))
+        .map(|(name, value)| (name.clone(), buffers.of_value[value]))
         .collect();
-    let mut planner = Planner::default();
-    let mut value_buffer: HashMap<PortRef, usize> = HashMap::new();
-    let mut lowered: Vec<(NodeIndex, Lowered)> = Vec::with_capacity(order.len());
+    Ok(Program {
+        kernels,
+        nodes,
+        launches,
+        buffers: buffers.planner.buffers,
+        persistent_bytes,
+        arena_bytes,
+        inputs,
+        outputs,
+    })
+}
 
-    for &n in &order {
-        let node = graph.node(n);
-        let inputs = graph.inputs(n);
-        let input_types: Vec<&TensorType> = inputs.iter().map(|&p| graph.ty(p)).collect();
-        let error = |message: String| PlanError {
-            layer: node.layer.clone(),
-            op: node.op.name().to_string(),
-            message,
-        };
-        let low = lower(&node.op, &input_types, &node.outputs, lowering)
-            .map_err(|e| error(e.to_string()))?;
-        let op_name = node.op.name();
-        for (port, ty) in node.outputs.iter().enumerate() {
-            let value = PortRef::new(n, port);
-            let shared = match &low {
-                Lowered::Alias => Some(value_buffer[&inputs[0]]),
-                // the new state in place of the old
-                _ => node.op.in_place(port).map(|i| value_buffer[&inputs[i]]),
-            };
-            let id = match shared {
-                Some(id) => id,
-                None => {
-                    let kind = match (&low, &node.op, outputs.get(&value)) {
+/// Every node of `order` lowered, in that order.
+fn lower_nodes(
+    graph: &Graph,
+    order: &[NodeIndex],
+    lowering: LowerOptions,
+) -> Result<Vec<(NodeIndex, Lowered)>, PlanError> {
+    order
+        .iter()
+        .map(|&n| {
+            let node = graph.node(n);
+            let inputs = graph.inputs(n);
+            let input_types: Vec<&TensorType> = inputs.iter().map(|&p| graph.ty(p)).collect();
+            let low =
+                lower(&node.op, &input_types, &node.outputs, lowering).map_err(|e| PlanError {
+                    layer: node.layer.clone(),
+                    op: node.op.name().to_string(),
+                    message: e.to_string(),
+                })?;
+            Ok((n, low))
+        })
+        .collect()
+}
+
+/// Which buffer holds each value and each node's scratch.
+struct Buffers {
+    planner: Planner,
+    of_value: HashMap<PortRef, usize>,
+    /// Per node, in schedule order: its scratch buffers.
+    scratch: Vec<Vec<usize>>,
+}
+
+impl Buffers {
+    /// A buffer for every value, in schedule order (a view's and an in-place update's shared
+    /// with the input they reuse), then every node's scratch buffers.
+    fn assign(graph: &Graph, lowered: &[(NodeIndex, Lowered)]) -> Buffers {
+        let outputs: HashMap<PortRef, Output> = graph
+            .outputs()
+            .iter()
+            .map(|(o, p)| (*p, o.clone()))
+            .collect();
+        let mut planner = Planner::default();
+        let mut of_value: HashMap<PortRef, usize> = HashMap::new();
+        for (n, low) in lowered {
+            let node = graph.node(*n);
+            let inputs = graph.inputs(*n);
+            for (port, ty) in node.outputs.iter().enumerate() {
+                let value = PortRef::new(*n, port);
+                let shared = match low {
+                    Lowered::Alias => Some(of_value[&inputs[0]]),
+                    // the new state in place of the old
+                    _ => node.op.in_place(port).map(|i| of_value[&inputs[i]]),
+                };
+                let id = shared.unwrap_or_else(|| {
+                    let kind = match (low, &node.op, outputs.get(&value)) {
                         (Lowered::Input, Op::Input(input), _) => Kind::Input(input.role.clone()),
                         (Lowered::Constant(v), _, _) => Kind::Constant(*v),
                         (_, _, Some(name)) => Kind::Output(name.clone()),
                         _ => Kind::Transient,
                     };
-                    planner.buffer(format!("{}/{op_name}:{port}", node.layer), ty, kind)
-                }
-            };
-            value_buffer.insert(value, id);
+                    let name = format!("{}/{}:{port}", node.layer, node.op.name());
+                    planner.buffer(name, ty, kind)
+                });
+                of_value.insert(value, id);
+            }
         }
-        lowered.push((n, low));
+        let scratch = lowered
+            .iter()
+            .map(|(n, low)| {
+                let Lowered::Kernels { scratch, .. } = low else {
+                    return Vec::new();
+                };
+                let node = graph.node(*n);
+                scratch
+                    .iter()
+                    .enumerate()
+                    .map(|(j, &bytes)| {
+                        let ty = TensorType::f32(&[(bytes / 4) as usize]);
+                        let name = format!("{}/{}:scratch{j}", node.layer, node.op.name());
+                        planner.buffer(name, &ty, Kind::Transient)
+                    })
+                    .collect()
+            })
+            .collect();
+        Buffers {
+            planner,
+            of_value,
+            scratch,
+        }
     }
+}
 
-    // liveness of transient buffers, in schedule positions
+/// Each buffer's span in schedule positions, from its first write to its last read: a value's
+/// from its node to its last consumer, a scratch buffer's its node alone.
+fn liveness(
+    graph: &Graph,
+    order: &[NodeIndex],
+    buffers: &Buffers,
+) -> HashMap<usize, (usize, usize)> {
+    let position: HashMap<NodeIndex, usize> =
+        order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
     let mut live: HashMap<usize, (usize, usize)> = HashMap::new();
-    for (&value, &id) in &value_buffer {
+    for (&value, &id) in &buffers.of_value {
         let def = position[&value.node];
         let span = live.entry(id).or_insert((def, def));
         span.0 = span.0.min(def);
@@ -196,7 +284,22 @@ pub fn plan(graph: &Graph, lowering: LowerOptions) -> Result<Program, PlanError>
             span.1 = span.1.max(position[&consumer]);
         }
     }
+    for (step, scratch) in buffers.scratch.iter().enumerate() {
+        for &id in scratch {
+            live.insert(id, (step, step));
+        }
+    }
+    live
+}
 
+/// Every node's launches with their arguments bound to buffers, and the distinct kernels (by
+/// name, in order of first use).
+fn launches(
+    graph: &Graph,
+    lowered: Vec<(NodeIndex, Lowered)>,
+    buffers: &Buffers,
+) -> (Vec<Kernel>, Vec<PlannedNode>, Vec<PlannedLaunch>) {
+    let of_value = &buffers.of_value;
     let mut kernels: Vec<Kernel> = Vec::new();
     let mut kernel_index: HashMap<String, usize> = HashMap::new();
     let mut launches = Vec::new();
@@ -204,49 +307,29 @@ pub fn plan(graph: &Graph, lowering: LowerOptions) -> Result<Program, PlanError>
     for (step, (n, low)) in lowered.into_iter().enumerate() {
         let node = graph.node(n);
         let inputs = graph.inputs(n);
+        let node_launches = match low {
+            Lowered::Kernels { launches, .. } => launches,
+            _ => Vec::new(),
+        };
         nodes.push(PlannedNode {
             graph_node: n.index(),
             layer: node.layer.clone(),
             op: node.op.name().to_string(),
-            inputs: inputs.iter().map(|p| value_buffer[p]).collect(),
+            inputs: inputs.iter().map(|p| of_value[p]).collect(),
             outputs: (0..node.outputs.len())
-                .map(|port| value_buffer[&PortRef::new(n, port)])
+                .map(|port| of_value[&PortRef::new(n, port)])
                 .collect(),
             first_launch: launches.len(),
-            launch_count: 0,
+            launch_count: node_launches.len(),
         });
-        let Lowered::Kernels {
-            launches: node_launches,
-            scratch,
-        } = low
-        else {
-            continue;
-        };
-        let scratch_ids: Vec<usize> = scratch
-            .iter()
-            .enumerate()
-            .map(|(j, &bytes)| {
-                let ty = TensorType::f32(&[(bytes / 4) as usize]);
-                let id = planner.buffer(
-                    format!("{}/{}:scratch{j}", node.layer, node.op.name()),
-                    &ty,
-                    Kind::Transient,
-                );
-                live.insert(id, (step, step));
-                id
-            })
-            .collect();
-        nodes[step].launch_count = node_launches.len();
         for launch in node_launches {
             let args = launch
                 .args
                 .iter()
                 .map(|a| match *a {
-                    LaunchArg::Buf(Buf::Input(i)) => Arg::Buffer(value_buffer[&inputs[i]]),
-                    LaunchArg::Buf(Buf::Output(i)) => {
-                        Arg::Buffer(value_buffer[&PortRef::new(n, i)])
-                    }
-                    LaunchArg::Buf(Buf::Scratch(i)) => Arg::Buffer(scratch_ids[i]),
+                    LaunchArg::Buf(Buf::Input(i)) => Arg::Buffer(of_value[&inputs[i]]),
+                    LaunchArg::Buf(Buf::Output(i)) => Arg::Buffer(of_value[&PortRef::new(n, i)]),
+                    LaunchArg::Buf(Buf::Scratch(i)) => Arg::Buffer(buffers.scratch[step][i]),
                     LaunchArg::U32(v) => Arg::U32(v),
                     LaunchArg::F32(v) => Arg::F32(v),
                 })
@@ -267,31 +350,7 @@ pub fn plan(graph: &Graph, lowering: LowerOptions) -> Result<Program, PlanError>
             });
         }
     }
-
-    let (persistent_bytes, arena_bytes) = planner.place(&live);
-    let inputs = planner
-        .buffers
-        .iter()
-        .enumerate()
-        .filter_map(|(i, b)| match &b.kind {
-            Kind::Input(role) => Some((role.clone(), i)),
-            _ => None,
-        })
-        .collect();
-    let outputs = value_buffer
-        .iter()
-        .filter_map(|(value, &id)| outputs.get(value).map(|name| (name.clone(), id)))
-        .collect();
-    Ok(Program {
-        kernels,
-        nodes,
-        launches,
-        buffers: planner.buffers,
-        persistent_bytes,
-        arena_bytes,
-        inputs,
-        outputs,
-    })
+    (kernels, nodes, launches)
 }
 
 #[derive(Default)]
