@@ -1,0 +1,58 @@
+//! Tensor cores: TF32 conversions and the m16n8k8 TF32 `mma`.
+
+use super::*;
+
+impl KernelBuilder {
+    // ---- tensor cores ----
+
+    /// `v` rounded to TF32 (`cvt.rna.tf32.f32`), the form `mma_tf32` takes.
+    pub fn tf32(&mut self, v: F32) -> Tf32 {
+        let dst = self.reg(Ty::B32);
+        self.emit(Inst::CvtTf32 { dst, src: v.0 });
+        Tf32(dst)
+    }
+
+    /// `v` truncated to TF32 (toward zero: the low 13 mantissa bits cleared), one `and`.
+    /// Infinities and the GPU's NaN stay what they are.
+    pub fn tf32_truncated(&mut self, v: F32) -> Tf32 {
+        let bits = self.bits_of(v);
+        let kept = self.ubin(BinOp::And, bits, TF32_MASK);
+        self.tf32_of_bits(kept)
+    }
+
+    fn tf32_of_bits(&mut self, bits: U32) -> Tf32 {
+        Tf32(self.def(Ty::B32, |dst| Inst::Mov {
+            dst,
+            src: bits.into(),
+        }))
+    }
+
+    /// A TF32 value as the f32 it equals (a move of the bits).
+    pub fn tf32_value(&mut self, v: Tf32) -> F32 {
+        F32(self.def(Ty::F32, |dst| Inst::Mov { dst, src: v.into() }))
+    }
+
+    /// One warp-wide `mma.sync` m16n8k8 TF32: D = A·B + C with this lane's fragments (layout
+    /// in `kir::Inst::MmaTf32`). Every lane of the warp must run it.
+    pub fn mma_tf32(&mut self, a: [Tf32; 4], b: [Tf32; 2], c: [F32; 4]) -> [F32; 4] {
+        let d = [0; 4].map(|_| self.reg(Ty::F32));
+        self.emit(Inst::MmaTf32 {
+            d,
+            a: a.map(|r| r.0),
+            b: b.map(|r| r.0),
+            c: c.map(|r| r.0),
+        });
+        d.map(F32)
+    }
+
+    /// [`Self::mma_tf32`] accumulating into `acc` (D and C the same registers).
+    pub fn mma_tf32_into(&mut self, acc: [F32; 4], a: [Tf32; 4], b: [Tf32; 2]) {
+        let acc = acc.map(|r| r.0);
+        self.emit(Inst::MmaTf32 {
+            d: acc,
+            a: a.map(|r| r.0),
+            b: b.map(|r| r.0),
+            c: acc,
+        });
+    }
+}
