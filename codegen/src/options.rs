@@ -1,6 +1,7 @@
 //! How a step is compiled, one type per choice: [`Precision`] (how convolution GEMMs multiply),
-//! [`Arch`] (the PTX target and the cost model's figures for it), and [`CompileOptions`], the
-//! whole set, built once by each front end and recorded in the artifact. The names a choice
+//! [`Arch`] (the PTX target and the cost model's figures for it), [`LowerOptions`] (what the
+//! lowering is told) and [`CompileOptions`], the whole set, built once by each front end and
+//! recorded in the artifact. The names a choice
 //! goes by (option values, words in reports, directory suffixes, bench variants) are here too.
 
 use std::fmt;
@@ -10,8 +11,6 @@ use std::str::FromStr;
 use fisherc_ir::optimize::cost::{Device, H100};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-
-use crate::lower::LowerOptions;
 
 /// Slices in flight in the convolutions' GEMMs by default: double buffering, one being fetched
 /// while one multiplies. A third timed no faster on the H200 (benches/RESULTS.md): the data
@@ -219,6 +218,37 @@ impl FromStr for Arch {
             .into_iter()
             .find(|a| a.name() == s)
             .ok_or_else(|| UnknownArch(s.to_string()))
+    }
+}
+
+/// Choices of the lowering that are not the op's: part of every kernel's name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LowerOptions {
+    /// How convolution GEMMs multiply (`lower/gemm.rs`).
+    pub precision: Precision,
+    /// K slices a convolution GEMM gathered on both sides keeps in flight
+    /// (`lower::gemm::staged_gemm`), where its shared memory allows; at least 2.
+    pub stages: u32,
+}
+
+impl LowerOptions {
+    /// The text a kernel's name hashes with its shapes when these options are not the
+    /// defaults: fixed, so that kernel names do not follow the types' names.
+    pub fn name_key(&self) -> String {
+        format!(
+            "LowerOptions {{ tensor_cores: {}, stages: {} }}",
+            self.precision.key(),
+            self.stages
+        )
+    }
+}
+
+impl Default for LowerOptions {
+    fn default() -> LowerOptions {
+        LowerOptions {
+            precision: Precision::default(),
+            stages: DEFAULT_STAGES,
+        }
     }
 }
 

@@ -21,7 +21,6 @@ use fisherc_ir::ops::{Op, OpClass};
 use fisherc_ir::tensor::TensorType;
 
 use crate::kir::Kernel;
-use crate::options::{DEFAULT_STAGES, Precision};
 
 /// Threads per block of every kernel lowered here.
 pub const BLOCK: u32 = 256;
@@ -75,36 +74,7 @@ impl Lowered {
     }
 }
 
-/// Choices of the lowering that are not the op's: part of every kernel's name.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct LowerOptions {
-    /// How convolution GEMMs multiply (`gemm.rs`).
-    pub precision: Precision,
-    /// K slices a convolution GEMM gathered on both sides keeps in flight
-    /// (`gemm::staged_gemm`), where its shared memory allows; at least 2.
-    pub stages: u32,
-}
-
-impl LowerOptions {
-    /// The text a kernel's name hashes with its shapes when these options are not the
-    /// defaults: fixed, so that kernel names do not follow the types' names.
-    pub fn name_key(&self) -> String {
-        format!(
-            "LowerOptions {{ tensor_cores: {}, stages: {} }}",
-            self.precision.key(),
-            self.stages
-        )
-    }
-}
-
-impl Default for LowerOptions {
-    fn default() -> LowerOptions {
-        LowerOptions {
-            precision: Precision::default(),
-            stages: DEFAULT_STAGES,
-        }
-    }
-}
+pub use crate::options::LowerOptions;
 
 /// How far (relative to an output's largest magnitude) a convolution with one TF32 product
 /// per operand pair may be from fp32 (the kernel tests see up to 1.4·10⁻³).
