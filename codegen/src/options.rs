@@ -8,9 +8,9 @@ use std::fmt;
 use std::ops::RangeInclusive;
 use std::str::FromStr;
 
+use fisherc_ir::error::UnknownName;
 use fisherc_ir::optimize::cost::{Device, H100};
 use serde::{Deserialize, Serialize};
-use thiserror::Error;
 
 /// Slices in flight in the convolutions' GEMMs by default: double buffering, one being fetched
 /// while one multiplies. A third timed no faster on the H200 (benches/RESULTS.md): the data
@@ -139,22 +139,21 @@ impl fmt::Display for Precision {
     }
 }
 
-/// A precision name that is not one of [`Precision::ALL`]'s values.
-#[derive(Debug, Error)]
-#[error("unknown precision '{0}' (expected fp32, 3xtf32 or tf32)")]
-pub struct UnknownPrecision(pub String);
-
 impl FromStr for Precision {
-    type Err = UnknownPrecision;
+    type Err = UnknownName;
 
     /// A value as [`Precision::value`] names it (`off` too, for fp32, as experiment files
     /// may say).
-    fn from_str(s: &str) -> Result<Precision, UnknownPrecision> {
+    fn from_str(s: &str) -> Result<Precision, UnknownName> {
         PRECISION_NAMES
             .iter()
             .find(|n| n.value == s || (s == "off" && n.precision == Precision::Fp32))
             .map(|n| n.precision)
-            .ok_or_else(|| UnknownPrecision(s.to_string()))
+            .ok_or_else(|| UnknownName {
+                what: "precision",
+                found: s.to_string(),
+                expected: "fp32, 3xtf32 or tf32".to_string(),
+            })
     }
 }
 
@@ -205,19 +204,18 @@ impl fmt::Display for Arch {
     }
 }
 
-/// A target name that is not one of [`Arch::ALL`].
-#[derive(Debug, Error)]
-#[error("unknown PTX target '{0}' (expected sm_80 or sm_90)")]
-pub struct UnknownArch(pub String);
-
 impl FromStr for Arch {
-    type Err = UnknownArch;
+    type Err = UnknownName;
 
-    fn from_str(s: &str) -> Result<Arch, UnknownArch> {
+    fn from_str(s: &str) -> Result<Arch, UnknownName> {
         Arch::ALL
             .into_iter()
             .find(|a| a.name() == s)
-            .ok_or_else(|| UnknownArch(s.to_string()))
+            .ok_or_else(|| UnknownName {
+                what: "PTX target",
+                found: s.to_string(),
+                expected: "sm_80 or sm_90".to_string(),
+            })
     }
 }
 
