@@ -1583,6 +1583,170 @@ enum MaskSource {
     Residual { shortcut: U64, out: U64 },
 }
 
+/// A fused data gradient's epilogue parameters: the BN's input y and statistics, where its
+/// ReLU mask comes from, and the squares its reductions sum.
+struct DgradEpilogue {
+    y: U64,
+    mean: U64,
+    var: U64,
+    eps: f32,
+    mask: MaskSource,
+    squares: Squares,
+}
+
+impl DgradEpilogue {
+    /// The kernel parameters of `e`'s epilogue, in their order.
+    fn params(k: &mut KernelBuilder, e: &FusedDgrad) -> DgradEpilogue {
+        let y = k.ptr_param("y");
+        let (mean, var) = (k.ptr_param("mean"), k.ptr_param("var"));
+        let eps = e.eps.0 as f32;
+        let mask = if e.residual {
+            MaskSource::Residual {
+                shortcut: k.ptr_param("shortcut_gradient"),
+                out: k.ptr_param("relu_out"),
+            }
+        } else {
+            MaskSource::Recomputed(BnParams {
+                mean,
+                var,
+                gamma: k.ptr_param("gamma"),
+                beta: k.ptr_param("beta"),
+                eps,
+            })
+        };
+        DgradEpilogue {
+            y,
+            mean,
+            var,
+            eps,
+            mask,
+            squares: e.squares,
+        }
+    }
+
+    /// The gradient `acc` at element `at` (column `col`, where `col_ok`) masked by the ReLU
+    /// and stored to `dx` where `ok`; returns it and x̂ there.
+    fn store_masked(
+        &self,
+        k: &mut KernelBuilder,
+        (acc, dx): (F32, U64),
+        (ok, at): (Pred, Idx),
+        (col_ok, col): (Pred, U32),
+    ) -> (F32, F32) {
+        let yv = load_inside(k, ok, self.y, at);
+        let c = k.select_u(col_ok, col, 0u32);
+        let dz = match &self.mask {
+            MaskSource::Recomputed(params) => {
+                let z = bn_apply(k, yv, params, c);
+                let active = k.cmp_f32(Cmp::Gt, z, 0.0f32);
+                k.select(active, acc, 0.0f32)
+            }
+            MaskSource::Residual { shortcut, out } => {
+                let r = load_inside(k, ok, *shortcut, at);
+                let relu = load_inside(k, ok, *out, at);
+                let sum = k.add(acc, r);
+                let active = k.cmp_f32(Cmp::Gt, relu, 0.0f32);
+                k.select(active, sum, 0.0f32)
+            }
+        };
+        k.when(ok, |k| k.store(dx, at, dz));
+        (dz, normalised(k, yv, self.mean, self.var, c, self.eps))
+    }
+}
+
+/// Every element of the tile stored to dx (ReLU-masked under an epilogue); under one, each
+/// element's (dz, x̂), which its BN terms are made of.
+fn store_dx(
+    k: &mut KernelBuilder,
+    (tile, coords, n): (&Products, &Coordinates, U32),
+    (g, batching): (&Geometry, Rows),
+    dx: U64,
+    bn: Option<&DgradEpilogue>,
+) -> Vec<Vec<(F32, F32)>> {
+    let positions = g.h * g.w;
+    let mut masked = Vec::new();
+    for (i, row) in tile.values.iter().enumerate() {
+        let mut row_terms = Vec::new();
+        let (example, p) = batching.split(k, coords.rows[i], n);
+        for (j, &acc) in row.iter().enumerate() {
+            let ok = k.and(coords.row_ok[i], coords.col_ok[j]);
+            let at = plane_element(k, (example, coords.cols[j]), (g.c, positions), p);
+            let Some(bn) = bn else {
+                k.when(ok, |k| k.store(dx, at, acc));
+                continue;
+            };
+            let column = (coords.col_ok[j], coords.cols[j]);
+            row_terms.push(bn.store_masked(k, (acc, dx), (ok, at), column));
+        }
+        masked.push(row_terms);
+    }
+    masked
+}
+
+/// A weight gradient's tiling: the input patch staged where it fits, in wide K slices where
+/// those fit; else the input gathered, as deep as shared memory allows.
+fn wgrad_tiling(
+    cx: &Cx,
+    g: &Geometry,
+    shape: GemmShape,
+    prologue: bool,
+) -> (Tiling, Option<PatchDims>) {
+    let narrow = Tiling::for_rows(g.o);
+    let staging = (cx.options.stages, prologue);
+    [narrow.widened(cx.options.precision), narrow]
+        .into_iter()
+        .find_map(|t| Some((t, Some(PatchDims::choose(g, (t, shape), staging)?))))
+        .unwrap_or_else(|| {
+            let gathered = narrow.with_stages(cx.options.stages, COLUMN_SUMS_BYTES);
+            (gathered, None)
+        })
+}
+
+/// Weight element (i, j) of the micro-tile, o·(C·area) + column (`columns` of them a row),
+/// and whether it exists; made where used, not kept across a loop (registers).
+fn weight_element(
+    k: &mut KernelBuilder,
+    coords: &Coordinates,
+    (i, j): (usize, usize),
+    columns: u32,
+) -> (U32, Pred) {
+    let e = k.mad_u(coords.rows[i], columns, coords.cols[j]);
+    (e, k.and(coords.row_ok[i], coords.col_ok[j]))
+}
+
+/// A weight gradient's totals (and their squares) stored: straight into the outputs
+/// `targets`, or with `chunk_of` (this block's chunk, the chunks, the weights) into the
+/// partials `targets[0][term][chunk][element]`.
+fn store_totals(
+    k: &mut KernelBuilder,
+    (place, columns): (&TilePlace, u32),
+    totals: &Products,
+    targets: &[U64],
+    chunk_of: Option<(U32, u32, u64)>,
+) {
+    let coords = place.coordinates(k);
+    for (i, row) in totals.values.iter().enumerate() {
+        for (jj, &total) in row.iter().enumerate() {
+            let (e, ok) = weight_element(k, &coords, (i, jj), columns);
+            let mut sums = vec![total];
+            sums.extend(totals.squares.as_ref().map(|sq| sq[i][jj]));
+            k.when(ok, |k| {
+                for (t, &total) in sums.iter().enumerate() {
+                    let Some((j, chunks, weights)) = chunk_of else {
+                        k.store(targets[t], e, total);
+                        continue;
+                    };
+                    let row = k.add_u(j, (t as u32) * chunks);
+                    let row = k.idx(row);
+                    let e_idx = k.idx(e);
+                    let at = k.idx_mad(row, weights, e_idx);
+                    k.store(targets[0], at, total);
+                }
+            });
+        }
+    }
+}
+
 /// The data gradient as an implicit GEMM per example: C[p][c] over the example's input
 /// positions p and input channels c (or over every example's positions, `Rows`), K running
 /// over (o, ki, kj) in `Order`. A gathers dy at the output position whose window puts tap
@@ -1618,25 +1782,7 @@ fn dgrad(cx: &Cx, d: &ConvDgrad, epilogue: Option<&FusedDgrad>) -> Lowered {
     };
     let mut k = gemm::builder(cx, "dgrad");
     let (dy, w) = (k.ptr_param("dy"), k.ptr_param("w"));
-    let bn = epilogue.map(|e| {
-        let y = k.ptr_param("y");
-        let (mean, var) = (k.ptr_param("mean"), k.ptr_param("var"));
-        let mask = if e.residual {
-            MaskSource::Residual {
-                shortcut: k.ptr_param("shortcut_gradient"),
-                out: k.ptr_param("relu_out"),
-            }
-        } else {
-            MaskSource::Recomputed(BnParams {
-                mean,
-                var,
-                gamma: k.ptr_param("gamma"),
-                beta: k.ptr_param("beta"),
-                eps: e.eps.0 as f32,
-            })
-        };
-        (y, (mean, var, e.eps.0 as f32), mask, e.squares)
-    });
+    let bn = epilogue.map(|e| DgradEpilogue::params(&mut k, e));
     let dx = k.ptr_param("dx");
     let partials = bn.as_ref().map(|_| k.ptr_param("partials"));
     let area = g.kernel_area();
@@ -1682,44 +1828,11 @@ fn dgrad(cx: &Cx, d: &ConvDgrad, epilogue: Option<&FusedDgrad>) -> Lowered {
             }
         });
 
-    // every element stored (ReLU-masked under the epilogue), with what its BN terms need
-    let mut masked: Vec<Vec<(F32, F32)>> = Vec::new();
-    for (i, row) in tile.values.iter().enumerate() {
-        let mut row_terms = Vec::new();
-        let (example, p) = batching.split(&mut k, coords.rows[i], n);
-        for (j, &acc) in row.iter().enumerate() {
-            let ok = k.and(coords.row_ok[i], coords.col_ok[j]);
-            let at = plane_element(&mut k, (example, coords.cols[j]), (g.c, positions), p);
-            let Some((y, (mean, var, eps), mask, _)) = &bn else {
-                k.when(ok, |k| k.store(dx, at, acc));
-                continue;
-            };
-            let yv = load_inside(&mut k, ok, *y, at);
-            let c = k.select_u(coords.col_ok[j], coords.cols[j], 0u32);
-            let dz = match mask {
-                MaskSource::Recomputed(params) => {
-                    let z = bn_apply(&mut k, yv, params, c);
-                    let active = k.cmp_f32(Cmp::Gt, z, 0.0f32);
-                    k.select(active, acc, 0.0f32)
-                }
-                MaskSource::Residual { shortcut, out } => {
-                    let r = load_inside(&mut k, ok, *shortcut, at);
-                    let relu = load_inside(&mut k, ok, *out, at);
-                    let sum = k.add(acc, r);
-                    let active = k.cmp_f32(Cmp::Gt, relu, 0.0f32);
-                    k.select(active, sum, 0.0f32)
-                }
-            };
-            k.when(ok, |k| k.store(dx, at, dz));
-            let xhat = normalised(&mut k, yv, *mean, *var, c, *eps);
-            row_terms.push((dz, xhat));
-        }
-        masked.push(row_terms);
-    }
+    let masked = store_dx(&mut k, (&tile, &coords, n), (&g, batching), dx, bn.as_ref());
     let mut args: Vec<_> = (0..cx.inputs.len()).map(input).collect();
     args.push(output(0));
     let grid = batching.grid(tiling.count(shape), g.batch);
-    let (Some((_, _, _, squares)), Some(partials)) = (bn, partials) else {
+    let (Some(DgradEpilogue { squares, .. }), Some(partials)) = (bn, partials) else {
         return Lowered::kernels(vec![launch(k.finish(), grid, args)]);
     };
     // the terms are made term by term from (dz, x̂): all of them at once would not fit in
@@ -1809,17 +1922,7 @@ fn wgrad(
         k: positions,
     };
     let weights = (shape.m * shape.n) as u64;
-    // the input patch where it fits, in wide K slices where those fit; else gathered, as
-    // deep as shared memory allows
-    let narrow = Tiling::for_rows(g.o);
-    let staging = (cx.options.stages, prologue.is_some());
-    let (tiling, patch) = [narrow.widened(cx.options.precision), narrow]
-        .into_iter()
-        .find_map(|t| Some((t, Some(PatchDims::choose(&g, (t, shape), staging)?))))
-        .unwrap_or_else(|| {
-            let gathered = narrow.with_stages(cx.options.stages, COLUMN_SUMS_BYTES);
-            (gathered, None)
-        });
+    let (tiling, patch) = wgrad_tiling(cx, &g, shape, prologue.is_some());
     let chunks = batch_chunks(tiling.count(shape) as u64, g.batch);
     let direct = per_example || chunks == 1;
     let terms = if squares == Squares::None { 1 } else { 2 };
@@ -1845,11 +1948,8 @@ fn wgrad(
     // reset per example; the rest accumulate every example straight into the totals
     let per_position = squares == Squares::PerPosition;
     let totals = Products::zeros(&mut k, &place, squares != Squares::None);
-    // weight element (i, j) of the micro-tile, o·(C·area) + column, and whether it exists;
-    // made where used, not kept across the loop (registers)
     let element = |k: &mut KernelBuilder, coords: &Coordinates, i: usize, j: usize| {
-        let e = k.mad_u(coords.rows[i], shape.n, coords.cols[j]);
-        (e, k.and(coords.row_ok[i], coords.col_ok[j]))
+        weight_element(k, coords, (i, j), shape.n)
     };
     let layout = Layout {
         a_k_fastest: true,
@@ -1920,28 +2020,8 @@ fn wgrad(
     let main_loop = main_loop.expect("the example loop runs a product");
     k.note_main_loop(main_loop.times(chunk as u64));
     if !per_example {
-        let coords = place.coordinates(&mut k);
-        for (i, row) in totals.values.iter().enumerate() {
-            for (jj, &total) in row.iter().enumerate() {
-                let (e, ok) = element(&mut k, &coords, i, jj);
-                let mut sums = vec![total];
-                sums.extend(totals.squares.as_ref().map(|sq| sq[i][jj]));
-                k.when(ok, |k| {
-                    for (t, &total) in sums.iter().enumerate() {
-                        if direct {
-                            k.store(targets[t], e, total);
-                        } else {
-                            // partials[t][j][e]
-                            let row = k.add_u(j, (t as u32) * chunks);
-                            let row = k.idx(row);
-                            let e_idx = k.idx(e);
-                            let at = k.idx_mad(row, weights, e_idx);
-                            k.store(targets[0], at, total);
-                        }
-                    }
-                });
-            }
-        }
+        let chunk_of = (!direct).then_some((j, chunks, weights));
+        store_totals(&mut k, (&place, shape.n), &totals, &targets, chunk_of);
     }
     let mut args: Vec<_> = (0..cx.inputs.len()).map(input).collect();
     let grid = [tiling.count(shape), chunks];
