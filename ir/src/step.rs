@@ -196,19 +196,7 @@ pub fn build_training_step(
         graph.set_output(Output::Grad(i), g);
     }
 
-    let has_fisher = options.fisher != FisherMode::None;
-    let mismatch = match options.noise {
-        Noise::DiagonalFisher => None,
-        Noise::FisherTrace => (!has_fisher).then_some("needs a Fisher estimate (exact or a2g2)"),
-        _ => has_fisher.then_some("takes no diagonal Fisher estimate (fisher none)"),
-    };
-    if let Some(message) = mismatch {
-        return Err(ShapeError {
-            layer: network.name.clone(),
-            op: "training_step",
-            message: format!("{} noise {message}", options.noise),
-        });
-    }
+    check_noise_and_fisher(options, &network.name)?;
     let fisher = match options.fisher {
         FisherMode::None => vec![None; params.len()],
         mode => {
@@ -222,73 +210,23 @@ pub fn build_training_step(
 
     graph.set_phase(Phase::Update);
     let hyper = hyper_inputs(&mut graph);
-    // what the update's noise is drawn from, per parameter: a variance or a noise vector
     graph.set_phase(Phase::Fisher);
-    let (update_noise, noise_inputs): (UpdateNoise, Vec<Option<PortRef>>) = match options.noise {
-        Noise::DiagonalFisher if has_fisher => (UpdateNoise::Diagonal, fisher.clone()),
-        Noise::DiagonalFisher => (UpdateNoise::None, fisher.clone()),
-        Noise::Multiplicative => {
-            let squares = param_grads
-                .iter()
-                .zip(&network.params)
-                .map(|(&g, param)| graph.add1(Square, &param.name, &[g]).map(Some));
-            (UpdateNoise::Diagonal, squares.collect::<Result<_, _>>()?)
-        }
-        Noise::FisherTrace => {
-            let mean = mean_fisher(&mut graph, &network, &fisher)?;
-            (UpdateNoise::Scalar, vec![Some(mean); params.len()])
-        }
-        Noise::FullFisherEmpirical | Noise::FullFisherTrue => {
-            let kind = if options.noise == Noise::FullFisherTrue {
-                FisherKind::True
-            } else {
-                FisherKind::Empirical
-            };
-            let seeds = [hyper[&Hyper::Seed], hyper[&Hyper::Step]];
-            let vectors =
-                full_fisher_vectors(&mut graph, (&network, &params), labels, seeds, kind)?;
-            (UpdateNoise::Vector, vectors.into_iter().map(Some).collect())
-        }
-    };
-
+    let noise = update_noise(
+        &mut graph,
+        (options.noise, options.fisher),
+        (&network, &params, labels),
+        (&param_grads, &fisher),
+        &hyper,
+    )?;
     graph.set_phase(Phase::Update);
-    for (i, param) in network.params.iter().enumerate() {
-        let momentum = input(
-            &mut graph,
-            Role::Momentum(i),
-            TensorType::f32(&param.shape),
-            &param.name,
-        );
-        let update = NoisySgdUpdate {
-            param: i as u32,
-            decay: options.decay_bn || !param.kind.is_batch_norm(),
-            noise: update_noise,
-            fisher_factor: None,
-        };
-        let mut inputs = vec![params[i], momentum, param_grads[i]];
-        inputs.extend(Hyper::ALL.iter().map(|h| hyper[h]));
-        inputs.extend(noise_inputs[i]);
-        let node = graph.add(update, &param.name, &inputs)?;
-        graph.set_output(Output::NewParam(i), PortRef::new(node, 0));
-        graph.set_output(Output::NewMomentum(i), PortRef::new(node, 1));
-        if let Some(f) = fisher[i] {
-            graph.set_output(Output::Fisher(i), f);
-        }
-    }
-    for (i, bn) in network.bn_layers.iter().enumerate() {
-        let stats = TensorType::f32(&[bn.channels]);
-        let mean = input(&mut graph, Role::RunningMean(i), stats.clone(), &bn.name);
-        let var = input(&mut graph, Role::RunningVar(i), stats, &bn.name);
-        let update = BnRunningUpdate {
-            momentum: FloatAttr(bn.momentum),
-            count: bn.count,
-        };
-        let batch_mean = PortRef::new(bn.node, 1);
-        let batch_var = PortRef::new(bn.node, 2);
-        let node = graph.add(update, &bn.name, &[mean, var, batch_mean, batch_var])?;
-        graph.set_output(Output::NewRunningMean(i), PortRef::new(node, 0));
-        graph.set_output(Output::NewRunningVar(i), PortRef::new(node, 1));
-    }
+    add_updates(
+        &mut graph,
+        &network,
+        options.decay_bn,
+        (&params, &param_grads, &fisher),
+        (&hyper, &noise),
+    )?;
+    add_running_updates(&mut graph, &network)?;
 
     let inputs = input_nodes(&graph);
     Ok(TrainingStep {
@@ -299,6 +237,124 @@ pub fn build_training_step(
         noise: options.noise,
         inputs,
     })
+}
+
+/// A noise that needs a diagonal Fisher estimate has one, and one that takes none has none.
+fn check_noise_and_fisher(options: &StepOptions, network: &str) -> Result<(), ShapeError> {
+    let has_fisher = options.fisher != FisherMode::None;
+    let mismatch = match options.noise {
+        Noise::DiagonalFisher => None,
+        Noise::FisherTrace => (!has_fisher).then_some("needs a Fisher estimate (exact or a2g2)"),
+        _ => has_fisher.then_some("takes no diagonal Fisher estimate (fisher none)"),
+    };
+    match mismatch {
+        Some(message) => Err(ShapeError {
+            layer: network.to_string(),
+            op: "training_step",
+            message: format!("{} noise {message}", options.noise),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// What each parameter's update draws its noise from, and how it reads it.
+struct NoiseSource {
+    kind: UpdateNoise,
+    /// Per parameter: its variance or noise vector, where it has one.
+    inputs: Vec<Option<PortRef>>,
+}
+
+/// What the update's noise is drawn from, per parameter: a variance (the Fisher estimate,
+/// g², or Tr F̂ / D) or a noise vector (a full-Fisher draw), and how the update reads it.
+fn update_noise(
+    graph: &mut Graph,
+    (noise, mode): (Noise, FisherMode),
+    (network, params, labels): (&Network, &[PortRef], PortRef),
+    (param_grads, fisher): (&[PortRef], &[Option<PortRef>]),
+    hyper: &HashMap<Hyper, PortRef>,
+) -> Result<NoiseSource, ShapeError> {
+    let has_fisher = mode != FisherMode::None;
+    let (kind, inputs) = match noise {
+        Noise::DiagonalFisher if has_fisher => (UpdateNoise::Diagonal, fisher.to_vec()),
+        Noise::DiagonalFisher => (UpdateNoise::None, fisher.to_vec()),
+        Noise::Multiplicative => {
+            let squares = param_grads
+                .iter()
+                .zip(&network.params)
+                .map(|(&g, param)| graph.add1(Square, &param.name, &[g]).map(Some));
+            (UpdateNoise::Diagonal, squares.collect::<Result<_, _>>()?)
+        }
+        Noise::FisherTrace => {
+            let mean = mean_fisher(graph, network, fisher)?;
+            (UpdateNoise::Scalar, vec![Some(mean); params.len()])
+        }
+        Noise::FullFisherEmpirical | Noise::FullFisherTrue => {
+            let kind = if noise == Noise::FullFisherTrue {
+                FisherKind::True
+            } else {
+                FisherKind::Empirical
+            };
+            let seeds = [hyper[&Hyper::Seed], hyper[&Hyper::Step]];
+            let vectors = full_fisher_vectors(graph, (network, params), labels, seeds, kind)?;
+            (UpdateNoise::Vector, vectors.into_iter().map(Some).collect())
+        }
+    };
+    Ok(NoiseSource { kind, inputs })
+}
+
+/// Every parameter's noisy SGD update, with its momentum input; the new parameters, momenta
+/// and Fisher estimates as outputs.
+fn add_updates(
+    graph: &mut Graph,
+    network: &Network,
+    decay_bn: bool,
+    (params, param_grads, fisher): (&[PortRef], &[PortRef], &[Option<PortRef>]),
+    (hyper, noise): (&HashMap<Hyper, PortRef>, &NoiseSource),
+) -> Result<(), ShapeError> {
+    for (i, param) in network.params.iter().enumerate() {
+        let momentum = input(
+            graph,
+            Role::Momentum(i),
+            TensorType::f32(&param.shape),
+            &param.name,
+        );
+        let update = NoisySgdUpdate {
+            param: i as u32,
+            decay: decay_bn || !param.kind.is_batch_norm(),
+            noise: noise.kind,
+            fisher_factor: None,
+        };
+        let mut inputs = vec![params[i], momentum, param_grads[i]];
+        inputs.extend(Hyper::ALL.iter().map(|h| hyper[h]));
+        inputs.extend(noise.inputs[i]);
+        let node = graph.add(update, &param.name, &inputs)?;
+        graph.set_output(Output::NewParam(i), PortRef::new(node, 0));
+        graph.set_output(Output::NewMomentum(i), PortRef::new(node, 1));
+        if let Some(f) = fisher[i] {
+            graph.set_output(Output::Fisher(i), f);
+        }
+    }
+    Ok(())
+}
+
+/// Every batch norm's running-statistics update, with its running statistics as inputs and
+/// the new ones as outputs.
+fn add_running_updates(graph: &mut Graph, network: &Network) -> Result<(), ShapeError> {
+    for (i, bn) in network.bn_layers.iter().enumerate() {
+        let stats = TensorType::f32(&[bn.channels]);
+        let mean = input(graph, Role::RunningMean(i), stats.clone(), &bn.name);
+        let var = input(graph, Role::RunningVar(i), stats, &bn.name);
+        let update = BnRunningUpdate {
+            momentum: FloatAttr(bn.momentum),
+            count: bn.count,
+        };
+        let batch_mean = PortRef::new(bn.node, 1);
+        let batch_var = PortRef::new(bn.node, 2);
+        let node = graph.add(update, &bn.name, &[mean, var, batch_mean, batch_var])?;
+        graph.set_output(Output::NewRunningMean(i), PortRef::new(node, 0));
+        graph.set_output(Output::NewRunningVar(i), PortRef::new(node, 1));
+    }
+    Ok(())
 }
 
 fn input(graph: &mut Graph, role: Role, ty: TensorType, layer: &str) -> PortRef {
