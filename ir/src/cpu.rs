@@ -95,6 +95,9 @@ impl ConvGeom {
             let src = &x[(c * self.height + iy) * self.width..][..self.width];
             dst[..lo].fill(T::zero());
             dst[hi..].fill(T::zero());
+            if lo == hi {
+                return; // every window of this kernel column reads padding
+            }
             let first = (lo * stride) as isize + ix0;
             if stride == 1 {
                 dst[lo..hi].copy_from_slice(&src[first as usize..][..hi - lo]);
@@ -110,6 +113,9 @@ impl ConvGeom {
         let (positions, stride) = (self.positions(), self.stride);
         self.for_each_row(|row, oy, c, iy, (lo, hi), ix0| {
             let Some(iy) = iy else { return };
+            if lo == hi {
+                return;
+            }
             let src = &col[row * positions + oy * self.out_w..][..self.out_w];
             let dst = &mut dx[(c * self.height + iy) * self.width..][..self.width];
             let first = ((lo * stride) as isize + ix0) as usize;
@@ -204,6 +210,10 @@ mod tests {
             (5, 3, 2, 8),
             (3, 1, 0, 3),
             (2, 2, 0, 5),
+            // strides past the padded input: kernel offsets whose only window reads padding
+            (3, 9, 1, 4),
+            (3, 7, 2, 4),
+            (5, 9, 2, 4),
         ] {
             let out = (size + 2 * padding - kernel) / stride + 1;
             let g = ConvGeom {
