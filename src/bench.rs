@@ -116,7 +116,8 @@ pub struct Args {
     pub models: Vec<PathBuf>,
 
     /// Batch sizes, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "128")]
+    #[arg(long, value_delimiter = ',', default_value = "128",
+          value_parser = crate::model_args::at_least_one)]
     pub batch: Vec<usize>,
 
     /// Fisher modes, comma-separated: none, exact, a2g2.
@@ -142,7 +143,7 @@ pub struct Args {
     pub input: Option<[usize; 3]>,
 
     /// Timed steps per configuration (the median is reported).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = crate::model_args::at_least_one)]
     pub steps: usize,
 
     /// Untimed steps before them.
@@ -242,7 +243,6 @@ fn ceilings(device: &str) -> Option<Ceilings> {
 }
 
 pub fn run(args: &Args) -> Result<()> {
-    anyhow::ensure!(args.steps > 0, "--steps must be at least 1");
     let mut out = io::stdout().lock();
     let mut results: Vec<Measurement> = Vec::new();
     for path in &args.models {

@@ -13,7 +13,7 @@ pub struct ModelArgs {
     pub model: PathBuf,
 
     /// Batch size the step is compiled for.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = at_least_one)]
     pub batch: usize,
 
     /// Override the model's input shape, as CxHxW (e.g. 3x32x32).
@@ -35,9 +35,17 @@ pub struct ModelArgs {
     pub noise: Noise,
 }
 
+/// A count that must be at least 1 (a batch, a number of steps).
+pub fn at_least_one(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".to_string()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 impl ModelArgs {
     pub fn network(&self, mode: Mode) -> Result<Network> {
-        anyhow::ensure!(self.batch > 0, "--batch must be at least 1");
         let options = BuildOptions {
             batch: self.batch,
             input: self.input,

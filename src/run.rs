@@ -26,7 +26,7 @@ pub struct Args {
     pub backend: BackendKind,
 
     /// Number of steps, all on the same random batch, as `fisherc step` takes them.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = crate::model_args::at_least_one)]
     pub steps: usize,
 
     /// Seed of the initial parameters, the batch and the noise.

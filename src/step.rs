@@ -25,7 +25,7 @@ pub struct Args {
 
     /// Number of steps, all on the same random batch (which the model learns by heart: at a
     /// learning rate it suits, the loss falls).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = crate::model_args::at_least_one)]
     pub steps: usize,
 
     #[command(flatten)]

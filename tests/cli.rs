@@ -701,3 +701,24 @@ fn bench_times_each_configuration_and_relates_it_to_the_plain_step() {
     let err = String::from_utf8_lossy(&failed.stderr);
     assert!(err.contains("1 of 2 configurations failed"), "{err}");
 }
+
+#[test]
+fn counts_of_zero_are_refused_by_name() {
+    for args in [
+        &["step", "models/mlp.toml", "--steps", "0"][..],
+        &["step", "models/mlp.toml", "--batch", "0"],
+        &["compile", "models/mlp.toml", "--batch", "0"],
+        &["bench", "models/mlp.toml", "--batch", "4,0"],
+        &["bench", "models/mlp.toml", "--steps", "0"],
+        &["run", "compiled/none", "--steps", "0"],
+    ] {
+        let out = fisherc(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let flag = args[args.len() - 2];
+        assert!(!out.status.success(), "{args:?} ran");
+        assert!(
+            stderr.contains(flag) && stderr.contains("at least 1"),
+            "{args:?}: {stderr}"
+        );
+    }
+}

@@ -127,6 +127,34 @@ fn experiment_files_take_overrides_and_refuse_nonsense() {
             .contains("train.batch")
     );
     assert!(parse(&["train"]).unwrap_err().contains("key=value"));
+    // numbers out of their meaning, each blamed by its key
+    for (set, key) in [
+        ("train.lr=-0.1", "train.lr"),
+        ("train.lr=nan", "train.lr"),
+        ("train.small_lr=inf", "train.small_lr"),
+        ("train.weight_decay=-5e-4", "train.weight_decay"),
+        ("train.noise_scale=-1.0", "train.noise_scale"),
+        ("train.noise_scale=nan", "train.noise_scale"),
+        ("train.decay=-0.1", "train.decay"),
+        ("train.warmup_epochs=-1.0", "train.warmup_epochs"),
+        ("train.momentum=1.0", "train.momentum"),
+        ("train.momentum=-0.5", "train.momentum"),
+        ("train.noise_until=nan", "train.noise_until"),
+        ("train.small_batch=0", "train.small_batch"),
+        ("data.test_subset=0", "data.test_subset"),
+        ("data.train_subset=0", "data.train_subset"),
+        ("data.synthetic.classes=0", "data.synthetic.classes"),
+        ("data.synthetic.test=0", "data.synthetic.test"),
+        ("data.synthetic.shape=[1, 0, 8]", "data.synthetic.shape"),
+        ("data.synthetic.noise=-0.5", "data.synthetic.noise"),
+    ] {
+        let error = parse(&[set]).expect_err(set);
+        assert!(error.contains(key), "{set}: {error}");
+    }
+    assert!(
+        parse(&["train.momentum=0.0", "train.lr=0.0"]).is_ok(),
+        "zero is a number"
+    );
     // how the steps compile: FMA unless asked, and only the three ways there are
     assert_eq!(parse(&[]).unwrap().compile.tensor_cores, Precision::Fp32);
     assert_eq!(

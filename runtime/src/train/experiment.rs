@@ -328,6 +328,64 @@ impl Experiment {
                 "data.synthetic: the synthetic set needs train, test, shape, classes, noise".into(),
             );
         }
+        self.check_numbers()
+    }
+
+    /// Every number within what it means: rates, decays and scales finite and not negative,
+    /// momentum in [0, 1), counts of images and classes at least 1.
+    fn check_numbers(&self) -> Result<(), String> {
+        let t = &self.train;
+        let not_negative = [
+            ("train.lr", Some(t.lr)),
+            ("train.small_lr", t.small_lr),
+            ("train.noise_scale", t.noise_scale),
+            ("train.decay", Some(t.decay)),
+            ("train.weight_decay", Some(t.weight_decay)),
+            ("train.warmup_epochs", Some(t.warmup_epochs as f32)),
+        ];
+        for (key, value) in not_negative {
+            if let Some(v) = value.filter(|v| !v.is_finite() || *v < 0.0) {
+                return Err(format!(
+                    "{key} is {v}: it must be a finite number, at least 0"
+                ));
+            }
+        }
+        if !(0.0..1.0).contains(&t.momentum) {
+            return Err(format!(
+                "train.momentum is {}: it must be at least 0 and below 1",
+                t.momentum
+            ));
+        }
+        let d = &self.data;
+        let subsets = [
+            ("data.train_subset", d.train_subset),
+            ("data.test_subset", d.test_subset),
+        ];
+        if let Some((key, _)) = subsets.iter().find(|(_, n)| *n == Some(0)) {
+            return Err(format!("{key} must be at least 1 image"));
+        }
+        if let Some(s) = &d.synthetic {
+            let counts = [
+                ("data.synthetic.train", s.train),
+                ("data.synthetic.test", s.test),
+                ("data.synthetic.classes", s.classes),
+            ];
+            if let Some((key, _)) = counts.iter().find(|(_, n)| *n == 0) {
+                return Err(format!("{key} must be at least 1"));
+            }
+            if s.shape.contains(&0) {
+                return Err(format!(
+                    "data.synthetic.shape is {:?}: every side at least 1",
+                    s.shape
+                ));
+            }
+            if !s.noise.is_finite() || s.noise < 0.0 {
+                return Err(format!(
+                    "data.synthetic.noise is {}: it must be a finite number, at least 0",
+                    s.noise
+                ));
+            }
+        }
         Ok(())
     }
 }
