@@ -520,12 +520,15 @@ impl Plan {
                 .iter()
                 .chain(&node.outputs)
                 .try_for_each(|&b| buffer(b, &what))?;
-            let range = node.first_launch..node.first_launch + node.launch_count;
-            if range.end > self.launches.len() || self.launches[range].iter().any(|l| l.node != i) {
+            let own = node
+                .first_launch
+                .checked_add(node.launch_count)
+                .and_then(|end| self.launches.get(node.first_launch..end))
+                .is_some_and(|launches| launches.iter().all(|l| l.node == i));
+            if !own {
                 return Err(format!(
-                    "{what}: its launches {}..{} are not its own",
-                    node.first_launch,
-                    node.first_launch + node.launch_count
+                    "{what}: its launches {} from {} are not its own",
+                    node.launch_count, node.first_launch
                 )
                 .into());
             }

@@ -115,6 +115,17 @@ fn damaged_artifacts_are_reported_not_panicked_on() {
     let err = Artifact::read(written(&bad).path()).unwrap_err();
     assert!(err.to_string().contains("arguments for"), "{err}");
 
+    // indices whose sum overflows
+    let mut bad = a.clone();
+    let last = bad.plan.nodes.len() - 1;
+    bad.plan.nodes[last].first_launch = usize::MAX;
+    let err = Artifact::read(written(&bad).path()).unwrap_err();
+    assert!(err.to_string().contains("are not its own"), "{err}");
+    let mut bad = a.clone();
+    bad.plan.buffers[0].offset = u64::MAX - 1;
+    let err = Artifact::read(written(&bad).path()).unwrap_err();
+    assert!(err.to_string().contains("outside the arena"), "{err}");
+
     let mut bad = a.clone();
     let name = bad.plan.kernels[0].name.clone();
     bad.ptx = bad
