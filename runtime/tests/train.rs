@@ -1021,3 +1021,29 @@ fn on_a_device_batches_come_ahead_and_an_evaluation_program_scores_the_test_set(
         );
     }
 }
+
+#[test]
+fn the_same_state_gives_the_same_checkpoint_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = synthetic("sb", &["train.epochs=1"]);
+    run(&e, dir.path(), false, None).unwrap();
+    let path = dir.path().join(CHECKPOINT_FILE);
+    let net = load(
+        &root().join("models/small_cnn.toml"),
+        &BuildOptions {
+            input: Some([1, 12, 12]),
+            ..BuildOptions::train(4)
+        },
+    )
+    .unwrap();
+    let kept = checkpoint::read(&path, &net).unwrap();
+    let first = std::fs::read(&path).unwrap();
+    // the metadata is written from a hash map, whose order differs map by map
+    for _ in 0..8 {
+        checkpoint::write(&path, &net, &kept).unwrap();
+        assert!(std::fs::read(&path).unwrap() == first, "other bytes");
+    }
+    let again = checkpoint::read(&path, &net).unwrap();
+    assert_eq!((again.epoch, again.step), (kept.epoch, kept.step));
+    assert!(again.state.params == kept.state.params && again.experiment == kept.experiment);
+}

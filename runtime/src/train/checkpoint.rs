@@ -7,7 +7,7 @@
 //! Tensors are named `param/<name>`, `momentum/<name>`, `running_mean/<bn layer>` and
 //! `running_var/<bn layer>`, f32, with the network's shapes; reading checks all of them.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -74,6 +74,27 @@ fn little_endian(t: &Tensor<f32>) -> Vec<u8> {
     t.data.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
+/// A safetensors file with its JSON header's keys in sorted order. safetensors writes the
+/// metadata in hash-map order, so the same state would give other bytes each time; the header
+/// is read back into serde_json's sorted map and written again, padded to 8 bytes as
+/// safetensors pads it, in front of the same tensor data.
+fn with_sorted_header(data: Vec<u8>) -> Result<Vec<u8>, String> {
+    let length = data
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize)
+        .ok_or("no header length")?;
+    let header = data.get(8..8 + length).ok_or("a header past the end")?;
+    let header: BTreeMap<String, BTreeMap<String, serde_json::Value>> =
+        serde_json::from_slice(header).map_err(|e| format!("its own header: {e}"))?;
+    let mut text = serde_json::to_string(&header).map_err(|e| e.to_string())?;
+    text.extend(std::iter::repeat_n(' ', (8 - text.len() % 8) % 8));
+    let mut out = Vec::with_capacity(data.len() + 8);
+    out.extend((text.len() as u64).to_le_bytes());
+    out.extend(text.as_bytes());
+    out.extend(&data[8 + length..]);
+    Ok(out)
+}
+
 /// Writes `checkpoint` of `net`'s training to `path`, atomically.
 pub fn write(path: &Path, net: &Network, checkpoint: &Checkpoint) -> Result<(), CheckpointError> {
     let error = |message: String| CheckpointError {
@@ -99,7 +120,8 @@ pub fn write(path: &Path, net: &Network, checkpoint: &Checkpoint) -> Result<(), 
         ("experiment".to_string(), checkpoint.experiment.clone()),
     ]);
     let data = safetensors::serialize(views, Some(metadata))
-        .map_err(|e| error(format!("serialising: {e}")))?;
+        .map_err(|e| error(format!("serialising: {e}")))
+        .and_then(|data| with_sorted_header(data).map_err(error))?;
     let temporary = path.with_extension("partial");
     let written = File::create(&temporary).and_then(|mut f| {
         f.write_all(&data)?;
