@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use fisherc_codegen::artifact::{Artifact, Source};
 use fisherc_codegen::compile::{CompileOptions, Compiled, compile};
 use fisherc_codegen::options::Precision;
+use fisherc_codegen::plan::{Buffer, Kind};
 use fisherc_ir::graph::Output;
 use fisherc_ir::graph::PortRef;
 use fisherc_ir::interp::evaluate;
@@ -1046,4 +1047,93 @@ fn the_same_state_gives_the_same_checkpoint_bytes() {
     let again = checkpoint::read(&path, &net).unwrap();
     assert_eq!((again.epoch, again.step), (kept.epoch, kept.step));
     assert!(again.state.params == kept.state.params && again.experiment == kept.experiment);
+}
+
+/// The reference backend, except that the first parameter's momentum reads back with a NaN
+/// from the `from`-th read on: a state gone bad where the loss does not show it.
+struct PoisonedMomentum {
+    inner: ReferenceBackend,
+    reads: usize,
+    from: usize,
+}
+
+impl Backend for PoisonedMomentum {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn write(&mut self, buffer: &Buffer, words: &[u32]) -> Result<(), RuntimeError> {
+        self.inner.write(buffer, words)
+    }
+    fn read(&mut self, buffer: &Buffer) -> Result<Vec<u32>, RuntimeError> {
+        let mut words = self.inner.read(buffer)?;
+        if buffer.kind == Kind::Input(Role::Momentum(0)) {
+            self.reads += 1;
+            if self.reads >= self.from {
+                words[0] = f32::NAN.to_bits();
+            }
+        }
+        Ok(words)
+    }
+    fn run_node(&mut self, node: usize) -> Result<(), RuntimeError> {
+        self.inner.run_node(node)
+    }
+    fn run_step(&mut self) -> Result<f64, RuntimeError> {
+        self.inner.run_step()
+    }
+}
+
+#[test]
+fn a_state_gone_non_finite_stops_the_run_and_keeps_the_last_good_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = synthetic("sb", &["train.epochs=3"]);
+    let options = TrainOptions {
+        run_dir: dir.path().to_path_buf(),
+        resume: false,
+        until_epoch: None,
+    };
+    let open = |_: &Artifact, compiled: &Compiled| -> Result<Box<dyn Backend>, RuntimeError> {
+        Ok(Box::new(PoisonedMomentum {
+            inner: ReferenceBackend::new(compiled),
+            reads: 0,
+            from: 2,
+        }))
+    };
+    let error = train(&e, &options, &open, &mut |_| {})
+        .err()
+        .expect("a NaN state stops the run")
+        .to_string();
+    assert!(
+        error.contains("epoch 2") && error.contains("momentum/") && error.contains("after epoch 1"),
+        "{error}"
+    );
+    let path = dir.path().join(CHECKPOINT_FILE);
+    let net = load(
+        &root().join("models/small_cnn.toml"),
+        &BuildOptions {
+            input: Some([1, 12, 12]),
+            ..BuildOptions::train(4)
+        },
+    )
+    .unwrap();
+    let kept = checkpoint::read(&path, &net).expect("the checkpoint of epoch 1, finite");
+    assert_eq!(kept.epoch, 1);
+    let epochs = records(dir.path())
+        .iter()
+        .filter(|r| r.get("test_accuracy").is_some())
+        .count();
+    assert_eq!(epochs, 1, "no record of the epoch that went bad");
+    // nor is a non-finite state written, or read
+    let mut bad = kept.clone();
+    bad.state.params[2].data[0] = f32::INFINITY;
+    let refused = checkpoint::write(&path, &net, &bad)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains("not written") && refused.contains("param/"),
+        "{refused}"
+    );
+    assert!(
+        checkpoint::read(&path, &net).is_ok(),
+        "the good one is still there"
+    );
 }

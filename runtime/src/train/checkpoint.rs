@@ -45,6 +45,15 @@ impl std::fmt::Display for CheckpointError {
 
 impl std::error::Error for CheckpointError {}
 
+/// The first state tensor of `net`'s training holding a NaN or an infinity, by its
+/// checkpoint name (`param/conv1.weight`, `running_var/bn1`), and how many of its values are.
+pub fn non_finite(net: &Network, state: &TrainState<f32>) -> Option<(String, usize)> {
+    named(net, state).into_iter().find_map(|(name, t)| {
+        let count = t.data.iter().filter(|v| !v.is_finite()).count();
+        (count > 0).then_some((name, count))
+    })
+}
+
 /// (name, tensor) of every state tensor, in a fixed order.
 fn named<'a>(net: &Network, state: &'a TrainState<f32>) -> Vec<(String, &'a Tensor<f32>)> {
     let params = net
@@ -101,6 +110,11 @@ pub fn write(path: &Path, net: &Network, checkpoint: &Checkpoint) -> Result<(), 
         path: path.to_path_buf(),
         message,
     };
+    if let Some((tensor, count)) = non_finite(net, &checkpoint.state) {
+        return Err(error(format!(
+            "not written: {tensor} holds {count} NaN or infinite values"
+        )));
+    }
     let tensors = named(net, &checkpoint.state);
     let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, t)| little_endian(t)).collect();
     let views: Vec<(String, TensorView)> = tensors
@@ -212,6 +226,11 @@ pub fn read(path: &Path, net: &Network) -> Result<Checkpoint, CheckpointError> {
         for t in list.iter_mut() {
             *t = loaded.next().expect("one loaded tensor per state tensor");
         }
+    }
+    if let Some((tensor, count)) = non_finite(net, &state) {
+        return Err(error(format!(
+            "{tensor} holds {count} NaN or infinite values: not a state to train from"
+        )));
     }
     Ok(Checkpoint {
         state,

@@ -59,6 +59,17 @@ pub enum TrainError {
         checkpoint: PathBuf,
     },
     #[error(
+        "epoch {epoch}: the training state is not finite ({tensor} holds {count} NaN or infinite values); stopped. The last good checkpoint (after epoch {last_epoch}) is kept in {}",
+        checkpoint.display()
+    )]
+    NonFiniteState {
+        epoch: usize,
+        tensor: String,
+        count: usize,
+        last_epoch: usize,
+        checkpoint: PathBuf,
+    },
+    #[error(
         "{}: written by another experiment; resuming needs the same one (see {})",
         checkpoint.display(),
         experiment.display()

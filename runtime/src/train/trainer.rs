@@ -445,6 +445,15 @@ impl<'a> Run<'a> {
         report: &mut dyn FnMut(Event),
     ) -> Result<(), TrainError> {
         self.state = session.state()?;
+        if let Some((tensor, count)) = checkpoint::non_finite(&training.network, &self.state) {
+            return Err(TrainError::NonFiniteState {
+                epoch: self.epoch + 1,
+                tensor,
+                count,
+                last_epoch: self.epoch,
+                checkpoint: self.dir.join(CHECKPOINT_FILE),
+            });
+        }
         let scored = match self.experiment.eval.bn_batches {
             0 => Cow::Borrowed(&self.state),
             n => Cow::Owned(self.evaluator.recalibrated(
