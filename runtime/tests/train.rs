@@ -25,7 +25,7 @@ use fisherc_runtime::train::evaluate::Evaluator;
 use fisherc_runtime::train::experiment::{Experiment, ExperimentError, Regime};
 use fisherc_runtime::train::regime::{lr_factor, phases};
 use fisherc_runtime::train::trainer::{
-    CHECKPOINT_FILE, METRICS_FILE, Outcome, TrainOptions, load_data, train,
+    CHECKPOINT_FILE, LOCK_FILE, METRICS_FILE, Outcome, TrainOptions, load_data, train,
 };
 use fisherc_runtime::{Backend, RuntimeError, Session};
 
@@ -1136,4 +1136,133 @@ fn a_state_gone_non_finite_stops_the_run_and_keeps_the_last_good_checkpoint() {
         checkpoint::read(&path, &net).is_ok(),
         "the good one is still there"
     );
+}
+
+/// The small CNN's model file copied into `dir`, and the 3-epoch experiment on it.
+fn own_model(dir: &Path) -> (PathBuf, Experiment) {
+    let model = dir.join("model.toml");
+    std::fs::copy(root().join("models/small_cnn.toml"), &model).unwrap();
+    let e = synthetic(
+        "sb",
+        &[
+            "train.epochs=3",
+            &format!("model={:?}", model.display().to_string()),
+        ],
+    );
+    (model, e)
+}
+
+#[test]
+fn a_run_that_never_ended_an_epoch_starts_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = synthetic("sb", &["train.epochs=2"]);
+    let nothing = run(&e, dir.path(), false, Some(0)).unwrap();
+    assert!(nothing.scores.is_empty() && !dir.path().join(CHECKPOINT_FILE).exists());
+    // both ways out: a fresh start, and --resume
+    assert_eq!(run(&e, dir.path(), false, Some(1)).unwrap().scores.len(), 1);
+    std::fs::remove_file(dir.path().join(CHECKPOINT_FILE)).unwrap();
+    assert_eq!(run(&e, dir.path(), true, None).unwrap().scores.len(), 2);
+    let empty = tempfile::tempdir().unwrap();
+    let err = run(&e, empty.path(), true, None).err().unwrap();
+    assert!(err.contains("no run to resume"), "{err}");
+}
+
+#[test]
+fn a_resumed_run_records_each_epoch_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = synthetic("sb", &["train.epochs=3"]);
+    run(&e, dir.path(), false, Some(1)).unwrap();
+    // killed in epoch 2 after some steps were recorded, before its checkpoint
+    let path = dir.path().join(METRICS_FILE);
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    let done = text
+        .lines()
+        .filter(|l| l.contains("\"kind\":\"step\""))
+        .count() as u64;
+    let template: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    let lost = (1..=3)
+        .map(|k| {
+            let mut record = template.clone();
+            record["epoch"] = 2.into();
+            record["step"] = (done + k).into();
+            record.to_string()
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    text.push_str(&lost);
+    text.push('\n');
+    std::fs::write(&path, text).unwrap();
+    run(&e, dir.path(), true, None).unwrap();
+    let records = records(dir.path());
+    let epochs: Vec<u64> = records
+        .iter()
+        .filter(|r| r["kind"] == "epoch")
+        .map(|r| r["epoch"].as_u64().unwrap())
+        .collect();
+    assert_eq!(epochs, [1, 2, 3]);
+    let steps: Vec<u64> = records
+        .iter()
+        .filter(|r| r["kind"] == "step")
+        .map(|r| r["step"].as_u64().unwrap())
+        .collect();
+    assert!(steps.windows(2).all(|w| w[1] == w[0] + 1), "{steps:?}");
+}
+
+#[test]
+fn resume_refuses_a_changed_model_and_a_checkpoint_the_regime_does_not_reach() {
+    let files = tempfile::tempdir().unwrap();
+    let (model, e) = own_model(files.path());
+    let dir = tempfile::tempdir().unwrap();
+    run(&e, dir.path(), false, Some(1)).unwrap();
+    let text = std::fs::read_to_string(&model).unwrap();
+    std::fs::write(
+        &model,
+        text.replace("classes = 10", "classes = 10 # edited"),
+    )
+    .unwrap();
+    let err = run(&e, dir.path(), true, None).err().unwrap();
+    assert!(err.contains("model file changed"), "{err}");
+    std::fs::write(&model, &text).unwrap();
+    // a checkpoint whose position the regime never reaches
+    let path = dir.path().join(CHECKPOINT_FILE);
+    let net = load(
+        &model,
+        &BuildOptions {
+            input: Some([1, 12, 12]),
+            ..BuildOptions::train(20)
+        },
+    )
+    .unwrap();
+    let good = checkpoint::read(&path, &net).unwrap();
+    for (epoch, step) in [(99, good.step), (0, good.step), (good.epoch, good.step + 1)] {
+        let moved = checkpoint::Checkpoint {
+            epoch,
+            step,
+            ..good.clone()
+        };
+        checkpoint::write(&path, &net, &moved).unwrap();
+        let err = run(&e, dir.path(), true, None).err().unwrap();
+        assert!(
+            err.contains("does not reach"),
+            "epoch {epoch} step {step}: {err}"
+        );
+    }
+    checkpoint::write(&path, &net, &good).unwrap();
+    assert_eq!(run(&e, dir.path(), true, None).unwrap().scores.len(), 2);
+}
+
+#[test]
+fn a_second_trainer_on_a_run_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = synthetic("sb", &["train.epochs=1"]);
+    let held = std::fs::File::create(dir.path().join(LOCK_FILE)).unwrap();
+    std::fs::write(dir.path().join(LOCK_FILE), "process 4242\n").unwrap();
+    held.try_lock().unwrap();
+    let err = run(&e, dir.path(), false, None).err().unwrap();
+    assert!(
+        err.contains("another trainer") && err.contains("4242"),
+        "{err}"
+    );
+    drop(held);
+    assert_eq!(run(&e, dir.path(), false, None).unwrap().scores.len(), 1);
 }

@@ -29,6 +29,8 @@ pub struct Checkpoint {
     pub step: u64,
     /// The experiment, as TOML.
     pub experiment: String,
+    /// The model file's text (checkpoints written before it was recorded have none).
+    pub model: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -133,6 +135,10 @@ pub fn write(path: &Path, net: &Network, checkpoint: &Checkpoint) -> Result<(), 
         ("step".to_string(), checkpoint.step.to_string()),
         ("experiment".to_string(), checkpoint.experiment.clone()),
     ]);
+    let mut metadata = metadata;
+    if let Some(model) = &checkpoint.model {
+        metadata.insert("model".to_string(), model.clone());
+    }
     let data = safetensors::serialize(views, Some(metadata))
         .map_err(|e| error(format!("serialising: {e}")))
         .and_then(|data| with_sorted_header(data).map_err(error))?;
@@ -237,5 +243,6 @@ pub fn read(path: &Path, net: &Network) -> Result<Checkpoint, CheckpointError> {
         epoch: number("epoch")? as usize,
         step: number("step")?,
         experiment: field("experiment")?.clone(),
+        model: meta.get("model").cloned(),
     })
 }

@@ -7,6 +7,7 @@ use fisherc_ir::{EvalError, ModelError, ShapeError};
 use thiserror::Error;
 
 use super::checkpoint::CheckpointError;
+use super::metrics::MetricsError;
 use crate::backend::RuntimeError;
 use crate::data::DataError;
 use crate::data::pipeline::InputMismatch;
@@ -83,6 +84,27 @@ pub enum TrainError {
         path.display()
     )]
     RunExists { path: PathBuf },
+    #[error("{}: no run to resume (no checkpoint, no experiment); start one without --resume", dir.display())]
+    NothingToResume { dir: PathBuf },
+    #[error(
+        "{}: the model file changed since {} was written; resuming needs the same model",
+        model.display(),
+        checkpoint.display()
+    )]
+    ModelChanged { model: PathBuf, checkpoint: PathBuf },
+    #[error(
+        "{}: {epoch} epochs and {step} steps done, which this experiment's regime does not reach; the checkpoint is not this run's",
+        checkpoint.display()
+    )]
+    CheckpointPosition {
+        checkpoint: PathBuf,
+        epoch: usize,
+        step: u64,
+    },
+    #[error("{}: another trainer runs here ({holder})", dir.display())]
+    RunLocked { dir: PathBuf, holder: String },
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
     /// An evaluation program that lacks what it was built to give (a bug, not an input).
     #[error("the evaluation {0}")]
     Evaluation(&'static str),

@@ -50,6 +50,37 @@ impl Metrics {
         })
     }
 
+    /// The metrics file at `path` cut back to what a run had recorded when it had done
+    /// `epochs` epochs and `steps` steps (what its checkpoint holds), then opened for more:
+    /// a resumed run records the epochs it lost again, once.
+    pub fn resume(path: &Path, epochs: usize, steps: u64) -> Result<Metrics, MetricsError> {
+        if path.exists() {
+            let kept: Vec<Record> = read(path)?
+                .into_iter()
+                .filter(|r| match r {
+                    Record::Step { step, .. } => *step <= steps,
+                    Record::Epoch { epoch, .. } => *epoch <= epochs,
+                })
+                .collect();
+            let mut text = String::new();
+            for record in &kept {
+                text.push_str(&serde_json::to_string(record).expect("records serialise"));
+                text.push('\n');
+            }
+            let temporary = path.with_extension("partial");
+            let io = |error| MetricsError::Io {
+                path: path.to_path_buf(),
+                error,
+            };
+            std::fs::write(&temporary, text).map_err(io)?;
+            std::fs::rename(&temporary, path).map_err(io)?;
+        }
+        Metrics::open(path).map_err(|error| MetricsError::Io {
+            path: path.to_path_buf(),
+            error,
+        })
+    }
+
     pub fn write(&mut self, record: &Record) -> std::io::Result<()> {
         serde_json::to_writer(&mut self.out, record)?;
         self.out.write_all(b"\n")?;

@@ -34,6 +34,8 @@ use crate::session::Session;
 pub const EXPERIMENT_FILE: &str = "experiment.toml";
 pub const METRICS_FILE: &str = "metrics.jsonl";
 pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
+/// Held (an advisory lock) by the trainer running in the directory; names its process.
+pub const LOCK_FILE: &str = "lock";
 
 /// Opens a backend for one phase's compiled step.
 pub type OpenBackend<'a> =
@@ -207,6 +209,8 @@ pub fn train(
 
 /// A run in progress: what it trains on and with, where it writes, and where it stands.
 struct Run<'a> {
+    /// Held until the run ends.
+    _lock: RunLock,
     experiment: &'a Experiment,
     dir: &'a Path,
     model_text: String,
@@ -262,10 +266,16 @@ impl<'a> Run<'a> {
         let input = first.network.input;
         let pipeline = Pipeline::new(&train_set, input)?;
         let evaluator = Evaluator::new(&spec, input, test_set.len())?;
-        let (state, epoch, step) = start(experiment, options, &first)?;
-        let metrics_path = dir.join(METRICS_FILE);
-        let metrics = Metrics::open(&metrics_path).map_err(TrainError::io(metrics_path))?;
+        let model = (experiment, model_text.as_str());
+        let (lock, start) = start(model, options, &first, train_set.len(), report)?;
+        let Start {
+            state,
+            epoch,
+            step,
+            metrics,
+        } = start;
         Ok(Run {
+            _lock: lock,
             experiment,
             dir,
             model_text,
@@ -484,6 +494,7 @@ impl<'a> Run<'a> {
             epoch: self.epoch,
             step: self.step,
             experiment: self.experiment.to_toml(),
+            model: Some(self.model_text.clone()),
         };
         checkpoint::write(
             &self.dir.join(CHECKPOINT_FILE),
@@ -502,41 +513,139 @@ impl<'a> Run<'a> {
     }
 }
 
-/// The state, epoch and step a run starts from: fresh (the run directory must not hold
-/// another run), or the checkpoint's (the experiment must be the one it was written by).
+/// Where a run starts: its state, epochs and steps done, and its metrics file ready for more.
+struct Start {
+    state: TrainState<f32>,
+    epoch: usize,
+    step: u64,
+    metrics: Metrics,
+}
+
+/// The run directory, locked for this run, and where the run starts there: from the
+/// checkpoint (`--resume`: the same experiment and model, at a position the regime reaches),
+/// or fresh. A directory whose run never ended an epoch (no checkpoint, the same experiment)
+/// starts again either way.
 fn start(
-    experiment: &Experiment,
+    (experiment, model_text): (&Experiment, &str),
     options: &TrainOptions,
     first: &TrainingStep,
-) -> Result<(TrainState<f32>, usize, u64), TrainError> {
+    train_len: usize,
+    report: &mut dyn FnMut(Event),
+) -> Result<(RunLock, Start), TrainError> {
     let dir = &options.run_dir;
+    std::fs::create_dir_all(dir).map_err(TrainError::io(dir))?;
+    let lock = RunLock::take(dir)?;
     let checkpoint_path = dir.join(CHECKPOINT_FILE);
+    let experiment_path = dir.join(EXPERIMENT_FILE);
+    let metrics_path = dir.join(METRICS_FILE);
     let toml = experiment.to_toml();
-    if options.resume {
+    let other_experiment = || TrainError::OtherExperiment {
+        checkpoint: checkpoint_path.clone(),
+        experiment: experiment_path.clone(),
+    };
+    if options.resume && checkpoint_path.exists() {
         let checkpoint = checkpoint::read(&checkpoint_path, &first.network)?;
         if checkpoint.experiment != toml {
-            return Err(TrainError::OtherExperiment {
+            return Err(other_experiment());
+        }
+        if checkpoint.model.as_ref().is_some_and(|m| m != model_text) {
+            return Err(TrainError::ModelChanged {
+                model: experiment.model.clone(),
                 checkpoint: checkpoint_path,
-                experiment: dir.join(EXPERIMENT_FILE),
             });
         }
-        return Ok((checkpoint.state, checkpoint.epoch, checkpoint.step));
+        let expected = steps_until(experiment, train_len, checkpoint.epoch);
+        if checkpoint.epoch > experiment.train.epochs || Some(checkpoint.step) != expected {
+            return Err(TrainError::CheckpointPosition {
+                checkpoint: checkpoint_path,
+                epoch: checkpoint.epoch,
+                step: checkpoint.step,
+            });
+        }
+        let metrics = Metrics::resume(&metrics_path, checkpoint.epoch, checkpoint.step)?;
+        let start = Start {
+            state: checkpoint.state,
+            epoch: checkpoint.epoch,
+            step: checkpoint.step,
+            metrics,
+        };
+        return Ok((lock, start));
     }
-    let existing = [EXPERIMENT_FILE, METRICS_FILE, CHECKPOINT_FILE]
+    let recorded = std::fs::read_to_string(&experiment_path).ok();
+    let unfinished = recorded.as_deref() == Some(toml.as_str()) && !checkpoint_path.exists();
+    if unfinished {
+        report(Event::Note(format!(
+            "{} holds this experiment's run, which never ended an epoch: it starts again",
+            dir.display()
+        )));
+    } else if options.resume {
+        return Err(match recorded {
+            Some(_) => other_experiment(),
+            None => TrainError::NothingToResume { dir: dir.clone() },
+        });
+    } else if let Some(path) = [EXPERIMENT_FILE, METRICS_FILE, CHECKPOINT_FILE]
         .iter()
         .map(|f| dir.join(f))
-        .find(|p| p.exists());
-    if let Some(path) = existing {
+        .find(|p| p.exists())
+    {
         return Err(TrainError::RunExists { path });
     }
-    std::fs::create_dir_all(dir).map_err(TrainError::io(dir))?;
-    let experiment_path = dir.join(EXPERIMENT_FILE);
     std::fs::write(&experiment_path, &toml).map_err(TrainError::io(experiment_path))?;
-    Ok((
-        TrainState::init(&first.network, experiment.train.seed),
-        0,
-        0,
-    ))
+    let start = Start {
+        state: TrainState::init(&first.network, experiment.train.seed),
+        epoch: 0,
+        step: 0,
+        metrics: Metrics::resume(&metrics_path, 0, 0)?,
+    };
+    Ok((lock, start))
+}
+
+/// The steps the regime has taken after `epochs` epochs of `train_len` images, each epoch's
+/// batches full; `None` past its last epoch.
+fn steps_until(experiment: &Experiment, train_len: usize, epochs: usize) -> Option<u64> {
+    let phases = phases(&experiment.train);
+    (0..epochs)
+        .map(|e| {
+            let phase = phases.iter().find(|p| p.epochs.contains(&e))?;
+            Some((train_len / phase.batch) as u64)
+        })
+        .sum()
+}
+
+/// An advisory lock on a run directory, held while a run trains there: a second trainer on
+/// the same directory fails, naming the process that holds it.
+pub struct RunLock {
+    _file: std::fs::File,
+}
+
+impl RunLock {
+    fn take(dir: &Path) -> Result<RunLock, TrainError> {
+        let path = dir.join(LOCK_FILE);
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(TrainError::io(&path))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                return Err(TrainError::RunLocked {
+                    dir: dir.to_path_buf(),
+                    holder: holder.trim().to_string(),
+                });
+            }
+            Err(std::fs::TryLockError::Error(error)) => return Err(TrainError::Io { path, error }),
+        }
+        use std::io::Write as _;
+        let pid = format!("process {}\n", std::process::id());
+        file.set_len(0)
+            .and_then(|()| file.write_all(pid.as_bytes()))
+            .map_err(TrainError::io(&path))?;
+        Ok(RunLock { _file: file })
+    }
 }
 
 /// Whether a regime phase adds noise (for reports).
