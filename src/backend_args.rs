@@ -40,8 +40,8 @@ pub fn open(
     let compiled =
         || compiled.ok_or_else(|| anyhow::anyhow!("the {kind:?} backend needs the compiled graph"));
     Ok(match kind {
-        BackendKind::Reference => Box::new(ReferenceBackend::new(compiled()?)),
-        BackendKind::Executor => Box::new(ExecutorBackend::new(compiled()?)),
+        BackendKind::Reference => Box::new(ReferenceBackend::new(compiled()?)?),
+        BackendKind::Executor => Box::new(ExecutorBackend::new(compiled()?)?),
         BackendKind::Cuda => cuda(artifact)?,
     })
 }

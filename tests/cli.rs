@@ -722,3 +722,30 @@ fn counts_of_zero_are_refused_by_name() {
         );
     }
 }
+
+#[test]
+fn an_arena_larger_than_the_host_is_refused_before_it_is_allocated() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("huge");
+    let out = out.to_str().unwrap();
+    // VGG16 unfused at batch 65,536: an arena of about 1,300 GiB
+    let compiled = fisherc(&[
+        "compile",
+        "models/vgg16.toml",
+        "--batch",
+        "65536",
+        "--unfused",
+        "-o",
+        out,
+    ]);
+    assert!(compiled.status.success());
+    for backend in ["reference", "executor"] {
+        let ran = fisherc(&["run", out, "--backend", backend, "--steps", "1"]);
+        let stderr = String::from_utf8_lossy(&ran.stderr);
+        assert_eq!(ran.status.code(), Some(1), "{backend}: {stderr}");
+        assert!(
+            stderr.contains("arena needs") && stderr.contains("GiB of host memory"),
+            "{backend}: {stderr}"
+        );
+    }
+}

@@ -5,6 +5,8 @@ use fisherc_codegen::exec::ExecError;
 use fisherc_codegen::plan::Buffer;
 use thiserror::Error;
 
+const GIB: f64 = (1u64 << 30) as f64;
+
 #[derive(Debug, Error)]
 pub enum RuntimeError {
     /// A device call failed: `what` names the kernel, transfer or call.
@@ -15,6 +17,17 @@ pub enum RuntimeError {
     /// The artifact's source does not compile again into it.
     #[error(transparent)]
     Source(#[from] SourceError),
+    /// An allocation larger than the host's available memory.
+    #[error(
+        "{what} needs {:.2} GiB of host memory; {:.2} GiB are available",
+        *needs as f64 / GIB,
+        *available as f64 / GIB
+    )]
+    HostMemory {
+        what: String,
+        needs: u64,
+        available: u64,
+    },
     /// The artifact cannot run here (stale, wrong backend, bad input).
     #[error("{0}")]
     Setup(String),

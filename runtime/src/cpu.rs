@@ -16,17 +16,25 @@ use fisherc_ir::tensor::Value;
 use petgraph::graph::NodeIndex;
 
 use crate::backend::{Backend, RuntimeError};
+use crate::host::check_fits;
 
 pub struct ExecutorBackend {
     device: CpuDevice,
 }
 
 impl ExecutorBackend {
-    pub fn new(compiled: &Compiled) -> Self {
-        ExecutorBackend {
-            device: CpuDevice::new(compiled.program.clone()),
-        }
+    /// The backend for `compiled`, its arena in host memory if the host has room.
+    pub fn new(compiled: &Compiled) -> Result<Self, RuntimeError> {
+        Ok(ExecutorBackend {
+            device: device(compiled)?,
+        })
     }
+}
+
+/// `compiled`'s arena in host memory, if the host has room for it.
+fn device(compiled: &Compiled) -> Result<CpuDevice, RuntimeError> {
+    check_fits(compiled.program.arena_bytes, "the step's arena")?;
+    Ok(CpuDevice::new(compiled.program.clone()))
 }
 
 impl Backend for ExecutorBackend {
@@ -59,11 +67,12 @@ pub struct ReferenceBackend {
 }
 
 impl ReferenceBackend {
-    pub fn new(compiled: &Compiled) -> Self {
-        ReferenceBackend {
-            device: CpuDevice::new(compiled.program.clone()),
+    /// The backend for `compiled`, its arena in host memory if the host has room.
+    pub fn new(compiled: &Compiled) -> Result<Self, RuntimeError> {
+        Ok(ReferenceBackend {
+            device: device(compiled)?,
             graph: compiled.graph.clone(),
-        }
+        })
     }
 }
 

@@ -143,7 +143,7 @@ fn executor_step_matches_the_reference(case: Case) {
     let what = case.what();
     let (step, artifact, compiled) = case.build();
     let feeds = case.feeds(&step);
-    let mut session = Session::new(&artifact, ExecutorBackend::new(&compiled)).unwrap();
+    let mut session = Session::new(&artifact, ExecutorBackend::new(&compiled).unwrap()).unwrap();
     session.feed(&feeds).unwrap();
 
     let started = Instant::now();
@@ -289,7 +289,8 @@ fn the_reference_backend_over_the_memory_plan_is_bit_identical_to_the_interprete
         let what = case.what();
         let (step, artifact, compiled) = case.build();
         let feeds = case.feeds(&step);
-        let mut session = Session::new(&artifact, ReferenceBackend::new(&compiled)).unwrap();
+        let mut session =
+            Session::new(&artifact, ReferenceBackend::new(&compiled).unwrap()).unwrap();
         session.feed(&feeds).unwrap();
         session.step().unwrap();
         let expected = evaluate(&compiled.graph, &feeds, &[]).unwrap();
@@ -321,8 +322,8 @@ fn noisy_hyper() -> Hyperparams {
 fn several_steps_on_the_executor_follow_the_reference_backend() {
     let case = Case::small("small_cnn", FisherMode::Exact, true);
     let (_, artifact, compiled) = case.build();
-    let mut executor = Session::new(&artifact, ExecutorBackend::new(&compiled)).unwrap();
-    let mut reference = Session::new(&artifact, ReferenceBackend::new(&compiled)).unwrap();
+    let mut executor = Session::new(&artifact, ExecutorBackend::new(&compiled).unwrap()).unwrap();
+    let mut reference = Session::new(&artifact, ReferenceBackend::new(&compiled).unwrap()).unwrap();
     let hyper = noisy_hyper();
     let rows = compare_steps(&mut executor, &mut reference, None, 3, 11, &hyper).unwrap();
     let losses = rows.iter().filter(|r| r.what.ends_with("loss")).count();
@@ -385,7 +386,8 @@ fn evaluation_programs_on_the_kernel_executor_match_the_reference() {
             artifact.recompile().unwrap().program.launches.len(),
             compiled.program.launches.len()
         );
-        let mut session = Session::new(&artifact, ExecutorBackend::new(&compiled)).unwrap();
+        let mut session =
+            Session::new(&artifact, ExecutorBackend::new(&compiled).unwrap()).unwrap();
         let mut state = TrainState::<f32>::init(&network, 4);
         let mut r = 0.3f32;
         for (m, v) in state.running_means.iter_mut().zip(&mut state.running_vars) {
@@ -435,7 +437,7 @@ impl TakesAnotherMaximum {
             }
         }
         TakesAnotherMaximum {
-            inner: ReferenceBackend::new(compiled),
+            inner: ReferenceBackend::new(compiled).unwrap(),
             plan,
             producers,
             gaps: Vec::new(),
@@ -514,7 +516,7 @@ fn a_step_that_takes_another_window_maximum_agrees_once_the_forward_pass_is_alig
     let (_, artifact, compiled) = case.build();
     let mut other =
         Session::new(&artifact, TakesAnotherMaximum::new(&artifact, &compiled)).unwrap();
-    let mut reference = Session::new(&artifact, ReferenceBackend::new(&compiled)).unwrap();
+    let mut reference = Session::new(&artifact, ReferenceBackend::new(&compiled).unwrap()).unwrap();
     let hyper = noisy_hyper();
     let rows = compare_steps(&mut other, &mut reference, None, 1, 11, &hyper).unwrap();
     let parameters = rows.iter().find(|r| r.what == "step 1 parameters").unwrap();

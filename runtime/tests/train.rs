@@ -59,7 +59,7 @@ seed = 3
 }
 
 fn reference_backend(_: &Artifact, compiled: &Compiled) -> Result<Box<dyn Backend>, RuntimeError> {
-    Ok(Box::new(ReferenceBackend::new(compiled)))
+    Ok(Box::new(ReferenceBackend::new(compiled)?))
 }
 
 fn run(
@@ -145,6 +145,7 @@ fn experiment_files_take_overrides_and_refuse_nonsense() {
         ("data.test_subset=0", "data.test_subset"),
         ("data.train_subset=0", "data.train_subset"),
         ("data.synthetic.classes=0", "data.synthetic.classes"),
+        ("data.synthetic.classes=300", "data.synthetic.classes"),
         ("data.synthetic.test=0", "data.synthetic.test"),
         ("data.synthetic.shape=[1, 0, 8]", "data.synthetic.shape"),
         ("data.synthetic.noise=-0.5", "data.synthetic.noise"),
@@ -436,7 +437,8 @@ fn standardised_noise(options: StepOptions, variance: Variance) -> Vec<f64> {
     let (images, labels) = random_batch::<f32>(32, net.input, net.classes, 2);
     let (lr, s) = (0.1f32, 0.7f32);
     let after = |noise_scale: f32| {
-        let mut session = Session::new(&artifact, ReferenceBackend::new(&compiled)).unwrap();
+        let mut session =
+            Session::new(&artifact, ReferenceBackend::new(&compiled).unwrap()).unwrap();
         let hyper = Hyperparams {
             learning_rate: lr,
             noise_scale,
@@ -553,7 +555,7 @@ fn full_fisher_draws(noise: Noise, draws: u64) -> (Vec<Vec<f64>>, [Vec<Vec<f64>>
     // confident predictions that often miss the random labels: the two Fishers then differ
     state.params[0].data.iter_mut().for_each(|w| *w *= 6.0);
     let (images, labels) = random_batch::<f32>(batch, net.input, net.classes, 2);
-    let mut session = Session::new(&artifact, ReferenceBackend::new(&compiled)).unwrap();
+    let mut session = Session::new(&artifact, ReferenceBackend::new(&compiled).unwrap()).unwrap();
     let s = 0.5f32;
     let mut velocity = |noise_scale: f32, step: u64| {
         let hyper = Hyperparams {
@@ -989,7 +991,7 @@ fn on_a_device_batches_come_ahead_and_an_evaluation_program_scores_the_test_set(
     };
     let like_a_device =
         |_: &Artifact, compiled: &Compiled| -> Result<Box<dyn Backend>, RuntimeError> {
-            Ok(Box::new(LikeADevice(ReferenceBackend::new(compiled))))
+            Ok(Box::new(LikeADevice(ReferenceBackend::new(compiled)?)))
         };
     let mut notes = Vec::new();
     let on_device = train(&e, &options, &like_a_device, &mut |event| {
@@ -1093,7 +1095,7 @@ fn a_state_gone_non_finite_stops_the_run_and_keeps_the_last_good_checkpoint() {
     };
     let open = |_: &Artifact, compiled: &Compiled| -> Result<Box<dyn Backend>, RuntimeError> {
         Ok(Box::new(PoisonedMomentum {
-            inner: ReferenceBackend::new(compiled),
+            inner: ReferenceBackend::new(compiled)?,
             reads: 0,
             from: 2,
         }))
@@ -1265,4 +1267,15 @@ fn a_second_trainer_on_a_run_directory_is_refused() {
     );
     drop(held);
     assert_eq!(run(&e, dir.path(), false, None).unwrap().scores.len(), 1);
+}
+
+#[test]
+fn a_data_set_larger_than_the_host_is_refused_before_it_is_made() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = synthetic("sb", &["data.synthetic.train=4000000000000"]);
+    let err = run(&e, dir.path(), false, None).err().unwrap();
+    assert!(
+        err.contains("synthetic data set needs") && err.contains("host memory"),
+        "{err}"
+    );
 }

@@ -207,7 +207,7 @@ impl<'a> Check<'a> {
         let nodes = node_by_node(&mut self.session, compiled, bounds)?;
 
         let mut backend = Session::new(artifact, (self.open)()?)?;
-        let mut reference = Session::new(artifact, ReferenceBackend::new(compiled))?;
+        let mut reference = Session::new(artifact, ReferenceBackend::new(compiled)?)?;
         // the oracle: the unoptimised step in f64, as the hard rules have it
         let oracle = source.training_step()?;
         let steps = compare_steps(

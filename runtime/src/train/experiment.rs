@@ -373,6 +373,12 @@ impl Experiment {
             if let Some((key, _)) = counts.iter().find(|(_, n)| *n == 0) {
                 return Err(format!("{key} must be at least 1"));
             }
+            if s.classes > 256 {
+                return Err(format!(
+                    "data.synthetic.classes is {}: labels are bytes, 256 classes at most",
+                    s.classes
+                ));
+            }
             if s.shape.contains(&0) {
                 return Err(format!(
                     "data.synthetic.shape is {:?}: every side at least 1",

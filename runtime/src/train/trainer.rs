@@ -29,6 +29,7 @@ use super::regime::{Phase, lr_factor, phases};
 use crate::backend::{Backend, RuntimeError};
 use crate::data::pipeline::{self, Pipeline};
 use crate::data::{Dataset, cifar, idx, synthetic};
+use crate::host::check_fits;
 use crate::session::Session;
 
 pub const EXPERIMENT_FILE: &str = "experiment.toml";
@@ -110,6 +111,14 @@ pub fn load_data(data: &super::experiment::DataConfig) -> Result<(Dataset, Datas
         }
         DataSet::Synthetic => {
             let s = data.synthetic.as_ref().ok_or(TrainError::NoSyntheticSet)?;
+            // the images as bytes, and the class templates as f32
+            let images = s.train.saturating_add(s.test);
+            let needs = (s
+                .shape
+                .iter()
+                .fold(1u64, |a, &d| a.saturating_mul(d as u64)))
+            .saturating_mul((images as u64).saturating_add(4 * s.classes as u64));
+            check_fits(needs, "the synthetic data set")?;
             let train = synthetic::make(s.train, s.shape, s.classes, s.noise, 1);
             // the same class templates (seed), other draws (an offset past the training images)
             let test = synthetic::make_from(s.train, s.test, s.shape, s.classes, s.noise, 1);
