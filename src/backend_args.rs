@@ -1,5 +1,7 @@
 //! Choosing and opening a backend for a compiled artifact (`fisherc run`, `fisherc check`).
 
+use std::path::Path;
+
 use anyhow::Result;
 use fisherc_codegen::artifact::Artifact;
 use fisherc_codegen::compile::Compiled;
@@ -17,12 +19,6 @@ pub enum BackendKind {
 }
 
 impl BackendKind {
-    /// Whether the backend runs the artifact's graph or kernel IR, which only compiling its
-    /// source again gives (`recompile`).
-    pub fn needs_compiled(self) -> bool {
-        self != BackendKind::Cuda
-    }
-
     /// Whether the backend runs the generated kernels (the reference backend runs the CPU
     /// reference ops: how the kernels are tiled or pipelined does not apply to it).
     pub fn runs_kernels(self) -> bool {
@@ -30,18 +26,16 @@ impl BackendKind {
     }
 }
 
-/// A backend of `kind` for `artifact`; `compiled` is the artifact compiled again, which the
-/// CPU backends need.
+/// A backend of `kind` for `artifact`; `compiled` is the artifact compiled again ([`load`]),
+/// whose graph and kernel IR the CPU backends run.
 pub fn open(
     kind: BackendKind,
     artifact: &Artifact,
-    compiled: Option<&Compiled>,
+    compiled: &Compiled,
 ) -> Result<Box<dyn Backend>> {
-    let compiled =
-        || compiled.ok_or_else(|| anyhow::anyhow!("the {kind:?} backend needs the compiled graph"));
     Ok(match kind {
-        BackendKind::Reference => Box::new(ReferenceBackend::new(compiled()?)?),
-        BackendKind::Executor => Box::new(ExecutorBackend::new(compiled()?)?),
+        BackendKind::Reference => Box::new(ReferenceBackend::new(compiled)?),
+        BackendKind::Executor => Box::new(ExecutorBackend::new(compiled)?),
         BackendKind::Cuda => cuda(artifact)?,
     })
 }
@@ -58,7 +52,12 @@ fn cuda(_: &Artifact) -> Result<Box<dyn Backend>> {
     )
 }
 
-/// The artifact compiled again, for the CPU backends and the checks.
-pub fn recompile(artifact: &Artifact) -> Result<Compiled> {
-    artifact.recompile().map_err(anyhow::Error::msg)
+/// The artifact in `dir`, read (every index and range checked) and compiled again from its
+/// kept source into this very plan and PTX, so that buffers, shapes, dtypes, launches and
+/// kernels are what the compiler makes: the one validation every command makes before
+/// anything runs, on any backend. The compiled step is what the CPU backends run.
+pub fn load(dir: &Path) -> Result<(Artifact, Compiled)> {
+    let artifact = Artifact::read(dir)?;
+    let compiled = artifact.recompile()?;
+    Ok((artifact, compiled))
 }

@@ -408,7 +408,7 @@ fn timed_steps(
     compiled: &Compiled,
     out: &mut impl Write,
 ) -> Result<Times> {
-    let backend = backend_args::open(args.backend, artifact, Some(compiled))?;
+    let backend = backend_args::open(args.backend, artifact, compiled)?;
     let mut session = Session::new(artifact, backend)?;
     if args.backend == BackendKind::Cuda {
         session.backend.capture()?;

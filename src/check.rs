@@ -6,7 +6,6 @@ use std::io::{self, Write};
 use std::path::PathBuf;
 
 use anyhow::Result;
-use fisherc_codegen::artifact::Artifact;
 use fisherc_runtime::backend::RuntimeError;
 use fisherc_runtime::check::report::{Check, CheckReport, CheckSetup};
 use fisherc_runtime::check::{StepBound, StepComparison};
@@ -39,8 +38,7 @@ pub struct Args {
 }
 
 pub fn run(args: &Args) -> Result<()> {
-    let artifact = Artifact::read(&args.artifact)?;
-    let compiled = backend_args::recompile(&artifact)?;
+    let (artifact, compiled) = backend_args::load(&args.artifact)?;
     let source = &artifact.plan.source;
     let noise_scale = check_noise_scale(&args.hyper, source.noise.is_drawn(source.fisher));
     let setup = CheckSetup {
@@ -50,7 +48,7 @@ pub fn run(args: &Args) -> Result<()> {
         hyper: args.hyper.at(noise_scale, args.seed, 0),
     };
     let open = || {
-        backend_args::open(args.backend, &artifact, Some(&compiled))
+        backend_args::open(args.backend, &artifact, &compiled)
             .map_err(|e| RuntimeError::Setup(format!("{e:#}")))
     };
     let check = Check::open(&artifact, &compiled, &open, setup)?;

@@ -5,7 +5,7 @@ use std::io::{self, Write};
 use std::path::Path;
 
 use anyhow::Result;
-use fisherc_codegen::artifact::{Artifact, Plan, summary};
+use fisherc_codegen::artifact::{Plan, summary};
 use fisherc_codegen::ptxas::{self, Resources};
 use serde::Serialize;
 
@@ -32,7 +32,7 @@ struct Report<'a> {
 }
 
 pub fn run(dir: &Path, json: bool) -> Result<()> {
-    let artifact = Artifact::read(dir)?;
+    let (artifact, _) = crate::backend_args::load(dir)?;
     let plan = &artifact.plan;
     let (resources, note) = match ptxas::find() {
         None => (

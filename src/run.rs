@@ -5,7 +5,6 @@ use std::io::{self, Write};
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use fisherc_codegen::artifact::Artifact;
 use fisherc_ir::ops::Role;
 use fisherc_ir::state::TrainState;
 use fisherc_ir::synthetic::random_batch;
@@ -52,25 +51,10 @@ pub struct Args {
 }
 
 pub fn run(args: &Args) -> Result<()> {
-    let artifact = Artifact::read(&args.artifact)?;
+    let (artifact, compiled) = backend_args::load(&args.artifact)?;
     let source = artifact.plan.source.clone();
     let mut out = io::stdout().lock();
-    let needs_compiled = args.backend.needs_compiled() || args.profile;
-    if needs_compiled {
-        writeln!(
-            out,
-            "compiling {} again: {} the graph behind the plan",
-            source.model,
-            match args.backend.needs_compiled() {
-                true => "the CPU backends run",
-                false => "the profile reports on",
-            }
-        )?;
-    }
-    let compiled = needs_compiled
-        .then(|| backend_args::recompile(&artifact))
-        .transpose()?;
-    let backend = backend_args::open(args.backend, &artifact, compiled.as_ref())?;
+    let backend = backend_args::open(args.backend, &artifact, &compiled)?;
     let mut session = Session::new(&artifact, backend)?;
     if args.graph {
         anyhow::ensure!(session.backend.capture()?, "--graph needs the cuda backend");
@@ -106,7 +90,7 @@ pub fn run(args: &Args) -> Result<()> {
     if let Some(summary) = summary(&times, args.warmup, source.batch) {
         writeln!(out, "{summary}")?;
     }
-    if let Some(compiled) = compiled.as_ref().filter(|_| args.profile) {
+    if args.profile {
         let times = session.profile().context("the profiled step")?;
         crate::profile::print(&mut out, &session.plan, &compiled.graph, &times)?;
     }

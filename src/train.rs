@@ -54,7 +54,7 @@ pub fn run(args: &Args) -> Result<()> {
     };
     let kind = args.backend;
     let open = |artifact: &Artifact, compiled: &Compiled| {
-        backend_args::open(kind, artifact, Some(compiled))
+        backend_args::open(kind, artifact, compiled)
             .map_err(|e| RuntimeError::Setup(format!("{e:#}")))
     };
     println!(

@@ -749,3 +749,70 @@ fn an_arena_larger_than_the_host_is_refused_before_it_is_allocated() {
         );
     }
 }
+
+/// An artifact edited where its indices stay in range (a buffer's dtype and offset, a launch's
+/// grid, an immediate in the PTX) is refused by every command before anything runs: it does
+/// not compile again to itself.
+#[test]
+fn an_edited_artifact_is_refused_by_inspect_run_and_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good");
+    let good = good.to_str().unwrap();
+    let compiled = fisherc(&[
+        "compile",
+        "models/small_cnn.toml",
+        "--batch",
+        "4",
+        "--input",
+        "1x12x12",
+        "-o",
+        good,
+    ]);
+    assert!(compiled.status.success());
+    let plan = std::fs::read_to_string(format!("{good}/plan.json")).unwrap();
+    let ptx = std::fs::read_to_string(format!("{good}/module.ptx")).unwrap();
+    let edits: [(&str, String, String); 4] = [
+        (
+            "dtype",
+            plan.replacen("\"dtype\": \"F32\"", "\"dtype\": \"I32\"", 1),
+            ptx.clone(),
+        ),
+        (
+            "offset",
+            plan.replacen("\"offset\": 256,", "\"offset\": 0,", 1),
+            ptx.clone(),
+        ),
+        (
+            "grid",
+            plan.replacen("\"grid\": [\n        2,", "\"grid\": [\n        0,", 1),
+            ptx.clone(),
+        ),
+        (
+            "ptx",
+            plan.clone(),
+            ptx.replacen("0f3F800000", "0f40000000", 1),
+        ),
+    ];
+    for (what, plan_text, ptx_text) in edits {
+        assert!(
+            plan_text != plan || ptx_text != ptx,
+            "{what}: the edit applies"
+        );
+        let bad = dir.path().join(what);
+        std::fs::create_dir_all(&bad).unwrap();
+        std::fs::write(bad.join("plan.json"), plan_text).unwrap();
+        std::fs::write(bad.join("module.ptx"), ptx_text).unwrap();
+        std::fs::copy(format!("{good}/summary.txt"), bad.join("summary.txt")).unwrap();
+        let bad = bad.to_str().unwrap();
+        for args in [
+            &["inspect", bad][..],
+            &["run", bad, "--steps", "1"],
+            &["check", bad],
+        ] {
+            let out = fisherc(args);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{what}: {args:?} ran");
+            assert!(!stderr.contains("panicked"), "{what}: {args:?}: {stderr}");
+        }
+    }
+}

@@ -270,7 +270,7 @@ pub enum SourceError {
     #[error("{model} is compiled as an evaluation program, not a training step")]
     NotAStep { model: String },
     #[error(
-        "compiling {model} again gives another program (the artifact comes from another fisherc: {fisherc}); recompile it"
+        "compiling {model} again gives another program: the artifact was edited or damaged, or comes from another fisherc (it says {fisherc}); recompile it"
     )]
     Changed { model: String, fisherc: String },
 }
