@@ -816,3 +816,33 @@ fn an_edited_artifact_is_refused_by_inspect_run_and_check() {
         }
     }
 }
+
+#[test]
+fn a_model_of_billions_of_layers_is_refused_at_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let grown = |repeat: &str| {
+        format!(
+            "name = \"deep\"\ninput = [1, 8, 8]\nclasses = 3\nlayers = [\n  {{ op = \"relu\", repeat = {repeat} }},\n  {{ op = \"flatten\" }},\n  {{ op = \"linear\", out = 3 }},\n]\n"
+        )
+    };
+    let path = dir.path().join("deep.toml");
+    for (repeat, says) in [("4294967296", "repeat is 4294967296"), ("9000", "")] {
+        std::fs::write(&path, grown(repeat)).unwrap();
+        let out = fisherc(&["inspect", path.to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if says.is_empty() {
+            assert!(out.status.success(), "9000 layers build: {stderr}");
+        } else {
+            assert!(
+                stderr.contains(says) && stderr.contains("deep.toml:5"),
+                "{stderr}"
+            );
+        }
+    }
+    // blocks multiply: 100 uses of a block of 100 × 10 layers pass the node limit
+    let nested = "name = \"nested\"\ninput = [1, 8, 8]\nclasses = 3\nlayers = [\n  { block = \"b\", repeat = 100 },\n  { op = \"flatten\" },\n  { op = \"linear\", out = 3 },\n]\n\n[blocks.b]\nlayers = [{ op = \"relu\", repeat = 1000 }]\n";
+    std::fs::write(&path, nested).unwrap();
+    let out = fisherc(&["inspect", path.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("grown past"), "{stderr}");
+}

@@ -251,6 +251,13 @@ const OPS: &[(&str, &[&str])] = &[
     ("add", &["from", "shortcut"]),
 ];
 
+/// Most copies one entry makes (`repeat`).
+const MAX_REPEAT: usize = 10_000;
+
+/// Most nodes a model's forward graph may have: far beyond any CNN trained with fisherc (VGG16
+/// has 60), small enough that building one stays fast.
+const MAX_MODEL_NODES: usize = 50_000;
+
 struct Builder<'s> {
     spec: &'s ModelSpec,
     mode: Mode,
@@ -353,6 +360,17 @@ impl Builder<'_> {
         Ok(x)
     }
 
+    /// An error if the graph has grown past [`MAX_MODEL_NODES`].
+    fn within_size(&self, at: &At<'_>) -> Result<(), ModelError> {
+        if self.graph.node_count() > MAX_MODEL_NODES {
+            return Err(self.at_error(
+                at,
+                format!("the model has grown past {MAX_MODEL_NODES} nodes here: repeat counts too large?"),
+            ));
+        }
+        Ok(())
+    }
+
     fn entry(
         &mut self,
         entry: &Entry,
@@ -362,14 +380,15 @@ impl Builder<'_> {
     ) -> Result<PortRef, ModelError> {
         let at = At { entry, sites };
         let repeat = self.int(&at, scope, "repeat")?.unwrap_or(1);
-        if repeat == 0 {
-            return Err(self.at_error(&at, "repeat must be at least 1".to_string()));
+        if repeat == 0 || repeat > MAX_REPEAT {
+            return Err(self.at_error(&at, format!("repeat is {repeat}: 1 to {MAX_REPEAT}")));
         }
         let name = self.string(&at, "name")?;
         match (self.string(&at, "op")?, self.string(&at, "block")?) {
             (Some(op), None) => {
                 for _ in 0..repeat {
                     let at = At { entry, sites };
+                    self.within_size(&at)?;
                     let local = scope
                         .local_name(&op, name.as_deref(), repeat)
                         .map_err(|m| self.at_error(&at, m))?;
@@ -379,6 +398,7 @@ impl Builder<'_> {
             }
             (None, Some(block)) => {
                 for _ in 0..repeat {
+                    self.within_size(&At { entry, sites })?;
                     let local = scope
                         .local_name(&block, name.as_deref(), repeat)
                         .map_err(|m| self.error(entry.line, sites, m))?;
