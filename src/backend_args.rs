@@ -5,8 +5,8 @@ use std::path::Path;
 use anyhow::Result;
 use fisherc_codegen::artifact::Artifact;
 use fisherc_codegen::compile::Compiled;
-use fisherc_runtime::Backend;
 use fisherc_runtime::cpu::{ExecutorBackend, ReferenceBackend};
+use fisherc_runtime::{Backend, RuntimeError};
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BackendKind {
@@ -32,7 +32,7 @@ pub fn open(
     kind: BackendKind,
     artifact: &Artifact,
     compiled: &Compiled,
-) -> Result<Box<dyn Backend>> {
+) -> Result<Box<dyn Backend>, RuntimeError> {
     Ok(match kind {
         BackendKind::Reference => Box::new(ReferenceBackend::new(compiled)?),
         BackendKind::Executor => Box::new(ExecutorBackend::new(compiled)?),
@@ -41,15 +41,15 @@ pub fn open(
 }
 
 #[cfg(feature = "cuda")]
-fn cuda(artifact: &Artifact) -> Result<Box<dyn Backend>> {
+fn cuda(artifact: &Artifact) -> Result<Box<dyn Backend>, RuntimeError> {
     Ok(Box::new(fisherc_runtime::cuda::CudaBackend::new(artifact)?))
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda(_: &Artifact) -> Result<Box<dyn Backend>> {
-    anyhow::bail!(
-        "this fisherc was built without the CUDA backend: build it with scripts/build-cuda.sh (cargo feature `cuda`)"
-    )
+fn cuda(_: &Artifact) -> Result<Box<dyn Backend>, RuntimeError> {
+    Err(RuntimeError::Setup(
+        "this fisherc was built without the CUDA backend: build it with scripts/build-cuda.sh (cargo feature `cuda`)".to_string(),
+    ))
 }
 
 /// The artifact in `dir`, read (every index and range checked) and compiled again from its

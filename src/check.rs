@@ -6,7 +6,6 @@ use std::io::{self, Write};
 use std::path::PathBuf;
 
 use anyhow::Result;
-use fisherc_runtime::backend::RuntimeError;
 use fisherc_runtime::check::report::{Check, CheckReport, CheckSetup};
 use fisherc_runtime::check::{StepBound, StepComparison};
 
@@ -47,10 +46,7 @@ pub fn run(args: &Args) -> Result<()> {
         seed: args.seed,
         hyper: args.hyper.at(noise_scale, args.seed, 0),
     };
-    let open = || {
-        backend_args::open(args.backend, &artifact, &compiled)
-            .map_err(|e| RuntimeError::Setup(format!("{e:#}")))
-    };
+    let open = || backend_args::open(args.backend, &artifact, &compiled);
     let check = Check::open(&artifact, &compiled, &open, setup)?;
     let mut out = io::stdout().lock();
     writeln!(

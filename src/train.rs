@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use anyhow::Result;
 use fisherc_codegen::artifact::Artifact;
 use fisherc_codegen::compile::Compiled;
-use fisherc_runtime::RuntimeError;
 use fisherc_runtime::train::experiment::Experiment;
 use fisherc_runtime::train::trainer::{Event, TrainOptions, noisy, train};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -53,10 +52,8 @@ pub fn run(args: &Args) -> Result<()> {
         until_epoch: args.until_epoch,
     };
     let kind = args.backend;
-    let open = |artifact: &Artifact, compiled: &Compiled| {
-        backend_args::open(kind, artifact, compiled)
-            .map_err(|e| RuntimeError::Setup(format!("{e:#}")))
-    };
+    let open =
+        |artifact: &Artifact, compiled: &Compiled| backend_args::open(kind, artifact, compiled);
     println!(
         "{} ({}) → {}",
         experiment.name,

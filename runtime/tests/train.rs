@@ -12,7 +12,7 @@ use fisherc_ir::graph::Output;
 use fisherc_ir::graph::PortRef;
 use fisherc_ir::interp::evaluate;
 use fisherc_ir::model::{BuildOptions, load};
-use fisherc_ir::model::{ModelSpec, build};
+use fisherc_ir::model::{ModelSpec, Network, build};
 use fisherc_ir::ops::Role;
 use fisherc_ir::state::{Hyperparams, TrainState};
 use fisherc_ir::synthetic::random_batch;
@@ -74,6 +74,16 @@ fn run(
         until_epoch,
     };
     train(experiment, &options, &reference_backend, &mut |_| {}).map_err(|e| e.to_string())
+}
+
+/// The network of `model` at input `input`, in training mode: what its checkpoints hold the
+/// state of (the batch does not change it).
+fn network(model: &Path, input: [usize; 3]) -> Network {
+    let options = BuildOptions {
+        input: Some(input),
+        ..BuildOptions::train(4)
+    };
+    load(model, &options).unwrap()
 }
 
 /// The step and epoch records of a run's metrics.
@@ -733,16 +743,7 @@ fn damaged_checkpoints_are_reported() {
     run(&e, dir.path(), false, None).unwrap();
     let path = dir.path().join(CHECKPOINT_FILE);
     let good = std::fs::read(&path).unwrap();
-    let net = |input| {
-        load(
-            &root().join("models/small_cnn.toml"),
-            &BuildOptions {
-                input: Some(input),
-                ..BuildOptions::train(4)
-            },
-        )
-        .unwrap()
-    };
+    let net = |input| network(&root().join("models/small_cnn.toml"), input);
     let read = |bytes: &[u8]| {
         std::fs::write(&path, bytes).unwrap();
         checkpoint::read(&path, &net([1, 12, 12]))
@@ -1031,14 +1032,7 @@ fn the_same_state_gives_the_same_checkpoint_bytes() {
     let e = synthetic("sb", &["train.epochs=1"]);
     run(&e, dir.path(), false, None).unwrap();
     let path = dir.path().join(CHECKPOINT_FILE);
-    let net = load(
-        &root().join("models/small_cnn.toml"),
-        &BuildOptions {
-            input: Some([1, 12, 12]),
-            ..BuildOptions::train(4)
-        },
-    )
-    .unwrap();
+    let net = network(&root().join("models/small_cnn.toml"), [1, 12, 12]);
     let kept = checkpoint::read(&path, &net).unwrap();
     let first = std::fs::read(&path).unwrap();
     // the metadata is written from a hash map, whose order differs map by map
@@ -1109,14 +1103,7 @@ fn a_state_gone_non_finite_stops_the_run_and_keeps_the_last_good_checkpoint() {
         "{error}"
     );
     let path = dir.path().join(CHECKPOINT_FILE);
-    let net = load(
-        &root().join("models/small_cnn.toml"),
-        &BuildOptions {
-            input: Some([1, 12, 12]),
-            ..BuildOptions::train(4)
-        },
-    )
-    .unwrap();
+    let net = network(&root().join("models/small_cnn.toml"), [1, 12, 12]);
     let kept = checkpoint::read(&path, &net).expect("the checkpoint of epoch 1, finite");
     assert_eq!(kept.epoch, 1);
     let epochs = records(dir.path())
@@ -1227,14 +1214,7 @@ fn resume_refuses_a_changed_model_and_a_checkpoint_the_regime_does_not_reach() {
     std::fs::write(&model, &text).unwrap();
     // a checkpoint whose position the regime never reaches
     let path = dir.path().join(CHECKPOINT_FILE);
-    let net = load(
-        &model,
-        &BuildOptions {
-            input: Some([1, 12, 12]),
-            ..BuildOptions::train(20)
-        },
-    )
-    .unwrap();
+    let net = network(&model, [1, 12, 12]);
     let good = checkpoint::read(&path, &net).unwrap();
     for (epoch, step) in [(99, good.step), (0, good.step), (good.epoch, good.step + 1)] {
         let moved = checkpoint::Checkpoint {

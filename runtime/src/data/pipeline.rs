@@ -45,11 +45,20 @@ pub fn epoch(len: usize, batch: usize, seed: u64, epoch: u64, shuffle: bool) -> 
             order.swap(i, j);
         }
     }
-    let full = len / batch * batch;
+    let (count, dropped) = full_batches(len, batch);
     Epoch {
-        batches: order[..full].chunks(batch).map(<[usize]>::to_vec).collect(),
-        dropped: len - full,
+        batches: order[..count * batch]
+            .chunks(batch)
+            .map(<[usize]>::to_vec)
+            .collect(),
+        dropped,
     }
+}
+
+/// How many full batches of `batch` images an epoch of `len` has, and how many images are
+/// left out.
+pub fn full_batches(len: usize, batch: usize) -> (usize, usize) {
+    (len / batch, len % batch)
 }
 
 fn key(seed: u64) -> [u32; 2] {

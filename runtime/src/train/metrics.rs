@@ -45,40 +45,38 @@ impl Metrics {
     /// Opens `path` for appending (a resumed run continues its file).
     pub fn open(path: &Path) -> std::io::Result<Metrics> {
         let file = OpenOptions::new().create(true).append(true).open(path)?;
-        Ok(Metrics {
+        Ok(Metrics::over(file))
+    }
+
+    fn over(file: File) -> Metrics {
+        Metrics {
             out: BufWriter::new(file),
-        })
+        }
     }
 
     /// The metrics file at `path` cut back to what a run had recorded when it had done
     /// `epochs` epochs and `steps` steps (what its checkpoint holds), then opened for more:
     /// a resumed run records the epochs it lost again, once.
     pub fn resume(path: &Path, epochs: usize, steps: u64) -> Result<Metrics, MetricsError> {
-        if path.exists() {
-            let kept: Vec<Record> = read(path)?
-                .into_iter()
-                .filter(|r| match r {
-                    Record::Step { step, .. } => *step <= steps,
-                    Record::Epoch { epoch, .. } => *epoch <= epochs,
-                })
-                .collect();
-            let mut text = String::new();
-            for record in &kept {
-                text.push_str(&serde_json::to_string(record).expect("records serialise"));
-                text.push('\n');
-            }
-            let temporary = path.with_extension("partial");
-            let io = |error| MetricsError::Io {
-                path: path.to_path_buf(),
-                error,
-            };
-            std::fs::write(&temporary, text).map_err(io)?;
-            std::fs::rename(&temporary, path).map_err(io)?;
-        }
-        Metrics::open(path).map_err(|error| MetricsError::Io {
+        let io = |error| MetricsError::Io {
             path: path.to_path_buf(),
             error,
-        })
+        };
+        if path.exists() {
+            let kept = read(path)?.into_iter().filter(|r| match r {
+                Record::Step { step, .. } => *step <= steps,
+                Record::Epoch { epoch, .. } => *epoch <= epochs,
+            });
+            let temporary = path.with_extension("partial");
+            {
+                let mut out = Metrics::over(File::create(&temporary).map_err(io)?);
+                for record in kept {
+                    out.write(&record).map_err(io)?;
+                }
+            }
+            std::fs::rename(&temporary, path).map_err(io)?;
+        }
+        Metrics::open(path).map_err(io)
     }
 
     pub fn write(&mut self, record: &Record) -> std::io::Result<()> {

@@ -258,6 +258,7 @@ impl<'a> Run<'a> {
     ) -> Result<Run<'a>, TrainError> {
         let t = &experiment.train;
         let dir = options.run_dir.as_path();
+        let lock = RunLock::take(&options.run_dir)?;
         let (train_set, test_set) = load_data(&experiment.data)?;
         let model_text = std::fs::read_to_string(&experiment.model)
             .map_err(TrainError::io(&experiment.model))?;
@@ -276,7 +277,7 @@ impl<'a> Run<'a> {
         let pipeline = Pipeline::new(&train_set, input)?;
         let evaluator = Evaluator::new(&spec, input, test_set.len())?;
         let model = (experiment, model_text.as_str());
-        let (lock, start) = start(model, options, &first, train_set.len(), report)?;
+        let start = start(model, options, &first, train_set.len(), report)?;
         let Start {
             state,
             epoch,
@@ -347,20 +348,20 @@ impl<'a> Run<'a> {
             }
         }
         let images = self.train_set.len();
-        let layout = pipeline::epoch(images, phase.batch, experiment.train.seed, 0, false);
+        let (steps_per_epoch, dropped) = pipeline::full_batches(images, phase.batch);
         report(Event::PhaseStart {
             phase: phase.clone(),
             first_epoch: self.epoch.max(phase.epochs.start),
             backend: session.backend.describe(),
-            steps_per_epoch: layout.batches.len(),
+            steps_per_epoch,
         });
-        if layout.dropped > 0 {
+        if dropped > 0 {
             report(Event::Note(format!(
                 "batch {}: the last {} of {images} training images do not fill a batch and are left out each epoch",
-                phase.batch, layout.dropped,
+                phase.batch, dropped,
             )));
         }
-        if layout.batches.is_empty() {
+        if steps_per_epoch == 0 {
             return Err(TrainError::BatchTooLarge {
                 batch: phase.batch,
                 images,
@@ -530,9 +531,8 @@ struct Start {
     metrics: Metrics,
 }
 
-/// The run directory, locked for this run, and where the run starts there: from the
-/// checkpoint (`--resume`: the same experiment and model, at a position the regime reaches),
-/// or fresh. A directory whose run never ended an epoch (no checkpoint, the same experiment)
+/// Where a run starts in its (locked) run directory: from the checkpoint (`--resume`: the
+/// same experiment and model, at a position the regime reaches), or fresh. A directory whose run never ended an epoch (no checkpoint, the same experiment)
 /// starts again either way.
 fn start(
     (experiment, model_text): (&Experiment, &str),
@@ -540,10 +540,8 @@ fn start(
     first: &TrainingStep,
     train_len: usize,
     report: &mut dyn FnMut(Event),
-) -> Result<(RunLock, Start), TrainError> {
+) -> Result<Start, TrainError> {
     let dir = &options.run_dir;
-    std::fs::create_dir_all(dir).map_err(TrainError::io(dir))?;
-    let lock = RunLock::take(dir)?;
     let checkpoint_path = dir.join(CHECKPOINT_FILE);
     let experiment_path = dir.join(EXPERIMENT_FILE);
     let metrics_path = dir.join(METRICS_FILE);
@@ -578,7 +576,7 @@ fn start(
             step: checkpoint.step,
             metrics,
         };
-        return Ok((lock, start));
+        return Ok(start);
     }
     let recorded = std::fs::read_to_string(&experiment_path).ok();
     let unfinished = recorded.as_deref() == Some(toml.as_str()) && !checkpoint_path.exists();
@@ -606,7 +604,7 @@ fn start(
         step: 0,
         metrics: Metrics::resume(&metrics_path, 0, 0)?,
     };
-    Ok((lock, start))
+    Ok(start)
 }
 
 /// The steps the regime has taken after `epochs` epochs of `train_len` images, each epoch's
@@ -616,7 +614,7 @@ fn steps_until(experiment: &Experiment, train_len: usize, epochs: usize) -> Opti
     (0..epochs)
         .map(|e| {
             let phase = phases.iter().find(|p| p.epochs.contains(&e))?;
-            Some((train_len / phase.batch) as u64)
+            Some(pipeline::full_batches(train_len, phase.batch).0 as u64)
         })
         .sum()
 }
@@ -628,7 +626,9 @@ pub struct RunLock {
 }
 
 impl RunLock {
+    /// Creates `dir` if need be and locks it.
     fn take(dir: &Path) -> Result<RunLock, TrainError> {
+        std::fs::create_dir_all(dir).map_err(TrainError::io(dir))?;
         let path = dir.join(LOCK_FILE);
         let mut file = std::fs::OpenOptions::new()
             .read(true)
