@@ -346,8 +346,7 @@ fn measure(args: &Args, config: &Config<'_>, out: &mut impl Write) -> Result<Mea
     };
     let network = model::load(config.path, &options)?;
     let step = build_training_step(network, &StepOptions::new(config.fisher))?;
-    let text = std::fs::read_to_string(config.path)
-        .with_context(|| format!("reading {}", config.path.display()))?;
+    let text = fisherc_ir::model::ModelSpec::read_text(config.path)?;
     let options = config.variant.options(config.stages, args.arch);
     let (compiled, artifact) = compile_step(&step, (config.path, text), options)
         .with_context(|| format!("compiling {}", config.path.display()))?;

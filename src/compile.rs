@@ -88,8 +88,7 @@ impl Args {
 pub fn run(args: &Args) -> Result<()> {
     let step = args.model.training_step()?;
     let path = &args.model.model;
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = fisherc_ir::model::ModelSpec::read_text(path)?;
     let (_, artifact) = compile_step(&step, (path, text), args.options())
         .with_context(|| format!("compiling {}", path.display()))?;
     let dir = args.out.clone().unwrap_or_else(|| default_dir(args));

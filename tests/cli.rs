@@ -250,9 +250,88 @@ fn a_model_file_that_cannot_be_read_is_named_without_a_line() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.starts_with("error: models/nope.toml: cannot read the model file"),
+        err.starts_with("error: models/nope.toml: the model file: cannot read"),
         "{err}"
     );
+}
+
+#[test]
+fn special_files_are_refused_as_inputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("model.toml");
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let fifo = fifo.to_str().unwrap();
+    let plan = dir.path().join("artifact/plan.json");
+    std::fs::create_dir(plan.parent().unwrap()).unwrap();
+    assert!(
+        Command::new("mkfifo")
+            .arg(&plan)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let artifact = plan.parent().unwrap().to_str().unwrap();
+    for (args, says) in [
+        (vec!["inspect", "/dev/zero"], "a character device"),
+        (vec!["compile", fifo, "--batch", "2"], "a FIFO"),
+        (vec!["train", "--config", "/dev/zero"], "a character device"),
+        (
+            vec!["run", artifact],
+            "plan.json: not a regular file (it is a FIFO)",
+        ),
+    ] {
+        let out = fisherc(&args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn a_megabyte_of_bad_words_is_echoed_in_short() {
+    let word = "x".repeat(100_000);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("experiment.toml");
+    std::fs::write(&config, SYNTHETIC_EXPERIMENT).unwrap();
+    let model = dir.path().join("model.toml");
+    let text = std::fs::read_to_string("models/small_cnn.toml").unwrap();
+    let text = text.replace(r#"{ op = "flatten" }"#, &format!(r#"{{ op = "{word}" }}"#));
+    std::fs::write(&model, text).unwrap();
+    let run_dir = dir.path().join("run").display().to_string();
+    let config = config.display().to_string();
+    let overrides = [
+        format!("train.regime={word}"),
+        format!("{word}=1"),
+        format!("train.lr={word}"),
+    ];
+    let mut runs: Vec<Vec<&str>> = overrides
+        .iter()
+        .map(|set| {
+            vec![
+                "train",
+                "--config",
+                &config,
+                "--run-dir",
+                &run_dir,
+                "--set",
+                set,
+            ]
+        })
+        .collect();
+    runs.push(vec!["inspect", model.to_str().unwrap()]);
+    for args in runs {
+        let out = fisherc(&args);
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.len() < 2_000, "{} bytes: {}", err.len(), &err[..300]);
+        assert!(err.contains("characters]"), "{err}");
+    }
 }
 
 #[test]

@@ -243,6 +243,11 @@ pub enum ArtifactError {
         path: PathBuf,
         error: std::io::Error,
     },
+    #[error("{path}: {error}")]
+    Input {
+        path: PathBuf,
+        error: fisherc_ir::input::InputError,
+    },
     #[error(
         "{dir} is not a compiled artifact: it has no {PLAN_FILE} (`fisherc compile MODEL -o {dir}` writes one)"
     )]
@@ -381,7 +386,8 @@ impl Artifact {
     pub fn read(dir: &Path) -> Result<Artifact, ArtifactError> {
         let read = |name: &str| {
             let path = dir.join(name);
-            fs::read_to_string(&path).map_err(|error| ArtifactError::Io { path, error })
+            fisherc_ir::input::read_text(&path)
+                .map_err(|error| ArtifactError::Input { path, error })
         };
         let plan_path = dir.join(PLAN_FILE);
         if dir.exists() && !plan_path.exists() {

@@ -13,12 +13,14 @@
 //!   those use ([`matmul`]'s products have the same bits on every CPU).
 //! * [`autodiff`]: reverse mode over the graph; [`step`]: the training step; [`philox`]: the
 //!   bit-reproducible noise stream.
-//! * [`model`]: model files; [`interp`]: the reference interpreter; [`state`]: training state.
+//! * [`model`]: model files; [`interp`]: the reference interpreter; [`state`]: training state;
+//!   [`input`]: bounded reads of users' files and short echoes of their words in errors.
 
 pub mod autodiff;
 pub mod cpu;
 pub mod error;
 pub mod graph;
+pub mod input;
 pub mod interp;
 pub mod matmul;
 pub mod model;

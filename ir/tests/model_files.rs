@@ -283,7 +283,7 @@ fn unreadable_file_is_an_error_not_a_panic() {
     let err = ModelSpec::load(Path::new("/nonexistent/model.toml")).unwrap_err();
     assert!(
         err.to_string()
-            .starts_with("/nonexistent/model.toml: cannot read the model file"),
+            .starts_with("/nonexistent/model.toml: the model file: cannot read"),
         "no line is to blame: {err}"
     );
 }

@@ -131,7 +131,7 @@ fn damaged_cifar_files_are_reported_with_file_and_offset() {
     let err = cifar::load(dir.path(), Cifar::Ten, true)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("data_batch_2.bin: cannot open"), "{err}");
+    assert!(err.contains("data_batch_2.bin: cannot read"), "{err}");
 }
 
 /// An IDX file of unsigned bytes with dimensions `dims` and `data`.
@@ -198,6 +198,35 @@ fn idx_files_load_gzipped_or_raw_and_damage_is_named() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("corrupt gzip stream"), "{err}");
+
+    let mut endless = idx_bytes(&[3, 4, 5], &pixels);
+    endless.resize(64 << 20, 0);
+    write(&images, &gzip(&endless));
+    let err = idx::load_pair(dir.path(), "train", 3, "toy")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("byte 76: more data than dimensions [3, 4, 5] need (60 bytes)"),
+        "{err}"
+    );
+
+    write(&images, &gzip(&idx_bytes(&[u32::MAX, 65536, 1], &[])));
+    let err = idx::load_pair(dir.path(), "train", 3, "toy")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("available"), "{err}");
+
+    std::fs::remove_file(&images).unwrap();
+    let fifo = std::process::Command::new("mkfifo")
+        .arg(&images)
+        .status()
+        .unwrap();
+    assert!(fifo.success());
+    let err = idx::load_pair(dir.path(), "train", 3, "toy")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not a regular file (it is a FIFO)"), "{err}");
+    std::fs::remove_file(&images).unwrap();
 
     let mut wrong_type = idx_bytes(&[3, 4, 5], &pixels);
     wrong_type[2] = 0x0d;

@@ -116,12 +116,16 @@ fn line_of(text: &str, offset: usize) -> usize {
 impl ModelSpec {
     /// Reads and parses a model file.
     pub fn load(path: &Path) -> Result<ModelSpec, ModelError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ModelError {
+        ModelSpec::parse(&ModelSpec::read_text(path)?, path)
+    }
+
+    /// A model file's text, read with the bounds of [`crate::input`].
+    pub fn read_text(path: &Path) -> Result<String, ModelError> {
+        crate::input::read_text(path).map_err(|e| ModelError {
             file: path.to_path_buf(),
             line: 0,
-            message: format!("cannot read the model file: {e}"),
-        })?;
-        ModelSpec::parse(&text, path)
+            message: format!("the model file: {e}"),
+        })
     }
 
     /// Parses model-file text; `path` is only used in error messages.

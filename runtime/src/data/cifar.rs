@@ -5,7 +5,6 @@
 //! byte + 3072. CIFAR-100: `train.bin` and `test.bin`, records of a coarse and a fine label
 //! byte + 3072 (the fine label, 100 classes, is used).
 
-use std::fs::File;
 use std::path::Path;
 
 use memmap2::Mmap;
@@ -55,8 +54,8 @@ pub fn load(dir: &Path, which: Cifar, train: bool) -> Result<Dataset, DataError>
     let mut per_file = Vec::new();
     for name in which.files(train) {
         let path = dir.join(&name);
-        let file = File::open(&path)
-            .map_err(|e| DataError::new(&path, None, format!("cannot open: {e}")))?;
+        let file = fisherc_ir::input::open_regular(&path)
+            .map_err(|e| DataError::new(&path, None, e.to_string()))?;
         // SAFETY: the file is only read; a dataset file changed while training is the user's
         // to avoid, as for any reader of it
         let map = unsafe { Mmap::map(&file) }

@@ -155,7 +155,9 @@ fn locate(per_file: &[usize], mut i: usize) -> (usize, usize) {
     panic!("record index out of range")
 }
 
-/// Reads a whole file, with the error naming it.
+/// Reads a whole regular file that fits the host's memory, with the error naming it.
 fn read(path: &Path) -> Result<Vec<u8>, DataError> {
-    std::fs::read(path).map_err(|e| DataError::new(path, None, format!("cannot read: {e}")))
+    let limit = crate::host::available_memory().unwrap_or(u64::MAX);
+    fisherc_ir::input::read_bytes(path, limit)
+        .map_err(|e| DataError::new(path, None, e.to_string()))
 }

@@ -165,7 +165,8 @@ pub fn read(path: &Path, net: &Network) -> Result<Checkpoint, CheckpointError> {
         path: path.to_path_buf(),
         message,
     };
-    let data = std::fs::read(path).map_err(|e| error(format!("cannot read: {e}")))?;
+    let limit = crate::host::available_memory().unwrap_or(u64::MAX);
+    let data = fisherc_ir::input::read_bytes(path, limit).map_err(|e| error(e.to_string()))?;
     let (_, metadata) = SafeTensors::read_metadata(&data)
         .map_err(|e| error(format!("not a safetensors file: {e}")))?;
     let tensors = SafeTensors::deserialize(&data)

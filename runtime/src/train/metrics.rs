@@ -94,6 +94,11 @@ pub enum MetricsError {
         path: PathBuf,
         error: std::io::Error,
     },
+    #[error("{}: {error}", path.display())]
+    Input {
+        path: PathBuf,
+        error: fisherc_ir::input::InputError,
+    },
     #[error("{}:{line}: {error}", path.display())]
     Line {
         path: PathBuf,
@@ -105,7 +110,7 @@ pub enum MetricsError {
 /// The records of a metrics file, in order, epochs and steps counted from 1; an unreadable
 /// line is an error naming the file and line.
 pub fn read(path: &Path) -> Result<Vec<Record>, MetricsError> {
-    let text = std::fs::read_to_string(path).map_err(|error| MetricsError::Io {
+    let text = fisherc_ir::input::read_text(path).map_err(|error| MetricsError::Input {
         path: path.to_path_buf(),
         error,
     })?;

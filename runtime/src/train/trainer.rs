@@ -260,8 +260,7 @@ impl<'a> Run<'a> {
         let dir = options.run_dir.as_path();
         let lock = RunLock::take(&options.run_dir)?;
         let (train_set, test_set) = load_data(&experiment.data)?;
-        let model_text = std::fs::read_to_string(&experiment.model)
-            .map_err(TrainError::io(&experiment.model))?;
+        let model_text = ModelSpec::read_text(&experiment.model)?;
         let mut spec = ModelSpec::parse(&model_text, &experiment.model)?;
         if spec.classes != train_set.classes {
             // the classifier's width follows the data: VGG16 is written for CIFAR-10 and
