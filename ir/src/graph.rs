@@ -111,6 +111,9 @@ impl fmt::Display for Output {
 pub struct Graph {
     graph: DiGraph<Node, Edge>,
     outputs: Vec<(Output, PortRef)>,
+    /// Where each name is in `outputs`: a step has a few outputs per parameter, and a deep
+    /// model's tens of thousands must not be searched one by one.
+    output_index: HashMap<Output, usize>,
     phase: Option<Phase>,
 }
 
@@ -244,9 +247,12 @@ impl Graph {
     }
 
     pub fn set_output(&mut self, name: Output, value: PortRef) {
-        match self.outputs.iter_mut().find(|(n, _)| *n == name) {
-            Some(slot) => slot.1 = value,
-            None => self.outputs.push((name, value)),
+        match self.output_index.get(&name) {
+            Some(&i) => self.outputs[i].1 = value,
+            None => {
+                self.output_index.insert(name.clone(), self.outputs.len());
+                self.outputs.push((name, value));
+            }
         }
     }
 
@@ -255,10 +261,7 @@ impl Graph {
     }
 
     pub fn output(&self, name: &Output) -> Option<PortRef> {
-        self.outputs
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, p)| *p)
+        self.output_index.get(name).map(|&i| self.outputs[i].1)
     }
 
     /// Node count per op name.
