@@ -658,6 +658,14 @@ fn train_then_plot_overlays_runs_as_svg_and_png() {
     for axis in ["epoch", "cross-entropy", "top-1 accuracy (%)"] {
         assert!(svg.contains(axis), "an axis named {axis}");
     }
+    // a file with numbers that were not finite (`null`, as older runs wrote them) still plots
+    let metrics = dir.path().join("lb/metrics.jsonl");
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    let nulls = text
+        .replacen("\"loss\":", "\"loss\":null,\"was\":", 1)
+        .replace("\"test_loss\":", "\"test_loss\":null,\"was\":");
+    std::fs::write(&metrics, nulls).unwrap();
+    stdout(&fisherc(&["plot", &run_dir("lb"), "-o", &prefix]));
     // a run without metrics is an error that names the file
     let out = fisherc(&["plot", &dir.path().display().to_string()]);
     assert!(!out.status.success());

@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 /// Epochs and steps are counted from 1, as the console counts them. (Files written before
-/// that counted from 0; [`read`] tells them apart and renumbers them.)
+/// that counted from 0; [`read`] tells them apart and renumbers them.) A number that was not
+/// finite is written as `null` (JSON has no NaN) and read back as NaN.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Record {
@@ -18,9 +19,13 @@ pub enum Record {
         /// The step's number in the run.
         step: u64,
         batch: usize,
+        #[serde(deserialize_with = "f32_or_null")]
         loss: f32,
+        #[serde(deserialize_with = "f32_or_null")]
         lr: f32,
+        #[serde(deserialize_with = "f32_or_null")]
         noise_scale: f32,
+        #[serde(deserialize_with = "f64_or_null")]
         seconds: f64,
     },
     Epoch {
@@ -28,13 +33,26 @@ pub enum Record {
         epoch: usize,
         /// Steps done by its end.
         step: u64,
+        #[serde(deserialize_with = "f64_or_null")]
         train_loss: f64,
+        #[serde(deserialize_with = "f64_or_null")]
         test_loss: f64,
+        #[serde(deserialize_with = "f64_or_null")]
         test_accuracy: f64,
         /// Wall time of the epoch's training steps, data included, evaluation excluded.
+        #[serde(deserialize_with = "f64_or_null")]
         seconds: f64,
+        #[serde(deserialize_with = "f64_or_null")]
         images_per_second: f64,
     },
+}
+
+fn f32_or_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f32, D::Error> {
+    Ok(Option::<f32>::deserialize(d)?.unwrap_or(f32::NAN))
+}
+
+fn f64_or_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 pub struct Metrics {
@@ -184,6 +202,22 @@ mod tests {
                 }
             })
             .collect()
+    }
+
+    #[test]
+    fn numbers_written_as_null_read_as_nan() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.jsonl");
+        let mut nan = step(1, 1).replace("\"loss\":1.0", "\"loss\":null");
+        nan.push('\n');
+        nan.push_str(&epoch(1, 1).replace("\"test_loss\":1.0", "\"test_loss\":null"));
+        std::fs::write(&path, nan).unwrap();
+        let records = read(&path).unwrap();
+        assert!(matches!(records[0], Record::Step { loss, .. } if loss.is_nan()));
+        assert!(matches!(records[1], Record::Epoch { test_loss, .. } if test_loss.is_nan()));
+        assert!(read(&path).is_ok());
+        std::fs::write(&path, step(1, 1).replace("\"loss\":1.0", "\"loss\":\"x\"")).unwrap();
+        assert!(read(&path).is_err(), "only null stands for a number");
     }
 
     #[test]
