@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue #6's GPU run, one command for the device machine: ResNet20 on Fashion-MNIST for one
-# epoch with lb-diagf (experiments/fashion_resnet20_lb_diagf.toml) on the CUDA backend. Builds
+# epoch with lb-diagf (experiments/fashion_resnet20_lb_diagf.toml) on the CUDA backend, the
+# state counted for NaN and infinite values on the device every 5 steps. Builds
 # nothing: it runs .gpu/fisherc (scripts/build-cuda.sh) on the data in .gpu/fashion-mnist
 # (copy /usr/share/datasets/fashion-mnist/*.gz there and carry .gpu).
 # The same experiment on the CPU here: fisherc train --config experiments/fashion_resnet20_lb_diagf.toml
@@ -21,7 +22,7 @@ mkdir -p "$OUT"
 
 rm -rf "$RUN"
 timeout "$LIMIT" "$F" train --config experiments/fashion_resnet20_lb_diagf.toml \
-  --backend "$BACKEND" --set "data.dir=$DATA" --run-dir "$RUN" "$@" 2>&1 | tee "$OUT/train.txt"
+  --backend "$BACKEND" --set "data.dir=$DATA" --run-dir "$RUN" --check-every 5 "$@" 2>&1 | tee "$OUT/train.txt"
 status=${PIPESTATUS[0]}
 cp "$RUN/metrics.jsonl" "$OUT/" 2>/dev/null
 echo "gpu-train: exit status $status"

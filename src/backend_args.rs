@@ -3,8 +3,7 @@
 use std::path::Path;
 
 use anyhow::Result;
-use fisherc_codegen::artifact::Artifact;
-use fisherc_codegen::compile::Compiled;
+use fisherc_codegen::artifact::{Artifact, Verified};
 use fisherc_runtime::cpu::{ExecutorBackend, ReferenceBackend};
 use fisherc_runtime::{Backend, RuntimeError};
 
@@ -26,38 +25,30 @@ impl BackendKind {
     }
 }
 
-/// A backend of `kind` for `artifact`; `compiled` is the artifact compiled again ([`load`]),
-/// whose graph and kernel IR the CPU backends run.
-pub fn open(
-    kind: BackendKind,
-    artifact: &Artifact,
-    compiled: &Compiled,
-) -> Result<Box<dyn Backend>, RuntimeError> {
+/// A backend of `kind` for `verified` (compiled here, or read and verified by [`load`]).
+pub fn open(kind: BackendKind, verified: &Verified) -> Result<Box<dyn Backend>, RuntimeError> {
     Ok(match kind {
-        BackendKind::Reference => Box::new(ReferenceBackend::new(compiled)?),
-        BackendKind::Executor => Box::new(ExecutorBackend::new(compiled)?),
-        BackendKind::Cuda => cuda(artifact)?,
+        BackendKind::Reference => Box::new(ReferenceBackend::new(verified)?),
+        BackendKind::Executor => Box::new(ExecutorBackend::new(verified)?),
+        BackendKind::Cuda => cuda(verified)?,
     })
 }
 
 #[cfg(feature = "cuda")]
-fn cuda(artifact: &Artifact) -> Result<Box<dyn Backend>, RuntimeError> {
-    Ok(Box::new(fisherc_runtime::cuda::CudaBackend::new(artifact)?))
+fn cuda(verified: &Verified) -> Result<Box<dyn Backend>, RuntimeError> {
+    Ok(Box::new(fisherc_runtime::cuda::CudaBackend::new(verified)?))
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda(_: &Artifact) -> Result<Box<dyn Backend>, RuntimeError> {
+fn cuda(_: &Verified) -> Result<Box<dyn Backend>, RuntimeError> {
     Err(RuntimeError::Setup(
         "this fisherc was built without the CUDA backend: build it with scripts/build-cuda.sh (cargo feature `cuda`)".to_string(),
     ))
 }
 
-/// The artifact in `dir`, read (every index and range checked) and compiled again from its
-/// kept source into this very plan and PTX, so that buffers, shapes, dtypes, launches and
-/// kernels are what the compiler makes: the one validation every command makes before
-/// anything runs, on any backend. The compiled step is what the CPU backends run.
-pub fn load(dir: &Path) -> Result<(Artifact, Compiled)> {
-    let artifact = Artifact::read(dir)?;
-    let compiled = artifact.recompile()?;
-    Ok((artifact, compiled))
+/// The artifact in `dir`, read (every index and range checked) and verified: compiled again
+/// from its kept source into this very plan and PTX, so that buffers, shapes, dtypes, launches
+/// and kernels are what the compiler makes. Every backend takes only a verified artifact.
+pub fn load(dir: &Path) -> Result<Verified> {
+    Ok(Artifact::read(dir)?.verify()?)
 }

@@ -13,8 +13,8 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::builder::PossibleValue;
-use fisherc_codegen::artifact::{Artifact, compile_step};
-use fisherc_codegen::compile::{CompileOptions, Compiled};
+use fisherc_codegen::artifact::{Verified, compile_step};
+use fisherc_codegen::compile::CompileOptions;
 use fisherc_codegen::lower::LowerOptions;
 use fisherc_codegen::options::{Arch, DEFAULT_STAGES, Precision, stages_note};
 use fisherc_ir::model::{self, BuildOptions};
@@ -348,9 +348,10 @@ fn measure(args: &Args, config: &Config<'_>, out: &mut impl Write) -> Result<Mea
     let step = build_training_step(network, &StepOptions::new(config.fisher))?;
     let text = fisherc_ir::model::ModelSpec::read_text(config.path)?;
     let options = config.variant.options(config.stages, args.arch);
-    let (compiled, artifact) = compile_step(&step, (config.path, text), options)
+    let verified = compile_step(&step, (config.path, text), options)
         .with_context(|| format!("compiling {}", config.path.display()))?;
-    let times = timed_steps(args, &artifact, &compiled, out)?;
+    let times = timed_steps(args, &verified, out)?;
+    let (artifact, compiled) = (verified.artifact(), verified.compiled());
 
     let median = crate::timing::median(&times.steps).context("no timed steps")?;
     let flops = step.graph.flops() as f64;
@@ -401,13 +402,9 @@ struct Times {
     profile: Option<Vec<f64>>,
 }
 
-fn timed_steps(
-    args: &Args,
-    artifact: &Artifact,
-    compiled: &Compiled,
-    out: &mut impl Write,
-) -> Result<Times> {
-    let backend = backend_args::open(args.backend, artifact, compiled)?;
+fn timed_steps(args: &Args, verified: &Verified, out: &mut impl Write) -> Result<Times> {
+    let backend = backend_args::open(args.backend, verified)?;
+    let artifact = verified.artifact();
     let mut session = Session::new(artifact, backend)?;
     if args.backend == BackendKind::Cuda {
         session.backend.capture()?;

@@ -37,8 +37,8 @@ pub struct Args {
 }
 
 pub fn run(args: &Args) -> Result<()> {
-    let (artifact, compiled) = backend_args::load(&args.artifact)?;
-    let source = &artifact.plan.source;
+    let verified = backend_args::load(&args.artifact)?;
+    let source = &verified.plan().source;
     let noise_scale = check_noise_scale(&args.hyper, source.noise.is_drawn(source.fisher));
     let setup = CheckSetup {
         on_gpu: args.backend == BackendKind::Cuda,
@@ -46,8 +46,8 @@ pub fn run(args: &Args) -> Result<()> {
         seed: args.seed,
         hyper: args.hyper.at(noise_scale, args.seed, 0),
     };
-    let open = || backend_args::open(args.backend, &artifact, &compiled);
-    let check = Check::open(&artifact, &compiled, &open, setup)?;
+    let open = || backend_args::open(args.backend, &verified);
+    let check = Check::open(&verified, &open, setup)?;
     let mut out = io::stdout().lock();
     writeln!(
         out,
@@ -62,9 +62,11 @@ pub fn run(args: &Args) -> Result<()> {
     write_report(&mut out, &report, args.steps, noise_scale)?;
     let failed_nodes = report.failed_nodes().count();
     let failed_steps = report.failed_step_rows();
+    let miscounted = (report.counting.counted != report.counting.planted) as usize;
     anyhow::ensure!(
         report.passed(),
-        "{failed_nodes} node outputs and {failed_steps} step quantities out of bounds"
+        "{failed_nodes} node outputs and {failed_steps} step quantities out of bounds, \
+         {miscounted} non-finite counts wrong"
     );
     match report.explained_steps().len() {
         0 => writeln!(out, "PASS")?,
@@ -115,6 +117,16 @@ fn write_report(
             s.outputs, s.worst, s.bound, s.identical, s.failed
         )?;
     }
+    let c = &report.counting;
+    writeln!(
+        out,
+        "\nnon-finite values planted among the {} values of buffer {}: {} planted, {} counted by the backend{}",
+        c.values,
+        c.buffer,
+        c.planted,
+        c.counted,
+        if c.counted == c.planted { "" } else { " FAIL" }
+    )?;
     let bound = report.step_bound;
     writeln!(
         out,

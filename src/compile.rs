@@ -89,8 +89,9 @@ pub fn run(args: &Args) -> Result<()> {
     let step = args.model.training_step()?;
     let path = &args.model.model;
     let text = fisherc_ir::model::ModelSpec::read_text(path)?;
-    let (_, artifact) = compile_step(&step, (path, text), args.options())
+    let verified = compile_step(&step, (path, text), args.options())
         .with_context(|| format!("compiling {}", path.display()))?;
+    let artifact = verified.artifact();
     let dir = args.out.clone().unwrap_or_else(|| default_dir(args));
     artifact.write(&dir)?;
     print!("{}", summary(&artifact.plan));

@@ -32,15 +32,19 @@ struct Report<'a> {
 }
 
 pub fn run(dir: &Path, json: bool) -> Result<()> {
-    let (artifact, _) = crate::backend_args::load(dir)?;
-    let plan = &artifact.plan;
+    let verified = crate::backend_args::load(dir)?;
+    let plan = verified.plan();
     let (resources, note) = match ptxas::find() {
         None => (
             Vec::new(),
             Some("ptxas not found: run scripts/install-ptxas.sh or set FISHERC_PTXAS".to_string()),
         ),
         Some(path) => {
-            match ptxas::assemble(&path, &artifact.ptx, plan.source.compile.arch.name()) {
+            match ptxas::assemble(
+                &path,
+                &verified.artifact().ptx,
+                plan.source.compile.arch.name(),
+            ) {
                 Ok(r) => (r, None),
                 Err(messages) => anyhow::bail!(
                     "ptxas rejected {}:\n{messages}",

@@ -64,7 +64,7 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     if let Err(e) = fisherc_ir::matmul::Isa::from_env() {
-        eprintln!("error: {}", fisherc_ir::input::shorten(&e.to_string()));
+        eprintln!("error: {}", fisherc_ir::files::shorten(&e.to_string()));
         std::process::exit(1);
     }
     let result = match cli.command {
@@ -81,7 +81,7 @@ fn main() {
         if is_broken_pipe(&e) {
             return; // the reader (e.g. `head`) has seen enough
         }
-        eprintln!("error: {}", fisherc_ir::input::shorten(&format!("{e:#}")));
+        eprintln!("error: {}", fisherc_ir::files::shorten(&format!("{e:#}")));
         std::process::exit(1);
     }
 }

@@ -148,7 +148,7 @@ fn curves(dir: &Path) -> Result<Curves> {
 
 /// The experiment's name as the run recorded it, else the directory's.
 fn run_name(dir: &Path) -> String {
-    let recorded = fisherc_ir::input::read_text(&dir.join("experiment.toml"))
+    let recorded = fisherc_ir::files::read_text(&dir.join("experiment.toml"))
         .ok()
         .and_then(|text| text.parse::<toml::Table>().ok())
         .and_then(|t| t.get("name").and_then(|n| n.as_str()).map(String::from));

@@ -51,11 +51,12 @@ pub struct Args {
 }
 
 pub fn run(args: &Args) -> Result<()> {
-    let (artifact, compiled) = backend_args::load(&args.artifact)?;
+    let verified = backend_args::load(&args.artifact)?;
+    let (artifact, compiled) = (verified.artifact(), verified.compiled());
     let source = artifact.plan.source.clone();
     let mut out = io::stdout().lock();
-    let backend = backend_args::open(args.backend, &artifact, &compiled)?;
-    let mut session = Session::new(&artifact, backend)?;
+    let backend = backend_args::open(args.backend, &verified)?;
+    let mut session = Session::new(artifact, backend)?;
     if args.graph {
         anyhow::ensure!(session.backend.capture()?, "--graph needs the cuda backend");
     }

@@ -5,10 +5,9 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use fisherc_codegen::artifact::Artifact;
-use fisherc_codegen::compile::Compiled;
+use fisherc_codegen::artifact::Verified;
 use fisherc_runtime::train::experiment::Experiment;
-use fisherc_runtime::train::trainer::{Event, TrainOptions, noisy, train};
+use fisherc_runtime::train::trainer::{CHECK_EVERY, Event, TrainOptions, noisy, train};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::backend_args::{self, BackendKind};
@@ -38,6 +37,11 @@ pub struct Args {
     /// Stop after this many epochs in all (continue later with --resume).
     #[arg(long)]
     pub until_epoch: Option<usize>,
+
+    /// Steps between checks of the training state for NaN and infinite values, on the device
+    /// (every epoch's end checks it too, before the checkpoint is written).
+    #[arg(long, default_value_t = CHECK_EVERY, value_parser = clap::value_parser!(u64).range(1..))]
+    pub check_every: u64,
 }
 
 pub fn run(args: &Args) -> Result<()> {
@@ -50,10 +54,10 @@ pub fn run(args: &Args) -> Result<()> {
         run_dir: run_dir.clone(),
         resume: args.resume,
         until_epoch: args.until_epoch,
+        check_every: args.check_every,
     };
     let kind = args.backend;
-    let open =
-        |artifact: &Artifact, compiled: &Compiled| backend_args::open(kind, artifact, compiled);
+    let open = |verified: &Verified| backend_args::open(kind, verified);
     println!(
         "{} ({}) → {}",
         experiment.name,

@@ -537,6 +537,11 @@ fn check_passes_the_kernel_executor_and_explains_a_missing_cuda_backend() {
         "{report}"
     );
     assert!(report.trim_end().ends_with("PASS"), "{report}");
+    // one in 7 of the 200 image values planted NaN or infinite, then counted
+    assert!(
+        report.contains("among the 200 values of buffer images/input:0: 29 planted, 29 counted"),
+        "{report}"
+    );
     // steps counted from 1, as `run` counts them
     assert!(
         report.contains("step 1 loss") && report.contains("step 2 loss"),
@@ -932,4 +937,167 @@ fn a_model_of_billions_of_layers_is_refused_at_its_line() {
     let out = fisherc(&["inspect", path.to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("grown past"), "{stderr}");
+}
+
+/// The experiment of the kill tests: shuffled, augmented and noisy, so that everything random
+/// has to resume where it stopped.
+const KILLED_EXPERIMENT: &str = r#"
+name = "killed"
+model = "models/small_cnn.toml"
+input = [1, 12, 12]
+[data]
+set = "synthetic"
+synthetic = { train = 160, test = 40, shape = [1, 12, 12], classes = 10, noise = 0.5 }
+augment = { pad_crop = 1, flip = true }
+[train]
+regime = "lb-diagf"
+batch = 40
+small_batch = 20
+epochs = 4
+noise_until = 0.5
+lr = 0.02
+seed = 5
+"#;
+
+/// `fisherc train` of `config` in `run_dir`, resuming where the directory holds a run.
+fn train_command(config: &str, run_dir: &std::path::Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_fisherc"));
+    command
+        .args(["train", "--config", config, "--run-dir"])
+        .arg(run_dir)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    if run_dir.join("experiment.toml").exists() {
+        command.arg("--resume");
+    }
+    command
+}
+
+/// What a finished run leaves that must not depend on interruptions: the checkpoint's bytes,
+/// and the metrics without their wall times.
+fn run_result(run_dir: &std::path::Path) -> (Vec<u8>, Vec<serde_json::Value>) {
+    let checkpoint = std::fs::read(run_dir.join("checkpoint.safetensors")).unwrap();
+    let text = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
+    let records = text
+        .lines()
+        .map(|line| {
+            let mut record: serde_json::Value = serde_json::from_str(line).unwrap();
+            let fields = record.as_object_mut().unwrap();
+            fields.remove("seconds");
+            fields.remove("images_per_second");
+            record
+        })
+        .collect();
+    (checkpoint, records)
+}
+
+/// Runs `command` and kills it (SIGKILL) after `delay` if it is still running; whether it
+/// finished by itself, successfully.
+fn run_or_kill(mut command: Command, delay: std::time::Duration) -> bool {
+    let mut child = command.spawn().unwrap();
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+            assert!(status.success(), "a resumed run failed: {err}");
+            return true;
+        }
+        if started.elapsed() >= delay {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn runs_killed_at_random_moments_resume_to_the_uninterrupted_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("killed.toml");
+    std::fs::write(&config, KILLED_EXPERIMENT).unwrap();
+    let config = config.to_str().unwrap();
+    let straight = dir.path().join("straight");
+    let started = std::time::Instant::now();
+    assert!(run_or_kill(
+        train_command(config, &straight),
+        std::time::Duration::from_secs(600)
+    ));
+    let whole = started.elapsed();
+    let expected = run_result(&straight);
+    // kills at fixed pseudo-random moments, up to 62% of an uninterrupted run's time: while it
+    // loads, compiles, trains, evaluates and writes its checkpoints and metrics
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut fraction = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        0.02 + 0.6 * (seed % 1000) as f64 / 1000.0
+    };
+    let mut kills = 0;
+    for run in 0..4 {
+        let run_dir = dir.path().join(format!("killed-{run}"));
+        let mut finished = false;
+        for _ in 0..5 {
+            let delay = whole.mul_f64(fraction());
+            finished = run_or_kill(train_command(config, &run_dir), delay);
+            kills += !finished as usize;
+            if finished {
+                break;
+            }
+        }
+        if !finished {
+            let forever = std::time::Duration::from_secs(600);
+            assert!(run_or_kill(train_command(config, &run_dir), forever));
+        }
+        assert!(
+            run_result(&run_dir) == expected,
+            "run {run}: a killed and resumed run ends otherwise"
+        );
+    }
+    eprintln!("{kills} kills, each resumed");
+    // each run's first try starts from nothing and is killed before an uninterrupted run's end
+    assert!(kills >= 4, "only {kills} kills landed");
+}
+
+#[test]
+fn a_kill_during_a_checkpoint_write_or_a_metrics_append_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("killed.toml");
+    std::fs::write(&config, KILLED_EXPERIMENT).unwrap();
+    let config = config.to_str().unwrap();
+    let forever = std::time::Duration::from_secs(600);
+    let straight = dir.path().join("straight");
+    assert!(run_or_kill(train_command(config, &straight), forever));
+    let expected = run_result(&straight);
+    // a run stopped after 2 epochs, then left as a kill in the middle of writing epoch 3's
+    // checkpoint (half of it in the temporary file, never renamed) and in the middle of a
+    // record (half a line, no newline) leaves it
+    let run_dir = dir.path().join("torn");
+    let mut first = train_command(config, &run_dir);
+    first.args(["--until-epoch", "2"]);
+    assert!(run_or_kill(first, forever));
+    let checkpoint = std::fs::read(run_dir.join("checkpoint.safetensors")).unwrap();
+    std::fs::write(
+        run_dir.join("checkpoint.safetensors.partial"),
+        &expected.0[..expected.0.len() / 2],
+    )
+    .unwrap();
+    let mut metrics = std::fs::OpenOptions::new()
+        .append(true)
+        .open(run_dir.join("metrics.jsonl"))
+        .unwrap();
+    std::io::Write::write_all(&mut metrics, br#"{"kind":"step","epoch":3,"step":9,"ba"#).unwrap();
+    drop(metrics);
+    assert_eq!(
+        std::fs::read(run_dir.join("checkpoint.safetensors")).unwrap(),
+        checkpoint
+    );
+    assert!(run_or_kill(train_command(config, &run_dir), forever));
+    assert!(
+        run_result(&run_dir) == expected,
+        "the resumed run ends otherwise"
+    );
 }

@@ -246,7 +246,7 @@ pub enum ArtifactError {
     #[error("{path}: {error}")]
     Input {
         path: PathBuf,
-        error: fisherc_ir::input::InputError,
+        error: fisherc_ir::files::InputError,
     },
     #[error(
         "{dir} is not a compiled artifact: it has no {PLAN_FILE} (`fisherc compile MODEL -o {dir}` writes one)"
@@ -298,17 +298,49 @@ pub struct Artifact {
     pub ptx: String,
 }
 
-/// A training step compiled with `options`, and its artifact: the one way from a model to an
+/// An artifact and the compilation that gives it: what every backend takes, so that none runs
+/// a plan the compiler did not make. Made by compiling ([`compile_step`],
+/// [`compile_evaluation`], [`Verified::package`]) or, for an artifact read from disk, by
+/// [`Artifact::verify`].
+pub struct Verified {
+    artifact: Artifact,
+    compiled: Compiled,
+}
+
+impl Verified {
+    /// A compilation packaged with its source: verified by construction.
+    pub fn package(compiled: Compiled, source: Source) -> Verified {
+        let artifact = Artifact::new(&compiled.program, source, compiled.seconds);
+        Verified { artifact, compiled }
+    }
+
+    /// The plan and PTX (what the GPU runs).
+    pub fn artifact(&self) -> &Artifact {
+        &self.artifact
+    }
+
+    /// The graph and kernel IR behind them (what the CPU backends run).
+    pub fn compiled(&self) -> &Compiled {
+        &self.compiled
+    }
+
+    pub fn plan(&self) -> &Plan {
+        &self.artifact.plan
+    }
+}
+
+/// A training step compiled with `options` into its artifact: the one way from a model to an
 /// artifact (`model` is the model file's path and text, kept in the artifact).
 pub fn compile_step(
     step: &TrainingStep,
     (path, model_text): (&Path, String),
     options: CompileOptions,
-) -> Result<(Compiled, Artifact), CompileError> {
+) -> Result<Verified, CompileError> {
     let compiled = compile(step, options)?;
-    let source = Source::of(step, path, model_text, options);
-    let artifact = Artifact::new(&compiled.program, source, compiled.seconds);
-    Ok((compiled, artifact))
+    Ok(Verified::package(
+        compiled,
+        Source::of(step, path, model_text, options),
+    ))
 }
 
 /// [`compile_step`] for `network`'s evaluation program (`network` built in evaluation mode).
@@ -316,11 +348,12 @@ pub fn compile_evaluation(
     network: &Network,
     (path, model_text): (&Path, String),
     options: CompileOptions,
-) -> Result<(Compiled, Artifact), CompileError> {
+) -> Result<Verified, CompileError> {
     let compiled = compile_graph(&network.graph, options)?;
-    let source = Source::of_evaluation(network, (path, model_text), options);
-    let artifact = Artifact::new(&compiled.program, source, compiled.seconds);
-    Ok((compiled, artifact))
+    Ok(Verified::package(
+        compiled,
+        Source::of_evaluation(network, (path, model_text), options),
+    ))
 }
 
 impl Artifact {
@@ -386,7 +419,7 @@ impl Artifact {
     pub fn read(dir: &Path) -> Result<Artifact, ArtifactError> {
         let read = |name: &str| {
             let path = dir.join(name);
-            fisherc_ir::input::read_text(&path)
+            fisherc_ir::files::read_text(&path)
                 .map_err(|error| ArtifactError::Input { path, error })
         };
         let plan_path = dir.join(PLAN_FILE);
@@ -430,8 +463,9 @@ impl Artifact {
 
 impl Artifact {
     /// Compiles the source again and checks that it gives this very artifact (same PTX, same
-    /// plan): the way to the graph and the kernel IR behind a plan, for the CPU backends.
-    pub fn recompile(&self) -> Result<Compiled, SourceError> {
+    /// plan): the one validation of an artifact from disk before any backend runs it, and the
+    /// way to the graph and kernel IR behind its plan.
+    pub fn verify(self) -> Result<Verified, SourceError> {
         let graph = self.plan.source.graph()?;
         let compiled = compile_graph(&graph, self.plan.source.compile)?;
         let again = Artifact::new(
@@ -445,7 +479,10 @@ impl Artifact {
                 fisherc: self.plan.fisherc.clone(),
             });
         }
-        Ok(compiled)
+        Ok(Verified {
+            artifact: self,
+            compiled,
+        })
     }
 }
 
@@ -551,13 +588,10 @@ impl Plan {
 }
 
 fn write_atomically(path: &Path, text: &str) -> Result<(), ArtifactError> {
-    let temporary = path.with_extension("partial");
-    let io = |error| ArtifactError::Io {
+    fisherc_ir::files::write_atomically(path, text.as_bytes()).map_err(|error| ArtifactError::Io {
         path: path.to_path_buf(),
         error,
-    };
-    fs::write(&temporary, text).map_err(io)?;
-    fs::rename(&temporary, path).map_err(io)
+    })
 }
 
 /// Bytes in binary units: `5.43 GiB`.

@@ -11,13 +11,15 @@
 //!   plan; [`compile`]: the two after the optimizer.
 //! * [`ptx`]: rendering to PTX; [`ptxas`]: assembling it; [`exec`] and [`device`]: running
 //!   the kernels on the CPU, thread by thread.
-//! * [`artifact`]: a compiled step on disk.
+//! * [`artifact`]: a compiled step on disk; [`finite`]: the kernel that counts a buffer's
+//!   non-finite values, for the trainer's check of the state on the device.
 
 pub mod artifact;
 pub mod builder;
 pub mod compile;
 pub mod device;
 pub mod exec;
+pub mod finite;
 pub mod kir;
 pub mod lower;
 pub mod magic;

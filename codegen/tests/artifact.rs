@@ -27,7 +27,10 @@ fn artifact_of_batch(fused: bool, batch: usize) -> Artifact {
         ..CompileOptions::fused(fused)
     };
     let text = std::fs::read_to_string(&path).unwrap();
-    compile_step(&step, (&path, text), options).unwrap().1
+    compile_step(&step, (&path, text), options)
+        .unwrap()
+        .artifact()
+        .clone()
 }
 
 fn written(a: &Artifact) -> tempfile::TempDir {
@@ -140,15 +143,18 @@ fn damaged_artifacts_are_reported_not_panicked_on() {
     let dir = written(&a);
     fs::remove_file(dir.path().join(PTX_FILE)).unwrap();
     let err = Artifact::read(dir.path()).unwrap_err();
-    assert!(matches!(err, ArtifactError::Io { .. }), "{err}");
+    assert!(matches!(err, ArtifactError::Input { .. }), "{err}");
     assert!(err.to_string().contains(PTX_FILE), "{err}");
 }
 
 #[test]
 fn artifacts_stand_alone_and_compile_again_to_themselves() {
     let a = artifact(true);
-    let compiled = a.recompile().unwrap();
-    assert_eq!(compiled.program.kernels.len(), a.plan.kernels.len());
+    let verified = a.clone().verify().unwrap();
+    assert_eq!(
+        verified.compiled().program.kernels.len(),
+        a.plan.kernels.len()
+    );
     // a changed model text gives another program, which is refused
     let mut edited = a.clone();
     edited.plan.source.model_text =
@@ -161,7 +167,7 @@ fn artifacts_stand_alone_and_compile_again_to_themselves() {
         edited.plan.source.model_text, a.plan.source.model_text,
         "the edit applies"
     );
-    let Err(err) = edited.recompile() else {
+    let Err(err) = edited.verify() else {
         panic!("an edited model compiled to the same program")
     };
     assert!(matches!(err, SourceError::Changed { .. }), "{err}");
@@ -189,8 +195,11 @@ fn an_artifact_keeps_the_classifier_width_it_was_built_with() {
     assert_eq!(network.classes, 4);
     let classifier = network.params.iter().rev().find(|p| p.shape.len() == 2);
     assert_eq!(classifier.unwrap().shape[0], 4, "{:?}", network.params);
-    let again = back.recompile().unwrap();
-    assert_eq!(again.program.launches.len(), a.plan.launches.len());
+    let again = back.verify().unwrap();
+    assert_eq!(
+        again.compiled().program.launches.len(),
+        a.plan.launches.len()
+    );
 }
 
 /// Every convolution GEMM states its main loop, by which cost estimates multiply the loop's

@@ -1,6 +1,7 @@
 //! Every kernel of every paper model assembles with NVIDIA's ptxas for sm_80 and sm_90: batch
 //! 4096, each Fisher mode, fused (on fp32 FMA and on tensor cores, 3xTF32 and TF32) and
-//! unfused. Run by `scripts/test.sh`, which installs ptxas.
+//! unfused; and the trainer's kernel that counts non-finite values. Run by `scripts/test.sh`,
+//! which installs ptxas.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -47,6 +48,8 @@ fn all_kernels() -> BTreeMap<String, Kernel> {
             }
         }
     }
+    let finite = fisherc_codegen::finite::count_kernel();
+    kernels.insert(finite.name.clone(), finite);
     kernels
 }
 

@@ -14,13 +14,13 @@
 //! * [`autodiff`]: reverse mode over the graph; [`step`]: the training step; [`philox`]: the
 //!   bit-reproducible noise stream.
 //! * [`model`]: model files; [`interp`]: the reference interpreter; [`state`]: training state;
-//!   [`input`]: bounded reads of users' files and short echoes of their words in errors.
+//!   [`files`]: bounded reads of users' files, atomic writes of ours, short echoes of words.
 
 pub mod autodiff;
 pub mod cpu;
 pub mod error;
+pub mod files;
 pub mod graph;
-pub mod input;
 pub mod interp;
 pub mod matmul;
 pub mod model;

@@ -60,6 +60,26 @@ pub fn default_noise_scale(small_batch: usize, large_batch: usize) -> f32 {
     gap.max(0.0).sqrt() as f32
 }
 
+/// Every state tensor of `net`'s training by name (`param/conv1.weight`, `momentum/…`,
+/// `running_mean/bn1`, `running_var/…`) and role: the names of checkpoints and of errors, in
+/// the order of [`TrainState::tensors`].
+pub fn state_names(net: &Network) -> Vec<(String, Role)> {
+    let params: Vec<&String> = net.params.iter().map(|p| &p.name).collect();
+    let bns: Vec<&String> = net.bn_layers.iter().map(|b| &b.name).collect();
+    let named = |kind: &str, names: &[&String], role: fn(usize) -> Role| {
+        let each = names.iter().enumerate();
+        each.map(|(i, name)| (format!("{kind}/{name}"), role(i)))
+            .collect::<Vec<_>>()
+    };
+    [
+        named("param", &params, Role::Param),
+        named("momentum", &params, Role::Momentum),
+        named("running_mean", &bns, Role::RunningMean),
+        named("running_var", &bns, Role::RunningVar),
+    ]
+    .concat()
+}
+
 /// Everything a training step reads and writes besides the data and hyper-parameters.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TrainState<T> {
@@ -70,6 +90,15 @@ pub struct TrainState<T> {
 }
 
 impl<T: Real> TrainState<T> {
+    /// Every tensor: parameters, momenta, running means, running variances.
+    pub fn tensors(&self) -> impl Iterator<Item = &Tensor<T>> {
+        self.params
+            .iter()
+            .chain(&self.momenta)
+            .chain(&self.running_means)
+            .chain(&self.running_vars)
+    }
+
     /// The same state in another float type (every tensor cast).
     pub fn cast<U: Real>(&self) -> TrainState<U> {
         let all = |list: &[Tensor<T>]| list.iter().map(Tensor::cast).collect();

@@ -2,6 +2,7 @@
 
 use fisherc_codegen::artifact::SourceError;
 use fisherc_codegen::exec::ExecError;
+use fisherc_codegen::finite::is_non_finite;
 use fisherc_codegen::plan::Buffer;
 use thiserror::Error;
 
@@ -65,6 +66,18 @@ pub trait Backend {
         Ok(None)
     }
 
+    /// How many of each buffer's f32 values are NaN or infinite, counted where the buffers
+    /// live; the default reads them back (host memory, for the CPU backends).
+    fn count_non_finite(&mut self, buffers: &[Buffer]) -> Result<Vec<u64>, RuntimeError> {
+        buffers
+            .iter()
+            .map(|b| {
+                let words = self.read(b)?;
+                Ok(words.into_iter().filter(|&w| is_non_finite(w)).count() as u64)
+            })
+            .collect()
+    }
+
     /// Whether the step leaves the host's cores free while it runs (a GPU), so that work
     /// such as the next batch's preparation can overlap it; a CPU backend takes them all.
     fn frees_the_host(&self) -> bool {
@@ -99,6 +112,10 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
 
     fn profile(&mut self) -> Result<Option<Vec<f64>>, RuntimeError> {
         (**self).profile()
+    }
+
+    fn count_non_finite(&mut self, buffers: &[Buffer]) -> Result<Vec<u64>, RuntimeError> {
+        (**self).count_non_finite(buffers)
     }
 
     fn frees_the_host(&self) -> bool {

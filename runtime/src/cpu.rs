@@ -8,6 +8,7 @@
 
 use std::time::Instant;
 
+use fisherc_codegen::artifact::Verified;
 use fisherc_codegen::compile::Compiled;
 use fisherc_codegen::device::{CpuDevice, store_words, value_of, word_count};
 use fisherc_codegen::plan::Buffer;
@@ -23,10 +24,10 @@ pub struct ExecutorBackend {
 }
 
 impl ExecutorBackend {
-    /// The backend for `compiled`, its arena in host memory if the host has room.
-    pub fn new(compiled: &Compiled) -> Result<Self, RuntimeError> {
+    /// The backend for `verified`'s kernels, its arena in host memory if the host has room.
+    pub fn new(verified: &Verified) -> Result<Self, RuntimeError> {
         Ok(ExecutorBackend {
-            device: device(compiled)?,
+            device: device(verified.compiled())?,
         })
     }
 }
@@ -67,8 +68,9 @@ pub struct ReferenceBackend {
 }
 
 impl ReferenceBackend {
-    /// The backend for `compiled`, its arena in host memory if the host has room.
-    pub fn new(compiled: &Compiled) -> Result<Self, RuntimeError> {
+    /// The backend for `verified`'s graph, its arena in host memory if the host has room.
+    pub fn new(verified: &Verified) -> Result<Self, RuntimeError> {
+        let compiled = verified.compiled();
         Ok(ReferenceBackend {
             device: device(compiled)?,
             graph: compiled.graph.clone(),

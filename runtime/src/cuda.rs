@@ -16,10 +16,10 @@ use cust::device::{Device, DeviceAttribute};
 use cust::event::{Event, EventFlags};
 use cust::stream::{Stream, StreamFlags};
 use cust::sys as cu;
-use fisherc_codegen::artifact::{Artifact, Plan};
+use fisherc_codegen::artifact::{Plan, Verified};
 use fisherc_codegen::kir::ParamTy;
 use fisherc_codegen::plan::{Arg, Buffer, Kind};
-use fisherc_codegen::ptx;
+use fisherc_codegen::{finite, ptx};
 
 use crate::backend::{Backend, RuntimeError};
 
@@ -38,6 +38,10 @@ pub struct CudaBackend {
     stop: Event,
     /// The step captured into a CUDA graph, once [`CudaBackend::capture`] has run.
     graph: Option<cu::CUgraphExec>,
+    /// The module of [`finite::count_kernel`] and its function.
+    finite: (cu::CUmodule, cu::CUfunction),
+    /// Device words for the non-finite counts, and how many there are room for.
+    counts: (cu::CUdeviceptr, usize),
     // declared last: dropped after everything above that lives in it
     _context: Context,
 }
@@ -80,9 +84,10 @@ fn cust_error(what: &str) -> impl FnOnce(cust::error::CudaError) -> RuntimeError
 }
 
 impl CudaBackend {
-    /// Initialises CUDA on device 0, loads the artifact's module and allocates its arena
+    /// Initialises CUDA on device 0, loads the verified artifact's module and allocates its arena
     /// (zeroed, constants written).
-    pub fn new(artifact: &Artifact) -> Result<Self, RuntimeError> {
+    pub fn new(verified: &Verified) -> Result<Self, RuntimeError> {
+        let artifact = verified.artifact();
         let context = cust::quick_init().map_err(cust_error("initialising CUDA on device 0"))?;
         let device = Device::get_device(0).map_err(cust_error("opening device 0"))?;
         let name = device
@@ -102,6 +107,7 @@ impl CudaBackend {
             )));
         }
         let module = load_module(&artifact.ptx)?;
+        let finite = load_finite(target.name())?;
         let mut functions = Vec::with_capacity(plan.kernels.len());
         for k in &plan.kernels {
             let cname = CString::new(k.name.as_str()).expect("kernel names have no NUL");
@@ -119,6 +125,7 @@ impl CudaBackend {
         let (start, stop) = (event()?, event()?);
         let mut arena: cu::CUdeviceptr = 0;
         let bytes = plan.arena_bytes.max(1) as usize;
+        check_free_memory(bytes as u64, &name)?;
         // SAFETY: arena receives a fresh allocation of `bytes` bytes, freed in Drop
         check(unsafe { cu::cuMemAlloc_v2(&mut arena, bytes) }, || {
             format!("allocating the {bytes}-byte arena on {name}")
@@ -133,6 +140,8 @@ impl CudaBackend {
             start,
             stop,
             graph: None,
+            finite,
+            counts: (0, 0),
             _context: context,
         };
         backend.clear()?;
@@ -215,6 +224,66 @@ impl CudaBackend {
         })
     }
 
+    /// Room for `words` non-finite counts on the device.
+    fn reserve_counts(&mut self, words: usize) -> Result<(), RuntimeError> {
+        if words <= self.counts.1 {
+            return Ok(());
+        }
+        if self.counts.1 > 0 {
+            // SAFETY: allocated below by an earlier call; nothing reads it now (every count
+            // synchronises)
+            unsafe { cu::cuMemFree_v2(self.counts.0) };
+            self.counts = (0, 0);
+        }
+        let mut counts: cu::CUdeviceptr = 0;
+        // SAFETY: counts receives a fresh allocation, freed here or in Drop
+        check(unsafe { cu::cuMemAlloc_v2(&mut counts, 4 * words) }, || {
+            format!("allocating {words} words for non-finite counts")
+        })?;
+        self.counts = (counts, words);
+        Ok(())
+    }
+
+    /// Enqueues the counting kernel over `buffer`, its counts into slot `slot`.
+    fn launch_count(&self, slot: usize, buffer: &Buffer) -> Result<(), RuntimeError> {
+        let words = u32::try_from(buffer.bytes / 4).map_err(|_| {
+            RuntimeError::Setup(format!(
+                "buffer {} has more than 2^32 words to count",
+                buffer.name
+            ))
+        })?;
+        let mut slots: [u64; 3] = [
+            self.arena + buffer.offset,
+            words as u64,
+            self.counts.0 + (4 * slot * finite::COUNTS) as u64,
+        ];
+        let mut params: Vec<*mut c_void> = slots
+            .iter_mut()
+            .map(|s| s as *mut u64 as *mut c_void)
+            .collect();
+        // SAFETY: the function belongs to the loaded counting module; params point at one live
+        // slot per kernel parameter (data, words, counts); the buffer lies in the arena and
+        // the slot in the reserved counts
+        let result = unsafe {
+            cu::cuLaunchKernel(
+                self.finite.1,
+                finite::GRID,
+                1,
+                1,
+                finite::BLOCK,
+                1,
+                1,
+                0,
+                self.stream.as_inner(),
+                params.as_mut_ptr(),
+                ptr::null_mut(),
+            )
+        };
+        check(result, || {
+            format!("counting non-finite values of buffer {}", buffer.name)
+        })
+    }
+
     /// Captures the whole step into a CUDA graph; [`Backend::run_step`] then replays it with
     /// one launch. Kernel arguments are fixed addresses in the arena, so one capture serves
     /// every step.
@@ -249,6 +318,40 @@ impl CudaBackend {
         }
         Ok(())
     }
+}
+
+/// The counting kernel's module for `arch`, and its function.
+fn load_finite(arch: &str) -> Result<(cu::CUmodule, cu::CUfunction), RuntimeError> {
+    let kernel = finite::count_kernel();
+    let module = load_module(&ptx::module(&[&kernel], arch))?;
+    let name = CString::new(finite::NAME).expect("no NUL");
+    let mut function: cu::CUfunction = ptr::null_mut();
+    // SAFETY: module is loaded; function receives a handle owned by it
+    check(
+        unsafe { cu::cuModuleGetFunction(&mut function, module, name.as_ptr()) },
+        || format!("finding kernel {} in its module", finite::NAME),
+    )?;
+    Ok((module, function))
+}
+
+/// An error, before allocating, if `bytes` exceed the device's free memory.
+fn check_free_memory(bytes: u64, device: &str) -> Result<(), RuntimeError> {
+    let (mut free, mut total) = (0usize, 0usize);
+    // SAFETY: both receive sizes; the context is current
+    check(
+        unsafe { cu::cuMemGetInfo_v2(&mut free, &mut total) },
+        || "reading the free device memory".into(),
+    )?;
+    if bytes > free as u64 {
+        const GIB: f64 = (1u64 << 30) as f64;
+        return Err(RuntimeError::Setup(format!(
+            "the step's arena needs {:.2} GiB of device memory; {device} has {:.2} GiB free of {:.2}",
+            bytes as f64 / GIB,
+            free as f64 / GIB,
+            total as f64 / GIB
+        )));
+    }
+    Ok(())
 }
 
 /// Loads PTX through `cuModuleLoadDataEx` with an error log; a failure carries the log and the
@@ -391,6 +494,34 @@ impl Backend for CudaBackend {
         Ok(true)
     }
 
+    /// One launch of the counting kernel per buffer, then one copy of all the counts.
+    fn count_non_finite(&mut self, buffers: &[Buffer]) -> Result<Vec<u64>, RuntimeError> {
+        let words = buffers.len() * finite::COUNTS;
+        self.reserve_counts(words)?;
+        for (i, buffer) in buffers.iter().enumerate() {
+            self.launch_count(i, buffer)?;
+        }
+        let mut counts = vec![0u32; words];
+        // SAFETY: the source holds at least `words` words (reserved above); the destination
+        // outlives the copy, which completes before the synchronisation below returns
+        let result = unsafe {
+            cu::cuMemcpyDtoHAsync_v2(
+                counts.as_mut_ptr() as *mut c_void,
+                self.counts.0,
+                4 * words,
+                self.stream.as_inner(),
+            )
+        };
+        check(result, || {
+            "copying the non-finite counts to the host".into()
+        })?;
+        self.synchronize(|| "counting non-finite values".into())?;
+        Ok(counts
+            .chunks(finite::COUNTS.max(1))
+            .map(finite::total)
+            .collect())
+    }
+
     /// An event before every node and after the last, all on the stream: the step runs as
     /// it does unprofiled (no synchronisation between kernels), and each node's time is the
     /// interval between its events.
@@ -431,7 +562,11 @@ impl Drop for CudaBackend {
                 cu::cuGraphExecDestroy(exec);
             }
             cu::cuMemFree_v2(self.arena);
+            if self.counts.1 > 0 {
+                cu::cuMemFree_v2(self.counts.0);
+            }
             cu::cuModuleUnload(self.module);
+            cu::cuModuleUnload(self.finite.0);
         }
     }
 }

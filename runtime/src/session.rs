@@ -11,7 +11,7 @@ use fisherc_ir::graph::Output;
 use fisherc_ir::interp::Feeds;
 use fisherc_ir::model::Network;
 use fisherc_ir::ops::Role;
-use fisherc_ir::state::TrainState;
+use fisherc_ir::state::{TrainState, state_names};
 use fisherc_ir::tensor::{Tensor, TensorType, Value};
 
 use crate::backend::{Backend, RuntimeError};
@@ -112,6 +112,36 @@ impl<B: Backend> Session<B> {
             .input_buffer(&role)
             .ok_or_else(|| RuntimeError::Setup(format!("the step reads no {role}")))?;
         Ok(self.read_value(&buffer)?.into_float())
+    }
+
+    /// The first state tensor (parameter, momentum, running statistic, then the last step's
+    /// Fisher estimates) that holds a NaN or an infinity, by name, and how many it holds:
+    /// counted on the device, where only the counts come back.
+    pub fn non_finite_state(&mut self) -> Result<Option<(String, u64)>, RuntimeError> {
+        let mut named: Vec<(String, Buffer)> = state_names(&self.network)
+            .into_iter()
+            .filter_map(|(name, role)| Some((name, self.input_buffer(&role)?)))
+            .collect();
+        for (i, param) in self.network.params.iter().enumerate() {
+            let fisher = self
+                .plan
+                .outputs
+                .iter()
+                .find(|s| s.role == Output::Fisher(i));
+            if let Some(slot) = fisher {
+                named.push((
+                    format!("fisher/{}", param.name),
+                    self.buffer(slot.buffer).clone(),
+                ));
+            }
+        }
+        let buffers: Vec<Buffer> = named.iter().map(|(_, b)| b.clone()).collect();
+        let counts = self.backend.count_non_finite(&buffers)?;
+        Ok(named
+            .into_iter()
+            .zip(counts)
+            .find(|(_, count)| *count > 0)
+            .map(|((name, _), count)| (name, count)))
     }
 
     /// Parameters, momenta and running statistics as they are on the device now.

@@ -211,16 +211,16 @@ fn mutated_plans_read_or_fail_with_an_error() {
     .unwrap();
     let step =
         build_training_step(network, &StepOptions::new(fisherc_ir::FisherMode::Exact)).unwrap();
-    let (_, artifact) =
+    let verified =
         fisherc_codegen::artifact::compile_step(&step, (&path, text), CompileOptions::default())
             .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    artifact.write(dir.path()).unwrap();
+    verified.artifact().write(dir.path()).unwrap();
     let plan = std::fs::read_to_string(dir.path().join("plan.json")).unwrap();
     no_panics("plan.json", &plan, 300, 23, |text| {
         std::fs::write(dir.path().join("plan.json"), text).unwrap();
         let artifact = Artifact::read(dir.path()).map_err(|e| e.to_string())?;
-        artifact.recompile().map_err(|e| e.to_string())
+        artifact.verify().map(|_| ()).map_err(|e| e.to_string())
     });
 }
 

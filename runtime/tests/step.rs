@@ -18,8 +18,8 @@
 use std::path::Path;
 use std::time::Instant;
 
-use fisherc_codegen::artifact::{Artifact, Source};
-use fisherc_codegen::compile::{CompileOptions, Compiled, compile};
+use fisherc_codegen::artifact::{Source, Verified};
+use fisherc_codegen::compile::{CompileOptions, compile};
 use fisherc_codegen::lower::LowerOptions;
 use fisherc_codegen::options::Precision;
 use fisherc_codegen::plan::Buffer;
@@ -72,7 +72,7 @@ impl Case {
         )
     }
 
-    fn build(&self) -> (TrainingStep, Artifact, Compiled) {
+    fn build(&self) -> (TrainingStep, Verified) {
         let path =
             Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../models/{}.toml", self.model));
         let options = BuildOptions {
@@ -90,8 +90,7 @@ impl Case {
         let compiled = compile(&step, self.options).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         let source = Source::of(&step, &path, text, self.options);
-        let artifact = Artifact::new(&compiled.program, source, compiled.seconds);
-        (step, artifact, compiled)
+        (step, Verified::package(compiled, source))
     }
 
     fn feeds(&self, step: &TrainingStep) -> Feeds<f32> {
@@ -141,14 +140,15 @@ fn is_update(op: &str) -> bool {
 
 fn executor_step_matches_the_reference(case: Case) {
     let what = case.what();
-    let (step, artifact, compiled) = case.build();
+    let (step, verified) = case.build();
+    let (artifact, compiled) = (verified.artifact(), verified.compiled());
     let feeds = case.feeds(&step);
-    let mut session = Session::new(&artifact, ExecutorBackend::new(&compiled).unwrap()).unwrap();
+    let mut session = Session::new(artifact, ExecutorBackend::new(&verified).unwrap()).unwrap();
     session.feed(&feeds).unwrap();
 
     let started = Instant::now();
-    let checks = node_by_node(&mut session, &compiled, Bounds::CPU)
-        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    let checks =
+        node_by_node(&mut session, compiled, Bounds::CPU).unwrap_or_else(|e| panic!("{what}: {e}"));
     eprintln!(
         "{what}: {} launches, checked node by node in {:.1} s",
         artifact.plan.launches.len(),
@@ -287,10 +287,11 @@ fn the_reference_backend_over_the_memory_plan_is_bit_identical_to_the_interprete
             data_seed: 8,
         };
         let what = case.what();
-        let (step, artifact, compiled) = case.build();
+        let (step, verified) = case.build();
+        let (artifact, compiled) = (verified.artifact(), verified.compiled());
         let feeds = case.feeds(&step);
         let mut session =
-            Session::new(&artifact, ReferenceBackend::new(&compiled).unwrap()).unwrap();
+            Session::new(artifact, ReferenceBackend::new(&verified).unwrap()).unwrap();
         session.feed(&feeds).unwrap();
         session.step().unwrap();
         let expected = evaluate(&compiled.graph, &feeds, &[]).unwrap();
@@ -321,9 +322,10 @@ fn noisy_hyper() -> Hyperparams {
 #[test]
 fn several_steps_on_the_executor_follow_the_reference_backend() {
     let case = Case::small("small_cnn", FisherMode::Exact, true);
-    let (_, artifact, compiled) = case.build();
-    let mut executor = Session::new(&artifact, ExecutorBackend::new(&compiled).unwrap()).unwrap();
-    let mut reference = Session::new(&artifact, ReferenceBackend::new(&compiled).unwrap()).unwrap();
+    let (_, verified) = case.build();
+    let artifact = verified.artifact();
+    let mut executor = Session::new(artifact, ExecutorBackend::new(&verified).unwrap()).unwrap();
+    let mut reference = Session::new(artifact, ReferenceBackend::new(&verified).unwrap()).unwrap();
     let hyper = noisy_hyper();
     let rows = compare_steps(&mut executor, &mut reference, None, 3, 11, &hyper).unwrap();
     let losses = rows.iter().filter(|r| r.what.ends_with("loss")).count();
@@ -381,13 +383,15 @@ fn evaluation_programs_on_the_kernel_executor_match_the_reference() {
         };
         let compiled = compile_graph(&network.graph, compile_options).unwrap();
         let source = Source::of_evaluation(&network, (&path, text), compile_options);
-        let artifact = Artifact::new(&compiled.program, source, compiled.seconds);
-        assert_eq!(
-            artifact.recompile().unwrap().program.launches.len(),
-            compiled.program.launches.len()
-        );
-        let mut session =
-            Session::new(&artifact, ExecutorBackend::new(&compiled).unwrap()).unwrap();
+        let launches = compiled.program.launches.len();
+        let verified = Verified::package(compiled, source);
+        let again = verified.artifact().clone().verify().unwrap();
+        assert_eq!(again.compiled().program.launches.len(), launches);
+        let mut session = Session::new(
+            verified.artifact(),
+            ExecutorBackend::new(&verified).unwrap(),
+        )
+        .unwrap();
         let mut state = TrainState::<f32>::init(&network, 4);
         let mut r = 0.3f32;
         for (m, v) in state.running_means.iter_mut().zip(&mut state.running_vars) {
@@ -424,9 +428,9 @@ struct TakesAnotherMaximum {
 }
 
 impl TakesAnotherMaximum {
-    fn new(artifact: &Artifact, compiled: &Compiled) -> TakesAnotherMaximum {
+    fn new(verified: &Verified) -> TakesAnotherMaximum {
         use fisherc_ir::ops::Op;
-        let plan = artifact.plan.clone();
+        let (plan, compiled) = (verified.plan().clone(), verified.compiled());
         let mut producers = Vec::new();
         for node in &plan.nodes {
             let graph_node = compiled.graph.node((node.graph_node as u32).into());
@@ -437,7 +441,7 @@ impl TakesAnotherMaximum {
             }
         }
         TakesAnotherMaximum {
-            inner: ReferenceBackend::new(compiled).unwrap(),
+            inner: ReferenceBackend::new(verified).unwrap(),
             plan,
             producers,
             gaps: Vec::new(),
@@ -513,10 +517,10 @@ impl Backend for TakesAnotherMaximum {
 #[test]
 fn a_step_that_takes_another_window_maximum_agrees_once_the_forward_pass_is_aligned() {
     let case = Case::small("small_cnn", FisherMode::Exact, true);
-    let (_, artifact, compiled) = case.build();
-    let mut other =
-        Session::new(&artifact, TakesAnotherMaximum::new(&artifact, &compiled)).unwrap();
-    let mut reference = Session::new(&artifact, ReferenceBackend::new(&compiled).unwrap()).unwrap();
+    let (_, verified) = case.build();
+    let (artifact, compiled) = (verified.artifact(), verified.compiled());
+    let mut other = Session::new(artifact, TakesAnotherMaximum::new(&verified)).unwrap();
+    let mut reference = Session::new(artifact, ReferenceBackend::new(&verified).unwrap()).unwrap();
     let hyper = noisy_hyper();
     let rows = compare_steps(&mut other, &mut reference, None, 1, 11, &hyper).unwrap();
     let parameters = rows.iter().find(|r| r.what == "step 1 parameters").unwrap();

@@ -4,8 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
-use fisherc_codegen::artifact::{Artifact, Source};
-use fisherc_codegen::compile::{CompileOptions, Compiled, compile};
+use fisherc_codegen::artifact::{Source, Verified};
+use fisherc_codegen::compile::{CompileOptions, compile};
 use fisherc_codegen::options::Precision;
 use fisherc_codegen::plan::{Buffer, Kind};
 use fisherc_ir::graph::Output;
@@ -58,8 +58,8 @@ seed = 3
     Experiment::parse(&text, &overrides).unwrap()
 }
 
-fn reference_backend(_: &Artifact, compiled: &Compiled) -> Result<Box<dyn Backend>, RuntimeError> {
-    Ok(Box::new(ReferenceBackend::new(compiled)?))
+fn reference_backend(verified: &Verified) -> Result<Box<dyn Backend>, RuntimeError> {
+    Ok(Box::new(ReferenceBackend::new(verified)?))
 }
 
 fn run(
@@ -69,9 +69,9 @@ fn run(
     until_epoch: Option<usize>,
 ) -> Result<Outcome, String> {
     let options = TrainOptions {
-        run_dir: dir.to_path_buf(),
         resume,
         until_epoch,
+        ..TrainOptions::new(dir)
     };
     train(experiment, &options, &reference_backend, &mut |_| {}).map_err(|e| e.to_string())
 }
@@ -441,14 +441,15 @@ fn standardised_noise(options: StepOptions, variance: Variance) -> Vec<f64> {
         std::fs::read_to_string(&path).unwrap(),
         CompileOptions::fused(true),
     );
-    let artifact = Artifact::new(&compiled.program, source, compiled.seconds);
+    let verified = Verified::package(compiled, source);
+    let artifact = verified.artifact();
     let net = &step.network;
     let state = TrainState::<f32>::init(net, 1);
     let (images, labels) = random_batch::<f32>(32, net.input, net.classes, 2);
     let (lr, s) = (0.1f32, 0.7f32);
     let after = |noise_scale: f32| {
         let mut session =
-            Session::new(&artifact, ReferenceBackend::new(&compiled).unwrap()).unwrap();
+            Session::new(artifact, ReferenceBackend::new(&verified).unwrap()).unwrap();
         let hyper = Hyperparams {
             learning_rate: lr,
             noise_scale,
@@ -559,13 +560,14 @@ fn full_fisher_draws(noise: Noise, draws: u64) -> (Vec<Vec<f64>>, [Vec<Vec<f64>>
         SOFTMAX_REGRESSION.into(),
         CompileOptions::fused(true),
     );
-    let artifact = Artifact::new(&compiled.program, source, compiled.seconds);
+    let verified = Verified::package(compiled, source);
+    let artifact = verified.artifact();
     let net = &step.network;
     let mut state = TrainState::<f32>::init(net, 1);
     // confident predictions that often miss the random labels: the two Fishers then differ
     state.params[0].data.iter_mut().for_each(|w| *w *= 6.0);
     let (images, labels) = random_batch::<f32>(batch, net.input, net.classes, 2);
-    let mut session = Session::new(&artifact, ReferenceBackend::new(&compiled).unwrap()).unwrap();
+    let mut session = Session::new(artifact, ReferenceBackend::new(&verified).unwrap()).unwrap();
     let s = 0.5f32;
     let mut velocity = |noise_scale: f32, step: u64| {
         let hyper = Hyperparams {
@@ -903,11 +905,7 @@ fn the_classifier_follows_the_data_sets_classes() {
     let mut e = synthetic("sb", &["train.epochs=1"]);
     e.data.synthetic.as_mut().unwrap().classes = 4;
     let mut notes = Vec::new();
-    let options = TrainOptions {
-        run_dir: dir.path().to_path_buf(),
-        resume: false,
-        until_epoch: None,
-    };
+    let options = TrainOptions::new(dir.path());
     let outcome = train(&e, &options, &reference_backend, &mut |event| {
         if let fisherc_runtime::train::trainer::Event::Note(text) = event {
             notes.push(text);
@@ -985,15 +983,10 @@ fn on_a_device_batches_come_ahead_and_an_evaluation_program_scores_the_test_set(
     e.data.synthetic.as_mut().unwrap().test = 620;
     let (cpu_dir, device_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let on_cpu = run(&e, cpu_dir.path(), false, None).unwrap();
-    let options = TrainOptions {
-        run_dir: device_dir.path().to_path_buf(),
-        resume: false,
-        until_epoch: None,
+    let options = TrainOptions::new(device_dir.path());
+    let like_a_device = |verified: &Verified| -> Result<Box<dyn Backend>, RuntimeError> {
+        Ok(Box::new(LikeADevice(ReferenceBackend::new(verified)?)))
     };
-    let like_a_device =
-        |_: &Artifact, compiled: &Compiled| -> Result<Box<dyn Backend>, RuntimeError> {
-            Ok(Box::new(LikeADevice(ReferenceBackend::new(compiled)?)))
-        };
     let mut notes = Vec::new();
     let on_device = train(&e, &options, &like_a_device, &mut |event| {
         if let fisherc_runtime::train::trainer::Event::Note(text) = event {
@@ -1082,14 +1075,10 @@ impl Backend for PoisonedMomentum {
 fn a_state_gone_non_finite_stops_the_run_and_keeps_the_last_good_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let e = synthetic("sb", &["train.epochs=3"]);
-    let options = TrainOptions {
-        run_dir: dir.path().to_path_buf(),
-        resume: false,
-        until_epoch: None,
-    };
-    let open = |_: &Artifact, compiled: &Compiled| -> Result<Box<dyn Backend>, RuntimeError> {
+    let options = TrainOptions::new(dir.path());
+    let open = |verified: &Verified| -> Result<Box<dyn Backend>, RuntimeError> {
         Ok(Box::new(PoisonedMomentum {
-            inner: ReferenceBackend::new(compiled)?,
+            inner: ReferenceBackend::new(verified)?,
             reads: 0,
             from: 2,
         }))
@@ -1258,4 +1247,94 @@ fn a_data_set_larger_than_the_host_is_refused_before_it_is_made() {
         err.contains("synthetic data set needs") && err.contains("host memory"),
         "{err}"
     );
+}
+
+/// The reference backend, with a NaN written into the first running variance after step
+/// `at`: the training-mode forward does not read running statistics, so the loss stays finite
+/// and only a check of the state finds it.
+struct PoisonedRunningVar {
+    inner: ReferenceBackend,
+    running_var: Buffer,
+    steps: u64,
+    at: u64,
+}
+
+impl PoisonedRunningVar {
+    fn new(verified: &Verified, at: u64) -> Result<PoisonedRunningVar, RuntimeError> {
+        let buffers = &verified.plan().buffers;
+        let running_var = buffers
+            .iter()
+            .find(|b| b.kind == Kind::Input(Role::RunningVar(0)))
+            .expect("a running variance")
+            .clone();
+        Ok(PoisonedRunningVar {
+            inner: ReferenceBackend::new(verified)?,
+            running_var,
+            steps: 0,
+            at,
+        })
+    }
+}
+
+impl Backend for PoisonedRunningVar {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn write(&mut self, buffer: &Buffer, words: &[u32]) -> Result<(), RuntimeError> {
+        self.inner.write(buffer, words)
+    }
+    fn read(&mut self, buffer: &Buffer) -> Result<Vec<u32>, RuntimeError> {
+        self.inner.read(buffer)
+    }
+    fn run_node(&mut self, node: usize) -> Result<(), RuntimeError> {
+        self.inner.run_node(node)
+    }
+    fn run_step(&mut self) -> Result<f64, RuntimeError> {
+        let seconds = self.inner.run_step()?;
+        self.steps += 1;
+        if self.steps == self.at {
+            let mut words = self.inner.read(&self.running_var)?;
+            words[0] = f32::NAN.to_bits();
+            self.inner.write(&self.running_var, &words)?;
+        }
+        Ok(seconds)
+    }
+}
+
+#[test]
+fn the_state_is_checked_every_few_steps_and_a_hidden_nan_stops_the_run_there() {
+    let dir = tempfile::tempdir().unwrap();
+    // 200 images at batch 20: 10 steps an epoch; the NaN lands after step 13 (epoch 2)
+    let e = synthetic("sb", &["train.epochs=3"]);
+    let options = TrainOptions {
+        check_every: 4,
+        ..TrainOptions::new(dir.path())
+    };
+    let open = |verified: &Verified| -> Result<Box<dyn Backend>, RuntimeError> {
+        Ok(Box::new(PoisonedRunningVar::new(verified, 13)?))
+    };
+    let mut losses = Vec::new();
+    let error = train(&e, &options, &open, &mut |event| {
+        if let fisherc_runtime::train::trainer::Event::Step { loss, .. } = event {
+            losses.push(loss);
+        }
+    })
+    .err()
+    .expect("a NaN running variance stops the run")
+    .to_string();
+    assert!(
+        error.starts_with(
+            "epoch 2, step 6 (step 16 of the run): the training state is not finite (running_var/"
+        ),
+        "{error}"
+    );
+    assert!(error.contains("holds 1 NaN"), "{error}");
+    assert_eq!(losses.len(), 16, "stopped at the first check after the NaN");
+    assert!(
+        losses.iter().all(|l| l.is_finite()),
+        "the loss never showed it"
+    );
+    let net = network(&root().join("models/small_cnn.toml"), [1, 12, 12]);
+    let kept = checkpoint::read(&dir.path().join(CHECKPOINT_FILE), &net).unwrap();
+    assert_eq!(kept.epoch, 1, "the last good checkpoint, finite");
 }

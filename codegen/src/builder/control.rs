@@ -21,9 +21,10 @@ impl KernelBuilder {
         &mut self,
         start: impl Into<UOp>,
         end: impl Into<UOp>,
-        step: u32,
+        step: impl Into<UOp>,
         body: impl FnOnce(&mut Self, U32),
     ) {
+        let step = step.into().0;
         let i = self.reg(Ty::U32);
         self.emit(Inst::Mov {
             dst: i,
@@ -38,7 +39,7 @@ impl KernelBuilder {
                 op: BinOp::Add,
                 dst: i,
                 a: i.into(),
-                b: Operand::U32(step),
+                b: step,
             });
             let again = k.cmp_u(Cmp::Lt, U32(i), end);
             let body = k.stack.pop().expect("pushed above");

@@ -121,7 +121,7 @@ impl ModelSpec {
 
     /// A model file's text, read with the bounds of [`crate::input`].
     pub fn read_text(path: &Path) -> Result<String, ModelError> {
-        crate::input::read_text(path).map_err(|e| ModelError {
+        crate::files::read_text(path).map_err(|e| ModelError {
             file: path.to_path_buf(),
             line: 0,
             message: format!("the model file: {e}"),

@@ -119,7 +119,7 @@ fn relative_error_wide(got: &[f64], want: &[f64]) -> f64 {
 
 /// Runs the step on `session` node by node, checking every node that launches kernels
 /// against the reference ops of `compiled` (the artifact's own graph, from
-/// `Artifact::recompile`). The session must have been fed.
+/// `Artifact::verify`). The session must have been fed.
 pub fn node_by_node<B: Backend>(
     session: &mut Session<B>,
     compiled: &Compiled,

@@ -5,8 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use fisherc_codegen::artifact::Artifact;
-use fisherc_codegen::compile::Compiled;
+use fisherc_codegen::artifact::Verified;
 use fisherc_codegen::options::Precision;
 use fisherc_ir::state::{Hyperparams, TrainState};
 use fisherc_ir::synthetic::random_batch;
@@ -84,9 +83,20 @@ pub struct AlignedStep {
     pub rows: Vec<StepComparison>,
 }
 
+/// The backend's count of NaN and infinite values planted in a buffer, against the host's.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CountCheck {
+    pub buffer: String,
+    pub values: u64,
+    pub planted: u64,
+    pub counted: u64,
+}
+
 /// Everything the check measured, and the bounds it is judged by.
 #[derive(Clone, Debug)]
 pub struct CheckReport {
+    /// The count of non-finite values the trainer's state check relies on.
+    pub counting: CountCheck,
     /// Every output of every kernel node.
     pub nodes: Vec<NodeCheck>,
     /// Nodes that launch kernels.
@@ -144,7 +154,9 @@ impl CheckReport {
     }
 
     pub fn passed(&self) -> bool {
-        self.failed_nodes().next().is_none() && self.failed_step_rows() == 0
+        self.failed_nodes().next().is_none()
+            && self.failed_step_rows() == 0
+            && self.counting.counted == self.counting.planted
     }
 }
 
@@ -155,11 +167,10 @@ fn failing(rows: &[StepComparison], bound: StepBound) -> BTreeSet<u64> {
         .collect()
 }
 
-/// A check of `artifact` (compiled as `compiled`) on the backends `open` gives, against the
-/// CPU reference: opened, then run.
+/// A check of `verified` on the backends `open` gives, against the CPU reference: opened,
+/// then run.
 pub struct Check<'a> {
-    artifact: &'a Artifact,
-    compiled: &'a Compiled,
+    verified: &'a Verified,
     open: &'a dyn Fn() -> Result<Box<dyn Backend>, RuntimeError>,
     setup: CheckSetup,
     /// The session the nodes are checked on.
@@ -168,15 +179,13 @@ pub struct Check<'a> {
 
 impl<'a> Check<'a> {
     pub fn open(
-        artifact: &'a Artifact,
-        compiled: &'a Compiled,
+        verified: &'a Verified,
         open: &'a dyn Fn() -> Result<Box<dyn Backend>, RuntimeError>,
         setup: CheckSetup,
     ) -> Result<Check<'a>, RuntimeError> {
-        let session = Session::new(artifact, open()?)?;
+        let session = Session::new(verified.artifact(), open()?)?;
         Ok(Check {
-            artifact,
-            compiled,
+            verified,
             open,
             setup,
             session,
@@ -190,7 +199,8 @@ impl<'a> Check<'a> {
 
     /// Every kernel node on one batch, then the steps; the failing steps again, aligned.
     pub fn run(mut self) -> Result<CheckReport, RuntimeError> {
-        let (artifact, compiled, setup) = (self.artifact, self.compiled, &self.setup);
+        let (verified, setup) = (self.verified, &self.setup);
+        let (artifact, compiled) = (verified.artifact(), verified.compiled());
         let source = &artifact.plan.source;
         let precision = source.compile.precision();
         let bounds = if setup.on_gpu {
@@ -205,9 +215,10 @@ impl<'a> Check<'a> {
         self.session
             .feed(&state.feeds(images, labels, &setup.hyper))?;
         let nodes = node_by_node(&mut self.session, compiled, bounds)?;
+        let counting = count_planted(&mut self.session, setup.seed)?;
 
         let mut backend = Session::new(artifact, (self.open)()?)?;
-        let mut reference = Session::new(artifact, ReferenceBackend::new(compiled)?)?;
+        let mut reference = Session::new(artifact, ReferenceBackend::new(verified)?)?;
         // the oracle: the unoptimised step in f64, as the hard rules have it
         let oracle = source.training_step()?;
         let steps = compare_steps(
@@ -236,6 +247,7 @@ impl<'a> Check<'a> {
             });
         }
         Ok(CheckReport {
+            counting,
             nodes,
             kernel_nodes: artifact
                 .plan
@@ -248,6 +260,54 @@ impl<'a> Check<'a> {
             aligned,
         })
     }
+}
+
+/// Plants NaNs and infinities of every kind among finite values (the largest, the smallest,
+/// subnormals, zeros of both signs) in the batch's images, counts them with the backend's
+/// [`Backend::count_non_finite`], and puts the images back.
+fn count_planted<B: Backend>(
+    session: &mut Session<B>,
+    seed: u64,
+) -> Result<CountCheck, RuntimeError> {
+    let images = session
+        .plan
+        .buffers
+        .iter()
+        .find(|b| b.kind == fisherc_codegen::plan::Kind::Input(fisherc_ir::ops::Role::Images))
+        .cloned()
+        .ok_or_else(|| RuntimeError::Setup("the step reads no images".into()))?;
+    let kept = session.backend.read(&images)?;
+    let special = [
+        f32::NAN.to_bits(),
+        (-f32::NAN).to_bits(),
+        0x7f80_0001, // a signalling NaN
+        f32::INFINITY.to_bits(),
+        f32::NEG_INFINITY.to_bits(),
+    ];
+    let finite = [f32::MAX, f32::MIN, f32::MIN_POSITIVE, 1e-45, -0.0, 1.0].map(f32::to_bits);
+    let every = 7 + seed as usize % 5;
+    let planted: Vec<u32> = (0..kept.len())
+        .map(|i| match i % every {
+            0 => special[i / every % special.len()],
+            1 => finite[i / every % finite.len()],
+            _ => kept[i],
+        })
+        .collect();
+    let expected = planted
+        .iter()
+        .filter(|&&w| !f32::from_bits(w).is_finite())
+        .count() as u64;
+    session.backend.write(&images, &planted)?;
+    let counted = session
+        .backend
+        .count_non_finite(std::slice::from_ref(&images))?;
+    session.backend.write(&images, &kept)?;
+    Ok(CountCheck {
+        buffer: images.name.clone(),
+        values: kept.len() as u64,
+        planted: expected,
+        counted: counted[0],
+    })
 }
 
 #[cfg(test)]
@@ -267,6 +327,12 @@ mod tests {
 
     fn report(steps: Vec<StepComparison>, aligned: Vec<AlignedStep>) -> CheckReport {
         CheckReport {
+            counting: CountCheck {
+                buffer: "images".into(),
+                values: 10,
+                planted: 2,
+                counted: 2,
+            },
             nodes: Vec::new(),
             kernel_nodes: 0,
             step_bound: step_bound(Precision::Fp32, false),
@@ -293,6 +359,14 @@ mod tests {
         let explained = report(steps(), vec![aligned(1, 1e-6)]);
         assert_eq!(explained.explained_steps(), BTreeSet::from([1]));
         assert!(explained.passed(), "the free-running drift is not bounded");
+    }
+
+    #[test]
+    fn a_wrong_count_of_non_finite_values_fails_the_check() {
+        let mut r = report(vec![row(Some(0), 0.0)], Vec::new());
+        assert!(r.passed());
+        r.counting.counted = 1;
+        assert!(!r.passed());
     }
 
     #[test]

@@ -54,7 +54,7 @@ pub fn load(dir: &Path, which: Cifar, train: bool) -> Result<Dataset, DataError>
     let mut per_file = Vec::new();
     for name in which.files(train) {
         let path = dir.join(&name);
-        let file = fisherc_ir::input::open_regular(&path)
+        let file = fisherc_ir::files::open_regular(&path)
             .map_err(|e| DataError::new(&path, None, e.to_string()))?;
         // SAFETY: the file is only read; a dataset file changed while training is the user's
         // to avoid, as for any reader of it

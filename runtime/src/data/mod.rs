@@ -158,6 +158,6 @@ fn locate(per_file: &[usize], mut i: usize) -> (usize, usize) {
 /// Reads a whole regular file that fits the host's memory, with the error naming it.
 fn read(path: &Path) -> Result<Vec<u8>, DataError> {
     let limit = crate::host::available_memory().unwrap_or(u64::MAX);
-    fisherc_ir::input::read_bytes(path, limit)
+    fisherc_ir::files::read_bytes(path, limit)
         .map_err(|e| DataError::new(path, None, e.to_string()))
 }

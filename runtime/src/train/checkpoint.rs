@@ -8,12 +8,10 @@
 //! `running_var/<bn layer>`, f32, with the network's shapes; reading checks all of them.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use fisherc_ir::model::Network;
-use fisherc_ir::state::TrainState;
+use fisherc_ir::state::{TrainState, state_names};
 use fisherc_ir::tensor::Tensor;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
@@ -58,27 +56,8 @@ pub fn non_finite(net: &Network, state: &TrainState<f32>) -> Option<(String, usi
 
 /// (name, tensor) of every state tensor, in a fixed order.
 fn named<'a>(net: &Network, state: &'a TrainState<f32>) -> Vec<(String, &'a Tensor<f32>)> {
-    let params = net
-        .params
-        .iter()
-        .zip(&state.params)
-        .map(|(p, t)| (format!("param/{}", p.name), t));
-    let momenta = net
-        .params
-        .iter()
-        .zip(&state.momenta)
-        .map(|(p, t)| (format!("momentum/{}", p.name), t));
-    let means = net
-        .bn_layers
-        .iter()
-        .zip(&state.running_means)
-        .map(|(b, t)| (format!("running_mean/{}", b.name), t));
-    let vars = net
-        .bn_layers
-        .iter()
-        .zip(&state.running_vars)
-        .map(|(b, t)| (format!("running_var/{}", b.name), t));
-    params.chain(momenta).chain(means).chain(vars).collect()
+    let names = state_names(net).into_iter().map(|(name, _)| name);
+    names.zip(state.tensors()).collect()
 }
 
 fn little_endian(t: &Tensor<f32>) -> Vec<u8> {
@@ -142,21 +121,7 @@ pub fn write(path: &Path, net: &Network, checkpoint: &Checkpoint) -> Result<(), 
     let data = safetensors::serialize(views, Some(metadata))
         .map_err(|e| error(format!("serialising: {e}")))
         .and_then(|data| with_sorted_header(data).map_err(error))?;
-    let temporary = path.with_extension("partial");
-    let written = File::create(&temporary).and_then(|mut f| {
-        f.write_all(&data)?;
-        f.sync_all()
-    });
-    written.map_err(|e| error(format!("writing {}: {e}", temporary.display())))?;
-    std::fs::rename(&temporary, path)
-        .map_err(|e| error(format!("renaming {} over it: {e}", temporary.display())))?;
-    // the rename itself reaches the disk when the directory does
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| error(format!("syncing {}: {e}", dir.display())))?;
-    }
-    Ok(())
+    fisherc_ir::files::write_atomically(path, &data).map_err(|e| error(format!("writing: {e}")))
 }
 
 /// Reads a checkpoint of `net`'s training, checking every tensor's presence, type and shape.
@@ -166,7 +131,7 @@ pub fn read(path: &Path, net: &Network) -> Result<Checkpoint, CheckpointError> {
         message,
     };
     let limit = crate::host::available_memory().unwrap_or(u64::MAX);
-    let data = fisherc_ir::input::read_bytes(path, limit).map_err(|e| error(e.to_string()))?;
+    let data = fisherc_ir::files::read_bytes(path, limit).map_err(|e| error(e.to_string()))?;
     let (_, metadata) = SafeTensors::read_metadata(&data)
         .map_err(|e| error(format!("not a safetensors file: {e}")))?;
     let tensors = SafeTensors::deserialize(&data)

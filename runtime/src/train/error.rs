@@ -59,14 +59,19 @@ pub enum TrainError {
         last_epoch: usize,
         checkpoint: PathBuf,
     },
+    /// Found by the periodic check on the device (`step` names the step after which) or at
+    /// the epoch's end (`step` is `None`).
     #[error(
-        "epoch {epoch}: the training state is not finite ({tensor} holds {count} NaN or infinite values); stopped. The last good checkpoint (after epoch {last_epoch}) is kept in {}",
+        "epoch {epoch}{}: the training state is not finite ({tensor} holds {count} NaN or infinite values); stopped. The last good checkpoint (after epoch {last_epoch}) is kept in {}",
+        step.map(|(s, run)| format!(", step {s} (step {run} of the run)")).unwrap_or_default(),
         checkpoint.display()
     )]
     NonFiniteState {
         epoch: usize,
+        /// (step of the epoch, step of the run), counted from 1.
+        step: Option<(usize, u64)>,
         tensor: String,
-        count: usize,
+        count: u64,
         last_epoch: usize,
         checkpoint: PathBuf,
     },

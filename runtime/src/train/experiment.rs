@@ -233,7 +233,7 @@ impl Experiment {
     /// Reads an experiment file and applies `overrides` (`section.key=value`, the value in
     /// TOML syntax, or a bare string).
     pub fn load(path: &Path, overrides: &[String]) -> Result<Experiment, ExperimentError> {
-        let text = fisherc_ir::input::read_text(path).map_err(|e| ExperimentError::Text {
+        let text = fisherc_ir::files::read_text(path).map_err(|e| ExperimentError::Text {
             file: Some(path.to_path_buf()),
             message: e.to_string(),
         })?;

@@ -63,13 +63,9 @@ impl Metrics {
     /// Opens `path` for appending (a resumed run continues its file).
     pub fn open(path: &Path) -> std::io::Result<Metrics> {
         let file = OpenOptions::new().create(true).append(true).open(path)?;
-        Ok(Metrics::over(file))
-    }
-
-    fn over(file: File) -> Metrics {
-        Metrics {
+        Ok(Metrics {
             out: BufWriter::new(file),
-        }
+        })
     }
 
     /// The metrics file at `path` cut back to what a run had recorded when it had done
@@ -85,14 +81,12 @@ impl Metrics {
                 Record::Step { step, .. } => *step <= steps,
                 Record::Epoch { epoch, .. } => *epoch <= epochs,
             });
-            let temporary = path.with_extension("partial");
-            {
-                let mut out = Metrics::over(File::create(&temporary).map_err(io)?);
-                for record in kept {
-                    out.write(&record).map_err(io)?;
-                }
+            let mut text = Vec::new();
+            for record in kept {
+                serde_json::to_writer(&mut text, &record).expect("records serialise");
+                text.push(b'\n');
             }
-            std::fs::rename(&temporary, path).map_err(io)?;
+            fisherc_ir::files::write_atomically(path, &text).map_err(io)?;
         }
         Metrics::open(path).map_err(io)
     }
@@ -115,7 +109,7 @@ pub enum MetricsError {
     #[error("{}: {error}", path.display())]
     Input {
         path: PathBuf,
-        error: fisherc_ir::input::InputError,
+        error: fisherc_ir::files::InputError,
     },
     #[error("{}:{line}: {error}", path.display())]
     Line {
@@ -126,12 +120,23 @@ pub enum MetricsError {
 }
 
 /// The records of a metrics file, in order, epochs and steps counted from 1; an unreadable
-/// line is an error naming the file and line.
+/// line is an error naming the file and line. A last line without its newline that does not
+/// read is a record a killed run did not finish writing: it is left out.
 pub fn read(path: &Path) -> Result<Vec<Record>, MetricsError> {
-    let text = fisherc_ir::input::read_text(path).map_err(|error| MetricsError::Input {
+    let text = fisherc_ir::files::read_text(path).map_err(|error| MetricsError::Input {
         path: path.to_path_buf(),
         error,
     })?;
+    let (whole, torn) = match text.rfind('\n') {
+        Some(end) => text.split_at(end + 1),
+        None => ("", text.as_str()),
+    };
+    let torn_reads = serde_json::from_str::<Record>(torn).is_ok();
+    let text = if torn_reads || torn.trim().is_empty() {
+        text.as_str()
+    } else {
+        whole
+    };
     let mut records: Vec<Record> = text
         .lines()
         .enumerate()
@@ -205,6 +210,24 @@ mod tests {
     }
 
     #[test]
+    fn a_record_cut_short_by_a_kill_is_left_out_and_only_that() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.jsonl");
+        let last = step(1, 3);
+        let whole = format!("{}\n{}\n", step(1, 1), step(1, 2));
+        std::fs::write(&path, format!("{whole}{}", &last[..last.len() / 2])).unwrap();
+        assert_eq!(read(&path).unwrap().len(), 2);
+        std::fs::write(&path, format!("{whole}{last}")).unwrap();
+        assert_eq!(read(&path).unwrap().len(), 3, "a whole last record counts");
+        let middle = format!("{}\n{}\n{last}\n", step(1, 1), &last[..last.len() / 2]);
+        std::fs::write(&path, middle).unwrap();
+        assert!(
+            read(&path).is_err(),
+            "a damaged line inside the file is an error"
+        );
+    }
+
+    #[test]
     fn numbers_written_as_null_read_as_nan() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("metrics.jsonl");
@@ -216,7 +239,8 @@ mod tests {
         assert!(matches!(records[0], Record::Step { loss, .. } if loss.is_nan()));
         assert!(matches!(records[1], Record::Epoch { test_loss, .. } if test_loss.is_nan()));
         assert!(read(&path).is_ok());
-        std::fs::write(&path, step(1, 1).replace("\"loss\":1.0", "\"loss\":\"x\"")).unwrap();
+        let text = step(1, 1).replace("\"loss\":1.0", "\"loss\":\"x\"") + "\n";
+        std::fs::write(&path, text).unwrap();
         assert!(read(&path).is_err(), "only null stands for a number");
     }
 

@@ -12,8 +12,8 @@ use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use fisherc_codegen::artifact::{Artifact, compile_evaluation, compile_step};
-use fisherc_codegen::compile::{CompileOptions, Compiled};
+use fisherc_codegen::artifact::{Verified, compile_evaluation, compile_step};
+use fisherc_codegen::compile::CompileOptions;
 use fisherc_ir::model::{BuildOptions, ModelSpec, build};
 use fisherc_ir::ops::Role;
 use fisherc_ir::state::{Hyperparams, TrainState};
@@ -39,8 +39,7 @@ pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
 pub const LOCK_FILE: &str = "lock";
 
 /// Opens a backend for one phase's compiled step.
-pub type OpenBackend<'a> =
-    dyn Fn(&Artifact, &Compiled) -> Result<Box<dyn Backend>, RuntimeError> + 'a;
+pub type OpenBackend<'a> = dyn Fn(&Verified) -> Result<Box<dyn Backend>, RuntimeError> + 'a;
 
 #[derive(Clone, Debug)]
 pub struct TrainOptions {
@@ -49,6 +48,26 @@ pub struct TrainOptions {
     pub resume: bool,
     /// Stop after this many epochs in all (an interruption: `resume` continues).
     pub until_epoch: Option<usize>,
+    /// Steps between checks of the state for NaN and infinite values on the device (the
+    /// epoch's end checks it on the host as well, before the checkpoint is written); 0 is
+    /// taken as 1.
+    pub check_every: u64,
+}
+
+/// Steps between the device's checks of the state by default: a read of the state at memory
+/// speed, a fraction of one step, every hundred.
+pub const CHECK_EVERY: u64 = 100;
+
+impl TrainOptions {
+    /// A fresh run in `run_dir`, to the end, checked every [`CHECK_EVERY`] steps.
+    pub fn new(run_dir: impl Into<PathBuf>) -> TrainOptions {
+        TrainOptions {
+            run_dir: run_dir.into(),
+            resume: false,
+            until_epoch: None,
+            check_every: CHECK_EVERY,
+        }
+    }
 }
 
 /// What the loop reports as it goes (for progress bars and logs).
@@ -162,10 +181,9 @@ fn evaluation_on_device(
     options: CompileOptions,
     open: &OpenBackend,
 ) -> Result<Session<Box<dyn Backend>>, TrainError> {
-    let (compiled, artifact) =
-        compile_evaluation(evaluator.network(), (path, text.to_string()), options)?;
-    let backend = open(&artifact, &compiled)?;
-    Ok(Session::new(&artifact, backend)?)
+    let verified = compile_evaluation(evaluator.network(), (path, text.to_string()), options)?;
+    let backend = open(&verified)?;
+    Ok(Session::new(verified.artifact(), backend)?)
 }
 
 /// The test score of `state`: on the device where the evaluator has one (a failure there is
@@ -238,6 +256,8 @@ struct Run<'a> {
     scores: Vec<(usize, Score)>,
     /// The epoch count the run stops at.
     stop: usize,
+    /// Steps between the device's checks of the state.
+    check_every: u64,
 }
 
 /// One epoch's training: the mean loss over its steps, and how long it took.
@@ -299,6 +319,7 @@ impl<'a> Run<'a> {
             step,
             scores: Vec::new(),
             stop: options.until_epoch.unwrap_or(t.epochs).min(t.epochs),
+            check_every: options.check_every,
         })
     }
 
@@ -334,8 +355,8 @@ impl<'a> Run<'a> {
         )?;
         let options = experiment.compile.options();
         let model = (experiment.model.as_path(), self.model_text.clone());
-        let (compiled, artifact) = compile_step(&training, model, options)?;
-        let mut session = Session::new(&artifact, open(&artifact, &compiled)?)?;
+        let verified = compile_step(&training, model, options)?;
+        let mut session = Session::new(verified.artifact(), open(&verified)?)?;
         session.feed(&self.state.state_feeds())?;
         if session.backend.frees_the_host() && !self.evaluator.on_device() {
             let model = (experiment.model.as_path(), self.model_text.as_str());
@@ -393,6 +414,7 @@ impl<'a> Run<'a> {
         let batches = (&self.train_set, order.batches.as_slice());
         let ahead = session.backend.frees_the_host();
         let (metrics, step, dir) = (&mut self.metrics, &mut self.step, self.dir);
+        let check_every = self.check_every.max(1);
         self.pipeline
             .for_each_batch(batches, augment, ahead, |index, (x, y)| {
                 let progress = epoch as f64 + (index + 1) as f64 / steps as f64;
@@ -444,6 +466,18 @@ impl<'a> Run<'a> {
                     seconds,
                 });
                 *step += 1;
+                if *step % check_every == 0
+                    && let Some((tensor, count)) = session.non_finite_state()?
+                {
+                    return Err(TrainError::NonFiniteState {
+                        epoch: epoch + 1,
+                        step: Some((index + 1, *step)),
+                        tensor,
+                        count,
+                        last_epoch: epoch,
+                        checkpoint: dir.join(CHECKPOINT_FILE),
+                    });
+                }
                 Ok(())
             })?;
         Ok(EpochTrained {
@@ -467,8 +501,9 @@ impl<'a> Run<'a> {
         if let Some((tensor, count)) = checkpoint::non_finite(&training.network, &self.state) {
             return Err(TrainError::NonFiniteState {
                 epoch: self.epoch + 1,
+                step: None,
                 tensor,
-                count,
+                count: count as u64,
                 last_epoch: self.epoch,
                 checkpoint: self.dir.join(CHECKPOINT_FILE),
             });
@@ -596,7 +631,8 @@ fn start(
     {
         return Err(TrainError::RunExists { path });
     }
-    std::fs::write(&experiment_path, &toml).map_err(TrainError::io(experiment_path))?;
+    fisherc_ir::files::write_atomically(&experiment_path, toml.as_bytes())
+        .map_err(TrainError::io(experiment_path))?;
     let start = Start {
         state: TrainState::init(&first.network, experiment.train.seed),
         epoch: 0,

@@ -1,13 +1,14 @@
-//! Files users hand us (model and experiment files, plans, checkpoints, data) read with bounds,
-//! and their words echoed back in errors without flooding a terminal.
+//! Files users hand us (model and experiment files, plans, checkpoints, data) read with bounds;
+//! the files we write (artifacts, checkpoints, run records) written whole or not at all; and
+//! users' words echoed back in errors without flooding a terminal.
 //!
 //! Only regular files are read: a FIFO, a device or `/dev/zero` would block or never end. A
 //! file larger than the limit its kind allows is refused from its size before a byte is read,
 //! and the read itself stops one byte past the limit (a file may grow while it is read).
 
 use std::fs::File;
-use std::io::Read;
-use std::path::Path;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
@@ -76,6 +77,28 @@ fn describe(kind: &std::fs::FileType) -> &'static str {
     } else {
         "not a file"
     }
+}
+
+/// Writes `bytes` to `path` so that a reader (or a run killed at any moment) finds either the
+/// old file or the new one, never a part: into `path.partial`, synced, renamed over `path`,
+/// and the directory synced so that the rename itself lasts.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let temporary = partial(path);
+    let mut file = File::create(&temporary)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&temporary, path)?;
+    match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) => File::open(dir)?.sync_all(),
+        None => Ok(()),
+    }
+}
+
+/// Where [`write_atomically`] writes `path` before the rename.
+pub fn partial(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".partial");
+    path.with_file_name(name)
 }
 
 /// A word longer than this is cut when echoed.
@@ -162,6 +185,20 @@ mod tests {
         assert!(matches!(error, InputError::NotAFile("a character device")));
         let error = read_text(Path::new("/")).unwrap_err();
         assert!(matches!(error, InputError::NotAFile("a directory")));
+    }
+
+    #[test]
+    fn an_atomic_write_replaces_the_file_whole_and_leaves_nothing_beside_it() {
+        let dir = std::env::temp_dir().join(format!("fisherc-atomic-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("checkpoint.safetensors");
+        write_atomically(&path, b"first").unwrap();
+        write_atomically(&path, b"second").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"second");
+        assert_eq!(partial(&path), dir.join("checkpoint.safetensors.partial"));
+        let names: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
