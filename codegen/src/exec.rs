@@ -21,6 +21,7 @@ use thiserror::Error;
 use crate::kir::{
     BinOp, Cmp, Inst, Kernel, Operand, ParamTy, Reg, Space, Special, Stmt, Ty, UnOp, WARP,
 };
+use crate::mma::TF32_M16N8K8;
 use crate::plan::ALIGN;
 
 /// A kernel argument: a device address (a byte offset in the executor's memory) or a scalar.
@@ -326,10 +327,10 @@ impl Block<'_> {
         }
     }
 
-    /// `mma.sync` m16n8k8 TF32 (see `Inst::MmaTf32` for the fragments), warp by warp: the
-    /// products of the TF32 operands are exact in f64 and summed there, then rounded once to
-    /// f32 (the hardware's order and intermediate rounding are unspecified; this is the exact
-    /// sum, as the executor computes approximate instructions exactly).
+    /// `mma.sync` m16n8k8 TF32 (its fragments as [`TF32_M16N8K8`] places them), warp by
+    /// warp: the products of the TF32 operands are exact in f64 and summed there, then
+    /// rounded once to f32 (the hardware's order and intermediate rounding are unspecified;
+    /// this is the exact sum, as the executor computes approximate instructions exactly).
     fn mma_tf32(
         &mut self,
         d: &[Reg; 4],
@@ -343,26 +344,36 @@ impl Block<'_> {
             if !full || warp.windows(2).any(|w| w[1] != w[0] + 1) {
                 return Err("mma.sync reached by part of a warp".to_string());
             }
-            let (mut ma, mut mb, mut mc) = ([[0f64; 8]; 16], [[0f64; 8]; 8], [[0f64; 8]; 16]);
+            let shape = TF32_M16N8K8;
+            let (m, n, depth) = (shape.m as usize, shape.n as usize, shape.k as usize);
+            let (mut ma, mut mb, mut mc) = (
+                vec![0f64; m * depth],
+                vec![0f64; depth * n],
+                vec![0f64; m * n],
+            );
             let value = |this: &Self, r: Reg, t: u32| f32::from_bits(this.get(r, t) as u32) as f64;
             for &t in warp {
-                let (g, l) = (((t % WARP) / 4) as usize, ((t % WARP) % 4) as usize);
+                let lane = t % WARP;
                 for (i, &r) in a.iter().enumerate() {
-                    ma[g + 8 * (i % 2)][l + 4 * (i / 2)] = value(self, r, t);
+                    let (row, k) = shape.a.at(lane, i);
+                    ma[row * depth + k] = value(self, r, t);
                 }
                 for (i, &r) in b.iter().enumerate() {
-                    mb[l + 4 * i][g] = value(self, r, t);
+                    let (k, col) = shape.b.at(lane, i);
+                    mb[k * n + col] = value(self, r, t);
                 }
                 for (i, &r) in c.iter().enumerate() {
-                    mc[g + 8 * (i / 2)][2 * l + i % 2] = value(self, r, t);
+                    let (row, col) = shape.c.at(lane, i);
+                    mc[row * n + col] = value(self, r, t);
                 }
             }
             for &t in warp {
-                let (g, l) = (((t % WARP) / 4) as usize, ((t % WARP) % 4) as usize);
                 for (i, &r) in d.iter().enumerate() {
-                    let (row, col) = (g + 8 * (i / 2), 2 * l + i % 2);
-                    let sum: f64 = (0..8).map(|k| ma[row][k] * mb[k][col]).sum::<f64>();
-                    self.set(r, t, fb((sum + mc[row][col]) as f32));
+                    let (row, col) = shape.c.at(t % WARP, i);
+                    let sum: f64 = (0..depth)
+                        .map(|k| ma[row * depth + k] * mb[k * n + col])
+                        .sum::<f64>();
+                    self.set(r, t, fb((sum + mc[row * n + col]) as f32));
                 }
             }
         }

@@ -258,10 +258,9 @@ pub enum Inst {
         src: Reg,
     },
     /// `mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32`: the warp's D = A·B + C with A
-    /// 16×8 (4 `B32` per lane), B 8×8 (2 per lane), C and D 16×8 f32 (4 per lane). Lane l
-    /// holds, with g = l / 4 and t = l % 4: A[g + 8·(i % 2)][t + 4·(i / 2)] in `a[i]`,
-    /// B[t + 4·i][g] in `b[i]`, C[g + 8·(i / 2)][2t + i % 2] in `c[i]` (and D likewise).
-    /// Every lane of the warp must take part.
+    /// 16×8 (4 `B32` per lane), B 8×8 (2 per lane), C and D 16×8 f32 (4 per lane), the
+    /// registers where [`crate::mma::TF32_M16N8K8`] places them. Every lane of the warp must
+    /// take part.
     MmaTf32 {
         d: [Reg; 4],
         a: [Reg; 4],

@@ -6,7 +6,8 @@
 //!        ──artifact──▶ module.ptx + plan.json (what the runtime loads)
 //! ```
 //!
-//! * [`kir`]: the kernel IR; [`builder`]: a typed way to write it.
+//! * [`kir`]: the kernel IR; [`builder`]: a typed way to write it; [`mma`]: tensor-core
+//!   instructions as data (shape, fragment layouts).
 //! * [`lower`]: every op of the optimised graph as kernels; [`plan`]: schedule and memory
 //!   plan; [`compile`]: the two after the optimizer.
 //! * [`ptx`]: rendering to PTX; [`ptxas`]: assembling it; [`exec`] and [`device`]: running
@@ -23,6 +24,7 @@ pub mod finite;
 pub mod kir;
 pub mod lower;
 pub mod magic;
+pub mod mma;
 pub mod options;
 pub mod plan;
 pub mod ptx;

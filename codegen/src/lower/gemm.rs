@@ -29,7 +29,13 @@ use crate::builder::{
     F32, GlobalF32, KernelBuilder, Pred, STATIC_SHARED, SharedF32, Tf32, U32, U64,
 };
 use crate::kir::{BinOp, Cmp, MainLoop};
+use crate::mma::{Mma, TF32_M16N8K8};
 use crate::options::Precision;
+
+/// The tensor-core instruction of the TF32 GEMMs: its shape and fragments place every load and
+/// accumulator below. The emitter takes each lane's rows as `g` plus a register's offset and
+/// its k (A) or columns (C) as a multiple of `t` plus one, as the m16n8k8 layouts have them.
+const MMA: Mma = TF32_M16N8K8;
 
 /// Threads per block.
 pub const THREADS: u32 = 256;
@@ -65,11 +71,11 @@ impl WarpTiles {
     }
 
     fn rows(self) -> u32 {
-        16 * self.m
+        MMA.m * self.m
     }
 
     fn cols(self) -> u32 {
-        8 * self.n
+        MMA.n * self.n
     }
 }
 
@@ -236,7 +242,7 @@ impl TilePlace {
         let per_slice = match self.mapping {
             Mapping::Simt { .. } => TM * TN * depth,
             Mapping::Mma { tiles, split, .. } => {
-                tiles.m * tiles.n * (depth / 8) * if split { 3 } else { 1 }
+                tiles.m * tiles.n * (depth / MMA.k) * if split { 3 } else { 1 }
             }
         };
         if squares { 2 * per_slice } else { per_slice }
@@ -246,7 +252,10 @@ impl TilePlace {
     fn elements(&self) -> (u32, u32) {
         match self.mapping {
             Mapping::Simt { .. } => (TM, TN),
-            Mapping::Mma { tiles, .. } => (2 * tiles.m, 2 * tiles.n),
+            Mapping::Mma { tiles, .. } => {
+                let (rows, cols) = (MMA.c.row_offsets().len(), MMA.c.col_offsets().len());
+                (rows as u32 * tiles.m, cols as u32 * tiles.n)
+            }
         }
     }
 
@@ -262,7 +271,7 @@ impl TilePlace {
                 (0..TM).map(|i| k.mad_u(ty, TM, i)).collect(),
                 (0..TN).map(|j| k.mad_u(tx, TN, j)).collect(),
             ),
-            // row i: mma tile i / 2, its half i % 2; column j: mma tile j / 2, element j % 2
+            // row i: mma tile i / R, its row offset i % R; column j likewise, of C's fragment
             Mapping::Mma {
                 wm0,
                 wn0,
@@ -270,20 +279,24 @@ impl TilePlace {
                 t,
                 tiles,
                 ..
-            } => (
-                (0..2 * tiles.m)
-                    .map(|i| {
-                        let base = k.add_u(wm0, 16 * (i / 2) + 8 * (i % 2));
-                        k.add_u(base, g)
-                    })
-                    .collect(),
-                (0..2 * tiles.n)
-                    .map(|j| {
-                        let base = k.add_u(wn0, 8 * (j / 2) + j % 2);
-                        k.mad_u(t, 2u32, base)
-                    })
-                    .collect(),
-            ),
+            } => {
+                let (rows, cols) = (MMA.c.row_offsets(), MMA.c.col_offsets());
+                let (r, c) = (rows.len() as u32, cols.len() as u32);
+                (
+                    (0..r * tiles.m)
+                        .map(|i| {
+                            let base = k.add_u(wm0, MMA.m * (i / r) + rows[(i % r) as usize]);
+                            k.add_u(base, g)
+                        })
+                        .collect(),
+                    (0..c * tiles.n)
+                        .map(|j| {
+                            let base = k.add_u(wn0, MMA.n * (j / c) + cols[(j % c) as usize]);
+                            k.mad_u(t, MMA.c.col.1, base)
+                        })
+                        .collect(),
+                )
+            }
         }
     }
 
@@ -300,7 +313,7 @@ impl TilePlace {
                 pluses: (0..TN).collect(),
                 own_k: None,
             },
-            // row tile tm's halves g and g + 8
+            // row tile tm's rows of A's fragment (g and g + 8)
             (
                 Mapping::Mma {
                     wm0, g, t, tiles, ..
@@ -308,10 +321,10 @@ impl TilePlace {
                 Operands::A,
             ) => LineSet {
                 first: k.add_u(wm0, g),
-                pluses: (0..tiles.m).flat_map(|tm| [16 * tm, 16 * tm + 8]).collect(),
+                pluses: lines(tiles.m, MMA.m, &MMA.a.row_offsets()),
                 own_k: Some(t),
             },
-            // column tile tn's g
+            // column tile tn's columns of B's fragment (g)
             (
                 Mapping::Mma {
                     wn0, g, t, tiles, ..
@@ -319,7 +332,7 @@ impl TilePlace {
                 Operands::B,
             ) => LineSet {
                 first: k.add_u(wn0, g),
-                pluses: (0..tiles.n).map(|tn| 8 * tn).collect(),
+                pluses: lines(tiles.n, MMA.n, &MMA.b.col_offsets()),
                 own_k: Some(t),
             },
         }
@@ -861,8 +874,17 @@ fn split<const N: usize>(k: &mut KernelBuilder, v: [F32; N]) -> Split<N> {
     Split { hi, lo }
 }
 
-/// One K slice on tensor cores, k8 step by k8 step: the warp's mma tiles. `rows` holds row
-/// tile tm's two halves (g and g + 8) at 2·tm and 2·tm + 1, `cols` column tile tn's lines.
+/// A warp's lines of one side: for each of its `tiles` mma tiles, `size` apart, the
+/// fragment's `offsets`.
+fn lines(tiles: u32, size: u32, offsets: &[u32]) -> Vec<u32> {
+    (0..tiles)
+        .flat_map(|tile| offsets.iter().map(move |&offset| size * tile + offset))
+        .collect()
+}
+
+/// One K slice on tensor cores, one mma's k at a time: the warp's mma tiles. `rows` holds
+/// row tile tm's lines (A's row offsets) from `R·tm` on, `cols` column tile tn's from `C·tn`
+/// (as [`lines`] lists them).
 fn mma_slice(
     k: &mut KernelBuilder,
     (a, b): (Slice, Slice),
@@ -870,14 +892,15 @@ fn mma_slice(
     (tiles, split): (WarpTiles, bool),
     acc: &Products,
 ) {
-    // register r of row tile tm holds A[wm0 + 16·tm + g + 8·(r % 2)][t + 4·(r / 2)];
-    // register r of column tile tn holds B[t + 4·r][wn0 + 8·tn + g] (t in the lines)
-    for k8 in 0..a.depth / 8 {
+    // register r of row tile tm holds A at its line's row and k offset (t in the lines);
+    // register r of column tile tn holds B at its k offset and its line's column
+    let (a_lines, b_lines) = (MMA.a.row_offsets().len(), MMA.b.col_offsets().len());
+    for step in 0..a.depth / MMA.k {
         let a_values: Vec<[F32; 4]> = (0..tiles.m as usize)
             .map(|tm| {
                 std::array::from_fn(|r| {
-                    let kk = 8 * k8 + 4 * (r as u32 / 2);
-                    let (at, plus) = rows[2 * tm + r % 2];
+                    let kk = MMA.k * step + MMA.a.offsets[r].1;
+                    let (at, plus) = rows[a_lines * tm + MMA.a.line_of(r).0];
                     k.load_shared_plus(a.array, at, plus + a.steps.offset(kk))
                 })
             })
@@ -885,8 +908,8 @@ fn mma_slice(
         let b_values: Vec<[F32; 2]> = (0..tiles.n as usize)
             .map(|tn| {
                 std::array::from_fn(|r| {
-                    let kk = 8 * k8 + 4 * r as u32;
-                    let (at, plus) = cols[tn];
+                    let kk = MMA.k * step + MMA.b.offsets[r].0;
+                    let (at, plus) = cols[b_lines * tn + MMA.b.line_of(r).1];
                     k.load_shared_plus(b.array, at, plus + b.steps.offset(kk))
                 })
             })
@@ -902,8 +925,8 @@ fn mma_slice(
 }
 
 /// acc += A·B over the warp's mma tiles, in 3xTF32 if `split3` (else one TF32 product):
-/// accumulator element c of tile (tm, tn) is `acc[2·tm + c / 2][2·tn + c % 2]` (the layout
-/// `TilePlace::local` gives).
+/// accumulator register c of tile (tm, tn) is `acc[R·tm + row line][C·tn + column line]` of
+/// C's fragment (the layout `TilePlace::local` gives).
 fn mma_tiles(
     k: &mut KernelBuilder,
     a: &[[F32; 4]],
@@ -911,8 +934,12 @@ fn mma_tiles(
     acc: &[Vec<F32>],
     split3: bool,
 ) {
+    let (r, c) = (MMA.c.row_offsets().len(), MMA.c.col_offsets().len());
     let tile = |tm: usize, tn: usize| -> [F32; 4] {
-        std::array::from_fn(|c| acc[2 * tm + c / 2][2 * tn + c % 2])
+        std::array::from_fn(|i| {
+            let (row, col) = MMA.c.line_of(i);
+            acc[r * tm + row][c * tn + col]
+        })
     };
     if !split3 {
         // rounded to nearest (`cvt.rna`): truncating instead biases every product toward
