@@ -104,6 +104,7 @@ pub fn run(dir: &Path, json: bool) -> Result<()> {
             r.name, r.launches, grid, r.block, r.shared_bytes, regs, spills
         )?;
     }
+    write_schedules(&mut out, plan, width)?;
     if let Some(note) = note {
         writeln!(out, "\n{note}")?;
     } else {
@@ -111,6 +112,41 @@ pub fn run(dir: &Path, json: bool) -> Result<()> {
             out,
             "\nregisters and spill bytes from ptxas -v for {}",
             plan.source.compile.arch
+        )?;
+    }
+    Ok(())
+}
+
+/// Each GEMM kernel's schedule: block tile and K slice, slices in flight, the multiply and
+/// its tile per warp (per thread on fp32 FMA), and how each side reaches shared memory.
+fn write_schedules(out: &mut impl Write, plan: &Plan, width: usize) -> Result<()> {
+    let gemms: Vec<_> = plan
+        .kernels
+        .iter()
+        .filter_map(|k| Some((&k.name, k.schedule.as_ref()?)))
+        .collect();
+    if gemms.is_empty() {
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "\n{:width$}  {:>12}  {:>6}  {:<20}  {:>9}  {:<17}",
+        "GEMM kernel", "block tile", "stages", "multiply", "tile", "A / B staged"
+    )?;
+    for (name, s) in gemms {
+        let per = if s.multiply.starts_with("fp32") {
+            "thread"
+        } else {
+            "warp"
+        };
+        writeln!(
+            out,
+            "{name:width$}  {:>12}  {:>6}  {:<20}  {:>9}  {:<17}",
+            format!("{}×{}×{}", s.block[0], s.block[1], s.block[2]),
+            s.stages,
+            s.multiply,
+            format!("{}×{} {per}", s.tile[0], s.tile[1]),
+            format!("{} / {}", s.staging[0], s.staging[1]),
         )?;
     }
     Ok(())

@@ -447,6 +447,44 @@ fn compile_writes_an_artifact_that_inspect_reads_back() {
         json["plan"]["kernels"].as_array().unwrap().len()
     );
     assert!(kernels.iter().all(|k| k["launches"].as_u64() >= Some(1)));
+    // every GEMM kernel (those with a main loop) states its schedule, here on fp32 FMA
+    let plan_kernels = json["plan"]["kernels"].as_array().unwrap();
+    let gemms = plan_kernels.iter().filter(|k| !k["schedule"].is_null());
+    assert_eq!(
+        gemms.count(),
+        5,
+        "2 convolutions: 2 forwards, 2 weight gradients, 1 dgrad"
+    );
+    for kernel in plan_kernels {
+        let name = kernel["name"].as_str().unwrap();
+        let schedule = &kernel["schedule"];
+        assert_eq!(schedule.is_null(), kernel["main_loop"].is_null(), "{name}");
+        if !schedule.is_null() {
+            assert_eq!(schedule["multiply"], "fp32 fma", "{name}");
+            assert_eq!(schedule["tile"], serde_json::json!([4, 4]), "{name}");
+        }
+    }
+    assert!(
+        report.contains("GEMM kernel") && report.contains("fp32 fma"),
+        "{report}"
+    );
+    let tensor_cores = dir.path().join("tensor-cores");
+    stdout(&fisherc(&[
+        "compile",
+        "models/small_cnn.toml",
+        "--batch",
+        "8",
+        "--tensor-cores",
+        "3xtf32",
+        "-o",
+        tensor_cores.to_str().unwrap(),
+    ]));
+    let report = stdout(&fisherc(&["inspect", tensor_cores.to_str().unwrap()]));
+    assert!(report.contains("3xtf32 mma m16n8k8"), "{report}");
+    assert!(
+        report.contains("warp") && report.contains("gathered /"),
+        "{report}"
+    );
 
     let unfused = dir.path().join("unfused");
     let text = stdout(&fisherc(&[

@@ -25,7 +25,7 @@ use fisherc_ir::{
 };
 
 use crate::compile::{CompileError, CompileOptions, Compiled, compile, compile_graph};
-use crate::kir::{Kernel, MainLoop, ParamTy};
+use crate::kir::{GemmSchedule, Kernel, MainLoop, ParamTy};
 use crate::plan::{Arg, Buffer, PlannedLaunch, PlannedNode, Program};
 use crate::ptx;
 
@@ -196,6 +196,9 @@ pub struct KernelInfo {
     /// main loop).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub main_loop: Option<MainLoop>,
+    /// `Kernel::schedule`, for GEMM kernels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<GemmSchedule>,
 }
 
 /// A buffer the host writes or reads.
@@ -494,6 +497,7 @@ impl KernelInfo {
             block: k.block,
             shared_bytes: k.shared_bytes,
             main_loop: k.main_loop,
+            schedule: k.schedule.clone(),
         }
     }
 }

@@ -307,6 +307,8 @@ pub struct Kernel {
     pub shared_bytes: u32,
     /// The main loop, where the lowering states it.
     pub main_loop: Option<MainLoop>,
+    /// How a GEMM kernel's product runs, as its lowering chose it.
+    pub schedule: Option<GemmSchedule>,
     /// The type of every register, by id.
     pub regs: Vec<Ty>,
     pub body: Vec<Stmt>,
@@ -316,6 +318,24 @@ impl Kernel {
     pub fn register_tiled(&self) -> bool {
         self.blocks_per_sm.is_some()
     }
+}
+
+/// How a GEMM kernel runs, as its lowering chose it (for `fisherc inspect DIR` and cost
+/// work): the block's tile of C and its K slice, the slices in flight, the multiply and its
+/// tile per warp, and how each side reaches shared memory.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GemmSchedule {
+    /// Rows and columns of C per block, and the K slice staged at a time.
+    pub block: [u32; 3],
+    /// K slices in shared memory at once.
+    pub stages: u32,
+    /// `fp32 fma`, `tf32 mma m16n8k8`, `3xtf32 mma m16n8k8`.
+    pub multiply: String,
+    /// Rows and columns of C per warp (per thread on fp32 FMA).
+    pub tile: [u32; 2],
+    /// How A and B reach shared memory: `gathered` (element by element, with any
+    /// prologue), `patch` (one example's input patch), `halo` (an input halo).
+    pub staging: [String; 2],
 }
 
 /// A kernel's main loop as its lowering states it, for static cost estimates: each block

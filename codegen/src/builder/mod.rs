@@ -8,7 +8,8 @@
 //! addresses: u32 arithmetic is much cheaper on the GPU, u64 is needed past 2³² elements.
 
 use crate::kir::{
-    BinOp, Cmp, Inst, Kernel, MainLoop, Operand, ParamTy, Reg, Space, Special, Stmt, Ty, UnOp, WARP,
+    BinOp, Cmp, GemmSchedule, Inst, Kernel, MainLoop, Operand, ParamTy, Reg, Space, Special, Stmt,
+    Ty, UnOp, WARP,
 };
 use crate::magic::Divide;
 
@@ -75,6 +76,7 @@ pub struct KernelBuilder {
     blocks_per_sm: Option<u32>,
     shared_bytes: u32,
     main_loop: Option<MainLoop>,
+    schedule: Option<GemmSchedule>,
     regs: Vec<Ty>,
     /// Statement lists being built: the innermost `If`/`Loop` body is last.
     stack: Vec<Vec<Stmt>>,
@@ -115,6 +117,7 @@ impl KernelBuilder {
             blocks_per_sm: None,
             shared_bytes: 0,
             main_loop: None,
+            schedule: None,
             regs: Vec::new(),
             stack: vec![Vec::new()],
             index: if wide_index { Ty::U64 } else { Ty::U32 },
@@ -143,6 +146,7 @@ impl KernelBuilder {
             blocks_per_sm: self.blocks_per_sm,
             shared_bytes: self.shared_bytes,
             main_loop: self.main_loop,
+            schedule: self.schedule,
             regs: self.regs,
             body: self.stack.into_iter().next().expect("one list"),
         }
@@ -157,6 +161,11 @@ impl KernelBuilder {
     /// Records the kernel's main loop (see [`MainLoop`]).
     pub fn note_main_loop(&mut self, main_loop: MainLoop) {
         self.main_loop = Some(main_loop);
+    }
+
+    /// Records how the kernel's GEMM runs (see [`GemmSchedule`]).
+    pub fn note_schedule(&mut self, schedule: GemmSchedule) {
+        self.schedule = Some(schedule);
     }
 
     pub fn block_size(&self) -> u32 {

@@ -848,6 +848,10 @@ impl Staging for Patch<'_> {
         self.layout.dims.stages
     }
 
+    fn describe(&self) -> &'static str {
+        "patch"
+    }
+
     fn store(&self, k: &mut KernelBuilder, fetched: &Vec<F32>, half: U32) {
         if fetched.is_empty() {
             return;
@@ -1233,6 +1237,10 @@ impl Staging for Halo<'_> {
     /// ahead like the weights beside it.
     fn stages(&self) -> u32 {
         self.dims.stages
+    }
+
+    fn describe(&self) -> &'static str {
+        "halo"
     }
 }
 

@@ -28,7 +28,7 @@ use super::common::{Cx, TileRows};
 use crate::builder::{
     F32, GlobalF32, KernelBuilder, Pred, STATIC_SHARED, SharedF32, Tf32, U32, U64,
 };
-use crate::kir::{BinOp, Cmp, MainLoop};
+use crate::kir::{BinOp, Cmp, GemmSchedule, MainLoop};
 use crate::mma::{Mma, TF32_M16N8K8};
 use crate::options::Precision;
 
@@ -246,6 +246,24 @@ impl TilePlace {
             }
         };
         if squares { 2 * per_slice } else { per_slice }
+    }
+
+    /// The multiply, in words: `fp32 fma`, `tf32 mma m16n8k8`, `3xtf32 mma m16n8k8`.
+    fn multiply(&self) -> String {
+        let shape = format!("m{}n{}k{}", MMA.m, MMA.n, MMA.k);
+        match self.mapping {
+            Mapping::Simt { .. } => "fp32 fma".to_string(),
+            Mapping::Mma { split: true, .. } => format!("3xtf32 mma {shape}"),
+            Mapping::Mma { split: false, .. } => format!("tf32 mma {shape}"),
+        }
+    }
+
+    /// Rows and columns of C a warp computes on tensor cores, a thread on fp32 FMA.
+    fn tile(&self) -> [u32; 2] {
+        match self.mapping {
+            Mapping::Simt { .. } => [TM, TN],
+            Mapping::Mma { tiles, .. } => [tiles.rows(), tiles.cols()],
+        }
     }
 
     /// How many rows and columns of C the thread holds.
@@ -579,6 +597,8 @@ pub trait Staging {
     /// Slices the side holds at once: `slice`, `fetch` and `store` take halves (stages)
     /// `0..stages`.
     fn stages(&self) -> u32;
+    /// How the side reaches shared memory, in a word (see `GemmSchedule::staging`).
+    fn describe(&self) -> &'static str;
 }
 
 /// Which operand of the GEMM a side stages: A (lines are rows) or B (lines are columns).
@@ -643,6 +663,13 @@ pub fn staged_gemm<A: Staging, B: Staging>(
     let bk = tiling.bk;
     let stages = a.stages();
     assert_eq!(stages, b.stages(), "both sides stage alike");
+    k.note_schedule(GemmSchedule {
+        block: [tiling.bm, tiling.bn, bk],
+        stages,
+        multiply: place.multiply(),
+        tile: place.tile(),
+        staging: [a.describe().to_string(), b.describe().to_string()],
+    });
     let lines = (
         ThreadLines::new(k, a, place, Operands::A),
         ThreadLines::new(k, b, place, Operands::B),
@@ -1035,6 +1062,10 @@ impl<O: Operand> Staging for Gathered<'_, O> {
 
     fn stages(&self) -> u32 {
         self.side.stages
+    }
+
+    fn describe(&self) -> &'static str {
+        "gathered"
     }
 }
 
