@@ -23,10 +23,13 @@ use super::common::{
     grid_for, input, inv_std, launch, map, normalised, output, scratch, sum_rows,
 };
 use super::gemm::{
-    self, COLUMN_SUMS_BYTES, Coordinates, DOUBLE_BUFFERED, Fetch, Gathered, GemmShape, KSteps,
-    Layout, LineAt, LineSet, Operand, Operands, Products, SEGMENT_SUMS_BYTES, Slice, SliceK,
-    Staging, THREADS, TilePlace, Tiling, column_sums, stage_bytes, staged_gemm, store_column_sums,
+    self, Coordinates, Fetch, Gathered, KSteps, Layout, LineAt, LineSet, Operand, Operands,
+    Products, Slice, SliceK, Staging, TilePlace, column_sums, staged_gemm, store_column_sums,
     store_segment_sums, tiled_gemm,
+};
+use super::schedule::{
+    self, COLUMN_SUMS_BYTES, DOUBLE_BUFFERED, GemmShape, SEGMENT_SUMS_BYTES, THREADS, Tiling,
+    stage_bytes,
 };
 use crate::builder::{
     F32, GlobalF32, Idx, KernelBuilder, Pred, STATIC_SHARED, SharedF32, U32, U64,
@@ -1950,7 +1953,7 @@ fn wgrad(
     let place = gemm::place(&mut k, shape, tiling, cx.options.precision);
     if per_example {
         // 60 bytes of spills at 80 registers on sm_80
-        k.register_tiled(gemm::BLOCKS_PER_SM_LARGE);
+        k.register_tiled(schedule::BLOCKS_PER_SM_LARGE);
     }
     // the exact Fisher squares each example's product, so that has its own accumulators,
     // reset per example; the rest accumulate every example straight into the totals

@@ -15,6 +15,7 @@ mod norm;
 mod pool;
 mod reduce;
 mod rng;
+mod schedule;
 mod update;
 
 use fisherc_ir::ops::{Op, OpClass};
