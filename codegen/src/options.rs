@@ -222,7 +222,7 @@ impl FromStr for Arch {
 /// Choices of the lowering that are not the op's: part of every kernel's name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct LowerOptions {
-    /// How convolution GEMMs multiply (`lower/gemm.rs`).
+    /// How convolution GEMMs multiply (`lower/gemm/`).
     pub precision: Precision,
     /// K slices a convolution GEMM gathered on both sides keeps in flight
     /// (`lower::gemm::staged_gemm`), where its shared memory allows; at least 2.

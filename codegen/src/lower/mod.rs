@@ -82,7 +82,7 @@ pub use crate::options::LowerOptions;
 pub const SINGLE_TF32_ERROR: f64 = 5e-3;
 
 /// Whether the lowering runs the op's products on tensor cores when asked: the convolutions'
-/// implicit GEMMs (`gemm.rs`). Linear layers' products stay fp32 FMA.
+/// implicit GEMMs (`gemm/`). Linear layers' products stay fp32 FMA.
 pub fn uses_tensor_cores(op: &Op) -> bool {
     op.class() == OpClass::Conv
 }

@@ -1,4 +1,4 @@
-//! Convolutions as tiled implicit GEMMs (`gemm.rs`; fp32 FMA or TF32 tensor cores): forward
+//! Convolutions as tiled implicit GEMMs (`gemm/`; fp32 FMA or TF32 tensor cores): forward
 //! with the BN-apply + ReLU prologue and the BN-statistics epilogue; data gradient with the
 //! ReLU-backward mask and BN-backward reductions (and their squares) in the epilogue; weight
 //! gradient with the prologue recomputed and, in the same pass, the Fisher squares: a block
@@ -182,7 +182,7 @@ fn example_start(k: &mut KernelBuilder, n: U32, per_example: u32) -> Idx {
     k.idx_mul_const(n, per_example as u64)
 }
 
-/// The forward convolution as an implicit GEMM per example (`gemm.rs`): C[p][o] over the
+/// The forward convolution as an implicit GEMM per example (`gemm/`): C[p][o] over the
 /// example's output positions p and output channels o (or over every example's positions,
 /// `Rows`), K running over (c, ki, kj) in `Order`. A gathers the input window (the BN-apply +
 /// ReLU prologue applied on load, padding zero), B reads the weights. The statistics epilogue
