@@ -81,26 +81,12 @@ pub(super) fn mma_slice(
 ) {
     // register r of row tile tm holds A at its line's row and k offset (t in the lines);
     // register r of column tile tn holds B at its k offset and its line's column
+    let a_place = |r: usize| (MMA.a.offsets[r].1, MMA.a.line_of(r).0);
+    let b_place = |r: usize| (MMA.b.offsets[r].0, MMA.b.line_of(r).1);
     let (a_lines, b_lines) = (MMA.a.row_offsets().len(), MMA.b.col_offsets().len());
     for step in 0..a.depth / MMA.k {
-        let a_values: Vec<[F32; 4]> = (0..tiles.m as usize)
-            .map(|tm| {
-                std::array::from_fn(|r| {
-                    let kk = MMA.k * step + MMA.a.offsets[r].1;
-                    let (at, plus) = rows[a_lines * tm + MMA.a.line_of(r).0];
-                    k.load_shared_plus(a.array, at, plus + a.steps.offset(kk))
-                })
-            })
-            .collect();
-        let b_values: Vec<[F32; 2]> = (0..tiles.n as usize)
-            .map(|tn| {
-                std::array::from_fn(|r| {
-                    let kk = MMA.k * step + MMA.b.offsets[r].0;
-                    let (at, plus) = cols[b_lines * tn + MMA.b.line_of(r).1];
-                    k.load_shared_plus(b.array, at, plus + b.steps.offset(kk))
-                })
-            })
-            .collect();
+        let a_values: Vec<[F32; 4]> = fragments(k, (a, &rows), (tiles.m, a_lines), step, a_place);
+        let b_values: Vec<[F32; 2]> = fragments(k, (b, &cols), (tiles.n, b_lines), step, b_place);
         mma_tiles(k, &a_values, &b_values, &acc.values, split);
         if let Some(acc_sq) = &acc.squares {
             let square = |k: &mut KernelBuilder, v: F32| k.mul(v, v);
@@ -109,6 +95,27 @@ pub(super) fn mma_slice(
             mma_tiles(k, &a2, &b2, acc_sq, split);
         }
     }
+}
+
+/// One side's fragments at mma step `step` for each of `tiles` mma tiles (`lines` of the
+/// thread's lines each): register r at the k offset and line `place(r)` gives.
+fn fragments<const R: usize>(
+    k: &mut KernelBuilder,
+    (side, lines): (Slice, &[LineAt]),
+    (tiles, per_tile): (u32, usize),
+    step: u32,
+    place: impl Fn(usize) -> (u32, usize),
+) -> Vec<[F32; R]> {
+    (0..tiles as usize)
+        .map(|tile| {
+            std::array::from_fn(|r| {
+                let (k_offset, line) = place(r);
+                let (at, plus) = lines[per_tile * tile + line];
+                let kk = MMA.k * step + k_offset;
+                k.load_shared_plus(side.array, at, plus + side.steps.offset(kk))
+            })
+        })
+        .collect()
 }
 
 /// acc += A·B over the warp's mma tiles, in 3xTF32 if `split3` (else one TF32 product):
