@@ -10,6 +10,19 @@ fn fisherc(args: &[&str]) -> Output {
         .expect("the fisherc binary runs")
 }
 
+/// `fisherc train` of `config` in `run_dir` with the override `set`.
+fn train_with(config: &str, run_dir: &str, set: &str) -> Output {
+    fisherc(&[
+        "train",
+        "--config",
+        config,
+        "--run-dir",
+        run_dir,
+        "--set",
+        set,
+    ])
+}
+
 fn stdout(out: &Output) -> String {
     assert!(
         out.status.success(),
@@ -310,23 +323,12 @@ fn a_megabyte_of_bad_words_is_echoed_in_short() {
         format!("{word}=1"),
         format!("train.lr={word}"),
     ];
-    let mut runs: Vec<Vec<&str>> = overrides
+    let mut outs: Vec<Output> = overrides
         .iter()
-        .map(|set| {
-            vec![
-                "train",
-                "--config",
-                &config,
-                "--run-dir",
-                &run_dir,
-                "--set",
-                set,
-            ]
-        })
+        .map(|set| train_with(&config, &run_dir, set))
         .collect();
-    runs.push(vec!["inspect", model.to_str().unwrap()]);
-    for args in runs {
-        let out = fisherc(&args);
+    outs.push(fisherc(&["inspect", model.to_str().unwrap()]));
+    for out in outs {
         assert_eq!(out.status.code(), Some(1));
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.len() < 2_000, "{} bytes: {}", err.len(), &err[..300]);
@@ -362,15 +364,7 @@ fn a_bad_override_is_blamed_on_the_override() {
         ("train.lr=fast", "invalid type"),
         ("train.epochs=0", "train.epochs must be at least 1"),
     ] {
-        let out = fisherc(&[
-            "train",
-            "--config",
-            &config,
-            "--run-dir",
-            &run_dir,
-            "--set",
-            set,
-        ]);
+        let out = train_with(&config, &run_dir, set);
         assert_eq!(out.status.code(), Some(1));
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.starts_with(&format!("error: --set {set}: ")), "{err}");

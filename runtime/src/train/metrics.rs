@@ -81,21 +81,23 @@ impl Metrics {
                 Record::Step { step, .. } => *step <= steps,
                 Record::Epoch { epoch, .. } => *epoch <= epochs,
             });
-            let mut text = Vec::new();
-            for record in kept {
-                serde_json::to_writer(&mut text, &record).expect("records serialise");
-                text.push(b'\n');
-            }
+            let text: Vec<u8> = kept.flat_map(|r| line(&r)).collect();
             fisherc_ir::files::write_atomically(path, &text).map_err(io)?;
         }
         Metrics::open(path).map_err(io)
     }
 
     pub fn write(&mut self, record: &Record) -> std::io::Result<()> {
-        serde_json::to_writer(&mut self.out, record)?;
-        self.out.write_all(b"\n")?;
+        self.out.write_all(&line(record))?;
         self.out.flush()
     }
+}
+
+/// A record's line: its JSON and a newline.
+fn line(record: &Record) -> Vec<u8> {
+    let mut text = serde_json::to_vec(record).expect("records serialise");
+    text.push(b'\n');
+    text
 }
 
 /// A metrics file that cannot be read: the file, and the line where one is to blame.
