@@ -62,7 +62,7 @@ pub fn run(args: &Args) -> Result<()> {
     write_report(&mut out, &report, args.steps, noise_scale)?;
     let failed_nodes = report.failed_nodes().count();
     let failed_steps = report.failed_step_rows();
-    let miscounted = (report.counting.counted != report.counting.planted) as usize;
+    let miscounted = !report.counting.passed() as usize;
     anyhow::ensure!(
         report.passed(),
         "{failed_nodes} node outputs and {failed_steps} step quantities out of bounds, \
@@ -125,7 +125,7 @@ fn write_report(
         c.buffer,
         c.planted,
         c.counted,
-        if c.counted == c.planted { "" } else { " FAIL" }
+        if c.passed() { "" } else { " FAIL" }
     )?;
     let bound = report.step_bound;
     writeln!(

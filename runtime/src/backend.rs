@@ -6,7 +6,8 @@ use fisherc_codegen::finite::is_non_finite;
 use fisherc_codegen::plan::Buffer;
 use thiserror::Error;
 
-const GIB: f64 = (1u64 << 30) as f64;
+/// Bytes in a GiB, for messages.
+pub(crate) const GIB: f64 = (1u64 << 30) as f64;
 
 #[derive(Debug, Error)]
 pub enum RuntimeError {

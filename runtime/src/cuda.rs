@@ -21,7 +21,7 @@ use fisherc_codegen::kir::ParamTy;
 use fisherc_codegen::plan::{Arg, Buffer, Kind};
 use fisherc_codegen::{finite, ptx};
 
-use crate::backend::{Backend, RuntimeError};
+use crate::backend::{Backend, GIB, RuntimeError};
 
 /// Bytes of each JIT log buffer.
 const LOG_BYTES: usize = 1 << 16;
@@ -194,26 +194,14 @@ impl CudaBackend {
                 (Arg::Buffer(_), _) => unreachable!("plans are checked on reading"),
             })
             .collect();
-        let mut params: Vec<*mut c_void> = slots
-            .iter_mut()
-            .map(|s| s as *mut u64 as *mut c_void)
-            .collect();
         let node = &self.plan.nodes[launch.node];
-        // SAFETY: the function belongs to the loaded module; params point at one live slot per
-        // kernel parameter, in order (checked when the plan was read); shared memory is static
+        // SAFETY: the function belongs to the loaded module; the slots are the kernel's
+        // parameters, in order (checked when the plan was read)
         let result = unsafe {
-            cu::cuLaunchKernel(
+            self.enqueue(
                 self.functions[launch.kernel],
-                launch.grid[0],
-                launch.grid[1],
-                1,
-                launch.block,
-                1,
-                1,
-                0,
-                self.stream.as_inner(),
-                params.as_mut_ptr(),
-                ptr::null_mut(),
+                (launch.grid, launch.block),
+                &mut slots,
             )
         };
         check(result, || {
@@ -222,6 +210,42 @@ impl CudaBackend {
                 kernel.name, node.layer, node.op
             )
         })
+    }
+
+    /// Enqueues `function` on the stream over a `grid` of 1-D blocks of `block` threads, each
+    /// argument in an 8-byte slot (the driver reads each parameter's own size from it), with
+    /// static shared memory only.
+    ///
+    /// # Safety
+    /// `function` must belong to a module loaded in this context and `slots` hold exactly its
+    /// parameters, in order, every pointer among them valid for what the kernel does.
+    unsafe fn enqueue(
+        &self,
+        function: cu::CUfunction,
+        (grid, block): ([u32; 2], u32),
+        slots: &mut [u64],
+    ) -> cu::CUresult {
+        let mut params: Vec<*mut c_void> = slots
+            .iter_mut()
+            .map(|s| s as *mut u64 as *mut c_void)
+            .collect();
+        // SAFETY: the caller vouches for the function and its slots; params point into them
+        // and live through the call, which copies them
+        unsafe {
+            cu::cuLaunchKernel(
+                function,
+                grid[0],
+                grid[1],
+                1,
+                block,
+                1,
+                1,
+                0,
+                self.stream.as_inner(),
+                params.as_mut_ptr(),
+                ptr::null_mut(),
+            )
+        }
     }
 
     /// Room for `words` non-finite counts on the device.
@@ -257,26 +281,14 @@ impl CudaBackend {
             words as u64,
             self.counts.0 + (4 * slot * finite::COUNTS) as u64,
         ];
-        let mut params: Vec<*mut c_void> = slots
-            .iter_mut()
-            .map(|s| s as *mut u64 as *mut c_void)
-            .collect();
-        // SAFETY: the function belongs to the loaded counting module; params point at one live
-        // slot per kernel parameter (data, words, counts); the buffer lies in the arena and
-        // the slot in the reserved counts
+        // SAFETY: the function belongs to the loaded counting module; the slots are its
+        // parameters (data, words, counts); the buffer lies in the arena and the slot in the
+        // reserved counts
         let result = unsafe {
-            cu::cuLaunchKernel(
+            self.enqueue(
                 self.finite.1,
-                finite::GRID,
-                1,
-                1,
-                finite::BLOCK,
-                1,
-                1,
-                0,
-                self.stream.as_inner(),
-                params.as_mut_ptr(),
-                ptr::null_mut(),
+                ([finite::GRID, 1], finite::BLOCK),
+                &mut slots,
             )
         };
         check(result, || {
@@ -343,7 +355,6 @@ fn check_free_memory(bytes: u64, device: &str) -> Result<(), RuntimeError> {
         || "reading the free device memory".into(),
     )?;
     if bytes > free as u64 {
-        const GIB: f64 = (1u64 << 30) as f64;
         return Err(RuntimeError::Setup(format!(
             "the step's arena needs {:.2} GiB of device memory; {device} has {:.2} GiB free of {:.2}",
             bytes as f64 / GIB,
@@ -516,10 +527,7 @@ impl Backend for CudaBackend {
             "copying the non-finite counts to the host".into()
         })?;
         self.synchronize(|| "counting non-finite values".into())?;
-        Ok(counts
-            .chunks(finite::COUNTS.max(1))
-            .map(finite::total)
-            .collect())
+        Ok(counts.chunks(finite::COUNTS).map(finite::total).collect())
     }
 
     /// An event before every node and after the last, all on the stream: the step runs as

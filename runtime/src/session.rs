@@ -38,8 +38,15 @@ impl<B: Backend> Session<B> {
         &self.plan.buffers[index]
     }
 
-    fn input_buffer(&self, role: &Role) -> Option<Buffer> {
+    /// The buffer the step reads `role` from, if it reads it.
+    pub(crate) fn input_buffer(&self, role: &Role) -> Option<Buffer> {
         let slot = self.plan.inputs.iter().find(|s| &s.role == role)?;
+        Some(self.buffer(slot.buffer).clone())
+    }
+
+    /// The buffer the step writes output `name` to, if it has that output.
+    fn output_buffer(&self, name: &Output) -> Option<Buffer> {
+        let slot = self.plan.outputs.iter().find(|s| &s.role == name)?;
         Some(self.buffer(slot.buffer).clone())
     }
 
@@ -88,10 +95,9 @@ impl<B: Backend> Session<B> {
 
     /// An output of the last step.
     pub fn output(&mut self, name: &Output) -> Result<Value<f32>, RuntimeError> {
-        let slot = self.plan.outputs.iter().find(|s| &s.role == name);
-        let slot =
-            slot.ok_or_else(|| RuntimeError::Setup(format!("the step has no output {name}")))?;
-        let buffer = self.buffer(slot.buffer).clone();
+        let buffer = self
+            .output_buffer(name)
+            .ok_or_else(|| RuntimeError::Setup(format!("the step has no output {name}")))?;
         self.read_value(&buffer)
     }
 
@@ -123,16 +129,8 @@ impl<B: Backend> Session<B> {
             .filter_map(|(name, role)| Some((name, self.input_buffer(&role)?)))
             .collect();
         for (i, param) in self.network.params.iter().enumerate() {
-            let fisher = self
-                .plan
-                .outputs
-                .iter()
-                .find(|s| s.role == Output::Fisher(i));
-            if let Some(slot) = fisher {
-                named.push((
-                    format!("fisher/{}", param.name),
-                    self.buffer(slot.buffer).clone(),
-                ));
+            if let Some(fisher) = self.output_buffer(&Output::Fisher(i)) {
+                named.push((format!("fisher/{}", param.name), fisher));
             }
         }
         let buffers: Vec<Buffer> = named.iter().map(|(_, b)| b.clone()).collect();

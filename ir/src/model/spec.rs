@@ -119,7 +119,7 @@ impl ModelSpec {
         ModelSpec::parse(&ModelSpec::read_text(path)?, path)
     }
 
-    /// A model file's text, read with the bounds of [`crate::input`].
+    /// A model file's text, read with the bounds of [`crate::files`].
     pub fn read_text(path: &Path) -> Result<String, ModelError> {
         crate::files::read_text(path).map_err(|e| ModelError {
             file: path.to_path_buf(),

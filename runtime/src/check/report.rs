@@ -92,6 +92,13 @@ pub struct CountCheck {
     pub counted: u64,
 }
 
+impl CountCheck {
+    /// Whether the backend counted every planted value and nothing else.
+    pub fn passed(&self) -> bool {
+        self.counted == self.planted
+    }
+}
+
 /// Everything the check measured, and the bounds it is judged by.
 #[derive(Clone, Debug)]
 pub struct CheckReport {
@@ -156,7 +163,7 @@ impl CheckReport {
     pub fn passed(&self) -> bool {
         self.failed_nodes().next().is_none()
             && self.failed_step_rows() == 0
-            && self.counting.counted == self.counting.planted
+            && self.counting.passed()
     }
 }
 
@@ -270,11 +277,7 @@ fn count_planted<B: Backend>(
     seed: u64,
 ) -> Result<CountCheck, RuntimeError> {
     let images = session
-        .plan
-        .buffers
-        .iter()
-        .find(|b| b.kind == fisherc_codegen::plan::Kind::Input(fisherc_ir::ops::Role::Images))
-        .cloned()
+        .input_buffer(&fisherc_ir::ops::Role::Images)
         .ok_or_else(|| RuntimeError::Setup("the step reads no images".into()))?;
     let kept = session.backend.read(&images)?;
     let special = [

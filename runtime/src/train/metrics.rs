@@ -19,13 +19,13 @@ pub enum Record {
         /// The step's number in the run.
         step: u64,
         batch: usize,
-        #[serde(deserialize_with = "f32_or_null")]
+        #[serde(deserialize_with = "nan_if_null")]
         loss: f32,
-        #[serde(deserialize_with = "f32_or_null")]
+        #[serde(deserialize_with = "nan_if_null")]
         lr: f32,
-        #[serde(deserialize_with = "f32_or_null")]
+        #[serde(deserialize_with = "nan_if_null")]
         noise_scale: f32,
-        #[serde(deserialize_with = "f64_or_null")]
+        #[serde(deserialize_with = "nan_if_null")]
         seconds: f64,
     },
     Epoch {
@@ -33,26 +33,27 @@ pub enum Record {
         epoch: usize,
         /// Steps done by its end.
         step: u64,
-        #[serde(deserialize_with = "f64_or_null")]
+        #[serde(deserialize_with = "nan_if_null")]
         train_loss: f64,
-        #[serde(deserialize_with = "f64_or_null")]
+        #[serde(deserialize_with = "nan_if_null")]
         test_loss: f64,
-        #[serde(deserialize_with = "f64_or_null")]
+        #[serde(deserialize_with = "nan_if_null")]
         test_accuracy: f64,
         /// Wall time of the epoch's training steps, data included, evaluation excluded.
-        #[serde(deserialize_with = "f64_or_null")]
+        #[serde(deserialize_with = "nan_if_null")]
         seconds: f64,
-        #[serde(deserialize_with = "f64_or_null")]
+        #[serde(deserialize_with = "nan_if_null")]
         images_per_second: f64,
     },
 }
 
-fn f32_or_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f32, D::Error> {
-    Ok(Option::<f32>::deserialize(d)?.unwrap_or(f32::NAN))
-}
-
-fn f64_or_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
-    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+/// A number, or NaN where the file says `null`.
+fn nan_if_null<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de> + From<f32>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or(T::from(f32::NAN)))
 }
 
 pub struct Metrics {

@@ -612,7 +612,7 @@ fn start(
         };
         return Ok(start);
     }
-    let recorded = std::fs::read_to_string(&experiment_path).ok();
+    let recorded = fisherc_ir::files::read_text(&experiment_path).ok();
     let unfinished = recorded.as_deref() == Some(toml.as_str()) && !checkpoint_path.exists();
     if unfinished {
         report(Event::Note(format!(
