@@ -118,7 +118,8 @@ pub fn run(dir: &Path, json: bool) -> Result<()> {
 }
 
 /// Each GEMM kernel's schedule: block tile and K slice, slices in flight, the multiply and
-/// its tile per warp (per thread on fp32 FMA), and how each side reaches shared memory.
+/// its tile per warp (per thread on fp32 FMA), how each side reaches shared memory, and the
+/// words each shared load of a side's fragments reads (2: a vector load).
 fn write_schedules(out: &mut impl Write, plan: &Plan, width: usize) -> Result<()> {
     let gemms: Vec<_> = plan
         .kernels
@@ -130,8 +131,8 @@ fn write_schedules(out: &mut impl Write, plan: &Plan, width: usize) -> Result<()
     }
     writeln!(
         out,
-        "\n{:width$}  {:>12}  {:>6}  {:<20}  {:>9}  {:<17}",
-        "GEMM kernel", "block tile", "stages", "multiply", "tile", "A / B staged"
+        "\n{:width$}  {:>12}  {:>6}  {:<20}  {:>9}  {:<17}  {:>12}",
+        "GEMM kernel", "block tile", "stages", "multiply", "tile", "A / B staged", "words / load"
     )?;
     for (name, s) in gemms {
         let per = if s.multiply.starts_with("fp32") {
@@ -141,12 +142,13 @@ fn write_schedules(out: &mut impl Write, plan: &Plan, width: usize) -> Result<()
         };
         writeln!(
             out,
-            "{name:width$}  {:>12}  {:>6}  {:<20}  {:>9}  {:<17}",
+            "{name:width$}  {:>12}  {:>6}  {:<20}  {:>9}  {:<17}  {:>12}",
             format!("{}×{}×{}", s.block[0], s.block[1], s.block[2]),
             s.stages,
             s.multiply,
             format!("{}×{} {per}", s.tile[0], s.tile[1]),
             format!("{} / {}", s.staging[0], s.staging[1]),
+            format!("{} / {}", s.fragment_loads[0], s.fragment_loads[1]),
         )?;
     }
     Ok(())

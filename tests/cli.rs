@@ -456,6 +456,10 @@ fn compile_writes_an_artifact_that_inspect_reads_back() {
         if !schedule.is_null() {
             assert_eq!(schedule["multiply"], "fp32 fma", "{name}");
             assert_eq!(schedule["tile"], serde_json::json!([4, 4]), "{name}");
+            assert!(
+                schedule["fragment_loads"].is_null(),
+                "{name}: one word a load"
+            );
         }
     }
     assert!(
@@ -477,6 +481,31 @@ fn compile_writes_an_artifact_that_inspect_reads_back() {
     assert!(report.contains("3xtf32 mma m16n8k8"), "{report}");
     assert!(
         report.contains("warp") && report.contains("gathered /"),
+        "{report}"
+    );
+    // a gathered A (rows side by side) is read two rows a load, the rows g and g + 8 of an
+    // mma tile; B a word at a time
+    let plan: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tensor_cores.join("plan.json")).unwrap())
+            .unwrap();
+    let mut vector_loads = 0;
+    for kernel in plan["kernels"].as_array().unwrap() {
+        let schedule = &kernel["schedule"];
+        if schedule.is_null() {
+            continue;
+        }
+        let gathered_a = schedule["staging"][0] == "gathered";
+        let got = match &schedule["fragment_loads"] {
+            serde_json::Value::Null => serde_json::json!([1, 1]), // left out: one word each
+            loads => loads.clone(),
+        };
+        let want = serde_json::json!([if gathered_a { 2 } else { 1 }, 1]);
+        assert_eq!(got, want, "{}", kernel["name"]);
+        vector_loads += gathered_a as usize;
+    }
+    assert!(vector_loads > 0, "{plan}");
+    assert!(
+        report.contains("words / load") && report.contains("2 / 1"),
         "{report}"
     );
 

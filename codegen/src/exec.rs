@@ -496,6 +496,18 @@ impl Block<'_> {
                     }
                 }
             }
+            Inst::LdSharedVector { dst, addr, offset } => {
+                let bytes = 4 * dst.len();
+                for &t in active {
+                    let at = address(self.get(*addr, t), *offset);
+                    shared_range(self.shared.len(), at, bytes)?;
+                    self.races.read(t, at, bytes)?;
+                    for (i, &r) in dst.iter().enumerate() {
+                        let v = shared_load(&self.shared, at + 4 * i as u64, 4)?;
+                        self.set(r, t, v);
+                    }
+                }
+            }
             Inst::Bar => {
                 if active.len() != self.threads {
                     return Err(format!(

@@ -224,6 +224,13 @@ pub enum Inst {
         offset: i32,
         src: Operand,
     },
+    /// `ld.shared.v{N}.f32`: the N (2 or 4) consecutive f32 from shared `addr + offset` (in
+    /// bytes), which must be aligned to their size, into `dst` in order.
+    LdSharedVector {
+        dst: Vec<Reg>,
+        addr: Reg,
+        offset: i32,
+    },
     /// `bar.sync 0`: every thread of the block waits here.
     Bar,
     /// `cp.async.ca.shared.global [dst+dst_offset], [src+src_offset], 4, size`: copies the 4
@@ -336,6 +343,18 @@ pub struct GemmSchedule {
     /// How A and B reach shared memory: `gathered` (element by element, with any
     /// prologue), `patch` (one example's input patch), `halo` (an input halo).
     pub staging: [String; 2],
+    /// Words per shared-memory load of the mma fragments, A's and B's (2: `ld.shared.v2`);
+    /// left out of plan.json where both are 1.
+    #[serde(default = "one_word_each", skip_serializing_if = "is_one_word_each")]
+    pub fragment_loads: [u32; 2],
+}
+
+fn one_word_each() -> [u32; 2] {
+    [1, 1]
+}
+
+fn is_one_word_each(loads: &[u32; 2]) -> bool {
+    *loads == one_word_each()
 }
 
 /// A kernel's main loop as its lowering states it, for static cost estimates: each block

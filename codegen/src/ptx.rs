@@ -323,6 +323,15 @@ fn instruction(inst: &Inst, kernel: &Kernel) -> String {
                 operand(src)
             )
         }
+        Inst::LdSharedVector { dst, addr, offset } => {
+            let regs: Vec<String> = dst.iter().map(|&r| reg(r)).collect();
+            format!(
+                "ld.shared.v{}.f32 {{{}}}, [{}+{offset}];",
+                dst.len(),
+                regs.join(", "),
+                reg(*addr)
+            )
+        }
         Inst::Bar => "bar.sync 0;".to_string(),
         Inst::CpAsync {
             dst,

@@ -1,6 +1,6 @@
 //! The kernel IR machinery on small kernels: the typed builder, the executor (grid-stride
-//! loops, divergence, barriers, shuffles, TF32 tensor-core mma, cp.async, bounds and
-//! alignment checks, shared-memory races) and the PTX renderer with ptxas.
+//! loops, divergence, barriers, shuffles, TF32 tensor-core mma, cp.async, vector loads, bounds
+//! and alignment checks, shared-memory races) and the PTX renderer with ptxas.
 
 use fisherc_codegen::builder::{KernelBuilder, U32};
 use fisherc_codegen::exec::{Arg, Memory, run, tf32_bits};
@@ -267,11 +267,11 @@ fn rendered_ptx_declares_registers_and_structures_control_flow() {
 fn rendered_kernels_assemble_for_sm80_and_sm90() {
     let ptxas = ptxas::find().expect("ptxas not found: run scripts/install-ptxas.sh");
     let (scale, sum, mma) = (scale_kernel(1 << 20), sum_kernel(1000), mma_kernel());
-    let copy = copy_kernel(Wait::Landed);
+    let (copy, vector) = (copy_kernel(Wait::Landed), vector_kernel(4, 0, true));
     for arch in ["sm_80", "sm_90"] {
-        let module = ptx::module(&[&scale, &sum, &mma, &copy], arch);
+        let module = ptx::module(&[&scale, &sum, &mma, &copy, &vector], arch);
         let resources = ptxas::assemble(&ptxas, &module, arch).unwrap();
-        assert_eq!(resources.len(), 4);
+        assert_eq!(resources.len(), 5);
         assert!(
             resources
                 .iter()
@@ -438,5 +438,61 @@ fn async_copies_land_at_their_wait_zero_filled() {
         err.message
             .contains("thread 0 reads 0x0 before the cp.async copy to it landed"),
         "{err}"
+    );
+}
+
+/// 64 threads stage `src` in shared memory, wait at a barrier (or not), then each loads the
+/// `n` words from `n·(tid % 16) + skew` with one vector load and stores them to `out[n·tid..]`.
+fn vector_kernel(n: u32, skew: u32, barrier: bool) -> Kernel {
+    let mut k = KernelBuilder::new("vector_loads", 64, false);
+    let (src, out) = (k.ptr_param("src"), k.ptr_param("out"));
+    k.shared(1); // an odd word before the array: it must still start 16-byte aligned
+    let area = k.shared_aligned(64);
+    let tid = k.tid();
+    let v = k.load(src, tid);
+    k.store_shared(area, tid, v);
+    if barrier {
+        k.barrier();
+    }
+    let lane = k.ubin(BinOp::Rem, tid, 16u32);
+    let at = k.mul_u(lane, n);
+    let values = k.load_shared_vector(area, at, skew, n);
+    for (i, v) in values.into_iter().enumerate() {
+        let to = k.mad_u(tid, n, i as u32);
+        k.store(out, to, v);
+    }
+    k.finish()
+}
+
+#[test]
+fn vector_loads_read_consecutive_aligned_words_and_are_race_checked() {
+    let mut mem = Memory::new();
+    let values: Vec<f32> = (0..64).map(|i| i as f32 * 1.5).collect();
+    let src = mem.alloc_f32(&values);
+    let out = mem.alloc(4 * 64 * 4);
+    let args = [Arg::Ptr(src), Arg::Ptr(out)];
+    for n in [2, 4] {
+        run(&vector_kernel(n, 0, true), [1, 1], &args, &mem).unwrap();
+        let got = mem.read_f32(out, 64 * n as usize);
+        let want: Vec<f32> = (0..64 * n as usize)
+            .map(|e| values[(n as usize) * ((e / n as usize) % 16) + e % n as usize])
+            .collect();
+        assert_eq!(got, want, "v{n}");
+        // an address one word off its vector's alignment
+        let err = run(&vector_kernel(n, 1, true), [1, 1], &args, &mem).unwrap_err();
+        let expect = format!("misaligned shared access of {} bytes", 4 * n);
+        assert!(err.message.contains(&expect), "{err}");
+        // words another thread wrote, no barrier between
+        let err = run(&vector_kernel(n, 0, false), [1, 1], &args, &mem).unwrap_err();
+        assert!(err.message.contains("since the last bar.sync"), "{err}");
+    }
+    let text = ptx::module(&[&vector_kernel(4, 0, true)], "sm_90");
+    assert!(
+        text.contains("ld.shared.v4.f32 {%f"),
+        "{}",
+        text.lines()
+            .filter(|l| l.contains("ld.shared"))
+            .collect::<Vec<_>>()
+            .join("\n")
     );
 }

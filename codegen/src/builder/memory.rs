@@ -98,6 +98,13 @@ impl KernelBuilder {
         });
     }
 
+    /// A shared-memory array of `len` f32, 16-byte aligned (for vector loads: the arrays
+    /// before it take a multiple of 4 words, or padding follows them).
+    pub fn shared_aligned(&mut self, len: u32) -> SharedF32 {
+        self.shared_bytes = self.shared_bytes.next_multiple_of(16);
+        self.shared(len)
+    }
+
     /// A shared-memory array of `len` f32.
     pub fn shared(&mut self, len: u32) -> SharedF32 {
         let offset = self.shared_bytes;
@@ -139,6 +146,30 @@ impl KernelBuilder {
             addr,
             offset: 4 * plus as i32,
         }))
+    }
+
+    /// The `n` (2 or 4) consecutive f32 at `array[index + plus]..`, `plus` a constant, in one
+    /// vector load: `index + plus` must be a multiple of `n` (the array is 16-byte aligned).
+    pub fn load_shared_vector(
+        &mut self,
+        array: SharedF32,
+        index: impl Into<UOp>,
+        plus: u32,
+        n: u32,
+    ) -> Vec<F32> {
+        assert!(matches!(n, 2 | 4), "ld.shared.v{n}");
+        assert!(
+            array.offset.is_multiple_of(16),
+            "{array:?} not 16-byte aligned"
+        );
+        let addr = self.shared_address(array, index);
+        let dst: Vec<Reg> = (0..n).map(|_| self.reg(Ty::F32)).collect();
+        self.emit(Inst::LdSharedVector {
+            dst: dst.clone(),
+            addr,
+            offset: 4 * plus as i32,
+        });
+        dst.into_iter().map(F32).collect()
     }
 
     pub fn store_shared(&mut self, array: SharedF32, index: impl Into<UOp>, v: impl Into<FOp>) {

@@ -1,6 +1,7 @@
 //! How a GEMM runs, chosen apart from the code that runs it: the block's threads, its tile
 //! of C and K slice ([`Tiling`], chosen from the problem's shape and the precision), a
-//! warp's tile of tensor-core instructions ([`WarpTiles`], of the instruction [`MMA`]), how
+//! warp's tile of tensor-core instructions ([`WarpTiles`], of the instruction [`MMA`]) and
+//! how its rows and columns are dealt to its lanes ([`Deal`]: the width of its loads), how
 //! many slices are in flight, how a staged slice is laid out ([`SLICE_PAD`]) and how many
 //! blocks share an SM. [`super::gemm`] emits what these say; each kernel records what was
 //! chosen (`kir::GemmSchedule`). How a convolution's side is staged (patch, halo) is chosen
@@ -33,19 +34,25 @@ pub(super) const TILE: u32 = THREADS * TM * TN;
 
 /// A warp's tile on tensor cores, in mma tiles of 16 × 8: 2 × 2, or 1 × 4 where the block
 /// tile is only 16 rows high (a weight gradient of 16 output channels). Either way a thread
-/// holds 16 accumulators: `2·m` rows by `2·n` columns.
+/// holds 16 accumulators: `2·m` rows by `2·n` columns. How the warp's rows and columns are
+/// dealt to its lanes is `deal`, one [`Deal`] per side (A's rows, B's columns).
 #[derive(Clone, Copy, Debug)]
 pub(super) struct WarpTiles {
     pub(super) m: u32,
     pub(super) n: u32,
+    pub(super) deal: [Deal; 2],
 }
 
 impl WarpTiles {
     pub(super) fn for_tiling(tiling: Tiling) -> WarpTiles {
-        if tiling.bm >= 32 {
-            WarpTiles { m: 2, n: 2 }
-        } else {
-            WarpTiles { m: 1, n: 4 }
+        let (m, n) = if tiling.bm >= 32 { (2, 2) } else { (1, 4) };
+        WarpTiles {
+            m,
+            n,
+            deal: [
+                Deal::in_pairs(MMA.a.row_offsets().len() as u32, m),
+                Deal::in_pairs(MMA.b.col_offsets().len() as u32, n),
+            ],
         }
     }
 
@@ -55,6 +62,43 @@ impl WarpTiles {
 
     pub(super) fn cols(self) -> u32 {
         MMA.n * self.n
+    }
+}
+
+/// How a warp's lines of one side (A's rows, B's columns) are dealt to the lane groups
+/// `g = lane / 4` of the mma fragments, which each hold `per_lane` of them: group g takes
+/// the runs of `run` consecutive lines that start at `run·g`, one in every `8·run` lines.
+/// Its i-th line is the fragment's i-th (mma tile `i / R`, the R lines of a tile in the
+/// fragment's order), so any deal multiplies correctly. A staging that lays lines side by
+/// side serves a run at one k with one vector load, the lanes of each load phase reaching
+/// distinct banks in slices laid out with [`SLICE_PAD`]. A run of 1 is the fragments' own
+/// order (lines g, g + 8, …).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Deal {
+    pub(super) run: u32,
+    pub(super) per_lane: u32,
+}
+
+impl Deal {
+    /// Runs of a tile's R lines (A's rows g and g + 8: R = 2; B's column g: R = 1), over
+    /// `tiles` mma tiles. A run's elements at one k are consecutive registers of the mma's
+    /// operand (a0 and a1, a2 and a3), so its vector load fills them where they are used:
+    /// longer runs (4 rows of two tiles) load as many elements per instruction, but ptxas
+    /// then moves each pair into its operand's registers (ResNet44 in machine code, issue
+    /// slots: benches/RESULTS.md).
+    pub(super) fn in_pairs(per_tile: u32, tiles: u32) -> Deal {
+        Deal {
+            run: per_tile,
+            per_lane: per_tile * tiles,
+        }
+    }
+
+    /// The lane group's first line, from the warp's first `w0`, is `w0 + run·g`; its lines
+    /// lie these constants after it, in the fragment's order.
+    pub(super) fn pluses(self) -> Vec<u32> {
+        (0..self.per_lane)
+            .map(|i| (i / self.run) * 8 * self.run + i % self.run)
+            .collect()
     }
 }
 
@@ -179,12 +223,113 @@ pub(super) const BLOCKS_PER_SM: u32 = 3;
 /// spills at 80 registers.
 pub const BLOCKS_PER_SM_LARGE: u32 = 2;
 
-/// Shared slices are `[bk][width + SLICE_PAD]`: rows 8 words apart in the banks, so the mma
-/// fragment loads (8 lines × 4 k per instruction) hit 32 different banks.
+/// Shared slices are `[bk][width + SLICE_PAD]`: rows 8 words apart in the banks (widths are
+/// multiples of 32 words, or 16), so the mma fragment loads hit distinct banks: 8 lines × 4 k
+/// per scalar instruction, and per phase of a vector load (16 lanes of `v2`, 8 of `v4`) 4 k ×
+/// 4 (2) lane groups' runs of [`Deal`].
 pub(super) const SLICE_PAD: u32 = 8;
 
 /// The shared memory one stage of a gathered side of `width` lines takes at slice depth
 /// `depth`.
 pub fn stage_bytes(width: u32, depth: u32) -> u32 {
     4 * depth * (width + SLICE_PAD)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The warp deals used: A's rows and B's columns of each warp tile the chooser makes.
+    fn deals() -> Vec<Deal> {
+        [16, 32, 64]
+            .into_iter()
+            .flat_map(|bm| {
+                let tiling = Tiling {
+                    bm,
+                    bn: TILE / bm,
+                    bk: WIDE_SLICE,
+                    stages: DOUBLE_BUFFERED,
+                };
+                WarpTiles::for_tiling(tiling).deal
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_deal_gives_each_line_of_the_warp_to_one_lane_group() {
+        for deal in deals() {
+            let mut lines: Vec<u32> = (0..8)
+                .flat_map(|g| deal.pluses().into_iter().map(move |p| deal.run * g + p))
+                .collect();
+            lines.sort();
+            assert_eq!(
+                lines,
+                (0..8 * deal.per_lane).collect::<Vec<_>>(),
+                "{deal:?}"
+            );
+        }
+    }
+
+    /// A run's elements at one k are consecutive registers of the operand it is loaded for.
+    #[test]
+    fn a_run_fills_consecutive_operand_registers() {
+        let [a, b] = WarpTiles::for_tiling(Tiling::for_columns(64, Precision::Tf32)).deal;
+        for i in 0..a.run as usize {
+            assert_eq!(MMA.a.offsets[i].1, MMA.a.offsets[0].1, "A register {i}'s k");
+            assert_eq!(MMA.a.line_of(i).0, i, "A register {i}'s row");
+        }
+        assert_eq!(b.run, 1, "B's registers lie at two k of one column");
+    }
+
+    /// Shared-memory wavefronts of one warp-wide load, each lane reading `vector` words from
+    /// its address (in words): lanes are served in phases of 128 bytes' worth (32 lanes of
+    /// one word, 16 of two, 8 of four), each phase taking as many wavefronts as the most
+    /// distinct words it asks of one of the 32 banks.
+    fn wavefronts(addresses: &[u32], vector: u32) -> usize {
+        addresses
+            .chunks((32 / vector) as usize)
+            .map(|phase| {
+                let mut words: Vec<Vec<u32>> = vec![Vec::new(); 32];
+                for &at in phase {
+                    for word in at..at + vector {
+                        let bank = &mut words[(word % 32) as usize];
+                        if !bank.contains(&word) {
+                            bank.push(word);
+                        }
+                    }
+                }
+                words.iter().map(Vec::len).max().unwrap_or(0)
+            })
+            .sum()
+    }
+
+    /// Every fragment load of a slice staged with lines side by side takes the fewest
+    /// wavefronts its bytes need: no bank conflicts, at every width a block tile gives a side.
+    #[test]
+    fn fragment_loads_are_free_of_bank_conflicts() {
+        for width in [16, 32, 64, 128, 256] {
+            let stride = width + SLICE_PAD;
+            for deal in deals().into_iter().filter(|d| d.run * 8 <= width) {
+                let pluses = deal.pluses();
+                for k_offset in [0, 4] {
+                    for run_start in pluses.iter().step_by(deal.run as usize) {
+                        let addresses: Vec<u32> = (0..32)
+                            .map(|lane| {
+                                let (g, t) = (lane / 4, lane % 4);
+                                (t + k_offset) * stride + deal.run * g + run_start
+                            })
+                            .collect();
+                        assert_eq!(
+                            wavefronts(&addresses, deal.run),
+                            deal.run as usize,
+                            "width {width}, {deal:?}, k {k_offset}, run at {run_start}"
+                        );
+                    }
+                }
+            }
+        }
+        // the model sees a conflict: rows of a slice 32 words apart put every t on one bank
+        let conflicted: Vec<u32> = (0..32).map(|lane| (lane % 4) * 32 + lane / 4).collect();
+        assert_eq!(wavefronts(&conflicted, 1), 4);
+    }
 }

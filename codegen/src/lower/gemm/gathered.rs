@@ -77,6 +77,12 @@ impl<O: Operand> Staging for Gathered<'_, O> {
     fn describe(&self) -> &'static str {
         "gathered"
     }
+
+    /// Lines are contiguous in each `[bk][width + SLICE_PAD]` slice of an aligned array,
+    /// widths and `SLICE_PAD` multiples of 4 words.
+    fn adjacent_lines(&self) -> bool {
+        true
+    }
 }
 
 /// A thread's lines (or steps) of a slice: `lane + r·every` for rounds r in `0..count`, the
@@ -173,7 +179,7 @@ impl Side {
         };
         let exists = (elements < THREADS).then(|| k.cmp_u(Cmp::Lt, tid, elements));
         Side {
-            array: k.shared(stages * depth * (width + SLICE_PAD)),
+            array: k.shared_aligned(stages * depth * (width + SLICE_PAD)),
             width,
             depth,
             stages,

@@ -61,22 +61,15 @@ pub(super) fn split<const N: usize>(k: &mut KernelBuilder, v: [F32; N]) -> Split
     Split { hi, lo }
 }
 
-/// A warp's lines of one side: for each of its `tiles` mma tiles, `size` apart, the
-/// fragment's `offsets`.
-pub(super) fn lines(tiles: u32, size: u32, offsets: &[u32]) -> Vec<u32> {
-    (0..tiles)
-        .flat_map(|tile| offsets.iter().map(move |&offset| size * tile + offset))
-        .collect()
-}
-
 /// One K slice on tensor cores, one mma's k at a time: the warp's mma tiles. `rows` holds
-/// row tile tm's lines (A's row offsets) from `R·tm` on, `cols` column tile tn's from `C·tn`
-/// (as [`lines`] lists them).
+/// the thread's lines of A and `cols` of B as the warp's deals (`schedule::Deal`) list them:
+/// line i is the fragment's i-th (mma tile i / R, the R lines of a tile in the fragment's
+/// order). `loads` says how many adjacent lines of A and of B one load reads.
 pub(super) fn mma_slice(
     k: &mut KernelBuilder,
     (a, b): (Slice, Slice),
     (rows, cols): (Vec<LineAt>, Vec<LineAt>),
-    (tiles, split): (WarpTiles, bool),
+    (tiles, split, loads): (WarpTiles, bool, [u32; 2]),
     acc: &Products,
 ) {
     // register r of row tile tm holds A at its line's row and k offset (t in the lines);
@@ -85,8 +78,10 @@ pub(super) fn mma_slice(
     let b_place = |r: usize| (MMA.b.offsets[r].0, MMA.b.line_of(r).1);
     let (a_lines, b_lines) = (MMA.a.row_offsets().len(), MMA.b.col_offsets().len());
     for step in 0..a.depth / MMA.k {
-        let a_values: Vec<[F32; 4]> = fragments(k, (a, &rows), (tiles.m, a_lines), step, a_place);
-        let b_values: Vec<[F32; 2]> = fragments(k, (b, &cols), (tiles.n, b_lines), step, b_place);
+        let a_values = SideValues::load(k, (a, &rows), loads[0], step, MMA.a.col_offsets());
+        let b_values = SideValues::load(k, (b, &cols), loads[1], step, MMA.b.row_offsets());
+        let a_values: Vec<[F32; 4]> = a_values.fragments(tiles.m, a_lines, a_place);
+        let b_values: Vec<[F32; 2]> = b_values.fragments(tiles.n, b_lines, b_place);
         mma_tiles(k, &a_values, &b_values, &acc.values, split);
         if let Some(acc_sq) = &acc.squares {
             let square = |k: &mut KernelBuilder, v: F32| k.mul(v, v);
@@ -97,25 +92,63 @@ pub(super) fn mma_slice(
     }
 }
 
-/// One side's fragments at mma step `step` for each of `tiles` mma tiles (`lines` of the
-/// thread's lines each): register r at the k offset and line `place(r)` gives.
-fn fragments<const R: usize>(
-    k: &mut KernelBuilder,
-    (side, lines): (Slice, &[LineAt]),
-    (tiles, per_tile): (u32, usize),
-    step: u32,
-    place: impl Fn(usize) -> (u32, usize),
-) -> Vec<[F32; R]> {
-    (0..tiles as usize)
-        .map(|tile| {
-            std::array::from_fn(|r| {
-                let (k_offset, line) = place(r);
-                let (at, plus) = lines[per_tile * tile + line];
-                let kk = MMA.k * step + k_offset;
-                k.load_shared_plus(side.array, at, plus + side.steps.offset(kk))
+/// A side's elements that the thread's fragments hold at one mma step: `values[line][j]` at
+/// its line `line` and the fragment's j-th k offset (of `k_offsets`).
+struct SideValues {
+    values: Vec<Vec<F32>>,
+    k_offsets: Vec<u32>,
+}
+
+impl SideValues {
+    /// Loads them from `side` at mma step `step`, `run` adjacent lines at a time (one
+    /// vector load each; 1: element by element).
+    fn load(
+        k: &mut KernelBuilder,
+        (side, lines): (Slice, &[LineAt]),
+        run: u32,
+        step: u32,
+        k_offsets: Vec<u32>,
+    ) -> SideValues {
+        let mut values = vec![Vec::new(); lines.len()];
+        for &k_offset in &k_offsets {
+            let kk = side.steps.offset(MMA.k * step + k_offset);
+            for first in (0..lines.len()).step_by(run as usize) {
+                let (at, plus) = lines[first];
+                let loaded = if run == 1 {
+                    vec![k.load_shared_plus(side.array, at, plus + kk)]
+                } else {
+                    debug_assert!(
+                        (1..run as usize).all(|i| lines[first + i] == (at, plus + i as u32)),
+                        "a run of lines not side by side"
+                    );
+                    k.load_shared_vector(side.array, at, plus + kk, run)
+                };
+                for (i, v) in loaded.into_iter().enumerate() {
+                    values[first + i].push(v);
+                }
+            }
+        }
+        SideValues { values, k_offsets }
+    }
+
+    /// The fragments of `tiles` mma tiles (`per_tile` lines each): register r at the k
+    /// offset and line of the tile `place(r)` gives.
+    fn fragments<const R: usize>(
+        &self,
+        tiles: u32,
+        per_tile: usize,
+        place: impl Fn(usize) -> (u32, usize),
+    ) -> Vec<[F32; R]> {
+        (0..tiles as usize)
+            .map(|tile| {
+                std::array::from_fn(|r| {
+                    let (k_offset, line) = place(r);
+                    let j = self.k_offsets.iter().position(|&o| o == k_offset);
+                    self.values[per_tile * tile + line][j.expect("a fragment's k offset")]
+                })
             })
-        })
-        .collect()
+            .collect()
+    }
 }
 
 /// acc += A·B over the warp's mma tiles, in 3xTF32 if `split3` (else one TF32 product):

@@ -11,7 +11,9 @@
 //!   `fma`, k in order;
 //! * TF32 tensor cores: each warp owns a 32 × 16 warp tile of 2 × 2 `mma.sync` m16n8k8 tiles
 //!   (16 × 32, 1 × 4, in block tiles 16 rows high), a thread the 16 accumulator elements the
-//!   fragment layout gives it. Each operand is split
+//!   fragment layout gives it, on the rows and columns the warp's deal (`schedule::Deal`)
+//!   gives its lane group; a side staged with lines side by side is read a run of lines at
+//!   one k per vector load. Each operand is split
 //!   into its TF32 rounding and the TF32 rounding of the rest, and three products (lo·hi,
 //!   hi·lo, hi·hi: the small ones first) keep fp32 accuracy ("3xTF32"); or, faster and less
 //!   accurate (`Precision::Tf32`), the one product of the TF32 roundings.
@@ -116,6 +118,21 @@ impl TilePlace {
         }
     }
 
+    /// Words per shared load of the thread's fragments, A's and B's: the warp deal's runs
+    /// where the side's staging lays lines side by side (`adjacent`), else 1.
+    fn fragment_loads(&self, adjacent: [bool; 2]) -> [u32; 2] {
+        match self.mapping {
+            Mapping::Simt { .. } => [1, 1],
+            Mapping::Mma { tiles, .. } => std::array::from_fn(|side| {
+                if adjacent[side] {
+                    tiles.deal[side].run
+                } else {
+                    1
+                }
+            }),
+        }
+    }
+
     /// Rows and columns of C a warp computes on tensor cores, a thread on fp32 FMA.
     fn tile(&self) -> [u32; 2] {
         match self.mapping {
@@ -147,7 +164,8 @@ impl TilePlace {
                 (0..TM).map(|i| k.mad_u(ty, TM, i)).collect(),
                 (0..TN).map(|j| k.mad_u(tx, TN, j)).collect(),
             ),
-            // row i: mma tile i / R, its row offset i % R; column j likewise, of C's fragment
+            // row i: the lane group's i-th line of A (C's rows are A's); column j: mma tile
+            // tn = j / C's column c, which is B's column of lane group c (B's line tn)
             Mapping::Mma {
                 wm0,
                 wn0,
@@ -156,19 +174,18 @@ impl TilePlace {
                 tiles,
                 ..
             } => {
-                let (rows, cols) = (MMA.c.row_offsets(), MMA.c.col_offsets());
-                let (r, c) = (rows.len() as u32, cols.len() as u32);
+                let [rows, cols] = tiles.deal;
+                let first_row = k.mad_u(g, rows.run, wm0);
+                let offsets = MMA.c.col_offsets();
+                let per_tile = offsets.len() as u32;
+                let (row_pluses, col_pluses) = (rows.pluses(), cols.pluses());
                 (
-                    (0..r * tiles.m)
-                        .map(|i| {
-                            let base = k.add_u(wm0, MMA.m * (i / r) + rows[(i % r) as usize]);
-                            k.add_u(base, g)
-                        })
-                        .collect(),
-                    (0..c * tiles.n)
+                    row_pluses.iter().map(|&p| k.add_u(first_row, p)).collect(),
+                    (0..per_tile * tiles.n)
                         .map(|j| {
-                            let base = k.add_u(wn0, MMA.n * (j / c) + cols[(j % c) as usize]);
-                            k.mad_u(t, MMA.c.col.1, base)
+                            let (tn, c) = ((j / per_tile) as usize, (j % per_tile) as usize);
+                            let base = k.add_u(wn0, cols.run * offsets[c] + col_pluses[tn]);
+                            k.mad_u(t, cols.run * MMA.c.col.1, base)
                         })
                         .collect(),
                 )
@@ -189,26 +206,26 @@ impl TilePlace {
                 pluses: (0..TN).collect(),
                 own_k: None,
             },
-            // row tile tm's rows of A's fragment (g and g + 8)
+            // the lane group's rows of A, as the warp's deal gives them
             (
                 Mapping::Mma {
                     wm0, g, t, tiles, ..
                 },
                 Operands::A,
             ) => LineSet {
-                first: k.add_u(wm0, g),
-                pluses: lines(tiles.m, MMA.m, &MMA.a.row_offsets()),
+                first: k.mad_u(g, tiles.deal[0].run, wm0),
+                pluses: tiles.deal[0].pluses(),
                 own_k: Some(t),
             },
-            // column tile tn's columns of B's fragment (g)
+            // the lane group's columns of B
             (
                 Mapping::Mma {
                     wn0, g, t, tiles, ..
                 },
                 Operands::B,
             ) => LineSet {
-                first: k.add_u(wn0, g),
-                pluses: lines(tiles.n, MMA.n, &MMA.b.col_offsets()),
+                first: k.mad_u(g, tiles.deal[1].run, wn0),
+                pluses: tiles.deal[1].pluses(),
                 own_k: Some(t),
             },
         }
@@ -435,6 +452,12 @@ pub trait Staging {
     fn stages(&self) -> u32;
     /// How the side reaches shared memory, in a word (see `GemmSchedule::staging`).
     fn describe(&self) -> &'static str;
+    /// Whether line l + 1 lies one word after line l, and the staging area, each slice's
+    /// base and each k's offset are 16-byte aligned: runs of a thread's lines are then read
+    /// with one vector load.
+    fn adjacent_lines(&self) -> bool {
+        false
+    }
 }
 
 /// Which operand of the GEMM a side stages: A (lines are rows) or B (lines are columns).
@@ -499,12 +522,14 @@ pub fn staged_gemm<A: Staging, B: Staging>(
     let bk = tiling.bk;
     let stages = a.stages();
     assert_eq!(stages, b.stages(), "both sides stage alike");
+    let loads = place.fragment_loads([a.adjacent_lines(), b.adjacent_lines()]);
     k.note_schedule(GemmSchedule {
         block: [tiling.bm, tiling.bn, bk],
         stages,
         multiply: place.multiply(),
         tile: place.tile(),
         staging: [a.describe().to_string(), b.describe().to_string()],
+        fragment_loads: loads,
     });
     let lines = (
         ThreadLines::new(k, a, place, Operands::A),
@@ -545,7 +570,9 @@ pub fn staged_gemm<A: Staging, B: Staging>(
         let at = (lines.0.in_half(k, slices.0), lines.1.in_half(k, slices.1));
         match place.mapping {
             Mapping::Simt { .. } => fma_slice(k, slices, at, acc),
-            Mapping::Mma { tiles, split, .. } => mma_slice(k, slices, at, (tiles, split), acc),
+            Mapping::Mma { tiles, split, .. } => {
+                mma_slice(k, slices, at, (tiles, split, loads), acc)
+            }
         }
         store(k, &fetched, other);
     });
