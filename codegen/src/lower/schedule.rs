@@ -4,8 +4,8 @@
 //! how its rows and columns are dealt to its lanes ([`Deal`]: the width of its loads), how
 //! many slices are in flight, how a staged slice is laid out ([`SLICE_PAD`]) and how many
 //! blocks share an SM. [`super::gemm`] emits what these say; each kernel records what was
-//! chosen (`kir::GemmSchedule`). How a convolution's side is staged (patch, halo) is chosen
-//! beside its staging in [`super::conv`].
+//! chosen (`kir::GemmSchedule`). Which of these a convolution's GEMMs take, and how their
+//! sides are staged (patch, halo), is chosen in `conv/schedules.rs`.
 
 use crate::builder::STATIC_SHARED;
 use crate::mma::{Mma, TF32_M16N8K8};

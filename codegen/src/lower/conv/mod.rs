@@ -11,9 +11,10 @@
 //! forward's input and a stride-1 data gradient's dy, `Patch` for the weight gradient's
 //! input), the multiply reading the taps out of shared memory.
 //!
-//! This file holds the three GEMMs (`forward`, `dgrad`, `wgrad`) and the choices that join
-//! their parts; the parts: [`geometry`] (sizes, K order, rows over the batch), [`im2col`]
-//! (gathered operands), [`patch`] and [`halo`] (staged operands), [`prologue`], [`epilogue`].
+//! This file holds the three GEMMs (`forward`, `dgrad`, `wgrad`), emitting what
+//! [`schedules`] chose for each (tile, rows over the batch, staging, K order, batch chunks);
+//! the parts: [`geometry`] (sizes, K order, rows over the batch), [`im2col`] (gathered
+//! operands), [`patch`] and [`halo`] (staged operands), [`prologue`], [`epilogue`].
 
 use std::convert::Infallible;
 
@@ -46,6 +47,7 @@ mod halo;
 mod im2col;
 mod patch;
 mod prologue;
+mod schedules;
 
 use epilogue::*;
 use geometry::*;
@@ -53,6 +55,7 @@ use halo::*;
 use im2col::*;
 use patch::*;
 use prologue::*;
+use schedules::*;
 
 pub fn lower(cx: &Cx) -> Lowered {
     let lowered = match cx.op {
@@ -198,9 +201,12 @@ fn forward(cx: &Cx, conv: &Conv2d, prologue: Option<FloatAttr>, stats: bool) -> 
         conv.padding,
     );
     let positions = g.ho * g.wo;
-    let tiling = Tiling::for_columns(g.o, cx.options.precision)
-        .with_stages(cx.options.stages, COLUMN_SUMS_BYTES);
-    let batching = Rows::choose(positions, tiling, false);
+    let ForwardSchedule {
+        tiling,
+        rows: batching,
+        halo,
+        order,
+    } = ForwardSchedule::choose(&g, cx.options);
     let shape = GemmShape {
         m: batching.count(positions, g.batch),
         n: g.o,
@@ -214,11 +220,7 @@ fn forward(cx: &Cx, conv: &Conv2d, prologue: Option<FloatAttr>, stats: bool) -> 
     let y = k.ptr_param("y");
     let partials = stats.then(|| k.ptr_param("partials"));
     let bn = prologue_source(&mut k, bn);
-    // A: the input's halo where it fits, else its im2col elements
-    let budget = (cx.options.stages, COLUMN_SUMS_BYTES);
-    let halo = HaloDims::choose(&g, (tiling, batching), HaloOf::Input, budget);
     let area = g.kernel_area();
-    let order = Order::choose(g.c, tiling, halo.is_some(), area);
     // w[o][c][tap]: line o, column (c, tap) in the A's order
     let weights = Dense {
         src: w,
@@ -310,25 +312,6 @@ fn forward(cx: &Cx, conv: &Conv2d, prologue: Option<FloatAttr>, stats: bool) -> 
     }
 }
 
-/// A weight gradient's tiling: the input patch staged where it fits, in wide K slices where
-/// those fit; else the input gathered, as deep as shared memory allows.
-fn wgrad_tiling(
-    cx: &Cx,
-    g: &Geometry,
-    shape: GemmShape,
-    prologue: bool,
-) -> (Tiling, Option<PatchDims>) {
-    let narrow = Tiling::for_rows(g.o);
-    let staging = (cx.options.stages, prologue);
-    [narrow.widened(cx.options.precision), narrow]
-        .into_iter()
-        .find_map(|t| Some((t, Some(PatchDims::choose(g, (t, shape), staging)?))))
-        .unwrap_or_else(|| {
-            let gathered = narrow.with_stages(cx.options.stages, COLUMN_SUMS_BYTES);
-            (gathered, None)
-        })
-}
-
 /// The data gradient as an implicit GEMM per example: C[p][c] over the example's input
 /// positions p and input channels c (or over every example's positions, `Rows`), K running
 /// over (o, ki, kj) in `Order`. A gathers dy at the output position whose window puts tap
@@ -342,21 +325,13 @@ fn dgrad(cx: &Cx, d: &ConvDgrad, epilogue: Option<&FusedDgrad>) -> Lowered {
     let x_shape = &cx.outputs[0].shape;
     let g = Geometry::new(x_shape, w_shape, dy_shape, d.stride, d.padding);
     let positions = g.h * g.w;
-    let tiling = Tiling::for_columns(g.c, cx.options.precision);
     let per_example_sums = matches!(epilogue, Some(e) if e.squares == Squares::PerExample);
-    let batching = Rows::choose(positions, tiling, per_example_sums);
-    let epilogue_bytes = match batching {
-        Rows::Batched { .. } if per_example_sums => SEGMENT_SUMS_BYTES,
-        _ => COLUMN_SUMS_BYTES,
-    };
-    // A: dy's halo where it fits, else its spread elements, gathered as deep as shared memory
-    // allows (narrower slices where even two would not fit)
-    let budget = (cx.options.stages, epilogue_bytes);
-    let halo = HaloDims::choose(&g, (tiling, batching), HaloOf::OutputGradient, budget);
-    let tiling = match halo {
-        Some(_) => tiling,
-        None => tiling.with_stages(cx.options.stages, epilogue_bytes),
-    };
+    let DgradSchedule {
+        tiling,
+        rows: batching,
+        halo,
+        order,
+    } = DgradSchedule::choose(&g, cx.options, per_example_sums);
     let shape = GemmShape {
         m: batching.count(positions, g.batch),
         n: g.c,
@@ -368,7 +343,6 @@ fn dgrad(cx: &Cx, d: &ConvDgrad, epilogue: Option<&FusedDgrad>) -> Lowered {
     let dx = k.ptr_param("dx");
     let partials = bn.as_ref().map(|_| k.ptr_param("partials"));
     let area = g.kernel_area();
-    let order = Order::choose(g.o, tiling, halo.is_some(), area);
     // w[o][c][tap]: line c, column (o, tap) in the A's order
     let weights = Dense {
         src: w,
@@ -466,18 +440,6 @@ fn load_inside(k: &mut KernelBuilder, inside: Pred, src: U64, at: Idx) -> F32 {
     value
 }
 
-/// Blocks a weight-gradient launch aims for: enough to fill a GPU (132 SMs on an H100) when
-/// the weights alone give few tiles.
-const WGRAD_TARGET_BLOCKS: u64 = 1024;
-
-/// How many chunks of the batch the weight gradient splits into, given the blocks of one
-/// chunk: one block row per chunk, so that layers with few weights still run on many blocks.
-fn batch_chunks(blocks: u64, batch: u32) -> u32 {
-    let wanted = WGRAD_TARGET_BLOCKS.div_ceil(blocks).clamp(1, batch as u64) as u32;
-    // equal chunks, none empty
-    batch.div_ceil(batch.div_ceil(wanted))
-}
-
 /// The weight gradient (and its Fisher squares) as one implicit GEMM per example: C[o][e]
 /// over output channels o and the columns e = (c, ki, kj) of the weight, K running over the
 /// example's output positions. A reads dy, B gathers the input window (the prologue applied
@@ -504,8 +466,11 @@ fn wgrad(
         k: positions,
     };
     let weights = (shape.m * shape.n) as u64;
-    let (tiling, patch) = wgrad_tiling(cx, &g, shape, prologue.is_some());
-    let chunks = batch_chunks(tiling.count(shape) as u64, g.batch);
+    let WgradSchedule {
+        tiling,
+        patch,
+        chunks,
+    } = WgradSchedule::choose(&g, shape, cx.options, prologue.is_some());
     let direct = per_example || chunks == 1;
     let terms = if squares == Squares::None { 1 } else { 2 };
 
@@ -619,30 +584,5 @@ fn wgrad(
             sum_rows(cx, "chunks", chunks, weights, scratch(0), &outputs),
         ],
         scratch: vec![4 * terms as u64 * chunks as u64 * weights],
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::batch_chunks;
-
-    #[test]
-    fn weight_gradients_split_the_batch_only_where_weights_are_few() {
-        // resnet44's first stage: 16 × 144 weights in one tile; 1024 chunks of 4 examples
-        assert_eq!(batch_chunks(1, 4096), 1024);
-        // vgg16's widest layer (512 × 4608 weights: 576 tiles of 64 × 64) takes 2 chunks
-        assert_eq!(batch_chunks(576, 4096), 2);
-        assert_eq!(batch_chunks(2048, 4096), 1);
-        // never more chunks than examples, never an empty one
-        assert_eq!(batch_chunks(1, 3), 3);
-        assert_eq!(batch_chunks(1, 1), 1);
-        for batch in [5u32, 100, 1000, 4097] {
-            let chunks = batch_chunks(3, batch);
-            let chunk = batch.div_ceil(chunks);
-            assert!(
-                (chunks - 1) * chunk < batch,
-                "batch {batch}: {chunks} chunks of {chunk}"
-            );
-        }
     }
 }
