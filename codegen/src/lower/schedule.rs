@@ -31,10 +31,14 @@ pub const TM: u32 = 4;
 pub const TN: u32 = 4;
 /// Elements of C per block tile.
 pub(super) const TILE: u32 = THREADS * TM * TN;
+/// Elements of C per wide block tile on tensor cores: 64 accumulators a thread, in warp
+/// tiles of 64 × 32 ([`WarpTiles`]).
+pub(super) const WIDE_TILE: u32 = 4 * TILE;
 
-/// A warp's tile on tensor cores, in mma tiles of 16 × 8: 2 × 2, or 1 × 4 where the block
-/// tile is only 16 rows high (a weight gradient of 16 output channels). Either way a thread
-/// holds 16 accumulators: `2·m` rows by `2·n` columns. How the warp's rows and columns are
+/// A warp's tile on tensor cores, in mma tiles of 16 × 8: 4 × 4 in a wide block tile (a
+/// thread holds 64 accumulators), else 2 × 2, or 1 × 4 where the block tile is only 16 rows
+/// high (a weight gradient of 16 output channels), 16 accumulators: `2·m` rows by `2·n`
+/// columns. How the warp's rows and columns are
 /// dealt to its lanes is `deal`, one [`Deal`] per side (A's rows, B's columns).
 #[derive(Clone, Copy, Debug)]
 pub(super) struct WarpTiles {
@@ -44,8 +48,16 @@ pub(super) struct WarpTiles {
 }
 
 impl WarpTiles {
+    /// The warp tiles that share `tiling`'s tile among the block's warps: 4 × 4 (64 × 32) in
+    /// a wide tile, else 2 × 2, or 1 × 4 in a tile 16 rows high.
     pub(super) fn for_tiling(tiling: Tiling) -> WarpTiles {
-        let (m, n) = if tiling.bm >= 32 { (2, 2) } else { (1, 4) };
+        let (m, n) = if tiling.is_wide() {
+            (4, 4)
+        } else if tiling.bm >= 32 {
+            (2, 2)
+        } else {
+            (1, 4)
+        };
         WarpTiles {
             m,
             n,
@@ -149,6 +161,46 @@ impl Tiling {
         }
     }
 
+    /// The wide tile for `n` columns on tensor cores ([`WIDE_TILE`]): 32, 64 or 128
+    /// columns, the rows making up the rest (512 to 128), wide K slices. Each element a warp
+    /// loads feeds 4 mma instead of 2, and a block stages each side's slice for 4 times the
+    /// products. It takes twice the registers (2 blocks an SM) and 4 times a tile's shared
+    /// memory for per-example segment sums, which it leaves to the narrow tile.
+    pub fn wide_for_columns(n: u32) -> Tiling {
+        let bn = n.next_power_of_two().clamp(32, 128);
+        Tiling {
+            bm: WIDE_TILE / bn,
+            bn,
+            bk: WIDE_SLICE,
+            stages: DOUBLE_BUFFERED,
+        }
+    }
+
+    /// Whether this is a wide tile (warp tiles of 64 × 32).
+    pub fn is_wide(&self) -> bool {
+        self.bm * self.bn == WIDE_TILE
+    }
+
+    /// Shared memory [`column_sums`] takes in this tile: a row of the tile for each of its
+    /// slots (a quarter of a tile, an eighth of a wide one).
+    pub fn column_sums_bytes(&self) -> u32 {
+        if self.is_wide() {
+            WIDE_TILE / 2
+        } else {
+            COLUMN_SUMS_BYTES
+        }
+    }
+
+    /// Blocks an SM runs of a GEMM kernel in this tile ([`BLOCKS_PER_SM`]; a wide tile's 64
+    /// accumulators need 128 registers a thread).
+    pub fn blocks_per_sm(&self) -> u32 {
+        if self.is_wide() {
+            BLOCKS_PER_SM_LARGE
+        } else {
+            BLOCKS_PER_SM
+        }
+    }
+
     /// The tile for `m` rows (a weight gradient's output channels): as few idle rows as
     /// possible, 16 to 64 high; narrow K slices. Not higher: a weight gradient stages its
     /// tile's rows of dy for every example, and a 256 × 16 tile stages 8 elements per thread
@@ -161,6 +213,14 @@ impl Tiling {
             bn: TILE / bm,
             bk: NARROW_SLICE,
             stages: DOUBLE_BUFFERED,
+        }
+    }
+
+    /// This tile with narrow K slices.
+    pub fn narrowed(self) -> Tiling {
+        Tiling {
+            bk: NARROW_SLICE,
+            ..self
         }
     }
 
@@ -241,18 +301,33 @@ mod tests {
 
     /// The warp deals used: A's rows and B's columns of each warp tile the chooser makes.
     fn deals() -> Vec<Deal> {
-        [16, 32, 64]
+        let narrow = [16, 32, 64].map(|bm| Tiling {
+            bm,
+            bn: TILE / bm,
+            bk: WIDE_SLICE,
+            stages: DOUBLE_BUFFERED,
+        });
+        let wide = [32, 64, 128].map(Tiling::wide_for_columns);
+        narrow
             .into_iter()
-            .flat_map(|bm| {
-                let tiling = Tiling {
-                    bm,
-                    bn: TILE / bm,
-                    bk: WIDE_SLICE,
-                    stages: DOUBLE_BUFFERED,
-                };
-                WarpTiles::for_tiling(tiling).deal
-            })
+            .chain(wide)
+            .flat_map(|tiling| WarpTiles::for_tiling(tiling).deal)
             .collect()
+    }
+
+    /// A wide tile's warps cover it: 8 warps of 64 × 32, 64 accumulators a thread.
+    #[test]
+    fn wide_tiles_hold_eight_warps_of_64_accumulators() {
+        for n in [20, 32, 64, 100, 128, 512] {
+            let tiling = Tiling::wide_for_columns(n);
+            let tiles = WarpTiles::for_tiling(tiling);
+            assert!(tiling.is_wide() && tiling.bn >= n.min(128), "{tiling:?}");
+            let warps = (tiling.bm / tiles.rows()) * (tiling.bn / tiles.cols());
+            assert_eq!(warps, THREADS / 32, "{tiling:?}");
+            let accumulators = MMA.c.registers() as u32 * tiles.m * tiles.n;
+            assert_eq!(accumulators, 64, "{tiles:?}");
+        }
+        assert!(!Tiling::for_columns(64, Precision::Tf32).is_wide());
     }
 
     #[test]
@@ -307,7 +382,7 @@ mod tests {
     /// wavefronts its bytes need: no bank conflicts, at every width a block tile gives a side.
     #[test]
     fn fragment_loads_are_free_of_bank_conflicts() {
-        for width in [16, 32, 64, 128, 256] {
+        for width in [16, 32, 64, 128, 256, 512] {
             let stride = width + SLICE_PAD;
             for deal in deals().into_iter().filter(|d| d.run * 8 <= width) {
                 let pluses = deal.pluses();

@@ -206,7 +206,7 @@ fn forward(cx: &Cx, conv: &Conv2d, prologue: Option<FloatAttr>, stats: bool) -> 
         rows: batching,
         halo,
         order,
-    } = ForwardSchedule::choose(&g, cx.options);
+    } = ForwardSchedule::choose(&g, cx.options, prologue.is_some());
     let shape = GemmShape {
         m: batching.count(positions, g.batch),
         n: g.o,
@@ -331,7 +331,7 @@ fn dgrad(cx: &Cx, d: &ConvDgrad, epilogue: Option<&FusedDgrad>) -> Lowered {
         rows: batching,
         halo,
         order,
-    } = DgradSchedule::choose(&g, cx.options, per_example_sums);
+    } = DgradSchedule::choose(&g, cx.options, (epilogue.is_some(), per_example_sums));
     let shape = GemmShape {
         m: batching.count(positions, g.batch),
         n: g.c,

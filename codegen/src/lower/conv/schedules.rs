@@ -7,7 +7,7 @@
 //! in which order, and what each decision depends on.
 
 use super::*;
-use crate::options::LowerOptions;
+use crate::options::{LowerOptions, Precision};
 
 /// The forward convolution's GEMM: C[p][o] (positions by output channels).
 #[derive(Clone, Copy)]
@@ -20,13 +20,25 @@ pub(super) struct ForwardSchedule {
 }
 
 impl ForwardSchedule {
-    /// Columns (output channels) decide the tile; the tile's height whether rows run over
-    /// the batch; both whether the input halo fits beside the statistics epilogue's sums.
-    pub(super) fn choose(g: &Geometry, options: LowerOptions) -> ForwardSchedule {
-        let tiling = Tiling::for_columns(g.o, options.precision)
-            .with_stages(options.stages, COLUMN_SUMS_BYTES);
+    /// Columns (output channels) decide the tile, wide on tensor cores; the tile's height
+    /// whether rows run over the batch; both whether the input halo fits beside the
+    /// statistics epilogue's sums. Where a prologue is applied to the input (`prologue`),
+    /// its gathered elements wait in registers while a slice multiplies: a wide tile then
+    /// takes narrow slices (8 elements a thread, not 16: at 16, 3xTF32 spilled 32 bytes on
+    /// sm_80, ptxas 13.5).
+    pub(super) fn choose(g: &Geometry, options: LowerOptions, prologue: bool) -> ForwardSchedule {
+        let tiling = columns_tile(g.o, options.precision);
+        let tiling = match prologue && tiling.is_wide() {
+            true => tiling.narrowed(),
+            false => tiling,
+        };
+        let (epilogue_bytes, stages) = (
+            tiling.column_sums_bytes(),
+            stages_for(tiling, options.stages),
+        );
+        let tiling = tiling.with_stages(stages, epilogue_bytes);
         let rows = Rows::choose(g.ho * g.wo, tiling, false);
-        let budget = (options.stages, COLUMN_SUMS_BYTES);
+        let budget = (stages, epilogue_bytes);
         let halo = HaloDims::choose(g, (tiling, rows), HaloOf::Input, budget);
         ForwardSchedule {
             tiling,
@@ -48,27 +60,36 @@ pub(super) struct DgradSchedule {
 }
 
 impl DgradSchedule {
-    /// Columns (input channels) decide the tile; rows run over the batch where an
-    /// epilogue's per-example sums allow (`per_example_sums`: only where a tile holds whole
-    /// examples); the epilogue's shared memory (segment sums or column sums) bounds the
-    /// staging: dy's halo where it fits, else gathered slices as deep as the rest allows
-    /// (narrower where even two would not fit).
+    /// Columns (input channels) decide the tile, wide on tensor cores where no BN-backward
+    /// epilogue is fused (`epilogue`: it holds each element's dz and x̂ beside the 64
+    /// accumulators, and spills at 128 registers: 232–248 bytes in VGG16's, ptxas 13.5
+    /// sm_90); rows run over the batch where an epilogue's per-example sums allow
+    /// (`per_example_sums`: only where a tile holds whole examples); the epilogue's shared
+    /// memory (segment sums or column sums) bounds the staging: dy's halo where it fits,
+    /// else gathered slices as deep as the rest allows (narrower where even two would not
+    /// fit).
     pub(super) fn choose(
         g: &Geometry,
         options: LowerOptions,
-        per_example_sums: bool,
+        (epilogue, per_example_sums): (bool, bool),
     ) -> DgradSchedule {
-        let tiling = Tiling::for_columns(g.c, options.precision);
-        let rows = Rows::choose(g.h * g.w, tiling, per_example_sums);
+        let positions = g.h * g.w;
+        let tiling = if epilogue {
+            Tiling::for_columns(g.c, options.precision)
+        } else {
+            columns_tile(g.c, options.precision)
+        };
+        let rows = Rows::choose(positions, tiling, per_example_sums);
         let epilogue_bytes = match rows {
             Rows::Batched { .. } if per_example_sums => SEGMENT_SUMS_BYTES,
-            _ => COLUMN_SUMS_BYTES,
+            _ => tiling.column_sums_bytes(),
         };
-        let budget = (options.stages, epilogue_bytes);
+        let stages = stages_for(tiling, options.stages);
+        let budget = (stages, epilogue_bytes);
         let halo = HaloDims::choose(g, (tiling, rows), HaloOf::OutputGradient, budget);
         let tiling = match halo {
             Some(_) => tiling,
-            None => tiling.with_stages(options.stages, epilogue_bytes),
+            None => tiling.with_stages(stages, epilogue_bytes),
         };
         DgradSchedule {
             tiling,
@@ -76,6 +97,27 @@ impl DgradSchedule {
             halo,
             order: Order::choose(g.o, tiling, halo.is_some(), g.kernel_area()),
         }
+    }
+}
+
+/// The tile of a forward or data-gradient GEMM of `n` columns: wide on tensor cores where
+/// the columns fill its warps' 32 (16 would leave half of every mma idle).
+fn columns_tile(n: u32, precision: Precision) -> Tiling {
+    if precision.on_tensor_cores() && n >= 32 {
+        Tiling::wide_for_columns(n)
+    } else {
+        Tiling::for_columns(n, precision)
+    }
+}
+
+/// The slices a tile keeps in flight, of the `asked` (`--stages`): a wide tile stays double
+/// buffered (3 deep, 3xTF32 spilled 48–128 bytes on sm_80 beside its 64 accumulators:
+/// ptxas 13.5, VGG16 and ResNet44x2).
+fn stages_for(tiling: Tiling, asked: u32) -> u32 {
+    if tiling.is_wide() {
+        DOUBLE_BUFFERED
+    } else {
+        asked
     }
 }
 

@@ -109,7 +109,8 @@ impl Series {
 /// there are two). Element e = tid +
 /// r·THREADS of a `[depth][width]` slice (round r) is (`lines` l, `steps` s) for
 /// `(l, s) = rounds[r]`: with k fastest, a thread keeps one k and a line per round, otherwise
-/// one line and a k per round. `exists` is false for the threads beyond a slice smaller than
+/// one line and a k per round (a side wider than the block: one line in each block's width of
+/// them, at each k in turn). `exists` is false for the threads beyond a slice smaller than
 /// the block.
 pub(super) struct Side {
     pub(super) array: SharedF32,
@@ -170,6 +171,24 @@ impl Side {
                 one(lane),
                 (0..rounds as usize).map(|r| (r, 0)).collect(),
             )
+        } else if width > THREADS {
+            // wider than the block: each step's lines in `width / THREADS` rounds
+            let (blocks, steps) = (width / THREADS, depth);
+            assert_eq!(blocks * THREADS, width, "lines a multiple of the block");
+            let lines = Series {
+                lane,
+                every: THREADS,
+                count: blocks,
+            };
+            let each_step = Series {
+                lane: first,
+                every: 1,
+                count: steps,
+            };
+            let rounds = (0..steps as usize)
+                .flat_map(|s| (0..blocks as usize).map(move |l| (l, s)))
+                .collect();
+            (lines, each_step, rounds)
         } else {
             (
                 one(lane),

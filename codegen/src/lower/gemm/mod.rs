@@ -6,11 +6,12 @@
 //!
 //! One block computes a `bm × bn` tile of `C = A·B` (`M × K` times `K × N`), stepping through K
 //! in slices `Tiling::bk` deep staged in shared memory; each of the [`THREADS`] threads keeps 16
-//! elements of C in registers. Ways to multiply (`LowerOptions::precision`):
+//! elements of C in registers (64 in a wide tile). Ways to multiply (`LowerOptions::precision`):
 //! * fp32 FMA: a thread owns a [`TM`]` × `[`TN`] micro-tile and adds each product with one
 //!   `fma`, k in order;
 //! * TF32 tensor cores: each warp owns a 32 × 16 warp tile of 2 × 2 `mma.sync` m16n8k8 tiles
-//!   (16 × 32, 1 × 4, in block tiles 16 rows high), a thread the 16 accumulator elements the
+//!   (16 × 32, 1 × 4, in block tiles 16 rows high; 64 × 32, 4 × 4, in a wide block tile of
+//!   4 times the area, `Tiling::wide_for_columns`), a thread the accumulator elements the
 //!   fragment layout gives it, on the rows and columns the warp's deal (`schedule::Deal`)
 //!   gives its lane group; a side staged with lines side by side is read a run of lines at
 //!   one k per vector load. Each operand is split
@@ -43,8 +44,8 @@ pub use gathered::Gathered;
 use inner::*;
 
 use super::schedule::{
-    BLOCKS_PER_SM, BLOCKS_PER_SM_LARGE, DOUBLE_BUFFERED, GemmShape, MMA, SLICE_PAD, THREADS, TILE,
-    TM, TN, Tiling, WarpTiles,
+    BLOCKS_PER_SM_LARGE, DOUBLE_BUFFERED, GemmShape, MMA, SLICE_PAD, THREADS, TILE, TM, TN, Tiling,
+    WarpTiles,
 };
 use crate::options::Precision;
 
@@ -279,19 +280,24 @@ pub fn place(
         THREADS,
         "the GEMM skeleton runs {THREADS} threads"
     );
-    assert_eq!(tiling.bm * tiling.bn, TILE, "{tiling:?}");
-    k.register_tiled(BLOCKS_PER_SM);
+    let on_tensor_cores = precision.on_tensor_cores();
+    assert!(
+        tiling.bm * tiling.bn == TILE || (on_tensor_cores && tiling.is_wide()),
+        "{tiling:?}"
+    );
+    k.register_tiled(tiling.blocks_per_sm());
     let (_, tile_cols) = tiling.tiles(shape);
     let (tile, tid) = (k.block_x(), k.tid());
     let tile_row = k.ubin(BinOp::Div, tile, tile_cols);
     let tile_col = k.ubin(BinOp::Rem, tile, tile_cols);
     let m0 = k.mul_u(tile_row, tiling.bm);
     let n0 = k.mul_u(tile_col, tiling.bn);
-    let (slot, mapping) = if precision.on_tensor_cores() {
+    let (slot, mapping) = if on_tensor_cores {
         let tiles = WarpTiles::for_tiling(tiling);
+        let warps = (tiling.bm / tiles.rows()) * (tiling.bn / tiles.cols());
         assert!(
-            tiling.bm >= tiles.rows() && tiling.bn >= tiles.cols(),
-            "{tiling:?}"
+            tiling.bm.is_multiple_of(tiles.rows()) && warps == THREADS / 32,
+            "{tiling:?}: warps of {tiles:?}"
         );
         let warps_n = tiling.bn / tiles.cols();
         let (warp, lane) = (
@@ -854,9 +860,18 @@ mod tests {
             // operands rounded to 10 bits: 2⁻¹¹ each, over sums of 40 products of ~1
             (Precision::Tf32, 1e-2),
         ];
+        // wide tiles on tensor cores: 512 × 32 (the side of 512 rows staged two rounds a k),
+        // double-buffered and 3 deep, and narrow slices
+        let wide = Tiling::wide_for_columns(shape.n);
+        let wide_tilings = [
+            wide.with_stages(2, 0),
+            wide.with_stages(3, 0),
+            wide.narrowed(),
+        ];
         let mut worst_single = 0f64;
         for (precision, bound) in modes {
-            for tiling in tilings.clone() {
+            let wide = wide_tilings.iter().filter(|_| precision.on_tensor_cores());
+            for tiling in tilings.clone().chain(wide.copied()) {
                 for (a_k_fastest, b_k_fastest) in [(false, true), (true, false), (true, true)] {
                     let layout = Layout {
                         a_k_fastest,
