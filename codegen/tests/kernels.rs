@@ -717,8 +717,9 @@ fn check_wgrad(
 /// or whole rows stage the input patch (kernel, stride, padding, size, in channels, out
 /// channels): few channels, 8 wide (one row of a slice, or two); strided (a 17-wide patch);
 /// several tiles whose edges split a channel's taps (360 columns in tiles of 128); a 5×5
-/// kernel; 24 channels in the 256-wide tile; 4 wide (slices of 2 and 4 rows), one strided.
-const PATCH_CONVS: [ConvShape; 8] = [
+/// kernel; 24 channels in the 256-wide tile; 4 wide (slices of 2 and 4 rows), one strided;
+/// 64 channels out (64 × 64 tiles: 16 channels' 144 columns in three).
+const PATCH_CONVS: [ConvShape; 9] = [
     (3, 1, 1, 8, 3, 4),
     (3, 2, 1, 16, 5, 6),
     (3, 1, 1, 16, 40, 32),
@@ -727,6 +728,7 @@ const PATCH_CONVS: [ConvShape; 8] = [
     (3, 2, 1, 16, 16, 32),
     (3, 1, 1, 4, 6, 8),
     (3, 2, 1, 8, 12, 24),
+    (3, 1, 1, 8, 16, 64),
 ];
 
 #[test]
