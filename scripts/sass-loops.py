@@ -22,7 +22,9 @@ traffic, latency, occupancy, the loops' prologues and epilogues, and every other
 part of a loop behind a forward branch (a convolution's halo, staged once per channel group)
 counts once in `branch_every` trips, as plan.json states it. A third bound, shared: the loops'
 shared-memory accesses (LDS, STS, cp.async) in 128-byte wavefronts, one an SM and clock, bank
-conflicts left out.
+conflicts left out. And the shared-memory load instructions the step's loops issue per mma
+(LDS and LDSM over mma, weighted by each launch's trips): the measure of how well fragment
+loads are shared among mma.
 
 Needs the ptxas of scripts/install-ptxas.sh; installs cuobjdump and nvdisasm (PyPI wheels)
 into .tools/sass on first use.
@@ -133,6 +135,14 @@ def branched(body):
 SHARED = ("LDS", "STS", "LDGSTS", "LDSM")
 
 
+def shared_loads(body, every=1):
+    """Shared-memory load instructions (LDS, LDSM) of one trip through `body`; a part behind
+    a forward branch counted once in `every` trips."""
+    skipped = branched_over(body) if every > 1 else set()
+    return sum((1 / every if address in skipped else 1)
+               for address, opcode, _ in body if opcode.split(".")[0] in ("LDS", "LDSM"))
+
+
 def wavefronts(body, every=1):
     """Shared-memory wavefronts of one trip through `body`, conflict-free; a part behind a
     forward branch counted once in `every` trips."""
@@ -189,6 +199,7 @@ def estimate(artifact, code, card=H100, top=0, measured=None):
             skipped = branched(body)
             issued = len(body) - skipped + skipped / every
         per_multiply = issued / (counts["mma"] or counts["fma"])
+        loads = shared_loads(body, every)
         warps = launch["grid"][0] * launch["grid"][1] * launch["block"] // 32
         shared = warps * main_loop["trips"] * wavefronts(body, every) / (card["sms"] * card["ghz"] * 1e9)
         multiplies = warps * main_loop["trips"] * main_loop["multiplies"]
@@ -198,6 +209,7 @@ def estimate(artifact, code, card=H100, top=0, measured=None):
         row["multiplies"] += multiplies
         row["instructions"] += multiplies * per_multiply
         row["shared"] += shared
+        row["loads"] += warps * main_loop["trips"] * loads
         kernels[kernel["name"]].update({"launches": 1, "instructions": multiplies * per_multiply})
         kernels[kernel["name"]]["per_multiply"] = per_multiply
         by_node[launch["node"]]["issue"] += multiplies * per_multiply / (4 * clock)
@@ -207,7 +219,7 @@ def estimate(artifact, code, card=H100, top=0, measured=None):
             else multiplies * 64 / card["fma_flops"])
     print(f"\n{'kind':<10} {'unit':>6} {'launches':>8} {'multiplies (G)':>15} "
           f"{'instructions (G)':>17} {'issue bound ms':>15} {'tensor/FMA bound ms':>20} "
-          f"{'shared bound ms':>16}")
+          f"{'shared bound ms':>16} {'LDS per mma':>12}")
     totals = collections.Counter()
     for (kind, tensor), row in rows.items():
         issue = row["instructions"] / (4 * clock) * 1e3
@@ -218,13 +230,15 @@ def estimate(artifact, code, card=H100, top=0, measured=None):
         shared = row["shared"] * 1e3
         totals.update({"launches": row["launches"], "issue": issue, "work": work,
                        "multiplies": row["multiplies"], "instructions": row["instructions"],
-                       "shared": shared})
+                       "shared": shared, "loads": row["loads"]})
+        per_mma = f"{row['loads'] / row['multiplies']:.2f}" if tensor else "-"
         print(f"{kind:<10} {'mma' if tensor else 'fma':>6} {row['launches']:>8} "
               f"{row['multiplies'] / 1e9:>15.3f} {row['instructions'] / 1e9:>17.2f} "
-              f"{issue:>15.2f} {work:>20.2f} {shared:>16.2f}")
+              f"{issue:>15.2f} {work:>20.2f} {shared:>16.2f} {per_mma:>12}")
+    per_mma = totals["loads"] / totals["multiplies"] if totals["multiplies"] else 0
     print(f"{'all':<10} {'':>6} {totals['launches']:>8} {totals['multiplies'] / 1e9:>15.3f} "
           f"{totals['instructions'] / 1e9:>17.2f} {totals['issue']:>15.2f} {totals['work']:>20.2f} "
-          f"{totals['shared']:>16.2f}")
+          f"{totals['shared']:>16.2f} {per_mma:>12.2f}")
     print(f"(H100 SXM assumed: {card['sms']} SMs at {card['ghz']} GHz; the loops alone)")
     if unrolled:
         print(f"left out, their loop unrolled by ptxas (no backward branch): {sorted(unrolled)}")
