@@ -201,6 +201,17 @@ impl Tiling {
         }
     }
 
+    /// The slices this tile keeps in flight, of the `asked` (`--stages`): a wide tile stays
+    /// double buffered (3 deep, 3xTF32 spilled 48–128 bytes on sm_80 beside its 64
+    /// accumulators: ptxas 13.5, VGG16 and ResNet44x2).
+    pub fn stages_within(&self, asked: u32) -> u32 {
+        if self.is_wide() {
+            DOUBLE_BUFFERED
+        } else {
+            asked
+        }
+    }
+
     /// The tile for `m` rows (a weight gradient's output channels): as few idle rows as
     /// possible, 16 to 64 high; narrow K slices. Not higher: a weight gradient stages its
     /// tile's rows of dy for every example, and a 256 × 16 tile stages 8 elements per thread

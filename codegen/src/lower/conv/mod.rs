@@ -201,12 +201,12 @@ fn forward(cx: &Cx, conv: &Conv2d, prologue: Option<FloatAttr>, stats: bool) -> 
         conv.padding,
     );
     let positions = g.ho * g.wo;
-    let ForwardSchedule {
+    let PositionsSchedule {
         tiling,
         rows: batching,
         halo,
         order,
-    } = ForwardSchedule::choose(&g, cx.options, prologue.is_some());
+    } = PositionsSchedule::forward(&g, cx.options, prologue.is_some());
     let shape = GemmShape {
         m: batching.count(positions, g.batch),
         n: g.o,
@@ -326,12 +326,12 @@ fn dgrad(cx: &Cx, d: &ConvDgrad, epilogue: Option<&FusedDgrad>) -> Lowered {
     let g = Geometry::new(x_shape, w_shape, dy_shape, d.stride, d.padding);
     let positions = g.h * g.w;
     let per_example_sums = matches!(epilogue, Some(e) if e.squares == Squares::PerExample);
-    let DgradSchedule {
+    let PositionsSchedule {
         tiling,
         rows: batching,
         halo,
         order,
-    } = DgradSchedule::choose(&g, cx.options, (epilogue.is_some(), per_example_sums));
+    } = PositionsSchedule::dgrad(&g, cx.options, (epilogue.is_some(), per_example_sums));
     let shape = GemmShape {
         m: batching.count(positions, g.batch),
         n: g.c,

@@ -9,89 +9,77 @@
 use super::*;
 use crate::options::{LowerOptions, Precision};
 
-/// The forward convolution's GEMM: C[p][o] (positions by output channels).
+/// The forward convolution's GEMM, C[p][o] (positions by output channels), or the data
+/// gradient's, C[p][c] (input positions by input channels): one schedule, two choosers.
 #[derive(Clone, Copy)]
-pub(super) struct ForwardSchedule {
+pub(super) struct PositionsSchedule {
     pub(super) tiling: Tiling,
     pub(super) rows: Rows,
-    /// A: the input's halo where it fits, else its im2col elements.
+    /// A: the input's halo (forward) or dy's (a stride-1 data gradient) where it fits, else
+    /// its gathered elements.
     pub(super) halo: Option<HaloDims>,
     pub(super) order: Order,
 }
 
-impl ForwardSchedule {
-    /// Columns (output channels) decide the tile, wide on tensor cores; the tile's height
-    /// whether rows run over the batch; both whether the input halo fits beside the
-    /// statistics epilogue's sums. Where a prologue is applied to the input (`prologue`),
-    /// its gathered elements wait in registers while a slice multiplies: a wide tile then
-    /// takes narrow slices (8 elements a thread, not 16: at 16, 3xTF32 spilled 32 bytes on
-    /// sm_80, ptxas 13.5).
-    pub(super) fn choose(g: &Geometry, options: LowerOptions, prologue: bool) -> ForwardSchedule {
+impl PositionsSchedule {
+    /// The forward's. Columns (output channels) decide the tile, wide on tensor cores; the
+    /// tile's height whether rows run over the batch; both whether the input halo fits
+    /// beside the statistics epilogue's sums. Where a prologue is applied to the input
+    /// (`prologue`), its gathered elements wait in registers while a slice multiplies: a
+    /// wide tile then takes narrow slices (8 elements a thread, not 16: at 16, 3xTF32
+    /// spilled 32 bytes on sm_80, ptxas 13.5).
+    pub(super) fn forward(g: &Geometry, options: LowerOptions, prologue: bool) -> Self {
         let tiling = columns_tile(g.o, options.precision);
-        let tiling = match prologue && tiling.is_wide() {
-            true => tiling.narrowed(),
-            false => tiling,
+        let tiling = if prologue && tiling.is_wide() {
+            tiling.narrowed()
+        } else {
+            tiling
         };
-        let (epilogue_bytes, stages) = (
-            tiling.column_sums_bytes(),
-            stages_for(tiling, options.stages),
-        );
+        let epilogue_bytes = tiling.column_sums_bytes();
+        let stages = tiling.stages_within(options.stages);
         let tiling = tiling.with_stages(stages, epilogue_bytes);
         let rows = Rows::choose(g.ho * g.wo, tiling, false);
         let budget = (stages, epilogue_bytes);
         let halo = HaloDims::choose(g, (tiling, rows), HaloOf::Input, budget);
-        ForwardSchedule {
+        PositionsSchedule {
             tiling,
             rows,
             halo,
             order: Order::choose(g.c, tiling, halo.is_some(), g.kernel_area()),
         }
     }
-}
 
-/// The data gradient's GEMM: C[p][c] (input positions by input channels).
-#[derive(Clone, Copy)]
-pub(super) struct DgradSchedule {
-    pub(super) tiling: Tiling,
-    pub(super) rows: Rows,
-    /// A: dy's halo where it fits (stride 1), else its spread elements.
-    pub(super) halo: Option<HaloDims>,
-    pub(super) order: Order,
-}
-
-impl DgradSchedule {
-    /// Columns (input channels) decide the tile, wide on tensor cores where no BN-backward
-    /// epilogue is fused (`epilogue`: it holds each element's dz and x̂ beside the 64
-    /// accumulators, and spills at 128 registers: 232–248 bytes in VGG16's, ptxas 13.5
-    /// sm_90); rows run over the batch where an epilogue's per-example sums allow
-    /// (`per_example_sums`: only where a tile holds whole examples); the epilogue's shared
-    /// memory (segment sums or column sums) bounds the staging: dy's halo where it fits,
-    /// else gathered slices as deep as the rest allows (narrower where even two would not
-    /// fit).
-    pub(super) fn choose(
+    /// The data gradient's. Columns (input channels) decide the tile, wide on tensor cores
+    /// where no BN-backward epilogue is fused (`epilogue`: it holds each element's dz and x̂
+    /// beside the 64 accumulators, and spills at 128 registers: 232–248 bytes in VGG16's,
+    /// ptxas 13.5 sm_90); rows run over the batch where an epilogue's per-example sums
+    /// allow (`per_example_sums`: only where a tile holds whole examples); the epilogue's
+    /// shared memory (segment sums or column sums) bounds the staging: dy's halo where it
+    /// fits, else gathered slices as deep as the rest allows (narrower where even two would
+    /// not fit).
+    pub(super) fn dgrad(
         g: &Geometry,
         options: LowerOptions,
         (epilogue, per_example_sums): (bool, bool),
-    ) -> DgradSchedule {
-        let positions = g.h * g.w;
+    ) -> Self {
         let tiling = if epilogue {
             Tiling::for_columns(g.c, options.precision)
         } else {
             columns_tile(g.c, options.precision)
         };
-        let rows = Rows::choose(positions, tiling, per_example_sums);
+        let rows = Rows::choose(g.h * g.w, tiling, per_example_sums);
         let epilogue_bytes = match rows {
             Rows::Batched { .. } if per_example_sums => SEGMENT_SUMS_BYTES,
             _ => tiling.column_sums_bytes(),
         };
-        let stages = stages_for(tiling, options.stages);
+        let stages = tiling.stages_within(options.stages);
         let budget = (stages, epilogue_bytes);
         let halo = HaloDims::choose(g, (tiling, rows), HaloOf::OutputGradient, budget);
         let tiling = match halo {
             Some(_) => tiling,
             None => tiling.with_stages(stages, epilogue_bytes),
         };
-        DgradSchedule {
+        PositionsSchedule {
             tiling,
             rows,
             halo,
@@ -107,17 +95,6 @@ fn columns_tile(n: u32, precision: Precision) -> Tiling {
         Tiling::wide_for_columns(n)
     } else {
         Tiling::for_columns(n, precision)
-    }
-}
-
-/// The slices a tile keeps in flight, of the `asked` (`--stages`): a wide tile stays double
-/// buffered (3 deep, 3xTF32 spilled 48–128 bytes on sm_80 beside its 64 accumulators:
-/// ptxas 13.5, VGG16 and ResNet44x2).
-fn stages_for(tiling: Tiling, asked: u32) -> u32 {
-    if tiling.is_wide() {
-        DOUBLE_BUFFERED
-    } else {
-        asked
     }
 }
 

@@ -44,8 +44,8 @@ pub use gathered::Gathered;
 use inner::*;
 
 use super::schedule::{
-    BLOCKS_PER_SM_LARGE, DOUBLE_BUFFERED, GemmShape, MMA, SLICE_PAD, THREADS, TILE, TM, TN, Tiling,
-    WarpTiles,
+    BLOCKS_PER_SM_LARGE, DOUBLE_BUFFERED, Deal, GemmShape, MMA, SLICE_PAD, THREADS, TILE, TM, TN,
+    Tiling, WarpTiles,
 };
 use crate::options::Precision;
 
@@ -176,7 +176,7 @@ impl TilePlace {
                 ..
             } => {
                 let [rows, cols] = tiles.deal;
-                let first_row = k.mad_u(g, rows.run, wm0);
+                let first_row = first_line(k, rows, wm0, g);
                 let offsets = MMA.c.col_offsets();
                 let per_tile = offsets.len() as u32;
                 let (row_pluses, col_pluses) = (rows.pluses(), cols.pluses());
@@ -214,7 +214,7 @@ impl TilePlace {
                 },
                 Operands::A,
             ) => LineSet {
-                first: k.mad_u(g, tiles.deal[0].run, wm0),
+                first: first_line(k, tiles.deal[0], wm0, g),
                 pluses: tiles.deal[0].pluses(),
                 own_k: Some(t),
             },
@@ -225,7 +225,7 @@ impl TilePlace {
                 },
                 Operands::B,
             ) => LineSet {
-                first: k.mad_u(g, tiles.deal[1].run, wn0),
+                first: first_line(k, tiles.deal[1], wn0, g),
                 pluses: tiles.deal[1].pluses(),
                 own_k: Some(t),
             },
@@ -259,6 +259,12 @@ impl TilePlace {
             local_cols,
         }
     }
+}
+
+/// The first of lane group `g`'s lines under `deal`, the warp's first being `w0`:
+/// `w0 + run·g` (its others lie `Deal::pluses` after it).
+fn first_line(k: &mut KernelBuilder, deal: Deal, w0: U32, g: U32) -> U32 {
+    k.mad_u(g, deal.run, w0)
 }
 
 /// A builder for a GEMM kernel of `cx`'s node: [`THREADS`] threads, named after the lowering
