@@ -483,8 +483,8 @@ fn compile_writes_an_artifact_that_inspect_reads_back() {
         report.contains("warp") && report.contains("gathered /"),
         "{report}"
     );
-    // a gathered A (rows side by side) is read two rows a load, the rows g and g + 8 of an
-    // mma tile; B a word at a time
+    // a gathered side lies in fragment order, read 4 words a load (a lane's registers of
+    // one A tile or two B tiles); a patch or halo a word at a time
     let plan: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(tensor_cores.join("plan.json")).unwrap())
             .unwrap();
@@ -494,18 +494,18 @@ fn compile_writes_an_artifact_that_inspect_reads_back() {
         if schedule.is_null() {
             continue;
         }
-        let gathered_a = schedule["staging"][0] == "gathered";
+        let gathered = [0, 1].map(|side| schedule["staging"][side] == "gathered");
         let got = match &schedule["fragment_loads"] {
             serde_json::Value::Null => serde_json::json!([1, 1]), // left out: one word each
             loads => loads.clone(),
         };
-        let want = serde_json::json!([if gathered_a { 2 } else { 1 }, 1]);
+        let want = serde_json::json!(gathered.map(|g| if g { 4 } else { 1 }));
         assert_eq!(got, want, "{}", kernel["name"]);
-        vector_loads += gathered_a as usize;
+        vector_loads += gathered.iter().filter(|&&g| g).count();
     }
     assert!(vector_loads > 0, "{plan}");
     assert!(
-        report.contains("words / load") && report.contains("2 / 1"),
+        report.contains("words / load") && report.contains("4 / 4"),
         "{report}"
     );
 

@@ -343,8 +343,8 @@ pub struct GemmSchedule {
     /// How A and B reach shared memory: `gathered` (element by element, with any
     /// prologue), `patch` (one example's input patch), `halo` (an input halo).
     pub staging: [String; 2],
-    /// Words per shared-memory load of the mma fragments, A's and B's (2: `ld.shared.v2`);
-    /// left out of plan.json where both are 1.
+    /// Words per shared-memory load of the mma fragments, A's and B's (4: `ld.shared.v4`
+    /// of a side in fragment order); left out of plan.json where both are 1.
     #[serde(default = "one_word_each", skip_serializing_if = "is_one_word_each")]
     pub fragment_loads: [u32; 2],
 }

@@ -1,9 +1,9 @@
 //! How a GEMM runs, chosen apart from the code that runs it: the block's threads, its tile
 //! of C and K slice ([`Tiling`], chosen from the problem's shape and the precision), a
 //! warp's tile of tensor-core instructions ([`WarpTiles`], of the instruction [`MMA`]) and
-//! how its rows and columns are dealt to its lanes ([`Deal`]: the width of its loads), how
-//! many slices are in flight, how a staged slice is laid out ([`SLICE_PAD`]) and how many
-//! blocks share an SM. [`super::gemm`] emits what these say; each kernel records what was
+//! how its rows and columns are dealt to its lanes ([`Deal`]), how many slices are in
+//! flight, how a slice staged in lines is laid out ([`SLICE_PAD`]; gathered slices on tensor
+//! cores lie in `gemm::fragment_order`) and how many blocks share an SM. [`super::gemm`] emits what these say; each kernel records what was
 //! chosen (`kir::GemmSchedule`). Which of these a convolution's GEMMs take, and how their
 //! sides are staged (patch, halo), is chosen in `conv/schedules.rs`.
 
@@ -81,10 +81,9 @@ impl WarpTiles {
 /// `g = lane / 4` of the mma fragments, which each hold `per_lane` of them: group g takes
 /// the runs of `run` consecutive lines that start at `run·g`, one in every `8·run` lines.
 /// Its i-th line is the fragment's i-th (mma tile `i / R`, the R lines of a tile in the
-/// fragment's order), so any deal multiplies correctly. A staging that lays lines side by
-/// side serves a run at one k with one vector load, the lanes of each load phase reaching
-/// distinct banks in slices laid out with [`SLICE_PAD`]. A run of 1 is the fragments' own
-/// order (lines g, g + 8, …).
+/// fragment's order), so any deal multiplies correctly: a staging of lines finds the lane's
+/// lines by it, a slice in fragment order places them by it. A run of 1 is the fragments'
+/// own order (lines g, g + 8, …).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct Deal {
     pub(super) run: u32,
@@ -93,11 +92,8 @@ pub(super) struct Deal {
 
 impl Deal {
     /// Runs of a tile's R lines (A's rows g and g + 8: R = 2; B's column g: R = 1), over
-    /// `tiles` mma tiles. A run's elements at one k are consecutive registers of the mma's
-    /// operand (a0 and a1, a2 and a3), so its vector load fills them where they are used:
-    /// longer runs (4 rows of two tiles) load as many elements per instruction, but ptxas
-    /// then moves each pair into its operand's registers (ResNet44 in machine code, issue
-    /// slots: benches/RESULTS.md).
+    /// `tiles` mma tiles: a tile's fragment lines of group g are its lines `R·g` to
+    /// `R·g + R − 1`.
     pub(super) fn in_pairs(per_tile: u32, tiles: u32) -> Deal {
         Deal {
             run: per_tile,
@@ -294,10 +290,9 @@ pub(super) const BLOCKS_PER_SM: u32 = 3;
 /// spills at 80 registers.
 pub const BLOCKS_PER_SM_LARGE: u32 = 2;
 
-/// Shared slices are `[bk][width + SLICE_PAD]`: rows 8 words apart in the banks (widths are
-/// multiples of 32 words, or 16), so the mma fragment loads hit distinct banks: 8 lines × 4 k
-/// per scalar instruction, and per phase of a vector load (16 lanes of `v2`, 8 of `v4`) 4 k ×
-/// 4 (2) lane groups' runs of [`Deal`].
+/// Slices staged in lines are `[bk][width + SLICE_PAD]` (gathered slices on fp32 FMA): rows
+/// 8 words apart in the banks (widths are multiples of 16 words), so a warp staging k
+/// fastest (a few lines at every k of the slice) spreads each line's k over 4 banks, not 1.
 pub(super) const SLICE_PAD: u32 = 8;
 
 /// The shared memory one stage of a gathered side of `width` lines takes at slice depth
@@ -354,68 +349,5 @@ mod tests {
                 "{deal:?}"
             );
         }
-    }
-
-    /// A run's elements at one k are consecutive registers of the operand it is loaded for.
-    #[test]
-    fn a_run_fills_consecutive_operand_registers() {
-        let [a, b] = WarpTiles::for_tiling(Tiling::for_columns(64, Precision::Tf32)).deal;
-        for i in 0..a.run as usize {
-            assert_eq!(MMA.a.offsets[i].1, MMA.a.offsets[0].1, "A register {i}'s k");
-            assert_eq!(MMA.a.line_of(i).0, i, "A register {i}'s row");
-        }
-        assert_eq!(b.run, 1, "B's registers lie at two k of one column");
-    }
-
-    /// Shared-memory wavefronts of one warp-wide load, each lane reading `vector` words from
-    /// its address (in words): lanes are served in phases of 128 bytes' worth (32 lanes of
-    /// one word, 16 of two, 8 of four), each phase taking as many wavefronts as the most
-    /// distinct words it asks of one of the 32 banks.
-    fn wavefronts(addresses: &[u32], vector: u32) -> usize {
-        addresses
-            .chunks((32 / vector) as usize)
-            .map(|phase| {
-                let mut words: Vec<Vec<u32>> = vec![Vec::new(); 32];
-                for &at in phase {
-                    for word in at..at + vector {
-                        let bank = &mut words[(word % 32) as usize];
-                        if !bank.contains(&word) {
-                            bank.push(word);
-                        }
-                    }
-                }
-                words.iter().map(Vec::len).max().unwrap_or(0)
-            })
-            .sum()
-    }
-
-    /// Every fragment load of a slice staged with lines side by side takes the fewest
-    /// wavefronts its bytes need: no bank conflicts, at every width a block tile gives a side.
-    #[test]
-    fn fragment_loads_are_free_of_bank_conflicts() {
-        for width in [16, 32, 64, 128, 256, 512] {
-            let stride = width + SLICE_PAD;
-            for deal in deals().into_iter().filter(|d| d.run * 8 <= width) {
-                let pluses = deal.pluses();
-                for k_offset in [0, 4] {
-                    for run_start in pluses.iter().step_by(deal.run as usize) {
-                        let addresses: Vec<u32> = (0..32)
-                            .map(|lane| {
-                                let (g, t) = (lane / 4, lane % 4);
-                                (t + k_offset) * stride + deal.run * g + run_start
-                            })
-                            .collect();
-                        assert_eq!(
-                            wavefronts(&addresses, deal.run),
-                            deal.run as usize,
-                            "width {width}, {deal:?}, k {k_offset}, run at {run_start}"
-                        );
-                    }
-                }
-            }
-        }
-        // the model sees a conflict: rows of a slice 32 words apart put every t on one bank
-        let conflicted: Vec<u32> = (0..32).map(|lane| (lane % 4) * 32 + lane / 4).collect();
-        assert_eq!(wavefronts(&conflicted, 1), 4);
     }
 }

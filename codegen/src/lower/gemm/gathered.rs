@@ -1,10 +1,13 @@
 //! A side staged element by element through an [`Operand`] (`Gathered`): its lines, their
-//! index arithmetic split by what it depends on, and the slices' loads and copies.
+//! index arithmetic split by what it depends on, and the slices' loads and copies, placed in
+//! lines on fp32 FMA and in fragment order on tensor cores.
 
+use super::fragment_order::{FragmentOrder, bits_below, emit_swizzle};
 use super::*;
 
-/// A side gathered element by element through an [`Operand`] (see [`Side`]), its lines
-/// contiguous in each `[bk][width + SLICE_PAD]` half.
+/// A side gathered element by element through an [`Operand`] (see [`Side`]), in
+/// `[bk][width + SLICE_PAD]` halves of lines on fp32 FMA and in [`FragmentOrder`] on tensor
+/// cores.
 pub struct Gathered<'o, O: Operand> {
     side: Side,
     operand: &'o O,
@@ -32,6 +35,7 @@ impl<'o, O: Operand> Gathered<'o, O> {
             (width, tiling.bk, stages),
             (origin, size, only_tile),
             k_fastest,
+            place.fragment_order(which, width),
         );
         let hoisted = side.hoisted_lines(k, operand);
         Gathered {
@@ -47,7 +51,7 @@ impl<O: Operand> Staging for Gathered<'_, O> {
     type Fetched = Fetched<O::Fetched>;
 
     fn k_steps(&self) -> KSteps {
-        KSteps::even(self.side.stride())
+        self.side.k_steps()
     }
 
     fn thread_lines(&self, k: &mut KernelBuilder, set: &LineSet) -> Vec<LineAt> {
@@ -78,10 +82,11 @@ impl<O: Operand> Staging for Gathered<'_, O> {
         "gathered"
     }
 
-    /// Lines are contiguous in each `[bk][width + SLICE_PAD]` slice of an aligned array,
-    /// widths and `SLICE_PAD` multiples of 4 words.
-    fn adjacent_lines(&self) -> bool {
-        true
+    fn fragment_order(&self) -> Option<FragmentOrder> {
+        match self.side.placement {
+            Placement::Lines => None,
+            Placement::Fragments { order, .. } => Some(order),
+        }
     }
 }
 
@@ -102,6 +107,28 @@ impl Series {
     pub(super) fn value(&self, k: &mut KernelBuilder, r: usize) -> U32 {
         k.add_u(self.lane, self.constant(r))
     }
+
+    /// A bound on `lane` in a series over `span` values: below the step between rounds
+    /// where there are several (so a round's constant and the lane share no bit).
+    fn lane_bound(&self, span: u32) -> u32 {
+        if self.count > 1 { self.every } else { span }
+    }
+}
+
+/// Where a side's elements lie in a slice.
+#[derive(Clone, Copy)]
+pub(super) enum Placement {
+    /// `[depth][width + SLICE_PAD]`: line l at k `kk` at `kk·stride + l` (fp32 FMA).
+    Lines,
+    /// In [`FragmentOrder`] (tensor cores). `own` is the place of the thread's first line at
+    /// its first step; a round's constant place adds to it where it has no bit in `reach`
+    /// (the bits `own` can have), and is XORed into it where it has (the order is linear
+    /// over the bits of lines and k).
+    Fragments {
+        order: FragmentOrder,
+        own: U32,
+        reach: u32,
+    },
 }
 
 /// One operand's side of the tile: `width` lines from `origin` (of `size` in all), staged
@@ -111,7 +138,7 @@ impl Series {
 /// `(l, s) = rounds[r]`: with k fastest, a thread keeps one k and a line per round, otherwise
 /// one line and a k per round (a side wider than the block: one line in each block's width of
 /// them, at each k in turn). `exists` is false for the threads beyond a slice smaller than
-/// the block.
+/// the block. Where each element lies is `placement`'s.
 pub(super) struct Side {
     pub(super) array: SharedF32,
     pub(super) width: u32,
@@ -123,16 +150,19 @@ pub(super) struct Side {
     pub(super) steps: Series,
     pub(super) rounds: Vec<(usize, usize)>,
     pub(super) exists: Option<Pred>,
+    pub(super) placement: Placement,
 }
 
 impl Side {
     /// The side of `width` lines of a tile at `origin` (of `size`), `depth` k per slice;
-    /// `only_tile` where the tile is the only one along the lines, so at origin 0.
+    /// `only_tile` where the tile is the only one along the lines, so at origin 0; in
+    /// `order` where there is one (tensor cores), else in lines.
     pub(super) fn new(
         k: &mut KernelBuilder,
         (width, depth, stages): (u32, u32, u32),
         (origin, size, only_tile): (U32, u32, bool),
         k_fastest: bool,
+        order: Option<FragmentOrder>,
     ) -> Side {
         let elements = depth * width;
         let (lanes, across) = if k_fastest {
@@ -197,8 +227,20 @@ impl Side {
             )
         };
         let exists = (elements < THREADS).then(|| k.cmp_u(Cmp::Lt, tid, elements));
+        let placement = match order {
+            None => Placement::Lines,
+            Some(order) => Placement::Fragments {
+                order,
+                own: own_place(k, order, (lines.lane, steps.lane), (width, depth)),
+                reach: order.reach(lines.lane_bound(width), steps.lane_bound(depth)),
+            },
+        };
+        let stride = match placement {
+            Placement::Lines => width + SLICE_PAD,
+            Placement::Fragments { .. } => width,
+        };
         Side {
-            array: k.shared_aligned(stages * depth * (width + SLICE_PAD)),
+            array: k.shared_aligned(stages * depth * stride),
             width,
             depth,
             stages,
@@ -208,11 +250,21 @@ impl Side {
             steps,
             rounds,
             exists,
+            placement,
         }
     }
 
-    pub(super) fn stride(&self) -> u32 {
-        self.width + SLICE_PAD
+    /// Words between a line's consecutive k (in lines), or between mma steps over the mma's
+    /// k (in fragment order).
+    fn stride(&self) -> u32 {
+        match self.placement {
+            Placement::Lines => self.width + SLICE_PAD,
+            Placement::Fragments { order, .. } => order.step_words() / MMA.k,
+        }
+    }
+
+    pub(super) fn k_steps(&self) -> KSteps {
+        KSteps::even(self.stride())
     }
 
     /// Stage `half` (0 to `stages` − 1) of the staging area.
@@ -221,7 +273,7 @@ impl Side {
             array: self.array,
             base: k.mul_u(half, self.depth * self.stride()),
             depth: self.depth,
-            steps: KSteps::even(self.stride()),
+            steps: self.k_steps(),
         }
     }
 
@@ -323,7 +375,7 @@ impl Side {
         fetched
     }
 
-    /// Where element (line l, step s) sits in `slice`: the thread's place in it plus the
+    /// Where element (line l, step s) sits in `slice`: the thread's place in it and the
     /// round's constant.
     pub(super) fn element(
         &self,
@@ -331,10 +383,24 @@ impl Side {
         slice: Slice,
         (l, s): (usize, usize),
     ) -> (U32, u32) {
-        let at = k.mad_u(self.steps.lane, slice.steps.stride, slice.base);
-        let at = k.add_u(at, self.lines.lane);
-        let plus = self.steps.constant(s) * slice.steps.stride + self.lines.constant(l);
-        (at, plus)
+        let (line, kk) = (self.lines.constant(l), self.steps.constant(s));
+        match self.placement {
+            Placement::Lines => {
+                let at = k.mad_u(self.steps.lane, slice.steps.stride, slice.base);
+                let at = k.add_u(at, self.lines.lane);
+                (at, kk * slice.steps.stride + line)
+            }
+            Placement::Fragments { order, own, reach } => {
+                // the slice's base lies above every bit of a place in it
+                let at = k.add_u(slice.base, own);
+                let constant = order.word(line, kk);
+                if constant & reach == 0 {
+                    (at, constant)
+                } else {
+                    (k.ubin(BinOp::Xor, at, constant), 0)
+                }
+            }
+        }
     }
 
     /// Runs `body` in the threads that stage an element.
@@ -369,4 +435,27 @@ impl Side {
             }
         });
     }
+}
+
+/// The place in `order` of line `line` at k `kk` (registers below `width` and `depth`): the
+/// sum of their fields, swizzled.
+fn own_place(
+    k: &mut KernelBuilder,
+    order: FragmentOrder,
+    (line, kk): (U32, U32),
+    (width, depth): (u32, u32),
+) -> U32 {
+    let mut place = k.u32(0);
+    let fields = [
+        (line, order.line_fields(bits_below(width))),
+        (kk, order.k_fields(bits_below(depth))),
+    ];
+    for (x, fields) in fields {
+        for f in fields {
+            let shifted = k.ubin(BinOp::Shr, x, f.shift);
+            let field = k.ubin(BinOp::And, shifted, (1u32 << f.bits) - 1);
+            place = k.mad_u(field, f.weight, place);
+        }
+    }
+    emit_swizzle(k, place)
 }

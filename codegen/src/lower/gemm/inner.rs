@@ -61,33 +61,68 @@ pub(super) fn split<const N: usize>(k: &mut KernelBuilder, v: [F32; N]) -> Split
     Split { hi, lo }
 }
 
-/// One K slice on tensor cores, one mma's k at a time: the warp's mma tiles. `rows` holds
-/// the thread's lines of A and `cols` of B as the warp's deals (`schedule::Deal`) list them:
-/// line i is the fragment's i-th (mma tile i / R, the R lines of a tile in the fragment's
-/// order). `loads` says how many adjacent lines of A and of B one load reads.
+/// One K slice on tensor cores, one mma's k at a time: the warp's mma tiles, each side's
+/// fragments read where `at` says (a side in fragment order a unit at a time; else line by
+/// line, as the warp's deals (`schedule::Deal`) list the lines: line i is the fragment's
+/// i-th, mma tile i / R, the R lines of a tile in the fragment's order).
 pub(super) fn mma_slice(
     k: &mut KernelBuilder,
     (a, b): (Slice, Slice),
-    (rows, cols): (Vec<LineAt>, Vec<LineAt>),
-    (tiles, split, loads): (WarpTiles, bool, [u32; 2]),
+    (rows, cols): (SideAt, SideAt),
+    (tiles, split): (WarpTiles, bool),
     acc: &Products,
 ) {
-    // register r of row tile tm holds A at its line's row and k offset (t in the lines);
-    // register r of column tile tn holds B at its k offset and its line's column
-    let a_place = |r: usize| (MMA.a.offsets[r].1, MMA.a.line_of(r).0);
-    let b_place = |r: usize| (MMA.b.offsets[r].0, MMA.b.line_of(r).1);
-    let (a_lines, b_lines) = (MMA.a.row_offsets().len(), MMA.b.col_offsets().len());
     for step in 0..a.depth / MMA.k {
-        let a_values = SideValues::load(k, (a, &rows), loads[0], step, MMA.a.col_offsets());
-        let b_values = SideValues::load(k, (b, &cols), loads[1], step, MMA.b.row_offsets());
-        let a_values: Vec<[F32; 4]> = a_values.fragments(tiles.m, a_lines, a_place);
-        let b_values: Vec<[F32; 2]> = b_values.fragments(tiles.n, b_lines, b_place);
+        let a_values: Vec<[F32; 4]> = fragments(k, (a, &rows), Operands::A, tiles.m, step);
+        let b_values: Vec<[F32; 2]> = fragments(k, (b, &cols), Operands::B, tiles.n, step);
         mma_tiles(k, &a_values, &b_values, &acc.values, split);
         if let Some(acc_sq) = &acc.squares {
             let square = |k: &mut KernelBuilder, v: F32| k.mul(v, v);
             let a2: Vec<[F32; 4]> = a_values.iter().map(|f| f.map(|v| square(k, v))).collect();
             let b2: Vec<[F32; 2]> = b_values.iter().map(|f| f.map(|v| square(k, v))).collect();
             mma_tiles(k, &a2, &b2, acc_sq, split);
+        }
+    }
+}
+
+/// The fragments of side `which` (R registers each) for `tiles` mma tiles at mma step
+/// `step` of `side`.
+fn fragments<const R: usize>(
+    k: &mut KernelBuilder,
+    (side, at): (Slice, &SideAt),
+    which: Operands,
+    tiles: u32,
+    step: u32,
+) -> Vec<[F32; R]> {
+    match at {
+        &SideAt::Fragments(at, order) => {
+            assert!(
+                tiles.is_multiple_of(order.per_load),
+                "{tiles} tiles of {order:?}"
+            );
+            let step_at = side.steps.offset(MMA.k * step);
+            let units = (0..tiles / order.per_load).map(|u| step_at + u * order.unit_words());
+            let words: Vec<F32> = units
+                .flat_map(|plus| k.load_shared_vector(side.array, at, plus, LOAD_WORDS))
+                .collect();
+            words
+                .chunks(R)
+                .map(|c| c.try_into().expect("a tile's registers"))
+                .collect()
+        }
+        SideAt::Lines(lines) => {
+            // register r of row tile tm holds A at its line's row and k offset (t in the
+            // lines); register r of column tile tn holds B at its k offset and its line's
+            // column
+            let (fragment, k_offsets, per_tile) = match which {
+                Operands::A => (MMA.a, MMA.a.col_offsets(), MMA.a.row_offsets().len()),
+                Operands::B => (MMA.b, MMA.b.row_offsets(), MMA.b.col_offsets().len()),
+            };
+            let place = |r: usize| match which {
+                Operands::A => (fragment.offsets[r].1, fragment.line_of(r).0),
+                Operands::B => (fragment.offsets[r].0, fragment.line_of(r).1),
+            };
+            SideValues::load(k, (side, lines), step, k_offsets).fragments(tiles, per_tile, place)
         }
     }
 }
@@ -100,32 +135,18 @@ struct SideValues {
 }
 
 impl SideValues {
-    /// Loads them from `side` at mma step `step`, `run` adjacent lines at a time (one
-    /// vector load each; 1: element by element).
+    /// Loads them from `side` at mma step `step`, element by element.
     fn load(
         k: &mut KernelBuilder,
         (side, lines): (Slice, &[LineAt]),
-        run: u32,
         step: u32,
         k_offsets: Vec<u32>,
     ) -> SideValues {
         let mut values = vec![Vec::new(); lines.len()];
         for &k_offset in &k_offsets {
             let kk = side.steps.offset(MMA.k * step + k_offset);
-            for first in (0..lines.len()).step_by(run as usize) {
-                let (at, plus) = lines[first];
-                let loaded = if run == 1 {
-                    vec![k.load_shared_plus(side.array, at, plus + kk)]
-                } else {
-                    debug_assert!(
-                        (1..run as usize).all(|i| lines[first + i] == (at, plus + i as u32)),
-                        "a run of lines not side by side"
-                    );
-                    k.load_shared_vector(side.array, at, plus + kk, run)
-                };
-                for (i, v) in loaded.into_iter().enumerate() {
-                    values[first + i].push(v);
-                }
+            for (line, &(at, plus)) in lines.iter().enumerate() {
+                values[line].push(k.load_shared_plus(side.array, at, plus + kk));
             }
         }
         SideValues { values, k_offsets }

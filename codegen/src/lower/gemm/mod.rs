@@ -1,8 +1,8 @@
 //! A tiled GEMM skeleton for implicit-GEMM convolutions: the code it emits. How its tile,
 //! slices and warp tiles are chosen is [`super::schedule`]'s. This file holds the skeleton
 //! (where a tile sits, the pipeline over slices, the sides' interface); [`inner`] the
-//! products of a slice, [`gathered`] the side staged element by element, [`epilogue`] the
-//! sums over a tile.
+//! products of a slice, [`gathered`] the side staged element by element (in
+//! [`fragment_order`] on tensor cores), [`epilogue`] the sums over a tile.
 //!
 //! One block computes a `bm × bn` tile of `C = A·B` (`M × K` times `K × N`), stepping through K
 //! in slices `Tiling::bk` deep staged in shared memory; each of the [`THREADS`] threads keeps 16
@@ -13,8 +13,9 @@
 //!   (16 × 32, 1 × 4, in block tiles 16 rows high; 64 × 32, 4 × 4, in a wide block tile of
 //!   4 times the area, `Tiling::wide_for_columns`), a thread the accumulator elements the
 //!   fragment layout gives it, on the rows and columns the warp's deal (`schedule::Deal`)
-//!   gives its lane group; a side staged with lines side by side is read a run of lines at
-//!   one k per vector load. Each operand is split
+//!   gives its lane group; a gathered side lies in fragment order ([`fragment_order`]), so
+//!   a lane reads its registers of one A tile or two B tiles with one 128-bit load. Each
+//!   operand is split
 //!   into its TF32 rounding and the TF32 rounding of the rest, and three products (lo·hi,
 //!   hi·lo, hi·hi: the small ones first) keep fp32 accuracy ("3xTF32"); or, faster and less
 //!   accurate (`Precision::Tf32`), the one product of the TF32 roundings.
@@ -36,10 +37,12 @@ use crate::builder::{F32, GlobalF32, KernelBuilder, Pred, SharedF32, Tf32, U32, 
 use crate::kir::{BinOp, Cmp, GemmSchedule, MainLoop};
 
 mod epilogue;
+mod fragment_order;
 mod gathered;
 mod inner;
 
 pub use epilogue::{column_sums, store_column_sums, store_segment_sums};
+use fragment_order::{FragmentOrder, LOAD_WORDS, emit_swizzle};
 pub use gathered::Gathered;
 use inner::*;
 
@@ -119,19 +122,32 @@ impl TilePlace {
         }
     }
 
-    /// Words per shared load of the thread's fragments, A's and B's: the warp deal's runs
-    /// where the side's staging lays lines side by side (`adjacent`), else 1.
-    fn fragment_loads(&self, adjacent: [bool; 2]) -> [u32; 2] {
+    /// The fragment order of side `which`'s gathered slices of `width` lines: on tensor
+    /// cores, none on fp32 FMA.
+    fn fragment_order(&self, which: Operands, width: u32) -> Option<FragmentOrder> {
         match self.mapping {
-            Mapping::Simt { .. } => [1, 1],
-            Mapping::Mma { tiles, .. } => std::array::from_fn(|side| {
-                if adjacent[side] {
-                    tiles.deal[side].run
-                } else {
-                    1
-                }
-            }),
+            Mapping::Simt { .. } => None,
+            Mapping::Mma { tiles, .. } => {
+                let deal = tiles.deal[which as usize];
+                Some(FragmentOrder::new(which, deal, width))
+            }
         }
+    }
+
+    /// The thread's first word in a slice of side `which` in `order`: its warp's first
+    /// unit, its lane's place in a unit.
+    fn fragment_at(&self, k: &mut KernelBuilder, which: Operands, order: FragmentOrder) -> U32 {
+        let Mapping::Mma { wm0, wn0, g, t, .. } = self.mapping else {
+            unreachable!("fragment order on tensor cores")
+        };
+        let w0 = match which {
+            Operands::A => wm0,
+            Operands::B => wn0,
+        };
+        let lane = k.mad_u(g, 4u32, t);
+        let lane_word = k.mul_u(lane, LOAD_WORDS);
+        let lane_word = emit_swizzle(k, lane_word);
+        k.mad_u(w0, order.words_per_line(), lane_word)
     }
 
     /// Rows and columns of C a warp computes on tensor cores, a thread on fp32 FMA.
@@ -464,16 +480,15 @@ pub trait Staging {
     fn stages(&self) -> u32;
     /// How the side reaches shared memory, in a word (see `GemmSchedule::staging`).
     fn describe(&self) -> &'static str;
-    /// Whether line l + 1 lies one word after line l, and the staging area, each slice's
-    /// base and each k's offset are 16-byte aligned: runs of a thread's lines are then read
-    /// with one vector load.
-    fn adjacent_lines(&self) -> bool {
-        false
+    /// The order of a slice where it is laid out for fragment loads (a thread's fragments
+    /// then read a unit at a time, and `thread_lines` is not asked), else `None`.
+    fn fragment_order(&self) -> Option<FragmentOrder> {
+        None
     }
 }
 
 /// Which operand of the GEMM a side stages: A (lines are rows) or B (lines are columns).
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Operands {
     A,
     B,
@@ -534,7 +549,8 @@ pub fn staged_gemm<A: Staging, B: Staging>(
     let bk = tiling.bk;
     let stages = a.stages();
     assert_eq!(stages, b.stages(), "both sides stage alike");
-    let loads = place.fragment_loads([a.adjacent_lines(), b.adjacent_lines()]);
+    let loads =
+        [a.fragment_order(), b.fragment_order()].map(|order| order.map_or(1, |_| LOAD_WORDS));
     k.note_schedule(GemmSchedule {
         block: [tiling.bm, tiling.bn, bk],
         stages,
@@ -580,10 +596,13 @@ pub fn staged_gemm<A: Staging, B: Staging>(
         let (fetched, _) = issue(k, k0, other);
         let slices = (a.slice(k, step, this), b.slice(k, step, this));
         let at = (lines.0.in_half(k, slices.0), lines.1.in_half(k, slices.1));
-        match place.mapping {
-            Mapping::Simt { .. } => fma_slice(k, slices, at, acc),
-            Mapping::Mma { tiles, split, .. } => {
-                mma_slice(k, slices, at, (tiles, split, loads), acc)
+        match (place.mapping, at) {
+            (Mapping::Simt { .. }, (SideAt::Lines(a), SideAt::Lines(b))) => {
+                fma_slice(k, slices, (a, b), acc)
+            }
+            (Mapping::Simt { .. }, _) => unreachable!("fp32 FMA reads lines"),
+            (Mapping::Mma { tiles, split, .. }, at) => {
+                mma_slice(k, slices, at, (tiles, split), acc)
             }
         }
         store(k, &fetched, other);
@@ -672,10 +691,18 @@ impl LineSet {
     }
 }
 
-/// The staged lines a thread multiplies in a product, each a register and a constant.
-struct ThreadLines {
-    lines: Vec<LineAt>,
+/// Where a thread finds what it multiplies of one side in a staged slice (of a half, or
+/// from the first half's start).
+#[derive(Clone)]
+pub(super) enum SideAt {
+    /// Line by line, each a register and a constant; k at `Slice::steps` from there.
+    Lines(Vec<LineAt>),
+    /// In fragment order from the thread's first word (`Slice::steps` apart per mma step).
+    Fragments(U32, FragmentOrder),
 }
+
+/// The staged lines a thread multiplies in a product.
+struct ThreadLines(SideAt);
 
 impl ThreadLines {
     fn new(
@@ -684,17 +711,25 @@ impl ThreadLines {
         place: &TilePlace,
         which: Operands,
     ) -> ThreadLines {
-        let set = place.line_set(k, which);
-        ThreadLines {
-            lines: stage.thread_lines(k, &set),
-        }
+        ThreadLines(match stage.fragment_order() {
+            Some(order) => SideAt::Fragments(place.fragment_at(k, which, order), order),
+            None => {
+                let set = place.line_set(k, which);
+                SideAt::Lines(stage.thread_lines(k, &set))
+            }
+        })
     }
 
     /// The lines in `slice`'s half: its base added to each distinct register.
-    fn in_half(&self, k: &mut KernelBuilder, slice: Slice) -> Vec<LineAt> {
-        let mut lines = self.lines.clone();
-        for_each_register(k, &mut lines, |k, r| k.add_u(r, slice.base));
-        lines
+    fn in_half(&self, k: &mut KernelBuilder, slice: Slice) -> SideAt {
+        match &self.0 {
+            SideAt::Lines(lines) => {
+                let mut lines = lines.clone();
+                for_each_register(k, &mut lines, |k, r| k.add_u(r, slice.base));
+                SideAt::Lines(lines)
+            }
+            &SideAt::Fragments(at, order) => SideAt::Fragments(k.add_u(at, slice.base), order),
+        }
     }
 }
 
