@@ -199,9 +199,12 @@ def estimate(artifact, code, card=H100, top=0, measured=None):
             skipped = branched(body)
             issued = len(body) - skipped + skipped / every
         per_multiply = issued / (counts["mma"] or counts["fma"])
-        loads = shared_loads(body, every)
+        # ptxas may unroll the loop: its body then runs several of plan.json's trips
+        unroll = max(1, round((counts["mma"] or counts["fma"]) / main_loop["multiplies"]))
+        loads = shared_loads(body, every) / unroll
         warps = launch["grid"][0] * launch["grid"][1] * launch["block"] // 32
-        shared = warps * main_loop["trips"] * wavefronts(body, every) / (card["sms"] * card["ghz"] * 1e9)
+        shared = (warps * main_loop["trips"] * wavefronts(body, every) / unroll
+                  / (card["sms"] * card["ghz"] * 1e9))
         multiplies = warps * main_loop["trips"] * main_loop["multiplies"]
         kind = re.search(r"forward|dgrad|wgrad", kernel["name"])
         row = rows.setdefault((kind.group(0) if kind else "other", tensor), collections.Counter())
