@@ -873,12 +873,15 @@ fn unary_value(op: UnOp, ty: Ty, a: u64) -> u64 {
     }
 }
 
-/// `cvt.rna.tf32.f32`: the f32 rounded to 10 mantissa bits, to nearest with ties away from
-/// zero (the magnitude's bits rounded at bit 13); NaN and infinity pass unchanged.
+/// `cvt.rn.tf32.f32`: the f32 rounded to 10 mantissa bits, to nearest with ties to even
+/// (half an ulp less one, plus the lowest kept bit, added to the bits, whose low 13 are then
+/// cleared: a carry into the exponent is the rounding up to the next binade, or to
+/// infinity); NaN and infinity pass unchanged. sm_80's `cvt.rna` differs on ties only
+/// (`kir::Inst::CvtTf32`).
 pub fn tf32_bits(bits: u32) -> u32 {
     if f32::from_bits(bits).is_finite() {
-        let (sign, magnitude) = (bits & 0x8000_0000, bits & 0x7fff_ffff);
-        sign | ((magnitude + 0x1000) & !0x1fff)
+        let lowest_kept = (bits >> 13) & 1;
+        (bits + 0xfff + lowest_kept) & !0x1fff
     } else {
         bits
     }

@@ -258,8 +258,10 @@ pub enum Inst {
         src: Reg,
         delta: u32,
     },
-    /// `cvt.rna.tf32.f32`: an f32 rounded to TF32 (10 mantissa bits, to nearest, ties away
-    /// from zero), into a `B32` register.
+    /// `cvt.rn.tf32.f32`: an f32 rounded to TF32 (10 mantissa bits, to nearest, ties to
+    /// even), into a `B32` register: one instruction on sm_90, which the executor follows.
+    /// sm_80 has no `.rn` form and takes `cvt.rna` (ties away from zero): there a tie (low
+    /// 13 bits exactly half, one f32 in 8192) rounds one TF32 ulp away from the executor's.
     CvtTf32 {
         dst: Reg,
         src: Reg,

@@ -19,7 +19,7 @@ pub fn module(kernels: &[&Kernel], target: &str) -> String {
     );
     for kernel in kernels {
         out.push('\n');
-        out.push_str(&render(kernel));
+        out.push_str(&render(kernel, target));
     }
     out
 }
@@ -77,8 +77,8 @@ fn operand(o: &Operand) -> String {
     }
 }
 
-/// One kernel's `.entry`.
-pub fn render(kernel: &Kernel) -> String {
+/// One kernel's `.entry`, for `target`.
+pub fn render(kernel: &Kernel, target: &str) -> String {
     let mut out = String::new();
     let params: Vec<String> = kernel
         .params
@@ -130,7 +130,7 @@ pub fn render(kernel: &Kernel) -> String {
     }
     let mut labels = 0;
     for stmt in &kernel.body {
-        render_stmt(&mut out, stmt, kernel, &mut labels);
+        render_stmt(&mut out, stmt, (kernel, target), &mut labels);
     }
     out.push_str("\tret;\n}\n");
     out
@@ -147,17 +147,22 @@ fn decl_type(ty: Ty) -> &'static str {
     }
 }
 
-fn render_stmt(out: &mut String, stmt: &Stmt, kernel: &Kernel, labels: &mut usize) {
+fn render_stmt(
+    out: &mut String,
+    stmt: &Stmt,
+    (kernel, target): (&Kernel, &str),
+    labels: &mut usize,
+) {
     match stmt {
         Stmt::Inst(inst) => {
-            let _ = writeln!(out, "\t{}", instruction(inst, kernel));
+            let _ = writeln!(out, "\t{}", instruction(inst, kernel, target));
         }
         Stmt::If { cond, then } => {
             let end = *labels;
             *labels += 1;
             let _ = writeln!(out, "\t@!{} bra $L{end};", reg(*cond));
             for s in then {
-                render_stmt(out, s, kernel, labels);
+                render_stmt(out, s, (kernel, target), labels);
             }
             let _ = writeln!(out, "$L{end}:");
         }
@@ -166,7 +171,7 @@ fn render_stmt(out: &mut String, stmt: &Stmt, kernel: &Kernel, labels: &mut usiz
             *labels += 1;
             let _ = writeln!(out, "$L{top}:");
             for s in body {
-                render_stmt(out, s, kernel, labels);
+                render_stmt(out, s, (kernel, target), labels);
             }
             let _ = writeln!(out, "\t@{} bra $L{top};", reg(*repeat));
         }
@@ -182,7 +187,7 @@ fn int_type(ty: Ty, bits: bool) -> &'static str {
     }
 }
 
-fn instruction(inst: &Inst, kernel: &Kernel) -> String {
+fn instruction(inst: &Inst, kernel: &Kernel, target: &str) -> String {
     match inst {
         Inst::Mov { dst, src } if src.ty() != dst.ty => {
             // a reinterpretation of the bits (f32 ↔ u32)
@@ -347,7 +352,14 @@ fn instruction(inst: &Inst, kernel: &Kernel) -> String {
         ),
         Inst::CpAsyncCommit => "cp.async.commit_group;".to_string(),
         Inst::CpAsyncWait { pending } => format!("cp.async.wait_group {pending};"),
-        Inst::CvtTf32 { dst, src } => format!("cvt.rna.tf32.f32 {}, {};", reg(*dst), reg(*src)),
+        Inst::CvtTf32 { dst, src } => {
+            let ties = if has_tf32_rounding(target) {
+                "rn"
+            } else {
+                "rna"
+            };
+            format!("cvt.{ties}.tf32.f32 {}, {};", reg(*dst), reg(*src))
+        }
         Inst::MmaTf32 { d, a, b, c } => {
             let list = |regs: &[Reg]| regs.iter().map(|&r| reg(r)).collect::<Vec<_>>().join(", ");
             format!(
@@ -373,4 +385,16 @@ fn space_name(space: Space) -> &'static str {
         Space::Global => "global",
         Space::Shared => "shared",
     }
+}
+
+/// Whether `target` (`sm_80`, `sm_90`, `sm_90a`) has `cvt.rn.tf32.f32` (one instruction):
+/// sm_90 and later. sm_80 rounds with `cvt.rna` (two: a finiteness test and a predicated
+/// add), whose ties go away from zero.
+fn has_tf32_rounding(target: &str) -> bool {
+    let digits: String = target
+        .trim_start_matches("sm_")
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse::<u32>().is_ok_and(|arch| arch >= 90)
 }

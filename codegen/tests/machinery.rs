@@ -81,21 +81,66 @@ fn mma_kernel() -> Kernel {
     k.finish()
 }
 
+/// TF32 rounding of a finite f32 worked out in f64 apart from the bits: the value over its
+/// TF32 quantum (2^(e − 10) in binade e, 2^−136 below the normal range), rounded to an
+/// integer with ties to even.
+fn tf32_by_scaling(x: f32) -> f32 {
+    let exponent = ((x.to_bits() >> 23) & 0xff) as i32;
+    let quantum = 2f64.powi(if exponent == 0 {
+        -136
+    } else {
+        exponent - 127 - 10
+    });
+    ((x as f64 / quantum).round_ties_even() * quantum) as f32
+}
+
 #[test]
-fn tf32_rounds_to_nearest_with_ties_away_from_zero() {
+fn tf32_rounds_to_nearest_with_ties_to_even() {
     let tf32 = |x: f32| f32::from_bits(tf32_bits(x.to_bits()));
     let ulp = 2f32.powi(-10); // of TF32 at 1
     assert_eq!(tf32(1.0 + ulp / 4.0), 1.0);
     assert_eq!(
         tf32(1.0 + ulp / 2.0),
-        1.0 + ulp,
-        "a tie goes away from zero"
+        1.0,
+        "a tie goes to the even neighbour"
     );
-    assert_eq!(tf32(-(1.0 + ulp / 2.0)), -(1.0 + ulp));
+    assert_eq!(
+        tf32(1.0 + 1.5 * ulp),
+        1.0 + 2.0 * ulp,
+        "a tie goes to the even neighbour"
+    );
+    assert_eq!(tf32(-(1.0 + 1.5 * ulp)), -(1.0 + 2.0 * ulp));
     assert_eq!(tf32(1.0 + 0.75 * ulp), 1.0 + ulp);
     assert_eq!(tf32(3.0), 3.0);
+    assert_eq!(
+        tf32(f32::MAX),
+        f32::INFINITY,
+        "past the largest TF32: infinity"
+    );
     assert!(tf32(f32::NAN).is_nan());
-    assert_eq!(tf32(f32::INFINITY), f32::INFINITY);
+    assert!(tf32(f32::from_bits(0x7fff_ffff)).is_nan(), "the GPU's NaN");
+    assert_eq!(tf32(f32::NEG_INFINITY), f32::NEG_INFINITY);
+    // every binade, subnormals included, and the ties and their neighbours in each
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    for _ in 0..200_000 {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let bits = rng as u32;
+        let bits = if rng >> 40 & 3 == 0 {
+            (bits & !0x1fff) | 0x1000
+        } else {
+            bits
+        };
+        let x = f32::from_bits(bits);
+        if x.is_finite() {
+            assert_eq!(
+                tf32(x).to_bits(),
+                tf32_by_scaling(x).to_bits(),
+                "{x:e} ({bits:#x})"
+            );
+        }
+    }
 }
 
 #[test]
@@ -268,8 +313,11 @@ fn rendered_kernels_assemble_for_sm80_and_sm90() {
     let ptxas = ptxas::find().expect("ptxas not found: run scripts/install-ptxas.sh");
     let (scale, sum, mma) = (scale_kernel(1 << 20), sum_kernel(1000), mma_kernel());
     let (copy, vector) = (copy_kernel(Wait::Landed), vector_kernel(4, 0, true));
-    for arch in ["sm_80", "sm_90"] {
+    // TF32 rounding: sm_90's one instruction (ties to even, as the executor), sm_80's
+    // `cvt.rna` (it has no `.rn`: ptxas refuses it)
+    for (arch, rounding) in [("sm_80", "cvt.rna.tf32.f32"), ("sm_90", "cvt.rn.tf32.f32")] {
         let module = ptx::module(&[&scale, &sum, &mma, &copy, &vector], arch);
+        assert!(module.contains(rounding), "{arch}");
         let resources = ptxas::assemble(&ptxas, &module, arch).unwrap();
         assert_eq!(resources.len(), 5);
         assert!(

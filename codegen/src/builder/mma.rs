@@ -5,7 +5,8 @@ use super::*;
 impl KernelBuilder {
     // ---- tensor cores ----
 
-    /// `v` rounded to TF32 (`cvt.rna.tf32.f32`), the form `mma_tf32` takes.
+    /// `v` rounded to TF32 (to nearest, ties to even: `Inst::CvtTf32`), the form `mma_tf32`
+    /// takes.
     pub fn tf32(&mut self, v: F32) -> Tf32 {
         let dst = self.reg(Ty::B32);
         self.emit(Inst::CvtTf32 { dst, src: v.0 });

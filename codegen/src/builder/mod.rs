@@ -238,7 +238,7 @@ impl KernelBuilder {
 mod tests {
     //! Division by a constant as emitted (multiplies and shifts) against the division
     //! instruction, on the executor, for u32 and for u64 indices; TF32 conversions by
-    //! integer operations against `cvt.rna`.
+    //! an `and` against the bits.
 
     use super::*;
     use crate::exec::{Arg, Memory, run};

@@ -38,9 +38,9 @@ pub(super) fn fma_slice(
 }
 
 /// An operand split for 3xTF32: its TF32 truncation and the rest truncated to TF32, both by
-/// clearing bits (ptxas expands `cvt.rna.tf32.f32` to four instructions, which in the main
-/// loop cost more issue slots than the mma; and it drops the clearing itself, as the mma
-/// reads only a TF32 operand's top bits: a split costs one `and` and one subtraction). The
+/// clearing bits (a rounding costs an instruction on sm_90 and two on sm_80, and ptxas
+/// drops the clearing itself, as the mma reads only a TF32 operand's top bits: a split
+/// costs one subtraction). The
 /// rest is below 2⁻¹⁰ of the operand and kept to 2⁻¹⁰ of itself: the pair holds the operand
 /// to 2⁻²⁰, its truncation biasing magnitudes down by at most that (rounding the rest would
 /// halve it for one more instruction per element: at 2⁻²¹ against 2⁻²⁰, fp32 sums' own
@@ -190,9 +190,10 @@ pub(super) fn mma_tiles(
         })
     };
     if !split3 {
-        // rounded to nearest (`cvt.rna`): truncating instead biases every product toward
-        // zero, which the Fisher's sums of squares pile up (small_cnn: 9% off, not 1%); and
-        // adding half an ulp to the bits would turn NaN into zero
+        // rounded to nearest (one instruction on sm_90, two on sm_80): truncating instead
+        // biases every product toward zero, which the Fisher's sums of squares pile up
+        // (small_cnn: 9% off, not 1%); and adding half an ulp to the bits unchecked would
+        // turn the GPU's NaN into zero
         let a: Vec<[Tf32; 4]> = a.iter().map(|f| f.map(|v| k.tf32(v))).collect();
         let b: Vec<[Tf32; 2]> = b.iter().map(|f| f.map(|v| k.tf32(v))).collect();
         for (tm, &a) in a.iter().enumerate() {
