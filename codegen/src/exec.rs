@@ -21,7 +21,7 @@ use thiserror::Error;
 use crate::kir::{
     BinOp, Cmp, Inst, Kernel, Operand, ParamTy, Reg, Space, Special, Stmt, Ty, UnOp, WARP,
 };
-use crate::mma::TF32_M16N8K8;
+use crate::mma::Mma;
 use crate::plan::ALIGN;
 
 /// A kernel argument: a device address (a byte offset in the executor's memory) or a scalar.
@@ -327,16 +327,16 @@ impl Block<'_> {
         }
     }
 
-    /// `mma.sync` m16n8k8 TF32 (its fragments as [`TF32_M16N8K8`] places them), warp by
-    /// warp: the products of the TF32 operands are exact in f64 and summed there, then
-    /// rounded once to f32 (the hardware's order and intermediate rounding are unspecified;
-    /// this is the exact sum, as the executor computes approximate instructions exactly).
-    fn mma_tf32(
+    /// `mma.sync` of `shape` (its fragments as the [`crate::mma`] entry places them, its
+    /// operands' elements as it types them), warp by warp: the products of the TF32 or BF16
+    /// operands are exact in f64 and summed there, then rounded once to f32 (the hardware's
+    /// order and intermediate rounding are unspecified; this is the exact sum, as the
+    /// executor computes approximate instructions exactly).
+    fn mma(
         &mut self,
-        d: &[Reg; 4],
-        a: &[Reg; 4],
-        b: &[Reg; 2],
-        c: &[Reg; 4],
+        shape: &Mma,
+        (d, c): (&[Reg; 4], &[Reg; 4]),
+        (a, b): (&[Reg; 4], &[Reg; 2]),
         active: &[u32],
     ) -> Result<(), String> {
         for warp in active.chunks(WARP as usize) {
@@ -344,23 +344,28 @@ impl Block<'_> {
             if !full || warp.windows(2).any(|w| w[1] != w[0] + 1) {
                 return Err("mma.sync reached by part of a warp".to_string());
             }
-            let shape = TF32_M16N8K8;
             let (m, n, depth) = (shape.m as usize, shape.n as usize, shape.k as usize);
+            let per = shape.operand.per_register();
             let (mut ma, mut mb, mut mc) = (
                 vec![0f64; m * depth],
                 vec![0f64; depth * n],
                 vec![0f64; m * n],
             );
             let value = |this: &Self, r: Reg, t: u32| f32::from_bits(this.get(r, t) as u32) as f64;
+            // element e of an operand: half e % per of register e / per
+            let element = |this: &Self, regs: &[Reg], t: u32, e: usize| {
+                let bits = this.get(regs[e / per], t) as u32;
+                shape.operand.value(bits, e % per) as f64
+            };
             for &t in warp {
                 let lane = t % WARP;
-                for (i, &r) in a.iter().enumerate() {
-                    let (row, k) = shape.a.at(lane, i);
-                    ma[row * depth + k] = value(self, r, t);
+                for e in 0..shape.a.elements() {
+                    let (row, k) = shape.a.at(lane, e);
+                    ma[row * depth + k] = element(self, a, t, e);
                 }
-                for (i, &r) in b.iter().enumerate() {
-                    let (k, col) = shape.b.at(lane, i);
-                    mb[k * n + col] = value(self, r, t);
+                for e in 0..shape.b.elements() {
+                    let (k, col) = shape.b.at(lane, e);
+                    mb[k * n + col] = element(self, b, t, e);
                 }
                 for (i, &r) in c.iter().enumerate() {
                     let (row, col) = shape.c.at(lane, i);
@@ -560,7 +565,17 @@ impl Block<'_> {
                 let a = Src::Reg(src.id as usize * self.threads);
                 self.lanes1(*dst, a, active, |x| tf32_bits(x as u32) as u64);
             }
-            Inst::MmaTf32 { d, a, b, c } => self.mma_tf32(d, a, b, c, active)?,
+            Inst::CvtBf16x2 { dst, hi, lo } => {
+                let (hi, lo) = (
+                    Src::Reg(hi.id as usize * self.threads),
+                    Src::Reg(lo.id as usize * self.threads),
+                );
+                self.lanes2(*dst, hi, lo, active, |h, l| {
+                    let (h, l) = (bf16_bits(h as u32) as u64, bf16_bits(l as u32) as u64);
+                    h << 16 | l
+                });
+            }
+            Inst::Mma { shape, d, a, b, c } => self.mma(shape, (d, c), (a, b), active)?,
             Inst::ShflDown { dst, src, delta } => {
                 let values: Vec<u64> = active
                     .iter()
@@ -885,6 +900,17 @@ pub fn tf32_bits(bits: u32) -> u32 {
     } else {
         bits
     }
+}
+
+/// `cvt.rn.bf16.f32`: the f32's top 16 bits, rounded to nearest with ties to even (half
+/// an ulp less one, plus the lowest kept bit, added to the bits); NaN becomes the canonical
+/// NaN, infinity stays.
+pub fn bf16_bits(bits: u32) -> u16 {
+    if f32::from_bits(bits).is_nan() {
+        return 0x7fff;
+    }
+    let lowest_kept = (bits >> 16) & 1;
+    ((bits + 0x7fff + lowest_kept) >> 16) as u16
 }
 
 fn convert(to: Ty, from: Ty, bits: u64) -> u64 {

@@ -266,11 +266,19 @@ pub enum Inst {
         dst: Reg,
         src: Reg,
     },
-    /// `mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32`: the warp's D = A·B + C with A
-    /// 16×8 (4 `B32` per lane), B 8×8 (2 per lane), C and D 16×8 f32 (4 per lane), the
-    /// registers where [`crate::mma::TF32_M16N8K8`] places them. Every lane of the warp must
-    /// take part.
-    MmaTf32 {
+    /// `cvt.rn.bf16x2.f32`: `hi` and `lo` rounded to bfloat16 (to nearest, ties to even;
+    /// NaN to the canonical NaN), packed into a `B32` register, `lo` in the low half.
+    CvtBf16x2 {
+        dst: Reg,
+        hi: Reg,
+        lo: Reg,
+    },
+    /// `mma.sync.aligned` of `shape` (a [`crate::mma`] table entry: m16n8k8 TF32, m16n8k16
+    /// BF16): the warp's D = A·B + C, A's and B's elements in `B32` registers (4 and 2 per
+    /// lane in both), C and D f32 (4 per lane), where the entry places them. Every lane of
+    /// the warp must take part.
+    Mma {
+        shape: &'static crate::mma::Mma,
         d: [Reg; 4],
         a: [Reg; 4],
         b: [Reg; 2],

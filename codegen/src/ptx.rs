@@ -360,10 +360,19 @@ fn instruction(inst: &Inst, kernel: &Kernel, target: &str) -> String {
             };
             format!("cvt.{ties}.tf32.f32 {}, {};", reg(*dst), reg(*src))
         }
-        Inst::MmaTf32 { d, a, b, c } => {
+        Inst::CvtBf16x2 { dst, hi, lo } => {
+            format!(
+                "cvt.rn.bf16x2.f32 {}, {}, {};",
+                reg(*dst),
+                reg(*hi),
+                reg(*lo)
+            )
+        }
+        Inst::Mma { shape, d, a, b, c } => {
             let list = |regs: &[Reg]| regs.iter().map(|&r| reg(r)).collect::<Vec<_>>().join(", ");
             format!(
-                "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {{{}}}, {{{}}}, {{{}}}, {{{}}};",
+                "mma.sync.aligned.{} {{{}}}, {{{}}}, {{{}}}, {{{}}};",
+                shape.name,
                 list(d),
                 list(a),
                 list(b),

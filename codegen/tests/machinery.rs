@@ -1,10 +1,11 @@
 //! The kernel IR machinery on small kernels: the typed builder, the executor (grid-stride
-//! loops, divergence, barriers, shuffles, TF32 tensor-core mma, cp.async, vector loads, bounds
+//! loops, divergence, barriers, shuffles, TF32 and BF16 tensor-core mma, cp.async, vector loads, bounds
 //! and alignment checks, shared-memory races) and the PTX renderer with ptxas.
 
 use fisherc_codegen::builder::{KernelBuilder, U32};
-use fisherc_codegen::exec::{Arg, Memory, run, tf32_bits};
+use fisherc_codegen::exec::{Arg, Memory, bf16_bits, run, tf32_bits};
 use fisherc_codegen::kir::{BinOp, Cmp, Kernel};
+use fisherc_codegen::mma::{BF16_M16N8K16, Fragment};
 use fisherc_codegen::{ptx, ptxas};
 
 /// y[i] = 2·x[i] + 1 where x[i] > 0, else 0; grid-stride over n elements.
@@ -43,7 +44,7 @@ fn sum_kernel(n: u64) -> Kernel {
 }
 
 /// One warp: D = A·B + C through `mma_tf32`, A 16×8 and C, D 16×8 row-major, B 8×8 row-major
-/// (k, n), each lane loading its fragments as `kir::Inst::MmaTf32` lays them out.
+/// (k, n), each lane loading its fragments as `mma::TF32_M16N8K8` lays them out.
 fn mma_kernel() -> Kernel {
     let mut k = KernelBuilder::new("mma_test", 32, false);
     let (a, b, c, d) = (
@@ -81,17 +82,33 @@ fn mma_kernel() -> Kernel {
     k.finish()
 }
 
-/// TF32 rounding of a finite f32 worked out in f64 apart from the bits: the value over its
-/// TF32 quantum (2^(e − 10) in binade e, 2^−136 below the normal range), rounded to an
-/// integer with ties to even.
-fn tf32_by_scaling(x: f32) -> f32 {
+/// A finite f32 rounded to `mantissa` bits, worked out in f64 apart from the bits: the value
+/// over its quantum (2^(e − mantissa) in binade e, 2^(−126 − mantissa) below the normal
+/// range), rounded to an integer with ties to even.
+fn rounded_by_scaling(x: f32, mantissa: i32) -> f32 {
     let exponent = ((x.to_bits() >> 23) & 0xff) as i32;
-    let quantum = 2f64.powi(if exponent == 0 {
-        -136
-    } else {
-        exponent - 127 - 10
-    });
+    let binade = if exponent == 0 { -126 } else { exponent - 127 };
+    let quantum = 2f64.powi(binade - mantissa);
     ((x as f64 / quantum).round_ties_even() * quantum) as f32
+}
+
+/// Random f32 bits, one in four a tie of a rounding that keeps the top `kept` bits.
+fn bits_with_ties(count: usize, kept: u32) -> Vec<u32> {
+    let tie = 1u32 << (31 - kept);
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    (0..count)
+        .map(|_| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let bits = rng as u32;
+            if (rng >> 40) & 3 == 0 {
+                (bits & !(2 * tie - 1)) | tie
+            } else {
+                bits
+            }
+        })
+        .collect()
 }
 
 #[test]
@@ -120,27 +137,136 @@ fn tf32_rounds_to_nearest_with_ties_to_even() {
     assert!(tf32(f32::NAN).is_nan());
     assert!(tf32(f32::from_bits(0x7fff_ffff)).is_nan(), "the GPU's NaN");
     assert_eq!(tf32(f32::NEG_INFINITY), f32::NEG_INFINITY);
-    // every binade, subnormals included, and the ties and their neighbours in each
-    let mut rng = 0x2545_f491_4f6c_dd1du64;
-    for _ in 0..200_000 {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        let bits = rng as u32;
-        let bits = if rng >> 40 & 3 == 0 {
-            (bits & !0x1fff) | 0x1000
-        } else {
-            bits
-        };
+    // every binade, subnormals included, and ties
+    for bits in bits_with_ties(200_000, 19) {
         let x = f32::from_bits(bits);
         if x.is_finite() {
-            assert_eq!(
-                tf32(x).to_bits(),
-                tf32_by_scaling(x).to_bits(),
-                "{x:e} ({bits:#x})"
-            );
+            let want = rounded_by_scaling(x, 10);
+            assert_eq!(tf32(x).to_bits(), want.to_bits(), "{x:e} ({bits:#x})");
         }
     }
+}
+
+#[test]
+fn bf16_rounds_to_nearest_with_ties_to_even() {
+    let bf16 = |x: f32| f32::from_bits((bf16_bits(x.to_bits()) as u32) << 16);
+    let ulp = 2f32.powi(-7); // of bfloat16 at 1
+    assert_eq!(
+        bf16(1.0 + ulp / 2.0),
+        1.0,
+        "a tie goes to the even neighbour"
+    );
+    assert_eq!(bf16(1.0 + 1.5 * ulp), 1.0 + 2.0 * ulp);
+    assert_eq!(bf16(-(1.0 + 0.75 * ulp)), -(1.0 + ulp));
+    assert_eq!(
+        bf16(f32::MAX),
+        f32::INFINITY,
+        "past the largest bfloat16: infinity"
+    );
+    assert_eq!(bf16(f32::NEG_INFINITY), f32::NEG_INFINITY);
+    assert_eq!(bf16_bits(f32::NAN.to_bits()), 0x7fff, "the canonical NaN");
+    assert_eq!(bf16_bits(0xffff_ffff), 0x7fff);
+    for bits in bits_with_ties(200_000, 16) {
+        let x = f32::from_bits(bits);
+        if x.is_finite() {
+            let want = rounded_by_scaling(x, 7);
+            assert_eq!(bf16(x).to_bits(), want.to_bits(), "{x:e} ({bits:#x})");
+        }
+    }
+}
+
+/// Element `e` of fragment `f` of lane (g, t), as an index into a row-major matrix `width`
+/// wide.
+fn fragment_index(
+    k: &mut KernelBuilder,
+    f: &Fragment,
+    (g, t): (U32, U32),
+    (e, width): (usize, u32),
+) -> U32 {
+    let (dr, dc) = f.offsets[e];
+    let row = k.mad_u(g, f.row.0, dr);
+    let row = k.mad_u(t, f.row.1, row);
+    let col = k.mad_u(g, f.col.0, dc);
+    let col = k.mad_u(t, f.col.1, col);
+    k.mad_u(row, width, col)
+}
+
+/// One warp: D = A·B + C through `mma_bf16`, A 16×16, B 16×8 (k, n) and C, D 16×8, all
+/// row-major f32, each lane rounding and packing its elements as `BF16_M16N8K16` places
+/// them (two to a register, the lower index low).
+fn mma_bf16_kernel() -> Kernel {
+    let shape = BF16_M16N8K16;
+    let mut k = KernelBuilder::new("mma_bf16_test", 32, false);
+    let (a, b, c, d) = (
+        k.ptr_param("a"),
+        k.ptr_param("b"),
+        k.ptr_param("c"),
+        k.ptr_param("d"),
+    );
+    let lane = k.tid();
+    let g = k.ubin(BinOp::Div, lane, 4u32);
+    let t = k.ubin(BinOp::Rem, lane, 4u32);
+    let pairs = |k: &mut KernelBuilder, f: &Fragment, src, width, count: usize| {
+        (0..count)
+            .map(|r| {
+                let [lo, hi] = [2 * r, 2 * r + 1].map(|e| {
+                    let index = fragment_index(k, f, (g, t), (e, width));
+                    k.load(src, index)
+                });
+                k.bf16x2(lo, hi)
+            })
+            .collect::<Vec<_>>()
+    };
+    let a_regs = pairs(&mut k, &shape.a, a, shape.k, 4);
+    let b_regs = pairs(&mut k, &shape.b, b, shape.n, 2);
+    let c_at: [U32; 4] =
+        std::array::from_fn(|e| fragment_index(&mut k, &shape.c, (g, t), (e, shape.n)));
+    let c_frag = c_at.map(|index| k.load(c, index));
+    let d_frag = k.mma_bf16(
+        [a_regs[0], a_regs[1], a_regs[2], a_regs[3]],
+        [b_regs[0], b_regs[1]],
+        c_frag,
+    );
+    for (index, v) in c_at.into_iter().zip(d_frag) {
+        k.store(d, index, v);
+    }
+    k.finish()
+}
+
+#[test]
+fn mma_multiplies_bf16_fragments_of_the_whole_warp() {
+    let values = |n: usize, seed: f32| -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i as f32 + seed) * 0.731).sin() * 1.7)
+            .collect()
+    };
+    let (a, b, c) = (values(256, 0.3), values(128, 5.1), values(128, 9.7));
+    let mut mem = Memory::new();
+    let (pa, pb, pc, pd) = (
+        mem.alloc_f32(&a),
+        mem.alloc_f32(&b),
+        mem.alloc_f32(&c),
+        mem.alloc(4 * 128),
+    );
+    let args = [Arg::Ptr(pa), Arg::Ptr(pb), Arg::Ptr(pc), Arg::Ptr(pd)];
+    run(&mma_bf16_kernel(), [1, 1], &args, &mem).unwrap();
+    let got = mem.read_f32(pd, 128);
+    let bf16 = |x: f32| f32::from_bits((bf16_bits(x.to_bits()) as u32) << 16) as f64;
+    let mut rounded_somewhere = false;
+    for row in 0..16 {
+        for col in 0..8 {
+            let sum: f64 = (0..16)
+                .map(|k| bf16(a[row * 16 + k]) * bf16(b[k * 8 + col]))
+                .sum();
+            let expected = (sum + c[row * 8 + col] as f64) as f32;
+            assert_eq!(got[row * 8 + col], expected, "D[{row}][{col}]");
+            let exact: f64 = (0..16)
+                .map(|k| a[row * 16 + k] as f64 * b[k * 8 + col] as f64)
+                .sum();
+            rounded_somewhere |= ((exact + c[row * 8 + col] as f64) as f32) != expected;
+        }
+    }
+    assert!(rounded_somewhere, "the operands were rounded to bfloat16");
 }
 
 #[test]
@@ -313,13 +439,15 @@ fn rendered_kernels_assemble_for_sm80_and_sm90() {
     let ptxas = ptxas::find().expect("ptxas not found: run scripts/install-ptxas.sh");
     let (scale, sum, mma) = (scale_kernel(1 << 20), sum_kernel(1000), mma_kernel());
     let (copy, vector) = (copy_kernel(Wait::Landed), vector_kernel(4, 0, true));
+    let bf16 = mma_bf16_kernel();
     // TF32 rounding: sm_90's one instruction (ties to even, as the executor), sm_80's
     // `cvt.rna` (it has no `.rn`: ptxas refuses it)
     for (arch, rounding) in [("sm_80", "cvt.rna.tf32.f32"), ("sm_90", "cvt.rn.tf32.f32")] {
-        let module = ptx::module(&[&scale, &sum, &mma, &copy, &vector], arch);
+        let module = ptx::module(&[&scale, &sum, &mma, &copy, &vector, &bf16], arch);
         assert!(module.contains(rounding), "{arch}");
+        assert!(module.contains("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"));
         let resources = ptxas::assemble(&ptxas, &module, arch).unwrap();
-        assert_eq!(resources.len(), 5);
+        assert_eq!(resources.len(), 6);
         assert!(
             resources
                 .iter()

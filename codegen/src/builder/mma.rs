@@ -1,6 +1,7 @@
-//! Tensor cores: TF32 conversions and the m16n8k8 TF32 `mma`.
+//! Tensor cores: TF32 and BF16 conversions and the `mma` instructions of [`crate::mma`].
 
 use super::*;
+use crate::mma::{BF16_M16N8K16, TF32_M16N8K8};
 
 impl KernelBuilder {
     // ---- tensor cores ----
@@ -34,10 +35,11 @@ impl KernelBuilder {
     }
 
     /// One warp-wide `mma.sync` m16n8k8 TF32: D = A·B + C with this lane's fragments (layout
-    /// in `kir::Inst::MmaTf32`). Every lane of the warp must run it.
+    /// in [`TF32_M16N8K8`]). Every lane of the warp must run it.
     pub fn mma_tf32(&mut self, a: [Tf32; 4], b: [Tf32; 2], c: [F32; 4]) -> [F32; 4] {
         let d = [0; 4].map(|_| self.reg(Ty::F32));
-        self.emit(Inst::MmaTf32 {
+        self.emit(Inst::Mma {
+            shape: &TF32_M16N8K8,
             d,
             a: a.map(|r| r.0),
             b: b.map(|r| r.0),
@@ -49,11 +51,36 @@ impl KernelBuilder {
     /// [`Self::mma_tf32`] accumulating into `acc` (D and C the same registers).
     pub fn mma_tf32_into(&mut self, acc: [F32; 4], a: [Tf32; 4], b: [Tf32; 2]) {
         let acc = acc.map(|r| r.0);
-        self.emit(Inst::MmaTf32 {
+        self.emit(Inst::Mma {
+            shape: &TF32_M16N8K8,
             d: acc,
             a: a.map(|r| r.0),
             b: b.map(|r| r.0),
             c: acc,
         });
+    }
+
+    /// `hi` and `lo` rounded to bfloat16 (to nearest, ties to even) and packed, `lo` in the
+    /// low half: an element pair of a BF16 `mma` operand.
+    pub fn bf16x2(&mut self, lo: F32, hi: F32) -> Bf16x2 {
+        Bf16x2(self.def(Ty::B32, |dst| Inst::CvtBf16x2 {
+            dst,
+            hi: hi.0,
+            lo: lo.0,
+        }))
+    }
+
+    /// One warp-wide `mma.sync` m16n8k16 BF16 with f32 accumulation: D = A·B + C with this
+    /// lane's fragments (layout in [`BF16_M16N8K16`]). Every lane of the warp must run it.
+    pub fn mma_bf16(&mut self, a: [Bf16x2; 4], b: [Bf16x2; 2], c: [F32; 4]) -> [F32; 4] {
+        let d = [0; 4].map(|_| self.reg(Ty::F32));
+        self.emit(Inst::Mma {
+            shape: &BF16_M16N8K16,
+            d,
+            a: a.map(|r| r.0),
+            b: b.map(|r| r.0),
+            c: c.map(|r| r.0),
+        });
+        d.map(F32)
     }
 }

@@ -36,7 +36,7 @@ macro_rules! typed_reg {
     )*};
 }
 
-typed_reg!(F32, U32, S32, U64, Pred, Idx, Tf32);
+typed_reg!(F32, U32, S32, U64, Pred, Idx, Tf32, Bf16x2);
 
 /// Operand types: a typed register or an immediate of the same type.
 macro_rules! typed_operand {

@@ -330,7 +330,7 @@ mod tests {
             assert!(tiling.is_wide() && tiling.bn >= n.min(128), "{tiling:?}");
             let warps = (tiling.bm / tiles.rows()) * (tiling.bn / tiles.cols());
             assert_eq!(warps, THREADS / 32, "{tiling:?}");
-            let accumulators = MMA.c.registers() as u32 * tiles.m * tiles.n;
+            let accumulators = MMA.c.elements() as u32 * tiles.m * tiles.n;
             assert_eq!(accumulators, 64, "{tiles:?}");
         }
         assert!(!Tiling::for_columns(64, Precision::Tf32).is_wide());

@@ -52,13 +52,18 @@ impl FragmentOrder {
             fragment,
             lines_are_rows,
             deal,
-            per_load: LOAD_WORDS / fragment.registers() as u32,
+            per_load: LOAD_WORDS / fragment.elements() as u32,
             width,
         };
         assert_eq!(
             8 * deal.run,
             order.tile_lines(),
             "{deal:?} deals whole tiles"
+        );
+        assert_eq!(
+            MMA.operand.per_register(),
+            1,
+            "fragment order places 32-bit elements"
         );
         assert!(
             width.is_power_of_two() && width.is_multiple_of(order.unit_lines()),
@@ -69,7 +74,7 @@ impl FragmentOrder {
     }
 
     fn registers(&self) -> u32 {
-        self.fragment.registers() as u32
+        self.fragment.elements() as u32
     }
 
     /// Lines of one mma tile on this side: A's rows or B's columns.
