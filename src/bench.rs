@@ -223,6 +223,21 @@ struct Ceilings {
 /// The ceilings of the device a backend describes, where fisherc knows them (data sheets:
 /// H100 SXM 67 TFLOP/s FP32, 495 TFLOP/s dense TF32, 3.35 TB/s; H200 the same compute with
 /// 4.8 TB/s). CPUs: none.
+impl Ceilings {
+    /// The share of its unit's peak a GEMM node's FLOPs reach: the dense TF32 tensor-core
+    /// peak where its kernels multiply with mma (3xTF32 issues three products for each
+    /// FLOP counted, so a third of it is its ceiling), fp32 FMA's otherwise; none for other
+    /// nodes.
+    fn percent_of_peak(&self, node: &NodeRow) -> Option<f64> {
+        let peak = if node.multiply.as_deref()?.contains("mma") {
+            self.tf32
+        } else {
+            self.fp32
+        };
+        Some(100.0 * node.gflop_per_s * 1e9 / peak)
+    }
+}
+
 fn ceilings(device: &str) -> Option<Ceilings> {
     let (fp32, tf32) = (67e12, 495e12);
     if device.contains("H200") {
@@ -269,7 +284,7 @@ pub fn run(args: &Args) -> Result<()> {
             }
         }
     }
-    let table = markdown(&results);
+    let table = format!("{}\n{}", markdown(&results), gemm_markdown(&results));
     writeln!(out, "\n{table}")?;
     if let Some(path) = &args.markdown {
         std::fs::write(path, &table).with_context(|| format!("writing {}", path.display()))?;
@@ -365,6 +380,13 @@ fn measure(args: &Args, config: &Config<'_>, out: &mut impl Write) -> Result<Mea
     let ops = profile::op_rows(plan, &compiled.graph, profiled);
     let nodes = profile::node_rows(plan, &compiled.graph, profiled);
     let peaks = ceilings(&times.device);
+    let nodes = nodes
+        .into_iter()
+        .map(|n| NodeRow {
+            percent_peak: peaks.and_then(|c| c.percent_of_peak(&n)),
+            ..n
+        })
+        .collect();
     let (flop_rate, byte_rate) = (flops / median, bytes as f64 / median);
     let measured = Measurement {
         model: config.model(),
@@ -462,7 +484,59 @@ fn print_summary(out: &mut impl Write, m: &Measurement) -> Result<()> {
             op.op, op.percent, op.ms, op.gflop_per_s, op.gb_per_s
         )?;
     }
+    let mut gemms: Vec<&NodeRow> = m.nodes.iter().filter(|n| n.multiply.is_some()).collect();
+    gemms.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+    if !gemms.is_empty() {
+        writeln!(out, "    slowest GEMM nodes (% of their unit's peak):")?;
+    }
+    for n in gemms.iter().take(TOP_OPS) {
+        writeln!(
+            out,
+            "    {:<30} {:>10.3} ms {:>9.1} GFLOP/s {:>6} {}",
+            format!("{} {}", n.layer, n.op),
+            n.ms,
+            n.gflop_per_s,
+            percent_text(n.percent_peak),
+            n.multiply.as_deref().unwrap_or_default()
+        )?;
+    }
     Ok(())
+}
+
+/// A share in percent to one decimal, or `-` where unknown.
+fn percent_text(p: Option<f64>) -> String {
+    p.map_or("-".to_string(), |p| format!("{p:.1}%"))
+}
+
+/// Every configuration's GEMM nodes as a Markdown table: time, achieved rate and the share
+/// of its unit's peak (`NodeRow::percent_peak`), beside the kernels that ran it.
+pub fn gemm_markdown(results: &[Measurement]) -> String {
+    let mut table = String::from(
+        "| model | batch | fisher | variant | layer | op | ms | GFLOP/s | % of peak | multiply | kernels |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for m in results.iter().filter(|m| m.error.is_none()) {
+        for n in m.nodes.iter().filter(|n| n.multiply.is_some()) {
+            writeln!(
+                table,
+                "| {} | {} | {} | {}{} | {} | {} | {:.3} | {:.1} | {} | {} | {} |",
+                m.model,
+                m.batch,
+                m.fisher,
+                m.variant.name(),
+                stages_note(m.stages),
+                n.layer,
+                n.op,
+                n.ms,
+                n.gflop_per_s,
+                percent_text(n.percent_peak),
+                n.multiply.as_deref().unwrap_or_default(),
+                n.kernels.join(", ")
+            )
+            .ok();
+        }
+    }
+    table
 }
 
 /// Fills `vs_plain` of every measurement whose plain counterpart was measured.
@@ -523,4 +597,35 @@ pub fn markdown(results: &[Measurement]) -> String {
         .ok();
     }
     table
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(multiply: Option<&str>, gflop_per_s: f64) -> NodeRow {
+        NodeRow {
+            layer: "conv1".to_string(),
+            op: "fused_conv".to_string(),
+            kernels: vec!["fused_conv_forward_0".to_string()],
+            ms: 1.0,
+            gflop_per_s,
+            gb_per_s: 0.0,
+            multiply: multiply.map(str::to_string),
+            percent_peak: None,
+        }
+    }
+
+    /// A GEMM node's share is of its unit's peak (tensor cores for mma, FMA else); other
+    /// nodes and unknown cards have none.
+    #[test]
+    fn gemm_nodes_are_set_against_their_units_peak() {
+        let h100 = ceilings("NVIDIA H100 80GB HBM3").expect("a known card");
+        let tensor = h100.percent_of_peak(&node(Some("tf32 mma m16n8k8"), 49_500.0));
+        assert!((tensor.unwrap() - 10.0).abs() < 1e-9, "{tensor:?}");
+        let fma = h100.percent_of_peak(&node(Some("fp32 fma"), 6_700.0));
+        assert!((fma.unwrap() - 10.0).abs() < 1e-9, "{fma:?}");
+        assert_eq!(h100.percent_of_peak(&node(None, 1e6)), None);
+        assert!(ceilings("cpu (reference)").is_none());
+    }
 }

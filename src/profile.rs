@@ -59,7 +59,10 @@ pub struct OpRow {
 }
 
 /// One node's share of a profiled step (for `fisherc bench`'s JSON): its kernels by name, so
-/// that a time can be set beside that kernel's loop estimate (`scripts/sass-loops.py`).
+/// that a time can be set beside that kernel's loop estimate (`scripts/sass-loops.py`); for
+/// a GEMM node, how its kernels multiply (`tf32 mma m16n8k8`, `3xtf32 mma …`, `fp32 fma`)
+/// and the share of that unit's peak its FLOPs reach, where the card's is known (`bench`
+/// fills it in).
 #[derive(Clone, Debug, Serialize)]
 pub struct NodeRow {
     pub layer: String,
@@ -68,6 +71,8 @@ pub struct NodeRow {
     pub ms: f64,
     pub gflop_per_s: f64,
     pub gb_per_s: f64,
+    pub multiply: Option<String>,
+    pub percent_peak: Option<f64>,
 }
 
 /// The bytes node `node` of `plan` reads and writes, each buffer counted once.
@@ -146,6 +151,11 @@ pub fn node_rows(plan: &Plan, graph: &Graph, times: &[f64]) -> Vec<NodeRow> {
                 ms: t.seconds * 1e3,
                 gflop_per_s: rate(t.flops),
                 gb_per_s: rate(t.bytes),
+                multiply: launches
+                    .iter()
+                    .find_map(|l| plan.kernels[l.kernel].schedule.as_ref())
+                    .map(|s| s.multiply.clone()),
+                percent_peak: None,
             }
         })
         .collect()

@@ -855,6 +855,53 @@ fn bench_times_each_configuration_and_relates_it_to_the_plain_step() {
     assert!(err.contains("1 of 2 configurations failed"), "{err}");
 }
 
+/// A CNN's bench lists its GEMM nodes (the convolutions' GEMM kernels) with how they
+/// multiply and, on a card whose peaks are known, the share of them they reach: on the CPU,
+/// none.
+#[test]
+fn bench_lists_each_gemm_node_beside_its_units_peak() {
+    let dir = tempfile::tempdir().unwrap();
+    let (json, markdown) = (dir.path().join("b.json"), dir.path().join("b.md"));
+    let text = stdout(&fisherc(&[
+        "bench",
+        "models/small_cnn.toml",
+        "--batch",
+        "2",
+        "--fisher",
+        "exact",
+        "--variant",
+        "fused-tf32",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--json",
+        json.to_str().unwrap(),
+        "--markdown",
+        markdown.to_str().unwrap(),
+    ]));
+    let results: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let nodes = results[0]["nodes"].as_array().unwrap();
+    let gemms: Vec<&serde_json::Value> =
+        nodes.iter().filter(|n| !n["multiply"].is_null()).collect();
+    assert!(
+        gemms.len() >= 3,
+        "forward, data and weight gradients: {nodes:?}"
+    );
+    for n in &gemms {
+        assert!(n["multiply"].as_str().unwrap().contains("tf32 mma"), "{n}");
+        assert!(n["percent_peak"].is_null(), "no peak on the CPU: {n}");
+    }
+    let table = std::fs::read_to_string(&markdown).unwrap();
+    let rows = table
+        .lines()
+        .filter(|l| l.starts_with("| small_cnn |") && l.contains("tf32 mma"))
+        .count();
+    assert_eq!(rows, gemms.len(), "{table}");
+    assert!(text.contains("slowest GEMM nodes"), "{text}");
+}
+
 #[test]
 fn counts_of_zero_are_refused_by_name() {
     for args in [
