@@ -22,6 +22,7 @@ pub mod error;
 pub mod files;
 pub mod graph;
 pub mod interp;
+pub mod kfac;
 pub mod matmul;
 pub mod model;
 pub mod noise;
