@@ -233,14 +233,21 @@ fn mma_bf16_kernel() -> Kernel {
     k.finish()
 }
 
-#[test]
-fn mma_multiplies_bf16_fragments_of_the_whole_warp() {
+/// Runs a one-warp mma test kernel (`a`, `b`, `c`, `d`: A 16 × `depth`, B `depth` × 8, C
+/// and D 16 × 8, row-major) on fixed inputs and checks D against the exact sum of the
+/// operands as `round` rounds them, plus C, rounded once to f32; and that the rounding
+/// changed some element (the operands really were rounded).
+fn check_mma(kernel: &Kernel, depth: usize, round: impl Fn(f32) -> f64) {
     let values = |n: usize, seed: f32| -> Vec<f32> {
         (0..n)
             .map(|i| ((i as f32 + seed) * 0.731).sin() * 1.7)
             .collect()
     };
-    let (a, b, c) = (values(256, 0.3), values(128, 5.1), values(128, 9.7));
+    let (a, b, c) = (
+        values(16 * depth, 0.3),
+        values(depth * 8, 5.1),
+        values(128, 9.7),
+    );
     let mut mem = Memory::new();
     let (pa, pb, pc, pd) = (
         mem.alloc_f32(&a),
@@ -249,62 +256,35 @@ fn mma_multiplies_bf16_fragments_of_the_whole_warp() {
         mem.alloc(4 * 128),
     );
     let args = [Arg::Ptr(pa), Arg::Ptr(pb), Arg::Ptr(pc), Arg::Ptr(pd)];
-    run(&mma_bf16_kernel(), [1, 1], &args, &mem).unwrap();
+    run(kernel, [1, 1], &args, &mem).unwrap();
     let got = mem.read_f32(pd, 128);
-    let bf16 = |x: f32| f32::from_bits((bf16_bits(x.to_bits()) as u32) << 16) as f64;
     let mut rounded_somewhere = false;
     for row in 0..16 {
         for col in 0..8 {
-            let sum: f64 = (0..16)
-                .map(|k| bf16(a[row * 16 + k]) * bf16(b[k * 8 + col]))
-                .sum();
-            let expected = (sum + c[row * 8 + col] as f64) as f32;
+            let product = |f: &dyn Fn(f32) -> f64| -> f32 {
+                let sum: f64 = (0..depth)
+                    .map(|k| f(a[row * depth + k]) * f(b[k * 8 + col]))
+                    .sum();
+                (sum + c[row * 8 + col] as f64) as f32
+            };
+            let expected = product(&round);
             assert_eq!(got[row * 8 + col], expected, "D[{row}][{col}]");
-            let exact: f64 = (0..16)
-                .map(|k| a[row * 16 + k] as f64 * b[k * 8 + col] as f64)
-                .sum();
-            rounded_somewhere |= ((exact + c[row * 8 + col] as f64) as f32) != expected;
+            rounded_somewhere |= product(&|x| x as f64) != expected;
         }
     }
-    assert!(rounded_somewhere, "the operands were rounded to bfloat16");
+    assert!(rounded_somewhere, "the operands were rounded");
+}
+
+#[test]
+fn mma_multiplies_bf16_fragments_of_the_whole_warp() {
+    let bf16 = |x: f32| f32::from_bits((bf16_bits(x.to_bits()) as u32) << 16) as f64;
+    check_mma(&mma_bf16_kernel(), 16, bf16);
 }
 
 #[test]
 fn mma_multiplies_tf32_fragments_of_the_whole_warp() {
-    let values = |n: usize, seed: f32| -> Vec<f32> {
-        (0..n)
-            .map(|i| ((i as f32 + seed) * 0.731).sin() * 1.7)
-            .collect()
-    };
-    let (a, b, c) = (values(128, 0.3), values(64, 5.1), values(128, 9.7));
-    let mut mem = Memory::new();
-    let (pa, pb, pc, pd) = (
-        mem.alloc_f32(&a),
-        mem.alloc_f32(&b),
-        mem.alloc_f32(&c),
-        mem.alloc(4 * 128),
-    );
-    let args = [Arg::Ptr(pa), Arg::Ptr(pb), Arg::Ptr(pc), Arg::Ptr(pd)];
-    run(&mma_kernel(), [1, 1], &args, &mem).unwrap();
-    let got = mem.read_f32(pd, 128);
     let tf32 = |x: f32| f32::from_bits(tf32_bits(x.to_bits())) as f64;
-    for row in 0..16 {
-        for col in 0..8 {
-            let sum: f64 = (0..8)
-                .map(|k| tf32(a[row * 8 + k]) * tf32(b[k * 8 + col]))
-                .sum();
-            let expected = (sum + c[row * 8 + col] as f64) as f32;
-            assert_eq!(got[row * 8 + col], expected, "D[{row}][{col}]");
-        }
-    }
-    // the operands were rounded: TF32 differs from the f32 product somewhere
-    let exact = |row: usize, col: usize| {
-        (0..8)
-            .map(|k| a[row * 8 + k] as f64 * b[k * 8 + col] as f64)
-            .sum::<f64>()
-            + c[row * 8 + col] as f64
-    };
-    assert!((0..128).any(|i| got[i] != exact(i / 8, i % 8) as f32));
+    check_mma(&mma_kernel(), 8, tf32);
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! Tensor cores: TF32 and BF16 conversions and the `mma` instructions of [`crate::mma`].
 
 use super::*;
-use crate::mma::{BF16_M16N8K16, TF32_M16N8K8};
+use crate::mma::{BF16_M16N8K16, Mma, TF32_M16N8K8};
 
 impl KernelBuilder {
     // ---- tensor cores ----
@@ -37,26 +37,24 @@ impl KernelBuilder {
     /// One warp-wide `mma.sync` m16n8k8 TF32: D = A·B + C with this lane's fragments (layout
     /// in [`TF32_M16N8K8`]). Every lane of the warp must run it.
     pub fn mma_tf32(&mut self, a: [Tf32; 4], b: [Tf32; 2], c: [F32; 4]) -> [F32; 4] {
-        let d = [0; 4].map(|_| self.reg(Ty::F32));
-        self.emit(Inst::Mma {
-            shape: &TF32_M16N8K8,
-            d,
-            a: a.map(|r| r.0),
-            b: b.map(|r| r.0),
-            c: c.map(|r| r.0),
-        });
-        d.map(F32)
+        let d = [0; 4].map(|_| F32(self.reg(Ty::F32)));
+        self.mma(&TF32_M16N8K8, d, (a.map(|r| r.0), b.map(|r| r.0)), c);
+        d
     }
 
     /// [`Self::mma_tf32`] accumulating into `acc` (D and C the same registers).
     pub fn mma_tf32_into(&mut self, acc: [F32; 4], a: [Tf32; 4], b: [Tf32; 2]) {
-        let acc = acc.map(|r| r.0);
+        self.mma(&TF32_M16N8K8, acc, (a.map(|r| r.0), b.map(|r| r.0)), acc);
+    }
+
+    /// `d = a·b + c` by the table's `shape`.
+    fn mma(&mut self, shape: &'static Mma, d: [F32; 4], (a, b): ([Reg; 4], [Reg; 2]), c: [F32; 4]) {
         self.emit(Inst::Mma {
-            shape: &TF32_M16N8K8,
-            d: acc,
-            a: a.map(|r| r.0),
-            b: b.map(|r| r.0),
-            c: acc,
+            shape,
+            d: d.map(|r| r.0),
+            a,
+            b,
+            c: c.map(|r| r.0),
         });
     }
 
@@ -73,14 +71,8 @@ impl KernelBuilder {
     /// One warp-wide `mma.sync` m16n8k16 BF16 with f32 accumulation: D = A·B + C with this
     /// lane's fragments (layout in [`BF16_M16N8K16`]). Every lane of the warp must run it.
     pub fn mma_bf16(&mut self, a: [Bf16x2; 4], b: [Bf16x2; 2], c: [F32; 4]) -> [F32; 4] {
-        let d = [0; 4].map(|_| self.reg(Ty::F32));
-        self.emit(Inst::Mma {
-            shape: &BF16_M16N8K16,
-            d,
-            a: a.map(|r| r.0),
-            b: b.map(|r| r.0),
-            c: c.map(|r| r.0),
-        });
-        d.map(F32)
+        let d = [0; 4].map(|_| F32(self.reg(Ty::F32)));
+        self.mma(&BF16_M16N8K16, d, (a.map(|r| r.0), b.map(|r| r.0)), c);
+        d
     }
 }
