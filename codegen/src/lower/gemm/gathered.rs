@@ -131,6 +131,17 @@ pub(super) enum Placement {
     },
 }
 
+impl Placement {
+    /// Words between a line's consecutive k (in lines), or between mma steps over the mma's
+    /// k (in fragment order) in a slice of `width` lines.
+    fn stride(&self, width: u32) -> u32 {
+        match self {
+            Placement::Lines => width + SLICE_PAD,
+            Placement::Fragments { order, .. } => order.step_words() / MMA.k,
+        }
+    }
+}
+
 /// One operand's side of the tile: `width` lines from `origin` (of `size` in all), staged
 /// through `stages` `[depth][width + SLICE_PAD]` slices of shared memory ("halves" where
 /// there are two). Element e = tid +
@@ -235,12 +246,8 @@ impl Side {
                 reach: order.reach(lines.lane_bound(width), steps.lane_bound(depth)),
             },
         };
-        let stride = match placement {
-            Placement::Lines => width + SLICE_PAD,
-            Placement::Fragments { .. } => width,
-        };
         Side {
-            array: k.shared_aligned(stages * depth * stride),
+            array: k.shared_aligned(stages * depth * placement.stride(width)),
             width,
             depth,
             stages,
@@ -254,13 +261,8 @@ impl Side {
         }
     }
 
-    /// Words between a line's consecutive k (in lines), or between mma steps over the mma's
-    /// k (in fragment order).
     fn stride(&self) -> u32 {
-        match self.placement {
-            Placement::Lines => self.width + SLICE_PAD,
-            Placement::Fragments { order, .. } => order.step_words() / MMA.k,
-        }
+        self.placement.stride(self.width)
     }
 
     pub(super) fn k_steps(&self) -> KSteps {
