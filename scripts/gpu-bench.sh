@@ -55,7 +55,8 @@ else
 fi
 
 echo
-[ -s "$OUT/fisherc.md" ] && cat "$OUT/fisherc.md"
+# the configurations' table (the file goes on with every GEMM node's)
+[ -s "$OUT/fisherc.md" ] && sed '/^$/q' "$OUT/fisherc.md"
 echo
 if [ -s "$OUT/fisherc.json" ]; then
   python3 scripts/torch_bench.py --side-by-side "$OUT/fisherc.json" "$OUT/torch.jsonl" | tee "$OUT/side_by_side.md"

@@ -64,7 +64,7 @@ for p in $PARTS; do
              .gpu/fisherc bench models/resnet44.toml models/vgg16.toml --batch 4096 --fisher exact \
                --variant fused-tc --stages 3 --backend cuda --steps 3 --warmup 1 --no-profile \
                --json "$OUT/stages3.json" --markdown "$OUT/stages3.md" >"$OUT/stages3.log" 2>&1
-             echo "fisherc bench --stages 3: exit $?"; cat "$OUT/stages3.md"' ;;
+             echo "fisherc bench --stages 3: exit $?"; sed "/^$/q" "$OUT/stages3.md"' ;;
     train) part train "$LIMIT_TRAIN" scripts/gpu-train.sh ;;
     profile) part profile "$LIMIT_PROFILE" env LIMIT=20 scripts/gpu-profile.sh ;;
     *) echo "gpu-session: unknown part '$p' (check, bench, stages, train, profile)" >&2 ;;

@@ -820,13 +820,18 @@ fn bench_times_each_configuration_and_relates_it_to_the_plain_step() {
             assert!((ratio - expected).abs() < 1e-9, "{r}");
         }
     }
-    let table = std::fs::read_to_string(&markdown).unwrap();
+    let file = std::fs::read_to_string(&markdown).unwrap();
+    let table = file.split("\n\n").next().unwrap();
     assert_eq!(
         table.lines().filter(|l| l.starts_with("| mlp |")).count(),
         8,
         "{table}"
     );
-    assert!(text.contains(&table), "the table is printed too");
+    assert!(text.contains(table), "the table is printed too");
+    assert!(
+        file.contains("| layer | op |"),
+        "and the GEMM nodes' table follows it in the file"
+    );
 
     // a configuration that fails is a row of the table and the exit status, not a crash
     let failed = fisherc(&[
