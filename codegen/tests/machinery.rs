@@ -5,7 +5,7 @@
 use fisherc_codegen::builder::{KernelBuilder, U32};
 use fisherc_codegen::exec::{Arg, Memory, bf16_bits, run, tf32_bits};
 use fisherc_codegen::kir::{BinOp, Cmp, Kernel};
-use fisherc_codegen::mma::{BF16_M16N8K16, Fragment};
+use fisherc_codegen::mma::{BF16_M16N8K16, Fragment, Mma, Operand, TF32_M16N8K8};
 use fisherc_codegen::{ptx, ptxas};
 
 /// y[i] = 2·x[i] + 1 where x[i] > 0, else 0; grid-stride over n elements.
@@ -40,45 +40,6 @@ fn sum_kernel(n: u64) -> Kernel {
     let total = k.block_sum(&[acc])[0];
     let first = k.cmp_u(Cmp::Eq, tid, 0u32);
     k.when(first, |k| k.store(out, 0u32, total));
-    k.finish()
-}
-
-/// One warp: D = A·B + C through `mma_tf32`, A 16×8 and C, D 16×8 row-major, B 8×8 row-major
-/// (k, n), each lane loading its fragments as `mma::TF32_M16N8K8` lays them out.
-fn mma_kernel() -> Kernel {
-    let mut k = KernelBuilder::new("mma_test", 32, false);
-    let (a, b, c, d) = (
-        k.ptr_param("a"),
-        k.ptr_param("b"),
-        k.ptr_param("c"),
-        k.ptr_param("d"),
-    );
-    let lane = k.tid();
-    let g = k.ubin(BinOp::Div, lane, 4u32);
-    let t = k.ubin(BinOp::Rem, lane, 4u32);
-    // (row + row_add)·8 + col + col_add
-    let at = |k: &mut KernelBuilder, row: U32, row_add: u32, col: U32, col_add: u32| {
-        let row = k.add_u(row, row_add);
-        let col = k.add_u(col, col_add);
-        k.mad_u(row, 8u32, col)
-    };
-    let a_frag = [0u32, 1, 2, 3].map(|i| {
-        let index = at(&mut k, g, 8 * (i % 2), t, 4 * (i / 2));
-        let v = k.load(a, index);
-        k.tf32(v)
-    });
-    let b_frag = [0u32, 1].map(|i| {
-        let index = at(&mut k, t, 4 * i, g, 0);
-        let v = k.load(b, index);
-        k.tf32(v)
-    });
-    let two_t = k.mul_u(t, 2u32);
-    let c_at: [U32; 4] = [0u32, 1, 2, 3].map(|i| at(&mut k, g, 8 * (i / 2), two_t, i % 2));
-    let c_frag = c_at.map(|index| k.load(c, index));
-    let d_frag = k.mma_tf32(a_frag, b_frag, c_frag);
-    for (index, v) in c_at.into_iter().zip(d_frag) {
-        k.store(d, index, v);
-    }
     k.finish()
 }
 
@@ -191,12 +152,16 @@ fn fragment_index(
     k.mad_u(row, width, col)
 }
 
-/// One warp: D = A·B + C through `mma_bf16`, A 16×16, B 16×8 (k, n) and C, D 16×8, all
-/// row-major f32, each lane rounding and packing its elements as `BF16_M16N8K16` places
-/// them (two to a register, the lower index low).
-fn mma_bf16_kernel() -> Kernel {
-    let shape = BF16_M16N8K16;
-    let mut k = KernelBuilder::new("mma_bf16_test", 32, false);
+/// One warp: D = A·B + C through the table's `shape` (`mma_tf32` or `mma_bf16`), A
+/// 16 × k, B k × 8 (k, n) and C, D 16 × 8, all row-major f32, each lane loading its elements
+/// where the table places them and rounding them to the operand type (TF32 one to a
+/// register; bfloat16 packed two to a register, the lower index low).
+fn mma_kernel(shape: &Mma) -> Kernel {
+    let name = match shape.operand {
+        Operand::Tf32 => "mma_test_tf32",
+        Operand::Bf16 => "mma_test_bf16",
+    };
+    let mut k = KernelBuilder::new(name, 32, false);
     let (a, b, c, d) = (
         k.ptr_param("a"),
         k.ptr_param("b"),
@@ -206,27 +171,37 @@ fn mma_bf16_kernel() -> Kernel {
     let lane = k.tid();
     let g = k.ubin(BinOp::Div, lane, 4u32);
     let t = k.ubin(BinOp::Rem, lane, 4u32);
-    let pairs = |k: &mut KernelBuilder, f: &Fragment, src, width, count: usize| {
-        (0..count)
-            .map(|r| {
-                let [lo, hi] = [2 * r, 2 * r + 1].map(|e| {
-                    let index = fragment_index(k, f, (g, t), (e, width));
-                    k.load(src, index)
-                });
-                k.bf16x2(lo, hi)
-            })
-            .collect::<Vec<_>>()
+    // element e of fragment f, loaded from `src` (`width` wide)
+    let element = |k: &mut KernelBuilder, f: &Fragment, src, width, e: usize| {
+        let index = fragment_index(k, f, (g, t), (e, width));
+        k.load(src, index)
     };
-    let a_regs = pairs(&mut k, &shape.a, a, shape.k, 4);
-    let b_regs = pairs(&mut k, &shape.b, b, shape.n, 2);
     let c_at: [U32; 4] =
         std::array::from_fn(|e| fragment_index(&mut k, &shape.c, (g, t), (e, shape.n)));
     let c_frag = c_at.map(|index| k.load(c, index));
-    let d_frag = k.mma_bf16(
-        [a_regs[0], a_regs[1], a_regs[2], a_regs[3]],
-        [b_regs[0], b_regs[1]],
-        c_frag,
-    );
+    let d_frag = match shape.operand {
+        Operand::Tf32 => {
+            let a_frag = std::array::from_fn(|e| {
+                let v = element(&mut k, &shape.a, a, shape.k, e);
+                k.tf32(v)
+            });
+            let b_frag = std::array::from_fn(|e| {
+                let v = element(&mut k, &shape.b, b, shape.n, e);
+                k.tf32(v)
+            });
+            k.mma_tf32(a_frag, b_frag, c_frag)
+        }
+        Operand::Bf16 => {
+            let pair = |k: &mut KernelBuilder, f: &Fragment, src, width, r: usize| {
+                let lo = element(k, f, src, width, 2 * r);
+                let hi = element(k, f, src, width, 2 * r + 1);
+                k.bf16x2(lo, hi)
+            };
+            let a_frag = std::array::from_fn(|r| pair(&mut k, &shape.a, a, shape.k, r));
+            let b_frag = std::array::from_fn(|r| pair(&mut k, &shape.b, b, shape.n, r));
+            k.mma_bf16(a_frag, b_frag, c_frag)
+        }
+    };
     for (index, v) in c_at.into_iter().zip(d_frag) {
         k.store(d, index, v);
     }
@@ -278,13 +253,13 @@ fn check_mma(kernel: &Kernel, depth: usize, round: impl Fn(f32) -> f64) {
 #[test]
 fn mma_multiplies_bf16_fragments_of_the_whole_warp() {
     let bf16 = |x: f32| f32::from_bits((bf16_bits(x.to_bits()) as u32) << 16) as f64;
-    check_mma(&mma_bf16_kernel(), 16, bf16);
+    check_mma(&mma_kernel(&BF16_M16N8K16), 16, bf16);
 }
 
 #[test]
 fn mma_multiplies_tf32_fragments_of_the_whole_warp() {
     let tf32 = |x: f32| f32::from_bits(tf32_bits(x.to_bits())) as f64;
-    check_mma(&mma_kernel(), 8, tf32);
+    check_mma(&mma_kernel(&TF32_M16N8K8), 8, tf32);
 }
 
 #[test]
@@ -292,7 +267,7 @@ fn mma_needs_the_whole_warp() {
     let mut mem = Memory::new();
     let args: Vec<Arg> = (0..4).map(|_| Arg::Ptr(mem.alloc(4 * 128))).collect();
     // 48 threads: the second warp is partial
-    let mut kernel = mma_kernel();
+    let mut kernel = mma_kernel(&TF32_M16N8K8);
     kernel.block = 48;
     let err = run(&kernel, [1, 1], &args, &mem).unwrap_err();
     assert!(err.message.contains("part of a warp"), "{err}");
@@ -417,9 +392,13 @@ fn rendered_ptx_declares_registers_and_structures_control_flow() {
 #[ignore = "needs ptxas: run scripts/test.sh (it installs ptxas into .tools/)"]
 fn rendered_kernels_assemble_for_sm80_and_sm90() {
     let ptxas = ptxas::find().expect("ptxas not found: run scripts/install-ptxas.sh");
-    let (scale, sum, mma) = (scale_kernel(1 << 20), sum_kernel(1000), mma_kernel());
+    let (scale, sum, mma) = (
+        scale_kernel(1 << 20),
+        sum_kernel(1000),
+        mma_kernel(&TF32_M16N8K8),
+    );
     let (copy, vector) = (copy_kernel(Wait::Landed), vector_kernel(4, 0, true));
-    let bf16 = mma_bf16_kernel();
+    let bf16 = mma_kernel(&BF16_M16N8K16);
     // TF32 rounding: sm_90's one instruction (ties to even, as the executor), sm_80's
     // `cvt.rna` (it has no `.rn`: ptxas refuses it)
     for (arch, rounding) in [("sm_80", "cvt.rna.tf32.f32"), ("sm_90", "cvt.rn.tf32.f32")] {
