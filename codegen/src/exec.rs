@@ -888,29 +888,34 @@ fn unary_value(op: UnOp, ty: Ty, a: u64) -> u64 {
     }
 }
 
-/// `cvt.rn.tf32.f32`: the f32 rounded to 10 mantissa bits, to nearest with ties to even
-/// (half an ulp less one, plus the lowest kept bit, added to the bits, whose low 13 are then
-/// cleared: a carry into the exponent is the rounding up to the next binade, or to
-/// infinity); NaN and infinity pass unchanged. sm_80's `cvt.rna` differs on ties only
-/// (`kir::Inst::CvtTf32`).
+/// A finite f32's bits rounded to nearest with ties to even at bit `dropped` (its low
+/// `dropped` bits cleared): half an ulp less one, plus the lowest kept bit, added to the
+/// bits, so that a carry into the exponent is the rounding up to the next binade, or to
+/// infinity.
+fn rounded_bits(bits: u32, dropped: u32) -> u32 {
+    let lowest_kept = (bits >> dropped) & 1;
+    (bits + (1 << (dropped - 1)) - 1 + lowest_kept) & !((1 << dropped) - 1)
+}
+
+/// `cvt.rn.tf32.f32`: the f32 rounded to 10 mantissa bits (its low 13 cleared), to nearest
+/// with ties to even; NaN and infinity pass unchanged. sm_80's `cvt.rna` differs on ties
+/// only (`kir::Inst::CvtTf32`).
 pub fn tf32_bits(bits: u32) -> u32 {
     if f32::from_bits(bits).is_finite() {
-        let lowest_kept = (bits >> 13) & 1;
-        (bits + 0xfff + lowest_kept) & !0x1fff
+        rounded_bits(bits, 13)
     } else {
         bits
     }
 }
 
-/// `cvt.rn.bf16.f32`: the f32's top 16 bits, rounded to nearest with ties to even (half
-/// an ulp less one, plus the lowest kept bit, added to the bits); NaN becomes the canonical
-/// NaN, infinity stays.
+/// `cvt.rn.bf16.f32`: the f32's top 16 bits, rounded to nearest with ties to even; NaN
+/// becomes the canonical NaN, infinity stays.
 pub fn bf16_bits(bits: u32) -> u16 {
     if f32::from_bits(bits).is_nan() {
-        return 0x7fff;
+        0x7fff
+    } else {
+        (rounded_bits(bits, 16) >> 16) as u16
     }
-    let lowest_kept = (bits >> 16) & 1;
-    ((bits + 0x7fff + lowest_kept) >> 16) as u16
 }
 
 fn convert(to: Ty, from: Ty, bits: u64) -> u64 {
