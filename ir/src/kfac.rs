@@ -69,12 +69,12 @@ impl Matrix {
     /// The lower Cholesky factor L of `self + damping·I` (`L Lᵀ`), for a symmetric matrix;
     /// an error where a pivot is not positive (the damped matrix is not positive definite).
     pub fn cholesky_damped(&self, damping: f64) -> Result<Matrix, KfacError> {
-        let n = self.n;
+        let (n, damped) = (self.n, self.damped(damping));
         let mut l = Matrix::zeros(n);
         for i in 0..n {
             for j in 0..=i {
                 let dot: f64 = (0..j).map(|k| l.at(i, k) * l.at(j, k)).sum();
-                let value = self.at(i, j) + if i == j { damping } else { 0.0 } - dot;
+                let value = damped.at(i, j) - dot;
                 if i == j {
                     // not above zero, or NaN
                     if value.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) {
