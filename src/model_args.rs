@@ -30,7 +30,7 @@ pub struct ModelArgs {
     pub fisher: Option<FisherMode>,
 
     /// The update's noise: diagonal-fisher, multiplicative, fisher-trace,
-    /// full-fisher-empirical or full-fisher-true.
+    /// full-fisher-empirical, full-fisher-true or kfac.
     #[arg(long, default_value = "diagonal-fisher", value_parser = |s: &str| s.parse::<Noise>())]
     pub noise: Noise,
 }

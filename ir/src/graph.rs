@@ -86,6 +86,11 @@ pub enum Output {
     /// Running mean of batch-norm layer `i` after the step.
     NewRunningMean(usize),
     NewRunningVar(usize),
+    /// K-FAC: the batch's input factor `Ā` of the layer whose weight is parameter `i` (zeros
+    /// on a step that does not refresh the factors).
+    KfacInputFactor(usize),
+    /// K-FAC: that layer's gradient factor `Ḡ`.
+    KfacGradFactor(usize),
     /// Any other value a caller wants to observe (tests, tools).
     Named(String),
 }
@@ -101,6 +106,8 @@ impl fmt::Display for Output {
             Output::NewMomentum(i) => write!(f, "momentum[{i}]"),
             Output::NewRunningMean(i) => write!(f, "running_mean[{i}]"),
             Output::NewRunningVar(i) => write!(f, "running_var[{i}]"),
+            Output::KfacInputFactor(i) => write!(f, "kfac_input_factor[{i}]"),
+            Output::KfacGradFactor(i) => write!(f, "kfac_grad_factor[{i}]"),
             Output::Named(s) => write!(f, "{s}"),
         }
     }

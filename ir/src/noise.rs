@@ -44,13 +44,22 @@ pub enum Noise {
     /// distribution: covariance s² times the full true Fisher (supplement A.9). One more
     /// backward pass at the sampled labels; no diagonal Fisher.
     FullFisherTrue,
+    /// `ε = s·√T·L_G Ξ L_Aᵀ` for each convolution's and linear layer's weight (and bias):
+    /// covariance s² times the layer's Kronecker-factored Fisher block `T·(Ā+λI) ⊗ (Ḡ+λI)`
+    /// (supplement A.6, `crate::kfac`), from factors the step computes on refresh steps and
+    /// Cholesky factors the runtime feeds. Parameters outside such layers (batch norm's γ and
+    /// β) take the diagonal-Fisher noise, so the step needs a diagonal estimate for them.
+    Kfac,
 }
 
 impl Noise {
     /// Whether this noise is drawn from a diagonal Fisher estimate, so needs one (exact or
     /// a2g2); the others take none.
     pub fn needs_fisher(self) -> bool {
-        matches!(self, Noise::DiagonalFisher | Noise::FisherTrace)
+        matches!(
+            self,
+            Noise::DiagonalFisher | Noise::FisherTrace | Noise::Kfac
+        )
     }
 
     /// Whether a step with this noise and Fisher estimate adds noise at all (diagonal-Fisher
@@ -69,12 +78,13 @@ impl Noise {
         }
     }
 
-    pub const ALL: [Noise; 5] = [
+    pub const ALL: [Noise; 6] = [
         Noise::DiagonalFisher,
         Noise::Multiplicative,
         Noise::FisherTrace,
         Noise::FullFisherEmpirical,
         Noise::FullFisherTrue,
+        Noise::Kfac,
     ];
 }
 
@@ -104,6 +114,7 @@ impl fmt::Display for Noise {
             Noise::FisherTrace => "fisher-trace",
             Noise::FullFisherEmpirical => "full-fisher-empirical",
             Noise::FullFisherTrue => "full-fisher-true",
+            Noise::Kfac => "kfac",
         })
     }
 }

@@ -18,6 +18,7 @@ use std::collections::{BTreeMap, HashMap};
 use petgraph::graph::NodeIndex;
 
 use crate::autodiff::{self, Gradients};
+use crate::kfac;
 
 use crate::error::ShapeError;
 use crate::graph::{Graph, Output, Phase, PortRef};
@@ -197,14 +198,23 @@ pub fn build_training_step(
     }
 
     check_noise_and_fisher(options, &network.name)?;
+    let kfac_layers = match options.noise {
+        Noise::Kfac => kfac::step::layers(&graph, &network),
+        _ => Vec::new(),
+    };
+    // K-FAC's layers take no diagonal estimate; every other parameter takes one
+    let mut wanted = vec![true; params.len()];
+    for layer in &kfac_layers {
+        wanted[layer.weight] = false;
+        if let Some(b) = layer.bias {
+            wanted[b] = false;
+        }
+    }
     let fisher = match options.fisher {
         FisherMode::None => vec![None; params.len()],
         mode => {
             graph.set_phase(Phase::Fisher);
-            fisher_estimates(&mut graph, &network, &grads, mode)?
-                .into_iter()
-                .map(Some)
-                .collect()
+            fisher_estimates(&mut graph, &network, &grads, (mode, &wanted))?
         }
     };
 
@@ -215,8 +225,8 @@ pub fn build_training_step(
         &mut graph,
         (options.noise, options.fisher),
         (&network, &params, labels),
-        (&param_grads, &fisher),
-        &hyper,
+        (&param_grads, &fisher, &grads),
+        (&hyper, &kfac_layers),
     )?;
     graph.set_phase(Phase::Update);
     add_updates(
@@ -245,6 +255,9 @@ fn check_noise_and_fisher(options: &StepOptions, network: &str) -> Result<(), Sh
     let mismatch = match options.noise {
         Noise::DiagonalFisher => None,
         Noise::FisherTrace => (!has_fisher).then_some("needs a Fisher estimate (exact or a2g2)"),
+        Noise::Kfac => (!has_fisher).then_some(
+            "needs a diagonal Fisher estimate (exact or a2g2) for the parameters outside convolutions and linear layers",
+        ),
         _ => has_fisher.then_some("takes no diagonal Fisher estimate (fisher none)"),
     };
     match mismatch {
@@ -259,21 +272,36 @@ fn check_noise_and_fisher(options: &StepOptions, network: &str) -> Result<(), Sh
 
 /// What each parameter's update draws its noise from, and how it reads it.
 struct NoiseSource {
-    kind: UpdateNoise,
+    /// Per parameter: how its update reads its noise input.
+    kinds: Vec<UpdateNoise>,
     /// Per parameter: its variance or noise vector, where it has one.
     inputs: Vec<Option<PortRef>>,
 }
 
 /// What the update's noise is drawn from, per parameter: a variance (the Fisher estimate,
-/// g², or Tr F̂ / D) or a noise vector (a full-Fisher draw), and how the update reads it.
+/// g², or Tr F̂ / D) or a noise vector (a full-Fisher or K-FAC draw), and how the update
+/// reads it.
 fn update_noise(
     graph: &mut Graph,
     (noise, mode): (Noise, FisherMode),
     (network, params, labels): (&Network, &[PortRef], PortRef),
-    (param_grads, fisher): (&[PortRef], &[Option<PortRef>]),
-    hyper: &HashMap<Hyper, PortRef>,
+    (param_grads, fisher, grads): (&[PortRef], &[Option<PortRef>], &Gradients),
+    (hyper, kfac_layers): (&HashMap<Hyper, PortRef>, &[kfac::step::KfacLayer]),
 ) -> Result<NoiseSource, ShapeError> {
     let has_fisher = mode != FisherMode::None;
+    if noise == Noise::Kfac {
+        let vectors = kfac::step::add_noise(graph, (network, kfac_layers), grads, hyper)?;
+        // a K-FAC layer's parameters read its vectors, the rest their diagonal estimates
+        let kinds = vectors
+            .iter()
+            .map(|v| match v {
+                Some(_) => UpdateNoise::Vector,
+                None => UpdateNoise::Diagonal,
+            })
+            .collect();
+        let inputs = vectors.iter().zip(fisher).map(|(v, f)| v.or(*f)).collect();
+        return Ok(NoiseSource { kinds, inputs });
+    }
     let (kind, inputs) = match noise {
         Noise::DiagonalFisher if has_fisher => (UpdateNoise::Diagonal, fisher.to_vec()),
         Noise::DiagonalFisher => (UpdateNoise::None, fisher.to_vec()),
@@ -298,8 +326,12 @@ fn update_noise(
             let vectors = full_fisher_vectors(graph, (network, params), labels, seeds, kind)?;
             (UpdateNoise::Vector, vectors.into_iter().map(Some).collect())
         }
+        Noise::Kfac => unreachable!("K-FAC's sources are chosen above"),
     };
-    Ok(NoiseSource { kind, inputs })
+    Ok(NoiseSource {
+        kinds: vec![kind; params.len()],
+        inputs,
+    })
 }
 
 /// Every parameter's noisy SGD update, with its momentum input; the new parameters, momenta
@@ -321,7 +353,7 @@ fn add_updates(
         let update = NoisySgdUpdate {
             param: i as u32,
             decay: decay_bn || !param.kind.is_batch_norm(),
-            noise: noise.kind,
+            noise: noise.kinds[i],
             fisher_factor: None,
         };
         let mut inputs = vec![params[i], momentum, param_grads[i]];
@@ -357,7 +389,7 @@ fn add_running_updates(graph: &mut Graph, network: &Network) -> Result<(), Shape
     Ok(())
 }
 
-fn input(graph: &mut Graph, role: Role, ty: TensorType, layer: &str) -> PortRef {
+pub(crate) fn input(graph: &mut Graph, role: Role, ty: TensorType, layer: &str) -> PortRef {
     let node = graph
         .add(Input { role, ty }, layer, &[])
         .expect("inputs take no inputs, so they always type-check");
@@ -385,11 +417,15 @@ fn fisher_estimates(
     graph: &mut Graph,
     network: &Network,
     grads: &Gradients,
-    mode: FisherMode,
-) -> Result<Vec<PortRef>, ShapeError> {
+    (mode, wanted): (FisherMode, &[bool]),
+) -> Result<Vec<Option<PortRef>>, ShapeError> {
     let mut by_consumer: HashMap<NodeIndex, Vec<Option<PortRef>>> = HashMap::new();
     let mut estimates = Vec::with_capacity(network.params.len());
-    for param in &network.params {
+    for (param, &wanted) in network.params.iter().zip(wanted) {
+        if !wanted {
+            estimates.push(None);
+            continue;
+        }
         let value = PortRef::new(param.node, 0);
         let forward_uses: Vec<(NodeIndex, usize)> = graph
             .consumers(value)
@@ -421,7 +457,7 @@ fn fisher_estimates(
             op: graph.node(consumer).op.name(),
             message: format!("the Fisher rule gave no estimate for '{}'", param.name),
         })?;
-        estimates.push(estimate);
+        estimates.push(Some(estimate));
     }
     Ok(estimates)
 }

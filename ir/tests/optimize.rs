@@ -7,6 +7,7 @@ use std::path::Path;
 use common::assert_close;
 use fisherc_ir::graph::Output;
 use fisherc_ir::interp::evaluate;
+use fisherc_ir::kfac::state::{KfacSettings, KfacState};
 use fisherc_ir::model::{BuildOptions, ModelSpec, ParamKind, build};
 use fisherc_ir::ops::{NoisySgdUpdate, Op, Squares};
 use fisherc_ir::optimize::cost::H100;
@@ -53,7 +54,9 @@ fn optimised_steps_compute_what_the_unoptimised_ones_do() {
                 step: 2,
                 ..Hyperparams::default()
             };
-            let feeds = state.feeds(images, labels, &hyper);
+            let mut feeds = state.feeds(images, labels, &hyper);
+            let kfac = KfacState::for_step(&step, KfacSettings::default());
+            feeds.extend(kfac.feeds(true));
             let reference = evaluate(&step.graph, &feeds, &[]).unwrap();
             let fused = evaluate(&optimized.graph, &feeds, &[]).unwrap();
             assert_eq!(

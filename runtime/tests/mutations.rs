@@ -239,6 +239,7 @@ fn mutated_checkpoints_and_data_headers_fail_with_an_error() {
     let file = dir.path().join("checkpoint.safetensors");
     let good = Checkpoint {
         state: fisherc_ir::state::TrainState::init(&net, 1),
+        kfac: Default::default(),
         epoch: 1,
         step: 10,
         experiment: "name = \"x\"".into(),

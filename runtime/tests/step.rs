@@ -25,6 +25,7 @@ use fisherc_codegen::options::Precision;
 use fisherc_codegen::plan::Buffer;
 use fisherc_ir::graph::Output;
 use fisherc_ir::interp::{Feeds, evaluate};
+use fisherc_ir::kfac::state::{KfacSettings, KfacState};
 use fisherc_ir::model::{BuildOptions, load};
 use fisherc_ir::state::{Hyperparams, TrainState};
 use fisherc_ir::synthetic::random_batch;
@@ -98,7 +99,7 @@ impl Case {
         let state = TrainState::<f32>::init(net, 3);
         let (images, labels) =
             random_batch::<f32>(self.batch, net.input, net.classes, self.data_seed);
-        state.feeds(
+        let mut feeds = state.feeds(
             images,
             labels,
             &Hyperparams {
@@ -107,7 +108,11 @@ impl Case {
                 step: 9,
                 ..Hyperparams::default()
             },
-        )
+        );
+        // K-FAC: Cholesky factors of this batch's own factors, and a refreshing step
+        let kfac = KfacState::refreshed_on(step, &feeds, KfacSettings::default()).unwrap();
+        feeds.extend(kfac.feeds(true));
+        feeds
     }
 }
 
@@ -202,8 +207,15 @@ fn executor_step_matches_the_reference(case: Case) {
         check(&p.name, &Output::NewParam(i), 1e-6);
         check(&p.name, &Output::NewMomentum(i), 1e-5);
         check(&p.name, &Output::Grad(i), 1e-5);
-        if case.mode != FisherMode::None {
-            check(&p.name, &Output::Fisher(i), 1e-5);
+        // K-FAC's layers take no diagonal estimate, but their factors
+        for output in [
+            Output::Fisher(i),
+            Output::KfacInputFactor(i),
+            Output::KfacGradFactor(i),
+        ] {
+            if step.graph.output(&output).is_some() {
+                check(&p.name, &output, 1e-5);
+            }
         }
     }
 }

@@ -159,10 +159,20 @@ fn experiment_files_take_overrides_and_refuse_nonsense() {
         ("data.synthetic.test=0", "data.synthetic.test"),
         ("data.synthetic.shape=[1, 0, 8]", "data.synthetic.shape"),
         ("data.synthetic.noise=-0.5", "data.synthetic.noise"),
+        ("train.kfac_damping=0.0", "train.kfac_damping"),
+        ("train.kfac_damping=nan", "train.kfac_damping"),
+        ("train.kfac_every=0", "train.kfac_every"),
+        ("train.kfac_decay=1.0", "train.kfac_decay"),
+        ("train.kfac_decay=-0.5", "train.kfac_decay"),
     ] {
         let error = parse(&[set]).expect_err(set);
         assert!(error.contains(key), "{set}: {error}");
     }
+    let no_estimate = parse(&["train.regime=kfac", "train.fisher=\"none\""]).unwrap_err();
+    assert!(
+        no_estimate.contains("kfac needs exact or a2g2"),
+        "{no_estimate}"
+    );
     assert!(
         parse(&["train.momentum=0.0", "train.lr=0.0"]).is_ok(),
         "zero is a number"
@@ -736,6 +746,58 @@ fn a_resumed_run_ends_bit_identical_to_an_uninterrupted_one() {
     );
     let err = run(&other, split.path(), true, None).err().unwrap();
     assert!(err.contains("another experiment"), "{err}");
+}
+
+/// The kfac regime learns with its noise on throughout (at the default scale, 0.95 after 3
+/// epochs, as the full-Fisher noises: Fisher-shaped noise of the diagonal noise's total
+/// variance; at s = 0.5 all three stall near 0.25 where the diagonal noise reaches 1.0),
+/// refreshes its factors across epoch boundaries (every 3 steps of 5-step epochs), keeps them
+/// in its checkpoints, and a run resumed from one ends bit for bit where the uninterrupted
+/// run does.
+#[test]
+fn a_kfac_run_learns_and_resumes_bit_identical() {
+    let e = synthetic(
+        "kfac",
+        &[
+            "train.noise_until=1.0",
+            "train.epochs=3",
+            "train.kfac_every=3",
+        ],
+    );
+    let whole = tempfile::tempdir().unwrap();
+    let straight = run(&e, whole.path(), false, None).unwrap();
+    let (_, last) = straight.scores.last().unwrap();
+    assert!(
+        last.accuracy > 0.8,
+        "accuracy {} on 10 noisy templates",
+        last.accuracy
+    );
+    let net = network(&root().join("models/small_cnn.toml"), [1, 12, 12]);
+    let saved = checkpoint::read(&whole.path().join(CHECKPOINT_FILE), &net).unwrap();
+    // small_cnn: two convolutions and two linear layers, an input and a gradient factor each
+    assert_eq!(saved.kfac.len(), 8, "{:?}", saved.kfac.keys());
+    let split = tempfile::tempdir().unwrap();
+    run(&e, split.path(), false, Some(1)).unwrap();
+    let resumed = run(&e, split.path(), true, None).unwrap();
+    let bits = |s: &TrainState<f32>| {
+        [&s.params, &s.momenta, &s.running_means, &s.running_vars]
+            .iter()
+            .flat_map(|list| list.iter().flat_map(|t| t.data.iter().map(|v| v.to_bits())))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(bits(&resumed.state), bits(&straight.state));
+    // without the noise the run ends elsewhere: the K-FAC draws moved it
+    let quiet = synthetic(
+        "kfac",
+        &[
+            "train.noise_until=1.0",
+            "train.epochs=3",
+            "train.noise_scale=0.0",
+        ],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let silent = run(&quiet, dir.path(), false, None).unwrap();
+    assert_ne!(bits(&silent.state), bits(&straight.state));
 }
 
 #[test]

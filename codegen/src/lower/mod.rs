@@ -9,6 +9,7 @@ mod common;
 mod conv;
 mod elementwise;
 mod gemm;
+mod kfac;
 mod linear;
 mod loss;
 mod norm;
@@ -123,5 +124,6 @@ pub fn lower(
         OpClass::Linear => linear::lower(&cx),
         OpClass::Loss => loss::lower(&cx),
         OpClass::Update => update::lower(&cx),
+        OpClass::Kfac => kfac::lower(&cx),
     })
 }

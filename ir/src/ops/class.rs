@@ -28,6 +28,8 @@ pub enum OpClass {
     Loss,
     /// The parameter update.
     Update,
+    /// K-FAC's Kronecker factors and the noise their Cholesky factors shape.
+    Kfac,
 }
 
 impl OpClass {

@@ -50,6 +50,13 @@ pub enum Role {
     RunningMean(usize),
     RunningVar(usize),
     Hyper(Hyper),
+    /// K-FAC: whether this step computes the batch's Kronecker factors (f32 scalar, 1 or 0).
+    KfacRefresh,
+    /// K-FAC: the Cholesky factor `L_A` of the damped input factor of the layer whose weight
+    /// is parameter `i`.
+    KfacInputCholesky(usize),
+    /// K-FAC: the Cholesky factor `L_G` of that layer's damped gradient factor.
+    KfacGradCholesky(usize),
     /// Free-standing inputs of hand-built graphs (tests, tools).
     Named(String),
 }
@@ -64,6 +71,9 @@ impl fmt::Display for Role {
             Role::RunningMean(i) => write!(f, "running_mean[{i}]"),
             Role::RunningVar(i) => write!(f, "running_var[{i}]"),
             Role::Hyper(h) => write!(f, "{h:?}"),
+            Role::KfacRefresh => write!(f, "kfac_refresh"),
+            Role::KfacInputCholesky(i) => write!(f, "kfac_input_cholesky[{i}]"),
+            Role::KfacGradCholesky(i) => write!(f, "kfac_grad_cholesky[{i}]"),
             Role::Named(s) => write!(f, "{s}"),
         }
     }

@@ -21,6 +21,7 @@ mod fused_bn;
 mod fused_conv;
 mod group;
 mod input;
+mod kfac;
 mod linear;
 mod loss;
 mod pool;
@@ -45,6 +46,7 @@ pub use fused_bn::{BnBackwardReduceSq, BnRelu, ChannelSumSq, ReluBackwardBnReduc
 pub use fused_conv::{FusedConv, FusedDgrad, FusedWgrad, LinearWgradSq, prologue_len};
 pub use group::{BnRunningUpdateGroup, Group, Groupable, MemberPorts, NoisySgdUpdateGroup};
 pub use input::{Hyper, Input, Role};
+pub use kfac::{KfacGradFactor, KfacInputFactor, KfacNoise};
 pub use linear::{Linear, LinearDgrad, LinearWgrad, LinearWgradPerExample};
 pub use loss::{FisherKind, FullFisherSample, SoftmaxCrossEntropy, SoftmaxCrossEntropyBackward};
 pub use pool::{GlobalAvgPool, GlobalAvgPoolBackward, MaxPool, MaxPoolBackward};
@@ -210,6 +212,9 @@ define_ops!(
     Scale,
     BatchMean,
     FullFisherSample,
+    KfacInputFactor,
+    KfacGradFactor,
+    KfacNoise,
     // update
     NoisySgdUpdate,
     // groups the optimizer's last pass makes

@@ -5,7 +5,8 @@
 //! previous checkpoint or the new one, never half of one.
 //!
 //! Tensors are named `param/<name>`, `momentum/<name>`, `running_mean/<bn layer>` and
-//! `running_var/<bn layer>`, f32, with the network's shapes; reading checks all of them.
+//! `running_var/<bn layer>`, f32, with the network's shapes; reading checks all of them. A run
+//! with K-FAC noise adds its running factors (`kfac/<weight>/input`, `kfac/<weight>/grad`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -21,6 +22,9 @@ pub const FORMAT: &str = "fisherc-checkpoint-1";
 #[derive(Clone, Debug, PartialEq)]
 pub struct Checkpoint {
     pub state: TrainState<f32>,
+    /// K-FAC's running factors by name (`KfacState::tensors`), where a K-FAC phase has
+    /// refreshed them.
+    pub kfac: BTreeMap<String, Tensor<f32>>,
     /// Epochs completed.
     pub epoch: usize,
     /// Steps completed (the noise's step counter continues from here).
@@ -96,7 +100,8 @@ pub fn write(path: &Path, net: &Network, checkpoint: &Checkpoint) -> Result<(), 
             "not written: {tensor} holds {count} NaN or infinite values"
         )));
     }
-    let tensors = named(net, &checkpoint.state);
+    let mut tensors = named(net, &checkpoint.state);
+    tensors.extend(checkpoint.kfac.iter().map(|(name, t)| (name.clone(), t)));
     let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, t)| little_endian(t)).collect();
     let views: Vec<(String, TensorView)> = tensors
         .iter()
@@ -122,6 +127,17 @@ pub fn write(path: &Path, net: &Network, checkpoint: &Checkpoint) -> Result<(), 
         .map_err(|e| error(format!("serialising: {e}")))
         .and_then(|data| with_sorted_header(data).map_err(error))?;
     fisherc_ir::files::write_atomically(path, &data).map_err(|e| error(format!("writing: {e}")))
+}
+
+/// The names of K-FAC's running factors begin so (`KfacState::tensors`).
+const KFAC_PREFIX: &str = "kfac/";
+
+/// A tensor's little-endian f32 values.
+fn f32_values(view: &TensorView) -> Vec<f32> {
+    view.data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
+        .collect()
 }
 
 /// Reads a checkpoint of `net`'s training, checking every tensor's presence, type and shape.
@@ -173,18 +189,29 @@ pub fn read(path: &Path, net: &Network) -> Result<Checkpoint, CheckpointError> {
                 like.shape
             )));
         }
-        let values = view
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
-            .collect();
-        loaded.push(Tensor::from_vec(&like.shape, values));
+        loaded.push(Tensor::from_vec(&like.shape, f32_values(&view)));
     }
-    if tensors.len() != wanted.len() {
+    let mut kfac = BTreeMap::new();
+    for (name, view) in tensors.tensors() {
+        if !name.starts_with(KFAC_PREFIX) {
+            continue;
+        }
+        let square = matches!(view.shape(), [a, b] if a == b);
+        if view.dtype() != Dtype::F32 || !square {
+            return Err(error(format!(
+                "{name} is {:?} of shape {:?}, not a square F32 factor",
+                view.dtype(),
+                view.shape()
+            )));
+        }
+        kfac.insert(name, Tensor::from_vec(view.shape(), f32_values(&view)));
+    }
+    if tensors.len() != wanted.len() + kfac.len() {
         return Err(error(format!(
-            "{} tensors; the model's state has {}",
+            "{} tensors; the model's state has {} (and {} K-FAC factors)",
             tensors.len(),
-            wanted.len()
+            wanted.len(),
+            kfac.len()
         )));
     }
     let mut loaded = loaded.into_iter();
@@ -206,6 +233,7 @@ pub fn read(path: &Path, net: &Network) -> Result<Checkpoint, CheckpointError> {
     }
     Ok(Checkpoint {
         state,
+        kfac,
         epoch: number("epoch")? as usize,
         step: number("step")?,
         experiment: field("experiment")?.clone(),

@@ -1,5 +1,6 @@
 //! What stops a training run, each case saying where: the file, the epoch and step, the layer.
 
+use fisherc_ir::kfac::KfacError;
 use std::path::PathBuf;
 
 use fisherc_codegen::compile::CompileError;
@@ -110,6 +111,9 @@ pub enum TrainError {
     RunLocked { dir: PathBuf, holder: String },
     #[error(transparent)]
     Metrics(#[from] MetricsError),
+    /// K-FAC's factors could not be taken in after a refreshing step (counted from 1).
+    #[error("run step {run_step}: {error}")]
+    Kfac { run_step: u64, error: KfacError },
     /// An evaluation program that lacks what it was built to give (a bug, not an input).
     #[error("the evaluation {0}")]
     Evaluation(&'static str),

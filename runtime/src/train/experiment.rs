@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use fisherc_codegen::lower::LowerOptions;
 use fisherc_codegen::options::{Arch, CompileOptions, DEFAULT_STAGES, Precision, STAGE_RANGE};
 use fisherc_ir::FisherMode;
+use fisherc_ir::kfac::state::KfacSettings;
 use serde::{Deserialize, Serialize};
 
 use crate::data::pipeline::Augment;
@@ -140,6 +141,9 @@ pub enum Regime {
     FullFisherEmpirical,
     /// Gradients at labels sampled from the model (true Fisher covariance).
     FullFisherTrue,
+    /// Noise of each convolution's and linear layer's Kronecker-factored Fisher block
+    /// (`kfac_damping`, `kfac_every`, `kfac_decay`); batch norm's γ and β take `lb-diagf`'s.
+    Kfac,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -188,6 +192,28 @@ pub struct TrainConfig {
     /// Seed of the initial parameters, data order, augmentation and noise.
     #[serde(default)]
     pub seed: u64,
+    /// `kfac`: λ, added to both Kronecker factors before their Cholesky factorisation
+    /// [default: 10⁻³].
+    #[serde(default)]
+    pub kfac_damping: Option<f64>,
+    /// `kfac`: steps between refreshes of the factors [default: 10].
+    #[serde(default)]
+    pub kfac_every: Option<u64>,
+    /// `kfac`: the running average's weight of the old factors [default: 0.95].
+    #[serde(default)]
+    pub kfac_decay: Option<f64>,
+}
+
+impl TrainConfig {
+    /// K-FAC's settings: the experiment's, else `KfacSettings::default()`'s.
+    pub fn kfac_settings(&self) -> KfacSettings {
+        let default = KfacSettings::default();
+        KfacSettings {
+            damping: self.kfac_damping.unwrap_or(default.damping),
+            every: self.kfac_every.unwrap_or(default.every),
+            decay: self.kfac_decay.unwrap_or(default.decay),
+        }
+    }
 }
 
 fn yes() -> bool {
@@ -311,6 +337,7 @@ impl Experiment {
         let takes_fisher = match t.regime {
             Regime::LbDiagf => Some("lb-diagf"),
             Regime::FisherTrace => Some("fisher-trace"),
+            Regime::Kfac => Some("kfac"),
             _ => None,
         };
         if let Some(regime) = takes_fisher.filter(|_| t.fisher == Some(FisherMode::None)) {
@@ -349,6 +376,22 @@ impl Experiment {
                     "{key} is {v}: it must be a finite number, at least 0"
                 ));
             }
+        }
+        let kfac = t.kfac_settings();
+        if !(kfac.damping.is_finite() && kfac.damping > 0.0) {
+            return Err(format!(
+                "train.kfac_damping is {}: it must be a finite number above 0",
+                kfac.damping
+            ));
+        }
+        if kfac.every == 0 {
+            return Err("train.kfac_every must be at least 1".into());
+        }
+        if !(0.0..1.0).contains(&kfac.decay) {
+            return Err(format!(
+                "train.kfac_decay is {}: it must be at least 0 and below 1",
+                kfac.decay
+            ));
         }
         if !(0.0..1.0).contains(&t.momentum) {
             return Err(format!(

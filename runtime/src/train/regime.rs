@@ -44,7 +44,8 @@ pub fn phases(t: &TrainConfig) -> Vec<Phase> {
         | Regime::Multiplicative
         | Regime::FisherTrace
         | Regime::FullFisherEmpirical
-        | Regime::FullFisherTrue => {
+        | Regime::FullFisherTrue
+        | Regime::Kfac => {
             let noisy_epochs = (t.noise_until * t.epochs as f64).round() as usize;
             let scale = t
                 .noise_scale
@@ -54,6 +55,7 @@ pub fn phases(t: &TrainConfig) -> Vec<Phase> {
                 Regime::FisherTrace => Noise::FisherTrace,
                 Regime::Multiplicative => Noise::Multiplicative,
                 Regime::FullFisherEmpirical => Noise::FullFisherEmpirical,
+                Regime::Kfac => Noise::Kfac,
                 _ => Noise::FullFisherTrue,
             };
             // `fisher` picks the estimate of the noises drawn from one; the others take none

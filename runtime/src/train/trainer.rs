@@ -9,15 +9,17 @@
 //! (seed, epoch or step), and the checkpoint holds the step counter.
 
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use fisherc_codegen::artifact::{Verified, compile_evaluation, compile_step};
 use fisherc_codegen::compile::CompileOptions;
+use fisherc_ir::kfac::state::KfacState;
 use fisherc_ir::model::{BuildOptions, ModelSpec, build};
 use fisherc_ir::ops::Role;
 use fisherc_ir::state::{Hyperparams, TrainState};
-use fisherc_ir::tensor::Value;
+use fisherc_ir::tensor::{Tensor, Value};
 use fisherc_ir::{StepOptions, TrainingStep, build_training_step};
 
 use super::checkpoint::{self, Checkpoint};
@@ -249,6 +251,8 @@ struct Run<'a> {
     evaluator: Evaluator,
     metrics: Metrics,
     state: TrainState<f32>,
+    /// K-FAC's running factors by name, as the last checkpoint or K-FAC phase left them.
+    kfac: BTreeMap<String, Tensor<f32>>,
     /// Epochs done.
     epoch: usize,
     /// Steps done.
@@ -299,6 +303,7 @@ impl<'a> Run<'a> {
         let start = start(model, options, &first, train_set.len(), report)?;
         let Start {
             state,
+            kfac,
             epoch,
             step,
             metrics,
@@ -315,6 +320,7 @@ impl<'a> Run<'a> {
             evaluator,
             metrics,
             state,
+            kfac,
             epoch,
             step,
             scores: Vec::new(),
@@ -331,11 +337,29 @@ impl<'a> Run<'a> {
         report: &mut dyn FnMut(Event),
     ) -> Result<(), TrainError> {
         let (mut session, training) = self.open_phase(phase, open, report)?;
+        let mut kfac = self.kfac_state(&training)?;
+        session.feed(&kfac.cholesky_feeds())?;
         while self.epoch < phase.epochs.end.min(self.stop) {
-            let trained = self.run_epoch(&mut session, phase, report)?;
+            let trained = self.run_epoch((&mut session, &mut kfac), phase, report)?;
+            self.kfac = kfac
+                .tensors()
+                .into_iter()
+                .map(|(name, t)| (name, t.clone()))
+                .collect();
             self.end_epoch(&mut session, &training, phase, trained, report)?;
         }
         Ok(())
+    }
+
+    /// K-FAC's state for `training` (empty without K-FAC noise), its running factors those
+    /// the run holds.
+    fn kfac_state(&self, training: &TrainingStep) -> Result<KfacState, TrainError> {
+        let mut kfac = KfacState::for_step(training, self.experiment.train.kfac_settings());
+        kfac.restore(&self.kfac).map_err(|error| TrainError::Kfac {
+            run_step: self.step,
+            error,
+        })?;
+        Ok(kfac)
     }
 
     /// `phase`'s step compiled and opened on a backend, holding the run's state; the test
@@ -394,7 +418,7 @@ impl<'a> Run<'a> {
     /// step run, its loss checked and recorded.
     fn run_epoch(
         &mut self,
-        session: &mut Session<Box<dyn Backend>>,
+        (session, kfac): (&mut Session<Box<dyn Backend>>, &mut KfacState),
         phase: &Phase,
         report: &mut dyn FnMut(Event),
     ) -> Result<EpochTrained, TrainError> {
@@ -426,15 +450,20 @@ impl<'a> Run<'a> {
                     seed: t.seed,
                     step: *step,
                 };
+                let refresh = !kfac.is_empty() && kfac.refreshes(*step);
                 let mut feeds = hyper.feeds();
                 feeds.insert(Role::Images, Value::Float(x));
                 feeds.insert(Role::Labels, Value::Int(y));
+                feeds.extend(kfac.refresh_feed(refresh));
                 session.feed(&feeds)?;
                 let seconds = session.step().map_err(|error| TrainError::Step {
                     epoch: epoch + 1,
                     step: index + 1,
                     error,
                 })?;
+                if refresh {
+                    take_factors(session, kfac, *step)?;
+                }
                 let loss = session.loss()?;
                 if !loss.is_finite() {
                     return Err(TrainError::NonFiniteLoss {
@@ -535,6 +564,7 @@ impl<'a> Run<'a> {
         self.epoch += 1;
         let checkpoint = Checkpoint {
             state: self.state.clone(),
+            kfac: self.kfac.clone(),
             epoch: self.epoch,
             step: self.step,
             experiment: self.experiment.to_toml(),
@@ -557,9 +587,30 @@ impl<'a> Run<'a> {
     }
 }
 
+/// A refreshing step's K-FAC factors read back and taken into the running averages, and the
+/// new Cholesky factors fed for the steps after it.
+fn take_factors(
+    session: &mut Session<Box<dyn Backend>>,
+    kfac: &mut KfacState,
+    step: u64,
+) -> Result<(), TrainError> {
+    let factors = kfac
+        .outputs()
+        .iter()
+        .map(|o| Ok(session.output(o)?.float().clone()))
+        .collect::<Result<Vec<_>, TrainError>>()?;
+    kfac.absorb(factors).map_err(|error| TrainError::Kfac {
+        run_step: step + 1,
+        error,
+    })?;
+    session.feed(&kfac.cholesky_feeds())?;
+    Ok(())
+}
+
 /// Where a run starts: its state, epochs and steps done, and its metrics file ready for more.
 struct Start {
     state: TrainState<f32>,
+    kfac: BTreeMap<String, Tensor<f32>>,
     epoch: usize,
     step: u64,
     metrics: Metrics,
@@ -606,6 +657,7 @@ fn start(
         let metrics = Metrics::resume(&metrics_path, checkpoint.epoch, checkpoint.step)?;
         let start = Start {
             state: checkpoint.state,
+            kfac: checkpoint.kfac,
             epoch: checkpoint.epoch,
             step: checkpoint.step,
             metrics,
@@ -635,6 +687,7 @@ fn start(
         .map_err(TrainError::io(experiment_path))?;
     let start = Start {
         state: TrainState::init(&first.network, experiment.train.seed),
+        kfac: BTreeMap::new(),
         epoch: 0,
         step: 0,
         metrics: Metrics::resume(&metrics_path, 0, 0)?,

@@ -1,6 +1,6 @@
 //! K-FAC noise (supplement A.6; issue #23), in f64: a convolution's or linear layer's
 //! Kronecker factors and the noise they shape. The reference the compiled step will be held
-//! to; no step uses it yet.
+//! to; the ops of `crate::ops::kfac` compute it in a step.
 //!
 //! For a layer with input patches `a` (length `c·kh·kw`, and a constant 1 appended where the
 //! layer has a bias) and per-example output gradients `g = M·dy` (length `o`; `M·dy` is
@@ -21,10 +21,15 @@
 //! `Ξ` is drawn from the same Philox stream as every other noise ([`draw_xi`]): the weight's
 //! elements from the weight parameter's stream, the bias column from the bias's.
 
+mod cholesky;
+pub mod state;
+pub mod step;
+
 use thiserror::Error;
 
 use crate::cpu::ConvGeom;
 use crate::philox;
+use crate::tensor::Real;
 
 /// Why K-FAC's arithmetic could not go on.
 #[derive(Clone, Debug, Error, PartialEq)]
@@ -39,6 +44,8 @@ pub enum KfacError {
         row: usize,
         pivot: f64,
     },
+    #[error("K-FAC: refreshing the factors: {0}")]
+    Refresh(String),
     #[error("K-FAC: {what} holds {found} values, expected {expected}")]
     Length {
         what: &'static str,
@@ -228,11 +235,11 @@ pub fn shape_noise(
 /// (or `o × cols` without a bias) from parameter `weight`'s Philox stream in its row-major
 /// order, and the bias column from parameter `bias`'s stream: each parameter's elements
 /// draw what its diagonal noise would.
-pub fn draw_xi(
+pub fn draw_xi<T: Real>(
     (seed, step): (u64, u64),
     (weight, bias): (u32, Option<u32>),
     (rows, cols): (usize, usize),
-) -> Vec<f64> {
+) -> Vec<T> {
     let weight_cols = cols - bias.is_some() as usize;
     let mut w = vec![0f32; rows * weight_cols];
     philox::fill_normal(seed, step, weight, &mut w);
@@ -243,10 +250,9 @@ pub fn draw_xi(
     (0..rows)
         .flat_map(|i| {
             let row = w[i * weight_cols..][..weight_cols].iter().copied();
-            row.chain(b.get(i).copied())
-                .map(f64::from)
-                .collect::<Vec<_>>()
+            row.chain(b.get(i).copied()).collect::<Vec<_>>()
         })
+        .map(T::from_f32)
         .collect()
 }
 
@@ -305,7 +311,7 @@ mod tests {
         let draws = 20_000;
         let mut sum = vec![0.0; dim * dim];
         for step in 0..draws {
-            let xi = draw_xi((11, step as u64), (3, Some(4)), (rows, cols));
+            let xi = draw_xi::<f64>((11, step as u64), (3, Some(4)), (rows, cols));
             let eps = shape_noise((&l_g, &l_a), &xi, f.positions, scale).unwrap();
             for p in 0..dim {
                 for q in 0..dim {
