@@ -17,8 +17,9 @@ use fisherc_codegen::artifact::{Verified, compile_step};
 use fisherc_codegen::compile::CompileOptions;
 use fisherc_codegen::lower::LowerOptions;
 use fisherc_codegen::options::{Arch, DEFAULT_STAGES, Precision, stages_note};
+use fisherc_ir::kfac::state::{KfacSettings, KfacState};
 use fisherc_ir::model::{self, BuildOptions};
-use fisherc_ir::{FisherMode, StepOptions, build_training_step};
+use fisherc_ir::{FisherMode, Noise, StepOptions, build_training_step};
 use fisherc_runtime::Session;
 use serde::Serialize;
 
@@ -125,6 +126,18 @@ pub struct Args {
           value_parser = |s: &str| s.parse::<FisherMode>())]
     pub fisher: Vec<FisherMode>,
 
+    /// Noises, comma-separated: diagonal-fisher (with each Fisher mode of `--fisher`),
+    /// multiplicative, fisher-trace, full-fisher-empirical, full-fisher-true, kfac (each with
+    /// the estimate it needs: exact or none).
+    #[arg(long, value_delimiter = ',', default_value = "diagonal-fisher",
+          value_parser = |s: &str| s.parse::<Noise>())]
+    pub noise: Vec<Noise>,
+
+    /// K-FAC: steps between refreshes of the factors, for the step time amortised over them.
+    #[arg(long, default_value_t = KfacSettings::default().every,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub kfac_every: u64,
+
     /// Variants, comma-separated: fused, fused-tc (convolutions on tensor cores, 3xTF32),
     /// fused-tf32 (one TF32 product), unfused.
     #[arg(
@@ -185,6 +198,7 @@ pub struct Measurement {
     pub model: String,
     pub batch: usize,
     pub fisher: FisherMode,
+    pub noise: Noise,
     pub variant: Variant,
     /// K slices in flight in the convolutions' GEMMs (`--stages`).
     pub stages: u32,
@@ -206,10 +220,26 @@ pub struct Measurement {
     /// This step's median over the plain (`fisher none`) step of the same model, batch and
     /// variant, when both were measured.
     pub vs_plain: Option<f64>,
+    /// K-FAC's refreshes, where the step has K-FAC noise (`median_ms` is then a step that
+    /// does not refresh).
+    pub kfac: Option<KfacTiming>,
     pub ops: Vec<OpRow>,
     /// The profiled step node by node (kernels named), in schedule order.
     pub nodes: Vec<NodeRow>,
     pub error: Option<String>,
+}
+
+/// What K-FAC's refreshes cost: a refreshing step (its factor products) and the host's
+/// running average and Cholesky factorisation after it, medians; and the step's time with
+/// one refresh every `every` steps.
+#[derive(Clone, Debug, Serialize)]
+pub struct KfacTiming {
+    pub every: u64,
+    pub refresh_step_ms: f64,
+    pub host_ms: f64,
+    pub amortised_ms: f64,
+    /// `amortised_ms` over the plain step's median, when both were measured.
+    pub amortised_vs_plain: Option<f64>,
 }
 
 /// A card's published ceilings.
@@ -263,11 +293,12 @@ pub fn run(args: &Args) -> Result<()> {
     for path in &args.models {
         for &batch in &args.batch {
             for &variant in &args.variant {
-                for &fisher in &args.fisher {
+                for (noise, fisher) in step_kinds(&args.noise, &args.fisher) {
                     let config = Config {
                         path,
                         batch,
                         fisher,
+                        noise,
                         variant,
                         stages: args.stages,
                     };
@@ -301,10 +332,25 @@ pub fn run(args: &Args) -> Result<()> {
     Ok(())
 }
 
+/// The steps to time: diagonal-Fisher noise with each Fisher mode asked for, every other
+/// noise once with the estimate it needs.
+fn step_kinds(noises: &[Noise], fishers: &[FisherMode]) -> Vec<(Noise, FisherMode)> {
+    let mut kinds = Vec::new();
+    for &noise in noises {
+        match noise {
+            Noise::DiagonalFisher => kinds.extend(fishers.iter().map(|&f| (noise, f))),
+            _ if noise.needs_fisher() => kinds.push((noise, FisherMode::Exact)),
+            _ => kinds.push((noise, FisherMode::None)),
+        }
+    }
+    kinds
+}
+
 struct Config<'a> {
     path: &'a Path,
     batch: usize,
     fisher: FisherMode,
+    noise: Noise,
     variant: Variant,
     stages: u32,
 }
@@ -321,6 +367,7 @@ impl Config<'_> {
             model: self.model(),
             batch: self.batch,
             fisher: self.fisher,
+            noise: self.noise,
             variant: self.variant,
             stages: self.stages,
             device: String::new(),
@@ -337,6 +384,7 @@ impl Config<'_> {
             percent_tf32_peak: None,
             percent_bandwidth: None,
             vs_plain: None,
+            kfac: None,
             ops: Vec::new(),
             nodes: Vec::new(),
             error: Some(error),
@@ -348,10 +396,10 @@ impl Config<'_> {
 fn measure(args: &Args, config: &Config<'_>, out: &mut impl Write) -> Result<Measurement> {
     writeln!(
         out,
-        "{} · batch {} · fisher {} · {}{}",
+        "{} · batch {} · {} · {}{}",
         config.path.display(),
         config.batch,
-        config.fisher,
+        config.noise.describe(config.fisher),
         config.variant.name(),
         match args.backend.runs_kernels() {
             true => format!(" · {} stages", config.stages),
@@ -363,12 +411,21 @@ fn measure(args: &Args, config: &Config<'_>, out: &mut impl Write) -> Result<Mea
         ..BuildOptions::train(config.batch)
     };
     let network = model::load(config.path, &options)?;
-    let step = build_training_step(network, &StepOptions::new(config.fisher))?;
+    let step_options = StepOptions {
+        noise: config.noise,
+        ..StepOptions::new(config.fisher)
+    };
+    let step = build_training_step(network, &step_options)?;
     let text = fisherc_ir::model::ModelSpec::read_text(config.path)?;
     let options = config.variant.options(config.stages, args.arch);
     let verified = compile_step(&step, (config.path, text), options)
         .with_context(|| format!("compiling {}", config.path.display()))?;
-    let times = timed_steps(args, &verified, out)?;
+    let settings = KfacSettings {
+        every: args.kfac_every,
+        ..KfacSettings::default()
+    };
+    let kfac = KfacState::for_step(&step, settings);
+    let times = timed_steps(args, &verified, kfac, out)?;
     let (artifact, compiled) = (verified.artifact(), verified.compiled());
 
     let median = crate::timing::median(&times.steps).context("no timed steps")?;
@@ -395,6 +452,7 @@ fn measure(args: &Args, config: &Config<'_>, out: &mut impl Write) -> Result<Mea
         model: config.model(),
         batch: config.batch,
         fisher: config.fisher,
+        noise: config.noise,
         variant: config.variant,
         stages: config.stages,
         device: times.device,
@@ -411,6 +469,7 @@ fn measure(args: &Args, config: &Config<'_>, out: &mut impl Write) -> Result<Mea
         percent_tf32_peak: peaks.map(|c| 100.0 * flop_rate / c.tf32),
         percent_bandwidth: peaks.map(|c| 100.0 * byte_rate / c.bandwidth),
         vs_plain: None,
+        kfac: times.kfac.map(|k| k.timing(median, args.kfac_every)),
         ops,
         nodes,
         error: None,
@@ -425,9 +484,63 @@ struct Times {
     device: String,
     steps: Vec<f64>,
     profile: Option<Vec<f64>>,
+    kfac: Option<KfacSamples>,
 }
 
-fn timed_steps(args: &Args, verified: &Verified, out: &mut impl Write) -> Result<Times> {
+/// K-FAC's refreshing steps and the host's work after each, in seconds.
+struct KfacSamples {
+    refresh_steps: Vec<f64>,
+    host: Vec<f64>,
+}
+
+impl KfacSamples {
+    /// Their medians, and a step's time with one refresh every `every` steps beside plain
+    /// steps of `median` seconds.
+    fn timing(&self, median: f64, every: u64) -> KfacTiming {
+        let refresh = crate::timing::median(&self.refresh_steps).unwrap_or(f64::NAN);
+        let host = crate::timing::median(&self.host).unwrap_or(f64::NAN);
+        let amortised = median + (refresh - median + host) / every as f64;
+        KfacTiming {
+            every,
+            refresh_step_ms: refresh * 1e3,
+            host_ms: host * 1e3,
+            amortised_ms: amortised * 1e3,
+            amortised_vs_plain: None,
+        }
+    }
+}
+
+/// One K-FAC refresh: a refreshing step, then the running average and the Cholesky factors
+/// on the host, fed back. Its two times.
+fn kfac_refresh<B: fisherc_runtime::Backend>(
+    session: &mut Session<B>,
+    kfac: &mut KfacState,
+) -> Result<(f64, f64)> {
+    session.feed(&kfac.refresh_feed(true))?;
+    let step = session.step().context("a refreshing step")?;
+    let started = Instant::now();
+    let factors = kfac
+        .outputs()
+        .iter()
+        .map(|o| Ok(session.output(o)?.into_float()))
+        .collect::<Result<Vec<_>>>()?;
+    kfac.absorb(factors)?;
+    session.feed(&kfac.cholesky_feeds())?;
+    let host = started.elapsed().as_secs_f64();
+    session.feed(&kfac.refresh_feed(false))?;
+    Ok((step, host))
+}
+
+/// Refreshing steps timed per configuration (each costs about a step and the factors'
+/// products).
+const KFAC_REFRESHES: usize = 3;
+
+fn timed_steps(
+    args: &Args,
+    verified: &Verified,
+    mut kfac: KfacState,
+    out: &mut impl Write,
+) -> Result<Times> {
     let backend = backend_args::open(args.backend, verified)?;
     let artifact = verified.artifact();
     let mut session = Session::new(artifact, backend)?;
@@ -438,6 +551,11 @@ fn timed_steps(args: &Args, verified: &Verified, out: &mut impl Write) -> Result
     let drawn = source.noise.is_drawn(source.fisher);
     let noise_scale = args.hyper.noise_scale(drawn, source.batch);
     let feeder = RandomBatchSteps::start(&mut session, args.seed, noise_scale)?;
+    if !kfac.is_empty() {
+        // the Cholesky factors of this batch's factors, for every timed step's noise
+        feeder.feed(&mut session, &args.hyper, 0)?;
+        kfac_refresh(&mut session, &mut kfac)?;
+    }
     let mut steps = Vec::with_capacity(args.steps);
     for k in 0..args.warmup + args.steps {
         feeder.feed(&mut session, &args.hyper, k)?;
@@ -461,10 +579,26 @@ fn timed_steps(args: &Args, verified: &Verified, out: &mut impl Write) -> Result
     } else {
         Some(session.profile().context("the profiled step")?)
     };
+    let kfac = match kfac.is_empty() {
+        true => None,
+        false => {
+            let mut samples = KfacSamples {
+                refresh_steps: Vec::new(),
+                host: Vec::new(),
+            };
+            for _ in 0..KFAC_REFRESHES {
+                let (step, host) = kfac_refresh(&mut session, &mut kfac)?;
+                samples.refresh_steps.push(step);
+                samples.host.push(host);
+            }
+            Some(samples)
+        }
+    };
     Ok(Times {
         device: session.backend.describe(),
         steps,
         profile,
+        kfac,
     })
 }
 
@@ -546,16 +680,34 @@ pub fn gemm_markdown(results: &[Measurement]) -> String {
 fn relate_to_plain(results: &mut [Measurement]) {
     let plain: Vec<(String, usize, Variant, f64)> = results
         .iter()
-        .filter(|m| m.fisher == FisherMode::None && m.error.is_none())
+        .filter(|m| is_plain(m) && m.error.is_none())
         .map(|m| (m.model.clone(), m.batch, m.variant, m.median_ms))
         .collect();
     for m in results.iter_mut().filter(|m| m.error.is_none()) {
-        m.vs_plain = plain
+        let plain_ms = plain
             .iter()
             .find(|(model, batch, variant, _)| {
                 *model == m.model && *batch == m.batch && *variant == m.variant
             })
-            .map(|(.., ms)| m.median_ms / ms);
+            .map(|(.., ms)| *ms);
+        m.vs_plain = plain_ms.map(|ms| m.median_ms / ms);
+        if let (Some(kfac), Some(ms)) = (&mut m.kfac, plain_ms) {
+            kfac.amortised_vs_plain = Some(kfac.amortised_ms / ms);
+        }
+    }
+}
+
+/// A plain step: no Fisher estimate, no noise.
+fn is_plain(m: &Measurement) -> bool {
+    m.noise == Noise::DiagonalFisher && m.fisher == FisherMode::None
+}
+
+/// The step's kind in the table's `fisher` column: the Fisher mode of diagonal-Fisher noise,
+/// else the noise and its estimate (`kfac (exact)`).
+fn kind(m: &Measurement) -> String {
+    match m.noise {
+        Noise::DiagonalFisher => m.fisher.to_string(),
+        noise => format!("{noise} ({})", m.fisher),
     }
 }
 
@@ -576,7 +728,7 @@ pub fn markdown(results: &[Measurement]) -> String {
             "| {} | {} | {} | {}{} |",
             m.model,
             m.batch,
-            m.fisher,
+            kind(m),
             m.variant.name(),
             stages_note(m.stages)
         );
@@ -596,6 +748,24 @@ pub fn markdown(results: &[Measurement]) -> String {
             m.gb_per_s,
             percent(m.percent_bandwidth),
             m.vs_plain.map_or("-".to_string(), |r| format!("{r:.2}")),
+        )
+        .ok();
+    }
+    for m in results.iter().filter(|m| m.error.is_none()) {
+        let Some(k) = &m.kfac else { continue };
+        writeln!(
+            table,
+            "\n{} batch {} {}: a refreshing step {:.3} ms, the host's average and Cholesky \
+             factors {:.3} ms; with a refresh every {} steps, {:.3} ms a step ({} × plain)",
+            m.model,
+            m.batch,
+            m.variant.name(),
+            k.refresh_step_ms,
+            k.host_ms,
+            k.every,
+            k.amortised_ms,
+            k.amortised_vs_plain
+                .map_or("-".to_string(), |r| format!("{r:.2}")),
         )
         .ok();
     }

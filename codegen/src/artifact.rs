@@ -634,10 +634,10 @@ pub fn summary(plan: &Plan) -> String {
         .map(|slot| plan.buffers[slot.buffer].bytes)
         .sum();
     let mut out = format!(
-        "{} · batch {} · fisher {} · {} · {}\n",
+        "{} · batch {} · {} · {} · {}\n",
         s.model,
         s.batch,
-        s.fisher,
+        s.noise.describe(s.fisher),
         s.compile.describe(),
         s.compile.arch
     );
@@ -657,6 +657,26 @@ pub fn summary(plan: &Plan) -> String {
         bytes(momenta),
         bytes(fisher)
     );
+    let kfac_inputs =
+        state(|r| matches!(r, Role::KfacInputCholesky(_) | Role::KfacGradCholesky(_)));
+    if kfac_inputs > 0 {
+        let factors: u64 = plan
+            .outputs
+            .iter()
+            .filter(|slot| {
+                matches!(
+                    slot.role,
+                    Output::KfacInputFactor(_) | Output::KfacGradFactor(_)
+                )
+            })
+            .map(|slot| plan.buffers[slot.buffer].bytes)
+            .sum();
+        out += &format!(
+            "            K-FAC factors {}, their Cholesky factors {}\n",
+            bytes(factors),
+            bytes(kfac_inputs)
+        );
+    }
     out += &format!(
         "step        {} nodes, {} launches of {} kernels, {} buffers\n",
         plan.nodes.len(),

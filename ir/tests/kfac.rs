@@ -59,7 +59,8 @@ fn conv_and_linear_layers_take_kfac_and_batch_norm_the_diagonal() {
 
 /// Factors come out only on refreshing steps (every `every`-th, step 0 included), zeros
 /// else; the running average takes the first as it is and blends the later ones with
-/// `decay`; the Cholesky factors fed next multiply back to the damped running factors.
+/// `decay`; the Cholesky factors fed next multiply back to the running factors damped by λ
+/// times their mean diagonal. Before the first refresh the Cholesky factors are zero.
 #[test]
 fn factors_refresh_every_few_steps_and_average_with_decay() {
     let step = kfac_step(4);
@@ -69,6 +70,14 @@ fn factors_refresh_every_few_steps_and_average_with_decay() {
         decay: 0.75,
     };
     let mut kfac = KfacState::for_step(&step, settings);
+    for layer in &kfac.layers {
+        assert!(
+            layer
+                .cholesky
+                .iter()
+                .all(|l| l.data.iter().all(|&v| v == 0.0))
+        );
+    }
     let net = &step.network;
     let state = TrainState::<f32>::init(net, 1);
     let mut expected: Option<Vec<Vec<f64>>> = None;
@@ -119,6 +128,8 @@ fn factors_refresh_every_few_steps_and_average_with_decay() {
                 }
                 let l_factor = &layer.cholesky[side];
                 let n = l_factor.shape[0];
+                // λ relative to the factor's mean diagonal
+                let damping = 0.01 * (0..n).map(|i| got[i * n + i] as f64).sum::<f64>() / n as f64;
                 for i in 0..n {
                     for j in 0..=i {
                         let product: f64 = (0..=j)
@@ -126,9 +137,9 @@ fn factors_refresh_every_few_steps_and_average_with_decay() {
                                 l_factor.data[i * n + k] as f64 * l_factor.data[j * n + k] as f64
                             })
                             .sum();
-                        let damped = got[i * n + j] as f64 + if i == j { 0.01 } else { 0.0 };
+                        let damped = got[i * n + j] as f64 + if i == j { damping } else { 0.0 };
                         assert!(
-                            (product - damped).abs() <= 1e-5 * (scale + 0.01),
+                            (product - damped).abs() <= 1e-5 * scale,
                             "layer {l} side {side} ({i}, {j}): {product} vs {damped}"
                         );
                     }

@@ -339,7 +339,14 @@ fn several_steps_on_the_executor_follow_the_reference_backend() {
     let mut executor = Session::new(artifact, ExecutorBackend::new(&verified).unwrap()).unwrap();
     let mut reference = Session::new(artifact, ReferenceBackend::new(&verified).unwrap()).unwrap();
     let hyper = noisy_hyper();
-    let rows = compare_steps(&mut executor, &mut reference, None, 3, 11, &hyper).unwrap();
+    let rows = compare_steps(
+        (&mut executor, &mut reference),
+        (None, &Feeds::new()),
+        3,
+        11,
+        &hyper,
+    )
+    .unwrap();
     let losses = rows.iter().filter(|r| r.what.ends_with("loss")).count();
     assert_eq!(losses, 3, "one loss per step: {rows:?}");
     for what in ["parameters", "momenta", "fisher"] {
@@ -534,7 +541,14 @@ fn a_step_that_takes_another_window_maximum_agrees_once_the_forward_pass_is_alig
     let mut other = Session::new(artifact, TakesAnotherMaximum::new(&verified)).unwrap();
     let mut reference = Session::new(artifact, ReferenceBackend::new(&verified).unwrap()).unwrap();
     let hyper = noisy_hyper();
-    let rows = compare_steps(&mut other, &mut reference, None, 1, 11, &hyper).unwrap();
+    let rows = compare_steps(
+        (&mut other, &mut reference),
+        (None, &Feeds::new()),
+        1,
+        11,
+        &hyper,
+    )
+    .unwrap();
     let parameters = rows.iter().find(|r| r.what == "step 1 parameters").unwrap();
     assert!(
         parameters.error > 1e-3,

@@ -12,10 +12,19 @@ const BLOCK: usize = 64;
 const UPDATE_ROWS: usize = 256;
 
 impl Matrix {
+    /// `tr self / n`: a symmetric positive semidefinite matrix's mean eigenvalue.
+    pub fn mean_diagonal(&self) -> f64 {
+        (0..self.n).map(|i| self.at(i, i)).sum::<f64>() / self.n.max(1) as f64
+    }
+
     /// The lower Cholesky factor L of `self + damping·I` (`L Lᵀ`, zero above the diagonal)
-    /// of a symmetric matrix, by blocks; an error where a pivot is not positive.
+    /// of a symmetric matrix, by blocks; an error where a pivot is not positive. The zero
+    /// matrix, undamped (a layer no gradient reached), gives the zero factor.
     pub fn cholesky_blocked(&self, damping: f64) -> Result<Matrix, KfacError> {
         let n = self.n;
+        if damping == 0.0 && self.data.iter().all(|&v| v == 0.0) {
+            return Ok(Matrix::zeros(n));
+        }
         let mut l = self.damped(damping);
         for start in (0..n).step_by(BLOCK) {
             let width = BLOCK.min(n - start);

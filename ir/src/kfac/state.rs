@@ -4,10 +4,16 @@
 //!
 //! A step refreshes when its counter is a multiple of `every` (step 0 included): it computes
 //! the batch's factors, which join the running average (the first refresh takes them as they
-//! are; later ones `decay·old + (1 − decay)·new`), and the Cholesky factors of
-//! `Ā + λI` and `Ḡ + λI` are made again for the steps after it. A step's own noise reads the
-//! Cholesky factors made before it: before the first refresh the factors are zero, so the
-//! noise is that of `λI ⊗ λI`.
+//! are; later ones `decay·old + (1 − decay)·new`), and the Cholesky factors of the damped
+//! factors `F + λ·m_F·I` are made again for the steps after it, `m_F = tr F / n` the factor's
+//! mean eigenvalue. A step's own noise reads the Cholesky factors made before it: step 0,
+//! before any refresh, draws no K-FAC noise.
+//!
+//! The damping is relative to each factor's scale because the scales differ by orders of
+//! magnitude: a convolution's `Ḡ` has diagonal entries near 10⁻⁴ where `Ā`'s are near 1, and
+//! an absolute λ = 10⁻³ on both tripled the first convolution's noise variance over the
+//! undamped `T·tr Ā·tr Ḡ` (small CNN on Fashion-MNIST, benches/RESULTS.md). Relative, it adds
+//! about `2λ` of it in every layer.
 //!
 //! The running factors are kept in f32, as the step writes them and a checkpoint stores
 //! them, so a resumed run makes the same Cholesky factors bit for bit.
@@ -24,7 +30,8 @@ use crate::tensor::{Real, Tensor, Value};
 /// How K-FAC's factors are refreshed, averaged and damped.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct KfacSettings {
-    /// λ, added to both factors' diagonals before the Cholesky factorisation.
+    /// λ: each factor's diagonal gains λ times its mean (`tr F / n`) before the Cholesky
+    /// factorisation.
     pub damping: f64,
     /// Steps between refreshes of the factors.
     pub every: u64,
@@ -33,11 +40,12 @@ pub struct KfacSettings {
 }
 
 impl Default for KfacSettings {
-    /// λ = 10⁻³ (kfac-pytorch's default damping; small beside factors of unit-scale
-    /// activations and per-example gradients, yet a floor under directions no example
-    /// spans), a refresh every 10 steps (the budget: a factor product over the batch
-    /// costs about one weight gradient), and a decay of 0.95 (kfac-pytorch's `factor_decay`:
-    /// about 20 refreshes remembered).
+    /// λ = 10⁻³ (kfac-pytorch's default damping, here relative: 0.2% more noise variance
+    /// than the undamped factors give, yet a floor under the directions no example spans,
+    /// where a factor is singular: any layer with more patch elements than the batch has
+    /// positions), a refresh every 10 steps (a factor product over the batch costs about a
+    /// weight gradient, so refreshing every step would double the backward), and a decay of
+    /// 0.95 (kfac-pytorch's `factor_decay`: about 20 refreshes remembered).
     fn default() -> Self {
         KfacSettings {
             damping: 1e-3,
@@ -86,7 +94,7 @@ impl KfacState {
                 LayerFactors {
                     weight,
                     running: None,
-                    cholesky: sides.map(|n| scaled_identity(n, settings.damping.sqrt())),
+                    cholesky: sides.map(|n| Tensor::zeros(&[n, n])),
                 }
             })
             .collect();
@@ -181,7 +189,7 @@ impl KfacState {
                     n: running.shape[0],
                     data: running.data.iter().map(|&v| v as f64).collect(),
                 };
-                let l = matrix.cholesky_blocked(damping)?;
+                let l = matrix.cholesky_blocked(damping * matrix.mean_diagonal())?;
                 *cholesky =
                     Tensor::from_vec(&running.shape, l.data.iter().map(|&v| v as f32).collect());
             }
@@ -273,11 +281,4 @@ fn blend(old: &Tensor<f32>, new: &Tensor<f32>, decay: f64) -> Tensor<f32> {
         .map(|(&o, &n)| (decay * o as f64 + (1.0 - decay) * n as f64) as f32)
         .collect();
     Tensor::from_vec(&old.shape, data)
-}
-
-/// `value·I`, `n × n`.
-fn scaled_identity(n: usize, value: f64) -> Tensor<f32> {
-    let mut t = Tensor::zeros(&[n, n]);
-    (0..n).for_each(|i| t.data[i * n + i] = value as f32);
-    t
 }

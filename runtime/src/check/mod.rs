@@ -231,22 +231,26 @@ pub const ORACLE_FACTOR: f64 = 4.0;
 ///   apart over noisy steps (a ReLU mask that flips at one step moves every later one), so
 ///   this shows the drift a user will see, not whether a kernel is right.
 pub fn compare_steps<A: Backend, B: Backend>(
-    a: &mut Session<A>,
-    b: &mut Session<B>,
-    oracle: Option<&Graph>,
+    (a, b): (&mut Session<A>, &mut Session<B>),
+    (oracle, fixed): (Option<&Graph>, &Feeds<f32>),
     steps: u64,
     seed: u64,
     hyper: &Hyperparams,
 ) -> Result<Vec<StepComparison>, RuntimeError> {
     let initial = TrainState::<f32>::init(&a.network, seed).state_feeds();
     let mut rows = Vec::new();
+    a.feed(fixed)?;
+    b.feed(fixed)?;
     b.feed(&initial)?;
     for step in 0..steps {
         let state = b.state()?;
         a.feed(&state.state_feeds())?;
         let (images, labels, hyper) = step_inputs(&a.network, seed, step, hyper);
         let exact = oracle
-            .map(|graph| oracle_step(graph, &a.network, &state, &images, &labels, &hyper))
+            .map(|graph| {
+                let batch = (&images, &labels, &hyper);
+                oracle_step(graph, &a.network, (&state, fixed), batch)
+            })
             .transpose()?;
         let (la, lb) = step_both(a, b, &images, &labels, &hyper)?;
         let (qa, qb) = (quantities(a)?, quantities(b)?);
@@ -490,6 +494,15 @@ fn tensor_name(net: &Network, name: &str, index: usize) -> Option<String> {
     }
 }
 
+/// A fed value in f64.
+fn widened(v: &Value<f32>) -> Value<f64> {
+    match v {
+        Value::Float(t) => Value::Float(t.cast()),
+        Value::Int(t) => Value::Int(t.clone()),
+        Value::Word(w) => Value::Word(*w),
+    }
+}
+
 fn wide(tensors: &[Tensor<f32>]) -> Vec<Vec<f64>> {
     tensors
         .iter()
@@ -511,6 +524,10 @@ fn quantities<B: Backend>(s: &mut Session<B>) -> Result<Quantities, RuntimeError
     if !fisher.is_empty() {
         out.push(("fisher", wide(&fisher)));
     }
+    let factors = kfac_factors_of(s)?;
+    if !factors.is_empty() {
+        out.push(("kfac factors", wide(&factors)));
+    }
     Ok(out)
 }
 
@@ -519,14 +536,13 @@ fn quantities<B: Backend>(s: &mut Session<B>) -> Result<Quantities, RuntimeError
 fn oracle_step(
     graph: &Graph,
     net: &Network,
-    state: &TrainState<f32>,
-    images: &Tensor<f32>,
-    labels: &Tensor<i32>,
-    hyper: &Hyperparams,
+    (state, fixed): (&TrainState<f32>, &Feeds<f32>),
+    (images, labels, hyper): (&Tensor<f32>, &Tensor<i32>, &Hyperparams),
 ) -> Result<Quantities, RuntimeError> {
-    let feeds = state
+    let mut feeds = state
         .cast::<f64>()
         .feeds(images.cast(), labels.clone(), hyper);
+    feeds.extend(fixed.iter().map(|(role, v)| (role.clone(), widened(v))));
     let out = evaluate(graph, &feeds, &[])
         .map_err(|e| RuntimeError::Setup(format!("the f64 oracle step: {e}")))?;
     let list = |name: fn(usize) -> Output, count: usize| -> Vec<Vec<f64>> {
@@ -549,9 +565,22 @@ fn oracle_step(
         .concat();
         quantities.push(("running statistics", stats));
     }
-    let fisher = list(Output::Fisher, params);
-    if !fisher.is_empty() {
+    let data = |o: &Output| out.output(o).map(|v| v.float().data.clone());
+    let fisher: Vec<Vec<f64>> = (0..params)
+        .map(|i| data(&Output::Fisher(i)).unwrap_or_default())
+        .collect();
+    if fisher.iter().any(|f| !f.is_empty()) {
         quantities.push(("fisher", fisher));
+    }
+    // sorted, as the sessions' are
+    let factors: Vec<Output> = out
+        .outputs()
+        .keys()
+        .filter(|o| matches!(o, Output::KfacInputFactor(_) | Output::KfacGradFactor(_)))
+        .cloned()
+        .collect();
+    if !factors.is_empty() {
+        quantities.push(("kfac factors", factors.iter().filter_map(data).collect()));
     }
     Ok(quantities)
 }
@@ -589,16 +618,37 @@ fn worst(got: &[Vec<f64>], want: &[Vec<f64>]) -> (f64, usize) {
 
 /// The Fisher estimate of every parameter after the last step (empty without Fisher).
 fn fisher_of<B: Backend>(s: &mut Session<B>) -> Result<Vec<Tensor<f32>>, RuntimeError> {
-    let has_fisher = s
+    let has = |s: &Session<B>, o: &Output| s.plan.outputs.iter().any(|slot| &slot.role == o);
+    if !s
         .plan
         .outputs
         .iter()
-        .any(|o| matches!(o.role, Output::Fisher(_)));
-    if !has_fisher {
+        .any(|o| matches!(o.role, Output::Fisher(_)))
+    {
         return Ok(Vec::new());
     }
+    // a parameter without an estimate (a K-FAC layer's) holds its place with no values
     (0..s.network.params.len())
-        .map(|i| Ok(s.output(&Output::Fisher(i))?.into_float()))
+        .map(|i| match has(s, &Output::Fisher(i)) {
+            true => Ok(s.output(&Output::Fisher(i))?.into_float()),
+            false => Ok(Tensor::zeros(&[0])),
+        })
+        .collect()
+}
+
+/// The K-FAC factors a step wrote (`Ā`, `Ḡ` of each layer in parameter order), if any.
+fn kfac_factors_of<B: Backend>(s: &mut Session<B>) -> Result<Vec<Tensor<f32>>, RuntimeError> {
+    let mut outputs: Vec<Output> = s
+        .plan
+        .outputs
+        .iter()
+        .map(|o| o.role.clone())
+        .filter(|o| matches!(o, Output::KfacInputFactor(_) | Output::KfacGradFactor(_)))
+        .collect();
+    outputs.sort();
+    outputs
+        .iter()
+        .map(|o| Ok(s.output(o)?.into_float()))
         .collect()
 }
 

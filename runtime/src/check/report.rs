@@ -7,6 +7,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use fisherc_codegen::artifact::Verified;
 use fisherc_codegen::options::Precision;
+use fisherc_ir::TrainingStep;
+use fisherc_ir::interp::Feeds;
+use fisherc_ir::kfac::state::{KfacSettings, KfacState};
 use fisherc_ir::state::{Hyperparams, TrainState};
 use fisherc_ir::synthetic::random_batch;
 
@@ -219,19 +222,20 @@ impl<'a> Check<'a> {
         let net = &self.session.network;
         let (images, labels) = random_batch::<f32>(net.batch, net.input, net.classes, setup.seed);
         let state = TrainState::<f32>::init(net, setup.seed);
-        self.session
-            .feed(&state.feeds(images, labels, &setup.hyper))?;
+        let feeds = state.feeds(images, labels, &setup.hyper);
+        // the oracle: the unoptimised step in f64, as the hard rules have it
+        let oracle = source.training_step()?;
+        let kfac = kfac_inputs(&oracle, &feeds)?;
+        self.session.feed(&feeds)?;
+        self.session.feed(&kfac)?;
         let nodes = node_by_node(&mut self.session, compiled, bounds)?;
         let counting = count_planted(&mut self.session, setup.seed)?;
 
         let mut backend = Session::new(artifact, (self.open)()?)?;
         let mut reference = Session::new(artifact, ReferenceBackend::new(verified)?)?;
-        // the oracle: the unoptimised step in f64, as the hard rules have it
-        let oracle = source.training_step()?;
         let steps = compare_steps(
-            &mut backend,
-            &mut reference,
-            Some(&oracle.graph),
+            (&mut backend, &mut reference),
+            (Some(&oracle.graph), &kfac),
             setup.steps,
             setup.seed,
             &setup.hyper,
@@ -267,6 +271,15 @@ impl<'a> Check<'a> {
             aligned,
         })
     }
+}
+
+/// A K-FAC step's inputs for the check (none for other steps): every step refreshes, so
+/// the factor kernels run, and the Cholesky factors are those of the first batch's own
+/// factors (the CPU reference's), so the noise kernels multiply realistic triangles.
+fn kfac_inputs(step: &TrainingStep, feeds: &Feeds<f32>) -> Result<Feeds<f32>, RuntimeError> {
+    let kfac = KfacState::refreshed_on(step, feeds, KfacSettings::default())
+        .map_err(|e| RuntimeError::Setup(e.to_string()))?;
+    Ok(kfac.feeds(true))
 }
 
 /// Plants NaNs and infinities of every kind among finite values (the largest, the smallest,
