@@ -429,7 +429,14 @@ fn measure(args: &Args, config: &Config<'_>, out: &mut impl Write) -> Result<Mea
     let (artifact, compiled) = (verified.artifact(), verified.compiled());
 
     let median = crate::timing::median(&times.steps).context("no timed steps")?;
-    let flops = step.graph.flops() as f64;
+    // a K-FAC step's factor products run on refreshing steps only, timed apart
+    let refresh_flops: u64 = step
+        .graph
+        .node_indices()
+        .filter(|&n| is_factor(&step.graph.node(n).op))
+        .map(|n| step.graph.node_flops(n))
+        .sum();
+    let flops = (step.graph.flops() - refresh_flops) as f64;
     let plan = &artifact.plan;
     let bytes: u64 = plan
         .nodes
@@ -695,6 +702,12 @@ fn relate_to_plain(results: &mut [Measurement]) {
             kfac.amortised_vs_plain = Some(kfac.amortised_ms / ms);
         }
     }
+}
+
+/// Whether `op` computes K-FAC factors (work of refreshing steps only).
+fn is_factor(op: &fisherc_ir::ops::Op) -> bool {
+    use fisherc_ir::ops::Op;
+    matches!(op, Op::KfacInputFactor(_) | Op::KfacGradFactor(_))
 }
 
 /// A plain step: no Fisher estimate, no noise.

@@ -59,15 +59,16 @@ fn conv_and_linear_layers_take_kfac_and_batch_norm_the_diagonal() {
 
 /// Factors come out only on refreshing steps (every `every`-th, step 0 included), zeros
 /// else; the running average takes the first as it is and blends the later ones with
-/// `decay`; the Cholesky factors fed next multiply back to the running factors damped by λ
+/// `decay^every`; the Cholesky factors fed next multiply back to the running factors damped by λ
 /// times their mean diagonal. Before the first refresh the Cholesky factors are zero.
 #[test]
 fn factors_refresh_every_few_steps_and_average_with_decay() {
     let step = kfac_step(4);
+    // 0.75 a refresh of every 2 steps
     let settings = KfacSettings {
         damping: 0.01,
         every: 2,
-        decay: 0.75,
+        decay: 0.75f64.sqrt(),
     };
     let mut kfac = KfacState::for_step(&step, settings);
     for layer in &kfac.layers {

@@ -199,7 +199,8 @@ pub struct TrainConfig {
     /// `kfac`: steps between refreshes of the factors [default: 10].
     #[serde(default)]
     pub kfac_every: Option<u64>,
-    /// `kfac`: the running average's weight of the old factors [default: 0.95].
+    /// `kfac`: the running average's weight of the old factors per step, `kfac_decay^kfac_every`
+    /// at each refresh [default: 0.95].
     #[serde(default)]
     pub kfac_decay: Option<f64>,
 }
