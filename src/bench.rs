@@ -231,7 +231,8 @@ pub struct Measurement {
 
 /// What K-FAC's refreshes cost: a refreshing step (its factor products) and the host's
 /// running average and Cholesky factorisation after it, medians; and the step's time with
-/// one refresh every `every` steps.
+/// one refresh every `every` steps, the host's work counted in full (the trainer runs it on
+/// a thread beside the steps, which on a GPU hides it where it is shorter than they are).
 #[derive(Clone, Debug, Serialize)]
 pub struct KfacTiming {
     pub every: u64,
@@ -769,7 +770,8 @@ pub fn markdown(results: &[Measurement]) -> String {
         writeln!(
             table,
             "\n{} batch {} {}: a refreshing step {:.3} ms, the host's average and Cholesky \
-             factors {:.3} ms; with a refresh every {} steps, {:.3} ms a step ({} × plain)",
+             factors {:.3} ms; with a refresh every {} steps and the host's work not \
+             overlapped, {:.3} ms a step ({} × plain)",
             m.model,
             m.batch,
             m.variant.name(),

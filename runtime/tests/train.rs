@@ -748,22 +748,16 @@ fn a_resumed_run_ends_bit_identical_to_an_uninterrupted_one() {
     assert!(err.contains("another experiment"), "{err}");
 }
 
-/// The kfac regime learns with its noise on throughout at the default scale, refreshes its
-/// factors across epoch boundaries (every 3 steps of 5-step epochs), keeps them in its
-/// checkpoints, and a run resumed from one ends bit for bit where the uninterrupted run does.
-/// (On this set, Fisher-shaped noise of the diagonal noise's total variance stalls training
-/// at s = 0.5, full Fisher and K-FAC alike, where the diagonal noise reaches 1.0: the
-/// accuracy bound holds at the default scale only.)
+/// The kfac regime learns (noise at the default scale for 2 of 4 epochs: 1.0 at the end,
+/// 0.92–1.0 over seeds 1 to 4), refreshes its factors across epoch boundaries (every 3 steps
+/// of 5-step epochs, the Cholesky factors fed a refresh later or at the epoch's end), keeps
+/// them in its checkpoints, and a run resumed from one ends bit for bit where the
+/// uninterrupted run does. (On this set, Fisher-shaped noise of the diagonal noise's total
+/// variance stalls training at s = 0.5, full Fisher and K-FAC alike, where the diagonal
+/// noise reaches 1.0: the bound holds at the default scale.)
 #[test]
 fn a_kfac_run_learns_and_resumes_bit_identical() {
-    let e = synthetic(
-        "kfac",
-        &[
-            "train.noise_until=1.0",
-            "train.epochs=3",
-            "train.kfac_every=3",
-        ],
-    );
+    let e = synthetic("kfac", &["train.noise_until=0.5", "train.kfac_every=3"]);
     let whole = tempfile::tempdir().unwrap();
     let straight = run(&e, whole.path(), false, None).unwrap();
     let (_, last) = straight.scores.last().unwrap();
@@ -773,11 +767,14 @@ fn a_kfac_run_learns_and_resumes_bit_identical() {
         last.accuracy
     );
     let net = network(&root().join("models/small_cnn.toml"), [1, 12, 12]);
-    let saved = checkpoint::read(&whole.path().join(CHECKPOINT_FILE), &net).unwrap();
-    // small_cnn: two convolutions and two linear layers, an input and a gradient factor each
-    assert_eq!(saved.kfac.len(), 8, "{:?}", saved.kfac.keys());
     let split = tempfile::tempdir().unwrap();
     run(&e, split.path(), false, Some(1)).unwrap();
+    let saved = checkpoint::read(&split.path().join(CHECKPOINT_FILE), &net).unwrap();
+    // small_cnn: two convolutions and two linear layers, an input and a gradient factor each;
+    // the plain phase's checkpoints hold none
+    assert_eq!(saved.kfac.len(), 8, "{:?}", saved.kfac.keys());
+    let last = checkpoint::read(&whole.path().join(CHECKPOINT_FILE), &net).unwrap();
+    assert!(last.kfac.is_empty());
     let resumed = run(&e, split.path(), true, None).unwrap();
     let bits = |s: &TrainState<f32>| {
         [&s.params, &s.momenta, &s.running_means, &s.running_vars]
@@ -790,8 +787,8 @@ fn a_kfac_run_learns_and_resumes_bit_identical() {
     let quiet = synthetic(
         "kfac",
         &[
-            "train.noise_until=1.0",
-            "train.epochs=3",
+            "train.noise_until=0.5",
+            "train.kfac_every=3",
             "train.noise_scale=0.0",
         ],
     );

@@ -6,9 +6,10 @@
 //! the batch's factors, which join the running average (the first refresh takes them as they
 //! are; later ones `d·old + (1 − d)·new` with `d = decay^every`: `decay` is per step, so the
 //! average remembers as many steps whatever `every` is), and the Cholesky factors of the damped
-//! factors `F + λ·m_F·I` are made again for the steps after it, `m_F = tr F / n` the factor's
-//! mean eigenvalue. A step's own noise reads the Cholesky factors made before it: step 0,
-//! before any refresh, draws no K-FAC noise.
+//! factors `F + λ·m_F·I` are made again, `m_F = tr F / n` the factor's mean eigenvalue. When
+//! the steps read them is the trainer's choice (`fisherc_runtime::train::kfac`: from the next
+//! refresh on, so the host's work overlaps the steps between). Before the first refresh the
+//! Cholesky factors are zero: no K-FAC noise.
 //!
 //! The damping is relative to each factor's scale because the scales differ by orders of
 //! magnitude: a convolution's `Ḡ` has diagonal entries near 10⁻⁴ where `Ā`'s are near 1, and

@@ -8,12 +8,14 @@
 //! * [`evaluate`]: test loss and top-1 accuracy with the batch-norm running statistics;
 //! * [`checkpoint`]: training state and position in safetensors, written atomically;
 //! * [`metrics`]: JSON lines per step and per epoch;
+//! * [`kfac`]: K-FAC's factor refreshes, their averaging and factorisation on a worker;
 //! * [`trainer`]: the loop; [`error`]: what stops it.
 
 pub mod checkpoint;
 pub mod error;
 pub mod evaluate;
 pub mod experiment;
+pub mod kfac;
 pub mod metrics;
 pub mod regime;
 pub mod trainer;

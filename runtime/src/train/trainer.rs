@@ -26,6 +26,7 @@ use super::checkpoint::{self, Checkpoint};
 use super::error::TrainError;
 use super::evaluate::{Evaluator, Score};
 use super::experiment::{DataSet, Experiment};
+use super::kfac::Refreshes;
 use super::metrics::{Metrics, Record};
 use super::regime::{Phase, lr_factor, phases};
 use crate::backend::{Backend, RuntimeError};
@@ -337,15 +338,11 @@ impl<'a> Run<'a> {
         report: &mut dyn FnMut(Event),
     ) -> Result<(), TrainError> {
         let (mut session, training) = self.open_phase(phase, open, report)?;
-        let mut kfac = self.kfac_state(&training)?;
-        session.feed(&kfac.cholesky_feeds())?;
+        let mut kfac = Refreshes::start(self.kfac_state(&training)?, &mut session)?;
         while self.epoch < phase.epochs.end.min(self.stop) {
             let trained = self.run_epoch((&mut session, &mut kfac), phase, report)?;
-            self.kfac = kfac
-                .tensors()
-                .into_iter()
-                .map(|(name, t)| (name, t.clone()))
-                .collect();
+            kfac.apply(&mut session)?;
+            self.kfac = kfac.tensors().into_iter().collect();
             self.end_epoch(&mut session, &training, phase, trained, report)?;
         }
         Ok(())
@@ -418,7 +415,7 @@ impl<'a> Run<'a> {
     /// step run, its loss checked and recorded.
     fn run_epoch(
         &mut self,
-        (session, kfac): (&mut Session<Box<dyn Backend>>, &mut KfacState),
+        (session, kfac): (&mut Session<Box<dyn Backend>>, &mut Refreshes),
         phase: &Phase,
         report: &mut dyn FnMut(Event),
     ) -> Result<EpochTrained, TrainError> {
@@ -450,11 +447,10 @@ impl<'a> Run<'a> {
                     seed: t.seed,
                     step: *step,
                 };
-                let refresh = !kfac.is_empty() && kfac.refreshes(*step);
+                let refresh = kfac.before_step(session, *step)?;
                 let mut feeds = hyper.feeds();
                 feeds.insert(Role::Images, Value::Float(x));
                 feeds.insert(Role::Labels, Value::Int(y));
-                feeds.extend(kfac.refresh_feed(refresh));
                 session.feed(&feeds)?;
                 let seconds = session.step().map_err(|error| TrainError::Step {
                     epoch: epoch + 1,
@@ -462,7 +458,7 @@ impl<'a> Run<'a> {
                     error,
                 })?;
                 if refresh {
-                    take_factors(session, kfac, *step)?;
+                    kfac.after_refresh(session, *step)?;
                 }
                 let loss = session.loss()?;
                 if !loss.is_finite() {
@@ -585,26 +581,6 @@ impl<'a> Run<'a> {
         });
         Ok(())
     }
-}
-
-/// A refreshing step's K-FAC factors read back and taken into the running averages, and the
-/// new Cholesky factors fed for the steps after it.
-fn take_factors(
-    session: &mut Session<Box<dyn Backend>>,
-    kfac: &mut KfacState,
-    step: u64,
-) -> Result<(), TrainError> {
-    let factors = kfac
-        .outputs()
-        .iter()
-        .map(|o| Ok(session.output(o)?.float().clone()))
-        .collect::<Result<Vec<_>, TrainError>>()?;
-    kfac.absorb(factors).map_err(|error| TrainError::Kfac {
-        run_step: step + 1,
-        error,
-    })?;
-    session.feed(&kfac.cholesky_feeds())?;
-    Ok(())
 }
 
 /// Where a run starts: its state, epochs and steps done, and its metrics file ready for more.
