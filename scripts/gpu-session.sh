@@ -9,7 +9,8 @@
 #      CPU reference, then 3 noisy steps: resnet20 at batch 32, exact Fisher and full-Fisher
 #      noise, fused, fused-tc (tensor cores) and unfused; resnet44, exact, fused-tc, fused and
 #      fused-tf32 (one TF32 product: its own bounds); vgg16 at batch 8, exact, fused-tc and
-#      unfused (max pooling: a step out of bounds is run again given the GPU's forward pass)
+#      unfused (max pooling: a step out of bounds is run again given the GPU's forward pass);
+#      last, resnet20 at batch 32 with K-FAC noise, fused-tc (its factor and noise kernels)
 #                                                                   (LIMIT_CHECK s)
 #   2. speed (scripts/gpu-bench.sh): fisherc bench of resnet44 and vgg16 at batch 4096 (Fisher
 #      none and exact; fused-tc and fused-tf32; fp32 FMA was timed on 2026-11-27) and PyTorch
@@ -57,6 +58,8 @@ for p in $PARTS; do
              OUT=$OUT/resnet44 CHECK_MODELS=resnet44 CHECK_VARIANTS="fused-tc fused fused-tf32" RUN_MODELS= \
                scripts/gpu-check.sh
              OUT=$OUT/vgg16 CHECK_MODELS=vgg16 CHECK_BATCH=8 CHECK_VARIANTS="fused-tc unfused" RUN_MODELS= \
+               scripts/gpu-check.sh
+             OUT=$OUT/kfac CHECK_MODELS=resnet20 CHECK_KINDS=kfac CHECK_VARIANTS=fused-tc RUN_MODELS= \
                scripts/gpu-check.sh' ;;
     bench) part bench "$LIMIT_BENCH" env FISHER=none,exact VARIANTS=fused-tc,fused-tf32 STEPS=3 \
              WARMUP=1 LIMIT_FISHERC=80 LIMIT_TORCH=125 TORCH_MODES="plain a2g2" scripts/gpu-bench.sh ;;

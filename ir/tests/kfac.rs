@@ -6,10 +6,10 @@ use std::path::Path;
 
 use fisherc_ir::graph::{Output, PortRef};
 use fisherc_ir::interp::{Evaluation, Feeds, evaluate};
-use fisherc_ir::kfac::state::{KfacSettings, KfacState};
 use fisherc_ir::kfac::{Matrix, draw_xi, shape_noise};
 use fisherc_ir::model::{BuildOptions, ModelSpec, ParamKind, build};
 use fisherc_ir::ops::Op;
+use fisherc_ir::state::kfac::{KfacSettings, KfacState};
 use fisherc_ir::state::{Hyperparams, TrainState};
 use fisherc_ir::synthetic::random_batch;
 use fisherc_ir::tensor::Tensor;

@@ -1,10 +1,10 @@
 //! K-FAC noise (supplement A.6; issue #23), in f64: a convolution's or linear layer's
 //! Kronecker factors and the noise they shape. The reference the compiled step will be held
-//! to; the ops of `crate::ops::kfac` compute it in a step.
+//! to; the K-FAC ops compute it in a step.
 //!
 //! For a layer with input patches `a` (length `c·kh·kw`, and a constant 1 appended where the
 //! layer has a bias) and per-example output gradients `g = M·dy` (length `o`; `M·dy` is
-//! example n's own loss gradient, as in [`crate::ops::fisher`]), over the batch and the
+//! example n's own loss gradient, as in the ops' Fisher rules), over the batch and the
 //! layer's `T` output positions:
 //!
 //! * `Ā = E_{n,t}[a aᵀ]`, `Ḡ = E_{n,t}[g gᵀ]` ([`Factors`]);
@@ -22,8 +22,6 @@
 //! elements from the weight parameter's stream, the bias column from the bias's.
 
 mod cholesky;
-pub mod state;
-pub mod step;
 
 use thiserror::Error;
 

@@ -9,7 +9,7 @@ use fisherc_codegen::artifact::Verified;
 use fisherc_codegen::options::Precision;
 use fisherc_ir::TrainingStep;
 use fisherc_ir::interp::Feeds;
-use fisherc_ir::kfac::state::{KfacSettings, KfacState};
+use fisherc_ir::state::kfac::{KfacSettings, KfacState};
 use fisherc_ir::state::{Hyperparams, TrainState};
 use fisherc_ir::synthetic::random_batch;
 

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use fisherc_codegen::lower::LowerOptions;
 use fisherc_codegen::options::{Arch, CompileOptions, DEFAULT_STAGES, Precision, STAGE_RANGE};
 use fisherc_ir::FisherMode;
-use fisherc_ir::kfac::state::KfacSettings;
+use fisherc_ir::state::kfac::KfacSettings;
 use serde::{Deserialize, Serialize};
 
 use crate::data::pipeline::Augment;

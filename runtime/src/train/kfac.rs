@@ -8,7 +8,7 @@
 use std::thread::JoinHandle;
 
 use fisherc_ir::kfac::KfacError;
-use fisherc_ir::kfac::state::KfacState;
+use fisherc_ir::state::kfac::KfacState;
 use fisherc_ir::tensor::Tensor;
 
 use super::error::TrainError;

@@ -15,9 +15,9 @@ use std::time::Instant;
 
 use fisherc_codegen::artifact::{Verified, compile_evaluation, compile_step};
 use fisherc_codegen::compile::CompileOptions;
-use fisherc_ir::kfac::state::KfacState;
 use fisherc_ir::model::{BuildOptions, ModelSpec, build};
 use fisherc_ir::ops::Role;
+use fisherc_ir::state::kfac::KfacState;
 use fisherc_ir::state::{Hyperparams, TrainState};
 use fisherc_ir::tensor::{Tensor, Value};
 use fisherc_ir::{StepOptions, TrainingStep, build_training_step};

@@ -22,9 +22,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{KfacError, Matrix};
 use crate::graph::Output;
 use crate::interp::{Feeds, evaluate};
+use crate::kfac::{KfacError, Matrix};
 use crate::ops::{Op, Role};
 use crate::step::TrainingStep;
 use crate::tensor::{Real, Tensor, Value};

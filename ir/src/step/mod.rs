@@ -12,13 +12,14 @@
 //! hyper-parameters); its outputs are named by [`Output`], so a runtime can bind buffers and a
 //! later pass can rewrite the inside and still be checked output for output.
 
+mod kfac;
+
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 
 use petgraph::graph::NodeIndex;
 
 use crate::autodiff::{self, Gradients};
-use crate::kfac;
 
 use crate::error::ShapeError;
 use crate::graph::{Graph, Output, Phase, PortRef};
@@ -199,7 +200,7 @@ pub fn build_training_step(
 
     check_noise_and_fisher(options, &network.name)?;
     let kfac_layers = match options.noise {
-        Noise::Kfac => kfac::step::layers(&graph, &network),
+        Noise::Kfac => kfac::layers(&graph, &network),
         _ => Vec::new(),
     };
     // K-FAC's layers take no diagonal estimate; every other parameter takes one
@@ -286,11 +287,11 @@ fn update_noise(
     (noise, mode): (Noise, FisherMode),
     (network, params, labels): (&Network, &[PortRef], PortRef),
     (param_grads, fisher, grads): (&[PortRef], &[Option<PortRef>], &Gradients),
-    (hyper, kfac_layers): (&HashMap<Hyper, PortRef>, &[kfac::step::KfacLayer]),
+    (hyper, kfac_layers): (&HashMap<Hyper, PortRef>, &[kfac::KfacLayer]),
 ) -> Result<NoiseSource, ShapeError> {
     let has_fisher = mode != FisherMode::None;
     if noise == Noise::Kfac {
-        let vectors = kfac::step::add_noise(graph, (network, kfac_layers), grads, hyper)?;
+        let vectors = kfac::add_noise(graph, (network, kfac_layers), grads, hyper)?;
         // a K-FAC layer's parameters read its vectors, the rest their diagonal estimates
         let kinds = vectors
             .iter()

@@ -2,6 +2,8 @@
 //! the hyper-parameters of a step, and the glue between them and a [`TrainingStep`]'s inputs
 //! and outputs.
 
+pub mod kfac;
+
 use crate::graph::Output;
 use crate::interp::{Evaluation, Feeds};
 use crate::model::{Network, ParamKind};

@@ -6,12 +6,12 @@ use std::collections::HashMap;
 
 use petgraph::graph::NodeIndex;
 
+use super::input;
 use crate::autodiff::Gradients;
 use crate::error::ShapeError;
 use crate::graph::{Graph, Output, Phase, PortRef};
 use crate::model::Network;
 use crate::ops::{Hyper, KfacGradFactor, KfacInputFactor, KfacNoise, Op, OpDef, Role};
-use crate::step::input;
 use crate::tensor::TensorType;
 
 /// A layer whose parameters take K-FAC noise: its weight (parameter index), its bias if any,
