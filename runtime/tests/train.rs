@@ -86,6 +86,14 @@ fn network(model: &Path, input: [usize; 3]) -> Network {
     load(model, &options).unwrap()
 }
 
+/// Every bit of a training state, for runs that must end bit-identical.
+fn state_bits(s: &TrainState<f32>) -> Vec<u32> {
+    [&s.params, &s.momenta, &s.running_means, &s.running_vars]
+        .iter()
+        .flat_map(|list| list.iter().flat_map(|t| t.data.iter().map(|v| v.to_bits())))
+        .collect()
+}
+
 /// The step and epoch records of a run's metrics.
 fn records(dir: &Path) -> Vec<serde_json::Value> {
     let text = std::fs::read_to_string(dir.join(METRICS_FILE)).unwrap();
@@ -726,13 +734,7 @@ fn a_resumed_run_ends_bit_identical_to_an_uninterrupted_one() {
     assert_eq!(first.scores.len(), 1);
     let resumed = run(&e, split.path(), true, None).unwrap();
     assert_eq!(resumed.steps, straight.steps);
-    let bits = |s: &TrainState<f32>| {
-        [&s.params, &s.momenta, &s.running_means, &s.running_vars]
-            .iter()
-            .flat_map(|list| list.iter().flat_map(|t| t.data.iter().map(|v| v.to_bits())))
-            .collect::<Vec<_>>()
-    };
-    assert_eq!(bits(&resumed.state), bits(&straight.state));
+    assert_eq!(state_bits(&resumed.state), state_bits(&straight.state));
     // resuming under another experiment is refused
     let other = synthetic(
         "lb-diagf",
@@ -776,13 +778,7 @@ fn a_kfac_run_learns_and_resumes_bit_identical() {
     let last = checkpoint::read(&whole.path().join(CHECKPOINT_FILE), &net).unwrap();
     assert!(last.kfac.is_empty());
     let resumed = run(&e, split.path(), true, None).unwrap();
-    let bits = |s: &TrainState<f32>| {
-        [&s.params, &s.momenta, &s.running_means, &s.running_vars]
-            .iter()
-            .flat_map(|list| list.iter().flat_map(|t| t.data.iter().map(|v| v.to_bits())))
-            .collect::<Vec<_>>()
-    };
-    assert_eq!(bits(&resumed.state), bits(&straight.state));
+    assert_eq!(state_bits(&resumed.state), state_bits(&straight.state));
     // without the noise the run ends elsewhere: the K-FAC draws moved it
     let quiet = synthetic(
         "kfac",
@@ -794,7 +790,7 @@ fn a_kfac_run_learns_and_resumes_bit_identical() {
     );
     let dir = tempfile::tempdir().unwrap();
     let silent = run(&quiet, dir.path(), false, None).unwrap();
-    assert_ne!(bits(&silent.state), bits(&straight.state));
+    assert_ne!(state_bits(&silent.state), state_bits(&straight.state));
 }
 
 #[test]

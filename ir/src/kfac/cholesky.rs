@@ -32,15 +32,22 @@ impl Matrix {
             solve_panel(&mut l, start, width);
             update_trailing(&mut l, start, width);
         }
-        for i in 0..n {
-            l.data[i * n + i + 1..(i + 1) * n].fill(0.0);
-        }
+        l.clear_upper();
         Ok(l)
+    }
+
+    /// Zeros above the diagonal.
+    pub(super) fn clear_upper(&mut self) {
+        let n = self.n;
+        for i in 0..n {
+            self.data[i * n + i + 1..(i + 1) * n].fill(0.0);
+        }
     }
 }
 
-/// The diagonal block at (`start`, `start`), `width` wide, factored in place.
-fn factor_diagonal(
+/// The diagonal block at (`start`, `start`), `width` wide, factored in place (the whole
+/// matrix at 0, `n` wide: the plain factorisation).
+pub(super) fn factor_diagonal(
     l: &mut Matrix,
     start: usize,
     width: usize,

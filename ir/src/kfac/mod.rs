@@ -71,31 +71,13 @@ impl Matrix {
         self.data[i * self.n + j]
     }
 
-    /// The lower Cholesky factor L of `self + damping·I` (`L Lᵀ`), for a symmetric matrix;
+    /// The lower Cholesky factor L of `self + damping·I` (`L Lᵀ`), for a symmetric matrix, by
+    /// the plain triple loop (the reference [`Matrix::cholesky_blocked`] is checked against);
     /// an error where a pivot is not positive (the damped matrix is not positive definite).
     pub fn cholesky_damped(&self, damping: f64) -> Result<Matrix, KfacError> {
-        let (n, damped) = (self.n, self.damped(damping));
-        let mut l = Matrix::zeros(n);
-        for i in 0..n {
-            for j in 0..=i {
-                let dot: f64 = (0..j).map(|k| l.at(i, k) * l.at(j, k)).sum();
-                let value = damped.at(i, j) - dot;
-                if i == j {
-                    // not above zero, or NaN
-                    if value.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) {
-                        return Err(KfacError::NotPositiveDefinite {
-                            size: n,
-                            damping,
-                            row: i,
-                            pivot: value,
-                        });
-                    }
-                    l.data[i * n + i] = value.sqrt();
-                } else {
-                    l.data[i * n + j] = value / l.at(j, j);
-                }
-            }
-        }
+        let mut l = self.damped(damping);
+        cholesky::factor_diagonal(&mut l, 0, self.n, damping)?;
+        l.clear_upper();
         Ok(l)
     }
 
