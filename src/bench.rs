@@ -21,6 +21,7 @@ use fisherc_ir::model::{self, BuildOptions};
 use fisherc_ir::state::kfac::{KfacSettings, KfacState};
 use fisherc_ir::{FisherMode, Noise, StepOptions, build_training_step};
 use fisherc_runtime::Session;
+use fisherc_runtime::train::kfac::Refreshes;
 use serde::Serialize;
 
 use crate::backend_args::{self, BackendKind};
@@ -518,24 +519,19 @@ impl KfacSamples {
     }
 }
 
-/// One K-FAC refresh: a refreshing step, then the running average and the Cholesky factors
-/// on the host, fed back. Its two times.
+/// One K-FAC refresh as the trainer makes it: a refreshing step, then the factors read back,
+/// averaged and factored on the host's worker, waited for and fed. Its two times.
 fn kfac_refresh<B: fisherc_runtime::Backend>(
     session: &mut Session<B>,
-    kfac: &mut KfacState,
+    kfac: &mut Refreshes,
 ) -> Result<(f64, f64)> {
-    session.feed(&kfac.refresh_feed(true))?;
+    session.feed(&kfac.in_use().refresh_feed(true))?;
     let step = session.step().context("a refreshing step")?;
     let started = Instant::now();
-    let factors = kfac
-        .outputs()
-        .iter()
-        .map(|o| Ok(session.output(o)?.into_float()))
-        .collect::<Result<Vec<_>>>()?;
-    kfac.absorb(factors)?;
-    session.feed(&kfac.cholesky_feeds())?;
+    kfac.after_refresh(session, 0)?;
+    kfac.apply(session)?;
     let host = started.elapsed().as_secs_f64();
-    session.feed(&kfac.refresh_feed(false))?;
+    session.feed(&kfac.in_use().refresh_feed(false))?;
     Ok((step, host))
 }
 
@@ -546,7 +542,7 @@ const KFAC_REFRESHES: usize = 3;
 fn timed_steps(
     args: &Args,
     verified: &Verified,
-    mut kfac: KfacState,
+    kfac: KfacState,
     out: &mut impl Write,
 ) -> Result<Times> {
     let backend = backend_args::open(args.backend, verified)?;
@@ -559,7 +555,8 @@ fn timed_steps(
     let drawn = source.noise.is_drawn(source.fisher);
     let noise_scale = args.hyper.noise_scale(drawn, source.batch);
     let feeder = RandomBatchSteps::start(&mut session, args.seed, noise_scale)?;
-    if !kfac.is_empty() {
+    let mut kfac = Refreshes::start(kfac, &mut session)?;
+    if !kfac.in_use().is_empty() {
         // the Cholesky factors of this batch's factors, for every timed step's noise
         feeder.feed(&mut session, &args.hyper, 0)?;
         kfac_refresh(&mut session, &mut kfac)?;
@@ -587,7 +584,7 @@ fn timed_steps(
     } else {
         Some(session.profile().context("the profiled step")?)
     };
-    let kfac = match kfac.is_empty() {
+    let kfac = match kfac.in_use().is_empty() {
         true => None,
         false => {
             let mut samples = KfacSamples {

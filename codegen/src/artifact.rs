@@ -627,12 +627,14 @@ pub fn summary(plan: &Plan) -> String {
     };
     let params = state(|r| matches!(r, Role::Param(_)));
     let momenta = state(|r| matches!(r, Role::Momentum(_)));
-    let fisher: u64 = plan
-        .outputs
-        .iter()
-        .filter(|slot| matches!(slot.role, Output::Fisher(_)))
-        .map(|slot| plan.buffers[slot.buffer].bytes)
-        .sum();
+    let outputs = |f: fn(&Output) -> bool| -> u64 {
+        plan.outputs
+            .iter()
+            .filter(|slot| f(&slot.role))
+            .map(|slot| plan.buffers[slot.buffer].bytes)
+            .sum()
+    };
+    let fisher = outputs(|o| matches!(o, Output::Fisher(_)));
     let mut out = format!(
         "{} · batch {} · {} · {} · {}\n",
         s.model,
@@ -660,17 +662,7 @@ pub fn summary(plan: &Plan) -> String {
     let kfac_inputs =
         state(|r| matches!(r, Role::KfacInputCholesky(_) | Role::KfacGradCholesky(_)));
     if kfac_inputs > 0 {
-        let factors: u64 = plan
-            .outputs
-            .iter()
-            .filter(|slot| {
-                matches!(
-                    slot.role,
-                    Output::KfacInputFactor(_) | Output::KfacGradFactor(_)
-                )
-            })
-            .map(|slot| plan.buffers[slot.buffer].bytes)
-            .sum();
+        let factors = outputs(Output::is_kfac_factor);
         out += &format!(
             "            K-FAC factors {}, their Cholesky factors {}\n",
             bytes(factors),

@@ -95,6 +95,13 @@ pub enum Output {
     Named(String),
 }
 
+impl Output {
+    /// Whether this is one of a K-FAC layer's factors.
+    pub fn is_kfac_factor(&self) -> bool {
+        matches!(self, Output::KfacInputFactor(_) | Output::KfacGradFactor(_))
+    }
+}
+
 impl fmt::Display for Output {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

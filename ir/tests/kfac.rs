@@ -159,16 +159,7 @@ fn the_update_adds_the_kronecker_shaped_draw() {
     let state = TrainState::<f32>::init(net, 2);
     let (images, labels) = random_batch::<f32>(4, net.input, net.classes, 3);
     let base = state.feeds(images.clone(), labels.clone(), &Hyperparams::default());
-    let kfac = KfacState::refreshed_on(
-        &step,
-        &{
-            let mut f = base.clone();
-            f.extend(KfacState::for_step(&step, KfacSettings::default()).feeds(false));
-            f
-        },
-        KfacSettings::default(),
-    )
-    .unwrap();
+    let kfac = KfacState::refreshed_on(&step, &base, KfacSettings::default()).unwrap();
     let (lr, s) = (0.1f32, 0.5f32);
     let with = |noise_scale: f32| {
         let hyper = Hyperparams {

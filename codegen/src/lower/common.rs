@@ -172,6 +172,25 @@ pub fn unflatten(k: &mut KernelBuilder, i: Idx, [channels, rows, columns]: [u64;
     [example, channel, row, column]
 }
 
+/// `Σⱼ a[a0 + j·a_step]·b[b0 + j·b_step]` over `len` terms: one fp32 FMA chain, in order.
+pub fn strided_dot(
+    k: &mut KernelBuilder,
+    (a, a0, a_step): (U64, Idx, u64),
+    (b, b0, b_step): (U64, Idx, u64),
+    len: u64,
+) -> F32 {
+    let acc = k.f32(0.0);
+    let start = k.idx_const(0);
+    let one = k.idx_const(1);
+    k.for_idx(start, len, one, |k, j| {
+        let ai = k.idx_mad(j, a_step, a0);
+        let bi = k.idx_mad(j, b_step, b0);
+        let (va, vb) = (k.load(a, ai), k.load(b, bi));
+        k.fma_into(acc, va, vb);
+    });
+    acc
+}
+
 /// A kernel skeleton: `f` for every element of `0..n`, grid-stride.
 pub fn map(k: &mut KernelBuilder, n: u64, f: impl FnOnce(&mut KernelBuilder, Idx)) {
     k.for_each_element(n, f);

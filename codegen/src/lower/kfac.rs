@@ -8,7 +8,7 @@
 
 use fisherc_ir::ops::{KfacGradFactor, KfacInputFactor, KfacNoise, Op};
 
-use super::common::{Cx, grid_for, input, launch, map, output, scratch};
+use super::common::{Cx, grid_for, input, launch, map, output, scratch, strided_dot};
 use super::rng::{normal, split};
 use super::{Launch, Lowered};
 use crate::builder::{F32, Idx, KernelBuilder, U32, U64};
@@ -30,6 +30,34 @@ fn factor_element(k: &mut KernelBuilder, e: Idx, side: u64, refresh: U64) -> (U3
     let (i, j) = (k.idx_to_u32(i), k.idx_to_u32(j));
     let flag = k.load(refresh, 0u32);
     (i, j, flag)
+}
+
+/// A factor element's `Σₙ Σₜ a·b` over `batch` examples of `positions` positions, each
+/// example's positions summed apart first (so no fp32 chain is longer than the batch or the
+/// positions): `example(n)` gives what an example's pairs share, `pair(example, t)` the two
+/// values (a, b) at position t. Zero, with no loop run, where `flag` (the refresh) is 0.
+fn factor_sum<E: Copy>(
+    k: &mut KernelBuilder,
+    (flag, batch, positions): (F32, u64, u64),
+    example: impl FnOnce(&mut KernelBuilder, Idx) -> E,
+    pair: impl FnOnce(&mut KernelBuilder, E, Idx) -> [F32; 2],
+) -> F32 {
+    let acc = k.f32(0.0);
+    let refreshes = k.cmp_f32(Cmp::Ne, flag, 0.0f32);
+    k.when(refreshes, |k| {
+        let (start, one) = (k.idx_const(0), k.idx_const(1));
+        k.for_idx(start, batch, one, |k, n| {
+            let example = example(k, n);
+            let (start, one) = (k.idx_const(0), k.idx_const(1));
+            let own = k.f32(0.0);
+            k.for_idx(start, positions, one, |k, t| {
+                let [a, b] = pair(k, example, t);
+                k.fma_into(own, a, b);
+            });
+            k.accumulate(acc, own);
+        });
+    });
+    acc
 }
 
 /// One element of a patch: (channel, kernel row, kernel column) of patch row `row`, and
@@ -67,28 +95,17 @@ fn input_factor(cx: &Cx, f: &KfacInputFactor) -> Launch {
                 is_one: k.cmp_u(Cmp::Ge, r, g.patch_len() as u32),
             }
         });
-        let acc = k.f32(0.0);
-        let refreshes = k.cmp_f32(Cmp::Ne, flag, 0.0f32);
-        k.when(refreshes, |k| {
-            let (start, one) = (k.idx_const(0), k.idx_const(1));
-            k.for_idx(start, batch, one, |k, n| {
-                let example = k.idx_mul_const(n, g.input_len() as u64);
-                let (start, one) = (k.idx_const(0), k.idx_const(1));
-                let own = k.f32(0.0);
-                k.for_idx(start, positions as u64, one, |k, t| {
-                    let (oy, ox) = (
-                        k.idx_div_const(t, g.out_w as u64),
-                        k.idx_rem_const(t, g.out_w as u64),
-                    );
-                    let (oy, ox) = (k.idx_to_u32(oy), k.idx_to_u32(ox));
-                    let [a, b] = rows
-                        .each_ref()
-                        .map(|row| patch_value(k, (x, example), (&g, plane), row, (oy, ox)));
-                    k.fma_into(own, a, b);
-                });
-                k.accumulate(acc, own);
-            });
-        });
+        let example = |k: &mut KernelBuilder, n| k.idx_mul_const(n, g.input_len() as u64);
+        let pair = |k: &mut KernelBuilder, example, t| {
+            let (oy, ox) = (
+                k.idx_div_const(t, g.out_w as u64),
+                k.idx_rem_const(t, g.out_w as u64),
+            );
+            let (oy, ox) = (k.idx_to_u32(oy), k.idx_to_u32(ox));
+            rows.each_ref()
+                .map(|row| patch_value(k, (x, example), (&g, plane), row, (oy, ox)))
+        };
+        let acc = factor_sum(k, (flag, batch, positions as u64), example, pair);
         let mean = k.mul(acc, (1.0 / (batch * positions as u64) as f64) as f32);
         k.store(out, e, mean);
     });
@@ -145,29 +162,19 @@ fn grad_factor(cx: &Cx) -> Launch {
     );
     map(&mut k, o * o, |k, e| {
         let (i, j, flag) = factor_element(k, e, o, refresh);
-        let acc = k.f32(0.0);
-        let refreshes = k.cmp_f32(Cmp::Ne, flag, 0.0f32);
-        k.when(refreshes, |k| {
-            let rows = [i, j].map(|r| {
-                let r = k.idx(r);
-                k.idx_mul_const(r, positions)
-            });
-            let (start, one) = (k.idx_const(0), k.idx_const(1));
-            k.for_idx(start, batch, one, |k, n| {
-                let example = k.idx_mul_const(n, o * positions);
-                let (start, one) = (k.idx_const(0), k.idx_const(1));
-                let own = k.f32(0.0);
-                k.for_idx(start, positions, one, |k, t| {
-                    let at = k.idx_add(example, t);
-                    let [a, b] = rows.map(|row| {
-                        let at = k.idx_add(at, row);
-                        k.load(dy, at)
-                    });
-                    k.fma_into(own, a, b);
-                });
-                k.accumulate(acc, own);
-            });
+        let rows = [i, j].map(|r| {
+            let r = k.idx(r);
+            k.idx_mul_const(r, positions)
         });
+        let example = |k: &mut KernelBuilder, n| k.idx_mul_const(n, o * positions);
+        let pair = |k: &mut KernelBuilder, example, t| {
+            let at = k.idx_add(example, t);
+            rows.map(|row| {
+                let at = k.idx_add(at, row);
+                k.load(dy, at)
+            })
+        };
+        let acc = factor_sum(k, (flag, batch, positions), example, pair);
         let scale = KfacGradFactor::scale(batch as usize, positions as usize) as f32;
         let factor = k.mul(acc, scale);
         k.store(out, e, factor);
@@ -243,15 +250,8 @@ fn lower_times_xi(cx: &Cx, (rows, cols): (u64, u64)) -> Launch {
     let (l_g, xi, left) = (k.ptr_param("l_g"), k.ptr_param("xi"), k.ptr_param("left"));
     map(&mut k, rows * cols, |k, e| {
         let (i, j) = (k.idx_div_const(e, cols), k.idx_rem_const(e, cols));
-        let acc = k.f32(0.0);
-        let (start, one) = (k.idx_const(0), k.idx_const(1));
         let row = k.idx_mul_const(i, rows);
-        k.for_idx(start, rows, one, |k, kk| {
-            let g_at = k.idx_add(row, kk);
-            let x_at = k.idx_mad(kk, cols, j);
-            let (g, x) = (k.load(l_g, g_at), k.load(xi, x_at));
-            k.fma_into(acc, g, x);
-        });
+        let acc = strided_dot(k, (l_g, row, 1), (xi, j, cols), rows);
         k.store(left, e, acc);
     });
     launch(
@@ -276,14 +276,8 @@ fn times_upper(cx: &Cx, n: &KfacNoise) -> Launch {
     let bias = n.bias.map(|_| k.ptr_param("bias"));
     map(&mut k, rows * cols, |k, e| {
         let (i, j) = (k.idx_div_const(e, cols), k.idx_rem_const(e, cols));
-        let acc = k.f32(0.0);
-        let (start, one) = (k.idx_const(0), k.idx_const(1));
         let (left_row, a_row) = (k.idx_mul_const(i, cols), k.idx_mul_const(j, cols));
-        k.for_idx(start, cols, one, |k, kk| {
-            let (l_at, a_at) = (k.idx_add(left_row, kk), k.idx_add(a_row, kk));
-            let (l, a) = (k.load(left, l_at), k.load(l_a, a_at));
-            k.fma_into(acc, l, a);
-        });
+        let acc = strided_dot(k, (left, left_row, 1), (l_a, a_row, 1), cols);
         let value = k.mul(acc, n.factor() as f32);
         let in_weight = k.idx_lt(j, weight_cols);
         k.when(in_weight, |k| {

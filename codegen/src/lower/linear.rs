@@ -2,7 +2,7 @@
 
 use fisherc_ir::ops::Op;
 
-use super::common::{Cx, grid_for, input, launch, map, output};
+use super::common::{Cx, grid_for, input, launch, map, output, strided_dot};
 use super::{Launch, Lowered};
 use crate::builder::{F32, Idx, KernelBuilder, U64};
 
@@ -61,15 +61,7 @@ fn dot(
     let y = k.ptr_param("y");
     map(&mut k, outputs, |k, e| {
         let (a0, a_step, b0, b_step, bias_at) = layout(k, e);
-        let acc = k.f32(0.0);
-        let start = k.idx_const(0);
-        let one = k.idx_const(1);
-        k.for_idx(start, len, one, |k, j| {
-            let ai = k.idx_mad(j, a_step, a0);
-            let bi = k.idx_mad(j, b_step, b0);
-            let (va, vb) = (k.load(a, ai), k.load(b, bi));
-            k.fma_into(acc, va, vb);
-        });
+        let acc = strided_dot(k, (a, a0, a_step), (b, b0, b_step), len);
         if let (Some(p), Some(at)) = (bias_ptr, bias_at) {
             let v = k.load(p, at);
             k.accumulate(acc, v);

@@ -22,7 +22,7 @@ pub fn conv_out_size(size: usize, kernel: usize, stride: usize, padding: usize) 
 }
 
 /// Geometry of the convolution reading input shape `[N, C, H, W]` with a `kh × kw` kernel.
-fn geometry(
+pub(super) fn geometry(
     x: &[usize],
     kernel: (usize, usize),
     stride: usize,

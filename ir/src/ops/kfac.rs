@@ -45,9 +45,9 @@ impl KfacInputFactor {
 
     /// The layer's geometry over input shape `x` (a linear layer's as a 1×1 convolution).
     pub fn geometry(&self, x: &[usize]) -> Result<ConvGeom, OpError> {
-        let (channels, height, width) = match *x {
-            [_, c] => (c, 1, 1),
-            [_, c, h, w] => (c, h, w),
+        let image = match *x {
+            [n, c] => [n, c, 1, 1],
+            [n, c, h, w] => [n, c, h, w],
             _ => {
                 return Err(format!(
                     "x: expected a rank-2 or rank-4 tensor, found rank {}",
@@ -56,25 +56,7 @@ impl KfacInputFactor {
                 .into());
             }
         };
-        let size = |n: usize, k: usize| {
-            super::conv_out_size(n, k, self.stride, self.padding).ok_or_else(|| {
-                OpError(format!(
-                    "the {height}×{width} input (padding {}) is smaller than the {}×{} kernel",
-                    self.padding, self.kernel.0, self.kernel.1
-                ))
-            })
-        };
-        Ok(ConvGeom {
-            channels,
-            height,
-            width,
-            kernel_h: self.kernel.0,
-            kernel_w: self.kernel.1,
-            stride: self.stride,
-            padding: self.padding,
-            out_h: size(height, self.kernel.0)?,
-            out_w: size(width, self.kernel.1)?,
-        })
+        super::conv::geometry(&image, self.kernel, self.stride, self.padding)
     }
 
     /// The factor's side: the patch length, plus the bias's 1.

@@ -29,6 +29,9 @@ use crate::ops::{Op, Role};
 use crate::step::TrainingStep;
 use crate::tensor::{Real, Tensor, Value};
 
+/// What the names of the running factors in [`KfacState::tensors`] begin with.
+pub const TENSOR_PREFIX: &str = "kfac/";
+
 /// How K-FAC's factors are refreshed, averaged and damped.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct KfacSettings {
@@ -279,7 +282,8 @@ impl KfacState {
 
     /// The name of a running factor in [`KfacState::tensors`].
     pub fn tensor_name(weight: usize, grad: bool) -> String {
-        format!("kfac/{weight}/{}", if grad { "grad" } else { "input" })
+        let side = if grad { "grad" } else { "input" };
+        format!("{TENSOR_PREFIX}{weight}/{side}")
     }
 }
 

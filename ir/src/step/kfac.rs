@@ -6,10 +6,10 @@ use std::collections::HashMap;
 
 use petgraph::graph::NodeIndex;
 
-use super::input;
+use super::{forward_readers, input};
 use crate::autodiff::Gradients;
 use crate::error::ShapeError;
-use crate::graph::{Graph, Output, Phase, PortRef};
+use crate::graph::{Graph, Output, PortRef};
 use crate::model::Network;
 use crate::ops::{Hyper, KfacGradFactor, KfacInputFactor, KfacNoise, Op, OpDef, Role};
 use crate::tensor::TensorType;
@@ -30,11 +30,7 @@ pub fn layers(graph: &Graph, network: &Network) -> Vec<KfacLayer> {
     let mut by_node: HashMap<NodeIndex, usize> = HashMap::new();
     let mut layers: Vec<KfacLayer> = Vec::new();
     for (i, param) in network.params.iter().enumerate() {
-        let forward = graph
-            .consumers(PortRef::new(param.node, 0))
-            .into_iter()
-            .filter(|(n, _)| graph.node(*n).phase == Phase::Forward);
-        for (node, port) in forward {
+        for (node, port) in forward_readers(graph, PortRef::new(param.node, 0)) {
             let factor = match &graph.node(node).op {
                 Op::Conv2d(c) => KfacInputFactor {
                     kernel: (param.shape[2], param.shape[3]),

@@ -413,6 +413,15 @@ fn hyper_inputs(graph: &mut Graph) -> HashMap<Hyper, PortRef> {
         .collect()
 }
 
+/// The forward nodes that read `value` (a parameter), with the port they read it at.
+fn forward_readers(graph: &Graph, value: PortRef) -> Vec<(NodeIndex, usize)> {
+    graph
+        .consumers(value)
+        .into_iter()
+        .filter(|(n, _)| graph.node(*n).phase == Phase::Forward)
+        .collect()
+}
+
 /// F̂ of every parameter, from the Fisher rule of the forward op that consumes it.
 fn fisher_estimates(
     graph: &mut Graph,
@@ -428,11 +437,7 @@ fn fisher_estimates(
             continue;
         }
         let value = PortRef::new(param.node, 0);
-        let forward_uses: Vec<(NodeIndex, usize)> = graph
-            .consumers(value)
-            .into_iter()
-            .filter(|(n, _)| graph.node(*n).phase == Phase::Forward)
-            .collect();
+        let forward_uses = forward_readers(graph, value);
         let [(consumer, port)] = forward_uses[..] else {
             return Err(ShapeError {
                 layer: param.layer.clone(),

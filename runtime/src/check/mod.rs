@@ -576,7 +576,7 @@ fn oracle_step(
     let factors: Vec<Output> = out
         .outputs()
         .keys()
-        .filter(|o| matches!(o, Output::KfacInputFactor(_) | Output::KfacGradFactor(_)))
+        .filter(|o| o.is_kfac_factor())
         .cloned()
         .collect();
     if !factors.is_empty() {
@@ -643,7 +643,7 @@ fn kfac_factors_of<B: Backend>(s: &mut Session<B>) -> Result<Vec<Tensor<f32>>, R
         .outputs
         .iter()
         .map(|o| o.role.clone())
-        .filter(|o| matches!(o, Output::KfacInputFactor(_) | Output::KfacGradFactor(_)))
+        .filter(Output::is_kfac_factor)
         .collect();
     outputs.sort();
     outputs

@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use fisherc_ir::model::Network;
+use fisherc_ir::state::kfac::TENSOR_PREFIX;
 use fisherc_ir::state::{TrainState, state_names};
 use fisherc_ir::tensor::Tensor;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
@@ -129,9 +130,6 @@ pub fn write(path: &Path, net: &Network, checkpoint: &Checkpoint) -> Result<(), 
     fisherc_ir::files::write_atomically(path, &data).map_err(|e| error(format!("writing: {e}")))
 }
 
-/// The names of K-FAC's running factors begin so (`KfacState::tensors`).
-const KFAC_PREFIX: &str = "kfac/";
-
 /// A tensor's little-endian f32 values.
 fn f32_values(view: &TensorView) -> Vec<f32> {
     view.data()
@@ -193,7 +191,7 @@ pub fn read(path: &Path, net: &Network) -> Result<Checkpoint, CheckpointError> {
     }
     let mut kfac = BTreeMap::new();
     for (name, view) in tensors.tensors() {
-        if !name.starts_with(KFAC_PREFIX) {
+        if !name.starts_with(TENSOR_PREFIX) {
             continue;
         }
         let square = matches!(view.shape(), [a, b] if a == b);

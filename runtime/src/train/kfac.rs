@@ -94,6 +94,11 @@ impl Refreshes {
         Ok(())
     }
 
+    /// The factors in use (their Cholesky factors are the ones fed).
+    pub fn in_use(&self) -> &KfacState {
+        &self.in_use
+    }
+
     /// The running factors in use, by name, for a checkpoint.
     pub fn tensors(&self) -> Vec<(String, Tensor<f32>)> {
         self.in_use
